@@ -1,0 +1,70 @@
+"""A site's side of the round, transport-agnostic.
+
+The collaborator asks for work (outbound only), downloads the global model in chunks,
+hands it to a *runner* that does the local work on data that never leaves, and streams
+the update back. The same class serves a simulated site and a real one: only the
+:class:`~fedloom.transport.Connection` and the runner differ.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterator
+
+from fedloom.errors import FedloomError
+from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.transport.base import Connection
+from fedloom.transport.messages import (
+    Chunk,
+    FailureReport,
+    Receipt,
+    UpdateHeader,
+    assemble,
+    iter_chunks,
+)
+from fedloom.weights import Weights, specs_of
+
+Runner = Callable[[Instruction, Weights], SiteAnswer]
+
+
+class Collaborator:
+    def __init__(self, connection: Connection, runner: Runner) -> None:
+        self.connection = connection
+        self.runner = runner
+        self.last_receipt: Receipt | None = None
+
+    def step(self, timeout: float | None = None) -> bool:
+        """Do at most one instruction. False once the federation is finished."""
+        instruction = self.connection.get_task(timeout)
+        if instruction is None:
+            return True
+        if instruction.kind is InstructionKind.FINISHED:
+            return False
+        stream = self.connection.download(instruction.round)
+        weights = assemble(stream.header.tensors, stream.chunks)
+        try:
+            answer = self.runner(instruction, weights)
+        except FedloomError as err:
+            self._fail(instruction, err.message)
+            return True
+        except Exception as err:  # the user's task code failed: report, don't die
+            self._fail(instruction, traceback.format_exception_only(err)[-1].strip())
+            return True
+        delta = answer.delta or {}
+        header = UpdateHeader(
+            round=instruction.round,
+            num_samples=answer.num_samples,
+            tensors=specs_of(delta),
+            metrics=dict(answer.metrics),
+        )
+        chunks: Iterator[Chunk] = iter_chunks(delta)
+        self.last_receipt = self.connection.upload(header, chunks)
+        return True
+
+    def run(self, poll_timeout: float | None = None) -> None:
+        """Work until the aggregator says the federation is finished."""
+        while self.step(poll_timeout):
+            pass
+
+    def _fail(self, instruction: Instruction, reason: str) -> None:
+        self.connection.report_failure(FailureReport(instruction.round, reason))

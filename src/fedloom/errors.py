@@ -1,0 +1,84 @@
+"""fedloom's one error hierarchy.
+
+Every error says what was wrong and what to do about it. Each class carries the exit
+code the CLI maps it to, so scripts can tell a bad plan from a lost connection.
+"""
+
+from __future__ import annotations
+
+
+class FedloomError(Exception):
+    """Base of every error fedloom raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message}\n  hint: {self.hint}"
+
+
+class PlanError(FedloomError):
+    """The plan (`federation.yaml` plus overrides) is invalid. Holds every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], *, source: str = "federation.yaml") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"{source}: {count} {noun}\n{lines}")
+
+
+class WorkspaceError(FedloomError):
+    """A workspace folder is missing, incomplete or its task module cannot be loaded."""
+
+    exit_code = 3
+
+
+class TaskError(FedloomError):
+    """The user's task code failed or returned something fedloom cannot use."""
+
+    exit_code = 4
+
+
+class UpdateRejected(FedloomError):
+    """One site's update was refused (NaN, wrong shape or dtype, stale round …).
+
+    Never fatal to the federation: it becomes a recorded failure for that site.
+    """
+
+    exit_code = 5
+
+
+class TransportError(FedloomError):
+    """A message could not be delivered, decoded or authorised."""
+
+    exit_code = 6
+
+
+class AggregationError(FedloomError):
+    """A round could not be aggregated (for example, too few sites answered)."""
+
+    exit_code = 7
+
+
+class QuorumError(AggregationError):
+    """Fewer sites answered than the plan's minimum fraction before the deadline."""
+
+
+class StateError(FedloomError):
+    """Persisted state (a checkpoint, a strategy state file) is missing or corrupt."""
+
+    exit_code = 8
+
+
+class FaultInjected(FedloomError):
+    """Raised by a fault point that a test armed; never raised in normal operation."""
+
+    exit_code = 9

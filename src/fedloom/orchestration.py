@@ -1,0 +1,438 @@
+"""The round loop, transport-agnostic: the same code runs simulated and real.
+
+:class:`Aggregator` is the aggregator's core. Transports call its service methods
+(:meth:`get_task`, :meth:`download`, :meth:`upload`, :meth:`report_failure`) with the
+site identity they established; :meth:`run` drives the rounds. Nothing here sleeps
+or polls: sites waiting for work and the loop waiting for answers block on one
+condition, and the deadline comes from an injectable clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.accumulate import Accumulator, make_accumulator
+from fedloom.clock import Clock, FaultPoints, SystemClock
+from fedloom.errors import QuorumError, TransportError, UpdateRejected
+from fedloom.records import (
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    SiteResult,
+    TrainSettings,
+)
+from fedloom.rng import select_sites
+from fedloom.strategies.base import Strategy
+from fedloom.strategies.state import StrategyState
+from fedloom.transport.messages import (
+    Chunk,
+    FailureReport,
+    ModelHeader,
+    ModelStream,
+    Receipt,
+    UpdateHeader,
+    assemble,
+    iter_chunks,
+)
+from fedloom.weights import Weights, specs_of
+
+
+class CloseReason(enum.Enum):
+    ALL_ANSWERED = "all answered"
+    QUORUM = "every site settled, quorum met"  # some failed, enough answered
+    DEADLINE_QUORUM = "deadline, quorum met"
+    NO_QUORUM = "no quorum"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did: who was asked, who answered, what they reported, and why
+    the round closed."""
+
+    round: int
+    kind: InstructionKind
+    selected: tuple[str, ...]
+    results: tuple[SiteResult, ...]
+    failures: tuple[Failure, ...]
+    close_reason: CloseReason
+    attempt: int = 1
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Sample-weighted mean of each metric over the sites that answered."""
+        return weighted_metrics(self.results)
+
+
+def weighted_metrics(results: Iterable[SiteResult]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for r in sorted(results, key=lambda r: r.site):
+        w = float(r.metrics.get("val_samples", r.num_samples) or 1)
+        for k, v in r.metrics.items():
+            if k == "val_samples":
+                continue
+            totals[k] = totals.get(k, 0.0) + w * float(v)
+            weights[k] = weights.get(k, 0.0) + w
+    return {k: totals[k] / weights[k] for k in sorted(totals)}
+
+
+@dataclass(frozen=True)
+class RoundOpened:
+    round: int
+    kind: InstructionKind
+    selected: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SiteAnswered:
+    round: int
+    site: str
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    record: RoundRecord
+
+
+Event = RoundOpened | SiteAnswered | RoundClosed
+EventSink = Callable[[Event], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    """What the round loop needs from the plan."""
+
+    roster: tuple[str, ...]
+    rounds: int
+    sites_per_round: int
+    min_fraction: float
+    round_deadline: float  # seconds
+    max_retries: int = 2
+    max_samples: int = 1_000_000
+    seed: int = 0
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    final_evaluation: bool = True
+
+
+@dataclass
+class _OpenRound:
+    round: int
+    kind: InstructionKind
+    task: Instruction
+    selected: tuple[str, ...]
+    weights: Weights
+    accumulator: Accumulator | None
+    deadline: float
+    pending: set[str]
+    results: dict[str, SiteResult] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    uploading: set[str] = field(default_factory=set)
+
+
+class Aggregator:
+    """The aggregator's core: holds the global model, never data."""
+
+    def __init__(
+        self,
+        config: FederationConfig,
+        strategy: Strategy,
+        initial_weights: Weights,
+        *,
+        clock: Clock | None = None,
+        faults: FaultPoints | None = None,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.state: StrategyState = strategy.init(initial_weights)
+        self.history: list[RoundRecord] = []
+        self.clock = clock or SystemClock()
+        self.faults = faults or FaultPoints()
+        self._on_event = on_event or (lambda event: None)
+        self._cond = threading.Condition()
+        self._open: _OpenRound | None = None
+        self._finished = False
+        self._roster = frozenset(config.roster)
+
+    @property
+    def weights(self) -> Weights:
+        return self.state.weights
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> list[RoundRecord]:
+        """Run every round, then the final evaluation; return the history."""
+        try:
+            for rnd in range(1, self.config.rounds + 1):
+                record = self._train_round(rnd)
+                self.history.append(record)
+            if self.config.final_evaluation:
+                self.history.append(self._evaluation_round(self.config.rounds + 1))
+        finally:
+            with self._cond:
+                self._finished = True
+                self._open = None
+                self._cond.notify_all()
+        return self.history
+
+    def _train_round(self, rnd: int) -> RoundRecord:
+        cfg = self.config
+        selected = tuple(select_sites(list(cfg.roster), cfg.sites_per_round, cfg.seed, rnd))
+        extra = dict(self.strategy.configure(rnd, self.state))
+        settings = cfg.settings
+        if "proximal_mu" in extra:
+            mu = float(extra.pop("proximal_mu"))
+            settings = TrainSettings(**{**_settings_dict(settings), "proximal_mu": mu})
+        task = Instruction(round=rnd, kind=InstructionKind.TRAIN, settings=settings, config=extra)
+        for attempt in range(1, cfg.max_retries + 2):
+            record, accumulator = self._run_phase(task, selected, attempt, collect=True)
+            if record.close_reason is not CloseReason.NO_QUORUM:
+                break
+            self._on_event(RoundClosed(record))
+        else:
+            raise QuorumError(
+                f"round {rnd}: only {len(record.results)} of {len(selected)} sites answered "
+                f"after {cfg.max_retries + 1} attempts; the plan needs "
+                f"{_needed(len(selected), cfg.min_fraction)}",
+                hint="check the failed sites' logs, or lower deadline.min_fraction",
+            )
+        assert accumulator is not None  # noqa: S101 - collect=True always makes one
+        self.faults.hit("round.before_aggregate", round=rnd)
+        summary = accumulator.summary(rnd, record.results)
+        self.state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
+        self.faults.hit("round.aggregated", round=rnd)
+        self._on_event(RoundClosed(record))
+        return record
+
+    def _evaluation_round(self, rnd: int) -> RoundRecord:
+        task = Instruction(round=rnd, kind=InstructionKind.EVALUATE, settings=self.config.settings)
+        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), 1, collect=False)
+        self._on_event(RoundClosed(record))
+        return record
+
+    def _run_phase(
+        self, task: Instruction, selected: tuple[str, ...], attempt: int, *, collect: bool
+    ) -> tuple[RoundRecord, Accumulator | None]:
+        cfg = self.config
+        weights = self.state.weights
+        accumulator = (
+            make_accumulator(
+                specs_of(weights),
+                needs_updates=self.strategy.needs_updates,
+                max_sites=len(selected),
+            )
+            if collect
+            else None
+        )
+        needed = _needed(len(selected), cfg.min_fraction)
+        with self._cond:
+            opened = _OpenRound(
+                round=task.round,
+                kind=task.kind,
+                task=task,
+                selected=selected,
+                weights=weights,
+                accumulator=accumulator,
+                deadline=self.clock.now() + cfg.round_deadline,
+                pending=set(selected),
+            )
+            self._open = opened
+            self._cond.notify_all()
+        self._on_event(RoundOpened(task.round, task.kind, selected))
+        self.faults.hit("round.opened", round=task.round)
+        with self._cond:
+            while opened.pending:
+                if len(opened.results) + len(opened.pending) < needed:
+                    break  # quorum can no longer be reached: close early
+                if self.clock.now() >= opened.deadline:
+                    break
+                self.clock.wait(self._cond, opened.deadline)
+            for site in sorted(opened.pending):
+                opened.failures[site] = Failure(
+                    site, task.round, FailureKind.TIMEOUT, "no answer before the round closed"
+                )
+            self._open = None
+            reason = _close_reason(opened, needed)
+            record = RoundRecord(
+                round=task.round,
+                kind=task.kind,
+                selected=selected,
+                results=tuple(opened.results[s] for s in sorted(opened.results)),
+                failures=tuple(opened.failures[s] for s in sorted(opened.failures)),
+                close_reason=reason,
+                attempt=attempt,
+            )
+        return record, accumulator
+
+    # ------------------------------------------------------ the service methods
+
+    def get_task(self, site: str, timeout: float | None) -> Instruction | None:
+        self._check_site(site)
+        deadline = None if timeout is None else self.clock.now() + timeout
+        with self._cond:
+            while True:
+                if self._finished:
+                    return Instruction(round=0, kind=InstructionKind.FINISHED)
+                opened = self._open
+                if opened is not None and site in opened.pending:
+                    return opened.task
+                if deadline is not None and self.clock.now() >= deadline:
+                    return None
+                self.clock.wait(self._cond, deadline)
+
+    def download(self, site: str, round: int) -> ModelStream:
+        self._check_site(site)
+        with self._cond:
+            opened = self._require_open(site, round)
+            weights = opened.weights
+        self.faults.hit("download.started", round=round, site=site)
+        return ModelStream(ModelHeader(round, specs_of(weights)), iter_chunks(weights))
+
+    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+        self._check_site(site)
+        with self._cond:
+            try:
+                opened = self._require_open(site, header.round)
+                if site in opened.uploading:
+                    raise UpdateRejected(f"site {site!r} is already uploading for this round")
+                opened.uploading.add(site)
+            except UpdateRejected as err:
+                return Receipt(header.round, False, err.message)
+        try:
+            result = self._receive(site, opened, header, chunks)
+        except UpdateRejected as err:
+            self._settle(
+                opened, site, failure=Failure(site, header.round, FailureKind.REJECTED, err.message)
+            )
+            return Receipt(header.round, False, err.message)
+        self._settle(opened, site, result=result)
+        return Receipt(header.round, True, "", 0)
+
+    def report_failure(self, site: str, report: FailureReport) -> None:
+        self._check_site(site)
+        with self._cond:
+            opened = self._open
+            if opened is None or opened.round != report.round or site not in opened.pending:
+                return  # a stale report changes nothing
+        self._settle(
+            opened, site, failure=Failure(site, report.round, FailureKind.ERROR, report.reason)
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _receive(
+        self, site: str, opened: _OpenRound, header: UpdateHeader, chunks: Iterable[Chunk]
+    ) -> SiteResult:
+        metrics = _clean_metrics(header.metrics)
+        if opened.kind is InstructionKind.EVALUATE:
+            if header.tensors:
+                raise UpdateRejected("an evaluation answer carries no tensors")
+            for _ in chunks:
+                raise UpdateRejected("an evaluation answer carries no tensors")
+            n = int(header.num_samples)
+            return SiteResult(site, opened.round, n, n, metrics)
+        if header.num_samples < 1:
+            raise UpdateRejected(f"sample count must be at least 1, got {header.num_samples}")
+        expected = specs_of(opened.weights)
+        if tuple(header.tensors) != expected:
+            raise UpdateRejected(_spec_mismatch(header.tensors, expected))
+        self.faults.hit("upload.receiving", round=opened.round, site=site)
+        delta = assemble(expected, chunks)
+        weight = min(int(header.num_samples), self.config.max_samples)
+        assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
+        with self._cond:
+            if self._open is not opened:
+                raise UpdateRejected(f"round {opened.round} closed while the update streamed")
+        opened.accumulator.fold(site, weight, delta)
+        return SiteResult(site, opened.round, weight, int(header.num_samples), metrics)
+
+    def _settle(
+        self,
+        opened: _OpenRound,
+        site: str,
+        *,
+        result: SiteResult | None = None,
+        failure: Failure | None = None,
+    ) -> None:
+        with self._cond:
+            opened.uploading.discard(site)
+            if site not in opened.pending:
+                return
+            opened.pending.discard(site)
+            if result is not None:
+                opened.results[site] = result
+            elif failure is not None:
+                opened.failures[site] = failure
+            self._cond.notify_all()
+        accepted = result is not None
+        self._on_event(
+            SiteAnswered(opened.round, site, accepted, "" if failure is None else failure.reason)
+        )
+
+    def _require_open(self, site: str, round: int) -> _OpenRound:
+        opened = self._open
+        if opened is None or opened.round != round:
+            current = "none" if opened is None else str(opened.round)
+            raise UpdateRejected(f"round {round} is not open (open round: {current})")
+        if site not in opened.selected:
+            raise UpdateRejected(f"site {site!r} was not selected for round {round}")
+        if site not in opened.pending:
+            raise UpdateRejected(f"site {site!r} already answered round {round}")
+        return opened
+
+    def _check_site(self, site: str) -> None:
+        if site not in self._roster:
+            raise TransportError(
+                f"unknown site {site!r}: not in the plan's roster",
+                hint="add the site to `sites` in federation.yaml, or check its name",
+            )
+
+
+def _needed(selected: int, min_fraction: float) -> int:
+    return max(1, math.ceil(selected * min_fraction - 1e-9)) if selected else 0
+
+
+def _close_reason(opened: _OpenRound, needed: int) -> CloseReason:
+    answered = len(opened.results)
+    if answered == len(opened.selected):
+        return CloseReason.ALL_ANSWERED
+    if answered < needed:
+        return CloseReason.NO_QUORUM
+    timed_out = any(f.kind is FailureKind.TIMEOUT for f in opened.failures.values())
+    return CloseReason.DEADLINE_QUORUM if timed_out else CloseReason.QUORUM
+
+
+def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        value = float(v)
+        if not math.isfinite(value):
+            raise UpdateRejected(f"metric {k!r} is {value}")
+        out[str(k)] = value
+    return out
+
+
+def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
+    got_l, exp_l = list(got), list(expected)
+    if len(got_l) != len(exp_l):
+        return f"update has {len(got_l)} tensors, the global model {len(exp_l)}"
+    for g, e in zip(got_l, exp_l, strict=True):
+        if g != e:
+            return (
+                f"tensor {g.name!r} {g.dtype}{list(g.shape)} does not match the global "
+                f"model's {e.name!r} {e.dtype}{list(e.shape)}"
+            )
+    return "tensor specs differ from the global model"
+
+
+def _settings_dict(s: TrainSettings) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in TrainSettings.__slots__}

@@ -1,0 +1,290 @@
+"""The plan: ``federation.yaml``, validated, with ``key=value`` overrides and a hash.
+
+Every problem is collected and reported at once with its path and a hint
+(``strategy.server_lr: must be > 0 (got -1)``), never as a traceback. The *plan hash*
+is the sha256 of the validated plan as canonical JSON plus every ``.py`` file of the
+workspace: the contract a data owner approves and every site checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedloom.data.partition import parse_partition
+from fedloom.errors import PlanError, WorkspaceError
+
+PLAN_FILE = "federation.yaml"
+PLAN_VERSION = 1
+_SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git", "state", "data"}
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SyntheticData(_Frozen):
+    alpha: Annotated[float, Field(ge=0)] = 0.5
+    beta: Annotated[float, Field(ge=0)] = 0.5
+
+
+class DataPlan(_Frozen):
+    dataset: Literal["digits", "breast_cancer", "wine", "mnist", "synthetic", "custom"] = "digits"
+    partition: str = "iid"
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    synthetic: SyntheticData = SyntheticData()
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str) -> str:
+        parse_partition(value)  # raises ValueError listing the accepted forms
+        return value
+
+
+class StrategyPlan(BaseModel):
+    """``name`` plus that strategy's parameters (validated against the strategy)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str = "fedavg"
+
+
+class TrainingPlan(_Frozen):
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 32
+    lr: Annotated[float, Field(gt=0)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_samples: PositiveInt = 100_000  # a site's claimed sample count is capped here
+
+
+class EvaluationPlan(_Frozen):
+    final: bool = True  # evaluate the final global model at every site
+
+
+class DeadlinePlan(_Frozen):
+    round_seconds: Annotated[float, Field(gt=0)] = 600.0
+    min_fraction: Fraction = 1.0
+    retries: Annotated[int, Field(ge=0)] = 2
+
+
+class Plan(_Frozen):
+    version: Literal[1] = 1
+    name: str = "federation"
+    task: str = "task.py"
+    seed: Annotated[int, Field(ge=0)] = 0
+    rounds: PositiveInt = 10
+    sites: PositiveInt | list[str] = 4
+    sites_per_round: PositiveInt | None = None
+    data: DataPlan = DataPlan()
+    strategy: StrategyPlan = StrategyPlan()
+    training: TrainingPlan = TrainingPlan()
+    evaluation: EvaluationPlan = EvaluationPlan()
+    deadline: DeadlinePlan = DeadlinePlan()
+
+    @field_validator("sites")
+    @classmethod
+    def _distinct_names(cls, value: int | list[str]) -> int | list[str]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one site")
+            dupes = sorted({s for s in value if value.count(s) > 1})
+            if dupes:
+                raise ValueError(f"site names must be distinct; repeated: {dupes}")
+            bad = [s for s in value if not s or not all(c.isalnum() or c in "-_." for c in s)]
+            if bad:
+                raise ValueError(f"site names may hold letters, digits, '-', '_', '.': {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _per_round_fits(self) -> Plan:
+        if self.sites_per_round is not None and self.sites_per_round > len(self.roster):
+            raise ValueError(
+                f"sites_per_round ({self.sites_per_round}) exceeds the {len(self.roster)} sites"
+            )
+        return self
+
+    @property
+    def roster(self) -> tuple[str, ...]:
+        """Site names, sorted. A count ``n`` names them ``site-01`` … ``site-n``."""
+        if isinstance(self.sites, list):
+            return tuple(sorted(self.sites))
+        width = max(2, len(str(self.sites)))
+        return tuple(f"site-{i:0{width}d}" for i in range(1, self.sites + 1))
+
+    @property
+    def strategy_params(self) -> dict[str, Any]:
+        return dict(self.strategy.model_extra or {})
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------- loading
+
+
+def read_plan_file(workspace: Path) -> dict[str, Any]:
+    path = workspace / PLAN_FILE
+    if not workspace.is_dir():
+        raise WorkspaceError(
+            f"{workspace} is not a folder", hint="create one with `fedloom init DIR`"
+        )
+    if not path.is_file():
+        raise WorkspaceError(
+            f"{path} not found", hint="a workspace holds federation.yaml; see `fedloom init`"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PlanError([f"not valid YAML: {err}"], source=str(path)) from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise PlanError(["the plan must be a mapping of keys to values"], source=str(path))
+    return raw
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
+    parsed = []
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. rounds=5")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        parsed.append(([p for p in key.strip().split(".")], value))
+    if problems:
+        raise PlanError(problems, source="overrides")
+    return parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """``raw`` with each ``a.b.c=value`` set. Changing ``strategy.name`` drops the old
+    strategy's parameters (unless they are overridden too)."""
+    out: dict[str, Any] = json.loads(json.dumps(raw, default=str))
+    items = parse_overrides(overrides)
+    strategy = out.get("strategy")
+    for path, value in items:
+        if path == ["strategy", "name"] and isinstance(strategy, dict):
+            if strategy.get("name", "fedavg") != value:
+                out["strategy"] = {"name": value}
+    for path, value in items:
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def validate_plan(raw: Mapping[str, Any], *, source: str = PLAN_FILE) -> Plan:
+    """The validated plan, or a :class:`PlanError` listing every problem."""
+    problems: list[str] = []
+    plan: Plan | None = None
+    try:
+        plan = Plan.model_validate(raw)
+    except pydantic.ValidationError as err:
+        problems.extend(_describe(e) for e in err.errors())
+    strategy_raw = raw.get("strategy") if isinstance(raw, Mapping) else None
+    if isinstance(strategy_raw, Mapping):
+        problems.extend(strategy_problems(strategy_raw))
+    if problems:
+        raise PlanError(problems, source=source)
+    assert plan is not None  # noqa: S101 - no problems means validation passed
+    return plan
+
+
+def strategy_problems(strategy: Mapping[str, Any]) -> list[str]:
+    from fedloom.strategies import STRATEGIES
+
+    name = strategy.get("name", "fedavg")
+    if name not in STRATEGIES:
+        return [f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"]
+    params = {k: v for k, v in strategy.items() if k != "name"}
+    try:
+        pydantic.TypeAdapter(STRATEGIES[name]).validate_python(params)
+    except pydantic.ValidationError as err:
+        return [_describe(e, prefix=("strategy",), strategy=name) for e in err.errors()]
+    return []
+
+
+def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:
+    """Read ``federation.yaml`` of ``workspace``, apply overrides, validate."""
+    ws = Path(workspace)
+    raw = apply_overrides(read_plan_file(ws), overrides)
+    return validate_plan(raw, source=str(ws / PLAN_FILE))
+
+
+def plan_hash(plan: Plan, workspace: str | Path) -> str:
+    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace."""
+    h = hashlib.sha256()
+    h.update(b"fedloom-plan-v1\0")
+    h.update(plan.canonical_json().encode())
+    root = Path(workspace)
+    for path in sorted(_python_files(root)):
+        rel = path.relative_to(root).as_posix()
+        h.update(b"\0file\0" + rel.encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _python_files(root: Path) -> Iterable[Path]:
+    for path in root.rglob("*.py"):
+        if not any(part in _SKIP_DIRS for part in path.relative_to(root).parts[:-1]):
+            yield path
+
+
+# -------------------------------------------------------------- messages
+
+_HINTS = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be text",
+    "missing": "is required",
+}
+
+
+def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:
+    loc = [str(p) for p in (*prefix, *error["loc"]) if not str(p).startswith("function-")]
+    # unions report each branch (int, list[str]); keep the path readable
+    loc = [p for p in loc if p not in {"int", "list[str]", "constrained-int"}]
+    path = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        where = f"strategy {strategy!r}" if strategy else "this section"
+        return f"{path}: unknown key for {where}; check its spelling in docs/plan.md"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')} (got {got!r})"
+    if kind == "value_error":
+        return f"{path}: {ctx.get('error', error['msg'])}"
+    text = _HINTS.get(kind, error["msg"]).format(**ctx) if kind in _HINTS else error["msg"]
+    shown = "" if kind == "missing" else f" (got {got!r})"
+    return f"{path}: {text}{shown}"

@@ -1,0 +1,136 @@
+"""Frozen records: what a site is asked and what it answers.
+
+Failures are data, not exceptions: a strategy receives them next to the results and
+the run history keeps them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.weights import Weights
+
+Metrics = Mapping[str, float]
+JSON = Any  # a value that json.dumps accepts
+
+
+class InstructionKind(enum.Enum):
+    """What a collaborator is asked to do."""
+
+    TRAIN = "train"  # evaluate the global model, train from it, evaluate the local model
+    EVALUATE = "evaluate"  # evaluate the global model only
+    FINISHED = "finished"  # the federation is over: disconnect
+
+
+class FailureKind(enum.Enum):
+    TIMEOUT = "timeout"  # the round's deadline passed before the site answered
+    REJECTED = "rejected"  # the aggregator refused the update (NaN, shape, stale round …)
+    ERROR = "error"  # the site reported that its task failed
+    DISCONNECTED = "disconnected"  # the stream or the site's process broke off
+
+
+@dataclass(frozen=True, slots=True)
+class TrainSettings:
+    """Local training settings a site receives for one round."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) * ||w - w_global||^2
+
+
+@dataclass(frozen=True, slots=True)
+class Instruction:
+    """One unit of work for one site."""
+
+    round: int
+    kind: InstructionKind
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    config: Mapping[str, JSON] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainOutput:
+    """What a task's ``train`` returns: the locally trained weights (not the delta)."""
+
+    weights: Weights
+    num_samples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalOutput:
+    """What a task's ``evaluate`` returns."""
+
+    num_samples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteAnswer:
+    """What a site's task produced for one instruction, before it is sent."""
+
+    num_samples: int
+    metrics: Metrics
+    delta: Weights | None  # w_local - w_round; None for an evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class SiteResult:
+    """A site's accepted answer for one round, without its tensors.
+
+    ``num_samples`` is the count used as aggregation weight: the site's claim capped by
+    the plan. ``claimed_samples`` keeps what the site said.
+    """
+
+    site: str
+    round: int
+    num_samples: int
+    claimed_samples: int
+    metrics: Metrics = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteUpdate:
+    """One site's update (``w_local - w_round``), for strategies that need each one."""
+
+    site: str
+    num_samples: int
+    delta: Weights
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A site that did not contribute to a round, and why."""
+
+    site: str
+    round: int
+    kind: FailureKind
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MeanSummary:
+    """What the streaming accumulator folded: the weighted mean of the updates."""
+
+    round: int
+    mean_delta: Weights
+    total_weight: float
+    results: tuple[SiteResult, ...]  # sorted by site name
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSet:
+    """Every individual update of a round, sorted by site name (robust strategies)."""
+
+    round: int
+    updates: tuple[SiteUpdate, ...]
+    results: tuple[SiteResult, ...]
+
+
+Summary = MeanSummary | UpdateSet

@@ -1,0 +1,57 @@
+"""What a site does with one instruction, on its own data. Pure of transport.
+
+Train: evaluate the received global model on the local validation split, train from
+it, evaluate the locally trained model, and return the *delta* ``w_local - w_round``.
+Evaluate: evaluate the global model only.
+"""
+
+from __future__ import annotations
+
+from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
+from fedloom.errors import TaskError
+from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.rng import generator, int_seed
+from fedloom.tasks.base import SiteContext, SiteData, Task
+from fedloom.weights import Weights, check_compatible, specs_of, subtract
+
+
+def execute(
+    task: Task,
+    instruction: Instruction,
+    weights: Weights,
+    data: SiteData,
+    *,
+    site: str,
+    index: int,
+    plan_seed: int,
+    num_classes: int = 0,
+    attack: Attack | None = None,
+) -> SiteAnswer:
+    attacking = attack is not None and site in attack.attackers
+    metrics: dict[str, float] = {}
+    seen = task.evaluate(weights, data.x_val, data.y_val)
+    metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
+    metrics["val_samples"] = float(seen.num_samples)
+    if instruction.kind is InstructionKind.EVALUATE:
+        return SiteAnswer(seen.num_samples, metrics, None)
+
+    if attacking and attack is not None and attack.kind is AttackKind.LABEL_FLIP:
+        data = SiteData(
+            data.x_train, flip_labels(data.y_train, num_classes), data.x_val, data.y_val
+        )
+    context = SiteContext(
+        site, index, instruction.round, int_seed(plan_seed, instruction.round, site, "train")
+    )
+    out = task.train(weights, data, instruction.settings, context)
+    try:
+        check_compatible(out.weights, specs_of(weights))
+    except Exception as err:
+        raise TaskError(f"train returned weights that differ from the model: {err}") from err
+    local = task.evaluate(out.weights, data.x_val, data.y_val)
+    metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
+    metrics.update({k: float(v) for k, v in out.metrics.items()})
+    delta = subtract(out.weights, weights)
+    if attacking and attack is not None:
+        rng = generator(plan_seed, instruction.round, site, "attack")
+        delta = poison_update(delta, attack, rng)
+    return SiteAnswer(int(out.num_samples), metrics, delta)

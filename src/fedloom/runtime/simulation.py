@@ -1,0 +1,235 @@
+"""The simulation runtime: one aggregator, many simulated sites, one machine.
+
+Sites talk to the aggregator through the in-process transport (optionally through
+the wire format), exactly as real collaborators would; their local work runs in a
+pool of ``workers`` processes. Each worker is driven by one thread that takes the
+next site with work from a queue filled when a round opens: no polling anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedloom.attacks import Attack, choose_attackers, parse_attack
+from fedloom.clock import Clock, FaultPoints
+from fedloom.collaborator import Collaborator
+from fedloom.errors import FedloomError, PlanError
+from fedloom.orchestration import (
+    Aggregator,
+    Event,
+    FederationConfig,
+    RoundOpened,
+    RoundRecord,
+)
+from fedloom.plan import Plan, plan_hash
+from fedloom.records import Instruction, SiteAnswer, TrainSettings
+from fedloom.runtime.worker import (
+    LocalWorker,
+    ProcessWorker,
+    Worker,
+    WorkerDied,
+    answer_from_reply,
+    attack_to_json,
+    instruction_to_json,
+)
+from fedloom.strategies import build_strategy
+from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
+from fedloom.weights import Weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationOptions:
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    roundtrip: bool = False
+    attack: str | None = None
+    attackers: int = 0
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    plan: Plan
+    plan_hash: str
+    history: tuple[RoundRecord, ...]
+    final_weights: Weights
+    test_metrics: dict[str, float]
+    centralized_metrics: dict[str, float] | None
+    wall_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    attackers: tuple[str, ...]
+
+
+ProgressSink = Callable[[Event, TrafficCounter], None]
+
+
+def federation_config(plan: Plan) -> FederationConfig:
+    t = plan.training
+    roster = plan.roster
+    return FederationConfig(
+        roster=roster,
+        rounds=plan.rounds,
+        sites_per_round=plan.sites_per_round or len(roster),
+        min_fraction=plan.deadline.min_fraction,
+        round_deadline=plan.deadline.round_seconds,
+        max_retries=plan.deadline.retries,
+        max_samples=t.max_samples,
+        seed=plan.seed,
+        settings=TrainSettings(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+        ),
+        final_evaluation=plan.evaluation.final,
+    )
+
+
+def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
+    if not options.attack or options.attackers <= 0:
+        return None
+    try:
+        kind, factor = parse_attack(options.attack)
+        attackers = choose_attackers(plan.roster, options.attackers, plan.seed)
+    except ValueError as err:
+        raise PlanError([f"--attack: {err}"], source="command line") from err
+    return Attack(kind, factor, attackers)
+
+
+class _Driver:
+    """One thread's link to one worker: sends each round's model to it once."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._sent_key: str | None = None
+
+    def run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        key = f"{instruction.kind.value}:{instruction.round}"
+        header: dict[str, Any] = {
+            "op": "run",
+            "site": site,
+            "key": key,
+            "instruction": instruction_to_json(instruction),
+        }
+        inline = weights if key != self._sent_key else None
+        try:
+            reply = self.worker.call(header, inline)
+        except WorkerDied:
+            self._sent_key = None
+            raise
+        self._sent_key = key
+        return answer_from_reply(reply)
+
+
+def simulate(
+    workspace: str | Path,
+    plan: Plan,
+    options: SimulationOptions = SimulationOptions(),
+    *,
+    on_event: ProgressSink | None = None,
+    clock: Clock | None = None,
+    faults: FaultPoints | None = None,
+) -> SimulationResult:
+    """Run the plan's federation on this machine and return what happened."""
+    ws = Path(workspace).resolve()
+    digest = plan_hash(plan, ws)
+    attack = make_attack(plan, options)
+    strategy = build_strategy(plan.strategy.name, plan.strategy_params)
+    plan_json = json.dumps(plan.model_dump(mode="json"))
+    attack_json = json.dumps(attack_to_json(attack))
+    workers = _start_workers(str(ws), plan_json, attack_json, options.workers)
+    try:
+        init_header, initial = workers[0].call({"op": "init"})
+        if not init_header.get("ok") or initial is None:
+            raise FedloomError(f"the task's init_weights failed: {init_header.get('error')}")
+        sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        traffic_box: list[TrafficCounter] = []
+
+        def sink(event: Event) -> None:
+            if isinstance(event, RoundOpened):
+                for site in event.selected:
+                    sites.put(site)
+            if on_event is not None and traffic_box:
+                on_event(event, traffic_box[0])
+
+        aggregator = Aggregator(
+            federation_config(plan),
+            strategy,
+            {k: v.copy() for k, v in initial.items()},
+            clock=clock,
+            faults=faults,
+            on_event=sink,
+        )
+        transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
+        traffic_box.append(transport.traffic)
+        drivers = [_Driver(w) for w in workers]
+
+        def drive(driver: _Driver) -> None:
+            while (site := sites.get()) is not None:
+                collaborator = Collaborator(
+                    transport.connect(site),
+                    lambda ins, w, s=site: driver.run_site(s, ins, w),  # type: ignore[misc]
+                )
+                collaborator.step(timeout=0)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(drivers), thread_name_prefix="fedloom-site") as pool:
+            futures = [pool.submit(drive, d) for d in drivers]
+            try:
+                history = aggregator.run()
+            finally:
+                for _ in drivers:
+                    sites.put(None)
+            for f in futures:
+                f.result()
+        wall = time.perf_counter() - started
+        final = aggregator.weights
+        test = _metrics(workers[0].call({"op": "test", "key": "final"}, final))
+        central = None
+        if options.baseline:
+            central = _metrics(workers[0].call({"op": "baseline", "key": "init"}, initial))
+        return SimulationResult(
+            plan=plan,
+            plan_hash=digest,
+            history=tuple(history),
+            final_weights=final,
+            test_metrics=test,
+            centralized_metrics=central,
+            wall_seconds=wall,
+            bytes_sent=transport.traffic.sent,
+            bytes_received=transport.traffic.received,
+            attackers=tuple(sorted(attack.attackers)) if attack else (),
+        )
+    finally:
+        for w in workers:
+            w.close()
+
+
+def _metrics(reply: tuple[dict[str, Any], Any]) -> dict[str, float]:
+    header, _ = reply
+    if not header.get("ok"):
+        raise FedloomError(f"evaluation failed in a worker: {header.get('error')}")
+    return {k: float(v) for k, v in header["metrics"].items()}
+
+
+def _start_workers(workspace: str, plan_json: str, attack_json: str, count: int) -> list[Worker]:
+    if count <= 0:
+        return [LocalWorker(workspace, plan_json, attack_json)]
+    workers: list[Worker] = [ProcessWorker(workspace, plan_json, attack_json) for _ in range(count)]
+    try:
+        for w in workers:
+            w.wait_ready()
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
+    return workers

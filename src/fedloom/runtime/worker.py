@@ -1,0 +1,259 @@
+"""Worker processes of the simulation: where simulated sites do their local work.
+
+Each worker loads the task module and the dataset once, builds the model once, runs
+torch single-threaded, and serves one request at a time from its driver thread.
+:class:`SiteWorker` holds the logic; :class:`ProcessWorker` runs it in a child
+process, :class:`LocalWorker` in the calling process (``--workers 0``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from fedloom.attacks import Attack, AttackKind
+from fedloom.errors import FedloomError, TaskError
+from fedloom.plan import validate_plan
+from fedloom.records import Instruction, InstructionKind, SiteAnswer, TrainSettings
+from fedloom.runtime import pipes
+from fedloom.runtime.executor import execute
+from fedloom.runtime.sitedata import DataSource
+from fedloom.tasks.base import SiteContext
+from fedloom.tasks.loader import load_task
+from fedloom.weights import Weights
+
+Reply = tuple[dict[str, Any], Weights | None]
+
+
+def instruction_to_json(i: Instruction) -> dict[str, Any]:
+    return {
+        "round": i.round,
+        "kind": i.kind.value,
+        "settings": {k: getattr(i.settings, k) for k in TrainSettings.__slots__},
+        "config": dict(i.config),
+    }
+
+
+def instruction_from_json(d: dict[str, Any]) -> Instruction:
+    return Instruction(
+        d["round"], InstructionKind(d["kind"]), TrainSettings(**d["settings"]), d["config"]
+    )
+
+
+def attack_to_json(a: Attack | None) -> dict[str, Any] | None:
+    if a is None:
+        return None
+    return {"kind": a.kind.value, "factor": a.factor, "attackers": sorted(a.attackers)}
+
+
+def attack_from_json(d: dict[str, Any] | None) -> Attack | None:
+    if d is None:
+        return None
+    return Attack(AttackKind(d["kind"]), float(d["factor"]), frozenset(d["attackers"]))
+
+
+class SiteWorker:
+    """Answers requests: ``init``, ``run`` (one site, one instruction), ``test``,
+    ``baseline``."""
+
+    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
+        plan = validate_plan(json.loads(plan_json))
+        self.plan = plan
+        self.task = load_task(workspace, plan.task)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+        self.source = DataSource(plan, Path(workspace), self.task)
+        self.attack = attack_from_json(json.loads(attack_json))
+        self._cached: tuple[Any, Weights] | None = None
+        self._index = {s: i for i, s in enumerate(plan.roster)}
+
+    def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
+        op = header["op"]
+        if op == "init":
+            return {"ok": True}, self.task.init_weights(self.plan.seed)
+        if weights is None and self._cached is not None and self._cached[0] == header["key"]:
+            weights = self._cached[1]
+        if weights is None:
+            raise TaskError("worker has no weights for this request")
+        self._cached = (header.get("key"), weights)
+        if op == "run":
+            return self._run(header, weights)
+        if op == "test":
+            x, y = self.source.test_set()
+            out = self.task.evaluate(weights, x, y)
+            return {"ok": True, "num_samples": out.num_samples, "metrics": dict(out.metrics)}, None
+        if op == "baseline":
+            return self._baseline(weights)
+        raise TaskError(f"unknown worker request {op!r}")
+
+    def _run(self, header: dict[str, Any], weights: Weights) -> Reply:
+        site = header["site"]
+        instruction = instruction_from_json(header["instruction"])
+        answer = execute(
+            self.task,
+            instruction,
+            weights,
+            self.source.site_data(site),
+            site=site,
+            index=self._index[site],
+            plan_seed=self.plan.seed,
+            num_classes=self.source.num_classes,
+            attack=self.attack,
+        )
+        reply = {"ok": True, "num_samples": answer.num_samples, "metrics": dict(answer.metrics)}
+        return reply, answer.delta
+
+    def _baseline(self, weights: Weights) -> Reply:
+        """Train the same model centrally on every site's training data, as long as
+        the federation trained (rounds x epochs), and evaluate it on the test set."""
+        pooled = self.source.pooled_train()
+        t = self.plan.training
+        settings = TrainSettings(
+            epochs=t.epochs * self.plan.rounds,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+        )
+        out = self.task.train(weights, pooled, settings, SiteContext("centralised", -1, 0, 1))
+        x, y = self.source.test_set()
+        result = self.task.evaluate(out.weights, x, y)
+        return {
+            "ok": True,
+            "num_samples": result.num_samples,
+            "metrics": dict(result.metrics),
+        }, None
+
+
+def _serve(conn: Connection) -> None:
+    try:
+        setup = json.loads(conn.recv_bytes())
+        worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
+    except Exception as err:  # report, so the parent can say why
+        pipes.send(conn, {"ok": False, "error": _describe(err)})
+        return
+    pipes.send(conn, {"ok": True})
+    while True:
+        try:
+            header, weights = pipes.receive(conn)
+        except EOFError:
+            return
+        if header["op"] == "stop":
+            return
+        try:
+            reply, out = worker.handle(header, weights)
+        except Exception as err:
+            reply, out = {"ok": False, "error": _describe(err)}, None
+        pipes.send(conn, reply, out)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, FedloomError):
+        return str(err)
+    return traceback.format_exception_only(err)[-1].strip()
+
+
+class WorkerDied(FedloomError):
+    """A worker process ended while serving a request."""
+
+
+class ProcessWorker:
+    """A :class:`SiteWorker` in a fresh Python process (``python -m
+    fedloom.runtime.worker``), linked by a socket pair: nothing is inherited, nothing
+    pickled, and the caller's ``__main__`` is never re-imported."""
+
+    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
+        self._setup = json.dumps({"workspace": workspace, "plan": plan_json, "attack": attack_json})
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fedloom.runtime.worker", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send_bytes(self._setup.encode())
+        self._ready: bool | None = None
+
+    def wait_ready(self) -> None:
+        if self._ready:
+            return
+        try:
+            header, _ = pipes.receive(self._conn)
+        except EOFError as err:
+            raise WorkerDied("a worker process died while starting") from err
+        if not header.get("ok"):
+            raise FedloomError(f"worker could not start: {header.get('error')}")
+        self._ready = True
+
+    def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
+        with self._lock:
+            self.wait_ready()
+            try:
+                pipes.send(self._conn, header, weights)
+                return pipes.receive(self._conn)
+            except (EOFError, BrokenPipeError, ConnectionResetError) as err:
+                code = self._proc.wait(timeout=30)
+                self._start()  # a fresh worker for the next request
+                raise WorkerDied(f"worker process died (exit code {code})") from err
+
+    def close(self) -> None:
+        try:
+            pipes.send(self._conn, {"op": "stop"})
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._conn.close()
+
+
+class LocalWorker:
+    """A :class:`SiteWorker` in this process (``--workers 0``: debugging, tests)."""
+
+    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
+        self._worker = SiteWorker(workspace, plan_json, attack_json)
+        self._lock = threading.Lock()
+
+    def wait_ready(self) -> None:
+        return None
+
+    def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
+        with self._lock:
+            try:
+                return self._worker.handle(header, weights)
+            except Exception as err:
+                return {"ok": False, "error": _describe(err)}, None
+
+    def close(self) -> None:
+        return None
+
+
+Worker = ProcessWorker | LocalWorker
+
+
+def answer_from_reply(reply: Reply) -> SiteAnswer:
+    header, delta = reply
+    if not header.get("ok"):
+        raise TaskError(str(header.get("error")))
+    return SiteAnswer(int(header["num_samples"]), header["metrics"], delta)
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))

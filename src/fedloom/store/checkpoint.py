@@ -1,0 +1,107 @@
+"""Weights and strategy state as safetensors files, written atomically.
+
+A file is written to a temporary name in the same folder, fsynced, then renamed over
+the target, so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import safetensors.numpy as st
+
+from fedloom.errors import StateError
+from fedloom.strategies.state import StrategyState
+from fedloom.weights import Weights
+
+_ORDER_KEY = "fedloom.order"
+_SCALARS_KEY = "fedloom.scalars"
+_WEIGHTS_GROUP = "weights"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise StateError(f"cannot read {path}: {err.strerror}") from err
+    try:
+        tensors = st.load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+    except Exception as err:  # safetensors raises its own types for truncated files
+        raise StateError(
+            f"{path} is not a valid safetensors file ({err})",
+            hint="the file is truncated or corrupt; restore it or start a new run",
+        ) from err
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def weights_to_bytes(weights: Weights, metadata: dict[str, str] | None = None) -> bytes:
+    meta = dict(metadata or {})
+    meta[_ORDER_KEY] = json.dumps(list(weights))
+    return st.save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=meta)
+
+
+def save_weights(path: str | os.PathLike[str], weights: Weights) -> None:
+    """Write ``weights`` to ``path`` atomically, keeping tensor order and dtypes."""
+    _atomic_write(Path(path), weights_to_bytes(weights))
+
+
+def load_weights(path: str | os.PathLike[str]) -> Weights:
+    """Read weights written by :func:`save_weights`, in their original order."""
+    tensors, meta = _read(Path(path))
+    order = json.loads(meta[_ORDER_KEY]) if _ORDER_KEY in meta else sorted(tensors)
+    return {name: tensors[name] for name in order}
+
+
+def save_state(path: str | os.PathLike[str], state: StrategyState) -> None:
+    """Write a strategy state (global weights, named array groups, JSON scalars)."""
+    flat: dict[str, np.ndarray] = {}
+    order: dict[str, list[str]] = {_WEIGHTS_GROUP: list(state.weights)}
+    for name, arr in state.weights.items():
+        flat[f"{_WEIGHTS_GROUP}/{name}"] = np.ascontiguousarray(arr)
+    for group, arrays in state.arrays.items():
+        if group == _WEIGHTS_GROUP or "/" in group:
+            raise StateError(f"strategy state group name {group!r} is reserved or has a '/'")
+        order[group] = list(arrays)
+        for name, arr in arrays.items():
+            flat[f"{group}/{name}"] = np.ascontiguousarray(arr)
+    meta = {
+        _ORDER_KEY: json.dumps(order),
+        _SCALARS_KEY: json.dumps(dict(state.scalars), sort_keys=True),
+    }
+    _atomic_write(Path(path), st.save(flat, metadata=meta))
+
+
+def load_state(path: str | os.PathLike[str]) -> StrategyState:
+    """Read a strategy state written by :func:`save_state`."""
+    tensors, meta = _read(Path(path))
+    try:
+        order: dict[str, list[str]] = json.loads(meta[_ORDER_KEY])
+        scalars = json.loads(meta[_SCALARS_KEY])
+        groups = {
+            group: {name: tensors[f"{group}/{name}"] for name in names}
+            for group, names in order.items()
+        }
+    except (KeyError, ValueError) as err:
+        raise StateError(f"{path} is not a fedloom strategy state ({err})") from err
+    weights = groups.pop(_WEIGHTS_GROUP)
+    return StrategyState(weights=weights, arrays=groups, scalars=scalars)

@@ -1,0 +1,42 @@
+"""The strategy interface.
+
+A strategy never runs the loop. The orchestration layer selects sites, streams the
+updates into an accumulator and then calls :meth:`Strategy.aggregate` with what was
+folded: a :class:`~fedloom.records.MeanSummary` for mean-based strategies, or an
+:class:`~fedloom.records.UpdateSet` for robust ones that declare ``needs_updates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+from fedloom.records import Failure, Summary
+from fedloom.strategies.state import StrategyState
+from fedloom.weights import Weights
+
+
+class Strategy(Protocol):
+    name: ClassVar[str]
+    needs_updates: ClassVar[bool]
+    """True when the strategy needs each site's update (median, Krum): the aggregator
+    then buffers them. False for mean-based strategies, which fold updates as they
+    stream in O(model) memory."""
+
+    def init(self, weights: Weights) -> StrategyState:
+        """The state before round 1, holding the initial global model."""
+        ...
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        """Extra configuration sent to every site for ``round`` (e.g. ``proximal_mu``)."""
+        ...
+
+    def aggregate(
+        self,
+        round: int,
+        state: StrategyState,
+        summary: Summary,
+        failures: Sequence[Failure],
+    ) -> tuple[StrategyState, Weights]:
+        """The next state and the next global model."""
+        ...

@@ -1,0 +1,27 @@
+"""A strategy's explicit, immutable state."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fedloom.weights import Weights
+
+
+@dataclass(frozen=True)
+class StrategyState:
+    """Everything a strategy carries between rounds.
+
+    ``weights`` is the global model. ``arrays`` holds named groups of tensors (FedAdam's
+    ``"m"`` and ``"v"`` moments, FedAvgM's ``"momentum"``), ``scalars`` holds JSON values
+    (a step count). Saved and loaded as one safetensors file by :mod:`fedloom.store`, so
+    every strategy can be checkpointed without special cases.
+    """
+
+    weights: Weights
+    arrays: Mapping[str, Weights] = field(default_factory=dict)
+    scalars: Mapping[str, Any] = field(default_factory=dict)
+
+    def evolve(self, **changes: Any) -> StrategyState:
+        return replace(self, **changes)

@@ -1,0 +1,106 @@
+"""The NumPy path: a task written as three plain functions, no torch needed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.tasks.base import SiteContext, SiteData
+from fedloom.weights import Weights
+
+InitFn = Callable[[int], Weights]
+TrainFn = Callable[[Weights, SiteData, TrainSettings, np.random.Generator], Weights]
+EvaluateFn = Callable[[Weights, np.ndarray, np.ndarray], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class NumpyTask:
+    """Adapts ``init(seed)``, ``train(weights, data, settings, rng)`` and
+    ``evaluate(weights, x, y)`` to the :class:`~fedloom.tasks.Task` interface.
+
+    ``train`` returns the locally trained weights; the sample count is the size of
+    the site's training split.
+    """
+
+    init: InitFn
+    train_fn: TrainFn
+    evaluate_fn: EvaluateFn
+
+    def init_weights(self, seed: int) -> Weights:
+        return self.init(seed)
+
+    def train(
+        self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
+    ) -> TrainOutput:
+        rng = np.random.default_rng(context.seed)
+        local = self.train_fn(weights, data, settings, rng)
+        return TrainOutput(local, data.num_train)
+
+    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> EvalOutput:
+        return EvalOutput(len(y), dict(self.evaluate_fn(weights, x, y)))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+@dataclass(frozen=True)
+class SoftmaxRegression:
+    """Multinomial logistic regression in NumPy, trained by minibatch SGD.
+
+    The FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` is part of the step.
+    """
+
+    num_features: int
+    num_classes: int
+
+    def init_weights(self, seed: int) -> Weights:
+        return {
+            "weight": np.zeros((self.num_features, self.num_classes), dtype=np.float32),
+            "bias": np.zeros((self.num_classes,), dtype=np.float32),
+        }
+
+    def train(
+        self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
+    ) -> TrainOutput:
+        rng = np.random.default_rng(context.seed)
+        w0 = weights["weight"].astype(np.float64)
+        b0 = weights["bias"].astype(np.float64)
+        w, b = w0.copy(), b0.copy()
+        vw, vb = np.zeros_like(w), np.zeros_like(b)
+        x = data.x_train.astype(np.float64)
+        onehot = np.eye(self.num_classes)[data.y_train]
+        n = len(x)
+        batch = max(1, settings.batch_size)
+        losses = []
+        for _ in range(settings.epochs):
+            order = rng.permutation(n)
+            for start in range(0, n, batch):
+                idx = order[start : start + batch]
+                p = _softmax(x[idx] @ w + b)
+                picked = p[np.arange(len(idx)), data.y_train[idx]]
+                losses.append(float(-np.mean(np.log(picked + 1e-12))))
+                err = (p - onehot[idx]) / len(idx)
+                gw = x[idx].T @ err + settings.weight_decay * w + settings.proximal_mu * (w - w0)
+                gb = err.sum(axis=0) + settings.proximal_mu * (b - b0)
+                vw = settings.momentum * vw + gw
+                vb = settings.momentum * vb + gb
+                w -= settings.lr * vw
+                b -= settings.lr * vb
+        local = {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
+        metrics = {"train_loss": float(np.mean(losses))} if losses else {}
+        return TrainOutput(local, n, metrics)
+
+    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> EvalOutput:
+        if len(y) == 0:
+            return EvalOutput(0, {})
+        p = _softmax(x.astype(np.float64) @ weights["weight"].astype(np.float64) + weights["bias"])
+        loss = float(-np.mean(np.log(p[np.arange(len(y)), y] + 1e-12)))
+        accuracy = float(np.mean(p.argmax(axis=1) == y))
+        return EvalOutput(len(y), {"accuracy": accuracy, "loss": loss})

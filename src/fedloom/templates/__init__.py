@@ -1,0 +1,1 @@
+"""Workspace templates for ``fedloom init``: each folder is a complete workspace."""

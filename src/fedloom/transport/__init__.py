@@ -1,0 +1,30 @@
+"""Transports: how aggregator and collaborators talk (in-process here; gRPC later)."""
+
+from fedloom.transport.base import AggregatorService, Connection
+from fedloom.transport.inprocess import InProcessConnection, InProcessTransport, TrafficCounter
+from fedloom.transport.messages import (
+    Chunk,
+    FailureReport,
+    ModelHeader,
+    ModelStream,
+    Receipt,
+    UpdateHeader,
+    assemble,
+    iter_chunks,
+)
+
+__all__ = [
+    "AggregatorService",
+    "Chunk",
+    "Connection",
+    "FailureReport",
+    "InProcessConnection",
+    "InProcessTransport",
+    "ModelHeader",
+    "ModelStream",
+    "Receipt",
+    "TrafficCounter",
+    "UpdateHeader",
+    "assemble",
+    "iter_chunks",
+]

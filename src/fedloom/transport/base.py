@@ -1,0 +1,52 @@
+"""The transport interface: collaborator-pull, streaming, identity from the channel.
+
+A collaborator holds one :class:`Connection`, bound to its site identity when it was
+made (the certificate on gRPC, the ``connect(site)`` call in-process). Messages never
+carry the sender's name. The aggregator side is an :class:`AggregatorService`, which
+every transport calls with the identity it established.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from fedloom.records import Instruction
+from fedloom.transport.messages import Chunk, FailureReport, ModelStream, Receipt, UpdateHeader
+
+
+class AggregatorService(Protocol):
+    """What the aggregator offers to sites. Implemented by the orchestration layer."""
+
+    def get_task(self, site: str, timeout: float | None) -> Instruction | None:
+        """Block until ``site`` has work (or ``timeout`` passes: ``None`` comes back)."""
+        ...
+
+    def download(self, site: str, round: int) -> ModelStream:
+        """The global model of ``round``, as a header and chunks."""
+        ...
+
+    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+        """Receive ``site``'s answer to the current round, folding chunks as they arrive."""
+        ...
+
+    def report_failure(self, site: str, report: FailureReport) -> None:
+        """``site`` could not do its task for ``report.round``."""
+        ...
+
+
+class Connection(Protocol):
+    """A collaborator's side of the transport. Only outbound calls."""
+
+    @property
+    def site(self) -> str: ...
+
+    def get_task(self, timeout: float | None = None) -> Instruction | None: ...
+
+    def download(self, round: int) -> ModelStream: ...
+
+    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt: ...
+
+    def report_failure(self, report: FailureReport) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,118 @@
+"""The messages aggregator and collaborator exchange. Plain frozen dataclasses.
+
+Domain types hold numpy arrays or byte views, never protobuf objects; :mod:`serde` is
+the one module that meets protobuf. No message names its sender: identity comes from
+the channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedloom.weights import TensorSpec, Weights, dtype_from_name
+
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes ``[offset, offset + len(data))`` of tensor number ``tensor``."""
+
+    tensor: int
+    offset: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class ModelHeader:
+    """Announces the global model of ``round`` before its chunks."""
+
+    round: int
+    tensors: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateHeader:
+    """Announces a site's update before its chunks: round, sample count, metrics."""
+
+    round: int
+    num_samples: int
+    tensors: tuple[TensorSpec, ...]
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The aggregator's answer to an upload."""
+
+    round: int
+    accepted: bool
+    reason: str = ""
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FailureReport:
+    """A site telling the aggregator its task failed for ``round``."""
+
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelStream:
+    """A header and the chunks that follow it (a download)."""
+
+    header: ModelHeader
+    chunks: Iterator[Chunk]
+
+
+def iter_chunks(weights: Weights, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Zero-copy chunks of every tensor, in order; an empty tensor still gets one chunk."""
+    for index, array in enumerate(weights.values()):
+        view = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+        size = len(view)
+        if size == 0:
+            yield Chunk(index, 0, b"")
+            continue
+        for start in range(0, size, chunk_bytes):
+            yield Chunk(index, start, view[start : start + chunk_bytes])
+
+
+def assemble(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Weights:
+    """Rebuild weights from chunks, checking every byte arrives once and in order.
+
+    Raises :class:`~fedloom.errors.UpdateRejected` on a truncated, overlong or
+    out-of-order stream.
+    """
+    from fedloom.errors import UpdateRejected
+
+    buffers = [bytearray(s.nbytes) for s in specs]
+    filled = [0] * len(specs)
+    for chunk in chunks:
+        if not 0 <= chunk.tensor < len(specs):
+            raise UpdateRejected(f"chunk for tensor #{chunk.tensor}, but only {len(specs)} exist")
+        i = chunk.tensor
+        end = chunk.offset + len(chunk.data)
+        if chunk.offset != filled[i]:
+            raise UpdateRejected(
+                f"tensor {specs[i].name!r}: chunk at byte {chunk.offset}, expected {filled[i]}"
+            )
+        if end > len(buffers[i]):
+            raise UpdateRejected(
+                f"tensor {specs[i].name!r} is larger than announced ({specs[i].nbytes} bytes)"
+            )
+        buffers[i][chunk.offset : end] = chunk.data
+        filled[i] = end
+    for spec, got in zip(specs, filled, strict=True):
+        if got != spec.nbytes:
+            raise UpdateRejected(
+                f"stream ended early: tensor {spec.name!r} has {got} of {spec.nbytes} bytes"
+            )
+    return {
+        s.name: np.frombuffer(buf, dtype=dtype_from_name(s.dtype)).reshape(s.shape)
+        for s, buf in zip(specs, buffers, strict=True)
+    }

@@ -1,0 +1,162 @@
+"""Weights: an ordered ``dict[str, numpy.ndarray]`` with native dtypes kept.
+
+bfloat16 arrives through ``ml_dtypes``; integer buffers (step counters) stay integers.
+Functions here are pure: they never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from fedloom.errors import UpdateRejected
+
+Weights = dict[str, np.ndarray]
+"""Model weights or an update: tensor name -> array, in the model's own order."""
+
+_EXTRA_DTYPES: dict[str, np.dtype] = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    """The numpy dtype called ``name`` (``float32``, ``bfloat16``, ``int64`` …)."""
+    if name in _EXTRA_DTYPES:
+        return _EXTRA_DTYPES[name]
+    try:
+        dtype = np.dtype(name)
+    except TypeError as err:
+        raise UpdateRejected(f"unknown dtype {name!r}") from err
+    if dtype.kind not in "fiub" or dtype.hasobject:
+        raise UpdateRejected(f"dtype {name!r} cannot travel: only numeric tensors do")
+    return dtype
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of ``dtype``; the inverse of :func:`dtype_from_name`."""
+    return str(np.dtype(dtype).name)
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """True for float16/32/64 and bfloat16."""
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == _EXTRA_DTYPES["bfloat16"]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, dtype and shape of one tensor: what a receiver checks before it accepts bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * dtype_from_name(self.dtype).itemsize
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def specs_of(weights: Mapping[str, np.ndarray]) -> tuple[TensorSpec, ...]:
+    """The specs of ``weights``, in order."""
+    return tuple(
+        TensorSpec(name, dtype_name(a.dtype), tuple(int(d) for d in a.shape))
+        for name, a in weights.items()
+    )
+
+
+def nbytes(weights: Mapping[str, np.ndarray]) -> int:
+    """Total bytes of the tensors in ``weights``."""
+    return sum(int(a.nbytes) for a in weights.values())
+
+
+def num_parameters(weights: Mapping[str, np.ndarray]) -> int:
+    return sum(int(a.size) for a in weights.values())
+
+
+def subtract(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Weights:
+    """The update ``local - base``, tensor by tensor, in each tensor's own dtype."""
+    check_compatible(local, specs_of(base))
+    out: Weights = {}
+    for name, b in base.items():
+        a = local[name]
+        if is_float(b.dtype):
+            out[name] = (a.astype(np.float64) - b.astype(np.float64)).astype(b.dtype)
+        else:
+            out[name] = (a.astype(np.int64) - b.astype(np.int64)).astype(b.dtype)
+    return out
+
+
+def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Weights:
+    """``base + delta`` computed in float64 and cast back to each tensor's dtype.
+
+    Integer tensors are rounded to the nearest integer.
+    """
+    out: Weights = {}
+    for name, b in base.items():
+        d = np.asarray(delta[name], dtype=np.float64)
+        total = b.astype(np.float64) + d
+        out[name] = total.astype(b.dtype) if is_float(b.dtype) else np.rint(total).astype(b.dtype)
+    return out
+
+
+def cast_like(values: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> Weights:
+    """``values`` cast to the dtypes of ``like`` (integers rounded)."""
+    out: Weights = {}
+    for name, ref in like.items():
+        v = np.asarray(values[name])
+        out[name] = v.astype(ref.dtype) if is_float(ref.dtype) else np.rint(v).astype(ref.dtype)
+    return out
+
+
+def check_compatible(weights: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
+    """Raise :class:`UpdateRejected` naming the first mismatch of names, shapes or dtypes."""
+    expected = [s.name for s in specs]
+    got = list(weights)
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        detail = []
+        if missing:
+            detail.append(f"missing {missing}")
+        if extra:
+            detail.append(f"unexpected {extra}")
+        if not detail:
+            detail.append("tensors in a different order")
+        raise UpdateRejected("tensor names differ from the global model: " + ", ".join(detail))
+    for spec in specs:
+        a = weights[spec.name]
+        if tuple(a.shape) != spec.shape:
+            raise UpdateRejected(
+                f"tensor {spec.name!r} has shape {tuple(a.shape)}, the global model {spec.shape}"
+            )
+        if dtype_name(a.dtype) != spec.dtype:
+            raise UpdateRejected(
+                f"tensor {spec.name!r} has dtype {dtype_name(a.dtype)}, "
+                f"the global model {spec.dtype}"
+            )
+
+
+def check_finite(weights: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`UpdateRejected` if any float tensor holds NaN or Inf."""
+    for name, a in weights.items():
+        if is_float(a.dtype) and not np.isfinite(a.astype(np.float32, copy=False)).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+            raise UpdateRejected(f"tensor {name!r} holds {bad} NaN or Inf values")
+
+
+def copy_weights(weights: Mapping[str, np.ndarray]) -> Weights:
+    return {k: np.array(v, copy=True) for k, v in weights.items()}
+
+
+def weights_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """Bit-identical: same names, order, dtypes, shapes and bytes."""
+    if list(a) != list(b):
+        return False
+    return all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+        for k in a
+    )
