@@ -8,6 +8,7 @@ workspace: the contract a data owner approves and every site checks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -217,12 +218,20 @@ def strategy_problems(strategy: Mapping[str, Any]) -> list[str]:
     name = strategy.get("name", "fedavg")
     if name not in STRATEGIES:
         return [f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"]
+    cls = STRATEGIES[name]
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     params = {k: v for k, v in strategy.items() if k != "name"}
+    takes = ", ".join(known) if known else "no parameters"
+    problems = [
+        f"strategy.{key}: strategy {name!r} has no parameter {key!r}; it takes {takes}"
+        for key in params
+        if key not in known
+    ]
     try:
-        pydantic.TypeAdapter(STRATEGIES[name]).validate_python(params)
+        pydantic.TypeAdapter(cls).validate_python({k: v for k, v in params.items() if k in known})
     except pydantic.ValidationError as err:
-        return [_describe(e, prefix=("strategy",), strategy=name) for e in err.errors()]
-    return []
+        problems += [_describe(e, prefix=("strategy",), strategy=name) for e in err.errors()]
+    return problems
 
 
 def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:

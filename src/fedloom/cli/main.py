@@ -1,0 +1,237 @@
+"""``fedloom``: federated learning across organisations, from one command line.
+
+Every command prints what it did; every error says what was wrong and what to do,
+with an exit code per kind of error (see docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from fedloom.errors import FedloomError, WorkspaceError
+from fedloom.plan import load_plan, plan_hash
+
+app = typer.Typer(
+    name="fedloom",
+    help="Federated learning across organisations: the model travels, the data stays.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plan_app = typer.Typer(help="Inspect a workspace's plan (federation.yaml).", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+console = Console()
+errors = Console(stderr=True)
+
+TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic")
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Plan overrides as key=value, e.g. rounds=5 strategy.server_lr=0.1"),
+]
+WorkspaceArg = Annotated[
+    Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
+]
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Folder to create the workspace in.")],
+    template: Annotated[
+        str, typer.Option("--template", "-t", help=f"One of: {', '.join(TEMPLATES)}.")
+    ] = "digits",
+    force: Annotated[bool, typer.Option(help="Write into a folder that is not empty.")] = False,
+) -> None:
+    """Create a workspace from a template: federation.yaml plus the task module."""
+    if template not in TEMPLATES:
+        raise WorkspaceError(
+            f"unknown template {template!r}", hint=f"choose one of {', '.join(TEMPLATES)}"
+        )
+    if directory.exists() and any(directory.iterdir()) and not force:
+        raise WorkspaceError(
+            f"{directory} exists and is not empty", hint="pick a new folder, or pass --force"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    source = resources.files("fedloom.templates").joinpath(template)
+    for item in source.iterdir():
+        if item.is_file() and not item.name.startswith("__"):
+            (directory / item.name).write_bytes(item.read_bytes())
+    console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
+    console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
+
+
+@plan_app.command("show")
+def plan_show(workspace: WorkspaceArg, overrides: Overrides = None) -> None:
+    """Print the validated plan and its hash, for a data owner to approve."""
+    plan = load_plan(workspace, overrides or [])
+    console.print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False).rstrip())
+    console.print(f"\n[bold]sites[/]: {', '.join(plan.roster)}")
+    console.print(f"[bold]plan hash[/]: {plan_hash(plan, workspace)}")
+
+
+@app.command()
+def strategies() -> None:
+    """List the aggregation strategies and their parameters."""
+    import dataclasses
+
+    from fedloom.strategies import STRATEGIES
+
+    table = Table("name", "kind", "parameters (defaults)")
+    for name, cls in STRATEGIES.items():
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        params = ", ".join(f"{f.name}={f.default}" for f in fields) or "-"
+        kind = "robust (buffers updates)" if cls.needs_updates else "mean (streaming)"
+        table.add_row(name, kind, params)
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    workspace: WorkspaceArg,
+    overrides: Overrides = None,
+    sites: Annotated[int | None, typer.Option(help="Number of simulated sites.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Number of rounds.")] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="iid, dirichlet:ALPHA, shards[:K] or quantity:ALPHA.")
+    ] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="Strategy name (see `fedloom strategies`).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="The plan's seed.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes for the sites (default: the cores; 0: in-process)."),
+    ] = None,
+    roundtrip: Annotated[
+        bool, typer.Option(help="Serialise every message to the wire format and back.")
+    ] = False,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="Make sites misbehave: sign-flip, scale:K, gaussian[:SIGMA], label-flip."
+        ),
+    ] = None,
+    attackers: Annotated[int, typer.Option(help="How many sites run --attack.")] = 0,
+    baseline: Annotated[
+        bool, typer.Option(help="Also train the model centrally on the pooled data.")
+    ] = False,
+    run_name: Annotated[
+        str | None, typer.Option(help="Folder name under runs/ (default: a timestamp).")
+    ] = None,
+    runs_dir: Annotated[
+        Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Run the workspace's federation with simulated sites on this machine.
+
+    Writes runs/<run-name>/: metrics.jsonl, summary.json, final.safetensors,
+    plan.json and accuracy.png.
+    """
+    from fedloom.cli.progress import RoundProgress
+    from fedloom.report import final_site_metrics, write_run
+    from fedloom.runtime.simulation import SimulationOptions
+    from fedloom.runtime.simulation import simulate as run_simulation
+
+    flags = {
+        "sites": sites,
+        "rounds": rounds,
+        "data.partition": partition,
+        "strategy.name": strategy,
+        "seed": seed,
+    }
+    all_overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(overrides or [])
+    plan = load_plan(workspace, all_overrides)
+    digest = plan_hash(plan, workspace)
+    console.print(
+        f"[bold]{plan.name}[/]: {len(plan.roster)} sites, {plan.rounds} rounds, "
+        f"strategy {plan.strategy.name}, data {plan.data.dataset} ({plan.data.partition})"
+    )
+    console.print(f"plan hash [cyan]{digest}[/]")
+    options = SimulationOptions(
+        **({} if workers is None else {"workers": workers}),
+        roundtrip=roundtrip,
+        attack=attack,
+        attackers=attackers,
+        baseline=baseline,
+    )
+    with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
+        result = run_simulation(workspace, plan, options, on_event=progress)
+    name = run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = (runs_dir or workspace / "runs") / name
+    summary = write_run(result, run_dir)
+    _print_sites(final_site_metrics(result.history))
+    _print_summary(summary)
+    console.print(f"Results in [bold]{run_dir}[/]")
+
+
+def _print_sites(sites: dict[str, dict[str, float]], limit: int = 20) -> None:
+    if not sites:
+        return
+    ordered = sorted(sites.items(), key=lambda kv: kv[1].get("global_accuracy", 0.0))
+    shown = ordered if len(ordered) <= limit else ordered[:limit]
+    title = "Final global model at each site"
+    if len(ordered) > limit:
+        title += f" (the {limit} worst of {len(ordered)})"
+    table = Table("site", "val samples", "accuracy", "loss", title=title)
+    for site, m in sorted(shown):
+        table.add_row(
+            site,
+            f"{m.get('val_samples', 0):.0f}",
+            f"{m.get('global_accuracy', float('nan')):.4f}",
+            f"{m.get('global_loss', float('nan')):.4f}",
+        )
+    console.print(table)
+
+
+def _print_summary(s: dict[str, object]) -> None:
+    def fmt(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    table = Table("", "", title="Summary", show_header=False)
+    for key in (
+        "test_accuracy",
+        "centralized_accuracy",
+        "mean_site_accuracy",
+        "worst_site_accuracy",
+        "wall_seconds",
+        "seconds_per_round",
+        "bytes_sent",
+        "bytes_received",
+        "failures",
+    ):
+        table.add_row(key, fmt(s.get(key)))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning fedloom's errors into messages and exit codes."""
+    try:
+        app(standalone_mode=False)
+    except FedloomError as err:
+        errors.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except Exception as err:  # click's usage errors and the like
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,81 @@
+"""Live progress of a federation: round r/R, sites done, bytes moved, ETA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from fedloom.orchestration import Event, RoundClosed, RoundOpened, SiteAnswered
+from fedloom.records import InstructionKind
+from fedloom.transport.inprocess import TrafficCounter
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class RoundProgress:
+    """A rich progress bar over rounds, fed by the aggregator's events."""
+
+    def __init__(self, console: Console, rounds: int, *, enabled: bool = True) -> None:
+        self.rounds = rounds
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task("round 0", total=rounds + 1, detail="")
+        self._selected = 0
+        self._done = 0
+        self._round = 0
+        self._last = ""
+
+    def __enter__(self) -> RoundProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: Event, traffic: TrafficCounter) -> None:
+        if isinstance(event, RoundOpened):
+            self._round, self._selected, self._done = event.round, len(event.selected), 0
+        elif isinstance(event, SiteAnswered):
+            self._done += 1
+        elif isinstance(event, RoundClosed):
+            metrics = event.record.metrics
+            acc = metrics.get("global_accuracy")
+            self._last = f" · acc {acc:.3f}" if acc is not None else ""
+            self.progress.advance(self.task)
+        label = (
+            "final evaluation"
+            if self._round > self.rounds
+            else f"round {min(self._round, self.rounds)}/{self.rounds}"
+        )
+        moved = human_bytes(traffic.sent + traffic.received)
+        detail = f"sites {self._done}/{self._selected} · {moved}{self._last}"
+        self.progress.update(self.task, description=label, detail=detail)
+
+
+def is_final(kind: InstructionKind) -> bool:
+    return kind is InstructionKind.EVALUATE

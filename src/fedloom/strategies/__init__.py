@@ -1,0 +1,86 @@
+"""Aggregation strategies and the registry the plan names them by.
+
+A strategy is a frozen dataclass of hyper-parameters implementing
+:class:`~fedloom.strategies.base.Strategy`. :func:`build_strategy` makes one from the
+plan's ``strategy`` name and parameters, validating them with pydantic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, cast
+
+import pydantic
+
+from fedloom.errors import PlanError
+from fedloom.strategies.base import Strategy
+from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
+from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
+from fedloom.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
+from fedloom.strategies.state import StrategyState
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "median": Median,
+    "trimmed-mean": TrimmedMean,
+    "krum": Krum,
+    "multi-krum": MultiKrum,
+}
+"""Every strategy the plan can name, by its ``name``."""
+
+
+def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
+    """The strategy called ``name`` with hyper-parameters ``params``.
+
+    Raises :class:`PlanError` listing every problem: an unknown name, unknown
+    parameters, or values outside their allowed range.
+    """
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        known_names = ", ".join(sorted(STRATEGIES))
+        raise PlanError([f"unknown strategy {name!r}; known strategies: {known_names}"])
+    known = [f.name for f in dataclasses.fields(cast(Any, cls))]  # every strategy is a dataclass
+    problems = [
+        f"strategy {name!r}: unknown parameter {key!r}; "
+        + (f"it takes {', '.join(known)}" if known else "it takes no parameters")
+        for key in params
+        if key not in known
+    ]
+    strategy: Strategy | None = None
+    try:
+        strategy = pydantic.TypeAdapter(cls).validate_python(
+            {key: value for key, value in params.items() if key in known}
+        )
+    except pydantic.ValidationError as err:
+        for error in err.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            problems.append(
+                f"strategy {name!r}: parameter {where!r}: {error['msg']} (got {error['input']!r})"
+            )
+    if problems or strategy is None:
+        raise PlanError(problems)
+    return strategy
+
+
+__all__ = [
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedYogi",
+    "Krum",
+    "Median",
+    "MultiKrum",
+    "STRATEGIES",
+    "Strategy",
+    "StrategyState",
+    "TrimmedMean",
+    "build_strategy",
+]

@@ -1,0 +1,233 @@
+"""Aggregation maths as pure functions over weights.
+
+No I/O, no logging, no config objects. Every function reads its inputs as float64,
+returns new float64 arrays and never modifies what it was given. Strategies call these
+and cast the result back to the global model's dtypes with
+:func:`fedloom.weights.apply_delta`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedloom.errors import AggregationError
+from fedloom.weights import Weights
+
+
+def check_same_layout(
+    update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+) -> None:
+    """Raise :class:`AggregationError` unless ``update`` has ``reference``'s names and shapes."""
+    if list(update) != list(reference):
+        raise AggregationError(
+            f"an update holds tensors {list(update)}, expected {list(reference)}",
+            hint="every update must hold the global model's tensors, in the same order",
+        )
+    for name, ref in reference.items():
+        if np.shape(update[name]) != np.shape(ref):
+            raise AggregationError(
+                f"tensor {name!r} has shape {np.shape(update[name])}, expected {np.shape(ref)}"
+            )
+
+
+def _stacked(updates: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each tensor's updates stacked on a new first axis, as float64."""
+    if not updates:
+        raise AggregationError("nothing to aggregate: no updates were given")
+    first = updates[0]
+    for update in updates[1:]:
+        check_same_layout(update, first)
+    return {
+        name: np.stack([np.asarray(u[name], dtype=np.float64) for u in updates]) for name in first
+    }
+
+
+def _flattened(updates: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """An ``(n, d)`` float64 matrix: each row one update, all its tensors concatenated."""
+    stacked = _stacked(updates)
+    n = len(updates)
+    columns = [s.reshape(n, -1) for s in stacked.values()]
+    if not columns:
+        return np.zeros((n, 0), dtype=np.float64)
+    return np.concatenate(columns, axis=1)
+
+
+def weighted_mean(updates: Sequence[Weights], weights: Sequence[float]) -> Weights:
+    """``sum_i weights[i] * updates[i] / sum_i weights[i]``, tensor by tensor.
+
+    Weights must be finite, non-negative and sum to more than zero; only their ratios
+    matter.
+    """
+    if not updates:
+        raise AggregationError("nothing to aggregate: no updates were given")
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) != len(updates):
+        raise AggregationError(f"{len(updates)} updates but {np.size(w)} weights")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise AggregationError(f"aggregation weights must be finite and >= 0, got {w.tolist()}")
+    total = float(w.sum())
+    if not total > 0:
+        raise AggregationError(
+            "aggregation weights sum to zero",
+            hint="at least one site must report a positive number of samples",
+        )
+    stacked = _stacked(updates)
+    share = w / total
+    return {name: np.tensordot(share, s, axes=1) for name, s in stacked.items()}
+
+
+def coordinate_median(updates: Sequence[Weights]) -> Weights:
+    """The median of every coordinate across updates (mean of the two middle values
+    when the count is even)."""
+    return {name: np.median(s, axis=0) for name, s in _stacked(updates).items()}
+
+
+def trimmed_mean(updates: Sequence[Weights], trim_fraction: float) -> Weights:
+    """Per coordinate, drop the ``floor(trim_fraction * n)`` smallest and largest values
+    and average the rest. Raises :class:`AggregationError` if nothing would remain."""
+    n = len(updates)
+    if not 0 <= trim_fraction < 1:
+        raise AggregationError(f"trim_fraction must be in [0, 1), got {trim_fraction}")
+    k = math.floor(trim_fraction * n)
+    if n - 2 * k < 1:
+        raise AggregationError(
+            f"trimming {k} values from each end of {n} updates leaves nothing to average",
+            hint="lower trim_fraction or wait for more sites",
+        )
+    return {
+        name: np.sort(s, axis=0)[k : n - k].mean(axis=0) for name, s in _stacked(updates).items()
+    }
+
+
+def _check_krum(n: int, num_byzantine: int) -> None:
+    if num_byzantine < 0:
+        raise AggregationError(f"num_byzantine must be >= 0, got {num_byzantine}")
+    if n <= 2 * num_byzantine + 2:
+        raise AggregationError(
+            f"Krum needs more than 2f + 2 = {2 * num_byzantine + 2} updates to tolerate "
+            f"f = {num_byzantine} Byzantine sites, got {n}",
+            hint="lower num_byzantine or require more sites per round",
+        )
+
+
+def krum_scores(updates: Sequence[Weights], num_byzantine: int) -> np.ndarray:
+    """Krum's score of every update (Blanchard et al., 2017).
+
+    The score of update ``i`` is the sum of the squared L2 distances, over all tensors
+    flattened together, to its ``n - f - 2`` nearest other updates. Requires
+    ``n > 2f + 2``. Distances are computed pair by pair (not through a Gram matrix), so
+    the scores are exact functions of the pair and permuting the inputs permutes them.
+    """
+    n = len(updates)
+    if n == 0:
+        raise AggregationError("nothing to aggregate: no updates were given")
+    _check_krum(n, num_byzantine)
+    x = _flattened(updates)
+    distances = np.empty((n, n), dtype=np.float64)
+    for i in range(n):
+        diff = x - x[i]
+        distances[i] = np.sum(diff * diff, axis=1)
+    np.fill_diagonal(distances, np.inf)
+    nearest = n - num_byzantine - 2
+    scores: np.ndarray = np.sort(distances, axis=1)[:, :nearest].sum(axis=1)
+    return scores
+
+
+def multi_krum(updates: Sequence[Weights], num_byzantine: int, num_selected: int) -> list[int]:
+    """Indices of the ``num_selected`` updates with the lowest Krum scores, in order of
+    score (ties: lowest index first)."""
+    n = len(updates)
+    if n == 0:
+        raise AggregationError("nothing to aggregate: no updates were given")
+    _check_krum(n, num_byzantine)
+    if not 1 <= num_selected <= n:
+        raise AggregationError(
+            f"Multi-Krum cannot select {num_selected} of {n} updates",
+            hint="num_selected must be between 1 and the number of updates",
+        )
+    scores = krum_scores(updates, num_byzantine)
+    order = np.lexsort((np.arange(n), scores))
+    return [int(i) for i in order[:num_selected]]
+
+
+def krum(updates: Sequence[Weights], num_byzantine: int) -> int:
+    """Index of the update with the lowest Krum score (ties: lowest index)."""
+    return multi_krum(updates, num_byzantine, 1)[0]
+
+
+# Server optimisers (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
+#
+# ``delta`` is the round's aggregated update Delta_t = mean(w_local - w_global), i.e. the
+# negative of the pseudo-gradient: the server moves *along* it. No bias correction is
+# applied, as in the paper; instead v starts at tau**2 and m at zero (see
+# :func:`initial_moments`).
+
+
+def _f64(values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(a, dtype=np.float64) for name, a in values.items()}
+
+
+def initial_moments(weights: Mapping[str, np.ndarray], tau: float) -> tuple[Weights, Weights]:
+    """``(m, v)`` before round 1: m = 0 and v = tau**2 (Reddi's choice), in float64."""
+    m = {name: np.zeros(np.shape(a), dtype=np.float64) for name, a in weights.items()}
+    v = {name: np.full(np.shape(a), tau * tau, dtype=np.float64) for name, a in weights.items()}
+    return m, v
+
+
+def fedavgm_step(
+    momentum: Weights, delta: Weights, *, momentum_coef: float, server_lr: float
+) -> tuple[Weights, Weights]:
+    """FedAvgM (Hsu et al., 2019): ``m' = momentum_coef * m + delta``.
+
+    Returns ``(m', server_lr * m')``: the new momentum buffer and the server update.
+    """
+    check_same_layout(delta, momentum)
+    mom = _f64(momentum)
+    d = _f64(delta)
+    new = {name: momentum_coef * mom[name] + d[name] for name in mom}
+    return new, {name: server_lr * a for name, a in new.items()}
+
+
+def _first_moment(m: Weights, delta: Weights, beta1: float) -> tuple[Weights, Weights]:
+    check_same_layout(delta, m)
+    d = _f64(delta)
+    return {name: beta1 * a + (1.0 - beta1) * d[name] for name, a in _f64(m).items()}, d
+
+
+def adam_moments(
+    m: Weights, v: Weights, delta: Weights, *, beta1: float, beta2: float
+) -> tuple[Weights, Weights]:
+    """FedAdam: ``m' = b1 m + (1 - b1) d`` and ``v' = b2 v + (1 - b2) d**2``."""
+    new_m, d = _first_moment(m, delta, beta1)
+    new_v = {name: beta2 * a + (1.0 - beta2) * d[name] ** 2 for name, a in _f64(v).items()}
+    return new_m, new_v
+
+
+def yogi_moments(
+    m: Weights, v: Weights, delta: Weights, *, beta1: float, beta2: float
+) -> tuple[Weights, Weights]:
+    """FedYogi: ``m'`` as Adam's and ``v' = v - (1 - b2) d**2 sign(v - d**2)``."""
+    new_m, d = _first_moment(m, delta, beta1)
+    new_v = {}
+    for name, a in _f64(v).items():
+        sq = d[name] ** 2
+        new_v[name] = a - (1.0 - beta2) * sq * np.sign(a - sq)
+    return new_m, new_v
+
+
+def adagrad_moments(
+    m: Weights, v: Weights, delta: Weights, *, beta1: float
+) -> tuple[Weights, Weights]:
+    """FedAdagrad: ``m'`` as Adam's and ``v' = v + d**2``."""
+    new_m, d = _first_moment(m, delta, beta1)
+    return new_m, {name: a + d[name] ** 2 for name, a in _f64(v).items()}
+
+
+def adaptive_step(m: Weights, v: Weights, lr: float, tau: float) -> Weights:
+    """The server update ``lr * m / (sqrt(v) + tau)`` (no bias correction)."""
+    check_same_layout(v, m)
+    vv = _f64(v)
+    return {name: lr * a / (np.sqrt(vv[name]) + tau) for name, a in _f64(m).items()}

@@ -1,0 +1,155 @@
+"""Mean-based strategies: FedAvg, FedAvgM and FedProx.
+
+They receive a :class:`~fedloom.records.MeanSummary` whose ``mean_delta`` is already
+the sample-weighted mean of the sites' updates, so the server only decides how far to
+move along it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from fedloom.errors import AggregationError, StateError
+from fedloom.records import Failure, MeanSummary, Summary
+from fedloom.strategies.aggregate import check_same_layout, fedavgm_step
+from fedloom.strategies.state import StrategyState
+from fedloom.weights import Weights, apply_delta, copy_weights
+
+
+def mean_delta_of(
+    strategy: str, round: int, state: StrategyState, summary: Summary
+) -> Weights | None:
+    """The round's mean update, checked against the global model; None if no site answered.
+
+    Raises :class:`AggregationError` when ``summary`` is not a :class:`MeanSummary` or
+    belongs to another round.
+    """
+    if not isinstance(summary, MeanSummary):
+        raise AggregationError(
+            f"strategy {strategy!r} aggregates a MeanSummary, got {type(summary).__name__}",
+            hint=f"{strategy!r} has needs_updates = False: pass the accumulator's mean",
+        )
+    if summary.round != round:
+        raise AggregationError(
+            f"strategy {strategy!r} was asked to aggregate round {round} "
+            f"with the summary of round {summary.round}"
+        )
+    if not summary.results:
+        return None
+    check_same_layout(summary.mean_delta, state.weights)
+    return summary.mean_delta
+
+
+def state_group(strategy: str, state: StrategyState, group: str) -> Weights:
+    """``state.arrays[group]``, or :class:`StateError` if the state lacks it."""
+    try:
+        return state.arrays[group]
+    except KeyError:
+        raise StateError(
+            f"strategy {strategy!r} needs the array group {group!r}, "
+            f"the state holds {sorted(state.arrays)}",
+            hint="the state was made by another strategy: start from its init()",
+        ) from None
+
+
+def next_step(state: StrategyState) -> dict[str, Any]:
+    """``state.scalars`` with the ``"step"`` counter (aggregations applied) increased."""
+    return {**state.scalars, "step": int(state.scalars.get("step", 0)) + 1}
+
+
+def _fedavg(
+    name: str, round: int, state: StrategyState, summary: Summary
+) -> tuple[StrategyState, Weights]:
+    delta = mean_delta_of(name, round, state, summary)
+    if delta is None:
+        return state, state.weights
+    weights = apply_delta(state.weights, delta)
+    return state.evolve(weights=weights, scalars=next_step(state)), weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvg:
+    """Federated averaging (McMahan et al., 2017): the new model is the old one plus the
+    sample-weighted mean of the updates."""
+
+    name: ClassVar[str] = "fedavg"
+    needs_updates: ClassVar[bool] = False
+
+    def init(self, weights: Weights) -> StrategyState:
+        return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        return _fedavg(self.name, round, state, summary)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedProx:
+    """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term
+    ``(proximal_mu / 2) * ||w - w_global||**2`` to their local loss."""
+
+    name: ClassVar[str] = "fedprox"
+    needs_updates: ClassVar[bool] = False
+
+    proximal_mu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
+
+    def init(self, weights: Weights) -> StrategyState:
+        return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {"proximal_mu": self.proximal_mu}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        return _fedavg(self.name, round, state, summary)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvgM:
+    """FedAvg with server momentum (Hsu et al., 2019).
+
+    ``m = momentum * m + mean_delta`` and the model moves by ``server_lr * m``. The
+    buffer ``m`` (float64) is kept in ``state.arrays["momentum"]``. With
+    ``momentum = 0`` and ``server_lr = 1`` this is FedAvg.
+    """
+
+    name: ClassVar[str] = "fedavgm"
+    needs_updates: ClassVar[bool] = False
+
+    server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
+
+    def init(self, weights: Weights) -> StrategyState:
+        zeros = {name: np.zeros(np.shape(a), dtype=np.float64) for name, a in weights.items()}
+        return StrategyState(
+            weights=copy_weights(weights), arrays={"momentum": zeros}, scalars={"step": 0}
+        )
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        delta = mean_delta_of(self.name, round, state, summary)
+        if delta is None:
+            return state, state.weights
+        momentum, step = fedavgm_step(
+            state_group(self.name, state, "momentum"),
+            delta,
+            momentum_coef=self.momentum,
+            server_lr=self.server_lr,
+        )
+        weights = apply_delta(state.weights, step)
+        arrays = {**state.arrays, "momentum": momentum}
+        return state.evolve(weights=weights, arrays=arrays, scalars=next_step(state)), weights

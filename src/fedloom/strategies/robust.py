@@ -1,0 +1,170 @@
+"""Byzantine-robust strategies: coordinate-wise Median, TrimmedMean, Krum, MultiKrum.
+
+They declare ``needs_updates = True``, so the aggregator buffers every site's update and
+passes an :class:`~fedloom.records.UpdateSet`. Median and TrimmedMean ignore sample
+counts (a site could lie about them); MultiKrum weights the updates it selects by their
+``num_samples``, which the plan caps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field
+
+from fedloom.errors import AggregationError
+from fedloom.records import Failure, SiteUpdate, Summary, UpdateSet
+from fedloom.strategies.aggregate import (
+    check_same_layout,
+    coordinate_median,
+    krum,
+    multi_krum,
+    trimmed_mean,
+    weighted_mean,
+)
+from fedloom.strategies.fedavg import next_step
+from fedloom.strategies.state import StrategyState
+from fedloom.weights import Weights, apply_delta, copy_weights
+
+
+def updates_of(
+    strategy: str, round: int, state: StrategyState, summary: Summary
+) -> tuple[SiteUpdate, ...]:
+    """The round's individual updates, each checked against the global model.
+
+    Raises :class:`AggregationError` when ``summary`` is not an :class:`UpdateSet` or
+    belongs to another round.
+    """
+    if not isinstance(summary, UpdateSet):
+        raise AggregationError(
+            f"strategy {strategy!r} needs every site's update (an UpdateSet), "
+            f"got {type(summary).__name__}",
+            hint=f"{strategy!r} has needs_updates = True: the aggregator must buffer updates",
+        )
+    if summary.round != round:
+        raise AggregationError(
+            f"strategy {strategy!r} was asked to aggregate round {round} "
+            f"with the updates of round {summary.round}"
+        )
+    for update in summary.updates:
+        try:
+            check_same_layout(update.delta, state.weights)
+        except AggregationError as err:
+            raise AggregationError(f"site {update.site!r}: {err.message}", hint=err.hint) from err
+    return summary.updates
+
+
+def _init(weights: Weights) -> StrategyState:
+    return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
+
+
+def _advance(state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
+    weights = apply_delta(state.weights, delta)
+    return state.evolve(weights=weights, scalars=next_step(state)), weights
+
+
+@dataclass(frozen=True, kw_only=True)
+class Median:
+    """Coordinate-wise median of the updates (Yin et al., 2018)."""
+
+    name: ClassVar[str] = "median"
+    needs_updates: ClassVar[bool] = True
+
+    def init(self, weights: Weights) -> StrategyState:
+        return _init(weights)
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        updates = updates_of(self.name, round, state, summary)
+        if not updates:
+            return state, state.weights
+        return _advance(state, coordinate_median([u.delta for u in updates]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrimmedMean:
+    """Coordinate-wise trimmed mean (Yin et al., 2018): per coordinate, drop the
+    ``floor(trim_fraction * n)`` largest and smallest values and average the rest."""
+
+    name: ClassVar[str] = "trimmed-mean"
+    needs_updates: ClassVar[bool] = True
+
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
+
+    def init(self, weights: Weights) -> StrategyState:
+        return _init(weights)
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        updates = updates_of(self.name, round, state, summary)
+        if not updates:
+            return state, state.weights
+        return _advance(state, trimmed_mean([u.delta for u in updates], self.trim_fraction))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Krum:
+    """Krum (Blanchard et al., 2017): apply the one update closest to its
+    ``n - f - 2`` nearest neighbours. Needs more than ``2f + 2`` updates a round."""
+
+    name: ClassVar[str] = "krum"
+    needs_updates: ClassVar[bool] = True
+
+    num_byzantine: Annotated[int, Field(ge=0)] = 1
+
+    def init(self, weights: Weights) -> StrategyState:
+        return _init(weights)
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        updates = updates_of(self.name, round, state, summary)
+        if not updates:
+            return state, state.weights
+        chosen = krum([u.delta for u in updates], self.num_byzantine)
+        return _advance(state, updates[chosen].delta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultiKrum:
+    """Multi-Krum (Blanchard et al., 2017): average, weighted by ``num_samples``, the
+    ``num_selected`` updates with the lowest Krum scores (``None``: ``n - f``)."""
+
+    name: ClassVar[str] = "multi-krum"
+    needs_updates: ClassVar[bool] = True
+
+    num_byzantine: Annotated[int, Field(ge=0)] = 1
+    num_selected: Annotated[int, Field(ge=1)] | None = None
+
+    def init(self, weights: Weights) -> StrategyState:
+        return _init(weights)
+
+    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+        return {}
+
+    def aggregate(
+        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
+    ) -> tuple[StrategyState, Weights]:
+        updates = updates_of(self.name, round, state, summary)
+        if not updates:
+            return state, state.weights
+        deltas = [u.delta for u in updates]
+        count = self.num_selected
+        if count is None:
+            count = len(updates) - self.num_byzantine
+        chosen = multi_krum(deltas, self.num_byzantine, count)
+        mean = weighted_mean([deltas[i] for i in chosen], [updates[i].num_samples for i in chosen])
+        return _advance(state, mean)
