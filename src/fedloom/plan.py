@@ -285,7 +285,9 @@ def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = N
     loc = [p for p in loc if p not in {"int", "list[str]", "constrained-int"}]
     path = ".".join(loc) or "(top level)"
     kind = error["type"]
-    ctx = error.get("ctx") or {}
+    ctx = {
+        k: (f"{v:g}" if isinstance(v, float) else v) for k, v in (error.get("ctx") or {}).items()
+    }
     got = error.get("input")
     if kind == "extra_forbidden":
         where = f"strategy {strategy!r}" if strategy else "this section"

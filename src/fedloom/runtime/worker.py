@@ -133,7 +133,8 @@ class SiteWorker:
         }, None
 
 
-def _serve(conn: Connection) -> None:
+def serve(conn: Connection) -> None:
+    """Serve requests on ``conn`` until told to stop (the worker process's main)."""
     try:
         setup = json.loads(conn.recv_bytes())
         worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
@@ -167,7 +168,7 @@ class WorkerDied(FedloomError):
 
 class ProcessWorker:
     """A :class:`SiteWorker` in a fresh Python process (``python -m
-    fedloom.runtime.worker``), linked by a socket pair: nothing is inherited, nothing
+    fedloom.runtime.workerproc``), linked by a socket pair: nothing is inherited, nothing
     pickled, and the caller's ``__main__`` is never re-imported."""
 
     def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
@@ -179,7 +180,7 @@ class ProcessWorker:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "fedloom.runtime.worker", str(theirs.fileno())],
+            [sys.executable, "-m", "fedloom.runtime.workerproc", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,
@@ -253,7 +254,3 @@ def answer_from_reply(reply: Reply) -> SiteAnswer:
     if not header.get("ok"):
         raise TaskError(str(header.get("error")))
     return SiteAnswer(int(header["num_samples"]), header["metrics"], delta)
-
-
-if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,116 @@
+"""The plan: validation that reports every problem, overrides, and the plan hash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from workspaces import make_workspace, run_cli
+
+from fedloom import PlanError, load_plan, plan_hash
+from fedloom.plan import apply_overrides, validate_plan
+
+THREE_MISTAKES = """\
+version: 1
+rounds: 0
+sites: 4
+strategy:
+  name: fedadam
+  server_lr: -1
+training:
+  batch_size: many
+"""
+
+
+def test_three_mistakes_are_all_reported_by_the_cli_without_a_traceback(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "federation.yaml").write_text(THREE_MISTAKES)
+    proc = run_cli("plan", "show", str(ws))
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "3 problems" in err
+    assert "rounds: must be > 0 (got 0)" in err
+    assert "strategy.server_lr: must be > 0 (got -1)" in err
+    assert "training.batch_size: must be a whole number (got 'many')" in err
+    assert "Traceback" not in err + proc.stdout
+
+
+def test_simulate_refuses_a_bad_plan_before_starting(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    proc = run_cli("simulate", str(ws), "--quiet", "rounds=-2", "data.partition=weird")
+    assert proc.returncode == 2
+    assert "rounds: must be > 0" in proc.stderr
+    assert "data.partition: unknown partition 'weird'" in proc.stderr
+    assert not (ws / "runs").exists()
+
+
+def test_unknown_keys_and_strategy_parameters_are_named() -> None:
+    raw = {"roundz": 3, "strategy": {"name": "fedavgm", "momentun": 0.5}}
+    with pytest.raises(PlanError) as info:
+        validate_plan(raw)
+    problems = info.value.problems
+    assert any(p.startswith("roundz: unknown key") for p in problems)
+    assert any(
+        p.startswith("strategy.momentun: strategy 'fedavgm' has no parameter") for p in problems
+    )
+
+
+def test_unknown_strategy_lists_the_known_ones() -> None:
+    with pytest.raises(PlanError) as info:
+        validate_plan({"strategy": {"name": "fedmagic"}})
+    assert "unknown strategy 'fedmagic'" in info.value.problems[0]
+    assert "fedavg" in info.value.problems[0]
+
+
+def test_overrides_set_nested_values_and_a_new_strategy_drops_old_parameters() -> None:
+    raw = {"rounds": 3, "strategy": {"name": "fedavgm", "momentum": 0.5}}
+    out = apply_overrides(raw, ["rounds=7", "strategy.name=fedadam", "strategy.beta1=0.8"])
+    assert out == {"rounds": 7, "strategy": {"name": "fedadam", "beta1": 0.8}}
+    plan = validate_plan(out)
+    assert plan.rounds == 7 and plan.strategy_params == {"beta1": 0.8}
+
+
+def test_malformed_override_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="expected key=value"):
+        apply_overrides({}, ["rounds"])
+
+
+def test_roster_from_a_count_and_from_names() -> None:
+    assert validate_plan({"sites": 3}).roster == ("site-01", "site-02", "site-03")
+    assert validate_plan({"sites": 100}).roster[-1] == "site-100"
+    assert validate_plan({"sites": ["b", "a"]}).roster == ("a", "b")
+    with pytest.raises(PlanError, match="distinct"):
+        validate_plan({"sites": ["a", "a"]})
+    with pytest.raises(PlanError, match="sites_per_round"):
+        validate_plan({"sites": 3, "sites_per_round": 4})
+
+
+def test_plan_hash_covers_overrides_and_every_python_file(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    base = plan_hash(load_plan(ws), ws)
+    assert base == plan_hash(load_plan(ws), ws)
+    assert plan_hash(load_plan(ws, ["rounds=3"]), ws) != base
+    (ws / "helper.py").write_text("X = 1\n")
+    with_helper = plan_hash(load_plan(ws), ws)
+    assert with_helper != base
+    (ws / "helper.py").write_text("X = 2\n")
+    assert plan_hash(load_plan(ws), ws) != with_helper
+    (ws / "runs").mkdir()
+    (ws / "runs" / "scratch.py").write_text("ignored = True\n")
+    (ws / "helper.py").write_text("X = 2\n")
+    assert plan_hash(load_plan(ws), ws) == plan_hash(load_plan(ws), ws)
+
+
+def test_plan_show_prints_the_plan_and_its_hash(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    proc = run_cli("plan", "show", str(ws), "rounds=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "rounds: 4" in proc.stdout
+    assert f"plan hash: {plan_hash(load_plan(ws, ['rounds=4']), ws)}" in proc.stdout
+
+
+def test_missing_workspace_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli("plan", "show", str(tmp_path / "nowhere"))
+    assert proc.returncode == 3
+    assert "is not a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr

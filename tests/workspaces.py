@@ -1,0 +1,39 @@
+"""Test helpers: real workspaces made from fedloom's own templates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FEDLOOM = [sys.executable, "-m", "fedloom.cli"]
+
+
+def make_workspace(root: Path, template: str, name: str | None = None) -> Path:
+    """Copy the template ``template`` into ``root/name`` and return the folder."""
+    target = root / (name or template)
+    target.mkdir(parents=True)
+    source = resources.files("fedloom.templates").joinpath(template)
+    for item in source.iterdir():
+        if item.is_file() and not item.name.startswith("__"):
+            (target / item.name).write_bytes(item.read_bytes())
+    return target
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fedloom ARGS`` as a real OS process."""
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    return subprocess.run(
+        [*FEDLOOM, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
