@@ -6,7 +6,8 @@ import sys
 import fedloom
 
 EXPECTED = {
-    "FRACTION_BITS", "STRATEGIES", "AggregationError", "Aggregator", "CloseReason",
+    "FRACTION_BITS", "STRATEGIES", "TEMPLATES", "create_workspace", "AggregationError",
+    "Aggregator", "CloseReason",
     "Collaborator", "EvalOutput", "Failure", "FailureKind", "FaultInjected", "FaultPoints",
     "FederationConfig", "FedloomError", "InProcessTransport", "Instruction",
     "InstructionKind", "ManualClock", "MeanAccumulator", "MeanSummary", "NumpyTask", "Plan",

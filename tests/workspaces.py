@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
+
+from fedloom import create_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 FEDLOOM = [sys.executable, "-m", "fedloom.cli"]
@@ -14,13 +15,7 @@ FEDLOOM = [sys.executable, "-m", "fedloom.cli"]
 
 def make_workspace(root: Path, template: str, name: str | None = None) -> Path:
     """Copy the template ``template`` into ``root/name`` and return the folder."""
-    target = root / (name or template)
-    target.mkdir(parents=True)
-    source = resources.files("fedloom.templates").joinpath(template)
-    for item in source.iterdir():
-        if item.is_file() and not item.name.startswith("__"):
-            (target / item.name).write_bytes(item.read_bytes())
-    return target
+    return create_workspace(root / (name or template), template)
 
 
 def run_cli(

@@ -40,12 +40,14 @@ from fedloom.strategies.state import StrategyState
 from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task
 from fedloom.transport import InProcessTransport
 from fedloom.weights import TensorSpec, Weights
+from fedloom.workspace import TEMPLATES, create_workspace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FRACTION_BITS",
     "STRATEGIES",
+    "TEMPLATES",
     "AggregationError",
     "Aggregator",
     "CloseReason",
@@ -92,6 +94,7 @@ __all__ = [
     "WorkspaceError",
     "__version__",
     "build_strategy",
+    "create_workspace",
     "load_plan",
     "plan_hash",
     "simulate",

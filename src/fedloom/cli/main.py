@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +16,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.errors import FedloomError, WorkspaceError
+from fedloom.errors import FedloomError
 from fedloom.plan import load_plan, plan_hash
+from fedloom.workspace import TEMPLATES, create_workspace
 
 app = typer.Typer(
     name="fedloom",
@@ -32,8 +32,6 @@ app.add_typer(plan_app, name="plan")
 
 console = Console()
 errors = Console(stderr=True)
-
-TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic")
 
 Overrides = Annotated[
     list[str] | None,
@@ -53,19 +51,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Write into a folder that is not empty.")] = False,
 ) -> None:
     """Create a workspace from a template: federation.yaml plus the task module."""
-    if template not in TEMPLATES:
-        raise WorkspaceError(
-            f"unknown template {template!r}", hint=f"choose one of {', '.join(TEMPLATES)}"
-        )
-    if directory.exists() and any(directory.iterdir()) and not force:
-        raise WorkspaceError(
-            f"{directory} exists and is not empty", hint="pick a new folder, or pass --force"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    source = resources.files("fedloom.templates").joinpath(template)
-    for item in source.iterdir():
-        if item.is_file() and not item.name.startswith("__"):
-            (directory / item.name).write_bytes(item.read_bytes())
+    create_workspace(directory, template, force=force)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
     console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
 

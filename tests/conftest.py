@@ -1,0 +1,271 @@
+"""Shared fixtures: a tiny model, a deterministic site runner, and a harness that runs a
+real :class:`~fedloom.orchestration.Aggregator` in a thread.
+
+Time in the harness is a :class:`~fedloom.clock.ManualClock`: deadlines pass only when a
+test advances it, so nothing sleeps. Every wait on another thread has a real timeout
+(:data:`WAIT`), and the harness's teardown advances the clock until the round loop has
+ended, so a failing test never hangs the session.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedloom.clock import FaultPoints, ManualClock
+from fedloom.collaborator import Collaborator
+from fedloom.orchestration import (
+    Aggregator,
+    Event,
+    FederationConfig,
+    RoundClosed,
+    RoundOpened,
+    SiteAnswered,
+)
+from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.strategies import FedAvg, Strategy
+from fedloom.transport import InProcessTransport
+from fedloom.weights import Weights
+
+WAIT = 10.0
+"""Real seconds a test waits for another thread before it fails."""
+
+
+def make_tiny_weights() -> Weights:
+    return {
+        "w": (np.arange(12, dtype=np.float32).reshape(3, 4) / 4 - 1).astype(np.float32),
+        "b": np.array([0.5, -0.25, 0.0, 1.0], dtype=np.float32),
+        "steps": np.array(0, dtype=np.int64),
+    }
+
+
+@pytest.fixture
+def tiny_weights() -> Weights:
+    """A fresh copy of the tiny model: float32 (3, 4) and (4,), and an int64 0-d counter."""
+    return make_tiny_weights()
+
+
+class ShiftRunner:
+    """A site's runner: a plain function of (site index, round), no data, no training.
+
+    The delta is ``(index + 1) * round / 64`` times a fixed dyadic pattern (exact in
+    float32), and ``+1`` on the ``steps`` counter. Evaluation answers carry no tensors.
+    """
+
+    def __init__(self, index: int, samples: int) -> None:
+        self.index = index
+        self.samples = samples
+        self.calls: list[Instruction] = []
+
+    @staticmethod
+    def delta(index: int, round: int) -> Weights:
+        scale = (index + 1) * round / 64
+        return {
+            "w": (np.arange(12, dtype=np.float64).reshape(3, 4) / 8 - 0.75) * scale,
+            "b": np.array([1.0, -1.0, 0.5, 2.0]) * scale,
+            "steps": np.array(1, dtype=np.int64),
+        }
+
+    def __call__(self, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        self.calls.append(instruction)
+        if instruction.kind is InstructionKind.EVALUATE:
+            return SiteAnswer(self.samples, {"loss": float(self.index)}, None)
+        delta = {
+            name: np.asarray(d).astype(weights[name].dtype)
+            for name, d in self.delta(self.index, instruction.round).items()
+        }
+        return SiteAnswer(self.samples, {"loss": 1.0 + self.index}, delta)
+
+
+@pytest.fixture
+def shift_runner() -> type[ShiftRunner]:
+    return ShiftRunner
+
+
+class EventLog:
+    """An ``on_event`` sink that keeps every event and lets a test wait for a condition."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def snapshot(self) -> list[Event]:
+        with self._cond:
+            return list(self.events)
+
+    def wait_until(self, predicate: Callable[[list[Event]], bool], what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.events), timeout=WAIT):
+                pytest.fail(f"timed out waiting for {what}; events so far: {self.events}")
+
+    def wait_opened(self, round: int, attempt: int = 1) -> RoundOpened:
+        self.wait_until(
+            lambda evs: (
+                len([e for e in evs if isinstance(e, RoundOpened) and e.round == round]) >= attempt
+            ),
+            f"round {round} (attempt {attempt}) to open",
+        )
+        return [e for e in self.snapshot() if isinstance(e, RoundOpened) and e.round == round][
+            attempt - 1
+        ]
+
+    def answered(self, round: int) -> list[SiteAnswered]:
+        return [e for e in self.snapshot() if isinstance(e, SiteAnswered) and e.round == round]
+
+    def wait_answered(self, round: int, count: int) -> None:
+        self.wait_until(
+            lambda evs: (
+                len([e for e in evs if isinstance(e, SiteAnswered) and e.round == round]) >= count
+            ),
+            f"{count} answers in round {round}",
+        )
+
+    def closed(self) -> list[RoundClosed]:
+        return [e for e in self.snapshot() if isinstance(e, RoundClosed)]
+
+
+class Worker:
+    """A daemon thread that keeps what its function returned or raised."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self.name = name
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self.result = fn()
+        except BaseException as err:  # kept for the test to re-raise
+            self.error = err
+
+    def join(self, timeout: float = WAIT) -> Any:
+        """Wait for the thread; fail if it is still running; re-raise what it raised."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            pytest.fail(f"{self.name} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+TransportFactory = Callable[[Aggregator], Any]
+
+
+def inprocess(service: Aggregator) -> InProcessTransport:
+    return InProcessTransport(service)
+
+
+class Federation:
+    """A real Aggregator on a ManualClock, its transport, and collaborator threads."""
+
+    def __init__(
+        self,
+        config: FederationConfig,
+        weights: Weights,
+        *,
+        strategy: Strategy,
+        transport: TransportFactory,
+    ) -> None:
+        self.config = config
+        self.clock = ManualClock()
+        self.faults = FaultPoints()
+        self.log = EventLog()
+        self.aggregator = Aggregator(
+            config, strategy, weights, clock=self.clock, faults=self.faults, on_event=self.log
+        )
+        self.transport = transport(self.aggregator)
+        self.loop: Worker | None = None
+        self.sites: dict[str, Worker] = {}
+
+    def start(self) -> None:
+        self.loop = Worker("aggregator run()", self.aggregator.run)
+
+    def connect(self, site: str) -> Any:
+        return self.transport.connect(site)
+
+    def start_site(self, site: str, runner: Callable[[Instruction, Weights], SiteAnswer]) -> None:
+        collaborator = Collaborator(self.connect(site), runner)
+        self.sites[site] = Worker(f"collaborator {site!r}", collaborator.run)
+
+    def finish(self) -> Any:
+        """Join the round loop, then every collaborator; return the history."""
+        assert self.loop is not None
+        history = self.loop.join()
+        for worker in self.sites.values():
+            worker.join()
+        return history
+
+    def pass_deadline(self) -> None:
+        self.clock.advance(self.config.round_deadline + 1)
+
+    def close(self) -> None:
+        """Teardown: advance time until the loop has ended, then check every thread ended."""
+        if self.loop is not None:
+            for _ in range(500):
+                if not self.loop.thread.is_alive():
+                    break
+                self.clock.advance(1e9)
+                self.loop.thread.join(0.01)
+        stuck = []
+        for worker in [self.loop, *self.sites.values()]:
+            if worker is not None:
+                worker.thread.join(2.0)
+                if worker.thread.is_alive():
+                    stuck.append(worker.name)
+        if stuck:
+            pytest.fail(f"threads still running at teardown: {stuck}")
+
+
+def federation_config(**overrides: Any) -> FederationConfig:
+    values: dict[str, Any] = {
+        "roster": ("site-a", "site-b", "site-c"),
+        "rounds": 2,
+        "sites_per_round": 3,
+        "min_fraction": 1.0,
+        "round_deadline": 60.0,
+        "max_retries": 0,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return FederationConfig(**values)
+
+
+@pytest.fixture
+def make_federation() -> Iterator[Callable[..., Federation]]:
+    """``make_federation(weights, strategy=FedAvg(), transport=..., **config_overrides)``.
+
+    The default config: roster ``site-a``, ``site-b``, ``site-c``, 2 rounds, all sites
+    selected, min_fraction 1.0, a 60 s deadline (on the manual clock), no retries.
+    """
+    made: list[Federation] = []
+
+    def make(
+        weights: Weights,
+        *,
+        strategy: Strategy | None = None,
+        transport: TransportFactory = inprocess,
+        **overrides: Any,
+    ) -> Federation:
+        fed = Federation(
+            federation_config(**overrides),
+            weights,
+            strategy=strategy or FedAvg(),
+            transport=transport,
+        )
+        made.append(fed)
+        return fed
+
+    yield make
+    for fed in made:
+        fed.close()
