@@ -10,6 +10,7 @@ ended, so a failing test never hangs the session.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -70,14 +71,19 @@ class ShiftRunner:
             "steps": np.array(1, dtype=np.int64),
         }
 
+    @classmethod
+    def delta_like(cls, weights: Weights, index: int, round: int) -> Weights:
+        """:meth:`delta` shaped and typed like ``weights``: what the site uploads."""
+        return {
+            name: np.broadcast_to(d, weights[name].shape).astype(weights[name].dtype)
+            for name, d in cls.delta(index, round).items()
+        }
+
     def __call__(self, instruction: Instruction, weights: Weights) -> SiteAnswer:
         self.calls.append(instruction)
         if instruction.kind is InstructionKind.EVALUATE:
             return SiteAnswer(self.samples, {"loss": float(self.index)}, None)
-        delta = {
-            name: np.asarray(d).astype(weights[name].dtype)
-            for name, d in self.delta(self.index, instruction.round).items()
-        }
+        delta = self.delta_like(weights, self.index, instruction.round)
         return SiteAnswer(self.samples, {"loss": 1.0 + self.index}, delta)
 
 
@@ -187,9 +193,16 @@ class Federation:
         self.transport = transport(self.aggregator)
         self.loop: Worker | None = None
         self.sites: dict[str, Worker] = {}
+        self.extra: list[Worker] = []
 
     def start(self) -> None:
         self.loop = Worker("aggregator run()", self.aggregator.run)
+
+    def spawn(self, name: str, fn: Callable[[], Any]) -> Worker:
+        """Run ``fn`` in a thread of its own (an upload a test wants to hold mid-way)."""
+        worker = Worker(name, fn)
+        self.extra.append(worker)
+        return worker
 
     def connect(self, site: str) -> Any:
         return self.transport.connect(site)
@@ -201,7 +214,13 @@ class Federation:
     def finish(self) -> Any:
         """Join the round loop, then every collaborator; return the history."""
         assert self.loop is not None
-        history = self.loop.join()
+        deadline = time.monotonic() + WAIT
+        while self.loop.thread.is_alive() and time.monotonic() < deadline:
+            for worker in self.sites.values():
+                if worker.error is not None:  # a crashed site would stall the round
+                    raise worker.error
+            self.loop.thread.join(0.01)
+        history = self.loop.join(max(0.0, deadline - time.monotonic()))
         for worker in self.sites.values():
             worker.join()
         return history
@@ -218,7 +237,7 @@ class Federation:
                 self.clock.advance(1e9)
                 self.loop.thread.join(0.01)
         stuck = []
-        for worker in [self.loop, *self.sites.values()]:
+        for worker in [self.loop, *self.sites.values(), *self.extra]:
             if worker is not None:
                 worker.thread.join(2.0)
                 if worker.thread.is_alive():

@@ -159,7 +159,7 @@ def test_dirichlet_respects_min_size(alpha: float, seed: int) -> None:
 
 def test_dirichlet_gives_up_with_a_clear_error() -> None:
     labels = np.repeat(np.arange(2), 50)
-    with pytest.raises(ValueError, match="larger alpha, fewer sites or a smaller min_size"):
+    with pytest.raises(ValueError, match="use a larger alpha or fewer sites"):
         dirichlet(labels, 20, 0.05, generator(0), min_size=5)
     with pytest.raises(ValueError, match="min_size must be between 0 and 5"):
         dirichlet(labels, 20, 1.0, generator(0), min_size=6)

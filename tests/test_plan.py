@@ -67,7 +67,11 @@ def test_overrides_set_nested_values_and_a_new_strategy_drops_old_parameters() -
     out = apply_overrides(raw, ["rounds=7", "strategy.name=fedadam", "strategy.beta1=0.8"])
     assert out == {"rounds": 7, "strategy": {"name": "fedadam", "beta1": 0.8}}
     plan = validate_plan(out)
-    assert plan.rounds == 7 and plan.strategy_params == {"beta1": 0.8}
+    assert plan.rounds == 7
+    # every parameter is spelled out, defaults included: the plan hash sees them all
+    assert plan.strategy_params == {"server_lr": 0.01, "beta1": 0.8, "beta2": 0.99, "tau": 0.001}
+    explicit = validate_plan({"strategy": {"name": "fedadam", "beta1": 0.8, "server_lr": 0.01}})
+    assert explicit.canonical_json() == validate_plan(out | {"rounds": 10}).canonical_json()
 
 
 def test_malformed_override_is_a_plan_error() -> None:

@@ -65,7 +65,8 @@ class MeanAccumulator:
             raise UpdateRejected(f"aggregation weight must be positive, got {weight}")
         quantised: dict[str, np.ndarray] = {}
         for name, d in delta.items():
-            scaled = np.multiply(d, float(weight), dtype=np.float64)
+            scaled = np.array(d, dtype=np.float64)  # a copy, and an array even when 0-d
+            scaled *= float(weight)
             peak = float(np.max(np.abs(scaled))) if scaled.size else 0.0
             if peak >= self._limit:
                 raise UpdateRejected(

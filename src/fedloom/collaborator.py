@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterator
 
-from fedloom.errors import FedloomError
+from fedloom.errors import FedloomError, UpdateRejected
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
@@ -40,8 +40,12 @@ class Collaborator:
             return True
         if instruction.kind is InstructionKind.FINISHED:
             return False
-        stream = self.connection.download(instruction.round)
-        weights = assemble(stream.header.tensors, stream.chunks)
+        try:
+            stream = self.connection.download(instruction.round)
+            weights = assemble(stream.header.tensors, stream.chunks)
+        except UpdateRejected:
+            return True  # the round closed before we got the model: ask again
+
         try:
             answer = self.runner(instruction, weights)
         except FedloomError as err:

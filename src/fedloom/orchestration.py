@@ -135,7 +135,8 @@ class _OpenRound:
     pending: set[str]
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
-    uploading: set[str] = field(default_factory=set)
+    uploading: set[str] = field(default_factory=set)  # streaming an update
+    folding: set[str] = field(default_factory=set)  # past the last check, being folded
 
 
 class Aggregator:
@@ -200,10 +201,10 @@ class Aggregator:
             self._on_event(RoundClosed(record))
         else:
             raise QuorumError(
-                f"round {rnd}: only {len(record.results)} of {len(selected)} sites answered "
-                f"after {cfg.max_retries + 1} attempts; the plan needs "
-                f"{_needed(len(selected), cfg.min_fraction)}",
-                hint="check the failed sites' logs, or lower deadline.min_fraction",
+                f"round {rnd}: {len(record.results)} of {len(selected)} sites answered "
+                f"(attempt {record.attempt}); the plan needs "
+                f"{_needed(len(selected), cfg.min_fraction)}.{_causes(record.failures)}",
+                hint="fix what the sites report, or lower deadline.min_fraction",
             )
         assert accumulator is not None  # noqa: S101 - collect=True always makes one
         self.faults.hit("round.before_aggregate", round=rnd)
@@ -249,18 +250,20 @@ class Aggregator:
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
         self.faults.hit("round.opened", round=task.round)
+        why_closed = "no answer before the round's deadline"
         with self._cond:
             while opened.pending:
                 if len(opened.results) + len(opened.pending) < needed:
-                    break  # quorum can no longer be reached: close early
+                    why_closed = "not waited for: the round could no longer reach its quorum"
+                    break
                 if self.clock.now() >= opened.deadline:
                     break
                 self.clock.wait(self._cond, opened.deadline)
+            self._open = None  # no update passes the open-round check from here on
+            while opened.folding:  # updates already past it settle first (never long)
+                self.clock.wait(self._cond, None)
             for site in sorted(opened.pending):
-                opened.failures[site] = Failure(
-                    site, task.round, FailureKind.TIMEOUT, "no answer before the round closed"
-                )
-            self._open = None
+                opened.failures[site] = Failure(site, task.round, FailureKind.TIMEOUT, why_closed)
             reason = _close_reason(opened, needed)
             record = RoundRecord(
                 round=task.round,
@@ -310,12 +313,18 @@ class Aggregator:
         try:
             result = self._receive(site, opened, header, chunks)
         except UpdateRejected as err:
-            self._settle(
-                opened, site, failure=Failure(site, header.round, FailureKind.REJECTED, err.message)
-            )
+            failure = Failure(site, header.round, FailureKind.REJECTED, err.message)
+            self._settle(opened, site, failure=failure)
             return Receipt(header.round, False, err.message)
-        self._settle(opened, site, result=result)
-        return Receipt(header.round, True, "", 0)
+        except Exception as err:  # the stream broke off: never let it take the round down
+            reason = f"upload broke off: {type(err).__name__}: {err}"
+            failure = Failure(site, header.round, FailureKind.DISCONNECTED, reason)
+            self._settle(opened, site, failure=failure)
+            return Receipt(header.round, False, reason)
+        accepted = self._settle(opened, site, result=result)
+        if not accepted:
+            return Receipt(header.round, False, f"round {header.round} closed before the update")
+        return Receipt(header.round, True, "", sum(s.nbytes for s in header.tensors))
 
     def report_failure(self, site: str, report: FailureReport) -> None:
         self._check_site(site)
@@ -352,6 +361,7 @@ class Aggregator:
         with self._cond:
             if self._open is not opened:
                 raise UpdateRejected(f"round {opened.round} closed while the update streamed")
+            opened.folding.add(site)
         opened.accumulator.fold(site, weight, delta)
         return SiteResult(site, opened.round, weight, int(header.num_samples), metrics)
 
@@ -362,21 +372,24 @@ class Aggregator:
         *,
         result: SiteResult | None = None,
         failure: Failure | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record ``site``'s answer; False if the round had already settled it."""
         with self._cond:
             opened.uploading.discard(site)
+            opened.folding.discard(site)
+            self._cond.notify_all()
             if site not in opened.pending:
-                return
+                return False
             opened.pending.discard(site)
             if result is not None:
                 opened.results[site] = result
             elif failure is not None:
                 opened.failures[site] = failure
-            self._cond.notify_all()
         accepted = result is not None
         self._on_event(
             SiteAnswered(opened.round, site, accepted, "" if failure is None else failure.reason)
         )
+        return True
 
     def _require_open(self, site: str, round: int) -> _OpenRound:
         opened = self._open
@@ -395,6 +408,22 @@ class Aggregator:
                 f"unknown site {site!r}: not in the plan's roster",
                 hint="add the site to `sites` in federation.yaml, or check its name",
             )
+
+
+def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
+    """The distinct reasons sites failed, most frequent first."""
+    counts: dict[str, list[str]] = {}
+    timeouts: set[str] = set()
+    for f in failures:
+        counts.setdefault(f.reason, []).append(f.site)
+        if f.kind is FailureKind.TIMEOUT:
+            timeouts.add(f.reason)
+    if not counts:
+        return ""
+    ranked = sorted(counts.items(), key=lambda kv: (kv[0] in timeouts, -len(kv[1]), kv[0]))
+    ranked = ranked[:limit]
+    lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
+    return " Why:" + "".join(lines)
 
 
 def _needed(selected: int, min_fraction: float) -> int:

@@ -93,6 +93,18 @@ class Plan(_Frozen):
     evaluation: EvaluationPlan = EvaluationPlan()
     deadline: DeadlinePlan = DeadlinePlan()
 
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_shape(cls, value: Any) -> Any:
+        names = isinstance(value, list) and all(isinstance(s, str) for s in value)
+        if isinstance(value, bool) or not (isinstance(value, int) or names):
+            raise ValueError(
+                f"must be a number of sites (e.g. 8) or a list of site names (got {value!r})"
+            )
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be at least 1 (got {value})")
+        return value
+
     @field_validator("sites")
     @classmethod
     def _distinct_names(cls, value: int | list[str]) -> int | list[str]:
@@ -111,7 +123,8 @@ class Plan(_Frozen):
     def _per_round_fits(self) -> Plan:
         if self.sites_per_round is not None and self.sites_per_round > len(self.roster):
             raise ValueError(
-                f"sites_per_round ({self.sites_per_round}) exceeds the {len(self.roster)} sites"
+                f"sites_per_round: must be at most the number of sites, {len(self.roster)} "
+                f"(got {self.sites_per_round})"
             )
         return self
 
@@ -209,7 +222,19 @@ def validate_plan(raw: Mapping[str, Any], *, source: str = PLAN_FILE) -> Plan:
     if problems:
         raise PlanError(problems, source=source)
     assert plan is not None  # noqa: S101 - no problems means validation passed
-    return plan
+    return _with_strategy_defaults(plan)
+
+
+def _with_strategy_defaults(plan: Plan) -> Plan:
+    """The plan with every strategy parameter spelled out, defaults included, so that
+    writing a default explicitly does not change the plan hash."""
+    from fedloom.strategies import STRATEGIES
+
+    cls = STRATEGIES[plan.strategy.name]
+    strategy = pydantic.TypeAdapter(cls).validate_python(plan.strategy_params)
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    params = {f.name: getattr(strategy, f.name) for f in fields}
+    return plan.model_copy(update={"strategy": StrategyPlan(name=plan.strategy.name, **params)})
 
 
 def strategy_problems(strategy: Mapping[str, Any]) -> list[str]:
@@ -238,7 +263,8 @@ def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:
     """Read ``federation.yaml`` of ``workspace``, apply overrides, validate."""
     ws = Path(workspace)
     raw = apply_overrides(read_plan_file(ws), overrides)
-    return validate_plan(raw, source=str(ws / PLAN_FILE))
+    source = str(ws / PLAN_FILE) + (" with overrides" if overrides else "")
+    return validate_plan(raw, source=source)
 
 
 def plan_hash(plan: Plan, workspace: str | Path) -> str:
@@ -276,6 +302,10 @@ _HINTS = {
     "bool_parsing": "must be true or false",
     "string_type": "must be text",
     "missing": "is required",
+    "dict_type": "must be a section of key: value lines",
+    "model_type": "must be a section of key: value lines",
+    "model_attributes_type": "must be a section of key: value lines",
+    "list_type": "must be a list",
 }
 
 
@@ -295,7 +325,8 @@ def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = N
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')} (got {got!r})"
     if kind == "value_error":
-        return f"{path}: {ctx.get('error', error['msg'])}"
+        message = str(ctx.get("error", error["msg"]))
+        return message if not loc else f"{path}: {message}"
     text = _HINTS.get(kind, error["msg"]).format(**ctx) if kind in _HINTS else error["msg"]
     shown = "" if kind == "missing" else f" (got {got!r})"
     return f"{path}: {text}{shown}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedloom.orchestration import RoundRecord
-from fedloom.records import InstructionKind
 
 MAX_SITE_LINES = 30
 
@@ -20,10 +19,11 @@ def plot_accuracy(history: tuple[RoundRecord, ...], path: Path, *, test: float |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     series: dict[str, list[tuple[int, float]]] = {}
     for record in history:
-        x = record.round - 1 if record.kind is InstructionKind.TRAIN else record.round - 1
+        x = record.round - 1  # round r (and the final evaluation) sees the model of r - 1
         for r in record.results:
             if "global_accuracy" in r.metrics:
                 series.setdefault(r.site, []).append((x, r.metrics["global_accuracy"]))
@@ -35,6 +35,7 @@ def plot_accuracy(history: tuple[RoundRecord, ...], path: Path, *, test: float |
     if test is not None and history:
         ax.axhline(test, color="black", linestyle="--", linewidth=1, label=f"test {test:.3f}")
     ax.set_xlabel("global model after round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy on the site's validation split")
     shown = "" if len(names) <= MAX_SITE_LINES else f" (first {MAX_SITE_LINES} of {len(names)})"
     ax.set_title(f"Global model accuracy per site{shown}")

@@ -99,7 +99,8 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
     for name, b in base.items():
         d = np.asarray(delta[name], dtype=np.float64)
         total = b.astype(np.float64) + d
-        out[name] = total.astype(b.dtype) if is_float(b.dtype) else np.rint(total).astype(b.dtype)
+        cast = total.astype(b.dtype) if is_float(b.dtype) else np.rint(total).astype(b.dtype)
+        out[name] = np.asarray(cast)
     return out
 
 
@@ -143,9 +144,23 @@ def check_compatible(weights: Mapping[str, np.ndarray], specs: tuple[TensorSpec,
 def check_finite(weights: Mapping[str, np.ndarray]) -> None:
     """Raise :class:`UpdateRejected` if any float tensor holds NaN or Inf."""
     for name, a in weights.items():
-        if is_float(a.dtype) and not np.isfinite(a.astype(np.float32, copy=False)).all():
-            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a.astype(np.float32))))
+        if not is_float(a.dtype):
+            continue
+        native = a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
+        finite = np.isfinite(native)
+        if not finite.all():
+            bad = int(np.size(a) - np.count_nonzero(finite))
             raise UpdateRejected(f"tensor {name!r} holds {bad} NaN or Inf values")
+
+
+def read_only(weights: Mapping[str, np.ndarray]) -> Weights:
+    """Views of ``weights`` that refuse writes (no copy)."""
+    out: Weights = {}
+    for name, a in weights.items():
+        view = np.asarray(a).view()
+        view.flags.writeable = False
+        out[name] = view
+    return out
 
 
 def copy_weights(weights: Mapping[str, np.ndarray]) -> Weights:

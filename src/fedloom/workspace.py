@@ -18,6 +18,7 @@ def create_workspace(
     Refuses a folder that exists and is not empty unless ``force``.
     """
     target = Path(directory)
+    template = template.replace("_", "-")  # breast_cancer (the dataset's name) works too
     if template not in TEMPLATES:
         raise WorkspaceError(
             f"unknown template {template!r}", hint=f"choose one of {', '.join(TEMPLATES)}"

@@ -1,22 +1,23 @@
 """``fedloom``: federated learning across organisations, from one command line.
 
 Every command prints what it did; every error says what was wrong and what to do,
-with an exit code per kind of error (see docs/cli.md).
+with an exit code per kind of error (see docs/index.md).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import sys
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.errors import FedloomError
+from fedloom.errors import FedloomError, WorkspaceError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -33,9 +34,30 @@ app.add_typer(plan_app, name="plan")
 console = Console()
 errors = Console(stderr=True)
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(command: F) -> F:
+    """fedloom's errors become a message and the error's exit code, never a traceback;
+    Ctrl-C exits 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FedloomError as err:
+            errors.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            errors.print("interrupted: stopped cleanly")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Plan overrides as key=value, e.g. rounds=5 strategy.server_lr=0.1"),
+    typer.Argument(help="Plan overrides as key=value, e.g. rounds=5 training.lr=0.1"),
 ]
 WorkspaceArg = Annotated[
     Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
@@ -43,6 +65,7 @@ WorkspaceArg = Annotated[
 
 
 @app.command()
+@friendly
 def init(
     directory: Annotated[Path, typer.Argument(help="Folder to create the workspace in.")],
     template: Annotated[
@@ -56,7 +79,26 @@ def init(
     console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedloom import __version__
+
+        console.print(f"fedloom {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Federated learning across organisations: the model travels, the data stays."""
+
+
 @plan_app.command("show")
+@friendly
 def plan_show(workspace: WorkspaceArg, overrides: Overrides = None) -> None:
     """Print the validated plan and its hash, for a data owner to approve."""
     plan = load_plan(workspace, overrides or [])
@@ -66,6 +108,7 @@ def plan_show(workspace: WorkspaceArg, overrides: Overrides = None) -> None:
 
 
 @app.command()
+@friendly
 def strategies() -> None:
     """List the aggregation strategies and their parameters."""
     import dataclasses
@@ -82,6 +125,7 @@ def strategies() -> None:
 
 
 @app.command()
+@friendly
 def simulate(
     workspace: WorkspaceArg,
     overrides: Overrides = None,
@@ -151,10 +195,15 @@ def simulate(
         attackers=attackers,
         baseline=baseline,
     )
+    run_root = runs_dir or workspace / "runs"
+    if run_name is not None and (run_root / run_name).exists():
+        raise WorkspaceError(
+            f"{run_root / run_name} already exists",
+            hint="pick another --run-name, or remove that folder",
+        )
     with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
         result = run_simulation(workspace, plan, options, on_event=progress)
-    name = run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = (runs_dir or workspace / "runs") / name
+    run_dir = run_root / (run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     summary = write_run(result, run_dir)
     _print_sites(final_site_metrics(result.history))
     _print_summary(summary)
@@ -201,23 +250,5 @@ def _print_summary(s: dict[str, object]) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning fedloom's errors into messages and exit codes."""
-    try:
-        app(standalone_mode=False)
-    except FedloomError as err:
-        errors.print(f"[bold red]error:[/] {err}", highlight=False)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        errors.print("interrupted")
-        sys.exit(130)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except Exception as err:  # click's usage errors and the like
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    """Entry point of the ``fedloom`` command."""
+    app()

@@ -67,8 +67,8 @@ def dirichlet(
     else:
         raise ValueError(
             f"dirichlet:{alpha!r} could not give each of {num_sites} sites at least "
-            f"{floor} samples in {DIRICHLET_MAX_DRAWS} draws; use a larger alpha, fewer "
-            "sites or a smaller min_size"
+            f"{floor} samples in {DIRICHLET_MAX_DRAWS} draws; use a larger alpha or "
+            "fewer sites"
         )
     by_class = _by_class(inverse, rng)
     site_of = np.empty(y.size, dtype=np.int64)

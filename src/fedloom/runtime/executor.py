@@ -12,7 +12,7 @@ from fedloom.errors import TaskError
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.rng import generator, int_seed
 from fedloom.tasks.base import SiteContext, SiteData, Task
-from fedloom.weights import Weights, check_compatible, specs_of, subtract
+from fedloom.weights import Weights, check_compatible, read_only, specs_of, subtract
 
 
 def execute(
@@ -27,6 +27,7 @@ def execute(
     num_classes: int = 0,
     attack: Attack | None = None,
 ) -> SiteAnswer:
+    weights = read_only(weights)  # a task that writes into them fails the same in every mode
     attacking = attack is not None and site in attack.attackers
     metrics: dict[str, float] = {}
     seen = task.evaluate(weights, data.x_val, data.y_val)

@@ -21,7 +21,7 @@ from typing import Any
 from fedloom.attacks import Attack, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
-from fedloom.errors import FedloomError, PlanError
+from fedloom.errors import PlanError, TaskError
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -39,6 +39,7 @@ from fedloom.runtime.worker import (
     answer_from_reply,
     attack_to_json,
     instruction_to_json,
+    raise_reply_error,
 )
 from fedloom.strategies import build_strategy
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
@@ -95,8 +96,13 @@ def federation_config(plan: Plan) -> FederationConfig:
 
 
 def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
-    if not options.attack or options.attackers <= 0:
+    if not options.attack and options.attackers <= 0:
         return None
+    if not options.attack or options.attackers <= 0:
+        raise PlanError(
+            ["--attack and --attackers go together: name the attack and how many sites run it"],
+            source="command line",
+        )
     try:
         kind, factor = parse_attack(options.attack)
         attackers = choose_attackers(plan.roster, options.attackers, plan.seed)
@@ -149,8 +155,9 @@ def simulate(
     workers = _start_workers(str(ws), plan_json, attack_json, options.workers)
     try:
         init_header, initial = workers[0].call({"op": "init"})
-        if not init_header.get("ok") or initial is None:
-            raise FedloomError(f"the task's init_weights failed: {init_header.get('error')}")
+        raise_reply_error(init_header, "the task's init_weights failed")
+        if initial is None:
+            raise TaskError("the task's init_weights returned no weights")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         traffic_box: list[TrafficCounter] = []
 
@@ -216,8 +223,7 @@ def simulate(
 
 def _metrics(reply: tuple[dict[str, Any], Any]) -> dict[str, float]:
     header, _ = reply
-    if not header.get("ok"):
-        raise FedloomError(f"evaluation failed in a worker: {header.get('error')}")
+    raise_reply_error(header, "evaluating on the test set failed")
     return {k: float(v) for k, v in header["metrics"].items()}
 
 

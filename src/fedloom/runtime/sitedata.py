@@ -22,9 +22,9 @@ from fedloom.data import (
     train_val_split,
 )
 from fedloom.data.datasets import SYNTHETIC_CLASSES
-from fedloom.errors import TaskError, WorkspaceError
+from fedloom.errors import PlanError, TaskError, WorkspaceError
 from fedloom.plan import Plan
-from fedloom.rng import generator
+from fedloom.rng import generator, int_seed
 from fedloom.tasks.base import SiteContext, SiteData, Task
 
 
@@ -50,7 +50,15 @@ class DataSource:
     def _partition(self) -> list[np.ndarray]:
         spec = parse_partition(self.plan.data.partition)
         rng = generator(self.plan.seed, 0, "", "partition")
-        return partition(self._dataset.y_train, len(self.roster), spec, rng)
+        try:
+            return partition(self._dataset.y_train, len(self.roster), spec, rng)
+        except ValueError as err:
+            raise PlanError([f"data.partition: {err}"]) from err
+
+    def prepare(self) -> None:
+        """Load the dataset and make the partition now, so a problem shows at start."""
+        if self.kind not in ("custom", "synthetic"):
+            _ = self._partition
 
     @property
     def num_classes(self) -> int:
@@ -116,7 +124,7 @@ class DataSource:
                 "data.dataset is 'custom' but the task defines no load_data(context)",
                 hint="add load_data to the task, or pick a built-in dataset",
             )
-        data = loader(SiteContext(site, index, 0, self.plan.seed))
+        data = loader(SiteContext(site, index, 0, int_seed(self.plan.seed, 0, site, "data")))
         if not isinstance(data, SiteData):
             raise TaskError(f"load_data returned {type(data).__name__}, expected SiteData")
         return data

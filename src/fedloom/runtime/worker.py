@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.attacks import Attack, AttackKind
-from fedloom.errors import FedloomError, TaskError
+from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
 from fedloom.plan import validate_plan
 from fedloom.records import Instruction, InstructionKind, SiteAnswer, TrainSettings
 from fedloom.runtime import pipes
@@ -71,6 +71,7 @@ class SiteWorker:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
         self.source = DataSource(plan, Path(workspace), self.task)
+        self.source.prepare()  # a partition that cannot be made fails here, clearly
         self.attack = attack_from_json(json.loads(attack_json))
         self._cached: tuple[Any, Weights] | None = None
         self._index = {s: i for i, s in enumerate(plan.roster)}
@@ -139,7 +140,7 @@ def serve(conn: Connection) -> None:
         setup = json.loads(conn.recv_bytes())
         worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
     except Exception as err:  # report, so the parent can say why
-        pipes.send(conn, {"ok": False, "error": _describe(err)})
+        pipes.send(conn, _error_reply(err))
         return
     pipes.send(conn, {"ok": True})
     while True:
@@ -152,14 +153,37 @@ def serve(conn: Connection) -> None:
         try:
             reply, out = worker.handle(header, weights)
         except Exception as err:
-            reply, out = {"ok": False, "error": _describe(err)}, None
+            reply, out = _error_reply(err), None
         pipes.send(conn, reply, out)
 
 
 def _describe(err: BaseException) -> str:
+    if isinstance(err, PlanError):
+        return "\n".join(err.problems)
     if isinstance(err, FedloomError):
         return str(err)
     return traceback.format_exception_only(err)[-1].strip()
+
+
+_ERROR_KINDS: dict[str, type[FedloomError]] = {
+    cls.__name__: cls for cls in (PlanError, WorkspaceError, TaskError, FedloomError)
+}
+
+
+def _error_reply(err: BaseException) -> dict[str, Any]:
+    kind = type(err).__name__ if type(err).__name__ in _ERROR_KINDS else "TaskError"
+    return {"ok": False, "error": _describe(err), "kind": kind}
+
+
+def raise_reply_error(header: dict[str, Any], doing: str) -> None:
+    """Re-raise, in the caller's process, the error a worker reported."""
+    if header.get("ok"):
+        return
+    cls = _ERROR_KINDS.get(str(header.get("kind")), TaskError)
+    text = str(header.get("error"))
+    if cls is PlanError:
+        raise PlanError(text.split("\n"), source=doing)
+    raise cls(f"{doing}: {text}")
 
 
 class WorkerDied(FedloomError):
@@ -197,8 +221,7 @@ class ProcessWorker:
             header, _ = pipes.receive(self._conn)
         except EOFError as err:
             raise WorkerDied("a worker process died while starting") from err
-        if not header.get("ok"):
-            raise FedloomError(f"worker could not start: {header.get('error')}")
+        raise_reply_error(header, "a worker could not start")
         self._ready = True
 
     def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
@@ -240,7 +263,7 @@ class LocalWorker:
             try:
                 return self._worker.handle(header, weights)
             except Exception as err:
-                return {"ok": False, "error": _describe(err)}, None
+                return _error_reply(err), None
 
     def close(self) -> None:
         return None
@@ -252,5 +275,5 @@ Worker = ProcessWorker | LocalWorker
 def answer_from_reply(reply: Reply) -> SiteAnswer:
     header, delta = reply
     if not header.get("ok"):
-        raise TaskError(str(header.get("error")))
+        raise TaskError(str(header.get("error")))  # the site reports it; the round goes on
     return SiteAnswer(int(header["num_samples"]), header["metrics"], delta)

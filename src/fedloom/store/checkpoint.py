@@ -22,6 +22,11 @@ _SCALARS_KEY = "fedloom.scalars"
 _WEIGHTS_GROUP = "weights"
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, shape kept (``np.ascontiguousarray`` turns 0-d into 1-d)."""
+    return np.require(array, requirements="C")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -57,7 +62,7 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def weights_to_bytes(weights: Weights, metadata: dict[str, str] | None = None) -> bytes:
     meta = dict(metadata or {})
     meta[_ORDER_KEY] = json.dumps(list(weights))
-    return st.save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=meta)
+    return st.save({k: _contiguous(v) for k, v in weights.items()}, metadata=meta)
 
 
 def save_weights(path: str | os.PathLike[str], weights: Weights) -> None:
@@ -77,13 +82,13 @@ def save_state(path: str | os.PathLike[str], state: StrategyState) -> None:
     flat: dict[str, np.ndarray] = {}
     order: dict[str, list[str]] = {_WEIGHTS_GROUP: list(state.weights)}
     for name, arr in state.weights.items():
-        flat[f"{_WEIGHTS_GROUP}/{name}"] = np.ascontiguousarray(arr)
+        flat[f"{_WEIGHTS_GROUP}/{name}"] = _contiguous(arr)
     for group, arrays in state.arrays.items():
         if group == _WEIGHTS_GROUP or "/" in group:
             raise StateError(f"strategy state group name {group!r} is reserved or has a '/'")
         order[group] = list(arrays)
         for name, arr in arrays.items():
-            flat[f"{group}/{name}"] = np.ascontiguousarray(arr)
+            flat[f"{group}/{name}"] = _contiguous(arr)
     meta = {
         _ORDER_KEY: json.dumps(order),
         _SCALARS_KEY: json.dumps(dict(state.scalars), sort_keys=True),

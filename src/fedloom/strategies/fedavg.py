@@ -62,23 +62,23 @@ def next_step(state: StrategyState) -> dict[str, Any]:
     return {**state.scalars, "step": int(state.scalars.get("step", 0)) + 1}
 
 
-def _fedavg(
-    name: str, round: int, state: StrategyState, summary: Summary
-) -> tuple[StrategyState, Weights]:
-    delta = mean_delta_of(name, round, state, summary)
-    if delta is None:
-        return state, state.weights
-    weights = apply_delta(state.weights, delta)
-    return state.evolve(weights=weights, scalars=next_step(state)), weights
+def moved(state: StrategyState, step: Weights, **groups: Weights) -> tuple[StrategyState, Weights]:
+    """The state with the model moved by ``step``, the step count increased and the array
+    groups in ``groups`` replaced, and the new model."""
+    weights = apply_delta(state.weights, step)
+    changes: dict[str, Any] = {"arrays": {**state.arrays, **groups}} if groups else {}
+    return state.evolve(weights=weights, scalars=next_step(state), **changes), weights
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvg:
-    """Federated averaging (McMahan et al., 2017): the new model is the old one plus the
-    sample-weighted mean of the updates."""
+class _DeltaStrategy:
+    """What every built-in strategy shares. ``init`` keeps a copy of the model and a step
+    count of 0, ``configure`` sends nothing, and ``aggregate`` leaves the state as it is
+    when :meth:`_delta` finds no update, else hands the round's update to :meth:`_advance`.
+    """
 
-    name: ClassVar[str] = "fedavg"
-    needs_updates: ClassVar[bool] = False
+    name: ClassVar[str]
+    needs_updates: ClassVar[bool]
 
     def init(self, weights: Weights) -> StrategyState:
         return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
@@ -89,11 +89,39 @@ class FedAvg:
     def aggregate(
         self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
     ) -> tuple[StrategyState, Weights]:
-        return _fedavg(self.name, round, state, summary)
+        delta = self._delta(round, state, summary)
+        if delta is None:
+            return state, state.weights
+        return self._advance(state, delta)
+
+    def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
+        """The round's update, checked; None if no site answered."""
+        raise NotImplementedError
+
+    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
+        """The next state and model after ``delta``: by default the model moves by it."""
+        return moved(state, delta)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedProx:
+class _MeanStrategy(_DeltaStrategy):
+    """A strategy fed the sample-weighted mean of the updates (a :class:`MeanSummary`)."""
+
+    def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
+        return mean_delta_of(self.name, round, state, summary)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvg(_MeanStrategy):
+    """Federated averaging (McMahan et al., 2017): the new model is the old one plus the
+    sample-weighted mean of the updates."""
+
+    name: ClassVar[str] = "fedavg"
+    needs_updates: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedProx(_MeanStrategy):
     """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term
     ``(proximal_mu / 2) * ||w - w_global||**2`` to their local loss."""
 
@@ -102,20 +130,12 @@ class FedProx:
 
     proximal_mu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
 
-    def init(self, weights: Weights) -> StrategyState:
-        return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
-
     def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
         return {"proximal_mu": self.proximal_mu}
 
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        return _fedavg(self.name, round, state, summary)
-
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvgM:
+class FedAvgM(_MeanStrategy):
     """FedAvg with server momentum (Hsu et al., 2019).
 
     ``m = momentum * m + mean_delta`` and the model moves by ``server_lr * m``. The
@@ -135,21 +155,11 @@ class FedAvgM:
             weights=copy_weights(weights), arrays={"momentum": zeros}, scalars={"step": 0}
         )
 
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        delta = mean_delta_of(self.name, round, state, summary)
-        if delta is None:
-            return state, state.weights
+    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
         momentum, step = fedavgm_step(
             state_group(self.name, state, "momentum"),
             delta,
             momentum_coef=self.momentum,
             server_lr=self.server_lr,
         )
-        weights = apply_delta(state.weights, step)
-        arrays = {**state.arrays, "momentum": momentum}
-        return state.evolve(weights=weights, arrays=arrays, scalars=next_step(state)), weights
+        return moved(state, step, momentum=momentum)

@@ -15,13 +15,11 @@ its steps every round, so it starts larger, at 0.1. Tune ``server_lr`` per task 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import Field
 
-from fedloom.records import Failure, Summary
 from fedloom.strategies.aggregate import (
     adagrad_moments,
     adam_moments,
@@ -29,99 +27,74 @@ from fedloom.strategies.aggregate import (
     initial_moments,
     yogi_moments,
 )
-from fedloom.strategies.fedavg import mean_delta_of, next_step, state_group
+from fedloom.strategies.fedavg import _MeanStrategy, moved, state_group
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights, apply_delta, copy_weights
+from fedloom.weights import Weights, copy_weights
 
 LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 Tau = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
-Moments = Callable[[Weights, Weights, Weights], tuple[Weights, Weights]]
-"""``(m, v, delta) -> (m', v')`` with the strategy's betas bound."""
 
+@dataclass(frozen=True, kw_only=True)
+class _AdaptiveStrategy(_MeanStrategy):
+    """Reddi et al.'s Algorithm 2; a subclass only says how :meth:`_moments` update."""
 
-def _init(weights: Weights, tau: float) -> StrategyState:
-    m, v = initial_moments(weights, tau)
-    return StrategyState(
-        weights=copy_weights(weights), arrays={"m": m, "v": v}, scalars={"step": 0}
-    )
+    if TYPE_CHECKING:  # fields of every subclass, declared there to keep their order
+        server_lr: float
+        tau: float
 
+    def init(self, weights: Weights) -> StrategyState:
+        m, v = initial_moments(weights, self.tau)
+        return StrategyState(
+            weights=copy_weights(weights), arrays={"m": m, "v": v}, scalars={"step": 0}
+        )
 
-def _aggregate(
-    name: str,
-    round: int,
-    state: StrategyState,
-    summary: Summary,
-    moments: Moments,
-    server_lr: float,
-    tau: float,
-) -> tuple[StrategyState, Weights]:
-    delta = mean_delta_of(name, round, state, summary)
-    if delta is None:
-        return state, state.weights
-    m, v = moments(state_group(name, state, "m"), state_group(name, state, "v"), delta)
-    weights = apply_delta(state.weights, adaptive_step(m, v, server_lr, tau))
-    arrays = {**state.arrays, "m": m, "v": v}
-    return state.evolve(weights=weights, arrays=arrays, scalars=next_step(state)), weights
+    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
+        """``(m', v')`` after the round's mean update ``delta``."""
+        raise NotImplementedError
+
+    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
+        m, v = self._moments(
+            state_group(self.name, state, "m"), state_group(self.name, state, "v"), delta
+        )
+        return moved(state, adaptive_step(m, v, self.server_lr, self.tau), m=m, v=v)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdam:
+class _DecayingStrategy(_AdaptiveStrategy):
+    """FedAdam's and FedYogi's hyper-parameters: ``v`` moves towards ``d**2`` at ``beta2``."""
+
+    server_lr: LearningRate = 0.01
+    beta1: Beta = 0.9
+    beta2: Beta = 0.99
+    tau: Tau = 1e-3
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAdam(_DecayingStrategy):
     """Server-side Adam: ``v = beta2 * v + (1 - beta2) * d**2``."""
 
     name: ClassVar[str] = "fedadam"
     needs_updates: ClassVar[bool] = False
 
-    server_lr: LearningRate = 0.01
-    beta1: Beta = 0.9
-    beta2: Beta = 0.99
-    tau: Tau = 1e-3
-
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights, self.tau)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        def moments(m: Weights, v: Weights, d: Weights) -> tuple[Weights, Weights]:
-            return adam_moments(m, v, d, beta1=self.beta1, beta2=self.beta2)
-
-        return _aggregate(self.name, round, state, summary, moments, self.server_lr, self.tau)
+    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
+        return adam_moments(m, v, delta, beta1=self.beta1, beta2=self.beta2)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedYogi:
+class FedYogi(_DecayingStrategy):
     """Server-side Yogi: ``v = v - (1 - beta2) * d**2 * sign(v - d**2)``."""
 
     name: ClassVar[str] = "fedyogi"
     needs_updates: ClassVar[bool] = False
 
-    server_lr: LearningRate = 0.01
-    beta1: Beta = 0.9
-    beta2: Beta = 0.99
-    tau: Tau = 1e-3
-
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights, self.tau)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        def moments(m: Weights, v: Weights, d: Weights) -> tuple[Weights, Weights]:
-            return yogi_moments(m, v, d, beta1=self.beta1, beta2=self.beta2)
-
-        return _aggregate(self.name, round, state, summary, moments, self.server_lr, self.tau)
+    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
+        return yogi_moments(m, v, delta, beta1=self.beta1, beta2=self.beta2)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdagrad:
+class FedAdagrad(_AdaptiveStrategy):
     """Server-side Adagrad: ``v = v + d**2``. Has no ``beta2``: nothing would read it."""
 
     name: ClassVar[str] = "fedadagrad"
@@ -131,16 +104,5 @@ class FedAdagrad:
     beta1: Beta = 0.9
     tau: Tau = 1e-3
 
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights, self.tau)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        def moments(m: Weights, v: Weights, d: Weights) -> tuple[Weights, Weights]:
-            return adagrad_moments(m, v, d, beta1=self.beta1)
-
-        return _aggregate(self.name, round, state, summary, moments, self.server_lr, self.tau)
+    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
+        return adagrad_moments(m, v, delta, beta1=self.beta1)

@@ -8,14 +8,14 @@ counts (a site could lie about them); MultiKrum weights the updates it selects b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import Field
 
 from fedloom.errors import AggregationError
-from fedloom.records import Failure, SiteUpdate, Summary, UpdateSet
+from fedloom.records import SiteUpdate, Summary, UpdateSet
 from fedloom.strategies.aggregate import (
     check_same_layout,
     coordinate_median,
@@ -24,9 +24,9 @@ from fedloom.strategies.aggregate import (
     trimmed_mean,
     weighted_mean,
 )
-from fedloom.strategies.fedavg import next_step
+from fedloom.strategies.fedavg import _DeltaStrategy
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights, apply_delta, copy_weights
+from fedloom.weights import Weights
 
 
 def updates_of(
@@ -56,39 +56,33 @@ def updates_of(
     return summary.updates
 
 
-def _init(weights: Weights) -> StrategyState:
-    return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
+@dataclass(frozen=True, kw_only=True)
+class _RobustStrategy(_DeltaStrategy):
+    """A strategy fed every site's update (an :class:`UpdateSet`); a subclass only says
+    how :meth:`_combine` makes them one."""
 
+    def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
+        updates = updates_of(self.name, round, state, summary)
+        return self._combine(updates) if updates else None
 
-def _advance(state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
-    weights = apply_delta(state.weights, delta)
-    return state.evolve(weights=weights, scalars=next_step(state)), weights
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        """The update to apply, from a round's non-empty ``updates``."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, kw_only=True)
-class Median:
+class Median(_RobustStrategy):
     """Coordinate-wise median of the updates (Yin et al., 2018)."""
 
     name: ClassVar[str] = "median"
     needs_updates: ClassVar[bool] = True
 
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        updates = updates_of(self.name, round, state, summary)
-        if not updates:
-            return state, state.weights
-        return _advance(state, coordinate_median([u.delta for u in updates]))
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        return coordinate_median([u.delta for u in updates])
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrimmedMean:
+class TrimmedMean(_RobustStrategy):
     """Coordinate-wise trimmed mean (Yin et al., 2018): per coordinate, drop the
     ``floor(trim_fraction * n)`` largest and smallest values and average the rest."""
 
@@ -97,23 +91,12 @@ class TrimmedMean:
 
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
 
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        updates = updates_of(self.name, round, state, summary)
-        if not updates:
-            return state, state.weights
-        return _advance(state, trimmed_mean([u.delta for u in updates], self.trim_fraction))
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        return trimmed_mean([u.delta for u in updates], self.trim_fraction)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Krum:
+class Krum(_RobustStrategy):
     """Krum (Blanchard et al., 2017): apply the one update closest to its
     ``n - f - 2`` nearest neighbours. Needs more than ``2f + 2`` updates a round."""
 
@@ -122,24 +105,12 @@ class Krum:
 
     num_byzantine: Annotated[int, Field(ge=0)] = 1
 
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        updates = updates_of(self.name, round, state, summary)
-        if not updates:
-            return state, state.weights
-        chosen = krum([u.delta for u in updates], self.num_byzantine)
-        return _advance(state, updates[chosen].delta)
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        return updates[krum([u.delta for u in updates], self.num_byzantine)].delta
 
 
 @dataclass(frozen=True, kw_only=True)
-class MultiKrum:
+class MultiKrum(_RobustStrategy):
     """Multi-Krum (Blanchard et al., 2017): average, weighted by ``num_samples``, the
     ``num_selected`` updates with the lowest Krum scores (``None``: ``n - f``)."""
 
@@ -149,22 +120,10 @@ class MultiKrum:
     num_byzantine: Annotated[int, Field(ge=0)] = 1
     num_selected: Annotated[int, Field(ge=1)] | None = None
 
-    def init(self, weights: Weights) -> StrategyState:
-        return _init(weights)
-
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
-
-    def aggregate(
-        self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
-    ) -> tuple[StrategyState, Weights]:
-        updates = updates_of(self.name, round, state, summary)
-        if not updates:
-            return state, state.weights
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         deltas = [u.delta for u in updates]
         count = self.num_selected
         if count is None:
             count = len(updates) - self.num_byzantine
         chosen = multi_krum(deltas, self.num_byzantine, count)
-        mean = weighted_mean([deltas[i] for i in chosen], [updates[i].num_samples for i in chosen])
-        return _advance(state, mean)
+        return weighted_mean([deltas[i] for i in chosen], [updates[i].num_samples for i in chosen])

@@ -27,7 +27,8 @@ class AggregatorService(Protocol):
         ...
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
-        """Receive ``site``'s answer to the current round, folding chunks as they arrive."""
+        """Receive ``site``'s answer to the current round: chunks are checked and
+        assembled as they arrive, then the update is folded into the running sum."""
         ...
 
     def report_failure(self, site: str, report: FailureReport) -> None:

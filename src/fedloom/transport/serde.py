@@ -22,7 +22,7 @@ from fedloom.transport.messages import (
     UpdateHeader,
 )
 from fedloom.transport.proto import fedloom_pb2 as pb
-from fedloom.weights import TensorSpec, dtype_from_name
+from fedloom.weights import TensorSpec, dtype_from_name, dtype_name
 
 _KIND_TO_PROTO = {
     InstructionKind.TRAIN: pb.INSTRUCTION_KIND_TRAIN,
@@ -40,7 +40,10 @@ def spec_from_proto(msg: pb.TensorSpec) -> TensorSpec:
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise UpdateRejected(f"tensor {msg.name!r} has a negative dimension {shape}")
-    dtype_from_name(msg.dtype)  # raises on an unknown or non-numeric dtype
+    if dtype_name(dtype_from_name(msg.dtype)) != msg.dtype:  # raises on unknown dtypes
+        raise UpdateRejected(
+            f"tensor {msg.name!r}: write its dtype as {dtype_name(dtype_from_name(msg.dtype))!r}"
+        )
     return TensorSpec(msg.name, msg.dtype, shape)
 
 
@@ -78,11 +81,19 @@ def instruction_to_proto(task: Instruction) -> pb.Instruction:
 def instruction_from_proto(m: pb.Instruction) -> Instruction:
     if m.kind not in _KIND_FROM_PROTO:
         raise TransportError(f"unknown task kind {m.kind}")
+    try:
+        config = json.loads(m.config_json) if m.config_json else {}
+    except ValueError as err:
+        raise TransportError(f"instruction config is not JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise TransportError(
+            f"instruction config must be a JSON object, got {type(config).__name__}"
+        )
     return Instruction(
         round=m.round,
         kind=_KIND_FROM_PROTO[m.kind],
         settings=settings_from_proto(m.settings),
-        config=json.loads(m.config_json) if m.config_json else {},
+        config=config,
     )
 
 
@@ -153,7 +164,10 @@ M = TypeVar("M")
 def encode(message: object) -> bytes:
     """The protobuf bytes of a domain message."""
     to_proto = _CODECS[type(message)][0]
-    data: bytes = to_proto(message).SerializeToString()
+    try:
+        data: bytes = to_proto(message).SerializeToString()
+    except (ValueError, TypeError) as err:  # protobuf's range and type checks
+        raise TransportError(f"cannot encode {type(message).__name__}: {err}") from err
     return data
 
 

@@ -1,0 +1,520 @@
+"""The round loop against bad input, silence, failure and faults.
+
+A real Aggregator runs in a thread on a ManualClock (deadlines pass only when a test
+advances it); sites answer through real in-process connections, either by hand (to send
+exactly the bytes a test wants) or as Collaborator threads. The model's counter is a
+1-element vector here, so these tests isolate the loop from 0-d tensor handling, which
+the transport contract suite and test_accumulate cover.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedloom.errors import FaultInjected, QuorumError, TransportError
+from fedloom.orchestration import CloseReason, RoundClosed, RoundOpened, SiteAnswered
+from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.rng import select_sites
+from fedloom.transport import Chunk, FailureReport, UpdateHeader, assemble, iter_chunks
+from fedloom.weights import TensorSpec, Weights, specs_of
+
+WAIT = 10.0
+SITES = ("site-a", "site-b", "site-c")
+
+
+def model() -> Weights:
+    return {
+        "w": (np.arange(12, dtype=np.float32).reshape(3, 4) / 4 - 1).astype(np.float32),
+        "b": np.array([0.5, -0.25, 0.0, 1.0], dtype=np.float32),
+        "steps": np.array([0], dtype=np.int64),
+    }
+
+
+def send(
+    conn: Any,
+    round: int,
+    delta: Weights,
+    samples: int = 10,
+    *,
+    specs: tuple[TensorSpec, ...] | None = None,
+    chunks: Iterable[Chunk] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Any:
+    header = UpdateHeader(
+        round, samples, specs_of(delta) if specs is None else specs, metrics or {}
+    )
+    return conn.upload(header, iter_chunks(delta, 8) if chunks is None else chunks)
+
+
+def answer(fed: Any, runner_cls: Any, site: str, round: int, samples: int) -> Any:
+    """Download the round's model and send the site's ShiftRunner delta for it."""
+    conn = fed.connect(site)
+    stream = conn.download(round)
+    weights = assemble(stream.header.tensors, stream.chunks)
+    delta = runner_cls.delta_like(weights, SITES.index(site) if site in SITES else 7, round)
+    receipt = send(conn, round, delta, samples)
+    assert receipt.accepted, receipt.reason
+    return receipt
+
+
+def fedavg_by_hand(initial: Weights, rounds: list[list[tuple[Weights, int]]]) -> Weights:
+    current = {k: v.copy() for k, v in initial.items()}
+    for updates in rounds:
+        total = sum(n for _, n in updates)
+        for name, base in current.items():
+            mean = sum(n * d[name].astype(np.float64) for d, n in updates) / total
+            value = base.astype(np.float64) + mean
+            current[name] = (
+                value.astype(base.dtype)
+                if base.dtype.kind == "f"
+                else np.rint(value).astype(base.dtype)
+            )
+    return current
+
+
+def assert_weights(got: Weights, want: Weights) -> None:
+    assert specs_of(got) == specs_of(want)
+    for name in want:
+        if want[name].dtype.kind == "f":
+            np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def one_round(make_federation: Any, **overrides: Any) -> Any:
+    options: dict[str, Any] = {"rounds": 1, "final_evaluation": False, "min_fraction": 0.5}
+    options.update(overrides)
+    fed = make_federation(model(), **options)
+    fed.start()
+    fed.log.wait_opened(1)
+    return fed
+
+
+# ---------------------------------------------------------------- bad updates
+
+
+def _with(name: str, index: tuple[int, ...], value: float) -> Weights:
+    delta = {k: np.zeros_like(v) for k, v in model().items()}
+    delta[name][index] = value
+    return delta
+
+
+def _zeros() -> Weights:
+    return {k: np.zeros_like(v) for k, v in model().items()}
+
+
+def _reshaped_w() -> Weights:
+    return {**_zeros(), "w": np.zeros((4, 3), np.float32)}
+
+
+def _float64_w() -> Weights:
+    return {**_zeros(), "w": np.zeros((3, 4), np.float64)}
+
+
+def _truncated() -> list[Chunk]:
+    return list(iter_chunks(_zeros(), 8))[:-1]
+
+
+def _overlong() -> list[Chunk]:
+    chunks = list(iter_chunks(_zeros(), 8))
+    b_end = [c for c in chunks if c.tensor == 1][-1]
+    at = chunks.index(b_end) + 1
+    return [*chunks[:at], Chunk(1, 16, b"\x00" * 4), *chunks[at:]]
+
+
+BAD: dict[str, tuple[Callable[[Any], Any], list[str]]] = {
+    "nan": (lambda c: send(c, 1, _with("w", (2, 1), np.nan)), ["'w'", "NaN"]),
+    "inf": (lambda c: send(c, 1, _with("b", (0,), -np.inf)), ["'b'", "NaN or Inf"]),
+    "wrong-shape": (
+        lambda c: send(c, 1, _reshaped_w()),
+        ["'w'", "float32[4, 3]", "float32[3, 4]"],
+    ),
+    "wrong-dtype": (lambda c: send(c, 1, _float64_w()), ["'w'", "float64[3, 4]"]),
+    "missing-tensor": (
+        lambda c: send(c, 1, {k: v for k, v in _zeros().items() if k != "b"}),
+        ["2 tensors", "global model 3"],
+    ),
+    "truncated-stream": (
+        lambda c: send(c, 1, _zeros(), chunks=_truncated()),
+        ["'steps'", "ended early"],
+    ),
+    "larger-than-announced": (
+        lambda c: send(c, 1, _zeros(), chunks=_overlong()),
+        ["'b'", "larger than announced"],
+    ),
+    "no-samples": (lambda c: send(c, 1, _zeros(), samples=0), ["sample count", "got 0"]),
+    "nan-metric": (
+        lambda c: send(c, 1, _zeros(), metrics={"loss": float("nan")}),
+        ["'loss'", "nan"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_update_is_rejected_and_the_round_completes(
+    case: str, make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    attempt, words = BAD[case]
+    receipt = attempt(fed.connect("site-a"))
+    assert not receipt.accepted
+    for word in words:
+        assert word in receipt.reason
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+
+    assert record.failures == (Failure("site-a", 1, FailureKind.REJECTED, receipt.reason),)
+    assert [r.site for r in record.results] == ["site-b", "site-c"]
+    assert record.close_reason is CloseReason.QUORUM
+    assert SiteAnswered(1, "site-a", False, receipt.reason) in fed.log.snapshot()
+    # nothing of the rejected update reached the model
+    start = model()
+    deltas = [(shift_runner.delta_like(start, i, 1), n) for i, n in ((1, 20), (2, 30))]
+    assert_weights(fed.aggregator.weights, fedavg_by_hand(start, [deltas]))
+
+
+def test_update_for_a_closed_or_future_round_is_refused(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=2, final_evaluation=False)
+    fed.start()
+    fed.log.wait_opened(1)
+    for site in SITES:
+        answer(fed, shift_runner, site, 1, 10)
+    fed.log.wait_opened(2)
+
+    late = send(fed.connect("site-a"), 1, _with("w", (0, 0), 100.0))
+    assert not late.accepted
+    assert "round 1 is not open (open round: 2)" in late.reason
+    early = send(fed.connect("site-b"), 3, _with("w", (0, 0), 100.0))
+    assert not early.accepted and "round 3 is not open" in early.reason
+
+    for site in SITES:  # the refused uploads did not settle anyone for round 2
+        answer(fed, shift_runner, site, 2, 10)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+    assert all(r.failures == () for r in history)
+    after = send(fed.connect("site-c"), 2, _zeros())
+    assert not after.accepted and "round 2 is not open (open round: none)" in after.reason
+
+    start = model()
+    rounds = [[(shift_runner.delta_like(start, i, r), 10) for i in range(3)] for r in (1, 2)]
+    assert_weights(fed.aggregator.weights, fedavg_by_hand(start, rounds))
+
+
+def test_update_still_streaming_when_the_deadline_passes_is_refused(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(name: str, context: dict[str, Any]) -> None:
+        if context["site"] == "site-a":
+            entered.set()
+            release.wait(WAIT)
+
+    fed.faults.arm("upload.receiving", hold)
+    slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, _with("w", (0, 0), 9.0)))
+    assert entered.wait(WAIT)
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    fed.pass_deadline()
+    fed.log.wait_until(lambda evs: any(isinstance(e, RoundClosed) for e in evs), "round close")
+    release.set()
+    receipt = slow.join()
+    (record,) = fed.finish()
+
+    assert not receipt.accepted
+    assert "round 1 closed while the update streamed" in receipt.reason
+    assert record.close_reason is CloseReason.DEADLINE_QUORUM
+    assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.TIMEOUT)]
+    start = model()
+    deltas = [(shift_runner.delta_like(start, i, 1), n) for i, n in ((1, 20), (2, 30))]
+    assert_weights(fed.aggregator.weights, fedavg_by_hand(start, [deltas]))
+
+
+def test_upload_by_a_site_not_selected_is_refused(make_federation: Any, shift_runner: Any) -> None:
+    fed = one_round(make_federation, sites_per_round=2, seed=3)
+    opened = fed.log.wait_opened(1)
+    assert len(opened.selected) == 2
+    (outsider,) = set(SITES) - set(opened.selected)
+
+    conn = fed.connect(outsider)
+    assert conn.get_task(timeout=0) is None  # nothing to do for it this round
+    receipt = send(conn, 1, _zeros())
+    assert not receipt.accepted
+    assert f"site {outsider!r} was not selected for round 1" in receipt.reason
+
+    for site in opened.selected:
+        answer(fed, shift_runner, site, 1, 10)
+    (record,) = fed.finish()
+    assert record.selected == opened.selected
+    assert record.close_reason is CloseReason.ALL_ANSWERED
+    assert outsider not in [r.site for r in record.results] + [f.site for f in record.failures]
+
+
+def test_duplicate_upload_is_refused_and_the_first_counts(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    conn = fed.connect("site-a")
+    first = shift_runner.delta_like(model(), 0, 1)
+    assert send(conn, 1, first, 10).accepted
+    again = send(conn, 1, _with("w", (1, 1), 50.0), 99)
+    assert not again.accepted
+    assert "'site-a' already answered round 1" in again.reason
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+
+    assert [(r.site, r.num_samples) for r in record.results] == [
+        ("site-a", 10),
+        ("site-b", 20),
+        ("site-c", 30),
+    ]
+    assert record.failures == ()
+    start = model()
+    deltas = [(shift_runner.delta_like(start, i, 1), n) for i, n in enumerate((10, 20, 30))]
+    assert_weights(fed.aggregator.weights, fedavg_by_hand(start, [deltas]))
+
+
+def test_second_upload_while_the_first_streams_is_refused(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(name: str, context: dict[str, Any]) -> None:
+        entered.set()
+        release.wait(WAIT)
+
+    fed.faults.arm("upload.receiving", hold)
+    first = shift_runner.delta_like(model(), 0, 1)
+    streaming = fed.spawn("first upload", lambda: send(fed.connect("site-a"), 1, first, 10))
+    assert entered.wait(WAIT)
+    fed.faults.disarm("upload.receiving")
+    second = send(fed.connect("site-a"), 1, _with("w", (1, 1), 50.0), 99)
+    release.set()
+    assert streaming.join().accepted
+    assert not second.accepted
+    assert "'site-a' is already uploading" in second.reason
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+    assert [(r.site, r.num_samples) for r in record.results][0] == ("site-a", 10)
+    assert record.failures == ()
+
+
+def test_stream_that_breaks_off_does_not_wedge_the_site(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    conn = fed.connect("site-a")
+    delta = shift_runner.delta_like(model(), 0, 1)
+
+    def breaks_off() -> Iterable[Chunk]:
+        yield next(iter_chunks(delta, 8))
+        raise TransportError("connection reset by peer")
+
+    try:
+        broken = send(conn, 1, delta, 10, chunks=breaks_off())
+        assert not broken.accepted
+    except TransportError:
+        pass  # a transport may surface the break to the sender
+    retry = send(conn, 1, delta, 10)
+    assert "already uploading" not in retry.reason
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()  # settled without waiting for the deadline
+    if retry.accepted:
+        assert [r.site for r in record.results] == list(SITES)
+    else:
+        assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.DISCONNECTED)]
+
+
+# ------------------------------------------------------------- failing sites
+
+
+def test_site_whose_task_fails_is_recorded_as_error(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=1, final_evaluation=False, min_fraction=0.5)
+
+    def broken(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        raise RuntimeError("disk full")
+
+    fed.start_site("site-a", broken)
+    fed.start_site("site-b", shift_runner(1, 20))
+    fed.start_site("site-c", shift_runner(2, 30))
+    fed.start()
+    (record,) = fed.finish()
+
+    (failure,) = record.failures
+    assert (failure.site, failure.round, failure.kind) == ("site-a", 1, FailureKind.ERROR)
+    assert "RuntimeError: disk full" in failure.reason
+    assert [r.site for r in record.results] == ["site-b", "site-c"]
+    assert record.close_reason is CloseReason.QUORUM
+
+
+def test_failure_report_is_recorded_and_a_stale_one_ignored(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    fed.connect("site-b").report_failure(FailureReport(7, "from another round"))
+    fed.connect("site-a").report_failure(FailureReport(1, "out of memory"))
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+    assert record.failures == (Failure("site-a", 1, FailureKind.ERROR, "out of memory"),)
+    assert [r.site for r in record.results] == ["site-b", "site-c"]
+
+
+# ----------------------------------------------------------------- deadlines
+
+FOUR = ("site-a", "site-b", "site-c", "site-d")
+
+
+def test_silent_site_times_out_every_round_and_quorum_closes_it(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(
+        model(), roster=FOUR, sites_per_round=4, min_fraction=0.75, rounds=2, max_retries=0
+    )
+    for index, site in enumerate(FOUR[:3]):  # site-d never answers
+        fed.start_site(site, shift_runner(index, 10 * (index + 1)))
+    fed.start()
+    for rnd in (1, 2, 3):  # two training rounds and the final evaluation
+        fed.log.wait_answered(rnd, 3)
+        assert not [e for e in fed.log.closed() if e.record.round == rnd]  # waits for d
+        fed.pass_deadline()
+        fed.log.wait_until(
+            lambda evs, rnd=rnd: any(
+                isinstance(e, RoundClosed) and e.record.round == rnd for e in evs
+            ),
+            f"round {rnd} to close",
+        )
+    history = fed.finish()
+
+    assert [r.round for r in history] == [1, 2, 3]
+    assert history[-1].kind is InstructionKind.EVALUATE
+    for record in history:
+        assert record.close_reason is CloseReason.DEADLINE_QUORUM
+        assert [r.site for r in record.results] == list(FOUR[:3])
+        (failure,) = record.failures
+        assert (failure.site, failure.round, failure.kind) == (
+            "site-d",
+            record.round,
+            FailureKind.TIMEOUT,
+        )
+    start = model()
+    rounds = [
+        [(shift_runner.delta_like(start, i, r), 10 * (i + 1)) for i in range(3)] for r in (1, 2)
+    ]
+    assert_weights(fed.aggregator.weights, fedavg_by_hand(start, rounds))
+
+
+def test_no_quorum_retries_then_raises(make_federation: Any, shift_runner: Any) -> None:
+    fed = make_federation(
+        model(), roster=FOUR, sites_per_round=4, min_fraction=0.75, rounds=1, max_retries=1
+    )
+    for index, site in enumerate(FOUR[:2]):  # site-c and site-d never answer
+        fed.start_site(site, shift_runner(index, 10))
+    fed.start()
+    for attempt in (1, 2):
+        fed.log.wait_opened(1, attempt)
+        fed.log.wait_answered(1, 2 * attempt)
+        fed.pass_deadline()
+    with pytest.raises(QuorumError) as info:
+        fed.finish()
+
+    message = str(info.value)
+    assert "round 1: 2 of 4 sites answered (attempt 2); the plan needs 3" in message
+    assert "2 site(s), e.g. site-c: no answer before the round's deadline" in message
+    closed = [e.record for e in fed.log.closed()]
+    assert [(r.attempt, r.close_reason) for r in closed] == [
+        (1, CloseReason.NO_QUORUM),
+        (2, CloseReason.NO_QUORUM),
+    ]
+    assert fed.aggregator.history == []
+    assert_weights(fed.aggregator.weights, model())
+    for worker in fed.sites.values():  # the sites were told the federation is over
+        worker.join()
+
+
+# ---------------------------------------------------------------- fault points
+
+
+def test_fault_after_aggregation_stops_the_run_at_that_round(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=3)
+    hits: list[int] = []
+
+    def crash_in_round_2(name: str, context: dict[str, Any]) -> None:
+        hits.append(context["round"])
+        if context["round"] == 2:
+            raise FaultInjected("simulated crash after aggregating round 2")
+
+    fed.faults.arm("round.aggregated", crash_in_round_2)
+    for index, site in enumerate(SITES):
+        fed.start_site(site, shift_runner(index, 10))
+    fed.start()
+    with pytest.raises(FaultInjected, match="round 2"):
+        fed.finish()
+
+    assert hits == [1, 2]
+    assert [r.round for r in fed.aggregator.history] == [1]
+    assert not [e for e in fed.log.snapshot() if isinstance(e, RoundOpened) and e.round == 3]
+    for worker in fed.sites.values():  # run() told every site to stop
+        worker.join()
+    for site in SITES:
+        task = fed.connect(site).get_task(timeout=0)
+        assert task is not None and task.kind is InstructionKind.FINISHED
+
+
+# ------------------------------------------------------------------ selection
+
+FIVE = ("site-a", "site-b", "site-c", "site-d", "site-e")
+
+
+def selections(make_federation: Any, runner_cls: Any, order: tuple[str, ...], early: bool) -> list:
+    fed = make_federation(
+        model(), roster=FIVE, sites_per_round=2, rounds=4, seed=11, final_evaluation=False
+    )
+    if early:  # sites connect before the loop starts, or only once it runs
+        for site in order:
+            fed.start_site(site, runner_cls(FIVE.index(site), 10))
+        fed.start()
+    else:
+        fed.start()
+        fed.log.wait_opened(1)
+        for site in order:
+            fed.start_site(site, runner_cls(FIVE.index(site), 10))
+    history = fed.finish()
+    opened = [e.selected for e in fed.log.snapshot() if isinstance(e, RoundOpened)]
+    assert opened == [r.selected for r in history]
+    for record in history:
+        assert len(record.selected) == 2 and set(record.selected) <= set(FIVE)
+        assert [r.site for r in record.results] == list(record.selected)
+    return [r.selected for r in history]
+
+
+def test_selection_depends_on_seed_and_round_not_connection_order(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    first = selections(make_federation, shift_runner, FIVE, early=True)
+    second = selections(make_federation, shift_runner, FIVE[::-1], early=False)
+    third = selections(
+        make_federation,
+        shift_runner,
+        ("site-c", "site-e", "site-a", "site-d", "site-b"),
+        early=True,
+    )
+    assert first == second == third
+    assert first == [tuple(select_sites(list(FIVE), 2, 11, r)) for r in range(1, 5)]
