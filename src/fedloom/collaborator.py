@@ -32,6 +32,7 @@ class Collaborator:
         self.connection = connection
         self.runner = runner
         self.last_receipt: Receipt | None = None
+        self.current: Instruction | None = None  # the instruction being worked on
 
     def step(self, timeout: float | None = None) -> bool:
         """Do at most one instruction. False once the federation is finished."""
@@ -40,6 +41,7 @@ class Collaborator:
             return True
         if instruction.kind is InstructionKind.FINISHED:
             return False
+        self.current = instruction
         try:
             stream = self.connection.download(instruction.round)
             weights = assemble(stream.header.tensors, stream.chunks)
@@ -63,6 +65,7 @@ class Collaborator:
         )
         chunks: Iterator[Chunk] = iter_chunks(delta)
         self.last_receipt = self.connection.upload(header, chunks)
+        self.current = None
         return True
 
     def run(self, poll_timeout: float | None = None) -> None:

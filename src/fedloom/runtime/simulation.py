@@ -43,6 +43,7 @@ from fedloom.runtime.worker import (
 )
 from fedloom.strategies import build_strategy
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
+from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights
 
 
@@ -186,7 +187,13 @@ def simulate(
                     transport.connect(site),
                     lambda ins, w, s=site: driver.run_site(s, ins, w),  # type: ignore[misc]
                 )
-                collaborator.step(timeout=0)
+                try:
+                    collaborator.step(timeout=0)
+                except Exception as err:  # never lose a driver: the site fails, not the run
+                    if collaborator.current is not None:
+                        reason = f"{type(err).__name__}: {err}"
+                        report = FailureReport(collaborator.current.round, reason)
+                        collaborator.connection.report_failure(report)
 
         started = time.perf_counter()
         with ThreadPoolExecutor(len(drivers), thread_name_prefix="fedloom-site") as pool:
