@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fedloom.clock import FaultPoints, ManualClock
-from fedloom.collaborator import Collaborator
+from fedloom.collaborator import Collaborator, SitePhase
 from fedloom.orchestration import (
     Aggregator,
     Event,
     FederationConfig,
+    PhaseHandler,
     RoundClosed,
     RoundOpened,
     SiteAnswered,
@@ -182,13 +183,20 @@ class Federation:
         *,
         strategy: Strategy,
         transport: TransportFactory,
+        phases: Mapping[str, PhaseHandler] | None = None,
     ) -> None:
         self.config = config
         self.clock = ManualClock()
         self.faults = FaultPoints()
         self.log = EventLog()
         self.aggregator = Aggregator(
-            config, strategy, weights, clock=self.clock, faults=self.faults, on_event=self.log
+            config,
+            strategy,
+            weights,
+            clock=self.clock,
+            faults=self.faults,
+            on_event=self.log,
+            phases=phases,
         )
         self.transport = transport(self.aggregator)
         self.loop: Worker | None = None
@@ -207,8 +215,13 @@ class Federation:
     def connect(self, site: str) -> Any:
         return self.transport.connect(site)
 
-    def start_site(self, site: str, runner: Callable[[Instruction, Weights], SiteAnswer]) -> None:
-        collaborator = Collaborator(self.connect(site), runner)
+    def start_site(
+        self,
+        site: str,
+        runner: Callable[[Instruction, Weights], SiteAnswer],
+        phases: Mapping[str, SitePhase] | None = None,
+    ) -> None:
+        collaborator = Collaborator(self.connect(site), runner, phases)
         self.sites[site] = Worker(f"collaborator {site!r}", collaborator.run)
 
     def finish(self) -> Any:
@@ -274,6 +287,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
         *,
         strategy: Strategy | None = None,
         transport: TransportFactory = inprocess,
+        phases: Mapping[str, PhaseHandler] | None = None,
         **overrides: Any,
     ) -> Federation:
         fed = Federation(
@@ -281,6 +295,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
             weights,
             strategy=strategy or FedAvg(),
             transport=transport,
+            phases=phases,
         )
         made.append(fed)
         return fed

@@ -20,6 +20,7 @@ from fedloom.transport import (
     Chunk,
     FailureReport,
     ModelHeader,
+    PhaseMessage,
     Receipt,
     UpdateHeader,
     assemble,
@@ -73,12 +74,24 @@ def roundtrip(message: object) -> object:
     kind=st.sampled_from(list(InstructionKind)),
     settings_=train_settings,
     config=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    phases=st.lists(st.text(max_size=8), max_size=3).map(tuple),
 )
 def test_instruction_roundtrips(
-    round: int, kind: InstructionKind, settings_: TrainSettings, config: dict
+    round: int,
+    kind: InstructionKind,
+    settings_: TrainSettings,
+    config: dict,
+    phases: tuple[str, ...],
 ) -> None:
-    task = Instruction(round=round, kind=kind, settings=settings_, config=config)
+    task = Instruction(round=round, kind=kind, settings=settings_, config=config, phases=phases)
     assert roundtrip(task) == task
+
+
+@PROPERTY
+@given(round=U64, phase=st.text(max_size=12), payload=st.binary(max_size=200))
+def test_phase_message_roundtrips(round: int, phase: str, payload: bytes) -> None:
+    message = PhaseMessage(round, phase, payload)
+    assert roundtrip(message) == message
 
 
 @PROPERTY
@@ -139,7 +152,15 @@ def test_failure_report_roundtrips(round: int, reason: str) -> None:
 
 # ---------------------------------------------------------------------- garbage
 
-MESSAGE_TYPES = [Instruction, ModelHeader, Chunk, UpdateHeader, Receipt, FailureReport]
+MESSAGE_TYPES = [
+    Instruction,
+    ModelHeader,
+    Chunk,
+    UpdateHeader,
+    Receipt,
+    FailureReport,
+    PhaseMessage,
+]
 CORRUPT = {
     "bad-wire-type": b"\xff\xff\xff\xff",
     "tag-without-value": b"\x08",

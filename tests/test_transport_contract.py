@@ -242,3 +242,59 @@ def test_rejection_reason_reaches_the_site(
     assert record.failures[0].reason == receipt.reason
     assert [r.site for r in record.results] == ["site-b", "site-c"]
     assert np.isfinite(fed.aggregator.weights["b"]).all()
+
+
+class RollCall:
+    """A toy round phase: each site says hello before training; the aggregator's handler
+    answers with the name the transport says the site has."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, int, bytes]] = []
+
+    def __call__(self, site: str, round: int, payload: bytes) -> bytes:
+        self.heard.append((site, round, payload))
+        return f"seen {site} in round {round}".encode()
+
+
+class SaysHello:
+    def __init__(self) -> None:
+        self.replies: list[bytes] = []
+
+    def run(self, instruction: Any, exchange: Callable[[bytes], bytes]) -> None:
+        self.replies.append(exchange(b"hello"))
+
+
+def test_a_round_phase_runs_before_training_with_identity_from_the_channel(
+    make_federation: Any, shift_runner: Any, tiny_weights: Weights, transport_factory: Any
+) -> None:
+    roll_call = RollCall()
+    fed = make_federation(tiny_weights, transport=transport_factory, phases={"hello": roll_call})
+    hellos = {site: SaysHello() for site in SITES}
+    for index, site in enumerate(SITES):
+        fed.start_site(site, shift_runner(index, SAMPLES[index]), {"hello": hellos[site]})
+    fed.start()
+    history = fed.finish()
+    assert all(r.close_reason is CloseReason.ALL_ANSWERED for r in history)
+    assert sorted(roll_call.heard) == sorted(
+        (site, rnd, b"hello") for site in SITES for rnd in (1, 2)
+    )
+    for site, hello in hellos.items():
+        assert hello.replies == [f"seen {site} in round {r}".encode() for r in (1, 2)]
+
+
+def test_a_site_without_a_phase_fails_the_round_with_a_reason(
+    make_federation: Any, shift_runner: Any, tiny_weights: Weights, transport_factory: Any
+) -> None:
+    fed = make_federation(
+        tiny_weights, transport=transport_factory, phases={"hello": RollCall()}, rounds=1,
+        min_fraction=0.5,
+    )  # fmt: skip
+    for index, site in enumerate(SITES):
+        phases = {} if site == "site-c" else {"hello": SaysHello()}
+        fed.start_site(site, shift_runner(index, SAMPLES[index]), phases)
+    fed.start()
+    first = fed.finish()[0]
+    assert [r.site for r in first.results] == ["site-a", "site-b"]
+    [failure] = first.failures
+    assert failure.site == "site-c" and failure.kind is FailureKind.ERROR
+    assert "does not support the round phase 'hello'" in failure.reason

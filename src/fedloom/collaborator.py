@@ -9,7 +9,8 @@ the update back. The same class serves a simulated site and a real one: only the
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Protocol
 
 from fedloom.errors import FedloomError, UpdateRejected
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
@@ -17,6 +18,7 @@ from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    PhaseMessage,
     Receipt,
     UpdateHeader,
     assemble,
@@ -27,10 +29,24 @@ from fedloom.weights import Weights, specs_of
 Runner = Callable[[Instruction, Weights], SiteAnswer]
 
 
+class SitePhase(Protocol):
+    """A site's side of one phase of a multi-phase round (secure aggregation's key
+    exchange …): it talks to the aggregator's handler of the same phase through
+    ``exchange(payload) -> reply``."""
+
+    def run(self, instruction: Instruction, exchange: Callable[[bytes], bytes]) -> None: ...
+
+
 class Collaborator:
-    def __init__(self, connection: Connection, runner: Runner) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        runner: Runner,
+        phases: Mapping[str, SitePhase] | None = None,
+    ) -> None:
         self.connection = connection
         self.runner = runner
+        self.phases = dict(phases or {})
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
 
@@ -49,6 +65,7 @@ class Collaborator:
             return True  # the round closed before we got the model: ask again
 
         try:
+            self._run_phases(instruction)
             answer = self.runner(instruction, weights)
         except FedloomError as err:
             self._fail(instruction, err.message)
@@ -72,6 +89,18 @@ class Collaborator:
         """Work until the aggregator says the federation is finished."""
         while self.step(poll_timeout):
             pass
+
+    def _run_phases(self, instruction: Instruction) -> None:
+        for name in instruction.phases:
+            phase = self.phases.get(name)
+            if phase is None:
+                raise FedloomError(f"this site does not support the round phase {name!r}")
+
+            def exchange(payload: bytes, name: str = name) -> bytes:
+                reply = self.connection.exchange(PhaseMessage(instruction.round, name, payload))
+                return bytes(reply.payload)
+
+            phase.run(instruction, exchange)
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         self.connection.report_failure(FailureReport(instruction.round, reason))

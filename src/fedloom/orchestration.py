@@ -35,6 +35,7 @@ from fedloom.transport.messages import (
     FailureReport,
     ModelHeader,
     ModelStream,
+    PhaseMessage,
     Receipt,
     UpdateHeader,
     assemble,
@@ -106,6 +107,11 @@ class RoundClosed:
 Event = RoundOpened | SiteAnswered | RoundClosed
 EventSink = Callable[[Event], None]
 
+PhaseHandler = Callable[[str, int, bytes], bytes]
+"""``handler(site, round, payload) -> reply`` for one phase of a multi-phase round. The
+site's identity comes from the transport; the handler may block (a barrier until every
+selected site has spoken), so it must honour the round's deadline itself."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
@@ -151,6 +157,7 @@ class Aggregator:
         clock: Clock | None = None,
         faults: FaultPoints | None = None,
         on_event: EventSink | None = None,
+        phases: Mapping[str, PhaseHandler] | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -163,6 +170,7 @@ class Aggregator:
         self._open: _OpenRound | None = None
         self._finished = False
         self._roster = frozenset(config.roster)
+        self._phases = dict(phases or {})
 
     @property
     def weights(self) -> Weights:
@@ -193,7 +201,13 @@ class Aggregator:
         if "proximal_mu" in extra:
             mu = float(extra.pop("proximal_mu"))
             settings = TrainSettings(**{**_settings_dict(settings), "proximal_mu": mu})
-        task = Instruction(round=rnd, kind=InstructionKind.TRAIN, settings=settings, config=extra)
+        task = Instruction(
+            round=rnd,
+            kind=InstructionKind.TRAIN,
+            settings=settings,
+            config=extra,
+            phases=tuple(self._phases),
+        )
         for attempt in range(1, cfg.max_retries + 2):
             record, accumulator = self._run_phase(task, selected, attempt, collect=True)
             if record.close_reason is not CloseReason.NO_QUORUM:
@@ -335,6 +349,18 @@ class Aggregator:
         self._settle(
             opened, site, failure=Failure(site, report.round, FailureKind.ERROR, report.reason)
         )
+
+    def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
+        """Hand ``site``'s message to the handler of its phase; return the reply."""
+        self._check_site(site)
+        handler = self._phases.get(message.phase)
+        if handler is None:
+            known = sorted(self._phases) or "none"
+            raise UpdateRejected(f"no phase {message.phase!r} in this federation (phases: {known})")
+        with self._cond:
+            self._require_open(site, message.round)
+        reply = handler(site, message.round, bytes(message.payload))
+        return PhaseMessage(message.round, message.phase, reply)
 
     # ------------------------------------------------------------------ helpers
 

@@ -52,6 +52,7 @@ class Instruction:
     kind: InstructionKind
     settings: TrainSettings = field(default_factory=TrainSettings)
     config: Mapping[str, JSON] = field(default_factory=dict)
+    phases: tuple[str, ...] = ()  # exchanges before training (e.g. secure aggregation keys)
 
 
 @dataclass(frozen=True, slots=True)

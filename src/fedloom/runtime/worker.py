@@ -39,12 +39,17 @@ def instruction_to_json(i: Instruction) -> dict[str, Any]:
         "kind": i.kind.value,
         "settings": {k: getattr(i.settings, k) for k in TrainSettings.__slots__},
         "config": dict(i.config),
+        "phases": list(i.phases),
     }
 
 
 def instruction_from_json(d: dict[str, Any]) -> Instruction:
     return Instruction(
-        d["round"], InstructionKind(d["kind"]), TrainSettings(**d["settings"]), d["config"]
+        d["round"],
+        InstructionKind(d["kind"]),
+        TrainSettings(**d["settings"]),
+        d["config"],
+        tuple(d.get("phases", ())),
     )
 
 

@@ -12,7 +12,14 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from fedloom.records import Instruction
-from fedloom.transport.messages import Chunk, FailureReport, ModelStream, Receipt, UpdateHeader
+from fedloom.transport.messages import (
+    Chunk,
+    FailureReport,
+    ModelStream,
+    PhaseMessage,
+    Receipt,
+    UpdateHeader,
+)
 
 
 class AggregatorService(Protocol):
@@ -35,6 +42,10 @@ class AggregatorService(Protocol):
         """``site`` could not do its task for ``report.round``."""
         ...
 
+    def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
+        """One step of a multi-phase round (secure aggregation's key exchange …)."""
+        ...
+
 
 class Connection(Protocol):
     """A collaborator's side of the transport. Only outbound calls."""
@@ -49,5 +60,7 @@ class Connection(Protocol):
     def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt: ...
 
     def report_failure(self, report: FailureReport) -> None: ...
+
+    def exchange(self, message: PhaseMessage) -> PhaseMessage: ...
 
     def close(self) -> None: ...

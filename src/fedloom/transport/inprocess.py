@@ -19,6 +19,7 @@ from fedloom.transport.messages import (
     FailureReport,
     ModelHeader,
     ModelStream,
+    PhaseMessage,
     Receipt,
     UpdateHeader,
 )
@@ -98,6 +99,11 @@ class InProcessConnection:
         self._transport.service.report_failure(
             self._site, self._transport._pass(report, down=False)
         )
+
+    def exchange(self, message: PhaseMessage) -> PhaseMessage:
+        sent = self._transport._pass(message, down=False)
+        reply = self._transport.service.exchange(self._site, sent)
+        return self._transport._pass(reply, down=True)
 
     def close(self) -> None:
         self._closed = True

@@ -62,6 +62,17 @@ class FailureReport:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PhaseMessage:
+    """One step of a multi-phase round: ``payload`` for the handler of ``phase``, or
+    that handler's reply. The payload's format belongs to the phase (secure
+    aggregation's keys, shares …); the transport only carries it."""
+
+    round: int
+    phase: str
+    payload: bytes
+
+
 @dataclass(frozen=True)
 class ModelStream:
     """A header and the chunks that follow it (a download)."""

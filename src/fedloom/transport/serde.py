@@ -18,6 +18,7 @@ from fedloom.transport.messages import (
     Chunk,
     FailureReport,
     ModelHeader,
+    PhaseMessage,
     Receipt,
     UpdateHeader,
 )
@@ -75,6 +76,7 @@ def instruction_to_proto(task: Instruction) -> pb.Instruction:
         kind=_KIND_TO_PROTO[task.kind],
         settings=settings_to_proto(task.settings),
         config_json=json.dumps(dict(task.config), sort_keys=True),
+        phases=list(task.phases),
     )
 
 
@@ -94,6 +96,7 @@ def instruction_from_proto(m: pb.Instruction) -> Instruction:
         kind=_KIND_FROM_PROTO[m.kind],
         settings=settings_from_proto(m.settings),
         config=config,
+        phases=tuple(m.phases),
     )
 
 
@@ -149,6 +152,14 @@ def failure_from_proto(m: pb.FailureReport) -> FailureReport:
     return FailureReport(m.round, m.reason)
 
 
+def phase_to_proto(m: PhaseMessage) -> pb.PhaseMessage:
+    return pb.PhaseMessage(round=m.round, phase=m.phase, payload=bytes(m.payload))
+
+
+def phase_from_proto(m: pb.PhaseMessage) -> PhaseMessage:
+    return PhaseMessage(m.round, m.phase, m.payload)
+
+
 _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     Instruction: (instruction_to_proto, instruction_from_proto, pb.Instruction),
     ModelHeader: (model_header_to_proto, model_header_from_proto, pb.ModelHeader),
@@ -156,6 +167,7 @@ _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     UpdateHeader: (update_header_to_proto, update_header_from_proto, pb.UpdateHeader),
     Receipt: (receipt_to_proto, receipt_from_proto, pb.Receipt),
     FailureReport: (failure_to_proto, failure_from_proto, pb.FailureReport),
+    PhaseMessage: (phase_to_proto, phase_from_proto, pb.PhaseMessage),
 }
 
 M = TypeVar("M")

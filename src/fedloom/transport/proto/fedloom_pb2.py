@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\"\x89\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\"E\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc3\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\".\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\"\x99\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0e\n\x06phases\x18\x05 \x03(\t\"E\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc3\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\".\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x0cPhaseMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_INSTRUCTIONKIND']._serialized_start=834
-  _globals['_INSTRUCTIONKIND']._serialized_end=975
+  _globals['_INSTRUCTIONKIND']._serialized_start=913
+  _globals['_INSTRUCTIONKIND']._serialized_end=1054
   _globals['_TENSORSPEC']._serialized_start=53
   _globals['_TENSORSPEC']._serialized_end=109
   _globals['_TRAINSETTINGS']._serialized_start=111
   _globals['_TRAINSETTINGS']._serialized_end=235
   _globals['_INSTRUCTION']._serialized_start=238
-  _globals['_INSTRUCTION']._serialized_end=375
-  _globals['_MODELHEADER']._serialized_start=377
-  _globals['_MODELHEADER']._serialized_end=446
-  _globals['_CHUNK']._serialized_start=448
-  _globals['_CHUNK']._serialized_end=501
-  _globals['_UPDATEHEADER']._serialized_start=504
-  _globals['_UPDATEHEADER']._serialized_end=699
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=653
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=699
-  _globals['_RECEIPT']._serialized_start=701
-  _globals['_RECEIPT']._serialized_end=783
-  _globals['_FAILUREREPORT']._serialized_start=785
-  _globals['_FAILUREREPORT']._serialized_end=831
+  _globals['_INSTRUCTION']._serialized_end=391
+  _globals['_MODELHEADER']._serialized_start=393
+  _globals['_MODELHEADER']._serialized_end=462
+  _globals['_CHUNK']._serialized_start=464
+  _globals['_CHUNK']._serialized_end=517
+  _globals['_UPDATEHEADER']._serialized_start=520
+  _globals['_UPDATEHEADER']._serialized_end=715
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=669
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=715
+  _globals['_RECEIPT']._serialized_start=717
+  _globals['_RECEIPT']._serialized_end=799
+  _globals['_FAILUREREPORT']._serialized_start=801
+  _globals['_FAILUREREPORT']._serialized_end=847
+  _globals['_PHASEMESSAGE']._serialized_start=849
+  _globals['_PHASEMESSAGE']._serialized_end=910
 # @@protoc_insertion_point(module_scope)

@@ -45,16 +45,18 @@ class TrainSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("round", "kind", "settings", "config_json")
+    __slots__ = ("round", "kind", "settings", "config_json", "phases")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     round: int
     kind: InstructionKind
     settings: TrainSettings
     config_json: str
-    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    phases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
     __slots__ = ("round", "tensors")
@@ -112,3 +114,13 @@ class FailureReport(_message.Message):
     round: int
     reason: str
     def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PhaseMessage(_message.Message):
+    __slots__ = ("round", "phase", "payload")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    phase: str
+    payload: bytes
+    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
