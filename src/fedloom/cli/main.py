@@ -196,18 +196,27 @@ def simulate(
         baseline=baseline,
     )
     run_root = runs_dir or workspace / "runs"
-    if run_name is not None and (run_root / run_name).exists():
+    run_dir = run_root / (run_name or _fresh_run_name(run_root))
+    if run_dir.exists():
         raise WorkspaceError(
-            f"{run_root / run_name} already exists",
-            hint="pick another --run-name, or remove that folder",
+            f"{run_dir} already exists", hint="pick another --run-name, or remove that folder"
         )
     with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
         result = run_simulation(workspace, plan, options, on_event=progress)
-    run_dir = run_root / (run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     summary = write_run(result, run_dir)
     _print_sites(final_site_metrics(result.history))
     _print_summary(summary)
     console.print(f"Results in [bold]{run_dir}[/]")
+
+
+def _fresh_run_name(run_root: Path) -> str:
+    """A timestamp of the start, with a suffix if a run of that second exists."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while (run_root / name).exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
 
 
 def _print_sites(sites: dict[str, dict[str, float]], limit: int = 20) -> None:

@@ -207,10 +207,15 @@ def simulate(
                 f.result()
         wall = time.perf_counter() - started
         final = aggregator.weights
-        test = _metrics(workers[0].call({"op": "test", "key": "final"}, final))
+        test = _metrics(
+            workers[0].call({"op": "test", "key": "final"}, final), "evaluating on the test set"
+        )
         central = None
         if options.baseline:
-            central = _metrics(workers[0].call({"op": "baseline", "key": "init"}, initial))
+            central = _metrics(
+                workers[0].call({"op": "baseline", "key": "init"}, initial),
+                "training the centralised baseline",
+            )
         return SimulationResult(
             plan=plan,
             plan_hash=digest,
@@ -228,9 +233,9 @@ def simulate(
             w.close()
 
 
-def _metrics(reply: tuple[dict[str, Any], Any]) -> dict[str, float]:
+def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
     header, _ = reply
-    raise_reply_error(header, "evaluating on the test set failed")
+    raise_reply_error(header, f"{doing} failed")
     return {k: float(v) for k, v in header["metrics"].items()}
 
 

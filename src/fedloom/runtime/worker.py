@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from fedloom.runtime.executor import execute
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteContext
 from fedloom.tasks.loader import load_task
-from fedloom.weights import Weights
+from fedloom.weights import Weights, read_only
 
 Reply = tuple[dict[str, Any], Weights | None]
 
@@ -90,6 +91,7 @@ class SiteWorker:
         if weights is None:
             raise TaskError("worker has no weights for this request")
         self._cached = (header.get("key"), weights)
+        weights = read_only(weights)  # the task never writes into what it was given
         if op == "run":
             return self._run(header, weights)
         if op == "test":
@@ -141,6 +143,7 @@ class SiteWorker:
 
 def serve(conn: Connection) -> None:
     """Serve requests on ``conn`` until told to stop (the worker process's main)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         setup = json.loads(conn.recv_bytes())
         worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
