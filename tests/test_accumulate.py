@@ -233,3 +233,21 @@ def test_make_accumulator_follows_needs_updates() -> None:
     specs = specs_of(update_for(0))
     assert isinstance(make_accumulator(specs, needs_updates=False, max_sites=3), MeanAccumulator)
     assert isinstance(make_accumulator(specs, needs_updates=True, max_sites=3), UpdateBuffer)
+
+
+@pytest.mark.parametrize("magnitude", [1e-12, 1e-8, 1e-4, 1.0, 1e3])
+def test_precision_is_relative_down_to_tiny_updates(magnitude: float) -> None:
+    rng = np.random.default_rng(7)
+    spec = (TensorSpec("w", "float32", (64,)),)
+    acc = MeanAccumulator(spec, max_sites=10)
+    deltas = [(rng.normal(size=64) * magnitude).astype(np.float32) for _ in range(10)]
+    weights = [int(w) for w in rng.integers(1, 5000, size=10)]
+    for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+        acc.fold(f"site-{i}", w, {"w": d})
+    reference = sum(
+        np.float64(w) * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True)
+    )
+    reference = reference / sum(weights)
+    got = acc.summary(1, ()).mean_delta["w"]
+    # exact to 2**-64 of each weighted value: float64-level precision at any magnitude
+    np.testing.assert_allclose(got, reference, rtol=1e-12, atol=len(deltas) * 2.0**-64)

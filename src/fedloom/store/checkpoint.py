@@ -44,13 +44,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
     except OSError as err:
         raise StateError(f"cannot read {path}: {err.strerror}") from err
+    except ValueError as err:
+        raise StateError(
+            f"{path} is not a valid safetensors file (unreadable header)",
+            hint="the file is truncated or corrupt; restore it or start a new run",
+        ) from err
     try:
-        tensors = st.load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
+        # load_file, not load(bytes): only the file reader knows bfloat16
+        tensors = st.load_file(path)
     except Exception as err:  # safetensors raises its own types for truncated files
         raise StateError(
             f"{path} is not a valid safetensors file ({err})",

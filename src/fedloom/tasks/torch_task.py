@@ -80,7 +80,7 @@ class TorchTask:
     ) -> TrainOutput:
         model = self.model()
         load_weights_into(model, weights)
-        torch.manual_seed(context.seed)
+        torch.default_generator.manual_seed(context.seed)  # CPU only: no CUDA stack capture
         rng = np.random.default_rng(context.seed)
         x = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
         y = torch.from_numpy(np.ascontiguousarray(data.y_train, dtype=np.int64))
