@@ -434,14 +434,15 @@ def test_no_quorum_retries_then_raises(make_federation: Any, shift_runner: Any) 
         fed.finish()
 
     message = str(info.value)
-    assert "round 1: 2 of 4 sites answered (attempt 2); the plan needs 3" in message
+    assert "round 1: 2 of 4 sites answered (attempt 2); the round needs 3" in message
     assert "2 site(s), e.g. site-c: no answer before the round's deadline" in message
     closed = [e.record for e in fed.log.closed()]
     assert [(r.attempt, r.close_reason) for r in closed] == [
         (1, CloseReason.NO_QUORUM),
         (2, CloseReason.NO_QUORUM),
     ]
-    assert fed.aggregator.history == []
+    # failed attempts stay in the history, with their failures
+    assert fed.aggregator.history == closed
     assert_weights(fed.aggregator.weights, model())
     for worker in fed.sites.values():  # the sites were told the federation is over
         worker.join()
@@ -518,3 +519,55 @@ def test_selection_depends_on_seed_and_round_not_connection_order(
     )
     assert first == second == third
     assert first == [tuple(select_sites(list(FIVE), 2, 11, r)) for r in range(1, 5)]
+
+
+def test_final_evaluation_waits_for_every_site_even_when_one_fails(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=1, min_fraction=1.0)
+
+    def fails_to_evaluate(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        if instruction.kind is InstructionKind.EVALUATE:
+            raise RuntimeError("validation data missing")
+        return shift_runner(0, 10)(instruction, weights)
+
+    fed.start_site("site-a", fails_to_evaluate)
+    fed.start_site("site-b", shift_runner(1, 20))
+    fed.start_site("site-c", shift_runner(2, 30))
+    fed.start()
+    train, evaluation = fed.finish()
+    assert train.close_reason is CloseReason.ALL_ANSWERED
+    assert evaluation.kind is InstructionKind.EVALUATE
+    assert [r.site for r in evaluation.results] == ["site-b", "site-c"]
+    (failure,) = evaluation.failures
+    assert failure.site == "site-a" and "validation data missing" in failure.reason
+
+
+def test_sites_not_waited_for_are_cancelled_not_timed_out(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=1, min_fraction=1.0, max_retries=0)
+    release = threading.Event()
+
+    def broken(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        raise RuntimeError("disk full")
+
+    def slow(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        release.wait(10)
+        return shift_runner(1, 20)(instruction, weights)
+
+    fed.start_site("site-a", broken)
+    fed.start_site("site-b", slow)
+    fed.start_site("site-c", slow)
+    fed.start()
+    with pytest.raises(QuorumError) as info:
+        fed.finish()
+    release.set()
+    (record,) = fed.aggregator.history
+    kinds = {f.site: f.kind for f in record.failures}
+    assert kinds == {
+        "site-a": FailureKind.ERROR,
+        "site-b": FailureKind.CANCELLED,
+        "site-c": FailureKind.CANCELLED,
+    }
+    assert "e.g. site-a: RuntimeError: disk full" in str(info.value)

@@ -118,3 +118,28 @@ def test_missing_workspace_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "is not a folder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_krum_needing_more_updates_than_a_round_has_is_a_plan_error() -> None:
+    with pytest.raises(PlanError) as info:
+        validate_plan({"sites": 5, "strategy": {"name": "krum", "num_byzantine": 2}})
+    assert (
+        "strategy.num_byzantine: krum with these parameters needs at least 7 updates"
+        in (info.value.problems[0])
+    )
+    assert validate_plan({"sites": 7, "strategy": {"name": "krum", "num_byzantine": 2}})
+
+
+def test_plan_hash_covers_python_files_in_data_too(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    before = plan_hash(load_plan(ws), ws)
+    (ws / "data").mkdir()
+    (ws / "data" / "loader.py").write_text("def load(): ...\n")
+    assert plan_hash(load_plan(ws), ws) != before
+
+
+def test_a_plan_that_is_not_utf8_is_a_plan_error(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "federation.yaml").write_bytes(b"rounds: 3\nname: caf\xe9\n")
+    with pytest.raises(PlanError, match="not UTF-8"):
+        load_plan(ws)

@@ -103,3 +103,27 @@ def test_a_site_whose_task_fails_is_recorded_and_the_round_goes_on(tmp_path: Pat
         assert "disk full at site-02" in failure.reason
         assert len(record.results) == 4
     assert result.test_metrics["accuracy"] > 0.85
+
+
+def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "task.py").write_text(
+        "import threading\n"
+        "from fedloom.tasks import SoftmaxRegression\n"
+        "class Hangs(SoftmaxRegression):\n"
+        "    def train(self, weights, data, settings, context):\n"
+        "        if context.site == 'site-03':\n"
+        "            threading.Event().wait()  # never returns\n"
+        "        return super().train(weights, data, settings, context)\n"
+        "task = Hangs(num_features=30, num_classes=2)\n"
+    )
+    plan = load_plan(ws, ["rounds=2", "deadline.round_seconds=2", "deadline.min_fraction=0.5"])
+    result = simulate(ws, plan, SimulationOptions(workers=2))
+    train = [r for r in result.history if r.kind is InstructionKind.TRAIN]
+    assert [r.close_reason for r in train] == [CloseReason.DEADLINE_QUORUM] * 2
+    for record in train:
+        assert [f.site for f in record.failures] == ["site-03"]
+        assert len(record.results) == 4
+    final = result.history[-1]
+    assert final.kind is InstructionKind.EVALUATE
+    assert {r.site for r in final.results} >= {"site-01", "site-02", "site-04", "site-05"}

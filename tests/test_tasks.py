@@ -127,3 +127,9 @@ def test_loading_a_task_module_explains_what_is_wrong(tmp_path: Path) -> None:
     (crashing / "task.py").write_text("raise RuntimeError('boom at import')\n")
     with pytest.raises(WorkspaceError, match="boom at import"):
         load_task(crashing)
+
+
+def test_a_syntax_error_in_the_task_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "task.py").write_text("x = 1\ndef broken(:\n")
+    with pytest.raises(WorkspaceError, match=r"task\.py, line 2: syntax error"):
+        load_task(tmp_path)

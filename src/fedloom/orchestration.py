@@ -9,6 +9,7 @@ condition, and the deadline comes from an injectable clock.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import threading
@@ -123,7 +124,7 @@ class FederationConfig:
     min_fraction: float
     round_deadline: float  # seconds
     max_retries: int = 2
-    max_samples: int = 1_000_000
+    max_samples: int = 100_000
     seed: int = 0
     settings: TrainSettings = field(default_factory=TrainSettings)
     final_evaluation: bool = True
@@ -197,10 +198,8 @@ class Aggregator:
         cfg = self.config
         selected = tuple(select_sites(list(cfg.roster), cfg.sites_per_round, cfg.seed, rnd))
         extra = dict(self.strategy.configure(rnd, self.state))
-        settings = cfg.settings
-        if "proximal_mu" in extra:
-            mu = float(extra.pop("proximal_mu"))
-            settings = TrainSettings(**{**_settings_dict(settings), "proximal_mu": mu})
+        overrides = {k: extra.pop(k) for k in list(extra) if k in TrainSettings.__slots__}
+        settings = dataclasses.replace(cfg.settings, **overrides)
         task = Instruction(
             round=rnd,
             kind=InstructionKind.TRAIN,
@@ -208,16 +207,18 @@ class Aggregator:
             config=extra,
             phases=tuple(self._phases),
         )
+        needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
         for attempt in range(1, cfg.max_retries + 2):
-            record, accumulator = self._run_phase(task, selected, attempt, collect=True)
+            record, accumulator = self._run_phase(task, selected, attempt, needed=needed)
             if record.close_reason is not CloseReason.NO_QUORUM:
                 break
+            self.history.append(record)  # a failed attempt is history too
             self._on_event(RoundClosed(record))
         else:
             raise QuorumError(
                 f"round {rnd}: {len(record.results)} of {len(selected)} sites answered "
-                f"(attempt {record.attempt}); the plan needs "
-                f"{_needed(len(selected), cfg.min_fraction)}.{_causes(record.failures)}",
+                f"(attempt {record.attempt}); the round needs {needed}."
+                f"{_causes(record.failures)}",
                 hint="fix what the sites report, or lower deadline.min_fraction",
             )
         assert accumulator is not None  # noqa: S101 - collect=True always makes one
@@ -229,13 +230,14 @@ class Aggregator:
         return record
 
     def _evaluation_round(self, rnd: int) -> RoundRecord:
+        """Every site evaluates the final model; waits for all of them (or the deadline)."""
         task = Instruction(round=rnd, kind=InstructionKind.EVALUATE, settings=self.config.settings)
-        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), 1, collect=False)
+        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), 1, needed=0)
         self._on_event(RoundClosed(record))
         return record
 
     def _run_phase(
-        self, task: Instruction, selected: tuple[str, ...], attempt: int, *, collect: bool
+        self, task: Instruction, selected: tuple[str, ...], attempt: int, *, needed: int
     ) -> tuple[RoundRecord, Accumulator | None]:
         cfg = self.config
         weights = self.state.weights
@@ -245,10 +247,9 @@ class Aggregator:
                 needs_updates=self.strategy.needs_updates,
                 max_sites=len(selected),
             )
-            if collect
+            if task.kind is InstructionKind.TRAIN
             else None
         )
-        needed = _needed(len(selected), cfg.min_fraction)
         with self._cond:
             opened = _OpenRound(
                 round=task.round,
@@ -264,11 +265,14 @@ class Aggregator:
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
         self.faults.hit("round.opened", round=task.round)
-        why_closed = "no answer before the round's deadline"
+        why_closed = (FailureKind.TIMEOUT, "no answer before the round's deadline")
         with self._cond:
             while opened.pending:
                 if len(opened.results) + len(opened.pending) < needed:
-                    why_closed = "not waited for: the round could no longer reach its quorum"
+                    why_closed = (
+                        FailureKind.CANCELLED,
+                        "not waited for: the round could no longer reach its quorum",
+                    )
                     break
                 if self.clock.now() >= opened.deadline:
                     break
@@ -277,7 +281,8 @@ class Aggregator:
             while opened.folding:  # updates already past it settle first (never long)
                 self.clock.wait(self._cond, None)
             for site in sorted(opened.pending):
-                opened.failures[site] = Failure(site, task.round, FailureKind.TIMEOUT, why_closed)
+                opened.failures[site] = Failure(site, task.round, *why_closed)
+            opened.pending.clear()  # a late answer changes nothing now
             reason = _close_reason(opened, needed)
             record = RoundRecord(
                 round=task.round,
@@ -442,7 +447,7 @@ def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
     timeouts: set[str] = set()
     for f in failures:
         counts.setdefault(f.reason, []).append(f.site)
-        if f.kind is FailureKind.TIMEOUT:
+        if f.kind in (FailureKind.TIMEOUT, FailureKind.CANCELLED):
             timeouts.add(f.reason)
     if not counts:
         return ""
@@ -487,7 +492,3 @@ def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
                 f"model's {e.name!r} {e.dtype}{list(e.shape)}"
             )
     return "tensor specs differ from the global model"
-
-
-def _settings_dict(s: TrainSettings) -> dict[str, Any]:
-    return {k: getattr(s, k) for k in TrainSettings.__slots__}

@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
+from fedloom.records import TrainSettings
 
 PLAN_FILE = "federation.yaml"
 PLAN_VERSION = 1
-_SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git", "state", "data"}
+_SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git"}
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -136,6 +137,17 @@ class Plan(_Frozen):
         width = max(2, len(str(self.sites)))
         return tuple(f"site-{i:0{width}d}" for i in range(1, self.sites + 1))
 
+    def train_settings(self) -> TrainSettings:
+        """The plan's local training settings, as sites receive them."""
+        t = self.training
+        return TrainSettings(
+            epochs=t.epochs,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            momentum=t.momentum,
+            weight_decay=t.weight_decay,
+        )
+
     @property
     def strategy_params(self) -> dict[str, Any]:
         return dict(self.strategy.model_extra or {})
@@ -158,7 +170,11 @@ def read_plan_file(workspace: Path) -> dict[str, Any]:
             f"{path} not found", hint="a workspace holds federation.yaml; see `fedloom init`"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise PlanError(
+            [f"not UTF-8 text ({err.reason} at byte {err.start})"], source=str(path)
+        ) from err
     except yaml.YAMLError as err:
         raise PlanError([f"not valid YAML: {err}"], source=str(path)) from err
     if raw is None:
@@ -234,6 +250,16 @@ def _with_strategy_defaults(plan: Plan) -> Plan:
     strategy = pydantic.TypeAdapter(cls).validate_python(plan.strategy_params)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     params = {f.name: getattr(strategy, f.name) for f in fields}
+    per_round = plan.sites_per_round or len(plan.roster)
+    if strategy.min_updates() > per_round:
+        first = f"strategy.{fields[0].name}" if fields else "strategy.name"
+        raise PlanError(
+            [
+                f"{first}: {plan.strategy.name} with these parameters needs at least "
+                f"{strategy.min_updates()} updates a round, but only {per_round} sites take "
+                "part in a round; lower it, or add sites"
+            ]
+        )
     return plan.model_copy(update={"strategy": StrategyPlan(name=plan.strategy.name, **params)})
 
 

@@ -30,6 +30,7 @@ class FailureKind(enum.Enum):
     REJECTED = "rejected"  # the aggregator refused the update (NaN, shape, stale round …)
     ERROR = "error"  # the site reported that its task failed
     DISCONNECTED = "disconnected"  # the stream or the site's process broke off
+    CANCELLED = "cancelled"  # not waited for: the round could no longer reach its quorum
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,10 +73,6 @@ def nbytes(weights: Mapping[str, np.ndarray]) -> int:
     return sum(int(a.nbytes) for a in weights.values())
 
 
-def num_parameters(weights: Mapping[str, np.ndarray]) -> int:
-    return sum(int(a.size) for a in weights.values())
-
-
 def subtract(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> Weights:
     """The update ``local - base``, tensor by tensor, in each tensor's own dtype."""
     check_compatible(local, specs_of(base))
@@ -101,15 +97,6 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
         total = b.astype(np.float64) + d
         cast = total.astype(b.dtype) if is_float(b.dtype) else np.rint(total).astype(b.dtype)
         out[name] = np.asarray(cast)
-    return out
-
-
-def cast_like(values: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> Weights:
-    """``values`` cast to the dtypes of ``like`` (integers rounded)."""
-    out: Weights = {}
-    for name, ref in like.items():
-        v = np.asarray(values[name])
-        out[name] = v.astype(ref.dtype) if is_float(ref.dtype) else np.rint(v).astype(ref.dtype)
     return out
 
 

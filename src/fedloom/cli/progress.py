@@ -14,8 +14,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from fedloom.orchestration import Event, RoundClosed, RoundOpened, SiteAnswered
-from fedloom.records import InstructionKind
+from fedloom.orchestration import CloseReason, Event, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.transport.inprocess import TrafficCounter
 
 
@@ -66,7 +65,8 @@ class RoundProgress:
             metrics = event.record.metrics
             acc = metrics.get("global_accuracy")
             self._last = f" · acc {acc:.3f}" if acc is not None else ""
-            self.progress.advance(self.task)
+            if event.record.close_reason is not CloseReason.NO_QUORUM:  # a retry follows
+                self.progress.advance(self.task)
         label = (
             "final evaluation"
             if self._round > self.rounds
@@ -75,7 +75,3 @@ class RoundProgress:
         moved = human_bytes(traffic.sent + traffic.received)
         detail = f"sites {self._done}/{self._selected} · {moved}{self._last}"
         self.progress.update(self.task, description=label, detail=detail)
-
-
-def is_final(kind: InstructionKind) -> bool:
-    return kind is InstructionKind.EVALUATE

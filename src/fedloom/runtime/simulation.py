@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from fedloom.orchestration import (
     RoundRecord,
 )
 from fedloom.plan import Plan, plan_hash
-from fedloom.records import Instruction, SiteAnswer, TrainSettings
+from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.worker import (
     LocalWorker,
     ProcessWorker,
@@ -74,7 +75,6 @@ ProgressSink = Callable[[Event, TrafficCounter], None]
 
 
 def federation_config(plan: Plan) -> FederationConfig:
-    t = plan.training
     roster = plan.roster
     return FederationConfig(
         roster=roster,
@@ -83,15 +83,9 @@ def federation_config(plan: Plan) -> FederationConfig:
         min_fraction=plan.deadline.min_fraction,
         round_deadline=plan.deadline.round_seconds,
         max_retries=plan.deadline.retries,
-        max_samples=t.max_samples,
+        max_samples=plan.training.max_samples,
         seed=plan.seed,
-        settings=TrainSettings(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-        ),
+        settings=plan.train_settings(),
         final_evaluation=plan.evaluation.final,
     )
 
@@ -153,7 +147,9 @@ def simulate(
     strategy = build_strategy(plan.strategy.name, plan.strategy_params)
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
-    workers = _start_workers(str(ws), plan_json, attack_json, options.workers)
+    workers = _start_workers(
+        str(ws), plan_json, attack_json, options.workers, plan.deadline.round_seconds
+    )
     try:
         init_header, initial = workers[0].call({"op": "init"})
         raise_reply_error(init_header, "the task's init_weights failed")
@@ -181,30 +177,55 @@ def simulate(
         traffic_box.append(transport.traffic)
         drivers = [_Driver(w) for w in workers]
 
+        busy: set[str] = set()  # sites a driver is working on
+        asked_again: set[str] = set()  # ... and that a retried round asked for meanwhile
+        busy_lock = threading.Lock()
+
         def drive(driver: _Driver) -> None:
             while (site := sites.get()) is not None:
-                collaborator = Collaborator(
-                    transport.connect(site),
-                    lambda ins, w, s=site: driver.run_site(s, ins, w),  # type: ignore[misc]
-                )
+                with busy_lock:
+                    if site in busy:
+                        asked_again.add(site)
+                        continue
+                    busy.add(site)
                 try:
-                    collaborator.step(timeout=0)
-                except Exception as err:  # never lose a driver: the site fails, not the run
-                    if collaborator.current is not None:
-                        reason = f"{type(err).__name__}: {err}"
-                        report = FailureReport(collaborator.current.round, reason)
-                        collaborator.connection.report_failure(report)
+                    run_site(driver, site)
+                finally:
+                    with busy_lock:
+                        busy.discard(site)
+                        if site in asked_again:
+                            asked_again.discard(site)
+                            sites.put(site)
+
+        def run_site(driver: _Driver, site: str) -> None:
+            collaborator = Collaborator(
+                transport.connect(site),
+                lambda ins, w: driver.run_site(site, ins, w),
+            )
+            try:
+                collaborator.step(timeout=0)
+            except Exception as err:  # never lose a driver: the site fails, not the run
+                if collaborator.current is not None:
+                    reason = f"{type(err).__name__}: {err}"
+                    report = FailureReport(collaborator.current.round, reason)
+                    collaborator.connection.report_failure(report)
 
         started = time.perf_counter()
-        with ThreadPoolExecutor(len(drivers), thread_name_prefix="fedloom-site") as pool:
-            futures = [pool.submit(drive, d) for d in drivers]
-            try:
-                history = aggregator.run()
-            finally:
-                for _ in drivers:
-                    sites.put(None)
-            for f in futures:
-                f.result()
+        pool = ThreadPoolExecutor(len(drivers), thread_name_prefix="fedloom-site")
+        futures = [pool.submit(drive, d) for d in drivers]
+        completed = False
+        try:
+            history = aggregator.run()
+            completed = True
+        finally:
+            for _ in drivers:
+                sites.put(None)
+            if not completed:  # stopped or failed: don't wait for tasks still running
+                for w in workers:
+                    w.abort()
+            pool.shutdown(wait=True)
+        for f in futures:
+            f.result()
         wall = time.perf_counter() - started
         final = aggregator.weights
         test = _metrics(
@@ -239,10 +260,15 @@ def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
     return {k: float(v) for k, v in header["metrics"].items()}
 
 
-def _start_workers(workspace: str, plan_json: str, attack_json: str, count: int) -> list[Worker]:
+def _start_workers(
+    workspace: str, plan_json: str, attack_json: str, count: int, call_timeout: float
+) -> list[Worker]:
     if count <= 0:
         return [LocalWorker(workspace, plan_json, attack_json)]
-    workers: list[Worker] = [ProcessWorker(workspace, plan_json, attack_json) for _ in range(count)]
+    workers: list[Worker] = [
+        ProcessWorker(workspace, plan_json, attack_json, call_timeout=call_timeout)
+        for _ in range(count)
+    ]
     try:
         for w in workers:
             w.wait_ready()

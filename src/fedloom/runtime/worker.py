@@ -8,6 +8,7 @@ process, :class:`LocalWorker` in the calling process (``--workers 0``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -123,14 +124,8 @@ class SiteWorker:
         """Train the same model centrally on every site's training data, as long as
         the federation trained (rounds x epochs), and evaluate it on the test set."""
         pooled = self.source.pooled_train()
-        t = self.plan.training
-        settings = TrainSettings(
-            epochs=t.epochs * self.plan.rounds,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-        )
+        per_round = self.plan.train_settings()
+        settings = dataclasses.replace(per_round, epochs=per_round.epochs * self.plan.rounds)
         out = self.task.train(weights, pooled, settings, SiteContext("centralised", -1, 0, 1))
         x, y = self.source.test_set()
         result = self.task.evaluate(out.weights, x, y)
@@ -154,7 +149,7 @@ def serve(conn: Connection) -> None:
     while True:
         try:
             header, weights = pipes.receive(conn)
-        except EOFError:
+        except (EOFError, OSError):
             return
         if header["op"] == "stop":
             return
@@ -201,11 +196,24 @@ class WorkerDied(FedloomError):
 class ProcessWorker:
     """A :class:`SiteWorker` in a fresh Python process (``python -m
     fedloom.runtime.workerproc``), linked by a socket pair: nothing is inherited, nothing
-    pickled, and the caller's ``__main__`` is never re-imported."""
+    pickled, and the caller's ``__main__`` is never re-imported.
 
-    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
+    A request that gets no answer within ``call_timeout`` seconds (a hung task) fails
+    with :class:`WorkerDied`, and the process is replaced by a fresh one.
+    """
+
+    def __init__(
+        self,
+        workspace: str,
+        plan_json: str,
+        attack_json: str,
+        *,
+        call_timeout: float | None = None,
+    ) -> None:
         self._setup = json.dumps({"workspace": workspace, "plan": plan_json, "attack": attack_json})
         self._lock = threading.Lock()
+        self._closing = False
+        self.call_timeout = call_timeout
         self._start()
 
     def _start(self) -> None:
@@ -222,31 +230,54 @@ class ProcessWorker:
         self._conn.send_bytes(self._setup.encode())
         self._ready: bool | None = None
 
+    def _restart(self) -> int | None:
+        self._proc.kill()
+        code = self._proc.wait()
+        self._conn.close()
+        if not self._closing:
+            self._start()
+        return code
+
     def wait_ready(self) -> None:
         if self._ready:
             return
         try:
             header, _ = pipes.receive(self._conn)
-        except EOFError as err:
+        except (EOFError, OSError) as err:
             raise WorkerDied("a worker process died while starting") from err
         raise_reply_error(header, "a worker could not start")
         self._ready = True
 
     def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
         with self._lock:
+            if self._closing:
+                raise WorkerDied("the simulation is shutting down")
             self.wait_ready()
             try:
                 pipes.send(self._conn, header, weights)
+                if self.call_timeout is not None and not self._conn.poll(self.call_timeout):
+                    self._restart()
+                    raise WorkerDied(
+                        f"the site's task gave no answer within {self.call_timeout:g} s "
+                        "(the round's deadline); its worker process was replaced"
+                    )
                 return pipes.receive(self._conn)
-            except (EOFError, BrokenPipeError, ConnectionResetError) as err:
-                code = self._proc.wait(timeout=30)
-                self._start()  # a fresh worker for the next request
+            except (EOFError, OSError) as err:
+                if self._closing:
+                    raise WorkerDied("the simulation is shutting down") from err
+                code = self._restart()
                 raise WorkerDied(f"worker process died (exit code {code})") from err
 
+    def abort(self) -> None:
+        """Stop now, even in the middle of a request (which then fails)."""
+        self._closing = True
+        self._proc.kill()
+
     def close(self) -> None:
+        self._closing = True
         try:
             pipes.send(self._conn, {"op": "stop"})
-        except (BrokenPipeError, OSError):
+        except OSError:
             pass
         try:
             self._proc.wait(timeout=10)
@@ -265,6 +296,9 @@ class LocalWorker:
 
     def wait_ready(self) -> None:
         return None
+
+    def abort(self) -> None:
+        return None  # nothing to interrupt: a request runs in the caller's own thread
 
     def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
         with self._lock:

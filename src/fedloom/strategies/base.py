@@ -28,7 +28,13 @@ class Strategy(Protocol):
         ...
 
     def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        """Extra configuration sent to every site for ``round`` (e.g. ``proximal_mu``)."""
+        """Configuration sent to every site for ``round``. A key named like a
+        :class:`~fedloom.records.TrainSettings` field overrides that training setting for
+        the round (FedProx sets ``proximal_mu``); other keys reach the task as config."""
+        ...
+
+    def min_updates(self) -> int:
+        """The fewest updates a round needs to be aggregated (Krum: ``2f + 3``)."""
         ...
 
     def aggregate(

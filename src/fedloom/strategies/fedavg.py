@@ -86,6 +86,9 @@ class _DeltaStrategy:
     def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
         return {}
 
+    def min_updates(self) -> int:
+        return 1
+
     def aggregate(
         self, round: int, state: StrategyState, summary: Summary, failures: Sequence[Failure]
     ) -> tuple[StrategyState, Weights]:

@@ -105,6 +105,9 @@ class Krum(_RobustStrategy):
 
     num_byzantine: Annotated[int, Field(ge=0)] = 1
 
+    def min_updates(self) -> int:
+        return 2 * self.num_byzantine + 3
+
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         return updates[krum([u.delta for u in updates], self.num_byzantine)].delta
 
@@ -119,6 +122,9 @@ class MultiKrum(_RobustStrategy):
 
     num_byzantine: Annotated[int, Field(ge=0)] = 1
     num_selected: Annotated[int, Field(ge=1)] | None = None
+
+    def min_updates(self) -> int:
+        return max(2 * self.num_byzantine + 3, self.num_selected or 0)
 
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         deltas = [u.delta for u in updates]

@@ -40,9 +40,22 @@ def load_task(workspace: str | Path, module: str = "task.py") -> Task:
                 else "check the imports of the task module"
             )
             raise WorkspaceError(f"{path}: cannot import {err.name or err}", hint=hint) from err
+        except SyntaxError as err:
+            raise WorkspaceError(
+                f"{err.filename or path}, line {err.lineno}: syntax error: {err.msg}"
+            ) from err
         except Exception as err:
-            last = traceback.format_exception(err)[-1].strip()
-            raise WorkspaceError(f"{path} failed while loading: {last}") from err
+            frames = traceback.extract_tb(err.__traceback__)
+            where = next(
+                (
+                    f"{f.filename}, line {f.lineno}"
+                    for f in reversed(frames)
+                    if f.filename == str(path)
+                ),
+                str(path),
+            )
+            last = traceback.format_exception_only(err)[-1].strip()
+            raise WorkspaceError(f"{where}: failed while loading: {last}") from err
         sys.modules[name] = mod
     task = getattr(mod, "task", None)
     if task is None:

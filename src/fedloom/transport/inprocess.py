@@ -73,7 +73,6 @@ class InProcessConnection:
     def __init__(self, transport: InProcessTransport, site: str) -> None:
         self._transport = transport
         self._site = site
-        self._closed = False
 
     @property
     def site(self) -> str:
@@ -106,7 +105,7 @@ class InProcessConnection:
         return self._transport._pass(reply, down=True)
 
     def close(self) -> None:
-        self._closed = True
+        return None  # nothing to release in-process
 
     def _relay(self, chunks: Iterator[Chunk], *, down: bool) -> Iterator[Chunk]:
         for chunk in chunks:
