@@ -127,3 +127,31 @@ def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path)
     final = result.history[-1]
     assert final.kind is InstructionKind.EVALUATE
     assert {r.site for r in final.results} >= {"site-01", "site-02", "site-04", "site-05"}
+
+
+def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "task.py").write_text(
+        "from fedloom.tasks import SoftmaxRegression\n"
+        "class BreaksInRound3(SoftmaxRegression):\n"
+        "    def train(self, weights, data, settings, context):\n"
+        "        if context.round == 3:\n"
+        "            raise RuntimeError('the GPU caught fire')\n"
+        "        return super().train(weights, data, settings, context)\n"
+        "task = BreaksInRound3(num_features=30, num_classes=2)\n"
+    )
+    proc = run_cli(
+        "simulate", str(ws), "--workers", "0", "--quiet", "--run-name", "broken",
+        "rounds=5", "deadline.retries=1",
+    )  # fmt: skip
+    assert proc.returncode == 7, proc.stderr
+    assert "the GPU caught fire" in proc.stderr
+    run = ws / "runs" / "broken"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "the GPU caught fire" in summary["error"]
+    assert summary["rounds_closed"] == 4  # rounds 1 and 2, then two failed attempts of 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["attempt"]) for r in rows} == {(1, 1), (2, 1), (3, 1), (3, 2)}
+    third = [r for r in rows if r["round"] == 3]
+    assert {r["status"] for r in third} <= {"error", "cancelled"}
+    assert any(r["status"] == "error" for r in third)

@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedloom.orchestration import RoundRecord
+from fedloom.errors import WorkspaceError
+from fedloom.orchestration import Event, RoundClosed, RoundRecord
+from fedloom.plan import Plan
 from fedloom.records import InstructionKind
 from fedloom.runtime.simulation import SimulationResult
 from fedloom.store import save_weights
@@ -22,23 +24,28 @@ from fedloom.store import save_weights
 def metric_rows(history: tuple[RoundRecord, ...]) -> Iterator[dict[str, Any]]:
     """One row per site per round: its metrics, or why it failed."""
     for record in history:
-        base = {
-            "round": record.round,
-            "kind": record.kind.value,
-            "attempt": record.attempt,
-            "close_reason": record.close_reason.value,
+        yield from record_rows(record)
+
+
+def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
+    """The rows of one round (one attempt of it)."""
+    base = {
+        "round": record.round,
+        "kind": record.kind.value,
+        "attempt": record.attempt,
+        "close_reason": record.close_reason.value,
+    }
+    for r in record.results:
+        yield {
+            **base,
+            "site": r.site,
+            "status": "ok",
+            "num_samples": r.num_samples,
+            "claimed_samples": r.claimed_samples,
+            **dict(r.metrics),
         }
-        for r in record.results:
-            yield {
-                **base,
-                "site": r.site,
-                "status": "ok",
-                "num_samples": r.num_samples,
-                "claimed_samples": r.claimed_samples,
-                **dict(r.metrics),
-            }
-        for f in record.failures:
-            yield {**base, "site": f.site, "status": f.kind.value, "reason": f.reason}
+    for f in record.failures:
+        yield {**base, "site": f.site, "status": f.kind.value, "reason": f.reason}
 
 
 def final_site_metrics(history: tuple[RoundRecord, ...]) -> dict[str, dict[str, float]]:
@@ -56,6 +63,7 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
     central = result.centralized_metrics
     return {
         "run_name": run_name,
+        "status": "completed",
         "plan_name": result.plan.name,
         "rounds": result.plan.rounds,
         "sites": len(result.plan.roster),
@@ -76,23 +84,64 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
     }
 
 
-def write_run(result: SimulationResult, run_dir: Path, *, plot: bool = True) -> dict[str, Any]:
-    """Write every artefact of ``result`` into ``run_dir``; return the summary."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "w") as fh:
-        for row in metric_rows(result.history):
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
-    data = summary(result, run_dir.name)
-    (run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
-    (run_dir / "plan.json").write_text(
-        json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n"
-    )
-    save_weights(run_dir / "final.safetensors", result.final_weights)
-    if plot:
-        from fedloom.plots import plot_accuracy
+class RunRecorder:
+    """Writes a run folder as the run goes: ``metrics.jsonl`` grows round by round, so a
+    run that fails or is stopped keeps what it did, with a ``summary.json`` saying why."""
 
-        plot_accuracy(result.history, run_dir / "accuracy.png", test=data["test_accuracy"])
-    return data
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            self._metrics = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115 - kept open
+        except FileExistsError as err:
+            raise WorkspaceError(
+                f"{run_dir} already exists", hint="pick another --run-name, or remove that folder"
+            ) from err
+        except OSError as err:
+            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+        self.run_dir = run_dir
+        self.rounds_closed = 0
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, RoundClosed):
+            for row in record_rows(event.record):
+                self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+            self._metrics.flush()
+            self.rounds_closed += 1
+
+    def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
+        """Write the summary, the plan, the final model and the plot; return the summary."""
+        self._metrics.close()
+        data = summary(result, self.run_dir.name)
+        (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+        (self.run_dir / "plan.json").write_text(
+            json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n"
+        )
+        save_weights(self.run_dir / "final.safetensors", result.final_weights)
+        if plot:
+            from fedloom.plots import plot_accuracy
+
+            path = self.run_dir / "accuracy.png"
+            plot_accuracy(result.history, path, test=data["test_accuracy"])
+        return data
+
+    def fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
+        """Record why the run ended early, next to the metrics it had written."""
+        self._metrics.close()
+        data = {
+            "run_name": self.run_dir.name,
+            "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+            "error": str(error) or type(error).__name__,
+            "plan_name": plan.name,
+            "rounds": plan.rounds,
+            "sites": len(plan.roster),
+            "strategy": plan.strategy.name,
+            "plan_hash": plan_hash,
+            "rounds_closed": self.rounds_closed,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+        (self.run_dir / "plan.json").write_text(
+            json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
+        )
 
 
 def _num(value: float | None) -> float | None:

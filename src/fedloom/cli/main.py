@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.errors import FedloomError, WorkspaceError
+from fedloom.errors import FedloomError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -169,9 +169,11 @@ def simulate(
     plan.json and accuracy.png.
     """
     from fedloom.cli.progress import RoundProgress
-    from fedloom.report import final_site_metrics, write_run
+    from fedloom.orchestration import Event
+    from fedloom.report import RunRecorder, final_site_metrics
     from fedloom.runtime.simulation import SimulationOptions
     from fedloom.runtime.simulation import simulate as run_simulation
+    from fedloom.transport.inprocess import TrafficCounter
 
     flags = {
         "sites": sites,
@@ -196,14 +198,21 @@ def simulate(
         baseline=baseline,
     )
     run_root = runs_dir or workspace / "runs"
-    run_dir = run_root / (run_name or _fresh_run_name(run_root))
-    if run_dir.exists():
-        raise WorkspaceError(
-            f"{run_dir} already exists", hint="pick another --run-name, or remove that folder"
-        )
-    with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
-        result = run_simulation(workspace, plan, options, on_event=progress)
-    summary = write_run(result, run_dir)
+    recorder = RunRecorder(run_root / (run_name or _fresh_run_name(run_root)))
+    run_dir = recorder.run_dir
+    try:
+        with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
+
+            def on_event(event: Event, traffic: TrafficCounter) -> None:
+                progress(event, traffic)
+                recorder.on_event(event)
+
+            result = run_simulation(workspace, plan, options, on_event=on_event)
+    except BaseException as err:
+        recorder.fail(plan, digest, err)
+        errors.print(f"what the run did is in {run_dir}", highlight=False)
+        raise
+    summary = recorder.finish(result)
     _print_sites(final_site_metrics(result.history))
     _print_summary(summary)
     console.print(f"Results in [bold]{run_dir}[/]")
