@@ -14,9 +14,10 @@ arrival order, without holding early arrivals back.
 Each value is split exactly into two limbs: ``hi = floor(x * 2**24)`` and
 ``lo = round((x * 2**24 - hi) * 2**40)``, summed in two int64 arrays. Together they
 hold x to :data:`FRACTION_BITS` (64) fractional bits: the only rounding is below
-``2**-65`` absolute, so tiny updates (a delta of 1e-9) keep float64-level relative
-precision. The range is checked before an update is folded: ``|x|`` must stay below
-``2**38 / max_sites`` (an update too large to fold is rejected, never wrapped); the low
+``2**-65`` absolute per weighted value, so the mean keeps float64 precision for usual
+updates and about ten significant digits even for updates of 1e-9. The range is
+checked before an update is folded: ``|x|`` must stay below ``2**38 / max_sites`` (an
+update too large to fold is rejected, never wrapped); the low
 limbs cannot overflow below 2**23 sites. The same integer arithmetic is what secure
 aggregation needs (masked fixed-point sums modulo 2**64).
 

@@ -238,10 +238,10 @@ def validate_plan(raw: Mapping[str, Any], *, source: str = PLAN_FILE) -> Plan:
     if problems:
         raise PlanError(problems, source=source)
     assert plan is not None  # noqa: S101 - no problems means validation passed
-    return _with_strategy_defaults(plan)
+    return _with_strategy_defaults(plan, source)
 
 
-def _with_strategy_defaults(plan: Plan) -> Plan:
+def _with_strategy_defaults(plan: Plan, source: str) -> Plan:
     """The plan with every strategy parameter spelled out, defaults included, so that
     writing a default explicitly does not change the plan hash."""
     from fedloom.strategies import STRATEGIES
@@ -252,13 +252,15 @@ def _with_strategy_defaults(plan: Plan) -> Plan:
     params = {f.name: getattr(strategy, f.name) for f in fields}
     per_round = plan.sites_per_round or len(plan.roster)
     if strategy.min_updates() > per_round:
-        first = f"strategy.{fields[0].name}" if fields else "strategy.name"
+        selected = params.get("num_selected")
+        field = "num_selected" if selected and selected > per_round else "num_byzantine"
         raise PlanError(
             [
-                f"{first}: {plan.strategy.name} with these parameters needs at least "
-                f"{strategy.min_updates()} updates a round, but only {per_round} sites take "
-                "part in a round; lower it, or add sites"
-            ]
+                f"strategy.{field}: {plan.strategy.name} with these parameters needs at "
+                f"least {strategy.min_updates()} updates a round, but only {per_round} sites "
+                "take part in a round; lower it, or add sites"
+            ],
+            source=source,
         )
     return plan.model_copy(update={"strategy": StrategyPlan(name=plan.strategy.name, **params)})
 

@@ -75,7 +75,7 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "worst_site_accuracy": _num(min(accs)) if accs else None,
         "centralized_accuracy": _num(central.get("accuracy")) if central else None,
         "wall_seconds": result.wall_seconds,
-        "seconds_per_round": result.wall_seconds / max(1, len(train_rounds)),
+        "seconds_per_round": result.wall_seconds / max(1, len({r.round for r in train_rounds})),
         "bytes_sent": result.bytes_sent,
         "bytes_received": result.bytes_received,
         "attackers": list(result.attackers),

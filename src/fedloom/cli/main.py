@@ -171,7 +171,7 @@ def simulate(
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
     from fedloom.report import RunRecorder, final_site_metrics
-    from fedloom.runtime.simulation import SimulationOptions
+    from fedloom.runtime.simulation import SimulationOptions, make_attack
     from fedloom.runtime.simulation import simulate as run_simulation
     from fedloom.transport.inprocess import TrafficCounter
 
@@ -197,6 +197,7 @@ def simulate(
         attackers=attackers,
         baseline=baseline,
     )
+    make_attack(plan, options)  # a bad --attack is refused before anything is written
     run_root = runs_dir or workspace / "runs"
     recorder = RunRecorder(run_root / (run_name or _fresh_run_name(run_root)))
     run_dir = recorder.run_dir

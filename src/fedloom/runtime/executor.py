@@ -41,7 +41,11 @@ def execute(
             data.x_train, flip_labels(data.y_train, num_classes), data.x_val, data.y_val
         )
     context = SiteContext(
-        site, index, instruction.round, int_seed(plan_seed, instruction.round, site, "train")
+        site,
+        index,
+        instruction.round,
+        int_seed(plan_seed, instruction.round, site, "train"),
+        options=dict(instruction.config),  # the strategy's configure() keys for this round
     )
     out = task.train(weights, data, instruction.settings, context)
     try:

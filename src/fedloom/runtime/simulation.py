@@ -147,9 +147,9 @@ def simulate(
     strategy = build_strategy(plan.strategy.name, plan.strategy_params)
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
-    workers = _start_workers(
-        str(ws), plan_json, attack_json, options.workers, plan.deadline.round_seconds
-    )
+    per_round = plan.sites_per_round or len(plan.roster)
+    count = min(options.workers, per_round)  # more workers than sites would only idle
+    workers = _start_workers(str(ws), plan_json, attack_json, count, plan.deadline.round_seconds)
     try:
         init_header, initial = workers[0].call({"op": "init"})
         raise_reply_error(init_header, "the task's init_weights failed")
