@@ -1,0 +1,53 @@
+"""The command line as a user meets it: real processes, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from workspaces import run_cli
+
+from fedloom import TEMPLATES, load_plan
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_init_writes_a_workspace_whose_plan_validates(tmp_path: Path, template: str) -> None:
+    proc = run_cli("init", str(tmp_path / template), "--template", template)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / template / "task.py").is_file()
+    plan = load_plan(tmp_path / template)
+    assert plan.task == "task.py" and plan.rounds > 0
+
+
+def test_init_refuses_a_folder_that_is_not_empty_and_an_unknown_template(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine\n")
+    proc = run_cli("init", str(tmp_path / "taken"))
+    assert proc.returncode == 3 and "not empty" in proc.stderr and "--force" in proc.stderr
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine\n"
+    proc = run_cli("init", str(tmp_path / "x"), "--template", "cifar")
+    assert proc.returncode == 3 and "unknown template 'cifar'" in proc.stderr
+
+
+def test_strategies_lists_every_strategy_with_its_parameters() -> None:
+    proc = run_cli("strategies")
+    assert proc.returncode == 0
+    for name in ("fedavg", "fedadam", "krum", "multi-krum", "trimmed-mean", "median"):
+        assert name in proc.stdout
+    assert "server_lr=0.01" in proc.stdout and "num_byzantine=1" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("simulate",), ("simulate", ".", "--rounds", "abc"), ("nosuch",)],
+    ids=["missing-argument", "bad-option-value", "unknown-command"],
+)
+def test_usage_errors_exit_2_without_a_traceback(args: tuple[str, ...]) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_version() -> None:
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fedloom ")
