@@ -8,7 +8,9 @@ next site with work from a queue filled when a round opens: no polling anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import queue
 import threading
@@ -165,8 +167,13 @@ def simulate(
             if on_event is not None and traffic_box:
                 on_event(event, traffic_box[0])
 
+        # Simulated sites queue for the workers; each one gets the plan's round_seconds
+        # once it is running, so the round as a whole gets that many turns.
+        config = federation_config(plan)
+        turns = math.ceil(per_round / len(workers))
+        config = dataclasses.replace(config, round_deadline=config.round_deadline * turns)
         aggregator = Aggregator(
-            federation_config(plan),
+            config,
             strategy,
             {k: v.copy() for k, v in initial.items()},
             clock=clock,
