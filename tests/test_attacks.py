@@ -59,3 +59,9 @@ def test_attackers_are_drawn_from_the_roster_by_seed() -> None:
 
 def test_label_flip() -> None:
     np.testing.assert_array_equal(flip_labels(np.array([0, 1, 9]), 10), np.array([9, 8, 0]))
+
+
+def test_gaussian_noise_needs_a_positive_deviation() -> None:
+    for bad in ("gaussian:-1", "gaussian:0"):
+        with pytest.raises(ValueError, match="must be > 0"):
+            parse_attack(bad)

@@ -51,3 +51,13 @@ def test_usage_errors_exit_2_without_a_traceback(args: tuple[str, ...]) -> None:
 def test_version() -> None:
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fedloom ")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
+def test_a_run_name_must_be_a_plain_folder_name(tmp_path: Path, name: str) -> None:
+    from fedloom import create_workspace
+
+    ws = create_workspace(tmp_path / "ws", "breast-cancer")
+    proc = run_cli("simulate", str(ws), "--run-name", name, "--workers", "0", "rounds=1")
+    assert proc.returncode == 3 and "must be a plain folder name" in proc.stderr
+    assert not (tmp_path / "escape").exists() and not (ws / "runs").exists()

@@ -143,3 +143,21 @@ def test_a_plan_that_is_not_utf8_is_a_plan_error(tmp_path: Path) -> None:
     (ws / "federation.yaml").write_bytes(b"rounds: 3\nname: caf\xe9\n")
     with pytest.raises(PlanError, match="not UTF-8"):
         load_plan(ws)
+
+
+@pytest.mark.parametrize("task", ["../evil.py", "/etc/passwd", "task.txt", "sub/../../x.py"])
+def test_the_task_module_must_be_inside_the_workspace(task: str) -> None:
+    with pytest.raises(PlanError, match="must name a .py file inside the workspace"):
+        validate_plan({"task": task})
+    assert validate_plan({"task": "code/task.py"}).task == "code/task.py"
+
+
+def test_strict_values_and_unambiguous_files(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="rounds: must be a whole number"):
+        validate_plan({"rounds": True})
+    with pytest.raises(PlanError, match="synthetic dataset makes each site's own data"):
+        validate_plan({"data": {"dataset": "synthetic", "partition": "dirichlet:0.3"}})
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "federation.yaml").write_text("rounds: 3\nseed: 1\nrounds: 5\n")
+    with pytest.raises(PlanError, match="key 'rounds' is written twice"):
+        load_plan(ws)

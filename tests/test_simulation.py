@@ -13,6 +13,7 @@ from fedloom import (
     CloseReason,
     FailureKind,
     InstructionKind,
+    QuorumError,
     SimulationOptions,
     load_plan,
     simulate,
@@ -157,3 +158,17 @@ def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
     third = [r for r in rows if r["round"] == 3]
     assert {r["status"] for r in third} <= {"error", "cancelled"}
     assert any(r["status"] == "error" for r in third)
+
+
+def test_a_task_returning_the_wrong_type_is_told_what_to_return(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "task.py").write_text(
+        "from fedloom.tasks import SoftmaxRegression\n"
+        "class Loose(SoftmaxRegression):\n"
+        "    def train(self, weights, data, settings, context):\n"
+        "        return dict(super().train(weights, data, settings, context).weights)\n"
+        "task = Loose(num_features=30, num_classes=2)\n"
+    )
+    plan = load_plan(ws, ["rounds=1", "deadline.retries=0", "deadline.min_fraction=0.2"])
+    with pytest.raises(QuorumError, match=r"train must return TrainOutput\(weights"):
+        simulate(ws, plan, SimulationOptions(workers=0))

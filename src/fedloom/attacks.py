@@ -44,9 +44,12 @@ def parse_attack(text: str) -> tuple[AttackKind, float]:
     if kind not in (AttackKind.SCALE, AttackKind.GAUSSIAN):
         raise ValueError(f"attack {name!r} takes no argument")
     try:
-        return kind, float(arg)
+        value = float(arg)
     except ValueError:
         raise ValueError(f"attack {text!r}: {arg!r} is not a number") from None
+    if kind is AttackKind.GAUSSIAN and not value > 0:
+        raise ValueError(f"attack {text!r}: the noise's standard deviation must be > 0")
+    return kind, value
 
 
 def choose_attackers(roster: tuple[str, ...], count: int, seed: int) -> frozenset[str]:

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -27,7 +27,7 @@ PLAN_FILE = "federation.yaml"
 PLAN_VERSION = 1
 _SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git"}
 
-PositiveInt = Annotated[int, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
 
@@ -94,6 +94,17 @@ class Plan(_Frozen):
     evaluation: EvaluationPlan = EvaluationPlan()
     deadline: DeadlinePlan = DeadlinePlan()
 
+    @field_validator("task")
+    @classmethod
+    def _task_inside_workspace(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts or path.suffix != ".py" or "\\" in value:
+            raise ValueError(
+                f"must name a .py file inside the workspace, like task.py (got {value!r}): "
+                "the plan hash covers only the workspace's own code"
+            )
+        return value
+
     @field_validator("sites", mode="before")
     @classmethod
     def _sites_shape(cls, value: Any) -> Any:
@@ -119,6 +130,15 @@ class Plan(_Frozen):
             if bad:
                 raise ValueError(f"site names may hold letters, digits, '-', '_', '.': {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _synthetic_has_no_partition(self) -> Plan:
+        if self.data.dataset == "synthetic" and self.data.partition != "iid":
+            raise ValueError(
+                "data.partition: the synthetic dataset makes each site's own data, so it "
+                f"takes no partition (got {self.data.partition!r}); remove it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _per_round_fits(self) -> Plan:
@@ -159,6 +179,28 @@ class Plan(_Frozen):
 # ----------------------------------------------------------------- loading
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a key written twice in one mapping."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,  # type: ignore[arg-type]
+)
+
+
 def read_plan_file(workspace: Path) -> dict[str, Any]:
     path = workspace / PLAN_FILE
     if not workspace.is_dir():
@@ -170,7 +212,7 @@ def read_plan_file(workspace: Path) -> dict[str, Any]:
             f"{path} not found", hint="a workspace holds federation.yaml; see `fedloom init`"
         )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
     except UnicodeDecodeError as err:
         raise PlanError(
             [f"not UTF-8 text ({err.reason} at byte {err.start})"], source=str(path)

@@ -17,7 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.errors import FedloomError
+from fedloom.errors import FedloomError, WorkspaceError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -186,7 +186,8 @@ def simulate(
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
     console.print(
-        f"[bold]{plan.name}[/]: {len(plan.roster)} sites, {plan.rounds} rounds, "
+        f"[bold]{plan.name}[/]: {_count(len(plan.roster), 'site')}, "
+        f"{_count(plan.rounds, 'round')}, "
         f"strategy {plan.strategy.name}, data {plan.data.dataset} ({plan.data.partition})"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
@@ -198,6 +199,13 @@ def simulate(
         baseline=baseline,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
+    if run_name is not None and (
+        not run_name or Path(run_name).name != run_name or run_name in (".", "..")
+    ):
+        raise WorkspaceError(
+            f"--run-name {run_name!r} must be a plain folder name",
+            hint="no '/' and no '..'; use --runs-dir to choose where runs go",
+        )
     run_root = runs_dir or workspace / "runs"
     recorder = RunRecorder(run_root / (run_name or _fresh_run_name(run_root)))
     run_dir = recorder.run_dir
@@ -217,6 +225,10 @@ def simulate(
     _print_sites(final_site_metrics(result.history))
     _print_summary(summary)
     console.print(f"Results in [bold]{run_dir}[/]")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _fresh_run_name(run_root: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
 from fedloom.errors import TaskError
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.records import EvalOutput, Instruction, InstructionKind, SiteAnswer, TrainOutput
 from fedloom.rng import generator, int_seed
 from fedloom.tasks.base import SiteContext, SiteData, Task
 from fedloom.weights import Weights, check_compatible, read_only, specs_of, subtract
@@ -30,7 +30,7 @@ def execute(
     weights = read_only(weights)  # a task that writes into them fails the same in every mode
     attacking = attack is not None and site in attack.attackers
     metrics: dict[str, float] = {}
-    seen = task.evaluate(weights, data.x_val, data.y_val)
+    seen = _evaluated(task.evaluate(weights, data.x_val, data.y_val))
     metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
     metrics["val_samples"] = float(seen.num_samples)
     if instruction.kind is InstructionKind.EVALUATE:
@@ -48,11 +48,16 @@ def execute(
         options=dict(instruction.config),  # the strategy's configure() keys for this round
     )
     out = task.train(weights, data, instruction.settings, context)
+    if not isinstance(out, TrainOutput):
+        raise TaskError(
+            f"train must return TrainOutput(weights, num_samples, metrics), "
+            f"got {type(out).__name__}"
+        )
     try:
         check_compatible(out.weights, specs_of(weights))
     except Exception as err:
         raise TaskError(f"train returned weights that differ from the model: {err}") from err
-    local = task.evaluate(out.weights, data.x_val, data.y_val)
+    local = _evaluated(task.evaluate(out.weights, data.x_val, data.y_val))
     metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
     metrics.update({k: float(v) for k, v in out.metrics.items()})
     delta = subtract(out.weights, weights)
@@ -60,3 +65,11 @@ def execute(
         rng = generator(plan_seed, instruction.round, site, "attack")
         delta = poison_update(delta, attack, rng)
     return SiteAnswer(int(out.num_samples), metrics, delta)
+
+
+def _evaluated(out: object) -> EvalOutput:
+    if not isinstance(out, EvalOutput):
+        raise TaskError(
+            f"evaluate must return EvalOutput(num_samples, metrics), got {type(out).__name__}"
+        )
+    return out

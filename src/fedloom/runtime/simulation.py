@@ -272,11 +272,12 @@ def _start_workers(
 ) -> list[Worker]:
     if count <= 0:
         return [LocalWorker(workspace, plan_json, attack_json)]
-    workers: list[Worker] = [
-        ProcessWorker(workspace, plan_json, attack_json, call_timeout=call_timeout)
-        for _ in range(count)
-    ]
+    workers: list[Worker] = []
     try:
+        for _ in range(count):
+            workers.append(
+                ProcessWorker(workspace, plan_json, attack_json, call_timeout=call_timeout)
+            )
         for w in workers:
             w.wait_ready()
     except BaseException:

@@ -8,6 +8,7 @@ process, :class:`LocalWorker` in the calling process (``--workers 0``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -143,9 +144,13 @@ def serve(conn: Connection) -> None:
         setup = json.loads(conn.recv_bytes())
         worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
     except Exception as err:  # report, so the parent can say why
-        pipes.send(conn, _error_reply(err))
+        with contextlib.suppress(OSError):
+            pipes.send(conn, _error_reply(err))
         return
-    pipes.send(conn, {"ok": True})
+    try:
+        pipes.send(conn, {"ok": True})
+    except OSError:
+        return  # the parent is gone already
     while True:
         try:
             header, weights = pipes.receive(conn)
@@ -157,7 +162,10 @@ def serve(conn: Connection) -> None:
             reply, out = worker.handle(header, weights)
         except Exception as err:
             reply, out = _error_reply(err), None
-        pipes.send(conn, reply, out)
+        try:
+            pipes.send(conn, reply, out)
+        except OSError:
+            return  # the parent is gone
 
 
 def _describe(err: BaseException) -> str:
@@ -220,10 +228,17 @@ class ProcessWorker:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "fedloom.runtime.workerproc", str(theirs.fileno())],
+            [
+                sys.executable,
+                "-m",
+                "fedloom.runtime.workerproc",
+                str(theirs.fileno()),
+                str(os.getpid()),
+            ],
             pass_fds=(theirs.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C is the parent's alone to handle
         )
         theirs.close()
         self._conn = Connection(ours.detach())

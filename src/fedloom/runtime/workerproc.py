@@ -1,12 +1,34 @@
-"""Entry point of a simulation worker process: ``python -m fedloom.runtime.workerproc FD``.
+"""Entry point of a simulation worker process:
+``python -m fedloom.runtime.workerproc FD PARENT_PID``.
 
-``FD`` is the worker's end of a socket pair made by its parent.
+``FD`` is the worker's end of a socket pair made by its parent. The worker also ends
+the moment its parent does (through a pidfd on Linux), even if it is busy in a task or
+still starting, so no worker outlives the simulation that started it.
 """
 
+import os
+import select
 import sys
-from multiprocessing.connection import Connection
+import threading
 
-from fedloom.runtime.worker import serve
+
+def _exit_with(parent: int) -> None:
+    try:
+        fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):
+        return  # no pidfd here: the worker still ends when its socket reaches EOF
+    select.select([fd], [], [])  # readable once the parent has exited
+    os._exit(0)
+
 
 if __name__ == "__main__":
+    parent = int(sys.argv[2]) if len(sys.argv) > 2 else os.getppid()
+    if os.getppid() != parent:
+        sys.exit(0)  # the parent is gone already
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+    from multiprocessing.connection import Connection
+
+    from fedloom.runtime.worker import serve
+
     serve(Connection(int(sys.argv[1])))
