@@ -23,7 +23,7 @@ from fedloom.data import (
 )
 from fedloom.data.datasets import SYNTHETIC_CLASSES
 from fedloom.errors import PlanError, TaskError, WorkspaceError
-from fedloom.plan import Plan
+from fedloom.plan import PLAN_FILE, Plan
 from fedloom.rng import generator, int_seed
 from fedloom.tasks.base import SiteContext, SiteData, Task
 
@@ -53,7 +53,8 @@ class DataSource:
         try:
             return partition(self._dataset.y_train, len(self.roster), spec, rng)
         except ValueError as err:
-            raise PlanError([f"data.partition: {err}"]) from err
+            source = str(self.workspace / PLAN_FILE)
+            raise PlanError([f"data.partition: {err}"], source=source) from err
 
     def prepare(self) -> None:
         """Load the dataset and make the partition now, so a problem shows at start."""

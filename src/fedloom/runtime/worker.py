@@ -183,7 +183,10 @@ _ERROR_KINDS: dict[str, type[FedloomError]] = {
 
 def _error_reply(err: BaseException) -> dict[str, Any]:
     kind = type(err).__name__ if type(err).__name__ in _ERROR_KINDS else "TaskError"
-    return {"ok": False, "error": _describe(err), "kind": kind}
+    reply = {"ok": False, "error": _describe(err), "kind": kind}
+    if isinstance(err, PlanError):
+        reply["source"] = err.source
+    return reply
 
 
 def raise_reply_error(header: dict[str, Any], doing: str) -> None:
@@ -193,7 +196,7 @@ def raise_reply_error(header: dict[str, Any], doing: str) -> None:
     cls = _ERROR_KINDS.get(str(header.get("kind")), TaskError)
     text = str(header.get("error"))
     if cls is PlanError:
-        raise PlanError(text.split("\n"), source=doing)
+        raise PlanError(text.split("\n"), source=str(header.get("source", doing)))
     raise cls(f"{doing}: {text}")
 
 
