@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from workspaces import make_workspace, run_cli
+from workspaces import make_workspace, run_cli, write_training_twist
 
 from fedloom import (
     CloseReason,
@@ -86,14 +86,8 @@ def test_demo_federation_beats_093_and_writes_every_artefact(tmp_path: Path) -> 
 
 def test_a_site_whose_task_fails_is_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    (ws / "task.py").write_text(
-        "from fedloom.tasks import SoftmaxRegression\n"
-        "class Flaky(SoftmaxRegression):\n"
-        "    def train(self, weights, data, settings, context):\n"
-        "        if context.site == 'site-02':\n"
-        "            raise RuntimeError('disk full at site-02')\n"
-        "        return super().train(weights, data, settings, context)\n"
-        "task = Flaky(num_features=30, num_classes=2)\n"
+    write_training_twist(
+        ws, "if context.site == 'site-02': raise RuntimeError('disk full at site-02')"
     )
     plan = load_plan(ws, ["rounds=3", "deadline.min_fraction=0.5"])
     result = simulate(ws, plan, SimulationOptions(workers=1))
@@ -108,16 +102,7 @@ def test_a_site_whose_task_fails_is_recorded_and_the_round_goes_on(tmp_path: Pat
 
 def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    (ws / "task.py").write_text(
-        "import threading\n"
-        "from fedloom.tasks import SoftmaxRegression\n"
-        "class Hangs(SoftmaxRegression):\n"
-        "    def train(self, weights, data, settings, context):\n"
-        "        if context.site == 'site-03':\n"
-        "            threading.Event().wait()  # never returns\n"
-        "        return super().train(weights, data, settings, context)\n"
-        "task = Hangs(num_features=30, num_classes=2)\n"
-    )
+    write_training_twist(ws, "if context.site == 'site-03': threading.Event().wait()")
     plan = load_plan(ws, ["rounds=2", "deadline.round_seconds=2", "deadline.min_fraction=0.5"])
     result = simulate(ws, plan, SimulationOptions(workers=2))
     train = [r for r in result.history if r.kind is InstructionKind.TRAIN]
@@ -134,15 +119,7 @@ def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path)
 
 def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    (ws / "task.py").write_text(
-        "from fedloom.tasks import SoftmaxRegression\n"
-        "class BreaksInRound3(SoftmaxRegression):\n"
-        "    def train(self, weights, data, settings, context):\n"
-        "        if context.round == 3:\n"
-        "            raise RuntimeError('the GPU caught fire')\n"
-        "        return super().train(weights, data, settings, context)\n"
-        "task = BreaksInRound3(num_features=30, num_classes=2)\n"
-    )
+    write_training_twist(ws, "if context.round == 3: raise RuntimeError('the GPU caught fire')")
     proc = run_cli(
         "simulate", str(ws), "--workers", "0", "--quiet", "--run-name", "broken",
         "rounds=5", "deadline.retries=1",
@@ -162,13 +139,7 @@ def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
 
 def test_a_task_returning_the_wrong_type_is_told_what_to_return(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    (ws / "task.py").write_text(
-        "from fedloom.tasks import SoftmaxRegression\n"
-        "class Loose(SoftmaxRegression):\n"
-        "    def train(self, weights, data, settings, context):\n"
-        "        return dict(super().train(weights, data, settings, context).weights)\n"
-        "task = Loose(num_features=30, num_classes=2)\n"
-    )
+    write_training_twist(ws, "pass", result="dict(trained.weights)")
     plan = load_plan(ws, ["rounds=1", "deadline.retries=0", "deadline.min_fraction=0.2"])
     with pytest.raises(QuorumError, match=r"train must return TrainOutput\(weights"):
         simulate(ws, plan, SimulationOptions(workers=0))

@@ -32,3 +32,19 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def write_training_twist(ws: Path, twist: str, *, result: str = "trained") -> None:
+    """Make ``ws`` (a breast-cancer workspace) train through a task that first runs
+    ``twist`` (one Python statement, with ``context`` and ``weights`` in scope) and then
+    returns ``result`` (an expression over ``trained``, the normal training output)."""
+    (ws / "task.py").write_text(
+        "import threading\n"
+        "from fedloom.tasks import SoftmaxRegression\n"
+        "class Twisted(SoftmaxRegression):\n"
+        "    def train(self, weights, data, settings, context):\n"
+        f"        {twist}\n"
+        "        trained = super().train(weights, data, settings, context)\n"
+        f"        return {result}\n"
+        "task = Twisted(num_features=30, num_classes=2)\n"
+    )
