@@ -50,7 +50,6 @@ class CloseReason(enum.Enum):
     QUORUM = "every site settled, quorum met"  # some failed, enough answered
     DEADLINE_QUORUM = "deadline, quorum met"
     NO_QUORUM = "no quorum"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -132,8 +131,6 @@ class FederationConfig:
 
 @dataclass
 class _OpenRound:
-    round: int
-    kind: InstructionKind
     task: Instruction
     selected: tuple[str, ...]
     weights: Weights
@@ -144,6 +141,14 @@ class _OpenRound:
     failures: dict[str, Failure] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)  # streaming an update
     folding: set[str] = field(default_factory=set)  # past the last check, being folded
+
+    @property
+    def round(self) -> int:
+        return self.task.round
+
+    @property
+    def kind(self) -> InstructionKind:
+        return self.task.kind
 
 
 class Aggregator:
@@ -221,7 +226,7 @@ class Aggregator:
                 f"{_causes(record.failures)}",
                 hint="fix what the sites report, or lower deadline.min_fraction",
             )
-        assert accumulator is not None  # noqa: S101 - collect=True always makes one
+        assert accumulator is not None  # noqa: S101 - a TRAIN round always makes one
         self.faults.hit("round.before_aggregate", round=rnd)
         summary = accumulator.summary(rnd, record.results)
         self.state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
@@ -252,8 +257,6 @@ class Aggregator:
         )
         with self._cond:
             opened = _OpenRound(
-                round=task.round,
-                kind=task.kind,
                 task=task,
                 selected=selected,
                 weights=weights,

@@ -8,12 +8,11 @@ workspace: the contract a data owner approves and every site checks.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -22,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.records import TrainSettings
+
+if TYPE_CHECKING:
+    from fedloom.strategies.base import Strategy
 
 PLAN_FILE = "federation.yaml"
 PLAN_VERSION = 1
@@ -159,14 +161,7 @@ class Plan(_Frozen):
 
     def train_settings(self) -> TrainSettings:
         """The plan's local training settings, as sites receive them."""
-        t = self.training
-        return TrainSettings(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            lr=t.lr,
-            momentum=t.momentum,
-            weight_decay=t.weight_decay,
-        )
+        return TrainSettings(**self.training.model_dump(exclude={"max_samples"}))
 
     @property
     def strategy_params(self) -> dict[str, Any]:
@@ -274,24 +269,23 @@ def validate_plan(raw: Mapping[str, Any], *, source: str = PLAN_FILE) -> Plan:
         plan = Plan.model_validate(raw)
     except pydantic.ValidationError as err:
         problems.extend(_describe(e) for e in err.errors())
-    strategy_raw = raw.get("strategy") if isinstance(raw, Mapping) else None
-    if isinstance(strategy_raw, Mapping):
-        problems.extend(strategy_problems(strategy_raw))
+    strategy_raw = raw.get("strategy") if isinstance(raw, Mapping) else {}
+    strategy_problems, strategy = _check_strategy(
+        strategy_raw if isinstance(strategy_raw, Mapping) else {}
+    )
+    problems.extend(strategy_problems)
     if problems:
         raise PlanError(problems, source=source)
-    assert plan is not None  # noqa: S101 - no problems means validation passed
-    return _with_strategy_defaults(plan, source)
+    assert plan is not None and strategy is not None  # noqa: S101 - no problems: both valid
+    return _spelled_out(plan, strategy, source)
 
 
-def _with_strategy_defaults(plan: Plan, source: str) -> Plan:
+def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
     """The plan with every strategy parameter spelled out, defaults included, so that
     writing a default explicitly does not change the plan hash."""
-    from fedloom.strategies import STRATEGIES
+    from fedloom.strategies import parameters_of
 
-    cls = STRATEGIES[plan.strategy.name]
-    strategy = pydantic.TypeAdapter(cls).validate_python(plan.strategy_params)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-    params = {f.name: getattr(strategy, f.name) for f in fields}
+    params = parameters_of(strategy)
     per_round = plan.sites_per_round or len(plan.roster)
     if strategy.min_updates() > per_round:
         selected = params.get("num_selected")
@@ -307,14 +301,16 @@ def _with_strategy_defaults(plan: Plan, source: str) -> Plan:
     return plan.model_copy(update={"strategy": StrategyPlan(name=plan.strategy.name, **params)})
 
 
-def strategy_problems(strategy: Mapping[str, Any]) -> list[str]:
-    from fedloom.strategies import STRATEGIES
+def _check_strategy(strategy: Mapping[str, Any]) -> tuple[list[str], Strategy | None]:
+    """The problems of the plan's strategy section, and the strategy if it has none."""
+    from fedloom.strategies import STRATEGIES, parameter_defaults
 
     name = strategy.get("name", "fedavg")
     if name not in STRATEGIES:
-        return [f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"]
+        problem = f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"
+        return [problem], None
     cls = STRATEGIES[name]
-    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    known = list(parameter_defaults(name))
     params = {k: v for k, v in strategy.items() if k != "name"}
     takes = ", ".join(known) if known else "no parameters"
     problems = [
@@ -323,10 +319,13 @@ def strategy_problems(strategy: Mapping[str, Any]) -> list[str]:
         if key not in known
     ]
     try:
-        pydantic.TypeAdapter(cls).validate_python({k: v for k, v in params.items() if k in known})
+        built = pydantic.TypeAdapter(cls).validate_python(
+            {k: v for k, v in params.items() if k in known}
+        )
     except pydantic.ValidationError as err:
         problems += [_describe(e, prefix=("strategy",), strategy=name) for e in err.errors()]
-    return problems
+        return problems, None
+    return problems, (None if problems else built)
 
 
 def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:

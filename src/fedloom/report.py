@@ -21,12 +21,6 @@ from fedloom.runtime.simulation import SimulationResult
 from fedloom.store import save_weights
 
 
-def metric_rows(history: tuple[RoundRecord, ...]) -> Iterator[dict[str, Any]]:
-    """One row per site per round: its metrics, or why it failed."""
-    for record in history:
-        yield from record_rows(record)
-
-
 def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
     """The rows of one round (one attempt of it)."""
     base = {
@@ -64,11 +58,7 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
     return {
         "run_name": run_name,
         "status": "completed",
-        "plan_name": result.plan.name,
-        "rounds": result.plan.rounds,
-        "sites": len(result.plan.roster),
-        "strategy": result.plan.strategy.name,
-        "plan_hash": result.plan_hash,
+        **_plan_fields(result.plan, result.plan_hash),
         "test_accuracy": _num(result.test_metrics.get("accuracy")),
         "test_loss": _num(result.test_metrics.get("loss")),
         "mean_site_accuracy": _num(sum(accs) / len(accs)) if accs else None,
@@ -131,17 +121,23 @@ class RunRecorder:
             "run_name": self.run_dir.name,
             "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
             "error": str(error) or type(error).__name__,
-            "plan_name": plan.name,
-            "rounds": plan.rounds,
-            "sites": len(plan.roster),
-            "strategy": plan.strategy.name,
-            "plan_hash": plan_hash,
+            **_plan_fields(plan, plan_hash),
             "rounds_closed": self.rounds_closed,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def _plan_fields(plan: Plan, plan_hash: str) -> dict[str, Any]:
+    return {
+        "plan_name": plan.name,
+        "rounds": plan.rounds,
+        "sites": len(plan.roster),
+        "strategy": plan.strategy.name,
+        "plan_hash": plan_hash,
+    }
 
 
 def _num(value: float | None) -> float | None:

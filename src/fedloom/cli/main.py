@@ -111,14 +111,12 @@ def plan_show(workspace: WorkspaceArg, overrides: Overrides = None) -> None:
 @friendly
 def strategies() -> None:
     """List the aggregation strategies and their parameters."""
-    import dataclasses
-
-    from fedloom.strategies import STRATEGIES
+    from fedloom.strategies import STRATEGIES, parameter_defaults
 
     table = Table("name", "kind", "parameters (defaults)")
     for name, cls in STRATEGIES.items():
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        params = ", ".join(f"{f.name}={f.default}" for f in fields) or "-"
+        defaults = parameter_defaults(name)
+        params = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "-"
         kind = "robust (buffers updates)" if cls.needs_updates else "mean (streaming)"
         table.add_row(name, kind, params)
     console.print(table)

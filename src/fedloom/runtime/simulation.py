@@ -41,10 +41,10 @@ from fedloom.runtime.worker import (
     WorkerDied,
     answer_from_reply,
     attack_to_json,
-    instruction_to_json,
     raise_reply_error,
 )
 from fedloom.strategies import build_strategy
+from fedloom.transport import serde
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights
@@ -121,7 +121,7 @@ class _Driver:
             "op": "run",
             "site": site,
             "key": key,
-            "instruction": instruction_to_json(instruction),
+            "instruction": serde.encode(instruction).hex(),
         }
         inline = weights if key != self._sent_key else None
         try:
@@ -158,14 +158,13 @@ def simulate(
         if initial is None:
             raise TaskError("the task's init_weights returned no weights")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        traffic_box: list[TrafficCounter] = []
 
-        def sink(event: Event) -> None:
+        def sink(event: Event) -> None:  # events come only from aggregator.run(), below
             if isinstance(event, RoundOpened):
                 for site in event.selected:
                     sites.put(site)
-            if on_event is not None and traffic_box:
-                on_event(event, traffic_box[0])
+            if on_event is not None:
+                on_event(event, transport.traffic)
 
         # Simulated sites queue for the workers; each one gets the plan's round_seconds
         # once it is running, so the round as a whole gets that many turns.
@@ -175,13 +174,12 @@ def simulate(
         aggregator = Aggregator(
             config,
             strategy,
-            {k: v.copy() for k, v in initial.items()},
+            initial,  # strategy.init keeps its own copy
             clock=clock,
             faults=faults,
             on_event=sink,
         )
         transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
-        traffic_box.append(transport.traffic)
         drivers = [_Driver(w) for w in workers]
 
         busy: set[str] = set()  # sites a driver is working on

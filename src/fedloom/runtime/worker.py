@@ -25,35 +25,16 @@ from typing import Any
 from fedloom.attacks import Attack, AttackKind
 from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
 from fedloom.plan import validate_plan
-from fedloom.records import Instruction, InstructionKind, SiteAnswer, TrainSettings
+from fedloom.records import EvalOutput, Instruction, SiteAnswer
 from fedloom.runtime import pipes
 from fedloom.runtime.executor import execute
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteContext
 from fedloom.tasks.loader import load_task
+from fedloom.transport import serde
 from fedloom.weights import Weights, read_only
 
 Reply = tuple[dict[str, Any], Weights | None]
-
-
-def instruction_to_json(i: Instruction) -> dict[str, Any]:
-    return {
-        "round": i.round,
-        "kind": i.kind.value,
-        "settings": {k: getattr(i.settings, k) for k in TrainSettings.__slots__},
-        "config": dict(i.config),
-        "phases": list(i.phases),
-    }
-
-
-def instruction_from_json(d: dict[str, Any]) -> Instruction:
-    return Instruction(
-        d["round"],
-        InstructionKind(d["kind"]),
-        TrainSettings(**d["settings"]),
-        d["config"],
-        tuple(d.get("phases", ())),
-    )
 
 
 def attack_to_json(a: Attack | None) -> dict[str, Any] | None:
@@ -98,15 +79,14 @@ class SiteWorker:
             return self._run(header, weights)
         if op == "test":
             x, y = self.source.test_set()
-            out = self.task.evaluate(weights, x, y)
-            return {"ok": True, "num_samples": out.num_samples, "metrics": dict(out.metrics)}, None
+            return _metrics_reply(self.task.evaluate(weights, x, y))
         if op == "baseline":
             return self._baseline(weights)
         raise TaskError(f"unknown worker request {op!r}")
 
     def _run(self, header: dict[str, Any], weights: Weights) -> Reply:
         site = header["site"]
-        instruction = instruction_from_json(header["instruction"])
+        instruction = serde.decode(Instruction, bytes.fromhex(header["instruction"]))
         answer = execute(
             self.task,
             instruction,
@@ -129,12 +109,11 @@ class SiteWorker:
         settings = dataclasses.replace(per_round, epochs=per_round.epochs * self.plan.rounds)
         out = self.task.train(weights, pooled, settings, SiteContext("centralised", -1, 0, 1))
         x, y = self.source.test_set()
-        result = self.task.evaluate(out.weights, x, y)
-        return {
-            "ok": True,
-            "num_samples": result.num_samples,
-            "metrics": dict(result.metrics),
-        }, None
+        return _metrics_reply(self.task.evaluate(out.weights, x, y))
+
+
+def _metrics_reply(out: EvalOutput) -> Reply:
+    return {"ok": True, "num_samples": out.num_samples, "metrics": dict(out.metrics)}, None
 
 
 def serve(conn: Connection) -> None:

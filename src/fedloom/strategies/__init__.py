@@ -35,6 +35,17 @@ STRATEGIES: dict[str, type[Strategy]] = {
 """Every strategy the plan can name, by its ``name``."""
 
 
+def parameter_defaults(name: str) -> dict[str, Any]:
+    """The hyper-parameters of the strategy called ``name``, with their defaults."""
+    fields = dataclasses.fields(cast(Any, STRATEGIES[name]))  # every strategy is a dataclass
+    return {f.name: f.default for f in fields}
+
+
+def parameters_of(strategy: Strategy) -> dict[str, Any]:
+    """The hyper-parameters of ``strategy``, every one spelled out."""
+    return {f.name: getattr(strategy, f.name) for f in dataclasses.fields(cast(Any, strategy))}
+
+
 def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
     """The strategy called ``name`` with hyper-parameters ``params``.
 
@@ -45,7 +56,7 @@ def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
     if cls is None:
         known_names = ", ".join(sorted(STRATEGIES))
         raise PlanError([f"unknown strategy {name!r}; known strategies: {known_names}"])
-    known = [f.name for f in dataclasses.fields(cast(Any, cls))]  # every strategy is a dataclass
+    known = list(parameter_defaults(name))
     problems = [
         f"strategy {name!r}: unknown parameter {key!r}; "
         + (f"it takes {', '.join(known)}" if known else "it takes no parameters")
@@ -83,4 +94,6 @@ __all__ = [
     "StrategyState",
     "TrimmedMean",
     "build_strategy",
+    "parameter_defaults",
+    "parameters_of",
 ]

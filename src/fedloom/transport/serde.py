@@ -49,25 +49,11 @@ def spec_from_proto(msg: pb.TensorSpec) -> TensorSpec:
 
 
 def settings_to_proto(s: TrainSettings) -> pb.TrainSettings:
-    return pb.TrainSettings(
-        epochs=s.epochs,
-        batch_size=s.batch_size,
-        lr=s.lr,
-        momentum=s.momentum,
-        weight_decay=s.weight_decay,
-        proximal_mu=s.proximal_mu,
-    )
+    return pb.TrainSettings(**{k: getattr(s, k) for k in TrainSettings.__slots__})
 
 
 def settings_from_proto(m: pb.TrainSettings) -> TrainSettings:
-    return TrainSettings(
-        epochs=m.epochs,
-        batch_size=m.batch_size,
-        lr=m.lr,
-        momentum=m.momentum,
-        weight_decay=m.weight_decay,
-        proximal_mu=m.proximal_mu,
-    )
+    return TrainSettings(**{k: getattr(m, k) for k in TrainSettings.__slots__})
 
 
 def instruction_to_proto(task: Instruction) -> pb.Instruction:
