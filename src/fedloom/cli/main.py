@@ -7,17 +7,15 @@ with an exit code per kind of error (see docs/index.md).
 from __future__ import annotations
 
 import datetime as dt
-import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
-from fedloom.errors import FedloomError, WorkspaceError
+from fedloom.cli.common import console, errors, friendly
+from fedloom.errors import WorkspaceError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -30,30 +28,6 @@ app = typer.Typer(
 )
 plan_app = typer.Typer(help="Inspect a workspace's plan (federation.yaml).", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
-
-console = Console()
-errors = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly(command: F) -> F:
-    """fedloom's errors become a message and the error's exit code, never a traceback;
-    Ctrl-C exits 130."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except FedloomError as err:
-            errors.print(f"[bold red]error:[/] {err}", highlight=False)
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            errors.print("interrupted: stopped cleanly")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 Overrides = Annotated[
     list[str] | None,
