@@ -82,3 +82,18 @@ class FaultInjected(FedloomError):
     """Raised by a fault point that a test armed; never raised in normal operation."""
 
     exit_code = 9
+
+
+class CertificateError(FedloomError):
+    """A key, certificate, signing request or revocation list is missing, malformed, or
+    does not belong to this federation."""
+
+    exit_code = 10
+
+
+class AccessDenied(TransportError):
+    """The other side refused this party: a certificate from another CA, a revoked one,
+    a site not in the plan, a name that differs from the certificate, another plan hash
+    or protocol version."""
+
+    exit_code = 11
