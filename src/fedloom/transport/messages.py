@@ -19,11 +19,14 @@ DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Bytes ``[offset, offset + len(data))`` of tensor number ``tensor``."""
+    """Bytes ``[offset, offset + len(data))`` of tensor number ``tensor``. The last chunk
+    of a tensor may carry the CRC-32 of the whole tensor's bytes (the gRPC transport
+    always sets it and checks it on arrival)."""
 
     tensor: int
     offset: int
     data: bytes | memoryview
+    checksum: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,11 +95,12 @@ def model_header_from_proto(m: pb.ModelHeader) -> ModelHeader:
 
 
 def chunk_to_proto(c: Chunk) -> pb.Chunk:
-    return pb.Chunk(tensor=c.tensor, offset=c.offset, data=bytes(c.data))
+    return pb.Chunk(tensor=c.tensor, offset=c.offset, data=bytes(c.data), checksum=c.checksum)
 
 
 def chunk_from_proto(m: pb.Chunk) -> Chunk:
-    return Chunk(tensor=m.tensor, offset=m.offset, data=m.data)
+    checksum = m.checksum if m.HasField("checksum") else None
+    return Chunk(tensor=m.tensor, offset=m.offset, data=m.data, checksum=checksum)
 
 
 def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:

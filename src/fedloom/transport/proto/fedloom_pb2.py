@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\"\x99\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0e\n\x06phases\x18\x05 \x03(\t\"E\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\"5\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xc3\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\".\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x0cPhaseMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"|\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\"\x99\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0e\n\x06phases\x18\x05 \x03(\t\"E\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\"Y\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"\xc3\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\".\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x0cPhaseMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_INSTRUCTIONKIND']._serialized_start=913
-  _globals['_INSTRUCTIONKIND']._serialized_end=1054
+  _globals['_INSTRUCTIONKIND']._serialized_start=949
+  _globals['_INSTRUCTIONKIND']._serialized_end=1090
   _globals['_TENSORSPEC']._serialized_start=53
   _globals['_TENSORSPEC']._serialized_end=109
   _globals['_TRAINSETTINGS']._serialized_start=111
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELHEADER']._serialized_start=393
   _globals['_MODELHEADER']._serialized_end=462
   _globals['_CHUNK']._serialized_start=464
-  _globals['_CHUNK']._serialized_end=517
-  _globals['_UPDATEHEADER']._serialized_start=520
-  _globals['_UPDATEHEADER']._serialized_end=715
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=669
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=715
-  _globals['_RECEIPT']._serialized_start=717
-  _globals['_RECEIPT']._serialized_end=799
-  _globals['_FAILUREREPORT']._serialized_start=801
-  _globals['_FAILUREREPORT']._serialized_end=847
-  _globals['_PHASEMESSAGE']._serialized_start=849
-  _globals['_PHASEMESSAGE']._serialized_end=910
+  _globals['_CHUNK']._serialized_end=553
+  _globals['_UPDATEHEADER']._serialized_start=556
+  _globals['_UPDATEHEADER']._serialized_end=751
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=705
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=751
+  _globals['_RECEIPT']._serialized_start=753
+  _globals['_RECEIPT']._serialized_end=835
+  _globals['_FAILUREREPORT']._serialized_start=837
+  _globals['_FAILUREREPORT']._serialized_end=883
+  _globals['_PHASEMESSAGE']._serialized_start=885
+  _globals['_PHASEMESSAGE']._serialized_end=946
 # @@protoc_insertion_point(module_scope)
