@@ -29,8 +29,8 @@ demo: $(VENV)/.demo
 test: $(VENV)/.dev lint typecheck pytest
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy src

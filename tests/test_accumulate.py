@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import zlib
+from collections.abc import Iterator
+
 import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedloom import accumulate
 from fedloom.accumulate import MeanAccumulator, UpdateBuffer, make_accumulator
-from fedloom.errors import UpdateRejected
+from fedloom.errors import AggregationError, UpdateRejected
 from fedloom.records import MeanSummary
 from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
 
@@ -166,8 +171,9 @@ REFUSED = {
     "duplicate-site": ("a", 5, update_for(9), ["'a'", "already"]),
     "zero-weight": ("c", 0, update_for(9), ["positive", "0"]),
     "negative-weight": ("c", -5, update_for(9), ["positive", "-5"]),
-    # out of range in the last tensor: earlier tensors must not have been added
-    "too-large-int": ("c", 1, with_value("i", (1,), 2**50), ["'i'", "fixed-point range"]),
+    # out of range in the last tensor: earlier tensors must not have been added (integer
+    # tensors need no fractional bits, so their range is 2**62 / max_sites)
+    "too-large-int": ("c", 1, with_value("i", (1,), 2**61), ["'i'", "fixed-point range"]),
     "too-large-weight": ("c", 2**40, update_for(9), ["fixed-point range"]),
 }
 
@@ -236,11 +242,12 @@ def test_make_accumulator_follows_needs_updates() -> None:
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-8, 1e-4, 1.0, 1e3])
-def test_precision_is_relative_down_to_tiny_updates(magnitude: float) -> None:
+def test_float64_precision_is_relative_down_to_tiny_updates(magnitude: float) -> None:
+    # float64 tensors keep the two-limb layout: 64 fractional bits
     rng = np.random.default_rng(7)
-    spec = (TensorSpec("w", "float32", (64,)),)
+    spec = (TensorSpec("w", "float64", (64,)),)
     acc = MeanAccumulator(spec, max_sites=10)
-    deltas = [(rng.normal(size=64) * magnitude).astype(np.float32) for _ in range(10)]
+    deltas = [rng.normal(size=64) * magnitude for _ in range(10)]
     weights = [int(w) for w in rng.integers(1, 5000, size=10)]
     for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
         acc.fold(f"site-{i}", w, {"w": d})
@@ -251,3 +258,352 @@ def test_precision_is_relative_down_to_tiny_updates(magnitude: float) -> None:
     got = acc.summary(1, ()).mean_delta["w"]
     # exact to 2**-64 of each weighted value: float64-level precision at any magnitude
     np.testing.assert_allclose(got, reference, rtol=1e-12, atol=len(deltas) * 2.0**-64)
+
+
+# ------------------------------------------------------------------ streaming
+
+STREAM_SPECS = (
+    TensorSpec("w", "float32", (3, 4)),
+    TensorSpec("d", "float64", (5,)),
+    TensorSpec("h", "bfloat16", (2,)),
+    TensorSpec("i", "int64", (2,)),
+    TensorSpec("empty", "float32", (0,)),
+    TensorSpec("steps", "int32", ()),
+)
+
+
+def stream_update(seed: int) -> Weights:
+    rng = np.random.default_rng(seed)
+    return {
+        "w": rng.normal(0, 3, (3, 4)).astype(np.float32),
+        "d": rng.normal(0, 1e-3, (5,)),
+        "h": rng.normal(0, 1, (2,)).astype(BF16),
+        "i": rng.integers(-1000, 1000, (2,)).astype(np.int64),
+        "empty": np.zeros((0,), np.float32),
+        "steps": np.array(rng.integers(0, 50), dtype=np.int32),
+    }
+
+
+def chunks_of(delta: Weights, elements: int) -> list[tuple[int, int, bytes]]:
+    """``(tensor, offset, data)`` chunks of ``elements`` values each (empty tensors: one)."""
+    out = []
+    for index, array in enumerate(delta.values()):
+        data = np.ascontiguousarray(array).tobytes()
+        step = max(1, elements) * array.itemsize
+        if not data:
+            out.append((index, 0, b""))
+        out += [(index, at, data[at : at + step]) for at in range(0, len(data), step)]
+    return out
+
+
+def stream(acc: MeanAccumulator | UpdateBuffer, site: str, weight: int, delta: Weights, n: int):
+    contribution = acc.begin(site, weight)
+    for tensor, offset, data in chunks_of(delta, n):
+        contribution.add(tensor, offset, data)
+    contribution.finish()
+
+
+def internals(acc: MeanAccumulator) -> tuple:
+    """Everything the accumulator holds, as bytes: every limb sum, count and weight."""
+    sums = acc.fixed_point_sums()
+    limbs = tuple((name, tuple(limb.tobytes() for limb in sums[name])) for name in sums)
+    return limbs, acc.count, acc.total_weight
+
+
+streamed_sites = st.lists(
+    st.tuples(st.integers(0, 2**16), st.integers(1, 5000), st.integers(1, 13)),
+    min_size=1,
+    max_size=MAX_SITES,
+    unique_by=lambda t: t[0],
+)
+
+
+@PROPERTY
+@given(sites=streamed_sites, data=st.data())
+def test_chunk_sizes_and_site_order_do_not_change_the_sum(
+    sites: list[tuple[int, int, int]], data: st.DataObject
+) -> None:
+    whole = MeanAccumulator(STREAM_SPECS, max_sites=MAX_SITES)
+    for seed, weight, _ in sites:
+        whole.fold(f"site-{seed}", weight, stream_update(seed))
+    streamed = MeanAccumulator(STREAM_SPECS, max_sites=MAX_SITES)
+    for seed, weight, elements in data.draw(st.permutations(sites)):
+        stream(streamed, f"site-{seed}", weight, stream_update(seed), elements)
+
+    assert internals(streamed) == internals(whole)
+    got, want = streamed.summary(1, ()), whole.summary(1, ())
+    assert got.total_weight == want.total_weight
+    for spec in STREAM_SPECS:
+        assert got.mean_delta[spec.name].tobytes() == want.mean_delta[spec.name].tobytes()
+
+
+@PROPERTY
+@given(sites=streamed_sites, seed=st.integers(0, 2**16), data=st.data())
+def test_a_stream_aborted_part_way_leaves_the_accumulator_bit_identical(
+    sites: list[tuple[int, int, int]], seed: int, data: st.DataObject
+) -> None:
+    acc = MeanAccumulator(STREAM_SPECS, max_sites=MAX_SITES + 1)
+    for s, weight, _ in sites:
+        acc.fold(f"site-{s}", weight, stream_update(s))
+    before = internals(acc)
+    chunks = chunks_of(stream_update(seed), data.draw(st.integers(1, 7)))
+    taken = data.draw(st.integers(0, len(chunks)))
+    contribution = acc.begin("late", data.draw(st.integers(1, 10**6)))
+    for tensor, offset, chunk in chunks[:taken]:
+        contribution.add(tensor, offset, chunk)
+    if taken == len(chunks):  # complete but not committed: still undone
+        assert internals(acc)[0] != before[0] or not any(c for _, _, c in chunks)
+    contribution.abort("round 1 closed while the update streamed")
+    assert internals(acc) == before
+    # the site may send again, and counts as if the aborted stream never was
+    acc.fold("late", 3, stream_update(seed))
+    fresh = MeanAccumulator(STREAM_SPECS, max_sites=MAX_SITES + 1)
+    for s, weight, _ in sites:
+        fresh.fold(f"site-{s}", weight, stream_update(s))
+    fresh.fold("late", 3, stream_update(seed))
+    assert internals(acc) == internals(fresh)
+
+
+def two_sites() -> MeanAccumulator:
+    acc = MeanAccumulator(STREAM_SPECS, max_sites=4)
+    acc.fold("a", 2, stream_update(1))
+    acc.fold("b", 3, stream_update(2))
+    return acc
+
+
+def test_truncated_stream_is_rejected_and_rolled_back() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    for tensor, offset, data in chunks_of(stream_update(3), 1)[:-3]:  # all but i[1:], empty, steps
+        contribution.add(tensor, offset, data)
+    assert internals(acc) != before
+    with pytest.raises(UpdateRejected, match=r"stream ended early: tensor 'i' has 8 of 16 bytes"):
+        contribution.finish()
+    assert internals(acc) == before
+
+
+def test_chunk_beyond_the_announced_size_is_rejected_and_rolled_back() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    contribution.add(1, 0, np.zeros(5).tobytes())
+    with pytest.raises(UpdateRejected, match=r"tensor 'd' is larger than announced \(40 bytes\)"):
+        contribution.add(1, 40, np.zeros(1).tobytes())
+    assert internals(acc) == before
+
+
+@pytest.mark.parametrize(
+    ("offset", "expected"),
+    [(16, "chunk at byte 16, expected 8"), (0, "chunk at byte 0, expected 8")],
+)
+def test_chunk_out_of_order_is_rejected_and_rolled_back(offset: int, expected: str) -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    contribution.add(0, 0, np.ones(2, np.float32).tobytes())
+    with pytest.raises(UpdateRejected, match=f"tensor 'w': {expected}"):
+        contribution.add(0, offset, np.ones(2, np.float32).tobytes())
+    assert internals(acc) == before
+
+
+def test_chunk_that_splits_a_value_is_rejected() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    with pytest.raises(UpdateRejected, match="'d': a chunk of 12 bytes splits a 8-byte float64"):
+        contribution.add(1, 0, b"\x00" * 12)
+    assert internals(acc) == before
+
+
+def test_chunk_for_an_unknown_tensor_is_rejected() -> None:
+    contribution = two_sites().begin("c", 5)
+    with pytest.raises(UpdateRejected, match="tensor #6, but only 6 exist"):
+        contribution.add(6, 0, b"")
+
+
+def test_nan_in_the_second_chunk_rolls_back_the_first() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 7)
+    values = np.arange(12, dtype=np.float32)
+    values[9] = np.nan
+    contribution.add(0, 0, values[:6].tobytes())
+    assert internals(acc)[0] != before[0]  # the first chunk was folded
+    with pytest.raises(UpdateRejected, match="tensor 'w' holds 1 NaN or Inf values"):
+        contribution.add(0, 24, values[6:].tobytes())
+    assert internals(acc) == before
+    # the refusal ended the stream: nothing more is taken
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        contribution.add(0, 24, np.zeros(6, np.float32).tobytes())
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        contribution.finish()
+    assert internals(acc) == before and acc.count == 2
+
+
+def crc(data: bytes, start: int = 0) -> int:
+    return zlib.crc32(data, start)
+
+
+def test_checksum_of_each_tensor_is_checked_on_its_last_chunk() -> None:
+    acc = MeanAccumulator((TensorSpec("w", "float32", (4,)),), max_sites=3)
+    data = np.arange(4, dtype=np.float32).tobytes()
+    good = acc.begin("a", 1, require_checksums=True)
+    good.add(0, 0, data[:8])
+    good.add(0, 8, data[8:], crc(data))
+    good.finish()
+    assert acc.count == 1
+    before = internals(acc)
+
+    wrong = acc.begin("b", 1)
+    wrong.add(0, 0, data[:8])
+    with pytest.raises(UpdateRejected, match=r"tensor 'w': checksum mismatch \(sent 0x"):
+        wrong.add(0, 8, data[8:], crc(data) ^ 1)
+    early = acc.begin("c", 1)
+    with pytest.raises(UpdateRejected, match="'w': checksum mismatch .* before the tensor's end"):
+        early.add(0, 0, data[:8], crc(data[:8]))
+    missing = acc.begin("c", 1, require_checksums=True)
+    missing.add(0, 0, data[:8])  # only the completing chunk must carry one
+    with pytest.raises(UpdateRejected, match=r"'w': checksum mismatch \(sent none"):
+        missing.add(0, 8, data[8:])
+    assert internals(acc) == before
+
+    optional = acc.begin("b", 1)  # without require_checksums, none is needed
+    optional.add(0, 0, data)
+    optional.finish()
+    assert acc.count == 2
+
+
+def test_abort_is_idempotent_and_final() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    contribution.add(0, 0, np.ones(12, np.float32).tobytes())
+    contribution.abort("round 4 closed while the update streamed")
+    contribution.abort("another reason")
+    assert internals(acc) == before
+    for call in (lambda: contribution.add(1, 0, np.ones(5).tobytes()), contribution.finish):
+        with pytest.raises(UpdateRejected, match="round 4 closed while the update streamed"):
+            call()
+    done = acc.begin("d", 5)
+    for tensor, offset, data in chunks_of(stream_update(4), 100):
+        done.add(tensor, offset, data)
+    done.finish()
+    after = internals(acc)
+    done.abort("too late")  # a committed update stays
+    assert internals(acc) == after and acc.count == 3
+
+
+def test_streams_in_flight_count_towards_max_sites_and_block_the_summary() -> None:
+    acc = MeanAccumulator(STREAM_SPECS, max_sites=2)
+    first = acc.begin("a", 1)
+    acc.begin("b", 1)
+    with pytest.raises(UpdateRejected, match="more than 2 updates"):
+        acc.begin("c", 1)
+    with pytest.raises(UpdateRejected, match="'a' is already sending"):
+        acc.begin("a", 1)
+    with pytest.raises(AggregationError, match="2 update.s. still streaming"):
+        acc.summary(1, ())
+    first.abort()
+    acc.begin("c", 1)  # the aborted stream freed its place
+
+
+def test_abort_from_another_thread_while_the_stream_is_blocked() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    chunks = chunks_of(stream_update(3), 2)
+    stalled, release = threading.Event(), threading.Event()
+    offered: list[int] = []
+
+    def network() -> Iterator[tuple[int, int, bytes]]:
+        yield from chunks[:3]
+        stalled.set()  # the first three chunks were folded
+        release.wait(10)
+        for chunk in chunks[3:]:
+            offered.append(chunk[1])
+            yield chunk
+
+    contribution = acc.begin("c", 5)
+    errors: list[UpdateRejected] = []
+
+    def receive() -> None:
+        try:
+            for tensor, offset, data in network():
+                contribution.add(tensor, offset, data)
+            contribution.finish()
+        except UpdateRejected as err:
+            errors.append(err)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    assert stalled.wait(10)
+    assert internals(acc) != before
+    contribution.abort("round 1 closed while the update streamed")  # does not wait for it
+    assert internals(acc) == before
+    release.set()
+    receiver.join(10)
+    assert not receiver.is_alive()
+    assert [e.message for e in errors] == ["round 1 closed while the update streamed"]
+    assert len(offered) == 1  # the first chunk after the abort was refused
+    assert internals(acc) == before
+
+
+def test_abort_recomputes_from_a_spool_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accumulate, "_SPOOL_BYTES", 64)  # the spool rolls over to a file
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    for tensor, offset, data in chunks_of(stream_update(3), 3):
+        contribution.add(tensor, offset, data)
+    contribution.abort()
+    assert internals(acc) == before
+
+
+def test_float32_single_limb_mean_is_within_its_bound() -> None:
+    rng = np.random.default_rng(11)
+    specs = (TensorSpec("w", "float32", (4096,)),)
+    n = 8
+    acc = MeanAccumulator(specs, max_sites=n)
+    deltas = [
+        (rng.normal(size=4096) * 10.0 ** rng.integers(-6, 2)).astype(np.float32) for _ in range(n)
+    ]
+    weights = [int(w) for w in rng.integers(1, 3, size=n)]  # small weights: the worst case
+    for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+        acc.fold(f"site-{i}", w, {"w": d})
+    total = sum(weights)
+    reference = sum(w * d.astype(np.float64) for d, w in zip(deltas, weights, strict=True)) / total
+    error = np.max(np.abs(acc.summary(1, ()).mean_delta["w"] - reference))
+    assert error < 2.0**-30
+    assert error <= n * 2.0**-33 / total * (1 + 2**-40)  # the documented bound
+
+
+def test_float32_range_is_2_to_the_30_over_max_sites() -> None:
+    acc = MeanAccumulator((TensorSpec("w", "float32", (2,)),), max_sites=4)
+    acc.fold("a", 1, {"w": np.array([2.0**28 * 0.99, -1], np.float32)})
+    with pytest.raises(UpdateRejected, match="'w'.*beyond the fixed-point range 2.68e.08 for 4"):
+        acc.fold("b", 2, {"w": np.array([2.0**27, 0], np.float32)})
+
+
+def test_update_buffer_streams_checks_and_rolls_back() -> None:
+    whole, streamed = UpdateBuffer(STREAM_SPECS), UpdateBuffer(STREAM_SPECS)
+    for site, seed, elements in (("b", 2, 1), ("a", 1, 5)):
+        whole.fold(site, seed, stream_update(seed))
+        stream(streamed, site, seed, stream_update(seed), elements)
+    got, want = streamed.summary(1, ()), whole.summary(1, ())
+    assert [u.site for u in got.updates] == ["a", "b"]
+    for g, w in zip(got.updates, want.updates, strict=True):
+        assert g.num_samples == w.num_samples and weights_equal(g.delta, w.delta)
+
+    bad = streamed.begin("c", 1)
+    bad.add(2, 0, np.array([1.0], np.float32).astype(BF16).tobytes())
+    with pytest.raises(UpdateRejected, match="tensor 'h' holds 1 NaN or Inf"):
+        bad.add(2, 2, np.array([np.inf], np.float32).astype(BF16).tobytes())
+    truncated = streamed.begin("d", 1)
+    truncated.add(0, 0, np.zeros(3, np.float32).tobytes())
+    with pytest.raises(UpdateRejected, match="tensor 'w' has 12 of 48 bytes"):
+        truncated.finish()
+    aborted = streamed.begin("e", 1)
+    aborted.add(3, 0, np.zeros(2, np.int64).tobytes())
+    aborted.abort()
+    assert [u.site for u in streamed.summary(1, ()).updates] == ["a", "b"]
+    assert streamed.count == 2 and streamed.total_weight == 3

@@ -10,18 +10,28 @@ the transport contract suite and test_accumulate cover.
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fedloom.accumulate import MeanAccumulator
 from fedloom.errors import FaultInjected, QuorumError, TransportError
-from fedloom.orchestration import CloseReason, RoundClosed, RoundOpened, SiteAnswered
+from fedloom.orchestration import Aggregator, CloseReason, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.rng import select_sites
-from fedloom.transport import Chunk, FailureReport, UpdateHeader, assemble, iter_chunks
-from fedloom.weights import TensorSpec, Weights, specs_of
+from fedloom.strategies import FedAvg
+from fedloom.transport import (
+    Chunk,
+    FailureReport,
+    InProcessTransport,
+    UpdateHeader,
+    assemble,
+    iter_chunks,
+)
+from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
 
 WAIT = 10.0
 SITES = ("site-a", "site-b", "site-c")
@@ -571,3 +581,197 @@ def test_sites_not_waited_for_are_cancelled_not_timed_out(
         "site-c": FailureKind.CANCELLED,
     }
     assert "e.g. site-a: RuntimeError: disk full" in str(info.value)
+
+
+# ------------------------------------------------------- folding as it streams
+
+
+def exact_fedavg(start: Weights, record: Any, updates: dict[str, tuple[Weights, int]]) -> Weights:
+    """The model FedAvg makes from exactly ``updates`` folded by a fresh accumulator."""
+    accumulator = MeanAccumulator(specs_of(start), max_sites=len(SITES))
+    for site in sorted(updates):
+        delta, samples = updates[site]
+        accumulator.fold(site, samples, delta)
+    strategy = FedAvg()
+    summary = accumulator.summary(record.round, record.results)
+    _, weights = strategy.aggregate(record.round, strategy.init(start), summary, record.failures)
+    return weights
+
+
+def b_and_c_in_round_1(runner_cls: Any) -> dict[str, tuple[Weights, int]]:
+    """What :func:`answer` sends for site-b (20 samples) and site-c (30) in round 1."""
+    return {
+        site: (runner_cls.delta_like(model(), SITES.index(site), 1), n)
+        for site, n in (("site-b", 20), ("site-c", 30))
+    }
+
+
+def test_stream_stalled_at_the_deadline_is_rolled_back_and_refused_later(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    delta = _with("w", (0, 0), 9.0)
+    delta["b"][:] = 3.0
+    chunks = list(iter_chunks(delta, 8))
+    stalled, release = threading.Event(), threading.Event()
+    offered_late: list[Chunk] = []
+
+    def stalls() -> Iterable[Chunk]:
+        yield from chunks[:4]  # half of 'w' reaches the sum
+        stalled.set()
+        release.wait(WAIT)
+        for chunk in chunks[4:]:
+            offered_late.append(chunk)
+            yield chunk
+
+    slow = fed.spawn(
+        "stalled upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls())
+    )
+    try:
+        assert stalled.wait(WAIT)
+        answer(fed, shift_runner, "site-b", 1, 20)
+        answer(fed, shift_runner, "site-c", 1, 30)
+        fed.pass_deadline()  # the round closes without waiting for site-a's stream
+        (record,) = fed.finish()
+        assert slow.thread.is_alive()  # still blocked in the network
+
+        assert record.close_reason is CloseReason.DEADLINE_QUORUM
+        assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.TIMEOUT)]
+        want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+        assert weights_equal(fed.aggregator.weights, want)
+    finally:
+        release.set()  # the network delivers the rest
+    receipt = slow.join()
+    assert not receipt.accepted
+    assert receipt.reason == "round 1 closed while the update streamed"
+    assert [c.offset for c in offered_late] == [chunks[4].offset]  # refused at once
+
+
+def test_failure_part_way_through_a_stream_rolls_back_what_was_folded(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    seen: list[tuple[int, int]] = []
+
+    def crash_on_third_chunk(name: str, context: dict[str, Any]) -> None:
+        if context["site"] == "site-a":
+            seen.append((context["tensor"], context["offset"]))
+            if len(seen) == 3:
+                raise FaultInjected("connection lost after three chunks")
+
+    fed.faults.arm("upload.chunk", crash_on_third_chunk)
+    broken = send(fed.connect("site-a"), 1, _with("w", (1, 1), 50.0))
+    assert not broken.accepted
+    assert "upload broke off: FaultInjected: connection lost after three chunks" in broken.reason
+    assert seen == [(0, 0), (0, 8), (0, 16)]
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+
+    assert record.close_reason is CloseReason.QUORUM
+    assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.DISCONNECTED)]
+    want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+    assert weights_equal(fed.aggregator.weights, want)
+
+
+def test_nan_in_a_later_chunk_is_rejected_after_earlier_chunks_were_folded(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    folded: list[int] = []
+    fed.faults.arm("upload.chunk", lambda name, context: folded.append(context["offset"]))
+    delta = _with("w", (2, 3), np.nan)
+    delta["w"][0] = 5.0  # the first chunks move the sum
+    rejected = send(fed.connect("site-a"), 1, delta)
+    assert not rejected.accepted and "tensor 'w' holds 1 NaN or Inf values" in rejected.reason
+    assert folded == [0, 8, 16, 24, 32]  # the sixth chunk held the NaN
+    fed.faults.disarm("upload.chunk")
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+    want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+    assert weights_equal(fed.aggregator.weights, want)
+
+
+def stamped(delta: Weights, chunk_bytes: int = 8) -> list[Chunk]:
+    """Chunks with the CRC-32 of each tensor on its last chunk."""
+    out, crcs = [], [0] * len(delta)
+    sizes = [a.nbytes for a in delta.values()]
+    for chunk in iter_chunks(delta, chunk_bytes):
+        crcs[chunk.tensor] = zlib.crc32(chunk.data, crcs[chunk.tensor])
+        last = chunk.offset + len(chunk.data) == sizes[chunk.tensor]
+        out.append(
+            Chunk(chunk.tensor, chunk.offset, chunk.data, crcs[chunk.tensor] if last else None)
+        )
+    return out
+
+
+def test_aggregator_that_requires_checksums_refuses_a_stream_without_them(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=1, final_evaluation=False, min_fraction=0.3)
+    fed.aggregator = Aggregator(
+        fed.config,
+        FedAvg(),
+        model(),
+        clock=fed.clock,
+        faults=fed.faults,
+        on_event=fed.log,
+        require_checksums=True,
+    )
+    fed.transport = InProcessTransport(fed.aggregator)
+    fed.start()
+    fed.log.wait_opened(1)
+    start = model()
+    deltas = {s: shift_runner.delta_like(start, SITES.index(s), 1) for s in SITES}
+
+    plain = send(fed.connect("site-a"), 1, deltas["site-a"])
+    assert not plain.accepted
+    assert "tensor 'w': checksum mismatch (sent none" in plain.reason
+    corrupted = stamped(deltas["site-b"])
+    corrupted[1] = Chunk(0, 8, bytes(8))
+    wrong = send(fed.connect("site-b"), 1, deltas["site-b"], 20, chunks=corrupted)
+    assert not wrong.accepted and "tensor 'w': checksum mismatch (sent 0x" in wrong.reason
+    good = send(fed.connect("site-c"), 1, deltas["site-c"], 30, chunks=stamped(deltas["site-c"]))
+    assert good.accepted, good.reason
+    (record,) = fed.finish()
+
+    assert [r.site for r in record.results] == ["site-c"]
+    assert {f.site: f.kind for f in record.failures} == {
+        "site-a": FailureKind.REJECTED,
+        "site-b": FailureKind.REJECTED,
+    }
+    want = exact_fedavg(start, record, {"site-c": (deltas["site-c"], 30)})
+    assert weights_equal(fed.aggregator.weights, want)
+
+
+def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation)
+    delta = _with("w", (1, 2), 4.0)
+    chunks = list(iter_chunks(delta, 8))
+    stalled, release = threading.Event(), threading.Event()
+
+    def stalls() -> Iterable[Chunk]:
+        yield from chunks[:2]
+        stalled.set()
+        release.wait(WAIT)
+        yield from chunks[2:]
+
+    slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls()))
+    try:
+        assert stalled.wait(WAIT)
+        fed.connect("site-a").report_failure(FailureReport(1, "out of memory"))
+    finally:
+        release.set()
+    receipt = slow.join()
+    assert not receipt.accepted
+    assert receipt.reason == "site 'site-a' already answered round 1"
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+
+    assert record.failures == (Failure("site-a", 1, FailureKind.ERROR, "out of memory"),)
+    want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+    assert weights_equal(fed.aggregator.weights, want)

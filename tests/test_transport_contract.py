@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from grpcnet import GrpcTestTransport
 
 from fedloom.errors import TransportError
 from fedloom.orchestration import CloseReason
@@ -32,6 +33,7 @@ from fedloom.weights import Weights, nbytes, specs_of, weights_equal
 TRANSPORTS: dict[str, Callable[[Any], Any]] = {
     "inprocess": lambda service: InProcessTransport(service, roundtrip=False),
     "inprocess-roundtrip": lambda service: InProcessTransport(service, roundtrip=True),
+    "grpc": GrpcTestTransport,
 }
 
 SITES = ("site-a", "site-b", "site-c")

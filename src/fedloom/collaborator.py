@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
+from fedloom.clock import FaultPoints
 from fedloom.errors import FedloomError, UpdateRejected
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.transport.base import Connection
@@ -43,10 +44,13 @@ class Collaborator:
         connection: Connection,
         runner: Runner,
         phases: Mapping[str, SitePhase] | None = None,
+        *,
+        faults: FaultPoints | None = None,
     ) -> None:
         self.connection = connection
         self.runner = runner
         self.phases = dict(phases or {})
+        self.faults = faults or FaultPoints()
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
 
@@ -80,10 +84,17 @@ class Collaborator:
             tensors=specs_of(delta),
             metrics=dict(answer.metrics),
         )
-        chunks: Iterator[Chunk] = iter_chunks(delta)
+        chunks = self._sending(instruction.round, iter_chunks(delta))
         self.last_receipt = self.connection.upload(header, chunks)
         self.current = None
         return True
+
+    def _sending(self, round: int, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for index, chunk in enumerate(chunks):
+            self.faults.hit(
+                "site.upload.chunk", round=round, site=self.connection.site, index=index
+            )
+            yield chunk
 
     def run(self, poll_timeout: float | None = None) -> None:
         """Work until the aggregator says the federation is finished."""

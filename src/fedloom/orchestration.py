@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedloom.accumulate import Accumulator, make_accumulator
+from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
 from fedloom.errors import QuorumError, TransportError, UpdateRejected
 from fedloom.records import (
@@ -34,12 +34,13 @@ from fedloom.strategies.state import StrategyState
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    Heartbeat,
+    HeartbeatReply,
     ModelHeader,
     ModelStream,
     PhaseMessage,
     Receipt,
     UpdateHeader,
-    assemble,
     iter_chunks,
 )
 from fedloom.weights import Weights, specs_of
@@ -140,7 +141,7 @@ class _OpenRound:
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     uploading: set[str] = field(default_factory=set)  # streaming an update
-    folding: set[str] = field(default_factory=set)  # past the last check, being folded
+    streams: dict[str, Contribution] = field(default_factory=dict)  # being folded, by site
 
     @property
     def round(self) -> int:
@@ -164,6 +165,7 @@ class Aggregator:
         faults: FaultPoints | None = None,
         on_event: EventSink | None = None,
         phases: Mapping[str, PhaseHandler] | None = None,
+        require_checksums: bool = False,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -177,6 +179,8 @@ class Aggregator:
         self._finished = False
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
+        self.last_seen: dict[str, float] = {}  # site -> clock time of its last heartbeat
+        self._require_checksums = require_checksums  # the transport always sends them
 
     @property
     def weights(self) -> Weights:
@@ -280,9 +284,9 @@ class Aggregator:
                 if self.clock.now() >= opened.deadline:
                     break
                 self.clock.wait(self._cond, opened.deadline)
-            self._open = None  # no update passes the open-round check from here on
-            while opened.folding:  # updates already past it settle first (never long)
-                self.clock.wait(self._cond, None)
+            self._open = None  # no update begins or commits from here on
+            streaming = list(opened.streams.values())
+            opened.streams.clear()
             for site in sorted(opened.pending):
                 opened.failures[site] = Failure(site, task.round, *why_closed)
             opened.pending.clear()  # a late answer changes nothing now
@@ -296,6 +300,10 @@ class Aggregator:
                 close_reason=reason,
                 attempt=attempt,
             )
+        # Updates still streaming are rolled back now, not waited for: each abort waits
+        # only for a chunk being folded, never for the network.
+        for contribution in streaming:
+            contribution.abort(_closed_while_streaming(task.round))
         return record, accumulator
 
     # ------------------------------------------------------ the service methods
@@ -343,9 +351,9 @@ class Aggregator:
             failure = Failure(site, header.round, FailureKind.DISCONNECTED, reason)
             self._settle(opened, site, failure=failure)
             return Receipt(header.round, False, reason)
-        accepted = self._settle(opened, site, result=result)
-        if not accepted:
+        if result is None:
             return Receipt(header.round, False, f"round {header.round} closed before the update")
+        self._on_event(SiteAnswered(opened.round, site, True))
         return Receipt(header.round, True, "", sum(s.nbytes for s in header.tensors))
 
     def report_failure(self, site: str, report: FailureReport) -> None:
@@ -370,11 +378,21 @@ class Aggregator:
         reply = handler(site, message.round, bytes(message.payload))
         return PhaseMessage(message.round, message.phase, reply)
 
+    def heartbeat(self, site: str, beat: Heartbeat) -> HeartbeatReply:
+        """``site`` is alive: note when, and say which round is open."""
+        self._check_site(site)
+        with self._cond:
+            self.last_seen[site] = self.clock.now()
+            opened = self._open
+            return HeartbeatReply(0 if opened is None else opened.round, self._finished)
+
     # ------------------------------------------------------------------ helpers
 
     def _receive(
         self, site: str, opened: _OpenRound, header: UpdateHeader, chunks: Iterable[Chunk]
-    ) -> SiteResult:
+    ) -> SiteResult | None:
+        """Check, fold and record ``site``'s answer; None if the round had already
+        settled it."""
         metrics = _clean_metrics(header.metrics)
         if opened.kind is InstructionKind.EVALUATE:
             if header.tensors:
@@ -382,22 +400,61 @@ class Aggregator:
             for _ in chunks:
                 raise UpdateRejected("an evaluation answer carries no tensors")
             n = int(header.num_samples)
-            return SiteResult(site, opened.round, n, n, metrics)
+            evaluated = SiteResult(site, opened.round, n, n, metrics)
+            with self._cond:
+                return evaluated if self._record(opened, site, result=evaluated) else None
         if header.num_samples < 1:
             raise UpdateRejected(f"sample count must be at least 1, got {header.num_samples}")
         expected = specs_of(opened.weights)
         if tuple(header.tensors) != expected:
             raise UpdateRejected(_spec_mismatch(header.tensors, expected))
         self.faults.hit("upload.receiving", round=opened.round, site=site)
-        delta = assemble(expected, chunks)
         weight = min(int(header.num_samples), self.config.max_samples)
+        result = SiteResult(site, opened.round, weight, int(header.num_samples), metrics)
         assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
         with self._cond:
             if self._open is not opened:
-                raise UpdateRejected(f"round {opened.round} closed while the update streamed")
-            opened.folding.add(site)
-        opened.accumulator.fold(site, weight, delta)
-        return SiteResult(site, opened.round, weight, int(header.num_samples), metrics)
+                raise UpdateRejected(_closed_while_streaming(opened.round))
+            contribution = opened.accumulator.begin(
+                site, weight, require_checksums=self._require_checksums
+            )
+            opened.streams[site] = contribution
+        try:
+            self._fold_stream(opened, result, contribution, chunks)
+        except BaseException as err:
+            contribution.abort(_abort_reason(err))
+            raise
+        finally:
+            with self._cond:
+                opened.streams.pop(site, None)
+        return result
+
+    def _fold_stream(
+        self,
+        opened: _OpenRound,
+        result: SiteResult,
+        contribution: Contribution,
+        chunks: Iterable[Chunk],
+    ) -> None:
+        """Fold each chunk as it arrives; at the end, commit the update and record the
+        site's result together, while the round is still open."""
+        site = result.site
+        for chunk in chunks:
+            contribution.add(chunk.tensor, chunk.offset, chunk.data, chunk.checksum)
+            self.faults.hit(
+                "upload.chunk",
+                round=opened.round,
+                site=site,
+                tensor=chunk.tensor,
+                offset=chunk.offset,
+            )
+        with self._cond:  # the close sets _open under this lock before it reads the sum
+            if self._open is not opened:
+                raise UpdateRejected(_closed_while_streaming(opened.round))
+            if site not in opened.pending:  # settled meanwhile (the site reported a failure)
+                raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
+            contribution.finish()
+            self._record(opened, site, result=result)
 
     def _settle(
         self,
@@ -409,20 +466,32 @@ class Aggregator:
     ) -> bool:
         """Record ``site``'s answer; False if the round had already settled it."""
         with self._cond:
-            opened.uploading.discard(site)
-            opened.folding.discard(site)
-            self._cond.notify_all()
-            if site not in opened.pending:
+            if not self._record(opened, site, result=result, failure=failure):
                 return False
-            opened.pending.discard(site)
-            if result is not None:
-                opened.results[site] = result
-            elif failure is not None:
-                opened.failures[site] = failure
         accepted = result is not None
         self._on_event(
             SiteAnswered(opened.round, site, accepted, "" if failure is None else failure.reason)
         )
+        return True
+
+    def _record(
+        self,
+        opened: _OpenRound,
+        site: str,
+        *,
+        result: SiteResult | None = None,
+        failure: Failure | None = None,
+    ) -> bool:
+        """:meth:`_settle` without the event; the caller holds ``self._cond``."""
+        opened.uploading.discard(site)
+        self._cond.notify_all()
+        if site not in opened.pending:
+            return False
+        opened.pending.discard(site)
+        if result is not None:
+            opened.results[site] = result
+        elif failure is not None:
+            opened.failures[site] = failure
         return True
 
     def _require_open(self, site: str, round: int) -> _OpenRound:
@@ -458,6 +527,16 @@ def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
     ranked = ranked[:limit]
     lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
     return " Why:" + "".join(lines)
+
+
+def _closed_while_streaming(round: int) -> str:
+    return f"round {round} closed while the update streamed"
+
+
+def _abort_reason(err: BaseException) -> str:
+    if isinstance(err, UpdateRejected):
+        return err.message
+    return f"upload broke off: {type(err).__name__}: {err}"
 
 
 def _needed(selected: int, min_fraction: float) -> int:

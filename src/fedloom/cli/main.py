@@ -7,17 +7,24 @@ with an exit code per kind of error (see docs/index.md).
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
 from rich.table import Table
 
 from fedloom.cli.common import console, errors, friendly
+from fedloom.cli.deploy import aggregator_app, collaborator_app
+from fedloom.cli.pki import pki_app
 from fedloom.errors import WorkspaceError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
+
+if TYPE_CHECKING:
+    from fedloom.report import RunRecorder
+    from fedloom.runtime.simulation import SimulationResult
 
 app = typer.Typer(
     name="fedloom",
@@ -28,6 +35,15 @@ app = typer.Typer(
 )
 plan_app = typer.Typer(help="Inspect a workspace's plan (federation.yaml).", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
+app.add_typer(aggregator_app, name="aggregator")
+app.add_typer(collaborator_app, name="collaborator")
+app.add_typer(pki_app, name="pki")
+
+
+class Transport(enum.Enum):
+    INPROCESS = "inprocess"
+    GRPC = "grpc"
+
 
 Overrides = Annotated[
     list[str] | None,
@@ -117,6 +133,13 @@ def simulate(
     roundtrip: Annotated[
         bool, typer.Option(help="Serialise every message to the wire format and back.")
     ] = False,
+    transport: Annotated[
+        Transport,
+        typer.Option(
+            help="inprocess: sites in worker processes of this command. grpc: the aggregator "
+            "and every site as their own OS processes on loopback, with mutual TLS."
+        ),
+    ] = Transport.INPROCESS,
     attack: Annotated[
         str | None,
         typer.Option(
@@ -142,7 +165,7 @@ def simulate(
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
-    from fedloom.report import RunRecorder, final_site_metrics
+    from fedloom.report import RunRecorder
     from fedloom.runtime.simulation import SimulationOptions, make_attack
     from fedloom.runtime.simulation import simulate as run_simulation
     from fedloom.transport.inprocess import TrafficCounter
@@ -171,15 +194,14 @@ def simulate(
         baseline=baseline,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
-    if run_name is not None and (
-        not run_name or Path(run_name).name != run_name or run_name in (".", "..")
-    ):
-        raise WorkspaceError(
-            f"--run-name {run_name!r} must be a plain folder name",
-            hint="no '/' and no '..'; use --runs-dir to choose where runs go",
+    if transport is Transport.GRPC:
+        from fedloom.runtime.launcher import run_local_grpc
+
+        code = run_local_grpc(
+            workspace, all_overrides, run_name=run_name, runs_dir=runs_dir, quiet=quiet
         )
-    run_root = runs_dir or workspace / "runs"
-    recorder = RunRecorder(run_root / (run_name or _fresh_run_name(run_root)))
+        raise typer.Exit(code)
+    recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
     run_dir = recorder.run_dir
     try:
         with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
@@ -193,10 +215,30 @@ def simulate(
         recorder.fail(plan, digest, err)
         errors.print(f"what the run did is in {run_dir}", highlight=False)
         raise
+    print_results(recorder, result)
+
+
+def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) -> Path:
+    """Where a run goes: ``runs_dir/run_name`` (default ``WORKSPACE/runs/<timestamp>``)."""
+    if run_name is not None and (
+        not run_name or Path(run_name).name != run_name or run_name in (".", "..")
+    ):
+        raise WorkspaceError(
+            f"--run-name {run_name!r} must be a plain folder name",
+            hint="no '/' and no '..'; use --runs-dir to choose where runs go",
+        )
+    run_root = runs_dir or workspace / "runs"
+    return run_root / (run_name or _fresh_run_name(run_root))
+
+
+def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
+    from fedloom.report import final_site_metrics
+
+    """Finish the run folder and print the sites' table and the summary."""
     summary = recorder.finish(result)
     _print_sites(final_site_metrics(result.history))
     _print_summary(summary)
-    console.print(f"Results in [bold]{run_dir}[/]")
+    console.print(f"Results in [bold]{recorder.run_dir}[/]")
 
 
 def _count(n: int, noun: str) -> str:

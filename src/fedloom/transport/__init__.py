@@ -1,15 +1,21 @@
-"""Transports: how aggregator and collaborators talk (in-process here; gRPC later)."""
+"""Transports: how aggregator and collaborators talk: in-process here, gRPC in
+:mod:`fedloom.transport.grpc` (the one package that imports grpc)."""
 
 from fedloom.transport.base import AggregatorService, Connection
 from fedloom.transport.inprocess import InProcessConnection, InProcessTransport, TrafficCounter
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
     ModelHeader,
     ModelStream,
     PhaseMessage,
     Receipt,
+    StreamEnd,
     UpdateHeader,
+    Welcome,
     assemble,
     iter_chunks,
 )
@@ -19,14 +25,19 @@ __all__ = [
     "Chunk",
     "Connection",
     "FailureReport",
+    "Heartbeat",
+    "HeartbeatReply",
+    "Hello",
     "InProcessConnection",
     "InProcessTransport",
     "ModelHeader",
     "ModelStream",
     "PhaseMessage",
     "Receipt",
+    "StreamEnd",
     "TrafficCounter",
     "UpdateHeader",
+    "Welcome",
     "assemble",
     "iter_chunks",
 ]

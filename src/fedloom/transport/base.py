@@ -15,6 +15,8 @@ from fedloom.records import Instruction
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    Heartbeat,
+    HeartbeatReply,
     ModelStream,
     PhaseMessage,
     Receipt,
@@ -46,6 +48,11 @@ class AggregatorService(Protocol):
         """One step of a multi-phase round (secure aggregation's key exchange …)."""
         ...
 
+    def heartbeat(self, site: str, beat: Heartbeat) -> HeartbeatReply:
+        """``site`` is alive; the reply says which round is open and whether the
+        federation has finished."""
+        ...
+
 
 class Connection(Protocol):
     """A collaborator's side of the transport. Only outbound calls."""
@@ -62,5 +69,7 @@ class Connection(Protocol):
     def report_failure(self, report: FailureReport) -> None: ...
 
     def exchange(self, message: PhaseMessage) -> PhaseMessage: ...
+
+    def heartbeat(self, beat: Heartbeat) -> HeartbeatReply: ...
 
     def close(self) -> None: ...

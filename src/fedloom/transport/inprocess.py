@@ -17,6 +17,8 @@ from fedloom.transport.base import AggregatorService
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    Heartbeat,
+    HeartbeatReply,
     ModelHeader,
     ModelStream,
     PhaseMessage,
@@ -102,6 +104,12 @@ class InProcessConnection:
     def exchange(self, message: PhaseMessage) -> PhaseMessage:
         sent = self._transport._pass(message, down=False)
         reply = self._transport.service.exchange(self._site, sent)
+        return self._transport._pass(reply, down=True)
+
+    def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
+        reply = self._transport.service.heartbeat(
+            self._site, self._transport._pass(beat, down=False)
+        )
         return self._transport._pass(reply, down=True)
 
     def close(self) -> None:

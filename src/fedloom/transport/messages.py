@@ -30,6 +30,14 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """Ends an upload on the wire: ``chunks`` were sent. Without it, a stream that stops
+    was cut off rather than finished."""
+
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelHeader:
     """Announces the global model of ``round`` before its chunks."""
 
@@ -74,6 +82,40 @@ class PhaseMessage:
     round: int
     phase: str
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A collaborator's first message on a channel: its protocol version, the hash of
+    the plan it approved, and the name it was started under (checked against its
+    certificate, never trusted on its own)."""
+
+    protocol_version: int
+    plan_hash: str
+    site: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The aggregator's answer to :class:`Hello`."""
+
+    protocol_version: int
+    federation: str
+    rounds: int
+    heartbeat_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A site's sign of life; ``round`` is the round it works on (0: waiting)."""
+
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    open_round: int  # 0: no round open
+    finished: bool
 
 
 @dataclass(frozen=True)

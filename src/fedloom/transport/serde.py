@@ -17,10 +17,15 @@ from fedloom.records import Instruction, InstructionKind, TrainSettings
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
     ModelHeader,
     PhaseMessage,
     Receipt,
+    StreamEnd,
     UpdateHeader,
+    Welcome,
 )
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.weights import TensorSpec, dtype_from_name, dtype_name
@@ -147,6 +152,43 @@ def phase_from_proto(m: pb.PhaseMessage) -> PhaseMessage:
     return PhaseMessage(m.round, m.phase, m.payload)
 
 
+def hello_to_proto(m: Hello) -> pb.Hello:
+    return pb.Hello(protocol_version=m.protocol_version, plan_hash=m.plan_hash, site=m.site)
+
+
+def hello_from_proto(m: pb.Hello) -> Hello:
+    return Hello(m.protocol_version, m.plan_hash, m.site)
+
+
+def welcome_to_proto(m: Welcome) -> pb.Welcome:
+    return pb.Welcome(
+        protocol_version=m.protocol_version,
+        federation=m.federation,
+        rounds=m.rounds,
+        heartbeat_seconds=m.heartbeat_seconds,
+    )
+
+
+def welcome_from_proto(m: pb.Welcome) -> Welcome:
+    return Welcome(m.protocol_version, m.federation, m.rounds, m.heartbeat_seconds)
+
+
+def heartbeat_to_proto(m: Heartbeat) -> pb.Heartbeat:
+    return pb.Heartbeat(round=m.round)
+
+
+def heartbeat_from_proto(m: pb.Heartbeat) -> Heartbeat:
+    return Heartbeat(m.round)
+
+
+def heartbeat_reply_to_proto(m: HeartbeatReply) -> pb.HeartbeatReply:
+    return pb.HeartbeatReply(open_round=m.open_round, finished=m.finished)
+
+
+def heartbeat_reply_from_proto(m: pb.HeartbeatReply) -> HeartbeatReply:
+    return HeartbeatReply(m.open_round, m.finished)
+
+
 _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     Instruction: (instruction_to_proto, instruction_from_proto, pb.Instruction),
     ModelHeader: (model_header_to_proto, model_header_from_proto, pb.ModelHeader),
@@ -155,6 +197,10 @@ _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     Receipt: (receipt_to_proto, receipt_from_proto, pb.Receipt),
     FailureReport: (failure_to_proto, failure_from_proto, pb.FailureReport),
     PhaseMessage: (phase_to_proto, phase_from_proto, pb.PhaseMessage),
+    Hello: (hello_to_proto, hello_from_proto, pb.Hello),
+    Welcome: (welcome_to_proto, welcome_from_proto, pb.Welcome),
+    Heartbeat: (heartbeat_to_proto, heartbeat_from_proto, pb.Heartbeat),
+    HeartbeatReply: (heartbeat_reply_to_proto, heartbeat_reply_from_proto, pb.HeartbeatReply),
 }
 
 M = TypeVar("M")
@@ -180,3 +226,83 @@ def decode(kind: type[M], data: bytes) -> M:
         raise TransportError(f"cannot decode {kind.__name__}: {err}") from err
     result: M = from_proto(msg)
     return result
+
+
+# ------------------------------------------------ gRPC envelopes (requests and streams)
+
+
+def _parse(proto_type: type[Message], data: bytes, what: str) -> Any:
+    msg = proto_type()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as err:
+        raise TransportError(f"cannot decode {what}: {err}") from err
+    return msg
+
+
+def encode_task_request(wait_seconds: float) -> bytes:
+    data: bytes = pb.TaskRequest(wait_seconds=wait_seconds).SerializeToString()
+    return data
+
+
+def decode_task_request(data: bytes) -> float:
+    wait = float(_parse(pb.TaskRequest, data, "TaskRequest").wait_seconds)
+    if not 0 <= wait <= 3600:
+        raise TransportError(f"TaskRequest.wait_seconds must be in [0, 3600], got {wait}")
+    return wait
+
+
+def encode_task_reply(task: Instruction | None) -> bytes:
+    reply = pb.TaskReply() if task is None else pb.TaskReply(instruction=instruction_to_proto(task))
+    data: bytes = reply.SerializeToString()
+    return data
+
+
+def decode_task_reply(data: bytes) -> Instruction | None:
+    reply = _parse(pb.TaskReply, data, "TaskReply")
+    return instruction_from_proto(reply.instruction) if reply.HasField("instruction") else None
+
+
+def encode_download_request(round: int) -> bytes:
+    data: bytes = pb.DownloadRequest(round=round).SerializeToString()
+    return data
+
+
+def decode_download_request(data: bytes) -> int:
+    return int(_parse(pb.DownloadRequest, data, "DownloadRequest").round)
+
+
+def encode_stream_item(item: ModelHeader | UpdateHeader | Chunk | StreamEnd) -> bytes:
+    """A download (:class:`ModelHeader` or :class:`Chunk`) or upload (:class:`UpdateHeader`,
+    :class:`Chunk`, :class:`StreamEnd`) stream message; a chunk is the same both ways."""
+    if isinstance(item, Chunk):
+        data: bytes = pb.UploadMessage(chunk=chunk_to_proto(item)).SerializeToString()
+    elif isinstance(item, StreamEnd):
+        data = pb.UploadMessage(end=pb.StreamEnd(chunks=item.chunks)).SerializeToString()
+    elif isinstance(item, ModelHeader):
+        data = pb.DownloadMessage(header=model_header_to_proto(item)).SerializeToString()
+    else:
+        data = pb.UploadMessage(header=update_header_to_proto(item)).SerializeToString()
+    return data
+
+
+def decode_download_item(data: bytes) -> ModelHeader | Chunk:
+    msg = _parse(pb.DownloadMessage, data, "DownloadMessage")
+    body = msg.WhichOneof("body")
+    if body == "header":
+        return model_header_from_proto(msg.header)
+    if body == "chunk":
+        return chunk_from_proto(msg.chunk)
+    raise TransportError("empty DownloadMessage")
+
+
+def decode_upload_item(data: bytes) -> UpdateHeader | Chunk | StreamEnd:
+    msg = _parse(pb.UploadMessage, data, "UploadMessage")
+    body = msg.WhichOneof("body")
+    if body == "header":
+        return update_header_from_proto(msg.header)
+    if body == "chunk":
+        return chunk_from_proto(msg.chunk)
+    if body == "end":
+        return StreamEnd(int(msg.end.chunks))
+    raise TransportError("empty UploadMessage")

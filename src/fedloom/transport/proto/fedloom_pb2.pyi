@@ -126,3 +126,85 @@ class PhaseMessage(_message.Message):
     phase: str
     payload: bytes
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "plan_hash", "site")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    plan_hash: str
+    site: str
+    def __init__(self, protocol_version: _Optional[int] = ..., plan_hash: _Optional[str] = ..., site: _Optional[str] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("protocol_version", "federation", "rounds", "heartbeat_seconds")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    federation: str
+    rounds: int
+    heartbeat_seconds: float
+    def __init__(self, protocol_version: _Optional[int] = ..., federation: _Optional[str] = ..., rounds: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("wait_seconds",)
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    wait_seconds: float
+    def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
+
+class TaskReply(_message.Message):
+    __slots__ = ("instruction",)
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    instruction: Instruction
+    def __init__(self, instruction: _Optional[_Union[Instruction, _Mapping]] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class DownloadMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    chunk: Chunk
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class UploadMessage(_message.Message):
+    __slots__ = ("header", "chunk", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: Chunk
+    end: StreamEnd
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    def __init__(self, chunks: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("open_round", "finished")
+    OPEN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    open_round: int
+    finished: bool
+    def __init__(self, open_round: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

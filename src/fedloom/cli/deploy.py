@@ -1,0 +1,215 @@
+"""``fedloom aggregator start`` and ``fedloom collaborator start``: a real federation.
+
+Both log to a file (``--log``), show progress on the terminal, and stop cleanly on
+Ctrl-C: the work runs in a thread and the main thread only waits, so the interrupt
+is always delivered at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from fedloom.cli.common import console, errors, friendly
+
+aggregator_app = typer.Typer(
+    help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
+)
+collaborator_app = typer.Typer(
+    help="Run a site's collaborator (connects out to the aggregator).", no_args_is_help=True
+)
+
+T = TypeVar("T")
+
+WorkspaceArg = Annotated[
+    Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Plan overrides as key=value; every party must use the same ones."),
+]
+LogOption = Annotated[Path | None, typer.Option("--log", help="Log file (default: see below).")]
+
+
+def start_logging(path: Path, *, verbose: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedloom")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def in_thread(work: Callable[[threading.Event], T], stop: threading.Event) -> T:
+    """Run ``work(stop)`` in a thread; Ctrl-C sets ``stop`` and re-raises here."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = work(stop)
+        except BaseException as err:  # handed to the main thread
+            box["error"] = err
+        finally:
+            done.set()
+
+    done = threading.Event()
+    thread = threading.Thread(target=target, name="fedloom-main", daemon=True)
+    thread.start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        stop.set()
+        thread.join(timeout=10)
+        raise
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
+
+
+@aggregator_app.command("start")
+@friendly
+def aggregator_start(
+    workspace: WorkspaceArg,
+    overrides: Overrides = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7171,
+    run_name: Annotated[
+        str | None, typer.Option(help="Folder name under runs/ (default: a timestamp).")
+    ] = None,
+    runs_dir: Annotated[
+        Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
+    ] = None,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between site heartbeats.")] = 5.0,
+    log: LogOption = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Serve the workspace's federation to its sites over gRPC with mutual TLS.
+
+    Needs WORKSPACE/pki from `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log;
+    writes runs/<run-name>/ like `fedloom simulate`.
+    """
+    from fedloom.cli.main import fresh_run_dir, print_results
+    from fedloom.cli.progress import RoundProgress
+    from fedloom.orchestration import Event
+    from fedloom.pki import server_credentials
+    from fedloom.plan import load_plan, plan_hash
+    from fedloom.report import RunRecorder
+    from fedloom.runtime.server import PKI_DIR, ServeOptions, serve
+    from fedloom.transport.inprocess import TrafficCounter
+
+    plan = load_plan(workspace, list(overrides or []))
+    digest = plan_hash(plan, workspace)
+    server_credentials(workspace / PKI_DIR)  # no PKI: say so before anything is written
+    start_logging(log or workspace / "aggregator" / "aggregator.log")
+    recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
+    console.print(f"[bold]{plan.name}[/]: {len(plan.roster)} sites, {plan.rounds} rounds")
+    console.print(f"plan hash [cyan]{digest}[/]")
+    options = ServeOptions(host=host, port=port, heartbeat_seconds=heartbeat)
+
+    def listening(bound: int) -> None:
+        console.print(f"listening on {host}:{bound} (mutual TLS); sites connect to this address")
+        if announce_fd is not None:
+            os.write(announce_fd, f"{bound}\n".encode())
+            os.close(announce_fd)
+
+    try:
+        with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
+
+            def on_event(event: Event, traffic: TrafficCounter) -> None:
+                progress(event, traffic)
+                recorder.on_event(event)
+
+            result = serve(workspace, plan, options, on_event=on_event, on_listening=listening)
+    except BaseException as err:
+        recorder.fail(plan, digest, err)
+        errors.print(f"what the run did is in {recorder.run_dir}", highlight=False)
+        raise
+    print_results(recorder, result)
+
+
+@collaborator_app.command("start")
+@friendly
+def collaborator_start(
+    workspace: WorkspaceArg,
+    overrides: Overrides = None,
+    name: Annotated[str, typer.Option(help="This site's name (its certificate's).")] = "",
+    aggregator: Annotated[
+        str, typer.Option("--aggregator", help="The aggregator's host:port.")
+    ] = "localhost:7171",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="This site's data: an .npz with x and y (or x_train, y_train, x_val, y_val). "
+            "Default: the site's share of the plan's built-in dataset (demo)."
+        ),
+    ] = None,
+    state: Annotated[
+        Path | None, typer.Option(help="The site's state folder (default: WORKSPACE/sites/NAME).")
+    ] = None,
+    server_name: Annotated[
+        str | None,
+        typer.Option(help="The name in the aggregator's certificate, if not the host's."),
+    ] = None,
+    give_up_after: Annotated[
+        float | None,
+        typer.Option(help="Seconds to keep trying to reach the aggregator (default: forever)."),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="torch threads for local training.")] = 1,
+    log: LogOption = None,
+    fault: Annotated[str | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Take part in the federation as site NAME: connect out, train locally, send updates.
+
+    The site's key and certificates come from `fedloom pki request` / `accept`.
+    Logs to STATE/collaborator.log.
+    """
+    from fedloom.errors import PlanError
+    from fedloom.plan import load_plan
+    from fedloom.runtime.site import SiteOptions, SiteProgress, kill_fault, participate
+
+    if not name:
+        raise PlanError(
+            ["--name is required: the site's name, as in its certificate"], source="command line"
+        )
+    plan = load_plan(workspace, list(overrides or []))
+    state_dir = state or workspace / "sites" / name
+    start_logging(log or state_dir / "collaborator.log")
+    options = SiteOptions(
+        name=name,
+        address=aggregator,
+        state_dir=state_dir,
+        data=data,
+        server_name=server_name,
+        connect_seconds=give_up_after,
+        threads=threads,
+    )
+    console.print(f"site [bold]{name}[/] joining {plan.name} at {aggregator}")
+
+    def show(p: SiteProgress) -> None:
+        console.print(
+            f"round {p.current}: {p.rounds_done} accepted, {p.rounds_failed} failed"
+            + (f" · {p.last_receipt}" if p.last_receipt else "")
+        )
+
+    done = in_thread(
+        lambda stop: participate(
+            workspace,
+            plan,
+            options,
+            stop=stop,
+            on_progress=show,
+            faults=kill_fault(fault) if fault else None,
+        ),
+        threading.Event(),
+    )
+    console.print(
+        f"federation finished: {done.rounds_done} rounds accepted, {done.rounds_failed} failed"
+    )

@@ -1,0 +1,245 @@
+"""What the CA side and the site side share: file names, names, fingerprints, PEM
+loading and atomic file writes.
+
+Every problem with a key, certificate, signing request or revocation list becomes a
+:class:`~fedloom.errors.CertificateError` that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fedloom.errors import CertificateError
+
+# The CA's folder (WORKSPACE/pki)
+CA_KEY = "ca.key"
+CA_CERT = "ca.crt"
+CRL_FILE = "crl.pem"
+ISSUED_DIR = "issued"
+SUPERSEDED_DIR = "superseded"  # under issued/: certificates replaced by a re-issue
+SERVER_KEY = "aggregator.key"
+SERVER_CERT = "aggregator.crt"
+SERVER_NAME = "aggregator"
+
+# A site's state folder (WORKSPACE/sites/NAME)
+SITE_KEY = "site.key"
+SITE_CSR = "site.csr"
+SITE_CERT = "site.crt"
+SITE_CA = "ca.crt"
+
+CLOCK_SKEW = dt.timedelta(minutes=5)
+"""Certificates are valid from this long before they were made, for clocks that lag."""
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What a person checks about a certificate: whose it is, and which one."""
+
+    name: str
+    fingerprint: str
+    serial: int
+    not_after: dt.datetime
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a site (and a file): 1-64 of ``A-Z a-z 0-9 . _ -``."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise CertificateError(
+            f"{name!r} cannot name a site: use 1 to 64 letters, digits, '.', '_' or '-'",
+            hint="use the site's name as written in the plan's `sites`, e.g. site-a",
+        )
+    return name
+
+
+def _colons(digest: bytes) -> str:
+    return "SHA256:" + ":".join(f"{b:02X}" for b in digest)
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """``SHA256:AB:CD:…`` over the certificate's DER encoding (PEM or DER accepted)."""
+    cert = load_cert(cert_pem, "certificate")
+    return _colons(cert.fingerprint(hashes.SHA256()))
+
+
+def public_key_der(
+    holder: x509.Certificate | x509.CertificateSigningRequest | ec.EllipticCurvePrivateKey,
+) -> bytes:
+    """The SubjectPublicKeyInfo DER of the public key in a certificate, request or key."""
+    return holder.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def key_fingerprint(pem: bytes) -> str:
+    """``SHA256:AB:CD:…`` of the public key (its SubjectPublicKeyInfo DER) in a
+    certificate signing request, a certificate or a private key."""
+    if b"CERTIFICATE REQUEST" in pem:
+        spki = public_key_der(load_csr(pem))
+    elif b"PRIVATE KEY" in pem:
+        spki = public_key_der(load_private_key(pem, "private key"))
+    else:
+        spki = public_key_der(load_cert(pem, "certificate"))
+    return _colons(hashlib.sha256(spki).digest())
+
+
+def common_name(name: x509.Name, what: str) -> str:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(values) != 1 or not isinstance(values[0].value, str):
+        raise CertificateError(
+            f"the {what} has no single common name (CN)",
+            hint="make it with `fedloom pki request --name SITE`",
+        )
+    return values[0].value
+
+
+def cert_info(cert: x509.Certificate) -> CertInfo:
+    return CertInfo(
+        name=common_name(cert.subject, "certificate"),
+        fingerprint=_colons(cert.fingerprint(hashes.SHA256())),
+        serial=cert.serial_number,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def peer_identity(cert_der_or_pem: bytes) -> tuple[str, int]:
+    """(common name, serial) of a peer's certificate, PEM or DER (gRPC's auth context
+    holds the PEM under ``x509_pem_cert``)."""
+    cert = load_cert(cert_der_or_pem, "peer certificate")
+    return common_name(cert.subject, "peer certificate"), cert.serial_number
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# ----------------------------------------------------------------- loading
+
+
+def load_cert(data: bytes, what: str) -> x509.Certificate:
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as err:
+        raise CertificateError(
+            f"the {what} is not a valid X.509 certificate",
+            hint="pass the .crt file that `fedloom pki sign` wrote, unchanged",
+        ) from err
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    try:
+        return x509.load_pem_x509_csr(data)
+    except ValueError as err:
+        raise CertificateError(
+            "not a valid PEM certificate signing request",
+            hint="pass the site.csr file that `fedloom pki request` wrote, unchanged",
+        ) from err
+
+
+def load_private_key(data: bytes, what: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise CertificateError(
+            f"the {what} is not an unencrypted PEM private key",
+            hint="it was changed or replaced; restore it from the original folder",
+        ) from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(
+            f"the {what} is a {type(key).__name__}, not the EC key fedloom made",
+            hint="restore the key fedloom generated",
+        )
+    return key
+
+
+def read_file(path: Path, *, missing_hint: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as err:
+        raise CertificateError(f"{path} does not exist", hint=missing_hint) from err
+    except OSError as err:
+        raise CertificateError(f"cannot read {path}: {err.strerror}", hint=missing_hint) from err
+
+
+def read_key_file(path: Path, *, missing_hint: str) -> bytes:
+    """A private key file's bytes; refused if others can read it (as ssh does)."""
+    data = read_file(path, missing_hint=missing_hint)
+    if os.name == "posix" and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise CertificateError(
+            f"{path} can be read by other users (mode {stat.S_IMODE(path.stat().st_mode):o})",
+            hint=f"chmod 600 {path}",
+        )
+    return data
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+# ----------------------------------------------------------------- writing
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) with mode 0700 if it does not exist."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary file next to ``path`` created with ``mode``, fsync it,
+    then rename it over ``path``: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CertificateError(
+            f"cannot write {path}: {err.strerror}",
+            hint="check that the folder exists and that you may write to it",
+        ) from err
+    if os.name == "posix":
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    write_atomic(path, private_key_pem(key), mode=0o600)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 key: fast to make, and accepted by gRPC's TLS on every platform."""
+    return ec.generate_private_key(ec.SECP256R1())

@@ -1,0 +1,117 @@
+"""``fedloom simulate --transport grpc``: the real deployment, on one machine.
+
+Makes the federation's PKI in the workspace (a CA, the aggregator's certificate, and
+for every site a key made in its own state folder, a signing request and a signed
+certificate: the same steps as across organisations), starts ``fedloom aggregator
+start`` on a free loopback port and one ``fedloom collaborator start`` per site, each
+its own OS process, and waits for them. The aggregator's output (progress, tables,
+the run folder) is this command's output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedloom.pki import provision
+from fedloom.plan import load_plan
+
+COLLABORATOR_GRACE = 30.0  # seconds sites get to exit after the aggregator did
+
+
+def fedloom_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedloom.cli", *args]
+
+
+def run_local_grpc(
+    workspace: Path,
+    overrides: Sequence[str],
+    *,
+    run_name: str | None = None,
+    runs_dir: Path | None = None,
+    quiet: bool = False,
+    give_up_after: float = 120.0,
+) -> int:
+    """Run the federation as real processes on loopback; the aggregator's exit code."""
+    ws = workspace.resolve()
+    plan = load_plan(ws, list(overrides))
+    states = provision(ws, plan.roster)
+    read_end, write_end = os.pipe()
+    extra = [*(["--run-name", run_name] if run_name else [])]
+    extra += [*(["--runs-dir", str(runs_dir)] if runs_dir else [])]
+    extra += ["--quiet"] if quiet else []
+    aggregator = subprocess.Popen(  # noqa: S603 - our own command
+        fedloom_command(
+            "aggregator",
+            "start",
+            str(ws),
+            *overrides,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--announce-fd",
+            str(write_end),
+            *extra,
+        ),
+        pass_fds=(write_end,),
+    )
+    os.close(write_end)
+    sites: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        with os.fdopen(read_end, "rb") as announced:
+            line = announced.readline().strip()
+        if not line:
+            return aggregator.wait()  # it failed before listening and said why
+        address = f"127.0.0.1:{int(line)}"
+        for site, state in states.items():
+            with open(state / "collaborator.out", "wb") as out:
+                sites[site] = subprocess.Popen(  # noqa: S603 - our own command
+                    fedloom_command(
+                        "collaborator",
+                        "start",
+                        str(ws),
+                        *overrides,
+                        "--name",
+                        site,
+                        "--aggregator",
+                        address,
+                        "--state",
+                        str(state),
+                        "--give-up-after",
+                        str(give_up_after),
+                    ),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+        code = aggregator.wait()
+        _settle_sites(sites, states)
+        return code
+    except BaseException:
+        for proc in (aggregator, *sites.values()):
+            proc.terminate()
+        for proc in (aggregator, *sites.values()):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+
+
+def _settle_sites(sites: dict[str, subprocess.Popen[bytes]], states: dict[str, Path]) -> None:
+    failed: list[str] = []
+    for site, proc in sites.items():
+        try:
+            code = proc.wait(timeout=COLLABORATOR_GRACE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            code = -9
+        if code != 0:
+            failed.append(f"{site} (exit {code}; see {states[site] / 'collaborator.out'})")
+    if failed:
+        print("collaborators that did not end cleanly: " + ", ".join(failed), file=sys.stderr)

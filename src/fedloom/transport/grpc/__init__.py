@@ -1,0 +1,18 @@
+"""The gRPC transport: mutual TLS, streaming chunks, identity from the certificate.
+
+The only package of fedloom that imports ``grpc``.
+"""
+
+from fedloom.transport.grpc.client import ClientSettings, GrpcConnection, backoff_delay
+from fedloom.transport.grpc.server import GrpcServer, ServerSettings, SiteSession
+from fedloom.transport.grpc.wire import PROTOCOL_VERSION
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ClientSettings",
+    "GrpcConnection",
+    "GrpcServer",
+    "ServerSettings",
+    "SiteSession",
+    "backoff_delay",
+]

@@ -1,0 +1,272 @@
+"""A collaborator's gRPC connection: one long-lived mutual-TLS channel, outbound only.
+
+Every call has a deadline. A lost aggregator is retried with exponential backoff and
+full jitter for the calls that are safe to repeat (asking for work, downloading,
+heartbeats, failure reports); an upload that breaks off is not repeated, since the
+aggregator has already recorded it as failed. ``grpc.RpcError`` becomes fedloom's
+own errors here and nowhere else: :class:`~fedloom.errors.AccessDenied` when the
+aggregator refused this site (the collaborator should stop), :class:`~fedloom.errors.
+UpdateRejected` for a round that is no longer open, :class:`~fedloom.errors.
+TransportError` for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from fedloom.errors import AccessDenied, FedloomError, TransportError, UpdateRejected
+from fedloom.pki import Credentials
+from fedloom.records import Instruction
+from fedloom.transport import integrity, serde
+from fedloom.transport.grpc.wire import PROTOCOL_VERSION, channel_options, path
+from fedloom.transport.messages import (
+    Chunk,
+    FailureReport,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
+    ModelHeader,
+    ModelStream,
+    PhaseMessage,
+    Receipt,
+    StreamEnd,
+    UpdateHeader,
+    Welcome,
+)
+
+log = logging.getLogger("fedloom.collaborator")
+
+T = TypeVar("T")
+
+_TLS_HINT = (
+    "the TLS handshake failed. Likely causes: this site's certificate was signed by "
+    "another CA than the aggregator's (were the certificates made for this federation? "
+    "`fedloom pki accept` installs them), the aggregator's certificate is not signed by "
+    "the ca.crt in this site's state folder, or the address does not match a name in "
+    "the aggregator's certificate (`fedloom pki server --host`)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    address: str  # host:port of the aggregator
+    site: str
+    plan_hash: str
+    server_name: str | None = None  # the aggregator certificate's name, if not the host
+    call_seconds: float = 30.0  # deadline of every unary call
+    stream_seconds: float = 3600.0  # deadline of one download or upload
+    wait_seconds: float = 30.0  # how long one ask for work may wait at the aggregator
+    connect_seconds: float | None = None  # give up reaching the aggregator after this
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 30)))
+
+
+class GrpcConnection:
+    """:class:`~fedloom.transport.Connection` over gRPC. :meth:`open` says Hello; the
+    first call does it if :meth:`open` was not called."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        settings: ClientSettings,
+        *,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.welcome: Welcome | None = None
+        self.protocol_version = PROTOCOL_VERSION
+        self._rng = random.Random()  # jitter only; never the plan's seed  # noqa: S311
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=credentials.ca_pem,
+            private_key=credentials.key_pem,
+            certificate_chain=credentials.cert_pem,
+        )
+        self._channel = grpc.secure_channel(
+            settings.address, creds, options=channel_options(settings.server_name)
+        )
+        c = self._channel
+        self._hello = c.unary_unary(path("Hello"))
+        self._get_task = c.unary_unary(path("GetTask"))
+        self._download = c.unary_stream(path("Download"))
+        self._upload = c.stream_unary(path("Upload"))
+        self._report = c.unary_unary(path("ReportFailure"))
+        self._exchange = c.unary_unary(path("Exchange"))
+        self._heartbeat = c.unary_unary(path("Heartbeat"))
+
+    @property
+    def site(self) -> str:
+        return self.settings.site
+
+    # ------------------------------------------------------------ the session
+
+    def open(self) -> Welcome:
+        """Reach the aggregator (retrying with backoff) and say Hello."""
+        s = self.settings
+        hello = serde.encode(Hello(self.protocol_version, s.plan_hash, s.site))
+        reply = self._retrying("Hello", lambda: self._hello(hello, timeout=s.call_seconds))
+        self.welcome = serde.decode(Welcome, reply)
+        return self.welcome
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ------------------------------------------------------- the Connection
+
+    def get_task(self, timeout: float | None = None) -> Instruction | None:
+        s = self.settings
+        wait = s.wait_seconds if timeout is None else min(timeout, s.wait_seconds)
+        request = serde.encode_task_request(wait)
+        reply = self._session(
+            "GetTask", lambda: self._get_task(request, timeout=wait + s.call_seconds)
+        )
+        return serde.decode_task_reply(reply)
+
+    def download(self, round: int) -> ModelStream:
+        request = serde.encode_download_request(round)
+
+        def start() -> tuple[ModelHeader, Iterator[bytes]]:
+            responses = self._download(request, timeout=self.settings.stream_seconds)
+            first = serde.decode_download_item(next(responses))
+            if not isinstance(first, ModelHeader):
+                raise TransportError("the download did not start with the model's header")
+            return first, responses
+
+        header, responses = self._session("Download", start)
+        return ModelStream(header, integrity.verified(header.tensors, _chunks(responses)))
+
+    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+        def messages() -> Iterator[bytes]:
+            yield serde.encode_stream_item(header)
+            count = 0
+            for chunk in integrity.stamp(header.tensors, chunks):
+                yield serde.encode_stream_item(chunk)
+                count += 1
+            yield serde.encode_stream_item(StreamEnd(count))
+
+        if self.welcome is None:
+            self.open()
+        try:
+            reply = self._upload(messages(), timeout=self.settings.stream_seconds)
+        except grpc.RpcError as err:
+            raise _translate(err, "Upload") from None
+        return serde.decode(Receipt, reply)
+
+    def report_failure(self, report: FailureReport) -> None:
+        request = serde.encode(report)
+        self._session(
+            "ReportFailure", lambda: self._report(request, timeout=self.settings.call_seconds)
+        )
+
+    def exchange(self, message: PhaseMessage) -> PhaseMessage:
+        request = serde.encode(message)
+        if self.welcome is None:
+            self.open()
+        try:
+            reply = self._exchange(request, timeout=self.settings.stream_seconds)
+        except grpc.RpcError as err:
+            raise _translate(err, "Exchange") from None
+        return serde.decode(PhaseMessage, reply)
+
+    def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
+        request = serde.encode(beat)
+        reply = self._session(
+            "Heartbeat", lambda: self._heartbeat(request, timeout=self.settings.call_seconds)
+        )
+        return serde.decode(HeartbeatReply, reply)
+
+    # ------------------------------------------------------------ retrying
+
+    def _session(self, name: str, call: Callable[[], T]) -> T:
+        """``call`` retried through outages; says Hello first, and again when the
+        aggregator lost this site's session (it restarted)."""
+        if self.welcome is None:
+            self.open()
+        try:
+            return self._retrying(name, call)
+        except _NoSession:
+            self.open()
+            return self._retrying(name, call)
+
+    def _retrying(self, name: str, call: Callable[[], T]) -> T:
+        s = self.settings
+        attempt = 0
+        waited = 0.0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as err:
+                error = _translate(err, name)
+            if not isinstance(error, _Unreachable) or error.handshake and attempt >= 2:
+                raise error.final() if isinstance(error, _Unreachable) else error
+            if s.connect_seconds is not None and waited >= s.connect_seconds:
+                raise error.final()
+            delay = backoff_delay(attempt, s.backoff_base, s.backoff_max, self._rng)
+            log.warning("%s: %s; retrying in %.1f s", name, error.message, delay)
+            if self.stop.wait(delay):
+                raise TransportError(f"{name}: stopped while waiting for the aggregator")
+            waited += delay
+            attempt += 1
+
+
+class _Unreachable(TransportError):
+    """The aggregator could not be reached (worth retrying)."""
+
+    def __init__(self, message: str, *, handshake: bool) -> None:
+        super().__init__(message)
+        self.handshake = handshake
+
+    def final(self) -> FedloomError:
+        if self.handshake:
+            return AccessDenied(f"cannot reach the aggregator: {_TLS_HINT}. ({self.message})")
+        return TransportError(
+            f"cannot reach the aggregator: {self.message}",
+            hint="is it running, and is the address right? it may be behind a firewall",
+        )
+
+
+class _NoSession(TransportError):
+    """The aggregator does not know this site's session (it restarted): say Hello."""
+
+
+def _translate(err: grpc.RpcError, name: str) -> FedloomError:
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        lowered = details.lower()
+        handshake = any(w in lowered for w in ("handshake", "ssl", "certificate", "tls"))
+        return _Unreachable(f"{name}: {details}", handshake=handshake)
+    if code == grpc.StatusCode.UNAUTHENTICATED and "hello" in details.lower():
+        return _NoSession(f"{name}: {details}")
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return AccessDenied(f"the aggregator refused this site: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if name == "Hello":
+            return AccessDenied(f"the aggregator refused this site: {details}")
+        return UpdateRejected(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TransportError(f"{name}: no answer before the call's deadline")
+    return TransportError(f"{name}: {code.name if code else 'error'}: {details}")
+
+
+def _chunks(responses: Iterator[bytes]) -> Iterator[Chunk]:
+    try:
+        for raw in responses:
+            item = serde.decode_download_item(raw)
+            if not isinstance(item, Chunk):
+                raise TransportError("a second header inside one download")
+            yield item
+    except grpc.RpcError as err:
+        raise _translate(err, "Download") from None

@@ -1,0 +1,44 @@
+"""What both ends of the gRPC transport agree on: names, version, channel options."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+SERVICE = "fedloom.v1.Aggregator"
+METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange", "Heartbeat")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Per message; tensors travel in chunks of a few MiB, so no model comes near it."""
+
+KEEPALIVE_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def path(method: str) -> str:
+    return f"/{SERVICE}/{method}"
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def channel_options(server_name: str | None = None) -> list[tuple[str, int | str]]:
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),  # fedloom retries itself, knowing what is safe to repeat
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return options

@@ -1,0 +1,211 @@
+"""A real deployment on loopback: the aggregator and each site as their own OS
+processes, mutual TLS with certificates made by the project's PKI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from workspaces import FEDLOOM, make_workspace, run_cli
+
+from fedloom.pki import provision
+from fedloom.store import load_weights
+from fedloom.weights import weights_equal
+
+ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+
+
+def rows(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_grpc_federation_ends_bit_identical_to_the_in_process_run(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "digits")
+    args = ("--sites", "3", "--rounds", "5", "--quiet")
+    real = run_cli("simulate", str(ws), *args, "--transport", "grpc", "--run-name", "grpc")
+    assert real.returncode == 0, real.stderr + real.stdout
+    simulated = run_cli("simulate", str(ws), *args, "--run-name", "inprocess")
+    assert simulated.returncode == 0, simulated.stderr
+
+    runs = ws / "runs"
+    grpc_weights = load_weights(runs / "grpc" / "final.safetensors")
+    assert weights_equal(grpc_weights, load_weights(runs / "inprocess" / "final.safetensors"))
+    summary = json.loads((runs / "grpc" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["failures"] == 0
+    assert summary["test_accuracy"] > 0.8
+    assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+    # every site made its own key, in its own state folder, and the CA never saw it
+    for site in ("site-01", "site-02", "site-03"):
+        state = ws / "sites" / site
+        assert (state / "site.key").stat().st_mode & 0o077 == 0
+        assert "joined federation" in (state / "collaborator.log").read_text()
+    assert not list((ws / "pki").rglob("*site*.key"))
+    assert "joined (certificate serial" in (ws / "aggregator" / "aggregator.log").read_text()
+
+
+PADDED_TASK = """
+import numpy as np
+from fedloom import TrainOutput
+from fedloom.tasks import SoftmaxRegression
+
+PAD = 2_000_000  # 8 MB of float32: the update travels in two chunks
+
+
+class Padded(SoftmaxRegression):
+    def init_weights(self, seed):
+        return {**super().init_weights(seed), "pad": np.zeros(PAD, np.float32)}
+
+    def train(self, weights, data, settings, context):
+        core = {k: v for k, v in weights.items() if k != "pad"}
+        out = super().train(core, data, settings, context)
+        return TrainOutput({**out.weights, "pad": weights["pad"]}, out.num_samples, out.metrics)
+
+    def evaluate(self, weights, x, y):
+        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, x, y)
+
+
+task = Padded(num_features=30, num_classes=2)
+"""
+
+
+def start_aggregator(
+    ws: Path, plan: list[str], run_name: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(  # noqa: S603 - our own command
+        [
+            *FEDLOOM,
+            "aggregator",
+            "start",
+            str(ws),
+            *plan,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--announce-fd",
+            str(write_end),
+            "--run-name",
+            run_name,
+            "--quiet",
+        ],
+        pass_fds=(write_end,),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as announced:
+        line = announced.readline().strip()
+    assert line, proc.communicate(timeout=30)[0].decode()
+    return proc, int(line)
+
+
+def start_site(
+    ws: Path, plan: list[str], name: str, port: int, *extra: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own command
+        [
+            *FEDLOOM,
+            "collaborator",
+            "start",
+            str(ws),
+            *plan,
+            "--name",
+            name,
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            "--give-up-after",
+            "60",
+            *extra,
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_a_site_killed_mid_upload_neither_stalls_the_round_nor_misses_the_next(
+    tmp_path: Path,
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    (ws / "task.py").write_text(PADDED_TASK)
+    plan = [
+        "sites=3",
+        "rounds=4",
+        "deadline.min_fraction=0.6",
+        "deadline.round_seconds=120",
+    ]
+    provision(ws, ["site-01", "site-02", "site-03"])
+    aggregator, port = start_aggregator(ws, plan, "killed")
+    sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02")]
+    try:
+        doomed = start_site(ws, plan, "site-03", port, "--fault", "site.upload.chunk@2:1")
+        assert doomed.wait(timeout=120) == -9  # SIGKILLed, mid-upload of round 2
+        sites.append(start_site(ws, plan, "site-03", port))  # restarted
+        out = aggregator.communicate(timeout=300)[0].decode()
+        assert aggregator.returncode == 0, out
+        for proc in sites:
+            assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+    finally:
+        for proc in (aggregator, *sites):
+            if proc.poll() is None:
+                proc.kill()
+
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows(ws / "runs" / "killed"):
+        by_round.setdefault(row["round"], {})[row["site"]] = row
+    killed = by_round[2]["site-03"]
+    assert killed["status"] == "disconnected", killed
+    assert "upload broke off" in killed["reason"]
+    # the round closed when the others had answered and the dead stream was noticed
+    assert killed["close_reason"] == "every site settled, quorum met"
+    assert {s for s, r in by_round[2].items() if r["status"] == "ok"} == {"site-01", "site-02"}
+    # the restarted site takes part in the rounds after it
+    for rnd in (3, 4, 5):
+        assert by_round[rnd]["site-03"]["status"] == "ok", by_round[rnd]
+    summary = json.loads((ws / "runs" / "killed" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+
+
+def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(
+    tmp_path: Path,
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    plan = ["sites=2", "rounds=1"]
+    provision(ws, ["site-01", "site-02"])
+    foreign = provision(tmp_path / "elsewhere", ["site-01"])["site-01"]
+    aggregator, port = start_aggregator(ws, plan, "foreign")
+    try:
+        site = start_site(ws, plan, "site-01", port, "--state", str(foreign))
+        out = site.communicate(timeout=120)[0].decode()
+        assert site.returncode == 11, out
+        assert "signed by another CA than the aggregator's" in " ".join(out.split())
+    finally:
+        aggregator.kill()
+        aggregator.wait()
+
+
+def test_an_aggregator_without_a_pki_says_how_to_make_one(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    result = run_cli("aggregator", "start", str(ws), "--port", "0", "--quiet")
+    assert result.returncode == 10, result.stdout + result.stderr
+    assert "fedloom pki init" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["site.key", "site.crt"])
+def test_a_collaborator_without_its_certificate_says_what_to_do(
+    tmp_path: Path, missing: str
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    state = provision(ws, ["site-01"])["site-01"]
+    (state / missing).unlink()
+    result = run_cli("collaborator", "start", str(ws), "--name", "site-01", "--give-up-after", "1")
+    assert result.returncode == 10, result.stdout + result.stderr
+    assert "fedloom pki" in result.stderr

@@ -1,0 +1,245 @@
+"""What the gRPC aggregator refuses, and that the federation carries on regardless.
+
+Real mutual TLS on loopback with certificates from fedloom's own PKI; a real
+Aggregator on a ManualClock; honest sites as Collaborator threads. The adversary is
+a :class:`GrpcConnection` (or a raw gRPC channel) with real certificates: another CA's,
+a revoked one, one the plan does not list, another site's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpcnet import GrpcTestTransport
+
+from fedloom.errors import AccessDenied
+from fedloom.orchestration import CloseReason
+from fedloom.pki import (
+    accept_certificate,
+    provision,
+    request_certificate,
+    revoke,
+    sign_request,
+    site_credentials,
+)
+from fedloom.records import FailureKind
+from fedloom.transport import Chunk, UpdateHeader, iter_chunks
+from fedloom.transport.grpc.wire import channel_options, path
+from fedloom.weights import Weights, specs_of
+
+SITES = ("site-a", "site-b", "site-c")
+SAMPLES = (10, 30, 60)
+
+
+@pytest.fixture
+def grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
+    """A federation of three sites over gRPC; 2 of 3 answers make a round."""
+    made: list[GrpcTestTransport] = []
+
+    def transport(service: Any) -> GrpcTestTransport:
+        t = GrpcTestTransport(service, workspace=tmp_path / "ws")
+        made.append(t)
+        return t
+
+    fed = make_federation(
+        tiny_weights, transport=transport, min_fraction=0.6, rounds=2, final_evaluation=False
+    )
+    yield fed
+    for t in made:
+        t.close()
+
+
+def start_honest(fed: Any, runner_cls: Any, sites: tuple[str, ...] = SITES) -> None:
+    for site in sites:
+        index = SITES.index(site)
+        fed.start_site(site, runner_cls(index, SAMPLES[index]))
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "fedloom.aggregator")
+
+
+def test_certificate_from_another_ca_is_refused_at_the_handshake(
+    grpc_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    fed = grpc_federation
+    fed.start()
+    foreign = provision(tmp_path / "other-federation", ["site-a"])["site-a"]
+    conn = fed.transport.connect("site-a", state=foreign, connect_seconds=0.5)
+    with pytest.raises(AccessDenied, match="another CA"):
+        conn.open()
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+
+
+def test_revoked_certificate_is_refused_and_its_site_rejoins_with_a_new_one(
+    grpc_federation: Any, shift_runner: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+    fed = grpc_federation
+    t = fed.transport
+    old_state = t.states["site-c"]
+    info = revoke(t.workspace / "pki", "site-c")
+    fed.start()
+    with pytest.raises(AccessDenied, match="revoked"):
+        t.connect("site-c", state=old_state).open()
+    assert f"serial {info.serial:x}) has been revoked" in refusals(caplog)
+
+    new_state = t.workspace / "sites-renewed" / "site-c"
+    csr, _ = request_certificate(new_state, "site-c")
+    cert, _ = sign_request(t.workspace / "pki", csr.read_bytes(), allowed=SITES)
+    accept_certificate(new_state, cert, (t.workspace / "pki" / "ca.crt").read_bytes())
+    t.states["site-c"] = new_state
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+
+
+@pytest.mark.parametrize(
+    ("who", "changes", "refusal"),
+    [
+        ("mallory", {}, "site 'mallory' is not in the plan's sites"),
+        (
+            "site-b",
+            {"name": "site-a"},
+            "calls itself 'site-a' but its certificate belongs to 'site-b'",
+        ),
+        ("site-a", {"plan_hash": "0" * 64}, "plan hash of 'site-a'"),
+        ("site-a", {"protocol": 99}, "protocol version 99"),
+    ],
+)
+def test_identity_and_plan_mismatches_are_refused_on_both_sides(
+    who: str,
+    changes: dict[str, Any],
+    refusal: str,
+    grpc_federation: Any,
+    shift_runner: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+    fed = grpc_federation
+    fed.start()
+    t = fed.transport
+    protocol = changes.pop("protocol", None)
+    conn = t.connect(who, state=t.states[who], **changes)
+    if protocol is not None:
+        conn.protocol_version = protocol
+    with pytest.raises(AccessDenied, match=refusal.split("'")[0]) as refused:
+        conn.open()
+    assert refusal in str(refused.value)  # the site is told why
+    assert refusal in refusals(caplog)  # and the aggregator's log says it too
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+    named = {r.site for rec in history for r in rec.results}
+    assert named == set(SITES)
+
+
+def bad_upload(kind: str, round: int, weights: Weights) -> tuple[UpdateHeader, list[Chunk]]:
+    delta = {k: np.ones_like(v) for k, v in weights.items()}
+    header = UpdateHeader(round, 50, specs_of(delta), {"loss": 0.1})
+    chunks = list(iter_chunks(delta))
+    if kind == "truncated":
+        return header, chunks[:-1]
+    if kind == "nan":
+        delta["w"][1, 2] = np.nan
+        return header, list(iter_chunks(delta))
+    if kind == "wrong shape":
+        delta["w"] = np.ones((4, 3), np.float32)
+        return UpdateHeader(round, 50, specs_of(delta), {}), list(iter_chunks(delta))
+    if kind == "larger than announced":
+        last = chunks[0]
+        return header, [Chunk(last.tensor, last.offset, bytes(last.data) + b"\0" * 8), *chunks[1:]]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("truncated", "stream ended early: tensor 'steps' has 0 of 8 bytes"),
+        ("nan", "'w'"),
+        ("wrong shape", "tensor 'w' float32[4, 3] does not match the global model's"),
+        ("larger than announced", "larger than announced"),
+    ],
+)
+def test_a_bad_update_is_rejected_recorded_and_the_round_goes_on(
+    kind: str,
+    reason: str,
+    grpc_federation: Any,
+    shift_runner: Any,
+    tiny_weights: Weights,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+    fed = grpc_federation
+    fed.start()
+    fed.log.wait_opened(1)
+    start_honest(fed, shift_runner, ("site-a", "site-b"))
+    header, chunks = bad_upload(kind, 1, tiny_weights)
+    receipt = fed.transport.connect("site-c").upload(header, chunks)
+    assert not receipt.accepted
+    assert reason in receipt.reason
+    fed.log.wait_opened(2)
+    fed.log.wait_answered(2, 2)
+    fed.pass_deadline()  # site-c sends nothing in round 2
+    history = fed.finish()
+    first = history[0]
+    assert first.close_reason is CloseReason.QUORUM
+    assert [r.site for r in first.results] == ["site-a", "site-b"]
+    (failure,) = first.failures
+    assert (failure.site, failure.kind) == ("site-c", FailureKind.REJECTED)
+    assert reason in failure.reason
+    assert f"round 1: update from site-c rejected: {failure.reason}" in refusals(caplog)
+    assert history[1].close_reason is CloseReason.DEADLINE_QUORUM
+
+
+def test_a_replayed_update_of_an_earlier_round_is_rejected(
+    grpc_federation: Any, shift_runner: Any, tiny_weights: Weights, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+    fed = grpc_federation
+    fed.start()
+    start_honest(fed, shift_runner)
+    fed.log.wait_opened(2)
+    replay = shift_runner.delta_like(tiny_weights, 1, 1)  # site-b's round-1 update
+    header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5})
+    receipt = fed.transport.connect("site-b").upload(header, iter_chunks(replay))
+    assert not receipt.accepted
+    assert "round 1 is not open" in receipt.reason
+    assert "round 1: update from site-b rejected: round 1 is not open" in refusals(caplog)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+
+
+def test_garbage_bytes_are_rejected_without_harm(grpc_federation: Any, shift_runner: Any) -> None:
+    fed = grpc_federation
+    fed.start()
+    fed.log.wait_opened(1)
+    t = fed.transport
+    conn = t.connect("site-c")
+    conn.open()  # a real session, then raw garbage on the Upload method
+    creds = site_credentials(t.states["site-c"])
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{t.port}",
+        grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
+        options=channel_options(),
+    )
+    try:
+        upload = channel.stream_unary(path("Upload"))
+        reply = upload(iter([b"\xff\xfe garbage \x00\x01"]), timeout=10)
+        assert b"cannot decode UploadMessage" in reply
+        get_task = channel.unary_unary(path("GetTask"))
+        with pytest.raises(grpc.RpcError) as err:
+            get_task(b"\x0f not a TaskRequest", timeout=10)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        channel.close()
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
