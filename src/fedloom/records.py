@@ -118,7 +118,8 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class MeanSummary:
-    """What the streaming accumulator folded: the weighted mean of the updates."""
+    """What the streaming accumulator folded: the weighted mean of the updates (float32
+    for float32, float16 and bfloat16 tensors, float64 for the others)."""
 
     round: int
     mean_delta: Weights

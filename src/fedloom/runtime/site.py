@@ -138,6 +138,11 @@ def participate(
                 if receipt.accepted:
                     progress.rounds_done += 1
                     progress.last_receipt = f"round {receipt.round} accepted"
+                    log.info(
+                        "round %d: answer accepted (%d bytes)",
+                        receipt.round,
+                        receipt.bytes_received,
+                    )
                 else:
                     progress.rounds_failed += 1
                     progress.last_receipt = f"round {receipt.round} rejected: {receipt.reason}"

@@ -36,8 +36,9 @@ class AggregatorService(Protocol):
         ...
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
-        """Receive ``site``'s answer to the current round: chunks are checked and
-        assembled as they arrive, then the update is folded into the running sum."""
+        """Receive ``site``'s answer to the current round: each chunk is checked and
+        folded into the running sum as it arrives; a stream that fails part-way is rolled
+        back exactly, and the receipt says why."""
         ...
 
     def report_failure(self, site: str, report: FailureReport) -> None:

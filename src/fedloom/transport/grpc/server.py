@@ -270,10 +270,13 @@ class Handlers:
             log.warning("rejected an upload from %s: %s", site, reason)
             return serde.encode(Receipt(0, False, reason))
         receipt = self.service.upload(site, first, _chunks(requests, self.traffic))
+        what = "update" if first.tensors else "evaluation"
         if receipt.accepted:
-            log.info("round %d: update from %s accepted", receipt.round, site)
+            log.info("round %d: %s from %s accepted", receipt.round, what, site)
         else:
-            log.warning("round %d: update from %s rejected: %s", first.round, site, receipt.reason)
+            log.warning(
+                "round %d: %s from %s rejected: %s", first.round, what, site, receipt.reason
+            )
         return serde.encode(receipt)
 
     def report_failure(self, request: bytes, context: grpc.ServicerContext) -> bytes:

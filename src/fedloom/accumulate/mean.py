@@ -1,0 +1,233 @@
+"""The weighted mean, as an exact fixed-point sum folded in as updates stream.
+
+Mean-based strategies need only the weighted sum of the updates, so the aggregator
+folds each update into one running sum chunk by chunk, as it streams in, and keeps
+none of it: O(model) memory however many sites take part and however large the model.
+Each weighted value becomes int64 limbs (:mod:`~fedloom.accumulate.limbs`, which
+explains the layouts, the range and the error bounds), so the sum is exact and
+bit-identical whatever the arrival order and chunk sizes.
+
+A contribution spools the bytes it folded (in memory up to 64 MiB, then in a temporary
+file): its abort recomputes the same integers and subtracts them, leaving the sums
+bit-identical to what they were before it began.
+
+:meth:`MeanAccumulator.summary` decodes the sums tensor by tensor and releases each
+tensor's limbs as soon as its mean is decoded, so the limbs and the float64 mean are
+never both held whole: it consumes the accumulator.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Mapping
+from typing import IO
+
+import numpy as np
+
+from fedloom.accumulate.contribution import (
+    _PIECE_BYTES,
+    Contribution,
+    _check_new,
+    _check_weight,
+    _stream_arrays,
+)
+from fedloom.accumulate.limbs import _decode, _encode, _limb_count
+from fedloom.errors import AggregationError, UpdateRejected
+from fedloom.records import MeanSummary, SiteResult
+from fedloom.weights import TensorSpec, Weights, check_compatible
+
+_SPOOL_BYTES = 64 * 1024 * 1024  # a rollback spool moves from memory to disk beyond this
+
+
+_NARROW_FLOATS = frozenset({"float32", "float16", "bfloat16"})
+
+
+class MeanAccumulator:
+    """Running fixed-point sum of ``weight * delta`` over the updates of one round.
+
+    ``max_sites`` bounds how many updates may be folded (or streaming) at once; with
+    it, the per-value range check guarantees no int64 sum can overflow.
+    """
+
+    needs_updates = False
+
+    def __init__(self, specs: tuple[TensorSpec, ...], *, max_sites: int) -> None:
+        self.specs = specs
+        self._max_sites = max(1, max_sites)
+        self._layout = tuple(_limb_count(s) for s in specs)
+        self._limbs = [
+            tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
+            for s, n in zip(specs, self._layout, strict=True)
+        ]
+        self._lock = threading.Lock()
+        self._sites: set[str] = set()
+        self._streaming: set[str] = set()
+        self._summarised: int | None = None  # the round summary() was read for
+        self.total_weight = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._sites)
+
+    def begin(self, site: str, weight: int, *, require_checksums: bool = False) -> Contribution:
+        """Start folding ``site``'s update of aggregation weight ``weight``; refused
+        (:class:`UpdateRejected`) once :meth:`summary` has consumed the sums."""
+        weight = _check_weight(weight)
+        with self._lock:
+            if self._summarised is not None:
+                raise UpdateRejected(
+                    f"the mean of round {self._summarised} was already read: "
+                    f"the update of site {site!r} came too late"
+                )
+            _check_new(site, self._sites, self._streaming)
+            if len(self._sites) + len(self._streaming) >= self._max_sites:
+                raise UpdateRejected(f"more than {self._max_sites} updates in one round")
+            self._streaming.add(site)
+        return _MeanContribution(self, site, weight, require_checksums=require_checksums)
+
+    def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
+        """Add ``weight * delta`` whole. Raises :class:`UpdateRejected` and changes
+        nothing if the update is malformed, non-finite, too large, or ``site`` already
+        folded."""
+        check_compatible(delta, self.specs)
+        _stream_arrays(self.begin(site, weight), delta.values())
+
+    def summary(self, round: int, results: tuple[SiteResult, ...]) -> MeanSummary:
+        """The weighted mean of everything folded. Consumes the accumulator.
+
+        The mean of a float32, float16 or bfloat16 tensor is float32 (computed in float64
+        from the exact sums, then rounded once): such a model cannot hold more, and the
+        summary of a large model takes half the memory. Float64 and integer tensors get
+        a float64 mean.
+
+        Each tensor's limbs are released as soon as its mean is decoded, so the peak is
+        about the limbs plus one tensor's mean, not the limbs and the whole mean. Once
+        it has run, :meth:`summary` and :meth:`fixed_point_sums` raise
+        :class:`AggregationError`, :meth:`begin` and :meth:`fold` raise
+        :class:`UpdateRejected` (a late update); :attr:`count` and
+        :attr:`total_weight` still answer.
+        """
+        with self._lock:
+            self._check_readable()
+            if self._streaming:
+                raise AggregationError(
+                    f"{len(self._streaming)} update(s) still streaming: finish or abort "
+                    "them before reading the sum"
+                )
+            self._summarised = round
+            weight = float(self.total_weight)
+            mean: Weights = {}
+            for index, spec in enumerate(self.specs):
+                limbs, self._limbs[index] = self._limbs[index], ()
+                value = _decode(spec, limbs) if weight else np.zeros(spec.size)
+                del limbs  # the last reference: this tensor's sums are freed here
+                if weight:
+                    value /= weight
+                if spec.dtype in _NARROW_FLOATS:  # the model's precision, half the bytes
+                    value = value.astype(np.float32)
+                mean[spec.name] = value.reshape(spec.shape)
+            return MeanSummary(round, mean, weight, results)
+
+    def fixed_point_sums(self) -> dict[str, tuple[np.ndarray, ...]]:
+        """Copies of the int64 limb sums of each tensor (flat): one limb, or two for
+        float64 tensors. Sums of streams still in flight are included. Not after
+        :meth:`summary`, which released them (:class:`AggregationError`)."""
+        with self._lock:
+            self._check_readable()
+            return {
+                s.name: tuple(limb.copy() for limb in limbs)
+                for s, limbs in zip(self.specs, self._limbs, strict=True)
+            }
+
+    def _check_readable(self) -> None:
+        if self._summarised is not None:
+            raise AggregationError(
+                f"the sums of round {self._summarised} were released when its mean was "
+                "read: summary() consumes the accumulator",
+                hint="keep the MeanSummary that the first summary() call returned",
+            )
+
+    def _encode(self, tensor: int, values: np.ndarray, weight: int) -> tuple[np.ndarray, ...]:
+        """The limbs of ``weight * values``; refuses non-finite or out-of-range values."""
+        name, count = self.specs[tensor].name, self._layout[tensor]
+        return _encode(name, count, values, weight, self._max_sites)
+
+    def _apply(self, tensor: int, start: int, limbs: tuple[np.ndarray, ...], sign: int) -> None:
+        with self._lock:
+            for total, part in zip(self._limbs[tensor], limbs, strict=True):
+                window = total[start : start + part.size]
+                if sign > 0:
+                    window += part
+                else:
+                    window -= part
+
+    def _commit(self, site: str, weight: int) -> None:
+        with self._lock:
+            self._streaming.discard(site)
+            if site in self._sites:
+                raise UpdateRejected(f"site {site!r} already sent an update for this round")
+            self._sites.add(site)
+            self.total_weight += weight
+
+    def _release(self, site: str) -> None:
+        with self._lock:
+            self._streaming.discard(site)
+
+
+class _MeanContribution(Contribution):
+    """Folds each chunk into the accumulator's sums, and spools its bytes for abort."""
+
+    def __init__(
+        self, accumulator: MeanAccumulator, site: str, weight: int, *, require_checksums: bool
+    ) -> None:
+        super().__init__(accumulator.specs, site, weight, require_checksums=require_checksums)
+        self._accumulator = accumulator
+        self._spool: IO[bytes] | None = None
+        self._spooled = 0
+        self._segments: list[list[int]] = []  # [tensor, offset, length, spool position]
+
+    def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
+        if not len(raw):
+            return
+        limbs = self._accumulator._encode(tensor, values, self.weight)
+        if self._spool is None:
+            self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115
+        self._spool.write(raw)
+        at, self._spooled = self._spooled, self._spooled + len(raw)
+        self._accumulator._apply(tensor, offset // values.itemsize, limbs, +1)
+        last = self._segments[-1] if self._segments else None
+        if last is not None and (last[0], last[1] + last[2], last[3] + last[2]) == (
+            tensor,
+            offset,
+            at,
+        ):
+            last[2] += len(raw)  # continues the previous segment, in the tensor and the spool
+        else:
+            self._segments.append([tensor, offset, len(raw), at])
+
+    def _commit(self) -> None:
+        self._accumulator._commit(self.site, self.weight)
+        self._close_spool()
+
+    def _undo(self) -> None:
+        try:
+            for tensor, offset, length, at in reversed(self._segments):
+                assert self._spool is not None  # noqa: S101 - a segment was spooled
+                dtype = self._dtypes[tensor]
+                self._spool.seek(at)
+                for start in range(0, length, _PIECE_BYTES):
+                    data = self._spool.read(min(_PIECE_BYTES, length - start))
+                    values = np.frombuffer(data, dtype=dtype)
+                    limbs = self._accumulator._encode(tensor, values, self.weight)
+                    position = (offset + start) // dtype.itemsize
+                    self._accumulator._apply(tensor, position, limbs, -1)
+            self._segments.clear()
+        finally:
+            self._close_spool()
+            self._accumulator._release(self.site)
+
+    def _close_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
