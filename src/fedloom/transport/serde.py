@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 
 from fedloom.errors import TransportError, UpdateRejected
 from fedloom.records import Instruction, InstructionKind, TrainSettings
+from fedloom.transport import chunkwire
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
@@ -276,9 +277,9 @@ def encode_stream_item(item: ModelHeader | UpdateHeader | Chunk | StreamEnd) -> 
     """A download (:class:`ModelHeader` or :class:`Chunk`) or upload (:class:`UpdateHeader`,
     :class:`Chunk`, :class:`StreamEnd`) stream message; a chunk is the same both ways."""
     if isinstance(item, Chunk):
-        data: bytes = pb.UploadMessage(chunk=chunk_to_proto(item)).SerializeToString()
-    elif isinstance(item, StreamEnd):
-        data = pb.UploadMessage(end=pb.StreamEnd(chunks=item.chunks)).SerializeToString()
+        return chunkwire.write_chunk(item)  # the hot path: the same bytes, one copy
+    if isinstance(item, StreamEnd):
+        data: bytes = pb.UploadMessage(end=pb.StreamEnd(chunks=item.chunks)).SerializeToString()
     elif isinstance(item, ModelHeader):
         data = pb.DownloadMessage(header=model_header_to_proto(item)).SerializeToString()
     else:
@@ -287,6 +288,9 @@ def encode_stream_item(item: ModelHeader | UpdateHeader | Chunk | StreamEnd) -> 
 
 
 def decode_download_item(data: bytes) -> ModelHeader | Chunk:
+    chunk = chunkwire.read_chunk(data)
+    if chunk is not None:
+        return chunk
     msg = _parse(pb.DownloadMessage, data, "DownloadMessage")
     body = msg.WhichOneof("body")
     if body == "header":
@@ -297,6 +301,9 @@ def decode_download_item(data: bytes) -> ModelHeader | Chunk:
 
 
 def decode_upload_item(data: bytes) -> UpdateHeader | Chunk | StreamEnd:
+    chunk = chunkwire.read_chunk(data)
+    if chunk is not None:
+        return chunk
     msg = _parse(pb.UploadMessage, data, "UploadMessage")
     body = msg.WhichOneof("body")
     if body == "header":
