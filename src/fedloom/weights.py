@@ -93,10 +93,11 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
     """
     out: Weights = {}
     for name, b in base.items():
-        d = np.asarray(delta[name], dtype=np.float64)
-        total = b.astype(np.float64) + d
-        cast = total.astype(b.dtype) if is_float(b.dtype) else np.rint(total).astype(b.dtype)
-        out[name] = np.asarray(cast)
+        total = np.array(b, dtype=np.float64)  # the one float64 temporary of this tensor
+        total += np.asarray(delta[name])
+        if not is_float(b.dtype):
+            np.rint(total, out=total)
+        out[name] = np.asarray(total.astype(b.dtype))
     return out
 
 
