@@ -190,6 +190,11 @@ def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(
     finally:
         aggregator.kill()
         aggregator.wait()
+    # the TLS layer refuses it before any fedloom code runs at the aggregator (grpcio
+    # has no hook there): the site's own log keeps the refusal and its likely cause
+    logged = (foreign / "collaborator.log").read_text()
+    assert "cannot join the federation" in logged, logged
+    assert "another CA than the aggregator's" in logged, logged
 
 
 def test_an_aggregator_without_a_pki_says_how_to_make_one(tmp_path: Path) -> None:

@@ -23,7 +23,13 @@ import numpy as np
 from fedloom.clock import FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.data import train_val_split
-from fedloom.errors import AccessDenied, PlanError, TransportError, WorkspaceError
+from fedloom.errors import (
+    AccessDenied,
+    FedloomError,
+    PlanError,
+    TransportError,
+    WorkspaceError,
+)
 from fedloom.pki import site_credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.records import Instruction, SiteAnswer
@@ -108,7 +114,11 @@ def participate(
         )
 
     try:
-        welcome = connection.open()
+        try:
+            welcome = connection.open()
+        except FedloomError as err:
+            log.error("cannot join the federation: %s", err)
+            raise
         log.info(
             "joined federation %r (%d rounds) as %s",
             welcome.federation,
@@ -127,7 +137,8 @@ def participate(
             try:
                 if not collaborator.step():
                     break
-            except AccessDenied:
+            except AccessDenied as err:
+                log.error("refused: %s", err)
                 raise
             except TransportError as err:
                 log.warning("round %d: %s", progress.current, err.message)
