@@ -301,3 +301,18 @@ def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
     finally:
         for t in made:
             t.close()
+
+
+def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
+    grpc_federation: Any,
+) -> None:
+    from fedloom.transport.grpc import AggregatorLost
+
+    fed = grpc_federation
+    fed.start()
+    fed.log.wait_opened(1)
+    conn = fed.transport.connect("site-a", connect_seconds=1.0)
+    assert conn.get_task(timeout=0) is not None  # in touch: round 1 is open for it
+    fed.transport.server.stop(grace=0)  # the aggregator's machine is gone
+    with pytest.raises(AggregatorLost, match="cannot reach the aggregator"):
+        conn.get_task(timeout=0)

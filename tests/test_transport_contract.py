@@ -300,3 +300,22 @@ def test_a_site_without_a_phase_fails_the_round_with_a_reason(
     [failure] = first.failures
     assert failure.site == "site-c" and failure.kind is FailureKind.ERROR
     assert "does not support the round phase 'hello'" in failure.reason
+
+
+def test_sites_hear_whether_the_federation_completed(
+    make_federation: Any, tiny_weights: Weights, shift_runner: Any, transport_factory: Any
+) -> None:
+    from fedloom.errors import QuorumError
+
+    fed = make_federation(tiny_weights, transport=transport_factory, rounds=1)
+    fed.start()
+    fed.log.wait_opened(1)
+    fed.pass_deadline()  # nobody answered: no quorum, no retries left
+    with pytest.raises(QuorumError):
+        fed.loop.join()
+    told = fed.connect("site-a").get_task(timeout=0)
+    assert told is not None and told.kind is InstructionKind.FINISHED
+    assert told.config == {"completed": False}
+
+    done = run_federation(make_federation, tiny_weights, shift_runner, transport_factory)
+    assert done.connect("site-a").get_task(timeout=0).config == {"completed": True}

@@ -53,6 +53,7 @@ class Collaborator:
         self.faults = faults or FaultPoints()
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
+        self.finished: Instruction | None = None  # the aggregator's last word
 
     def step(self, timeout: float | None = None) -> bool:
         """Do at most one instruction. False once the federation is finished."""
@@ -60,6 +61,7 @@ class Collaborator:
         if instruction is None:
             return True
         if instruction.kind is InstructionKind.FINISHED:
+            self.finished = instruction
             return False
         self.current = instruction
         try:

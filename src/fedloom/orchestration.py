@@ -177,6 +177,7 @@ class Aggregator:
         self._cond = threading.Condition()
         self._open: _OpenRound | None = None
         self._finished = False
+        self._completed = False  # run() went through every round
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last heartbeat
@@ -190,15 +191,20 @@ class Aggregator:
 
     def run(self) -> list[RoundRecord]:
         """Run every round, then the final evaluation; return the history."""
+        completed = False
         try:
             for rnd in range(1, self.config.rounds + 1):
                 record = self._train_round(rnd)
                 self.history.append(record)
             if self.config.final_evaluation:
                 self.history.append(self._evaluation_round(self.config.rounds + 1))
+            completed = True
         finally:
             with self._cond:
+                # Sites are told the federation is over, and whether it completed: after
+                # a failure or a stop it did not.
                 self._finished = True
+                self._completed = completed
                 self._open = None
                 self._cond.notify_all()
         return self.history
@@ -314,7 +320,11 @@ class Aggregator:
         with self._cond:
             while True:
                 if self._finished:
-                    return Instruction(round=0, kind=InstructionKind.FINISHED)
+                    return Instruction(
+                        round=0,
+                        kind=InstructionKind.FINISHED,
+                        config={"completed": self._completed},
+                    )
                 opened = self._open
                 if opened is not None and site in opened.pending:
                     return opened.task

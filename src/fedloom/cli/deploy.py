@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -34,16 +35,30 @@ Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="Plan overrides as key=value; every party must use the same ones."),
 ]
-LogOption = Annotated[Path | None, typer.Option("--log", help="Log file (default: see below).")]
+LogOption = Annotated[
+    Path | None, typer.Option("--log", help="Log file (default: given in the description).")
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", help="Log debug detail too.")]
 
 
 def start_logging(path: Path, *, verbose: bool = False) -> None:
+    """Log fedloom's records to ``path``; SIGTERM (a service manager stopping the
+    process) is handled like Ctrl-C, so the run still records how it ended."""
+    signal.signal(signal.SIGTERM, _terminate)
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("fedloom")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def in_thread(work: Callable[[threading.Event], T], stop: threading.Event) -> T:
@@ -88,6 +103,7 @@ def aggregator_start(
     ] = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between site heartbeats.")] = 5.0,
     log: LogOption = None,
+    verbose: VerboseOption = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -99,7 +115,7 @@ def aggregator_start(
     from fedloom.cli.main import fresh_run_dir, print_results
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
-    from fedloom.pki import server_credentials
+    from fedloom.pki import server_credentials, server_hosts
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.runtime.server import PKI_DIR, ServeOptions, serve
@@ -108,14 +124,21 @@ def aggregator_start(
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
     server_credentials(workspace / PKI_DIR)  # no PKI: say so before anything is written
-    start_logging(log or workspace / "aggregator" / "aggregator.log")
+    start_logging(log or workspace / "aggregator" / "aggregator.log", verbose=verbose)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
-    console.print(f"[bold]{plan.name}[/]: {len(plan.roster)} sites, {plan.rounds} rounds")
+    console.print(
+        f"[bold]{plan.name}[/]: {_count(len(plan.roster), 'site')}, {_count(plan.rounds, 'round')}"
+    )
     console.print(f"plan hash [cyan]{digest}[/]")
     options = ServeOptions(host=host, port=port, heartbeat_seconds=heartbeat)
+    names = server_hosts(workspace / PKI_DIR)
 
     def listening(bound: int) -> None:
-        console.print(f"listening on {host}:{bound} (mutual TLS); sites connect to this address")
+        where = ", ".join(f"{n}:{bound}" for n in names)
+        console.print(
+            f"listening on {host}:{bound} (mutual TLS); sites connect to {where}",
+            highlight=False,
+        )
         if announce_fd is not None:
             os.write(announce_fd, f"{bound}\n".encode())
             os.close(announce_fd)
@@ -139,8 +162,8 @@ def aggregator_start(
 @friendly
 def collaborator_start(
     workspace: WorkspaceArg,
+    name: Annotated[str, typer.Option(help="This site's name (its certificate's).")],
     overrides: Overrides = None,
-    name: Annotated[str, typer.Option(help="This site's name (its certificate's).")] = "",
     aggregator: Annotated[
         str, typer.Option("--aggregator", help="The aggregator's host:port.")
     ] = "localhost:7171",
@@ -160,10 +183,14 @@ def collaborator_start(
     ] = None,
     give_up_after: Annotated[
         float | None,
-        typer.Option(help="Seconds to keep trying to reach the aggregator (default: forever)."),
+        typer.Option(
+            help="Give up once the aggregator has not answered for this many seconds "
+            "(default: never)."
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads for local training.")] = 1,
     log: LogOption = None,
+    verbose: VerboseOption = False,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Take part in the federation as site NAME: connect out, train locally, send updates.
@@ -171,17 +198,13 @@ def collaborator_start(
     The site's key and certificates come from `fedloom pki request` / `accept`.
     Logs to STATE/collaborator.log.
     """
-    from fedloom.errors import PlanError
     from fedloom.plan import load_plan
     from fedloom.runtime.site import SiteOptions, SiteProgress, kill_fault, participate
 
-    if not name:
-        raise PlanError(
-            ["--name is required: the site's name, as in its certificate"], source="command line"
-        )
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or workspace / "sites" / name
-    start_logging(log or state_dir / "collaborator.log")
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys go here: private
+    start_logging(log or state_dir / "collaborator.log", verbose=verbose)
     options = SiteOptions(
         name=name,
         address=aggregator,
@@ -194,10 +217,7 @@ def collaborator_start(
     console.print(f"site [bold]{name}[/] joining {plan.name} at {aggregator}")
 
     def show(p: SiteProgress) -> None:
-        console.print(
-            f"round {p.current}: {p.rounds_done} accepted, {p.rounds_failed} failed"
-            + (f" · {p.last_receipt}" if p.last_receipt else "")
-        )
+        console.print(f"{p.last}  [dim]({p.rounds_done} accepted, {p.rounds_failed} failed)[/]")
 
     done = in_thread(
         lambda stop: participate(
@@ -210,6 +230,8 @@ def collaborator_start(
         ),
         threading.Event(),
     )
+    evaluated = "; the final model evaluated here" if done.evaluated else ""
     console.print(
-        f"federation finished: {done.rounds_done} rounds accepted, {done.rounds_failed} failed"
+        f"federation finished: {_count(done.rounds_done, 'update')} accepted, "
+        f"{done.rounds_failed} round(s) failed{evaluated}"
     )

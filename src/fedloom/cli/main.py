@@ -18,7 +18,7 @@ from rich.table import Table
 from fedloom.cli.common import console, errors, friendly
 from fedloom.cli.deploy import aggregator_app, collaborator_app
 from fedloom.cli.pki import pki_app
-from fedloom.errors import WorkspaceError
+from fedloom.errors import PlanError, WorkspaceError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -178,6 +178,26 @@ def simulate(
         "seed": seed,
     }
     all_overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(overrides or [])
+    if transport is Transport.GRPC:
+        from fedloom.runtime.launcher import run_local_grpc
+
+        ignored = {
+            "--workers": workers is not None,
+            "--roundtrip": roundtrip,
+            "--attack": attack is not None,
+            "--attackers": attackers != 0,
+            "--baseline": baseline,
+        }
+        if any(ignored.values()):
+            used = ", ".join(k for k, v in ignored.items() if v)
+            raise PlanError(
+                [f"{used}: only with --transport inprocess (every site is its own process)"],
+                source="command line",
+            )
+        code = run_local_grpc(
+            workspace, all_overrides, run_name=run_name, runs_dir=runs_dir, quiet=quiet
+        )
+        raise typer.Exit(code)
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
     console.print(
@@ -194,13 +214,6 @@ def simulate(
         baseline=baseline,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
-    if transport is Transport.GRPC:
-        from fedloom.runtime.launcher import run_local_grpc
-
-        code = run_local_grpc(
-            workspace, all_overrides, run_name=run_name, runs_dir=runs_dir, quiet=quiet
-        )
-        raise typer.Exit(code)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
     run_dir = recorder.run_dir
     try:

@@ -2,7 +2,7 @@
 
 :class:`RevocationList` is the aggregator's view of it. It re-reads the file whenever
 it changes on disk, so ``fedloom pki revoke`` applies to a running aggregator at the
-next connection, without a restart.
+next call, without a restart.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedloom.errors import CertificateError
 from fedloom.pki.common import load_cert, now, read_file
 
-_CRL_HINT = "run `fedloom pki revoke` again, or `fedloom pki init WORKSPACE --force` for a new CA"
+_CRL_HINT = (
+    "crl.pem is the only record of the revoked certificates: restore it from a backup "
+    "(`fedloom pki init WORKSPACE --force` makes a new CA, and every site a new certificate)"
+)
 
 
 def load_crl(data: bytes, ca: x509.Certificate, source: str) -> x509.CertificateRevocationList:

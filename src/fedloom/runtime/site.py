@@ -38,7 +38,7 @@ from fedloom.runtime.executor import execute
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task
-from fedloom.transport.grpc import ClientSettings, GrpcConnection
+from fedloom.transport.grpc import AggregatorLost, ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat
 from fedloom.weights import Weights
 
@@ -62,10 +62,11 @@ class SiteOptions:
 class SiteProgress:
     """What the collaborator did, for its progress line and its exit summary."""
 
-    rounds_done: int = 0
-    rounds_failed: int = 0
+    rounds_done: int = 0  # training rounds whose update the aggregator accepted
+    rounds_failed: int = 0  # rounds this site could not answer, or whose answer was refused
+    evaluated: bool = False  # the final model was evaluated here
     current: int = 0
-    last_receipt: str = ""
+    last: str = ""
 
 
 def participate(
@@ -77,7 +78,12 @@ def participate(
     on_progress: Callable[[SiteProgress], None] | None = None,
     faults: FaultPoints | None = None,
 ) -> SiteProgress:
-    """Take part in the federation until it finishes; returns what this site did."""
+    """Take part in the federation until it finishes; returns what this site did.
+
+    Raises :class:`AccessDenied` when the aggregator refuses this site,
+    :class:`AggregatorLost` when it cannot be reached for ``connect_seconds``, and
+    :class:`TransportError` when it stopped before the federation completed.
+    """
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
     state_dir = options.state_dir or ws / SITES_DIR / options.name
@@ -98,20 +104,30 @@ def participate(
     connection = GrpcConnection(credentials, settings, stop=stop)
     progress = SiteProgress()
 
-    def runner(instruction: Instruction, weights: Weights) -> SiteAnswer:
-        progress.current = instruction.round
+    def report(line: str, *, failed: bool = False) -> None:
+        progress.last = line
+        (log.warning if failed else log.info)(line)
         if on_progress is not None:
             on_progress(progress)
-        return execute(
-            task,
-            instruction,
-            weights,
-            data,
-            site=options.name,
-            index=index,
-            plan_seed=plan.seed,
-            num_classes=num_classes,
-        )
+
+    def runner(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        progress.current = instruction.round
+        report(f"round {instruction.round}: {instruction.kind.value} on local data")
+        try:
+            return execute(
+                task,
+                instruction,
+                weights,
+                data,
+                site=options.name,
+                index=index,
+                plan_seed=plan.seed,
+                num_classes=num_classes,
+            )
+        except Exception as err:  # reported to the aggregator by the collaborator too
+            progress.rounds_failed += 1
+            report(f"round {instruction.round}: the task failed: {err}", failed=True)
+            raise
 
     try:
         try:
@@ -120,9 +136,9 @@ def participate(
             log.error("cannot join the federation: %s", err)
             raise
         log.info(
-            "joined federation %r (%d rounds) as %s",
+            "joined federation %r (%s) as %s",
             welcome.federation,
-            welcome.rounds,
+            _count(welcome.rounds, "round"),
             options.name,
         )
         beats = threading.Thread(
@@ -137,34 +153,39 @@ def participate(
             try:
                 if not collaborator.step():
                     break
-            except AccessDenied as err:
-                log.error("refused: %s", err)
+            except (AccessDenied, AggregatorLost) as err:
+                log.error("%s", err)
                 raise
             except TransportError as err:
-                log.warning("round %d: %s", progress.current, err.message)
                 progress.rounds_failed += 1
+                report(f"round {progress.current}: {err.message}", failed=True)
                 continue
-            receipt = collaborator.last_receipt
-            if receipt is not None and receipt.round == progress.current:
-                if receipt.accepted:
-                    progress.rounds_done += 1
-                    progress.last_receipt = f"round {receipt.round} accepted"
-                    log.info(
-                        "round %d: answer accepted (%d bytes)",
-                        receipt.round,
-                        receipt.bytes_received,
-                    )
-                else:
-                    progress.rounds_failed += 1
-                    progress.last_receipt = f"round {receipt.round} rejected: {receipt.reason}"
-                    log.warning("round %d: update rejected: %s", receipt.round, receipt.reason)
-                collaborator.last_receipt = None
-                if on_progress is not None:
-                    on_progress(progress)
+            receipt, collaborator.last_receipt = collaborator.last_receipt, None
+            if receipt is None or receipt.round != progress.current:
+                continue
+            if not receipt.accepted:
+                progress.rounds_failed += 1
+                report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
+            elif receipt.bytes_received:
+                progress.rounds_done += 1
+                report(f"round {receipt.round}: update accepted ({receipt.bytes_received} bytes)")
+            else:
+                progress.evaluated = True
+                report(f"round {receipt.round}: evaluation of the final model accepted")
+        finished = collaborator.finished
+        if finished is not None and not finished.config.get("completed", True):
+            raise TransportError(
+                "the aggregator stopped before the federation completed (interrupted or failed)",
+                hint="start this collaborator again once the aggregator is back",
+            )
     finally:
         stop.set()
         connection.close()
     return progress
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _heartbeats(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -87,6 +88,7 @@ class GrpcConnection:
         self.settings = settings
         self.stop = stop or threading.Event()
         self.welcome: Welcome | None = None
+        self._last_contact = time.monotonic()
         self.protocol_version = PROTOCOL_VERSION
         self._rng = random.Random()  # jitter only; never the plan's seed  # noqa: S311
         creds = grpc.ssl_channel_credentials(
@@ -201,24 +203,34 @@ class GrpcConnection:
             return self._retrying(name, call)
 
     def _retrying(self, name: str, call: Callable[[], T]) -> T:
+        """``call``, retried with backoff while the aggregator is unreachable, for up to
+        ``connect_seconds`` since it last answered (forever when that is ``None``)."""
         s = self.settings
         attempt = 0
-        waited = 0.0
         while True:
             try:
-                return call()
+                result = call()
             except grpc.RpcError as err:
                 error = _translate(err, name)
+            else:
+                self._last_contact = time.monotonic()
+                return result
             if not isinstance(error, _Unreachable) or error.handshake and attempt >= 2:
                 raise error.final() if isinstance(error, _Unreachable) else error
-            if s.connect_seconds is not None and waited >= s.connect_seconds:
+            silent = time.monotonic() - self._last_contact
+            if s.connect_seconds is not None and silent >= s.connect_seconds:
                 raise error.final()
             delay = backoff_delay(attempt, s.backoff_base, s.backoff_max, self._rng)
-            log.warning("%s: %s; retrying in %.1f s", name, error.message, delay)
+            if s.connect_seconds is not None:
+                delay = min(delay, max(0.0, s.connect_seconds - silent))
+            log.warning("%s; retrying in %.1f s", error.message, delay)
             if self.stop.wait(delay):
                 raise TransportError(f"{name}: stopped while waiting for the aggregator")
-            waited += delay
             attempt += 1
+
+
+class AggregatorLost(TransportError):
+    """The aggregator could not be reached for the collaborator's ``--give-up-after``."""
 
 
 class _Unreachable(TransportError):
@@ -231,7 +243,7 @@ class _Unreachable(TransportError):
     def final(self) -> FedloomError:
         if self.handshake:
             return AccessDenied(f"cannot reach the aggregator: {_TLS_HINT}. ({self.message})")
-        return TransportError(
+        return AggregatorLost(
             f"cannot reach the aggregator: {self.message}",
             hint="is it running, and is the address right? it may be behind a firewall",
         )
@@ -246,7 +258,8 @@ def _translate(err: grpc.RpcError, name: str) -> FedloomError:
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
         lowered = details.lower()
-        handshake = any(w in lowered for w in ("handshake", "ssl", "certificate", "tls"))
+        words = ("handshake", "ssl", "certificate", "tls", "hostname")
+        handshake = any(w in lowered for w in words)
         return _Unreachable(f"{name}: {details}", handshake=handshake)
     if code == grpc.StatusCode.UNAUTHENTICATED and "hello" in details.lower():
         return _NoSession(f"{name}: {details}")

@@ -26,6 +26,7 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),  # a second aggregator on the same port is refused
     ]
 
 
