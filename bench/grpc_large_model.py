@@ -23,14 +23,15 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from fedloom.pki import provision
+from fedloom.runtime.launcher import start_aggregator, start_collaborator
+
 ROOT = Path(__file__).resolve().parents[1]
-FEDLOOM = [sys.executable, "-m", "fedloom.cli"]
 
 TASK = """
 import numpy as np
@@ -126,50 +127,15 @@ def main() -> None:
     (ws / "task.py").write_text(TASK.format(sizes=sizes))
     (ws / "federation.yaml").write_text(PLAN.format(sites=args.sites))
     names = [f"site-{i:02d}" for i in range(1, args.sites + 1)]
-    from fedloom.pki import provision
-
     provision(ws, names)
     env = {**os.environ, "NO_COLOR": "1"}
-    read_end, write_end = os.pipe()
-    aggregator = subprocess.Popen(  # noqa: S603 - our own command
-        [
-            *FEDLOOM,
-            "aggregator",
-            "start",
-            str(ws),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--announce-fd",
-            str(write_end),
-            "--run-name",
-            "large",
-            "--quiet",
-        ],
-        pass_fds=(write_end,),
-        env=env,
-    )
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as announced:
-        port = int(announced.readline().strip())
+    aggregator, port = start_aggregator(ws, [], "--run-name", "large", "--quiet", env=env)
+    if port is None:
+        raise SystemExit(f"the aggregator did not start (exit {aggregator.wait()})")
     procs = {"aggregator": aggregator}
     for name in names:
-        procs[name] = subprocess.Popen(  # noqa: S603 - our own command
-            [
-                *FEDLOOM,
-                "collaborator",
-                "start",
-                str(ws),
-                "--name",
-                name,
-                "--aggregator",
-                f"127.0.0.1:{port}",
-                "--give-up-after",
-                "120",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
+        procs[name] = start_collaborator(
+            ws, [], name, port, "--give-up-after", "120", env=env, stdout=subprocess.DEVNULL
         )
     watcher = PeakWatcher(procs)
     started = time.perf_counter()

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workspaces import FEDLOOM, make_workspace, run_cli
+from workspaces import make_workspace, run_cli
 
 from fedloom.pki import provision
+from fedloom.runtime import launcher
 from fedloom.store import load_weights
 from fedloom.weights import weights_equal
 
@@ -77,54 +78,31 @@ task = Padded(num_features=30, num_classes=2)
 def start_aggregator(
     ws: Path, plan: list[str], run_name: str
 ) -> tuple[subprocess.Popen[bytes], int]:
-    read_end, write_end = os.pipe()
-    proc = subprocess.Popen(  # noqa: S603 - our own command
-        [
-            *FEDLOOM,
-            "aggregator",
-            "start",
-            str(ws),
-            *plan,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--announce-fd",
-            str(write_end),
-            "--run-name",
-            run_name,
-            "--quiet",
-        ],
-        pass_fds=(write_end,),
+    proc, port = launcher.start_aggregator(
+        ws,
+        plan,
+        "--run-name",
+        run_name,
+        "--quiet",
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as announced:
-        line = announced.readline().strip()
-    assert line, proc.communicate(timeout=30)[0].decode()
-    return proc, int(line)
+    assert port is not None, proc.communicate(timeout=30)[0].decode()
+    return proc, port
 
 
 def start_site(
     ws: Path, plan: list[str], name: str, port: int, *extra: str
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603 - our own command
-        [
-            *FEDLOOM,
-            "collaborator",
-            "start",
-            str(ws),
-            *plan,
-            "--name",
-            name,
-            "--aggregator",
-            f"127.0.0.1:{port}",
-            "--give-up-after",
-            "60",
-            *extra,
-        ],
+    return launcher.start_collaborator(
+        ws,
+        plan,
+        name,
+        port,
+        "--give-up-after",
+        "60",
+        *extra,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -37,21 +37,26 @@ SAMPLES = (10, 30, 60)
 
 
 @pytest.fixture
-def grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
-    """A federation of three sites over gRPC; 2 of 3 answers make a round."""
+def make_grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
+    """``make_grpc_federation(**config)``: a federation of three sites over gRPC."""
     made: list[GrpcTestTransport] = []
 
     def transport(service: Any) -> GrpcTestTransport:
-        t = GrpcTestTransport(service, workspace=tmp_path / "ws")
-        made.append(t)
-        return t
+        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
+        return made[-1]
 
-    fed = make_federation(
-        tiny_weights, transport=transport, min_fraction=0.6, rounds=2, final_evaluation=False
-    )
-    yield fed
+    def make(**config: Any) -> Any:
+        return make_federation(tiny_weights, transport=transport, **config)
+
+    yield make
     for t in made:
         t.close()
+
+
+@pytest.fixture
+def grpc_federation(make_grpc_federation: Any) -> Any:
+    """Three sites over gRPC, two rounds, no final evaluation; 2 of 3 answers make a round."""
+    return make_grpc_federation(min_fraction=0.6, rounds=2, final_evaluation=False)
 
 
 def start_honest(fed: Any, runner_cls: Any, sites: tuple[str, ...] = SITES) -> None:
@@ -246,61 +251,37 @@ def test_garbage_bytes_are_rejected_without_harm(grpc_federation: Any, shift_run
 
 
 def test_a_site_not_selected_for_the_round_cannot_answer_it(
-    make_federation: Any, tiny_weights: Weights, shift_runner: Any, tmp_path: Path
+    make_grpc_federation: Any, tiny_weights: Weights, shift_runner: Any
 ) -> None:
-    made: list[GrpcTestTransport] = []
-
-    def transport(service: Any) -> GrpcTestTransport:
-        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
-        return made[-1]
-
-    fed = make_federation(
-        tiny_weights, transport=transport, sites_per_round=2, rounds=1, final_evaluation=False
-    )
-    try:
-        fed.start()
-        opened = fed.log.wait_opened(1)
-        (left_out,) = set(SITES) - set(opened.selected)
-        delta = shift_runner.delta_like(tiny_weights, 0, 1)
-        header = UpdateHeader(1, 10, specs_of(delta), {})
-        receipt = fed.transport.connect(left_out).upload(header, iter_chunks(delta))
-        assert not receipt.accepted
-        assert f"site {left_out!r} was not selected for round 1" in receipt.reason
-        start_honest(fed, shift_runner, tuple(sorted(opened.selected)))
-        (record,) = fed.finish()
-        assert [r.site for r in record.results] == sorted(opened.selected)
-        assert record.failures == ()
-    finally:
-        for t in made:
-            t.close()
+    fed = make_grpc_federation(sites_per_round=2, rounds=1, final_evaluation=False)
+    fed.start()
+    opened = fed.log.wait_opened(1)
+    (left_out,) = set(SITES) - set(opened.selected)
+    delta = shift_runner.delta_like(tiny_weights, 0, 1)
+    header = UpdateHeader(1, 10, specs_of(delta), {})
+    receipt = fed.transport.connect(left_out).upload(header, iter_chunks(delta))
+    assert not receipt.accepted
+    assert f"site {left_out!r} was not selected for round 1" in receipt.reason
+    start_honest(fed, shift_runner, tuple(sorted(opened.selected)))
+    (record,) = fed.finish()
+    assert [r.site for r in record.results] == sorted(opened.selected)
+    assert record.failures == ()
 
 
 def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
-    make_federation: Any, tiny_weights: Weights, shift_runner: Any, tmp_path: Path
+    make_grpc_federation: Any, tiny_weights: Weights, shift_runner: Any
 ) -> None:
-    made: list[GrpcTestTransport] = []
-
-    def transport(service: Any) -> GrpcTestTransport:
-        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
-        return made[-1]
-
-    fed = make_federation(
-        tiny_weights, transport=transport, rounds=1, final_evaluation=False, max_samples=40
-    )
-    try:
-        fed.start()
-        fed.log.wait_opened(1)
-        start_honest(fed, shift_runner, ("site-a", "site-b"))
-        delta = shift_runner.delta_like(tiny_weights, 2, 1)
-        header = UpdateHeader(1, 10**9, specs_of(delta), {})  # "I have a billion patients"
-        assert fed.transport.connect("site-c").upload(header, iter_chunks(delta)).accepted
-        (record,) = fed.finish()
-        liar = next(r for r in record.results if r.site == "site-c")
-        assert (liar.num_samples, liar.claimed_samples) == (40, 10**9)
-        assert [r.num_samples for r in record.results] == [10, 30, 40]
-    finally:
-        for t in made:
-            t.close()
+    fed = make_grpc_federation(rounds=1, final_evaluation=False, max_samples=40)
+    fed.start()
+    fed.log.wait_opened(1)
+    start_honest(fed, shift_runner, ("site-a", "site-b"))
+    delta = shift_runner.delta_like(tiny_weights, 2, 1)
+    header = UpdateHeader(1, 10**9, specs_of(delta), {})  # "I have a billion patients"
+    assert fed.transport.connect("site-c").upload(header, iter_chunks(delta)).accepted
+    (record,) = fed.finish()
+    liar = next(r for r in record.results if r.site == "site-c")
+    assert (liar.num_samples, liar.claimed_samples) == (40, 10**9)
+    assert [r.num_samples for r in record.results] == [10, 30, 40]
 
 
 def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -33,3 +34,22 @@ def friendly(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+WorkspaceArg = Annotated[
+    Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Plan overrides as key=value, e.g. rounds=5 training.lr=0.1 (every party of a "
+        "federation uses the same ones: they change the plan hash)."
+    ),
+]
+RunNameOption = Annotated[
+    str | None, typer.Option(help="Folder name under runs/ (default: a timestamp).")
+]
+RunsDirOption = Annotated[
+    Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
+]
+QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]

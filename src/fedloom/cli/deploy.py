@@ -17,7 +17,16 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from fedloom.cli.common import console, errors, friendly
+from fedloom.cli.common import (
+    Overrides,
+    QuietOption,
+    RunNameOption,
+    RunsDirOption,
+    WorkspaceArg,
+    console,
+    errors,
+    friendly,
+)
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
@@ -28,13 +37,6 @@ collaborator_app = typer.Typer(
 
 T = TypeVar("T")
 
-WorkspaceArg = Annotated[
-    Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
-]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Argument(help="Plan overrides as key=value; every party must use the same ones."),
-]
 LogOption = Annotated[
     Path | None, typer.Option("--log", help="Log file (default: given in the description).")
 ]
@@ -95,16 +97,12 @@ def aggregator_start(
     overrides: Overrides = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7171,
-    run_name: Annotated[
-        str | None, typer.Option(help="Folder name under runs/ (default: a timestamp).")
-    ] = None,
-    runs_dir: Annotated[
-        Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
-    ] = None,
+    run_name: RunNameOption = None,
+    runs_dir: RunsDirOption = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between site heartbeats.")] = 5.0,
     log: LogOption = None,
     verbose: VerboseOption = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Serve the workspace's federation to its sites over gRPC with mutual TLS.

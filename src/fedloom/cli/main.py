@@ -15,7 +15,16 @@ import typer
 import yaml
 from rich.table import Table
 
-from fedloom.cli.common import console, errors, friendly
+from fedloom.cli.common import (
+    Overrides,
+    QuietOption,
+    RunNameOption,
+    RunsDirOption,
+    WorkspaceArg,
+    console,
+    errors,
+    friendly,
+)
 from fedloom.cli.deploy import aggregator_app, collaborator_app
 from fedloom.cli.pki import pki_app
 from fedloom.errors import PlanError, WorkspaceError
@@ -43,15 +52,6 @@ app.add_typer(pki_app, name="pki")
 class Transport(enum.Enum):
     INPROCESS = "inprocess"
     GRPC = "grpc"
-
-
-Overrides = Annotated[
-    list[str] | None,
-    typer.Argument(help="Plan overrides as key=value, e.g. rounds=5 training.lr=0.1"),
-]
-WorkspaceArg = Annotated[
-    Path, typer.Argument(help="Workspace folder holding federation.yaml and the task module.")
-]
 
 
 @app.command()
@@ -150,13 +150,9 @@ def simulate(
     baseline: Annotated[
         bool, typer.Option(help="Also train the model centrally on the pooled data.")
     ] = False,
-    run_name: Annotated[
-        str | None, typer.Option(help="Folder name under runs/ (default: a timestamp).")
-    ] = None,
-    runs_dir: Annotated[
-        Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
-    ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    run_name: RunNameOption = None,
+    runs_dir: RunsDirOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the workspace's federation with simulated sites on this machine.
 

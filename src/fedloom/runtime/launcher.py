@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fedloom.pki import provision
 from fedloom.plan import load_plan
@@ -24,6 +25,62 @@ COLLABORATOR_GRACE = 30.0  # seconds sites get to exit after the aggregator did
 
 def fedloom_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedloom.cli", *args]
+
+
+def start_aggregator(
+    workspace: Path, overrides: Sequence[str], *extra: str, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int | None]:
+    """``fedloom aggregator start`` on a free loopback port, as its own process.
+
+    Returns the process and the port it listens on, or ``None`` when it ended before
+    listening (it said why on its output). ``extra`` are more command-line options;
+    ``popen`` goes to :class:`subprocess.Popen`.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - our own command
+            fedloom_command(
+                "aggregator",
+                "start",
+                str(workspace),
+                *overrides,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--announce-fd",
+                str(write_end),
+                *extra,
+            ),
+            pass_fds=(write_end,),
+            **popen,
+        )
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as announced:
+        line = announced.readline().strip()  # blocks until it listens, or ends
+    return proc, int(line) if line else None
+
+
+def start_collaborator(
+    workspace: Path, overrides: Sequence[str], site: str, port: int, *extra: str, **popen: Any
+) -> subprocess.Popen[bytes]:
+    """``fedloom collaborator start`` for ``site``, connecting to ``127.0.0.1:port``."""
+    return subprocess.Popen(  # noqa: S603 - our own command
+        fedloom_command(
+            "collaborator",
+            "start",
+            str(workspace),
+            *overrides,
+            "--name",
+            site,
+            "--aggregator",
+            f"127.0.0.1:{port}",
+            *extra,
+        ),
+        stdin=subprocess.DEVNULL,
+        **popen,
+    )
 
 
 def run_local_grpc(
@@ -39,54 +96,27 @@ def run_local_grpc(
     ws = workspace.resolve()
     plan = load_plan(ws, list(overrides))
     states = provision(ws, plan.roster)
-    read_end, write_end = os.pipe()
     extra = [*(["--run-name", run_name] if run_name else [])]
     extra += [*(["--runs-dir", str(runs_dir)] if runs_dir else [])]
     extra += ["--quiet"] if quiet else []
-    aggregator = subprocess.Popen(  # noqa: S603 - our own command
-        fedloom_command(
-            "aggregator",
-            "start",
-            str(ws),
-            *overrides,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--announce-fd",
-            str(write_end),
-            *extra,
-        ),
-        pass_fds=(write_end,),
-    )
-    os.close(write_end)
+    aggregator, port = start_aggregator(ws, overrides, *extra)
     sites: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        with os.fdopen(read_end, "rb") as announced:
-            line = announced.readline().strip()
-        if not line:
+        if port is None:
             return aggregator.wait()  # it failed before listening and said why
-        address = f"127.0.0.1:{int(line)}"
         for site, state in states.items():
             with open(state / "collaborator.out", "wb") as out:
-                sites[site] = subprocess.Popen(  # noqa: S603 - our own command
-                    fedloom_command(
-                        "collaborator",
-                        "start",
-                        str(ws),
-                        *overrides,
-                        "--name",
-                        site,
-                        "--aggregator",
-                        address,
-                        "--state",
-                        str(state),
-                        "--give-up-after",
-                        str(give_up_after),
-                    ),
+                sites[site] = start_collaborator(
+                    ws,
+                    overrides,
+                    site,
+                    port,
+                    "--state",
+                    str(state),
+                    "--give-up-after",
+                    str(give_up_after),
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
                 )
         code = aggregator.wait()
         _settle_sites(sites, states)
