@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -129,24 +130,32 @@ def main() -> None:
     names = [f"site-{i:02d}" for i in range(1, args.sites + 1)]
     provision(ws, names)
     env = {**os.environ, "NO_COLOR": "1"}
-    aggregator, port = start_aggregator(ws, [], "--run-name", "large", "--quiet", env=env)
-    if port is None:
-        raise SystemExit(f"the aggregator did not start (exit {aggregator.wait()})")
-    procs = {"aggregator": aggregator}
-    for name in names:
-        procs[name] = start_collaborator(
-            ws, [], name, port, "--give-up-after", "120", env=env, stdout=subprocess.DEVNULL
-        )
-    watcher = PeakWatcher(procs)
-    started = time.perf_counter()
-    code = aggregator.wait()
-    wall = time.perf_counter() - started
-    for name in names:
-        procs[name].wait(timeout=120)
-    peaks = watcher.stop()
-    if code != 0:
-        raise SystemExit(f"aggregator exited with {code}")
-    summary = json.loads((ws / "runs" / "large" / "summary.json").read_text())
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        aggregator, port = start_aggregator(ws, [], "--run-name", "large", "--quiet", env=env)
+        procs["aggregator"] = aggregator
+        if port is None:
+            raise SystemExit(f"the aggregator did not start (exit {aggregator.wait()})")
+        for name in names:
+            procs[name] = start_collaborator(
+                ws, [], name, port, "--give-up-after", "120", env=env, stdout=subprocess.DEVNULL
+            )
+        watcher = PeakWatcher(procs)
+        started = time.perf_counter()
+        code = aggregator.wait()
+        wall = time.perf_counter() - started
+        for name in names:
+            procs[name].wait(timeout=120)
+        peaks = watcher.stop()
+        if code != 0:
+            raise SystemExit(f"aggregator exited with {code}")
+        summary = json.loads((ws / "runs" / "large" / "summary.json").read_text())
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)  # the workspace holds a GiB-sized final model
     moved = summary["bytes_sent"] + summary["bytes_received"]
     round_seconds = summary["wall_seconds"]
     result = {

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
-import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from fedloom.accumulate import MeanAccumulator, UpdateBuffer, make_accumulator
 from fedloom.accumulate import mean as mean_module
+from fedloom.accumulate.limbs import _encode
 from fedloom.errors import AggregationError, UpdateRejected
 from fedloom.records import MeanSummary
 from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
@@ -377,6 +379,38 @@ def test_truncated_stream_is_rejected_and_rolled_back() -> None:
     assert internals(acc) == before
 
 
+@pytest.mark.parametrize("make", [two_sites, lambda: UpdateBuffer(STREAM_SPECS)])
+def test_check_complete_refuses_a_truncated_stream_without_rolling_back(make) -> None:
+    acc = make()
+    before = internals(acc) if isinstance(acc, MeanAccumulator) else None
+    contribution = acc.begin("c", 5)
+    chunks = chunks_of(stream_update(3), 1)
+    for tensor, offset, data in chunks[:-3]:  # all but i[1:], empty, steps
+        contribution.add(tensor, offset, data)
+    partial = internals(acc) if isinstance(acc, MeanAccumulator) else None
+    for _ in range(2):  # it only looks: asking again changes nothing
+        with pytest.raises(UpdateRejected, match=r"stream ended early: tensor 'i' has 8 of 16"):
+            contribution.check_complete()
+    if isinstance(acc, MeanAccumulator):
+        assert partial != before and internals(acc) == partial  # not rolled back
+    for tensor, offset, data in chunks[-3:]:  # the stream may still go on
+        contribution.add(tensor, offset, data)
+    contribution.check_complete()
+    contribution.finish()
+    assert acc.count == (3 if isinstance(acc, MeanAccumulator) else 1)
+
+
+def test_check_complete_after_an_abort_gives_the_abort_reason() -> None:
+    acc = two_sites()
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    contribution.add(0, 0, np.ones(12, np.float32).tobytes())
+    contribution.abort("round 2 closed while the update streamed")
+    with pytest.raises(UpdateRejected, match="round 2 closed while the update streamed"):
+        contribution.check_complete()
+    assert internals(acc) == before
+
+
 def test_chunk_beyond_the_announced_size_is_rejected_and_rolled_back() -> None:
     acc = two_sites()
     before = internals(acc)
@@ -433,39 +467,6 @@ def test_nan_in_the_second_chunk_rolls_back_the_first() -> None:
     with pytest.raises(UpdateRejected, match="NaN or Inf"):
         contribution.finish()
     assert internals(acc) == before and acc.count == 2
-
-
-def crc(data: bytes, start: int = 0) -> int:
-    return zlib.crc32(data, start)
-
-
-def test_checksum_of_each_tensor_is_checked_on_its_last_chunk() -> None:
-    acc = MeanAccumulator((TensorSpec("w", "float32", (4,)),), max_sites=3)
-    data = np.arange(4, dtype=np.float32).tobytes()
-    good = acc.begin("a", 1, require_checksums=True)
-    good.add(0, 0, data[:8])
-    good.add(0, 8, data[8:], crc(data))
-    good.finish()
-    assert acc.count == 1
-    before = internals(acc)
-
-    wrong = acc.begin("b", 1)
-    wrong.add(0, 0, data[:8])
-    with pytest.raises(UpdateRejected, match=r"tensor 'w': checksum mismatch \(sent 0x"):
-        wrong.add(0, 8, data[8:], crc(data) ^ 1)
-    early = acc.begin("c", 1)
-    with pytest.raises(UpdateRejected, match="'w': checksum mismatch .* before the tensor's end"):
-        early.add(0, 0, data[:8], crc(data[:8]))
-    missing = acc.begin("c", 1, require_checksums=True)
-    missing.add(0, 0, data[:8])  # only the completing chunk must carry one
-    with pytest.raises(UpdateRejected, match=r"'w': checksum mismatch \(sent none"):
-        missing.add(0, 8, data[8:])
-    assert internals(acc) == before
-
-    optional = acc.begin("b", 1)  # without require_checksums, none is needed
-    optional.add(0, 0, data)
-    optional.finish()
-    assert acc.count == 2
 
 
 def test_abort_is_idempotent_and_final() -> None:
@@ -616,6 +617,57 @@ def test_abort_recomputes_from_a_spool_on_disk(monkeypatch: pytest.MonkeyPatch) 
     assert internals(acc) == before
 
 
+def open_files_under(folder: Path) -> list[str]:
+    """The files this process holds open under ``folder``, unnamed ones included (a
+    spool's temporary file has no name in the folder: Linux shows it in /proc)."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc/self/fd to see unnamed temporary files")
+    inside = str(folder.resolve()) + os.sep
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile (the fd that listed the folder)
+            continue
+        if target.startswith(inside):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("end", ["finish", "abort"])
+def test_a_spool_beyond_memory_goes_to_spool_dir_and_is_gone_at_the_end(
+    end: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mean_module, "_SPOOL_BYTES", 64)  # the spool rolls over to a file
+    acc = MeanAccumulator(STREAM_SPECS, max_sites=4, spool_dir=tmp_path)
+    acc.fold("a", 2, stream_update(1))
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    chunks = chunks_of(stream_update(3), 3)
+    for tensor, offset, data in chunks[:2]:  # 24 bytes: still in memory
+        contribution.add(tensor, offset, data)
+    assert open_files_under(tmp_path) == []
+    for tensor, offset, data in chunks[2:]:  # 112 bytes in all: beyond the limit
+        contribution.add(tensor, offset, data)
+    assert len(open_files_under(tmp_path)) == 1
+    if end == "finish":
+        contribution.finish()
+        assert acc.count == 2
+    else:
+        contribution.abort()
+        assert internals(acc) == before
+    assert open_files_under(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_accumulator_passes_spool_dir_to_the_mean(tmp_path: Path) -> None:
+    specs = specs_of(update_for(0))
+    mean = make_accumulator(specs, needs_updates=False, max_sites=3, spool_dir=tmp_path)
+    assert isinstance(mean, MeanAccumulator) and mean._spool_dir == tmp_path
+    assert isinstance(make_accumulator(specs, needs_updates=True, max_sites=3), UpdateBuffer)
+
+
 def test_float32_single_limb_mean_is_within_its_bound() -> None:
     rng = np.random.default_rng(11)
     specs = (TensorSpec("w", "float32", (4096,)),)
@@ -666,3 +718,73 @@ def test_update_buffer_streams_checks_and_rolls_back() -> None:
     aborted.abort()
     assert [u.site for u in streamed.summary(1, ()).updates] == ["a", "b"]
     assert streamed.count == 2 and streamed.total_weight == 3
+
+
+# ---------------------------------------------------------------- the codec
+
+
+def reference_encode(
+    name: str, limb_count: int, values: np.ndarray, weight: int, max_sites: int
+) -> tuple[np.ndarray, ...]:
+    """The float path of the codec as first written (separate finite and abs passes)."""
+    x = values.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise UpdateRejected(f"tensor {name!r} holds NaN or Inf values")
+    x *= float(weight)
+    two = limb_count == 2
+    bound = 2.0**62 / max_sites / (2.0**24 if two else 2.0**32)
+    if x.size and float(np.max(np.abs(x))) >= bound:
+        raise UpdateRejected(f"tensor {name!r}: beyond the fixed-point range")
+    if two:
+        x *= 2.0**24
+        hi = np.floor(x)
+        return hi.astype(np.int64), np.rint((x - hi) * 2.0**40).astype(np.int64)
+    return (np.rint(x * 2.0**32).astype(np.int64),)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "limb_count"), [("float64", 2), ("float32", 1), ("float16", 1), ("bfloat16", 1)]
+)
+def test_encode_gives_the_limbs_of_the_reference_bit_for_bit(dtype: str, limb_count: int) -> None:
+    rng = np.random.default_rng(5)
+    native = BF16 if dtype == "bfloat16" else np.dtype(dtype)
+    max_sites, weight = 4, 1000
+    bound = 2.0**62 / max_sites / (2.0**24 if limb_count == 2 else 2.0**32) / weight
+    edge = min(bound * 0.999, float(ml_dtypes.finfo(native).max))  # float16 ends first
+    values = np.concatenate(
+        [
+            rng.normal(size=200) * 10.0 ** rng.integers(-12, 3, size=200),
+            [0.0, -0.0, 1.0, -1.0, 2.0**-30, -(2.0**-30), edge, -edge],
+        ]
+    ).astype(native)
+    got = _encode("w", limb_count, values, weight, max_sites)
+    want = reference_encode("w", limb_count, values, weight, max_sites)
+    assert len(got) == len(want) == limb_count
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.int64 and g.tobytes() == w.tobytes()
+    assert _encode("w", limb_count, values[:0], weight, max_sites)[0].size == 0
+
+
+ENCODE_REFUSED = {
+    "nan": ("float32", [1.0, np.nan, 2.0], 1, "'w' holds 1 NaN or Inf values"),
+    "inf": ("float32", [np.inf, -np.inf], 1, "'w' holds 2 NaN or Inf values"),
+    "bfloat16-inf": ("bfloat16", [0.5, -np.inf], 1, "'w' holds 1 NaN or Inf values"),
+    "float64-nan": ("float64", [np.nan], 1, "'w' holds 1 NaN or Inf values"),
+    # both faults in one chunk: the NaN is what is reported, as before
+    "nan-and-too-large": ("float32", [1e30, np.nan], 1, "'w' holds 1 NaN or Inf values"),
+    "too-large": ("float32", [1.0, -(2.0**29)], 1, "'w': |weight x update| reaches 5.37e+08"),
+    "too-large-by-weight": ("float64", [1.0, 0.5], 2**40, "beyond the fixed-point range"),
+    # finite values whose weighted product overflows float64: out of range, not NaN/Inf
+    "product-overflows": ("float64", [1e300, 0.0], 2**40, "reaches inf, beyond the fixed"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENCODE_REFUSED))
+def test_encode_says_whether_a_value_is_nan_or_inf_or_out_of_range(case: str) -> None:
+    dtype, values, weight, words = ENCODE_REFUSED[case]
+    native = BF16 if dtype == "bfloat16" else np.dtype(dtype)
+    array = np.array(values, dtype=np.float64).astype(native)
+    limb_count = 2 if dtype == "float64" else 1
+    with pytest.raises(UpdateRejected) as info, np.errstate(over="ignore"):
+        _encode("w", limb_count, array, weight, 2)
+    assert words in info.value.message

@@ -287,7 +287,7 @@ def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
 def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
     grpc_federation: Any,
 ) -> None:
-    from fedloom.transport.grpc import AggregatorLost
+    from fedloom.errors import AggregatorLost
 
     fed = grpc_federation
     fed.start()

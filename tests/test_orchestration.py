@@ -9,15 +9,17 @@ the transport contract suite and test_accumulate cover.
 
 from __future__ import annotations
 
+import os
 import threading
-import zlib
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fedloom.accumulate import MeanAccumulator
+from fedloom.accumulate import mean as mean_module
 from fedloom.errors import FaultInjected, QuorumError, TransportError
 from fedloom.orchestration import Aggregator, CloseReason, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
@@ -693,23 +695,55 @@ def test_nan_in_a_later_chunk_is_rejected_after_earlier_chunks_were_folded(
     assert weights_equal(fed.aggregator.weights, want)
 
 
-def stamped(delta: Weights, chunk_bytes: int = 8) -> list[Chunk]:
-    """Chunks with the CRC-32 of each tensor on its last chunk."""
-    out, crcs = [], [0] * len(delta)
-    sizes = [a.nbytes for a in delta.values()]
-    for chunk in iter_chunks(delta, chunk_bytes):
-        crcs[chunk.tensor] = zlib.crc32(chunk.data, crcs[chunk.tensor])
-        last = chunk.offset + len(chunk.data) == sizes[chunk.tensor]
-        out.append(
-            Chunk(chunk.tensor, chunk.offset, chunk.data, crcs[chunk.tensor] if last else None)
-        )
-    return out
-
-
-def test_aggregator_that_requires_checksums_refuses_a_stream_without_them(
-    make_federation: Any, shift_runner: Any
+def test_an_incomplete_stream_is_rolled_back_outside_the_aggregators_lock(
+    make_federation: Any, shift_runner: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fed = make_federation(model(), rounds=1, final_evaluation=False, min_fraction=0.3)
+    fed = one_round(make_federation)
+    lock_held: list[bool] = []
+    undo = mean_module._MeanContribution._undo
+
+    def watched(self: Any) -> None:  # a rollback may re-read GiBs: never under the lock
+        lock_held.append(fed.aggregator._cond._is_owned())
+        undo(self)
+
+    monkeypatch.setattr(mean_module._MeanContribution, "_undo", watched)
+    delta = _with("w", (0, 0), 9.0)
+    truncated = list(iter_chunks(delta, 8))[:-1]  # all but 'steps'
+    receipt = send(fed.connect("site-a"), 1, delta, chunks=truncated)
+    assert not receipt.accepted
+    assert "stream ended early: tensor 'steps' has 0 of 8 bytes" in receipt.reason
+    assert lock_held == [False]
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    (record,) = fed.finish()
+
+    assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.REJECTED)]
+    want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+    assert weights_equal(fed.aggregator.weights, want)
+
+
+def open_files_under(folder: Path) -> list[str]:
+    """The files this process holds open under ``folder``, unnamed ones included."""
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc/self/fd to see unnamed temporary files")
+    inside = str(folder.resolve()) + os.sep
+    found = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile (the fd that listed the folder)
+            continue
+        if target.startswith(inside):
+            found.append(target)
+    return found
+
+
+def test_rollback_spools_go_to_the_aggregators_spool_dir(
+    make_federation: Any, shift_runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mean_module, "_SPOOL_BYTES", 16)  # spools roll over to files at once
+    fed = make_federation(model(), rounds=1, final_evaluation=False, min_fraction=0.5)
     fed.aggregator = Aggregator(
         fed.config,
         FedAvg(),
@@ -717,32 +751,34 @@ def test_aggregator_that_requires_checksums_refuses_a_stream_without_them(
         clock=fed.clock,
         faults=fed.faults,
         on_event=fed.log,
-        require_checksums=True,
+        spool_dir=tmp_path,
     )
     fed.transport = InProcessTransport(fed.aggregator)
     fed.start()
     fed.log.wait_opened(1)
-    start = model()
-    deltas = {s: shift_runner.delta_like(start, SITES.index(s), 1) for s in SITES}
+    delta = shift_runner.delta_like(model(), 0, 1)
+    chunks = list(iter_chunks(delta, 8))
+    stalled, release = threading.Event(), threading.Event()
 
-    plain = send(fed.connect("site-a"), 1, deltas["site-a"])
-    assert not plain.accepted
-    assert "tensor 'w': checksum mismatch (sent none" in plain.reason
-    corrupted = stamped(deltas["site-b"])
-    corrupted[1] = Chunk(0, 8, bytes(8))
-    wrong = send(fed.connect("site-b"), 1, deltas["site-b"], 20, chunks=corrupted)
-    assert not wrong.accepted and "tensor 'w': checksum mismatch (sent 0x" in wrong.reason
-    good = send(fed.connect("site-c"), 1, deltas["site-c"], 30, chunks=stamped(deltas["site-c"]))
-    assert good.accepted, good.reason
+    def stalls() -> Iterable[Chunk]:
+        yield from chunks[:4]  # 32 bytes of 'w': beyond the in-memory limit
+        stalled.set()
+        release.wait(WAIT)
+        yield from chunks[4:]
+
+    slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls()))
+    try:
+        assert stalled.wait(WAIT)
+        assert len(open_files_under(tmp_path)) == 1  # site-a's spool, while it streams
+    finally:
+        release.set()
+    assert slow.join().accepted
+    assert open_files_under(tmp_path) == []  # committed: the spool is gone
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
     (record,) = fed.finish()
-
-    assert [r.site for r in record.results] == ["site-c"]
-    assert {f.site: f.kind for f in record.failures} == {
-        "site-a": FailureKind.REJECTED,
-        "site-b": FailureKind.REJECTED,
-    }
-    want = exact_fedavg(start, record, {"site-c": (deltas["site-c"], 30)})
-    assert weights_equal(fed.aggregator.weights, want)
+    assert record.close_reason is CloseReason.ALL_ANSWERED
+    assert open_files_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
 def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(

@@ -409,4 +409,5 @@ def test_cli_errors_exit_10_with_a_hint(tmp_path: Path) -> None:
     result = _invoke("pki", "revoke", ws, "site-01")
     assert result.exit_code == 10 and "no certificate was issued" in result.stderr
     result = _invoke("pki", "sign", ws, tmp_path / "missing.csr")
-    assert result.exit_code == 10 and "cannot read the signing request" in result.stderr
+    assert result.exit_code == 10 and "missing.csr does not exist" in result.stderr
+    assert "pass the site.csr file the site sent you" in result.stderr

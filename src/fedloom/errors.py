@@ -62,6 +62,11 @@ class TransportError(FedloomError):
     exit_code = 6
 
 
+class AggregatorLost(TransportError):
+    """The aggregator did not answer for as long as the collaborator was told to keep
+    trying (``--give-up-after``)."""
+
+
 class AggregationError(FedloomError):
     """A round could not be aggregated (for example, too few sites answered)."""
 

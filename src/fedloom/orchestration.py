@@ -15,6 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
@@ -140,8 +141,8 @@ class _OpenRound:
     pending: set[str]
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
-    uploading: set[str] = field(default_factory=set)  # streaming an update
-    streams: dict[str, Contribution] = field(default_factory=dict)  # being folded, by site
+    # sites streaming an answer, with the contribution it is folded into once it begins
+    uploading: dict[str, Contribution | None] = field(default_factory=dict)
 
     @property
     def round(self) -> int:
@@ -153,7 +154,13 @@ class _OpenRound:
 
 
 class Aggregator:
-    """The aggregator's core: holds the global model, never data."""
+    """The aggregator's core: holds the global model, never data.
+
+    ``spool_dir`` is where the rollback spools of streaming updates larger than 64 MiB
+    go (each is deleted once its update is committed or rolled back); None means the
+    system's temporary folder, which on some systems is memory (tmpfs). Checksums are
+    the transport's business (:mod:`fedloom.transport.integrity`), not the core's.
+    """
 
     def __init__(
         self,
@@ -165,7 +172,7 @@ class Aggregator:
         faults: FaultPoints | None = None,
         on_event: EventSink | None = None,
         phases: Mapping[str, PhaseHandler] | None = None,
-        require_checksums: bool = False,
+        spool_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -181,7 +188,7 @@ class Aggregator:
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last heartbeat
-        self._require_checksums = require_checksums  # the transport always sends them
+        self._spool_dir = spool_dir
 
     @property
     def weights(self) -> Weights:
@@ -261,6 +268,7 @@ class Aggregator:
                 specs_of(weights),
                 needs_updates=self.strategy.needs_updates,
                 max_sites=len(selected),
+                spool_dir=self._spool_dir,
             )
             if task.kind is InstructionKind.TRAIN
             else None
@@ -291,8 +299,8 @@ class Aggregator:
                     break
                 self.clock.wait(self._cond, opened.deadline)
             self._open = None  # no update begins or commits from here on
-            streaming = list(opened.streams.values())
-            opened.streams.clear()
+            streaming = [c for c in opened.uploading.values() if c is not None]
+            opened.uploading.clear()
             for site in sorted(opened.pending):
                 opened.failures[site] = Failure(site, task.round, *why_closed)
             opened.pending.clear()  # a late answer changes nothing now
@@ -347,7 +355,7 @@ class Aggregator:
                 opened = self._require_open(site, header.round)
                 if site in opened.uploading:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
-                opened.uploading.add(site)
+                opened.uploading[site] = None
             except UpdateRejected as err:
                 return Receipt(header.round, False, err.message)
         try:
@@ -361,6 +369,9 @@ class Aggregator:
             failure = Failure(site, header.round, FailureKind.DISCONNECTED, reason)
             self._settle(opened, site, failure=failure)
             return Receipt(header.round, False, reason)
+        finally:  # after the site is settled, so no second upload slips in between
+            with self._cond:
+                opened.uploading.pop(site, None)
         if result is None:
             return Receipt(header.round, False, f"round {header.round} closed before the update")
         self._on_event(SiteAnswered(opened.round, site, True))
@@ -425,18 +436,13 @@ class Aggregator:
         with self._cond:
             if self._open is not opened:
                 raise UpdateRejected(_closed_while_streaming(opened.round))
-            contribution = opened.accumulator.begin(
-                site, weight, require_checksums=self._require_checksums
-            )
-            opened.streams[site] = contribution
+            contribution = opened.accumulator.begin(site, weight)
+            opened.uploading[site] = contribution  # the round's close aborts it
         try:
             self._fold_stream(opened, result, contribution, chunks)
         except BaseException as err:
-            contribution.abort(_abort_reason(err))
+            contribution.abort(_abort_reason(err))  # outside the lock: may re-read a spool
             raise
-        finally:
-            with self._cond:
-                opened.streams.pop(site, None)
         return result
 
     def _fold_stream(
@@ -447,10 +453,13 @@ class Aggregator:
         chunks: Iterable[Chunk],
     ) -> None:
         """Fold each chunk as it arrives; at the end, commit the update and record the
-        site's result together, while the round is still open."""
+        site's result together, while the round is still open.
+
+        An incomplete update is refused before the lock is taken: its rollback (which
+        may re-read a spool of GiBs) must not hold up every other site's calls."""
         site = result.site
         for chunk in chunks:
-            contribution.add(chunk.tensor, chunk.offset, chunk.data, chunk.checksum)
+            contribution.add(chunk.tensor, chunk.offset, chunk.data)
             self.faults.hit(
                 "upload.chunk",
                 round=opened.round,
@@ -458,6 +467,7 @@ class Aggregator:
                 tensor=chunk.tensor,
                 offset=chunk.offset,
             )
+        contribution.check_complete()  # the caller rolls back, outside the lock
         with self._cond:  # the close sets _open under this lock before it reads the sum
             if self._open is not opened:
                 raise UpdateRejected(_closed_while_streaming(opened.round))
@@ -493,7 +503,6 @@ class Aggregator:
         failure: Failure | None = None,
     ) -> bool:
         """:meth:`_settle` without the event; the caller holds ``self._cond``."""
-        opened.uploading.discard(site)
         self._cond.notify_all()
         if site not in opened.pending:
             return False

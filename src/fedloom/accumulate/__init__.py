@@ -17,6 +17,8 @@ cut by the round's deadline. Where it goes depends on the strategy:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fedloom.accumulate.buffer import UpdateBuffer
 from fedloom.accumulate.contribution import Contribution
 from fedloom.accumulate.limbs import FRACTION_BITS, SINGLE_LIMB_FRACTION_BITS
@@ -27,11 +29,17 @@ Accumulator = MeanAccumulator | UpdateBuffer
 
 
 def make_accumulator(
-    specs: tuple[TensorSpec, ...], *, needs_updates: bool, max_sites: int
+    specs: tuple[TensorSpec, ...],
+    *,
+    needs_updates: bool,
+    max_sites: int,
+    spool_dir: Path | None = None,
 ) -> Accumulator:
+    """The accumulator a strategy needs; ``spool_dir`` is where the mean's rollback
+    spools go beyond 64 MiB (:class:`MeanAccumulator`; the buffer keeps no spool)."""
     if needs_updates:
         return UpdateBuffer(specs)
-    return MeanAccumulator(specs, max_sites=max_sites)
+    return MeanAccumulator(specs, max_sites=max_sites, spool_dir=spool_dir)
 
 
 __all__ = [

@@ -14,14 +14,13 @@ import numpy as np
 
 from fedloom.accumulate.contribution import (
     Contribution,
-    _check_finite,
     _check_new,
     _check_weight,
     _stream_arrays,
 )
 from fedloom.errors import UpdateRejected
 from fedloom.records import SiteResult, SiteUpdate, UpdateSet
-from fedloom.weights import TensorSpec, Weights, check_compatible, is_float
+from fedloom.weights import TensorSpec, Weights, check_compatible, check_finite
 
 
 class UpdateBuffer:
@@ -43,13 +42,13 @@ class UpdateBuffer:
     def total_weight(self) -> int:
         return sum(u.num_samples for u in self._updates.values())
 
-    def begin(self, site: str, weight: int, *, require_checksums: bool = False) -> Contribution:
+    def begin(self, site: str, weight: int) -> Contribution:
         """Start receiving ``site``'s update of aggregation weight ``weight``."""
         weight = _check_weight(weight)
         with self._lock:
             _check_new(site, set(self._updates), self._streaming)
             self._streaming.add(site)
-        return _BufferContribution(self, site, weight, require_checksums=require_checksums)
+        return _BufferContribution(self, site, weight)
 
     def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
         check_compatible(delta, self.specs)
@@ -75,16 +74,13 @@ class UpdateBuffer:
 class _BufferContribution(Contribution):
     """Fills one buffer per tensor; the update is kept only once it is complete."""
 
-    def __init__(
-        self, buffer: UpdateBuffer, site: str, weight: int, *, require_checksums: bool
-    ) -> None:
-        super().__init__(buffer.specs, site, weight, require_checksums=require_checksums)
+    def __init__(self, buffer: UpdateBuffer, site: str, weight: int) -> None:
+        super().__init__(buffer.specs, site, weight)
         self._buffer = buffer
         self._data: list[bytearray | None] = [None] * len(buffer.specs)
 
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
-        if is_float(values.dtype):
-            _check_finite(self.specs[tensor].name, values)
+        check_finite({self.specs[tensor].name: values})  # passes integer tensors
         data = self._data[tensor]
         if data is None:
             data = self._data[tensor] = bytearray(self.specs[tensor].nbytes)

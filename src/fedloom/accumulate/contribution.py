@@ -1,21 +1,23 @@
 """One update while it streams in, and the checks every accumulator shares.
 
 A :class:`Contribution` takes a site's update chunk by chunk: it checks each chunk
-(order, size, element boundaries, checksum) before its accumulator takes it in, and
-can undo everything taken in. The helpers below check what :meth:`begin` is given
-(weight, site) and stream whole arrays through a contribution for :meth:`fold`.
+(order, size, element boundaries) before its accumulator takes it in, and can undo
+everything taken in. Checksums are the transport's business
+(:mod:`fedloom.transport.integrity`): chunks reach a contribution already verified.
+The helpers below check what :meth:`begin` is given (weight, site) and stream whole
+arrays through a contribution for :meth:`fold`.
 
 **Rollback.** A contribution to the mean spools the bytes it folded (in memory up to 64
-MiB, then in a temporary file); :meth:`Contribution.abort` recomputes the same
-integers and subtracts them, leaving the sums bit-identical to what they were before
-it began: a stream rejected half-way, broken off, or cut by the round's deadline
-leaves no trace. A contribution to the buffer just drops what it held.
+MiB, then in a temporary file in the accumulator's ``spool_dir``);
+:meth:`Contribution.abort` recomputes the same integers and subtracts them, leaving
+the sums bit-identical to what they were before it began: a stream rejected half-way,
+broken off, or cut by the round's deadline leaves no trace. A contribution to the
+buffer just drops what it held.
 """
 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -30,48 +32,42 @@ _PIECE_BYTES = 4 * 1024 * 1024  # chunking of fold() and of a rollback's re-read
 class Contribution:
     """One site's update while it streams in, chunk by chunk.
 
-    :meth:`add` checks each chunk (order, size, element boundaries, finite values,
-    checksum) and takes it in; :meth:`finish` commits the whole update; :meth:`abort`
-    undoes everything taken in. The three are atomic with respect to each other, and
+    :meth:`add` checks each chunk (order, size, element boundaries, finite values)
+    and takes it in; :meth:`finish` commits the whole update; :meth:`abort` undoes
+    everything taken in. These are atomic with respect to each other, and
     :meth:`abort` may come from another thread (a round closing at its deadline) and
     waits only for a chunk being folded, never for the network. A chunk that is refused
     aborts the contribution at once. After an abort, :meth:`add` and :meth:`finish`
     raise :class:`UpdateRejected` with the abort's reason.
 
-    With ``require_checksums``, the chunk that completes each tensor must carry the
-    CRC-32 of the whole tensor; without it a checksum is checked only when present.
+    :meth:`check_complete` tells whether every tensor arrived whole without rolling
+    anything back, so a caller can refuse an incomplete update before it takes a lock
+    that a rollback (re-reading the spool) must not hold.
     """
 
-    def __init__(
-        self, specs: tuple[TensorSpec, ...], site: str, weight: int, *, require_checksums: bool
-    ) -> None:
+    def __init__(self, specs: tuple[TensorSpec, ...], site: str, weight: int) -> None:
         self.site = site
         self.weight = weight
         self.specs = specs
         self._dtypes = [dtype_from_name(s.dtype) for s in specs]
         self._received = [0] * len(specs)
-        self._crc = [0] * len(specs)
-        self._require_checksums = require_checksums
         self._lock = threading.Lock()
         self._ended: str | None = None  # why no more chunks are taken
 
-    def add(
-        self, tensor: int, offset: int, data: bytes | memoryview, checksum: int | None = None
-    ) -> None:
+    def add(self, tensor: int, offset: int, data: bytes | memoryview) -> None:
         """Take bytes ``[offset, offset + len(data))`` of tensor number ``tensor``."""
         with self._lock:
             if self._ended is not None:
                 raise UpdateRejected(self._ended)
             try:
                 raw = memoryview(data).cast("B")
-                crc = self._check(tensor, offset, raw, checksum)
+                self._check(tensor, offset, raw)
                 values = np.frombuffer(raw, dtype=self._dtypes[tensor])
                 self._take(tensor, offset, raw, values)
             except BaseException as err:
                 self._rollback(_reason(err))
                 raise
             self._received[tensor] = offset + len(raw)
-            self._crc[tensor] = crc
 
     def finish(self) -> None:
         """Commit the update; :class:`UpdateRejected` (and rolled back) if incomplete."""
@@ -79,17 +75,21 @@ class Contribution:
             if self._ended is not None:
                 raise UpdateRejected(self._ended)
             try:
-                for spec, got in zip(self.specs, self._received, strict=True):
-                    if got != spec.nbytes:
-                        raise UpdateRejected(
-                            f"stream ended early: tensor {spec.name!r} has {got} of "
-                            f"{spec.nbytes} bytes"
-                        )
+                self._check_complete()
                 self._commit()
             except BaseException as err:
                 self._rollback(_reason(err))
                 raise
             self._ended = f"the update of site {self.site!r} is already complete"
+
+    def check_complete(self) -> None:
+        """:class:`UpdateRejected` ("stream ended early: ...") unless every tensor
+        arrived whole, or with the abort's reason after an abort. Rolls nothing back:
+        the caller aborts (or finishes) when it is ready to."""
+        with self._lock:
+            if self._ended is not None:
+                raise UpdateRejected(self._ended)
+            self._check_complete()
 
     def abort(self, reason: str = "the update was abandoned") -> None:
         """Undo everything taken in; later calls raise ``reason``. Idempotent; nothing
@@ -98,8 +98,8 @@ class Contribution:
             if self._ended is None:
                 self._rollback(reason)
 
-    def _check(self, tensor: int, offset: int, raw: memoryview, checksum: int | None) -> int:
-        """Refuse a chunk that does not continue its tensor; return the running CRC."""
+    def _check(self, tensor: int, offset: int, raw: memoryview) -> None:
+        """Refuse a chunk that does not continue its tensor."""
         if not 0 <= tensor < len(self.specs):
             raise UpdateRejected(f"chunk for tensor #{tensor}, but only {len(self.specs)} exist")
         spec, expected = self.specs[tensor], self._received[tensor]
@@ -118,22 +118,13 @@ class Contribution:
                 f"tensor {spec.name!r}: a chunk of {len(raw)} bytes splits a "
                 f"{itemsize}-byte {spec.dtype} value"
             )
-        crc = zlib.crc32(raw, self._crc[tensor])
-        if checksum is not None and end != spec.nbytes:
-            raise UpdateRejected(
-                f"tensor {spec.name!r}: checksum mismatch (sent on the chunk ending at byte "
-                f"{end}, before the tensor's end at {spec.nbytes})"
-            )
-        if (checksum is not None and checksum != crc) or (
-            checksum is None and self._require_checksums and end == spec.nbytes
-        ):
-            sent = "none" if checksum is None else f"{checksum:#010x}"
-            raise UpdateRejected(
-                f"tensor {spec.name!r}: checksum mismatch (sent {sent}, the received bytes "
-                f"give {crc:#010x})",
-                hint="the bytes changed on the way, or the sender's chunking went wrong",
-            )
-        return crc
+
+    def _check_complete(self) -> None:
+        for spec, got in zip(self.specs, self._received, strict=True):
+            if got != spec.nbytes:
+                raise UpdateRejected(
+                    f"stream ended early: tensor {spec.name!r} has {got} of {spec.nbytes} bytes"
+                )
 
     def _rollback(self, reason: str) -> None:
         self._ended = reason
@@ -178,14 +169,6 @@ def _check_new(site: str, folded: set[str], streaming: set[str]) -> None:
         raise UpdateRejected(f"site {site!r} already sent an update for this round")
     if site in streaming:
         raise UpdateRejected(f"site {site!r} is already sending an update for this round")
-
-
-def _check_finite(name: str, values: np.ndarray) -> None:
-    native = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)
-    finite = np.isfinite(native)
-    if not finite.all():
-        bad = int(finite.size - np.count_nonzero(finite))
-        raise UpdateRejected(f"tensor {name!r} holds {bad} NaN or Inf values")
 
 
 def _reason(err: BaseException) -> str:

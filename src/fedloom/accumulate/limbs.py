@@ -43,9 +43,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedloom.accumulate.contribution import _check_finite
 from fedloom.errors import UpdateRejected
-from fedloom.weights import TensorSpec, dtype_from_name, is_float
+from fedloom.weights import TensorSpec, check_finite, dtype_from_name, is_float
 
 _HIGH_BITS = 24  # fractional bits of the high limb
 _LOW_BITS = 40  # further fractional bits held by the low limb
@@ -63,7 +62,11 @@ def _encode(
     name: str, limb_count: int, values: np.ndarray, weight: int, max_sites: int
 ) -> tuple[np.ndarray, ...]:
     """The ``limb_count`` limbs of ``weight * values`` (of tensor ``name``); refuses
-    non-finite values, and values out of range for ``max_sites`` sums."""
+    non-finite values, and values out of range for ``max_sites`` sums.
+
+    The per-chunk hot path: for floats, one conversion, one in-place product and one
+    max/min pass check the range; NaN and Inf fail that check too, and only then is
+    ``values`` searched for them, to say which of the two refusals it is."""
     if limb_count == 1 and not is_float(values.dtype):
         limit = _RANGE // max_sites
         peak = max(abs(int(values.max())), abs(int(values.min()))) * weight if values.size else 0
@@ -71,12 +74,12 @@ def _encode(
             raise _out_of_range(name, peak, limit, max_sites)
         return (values.astype(np.int64) * np.int64(weight),)
     x = values.astype(np.float64)
-    _check_finite(name, x)
     x *= float(weight)
     two = limb_count == 2
     bound = float(_RANGE) / max_sites / (_HIGH if two else _SINGLE)
-    peak_x = float(np.max(np.abs(x))) if x.size else 0.0
-    if peak_x >= bound:
+    peak_x = max(float(x.max()), -float(x.min())) if x.size else 0.0
+    if not peak_x < bound:  # NaN and Inf land here too
+        check_finite({name: values})  # NaN or Inf: refused as such
         raise _out_of_range(name, peak_x, bound, max_sites)
     if two:
         return _split(x)

@@ -8,8 +8,9 @@ explains the layouts, the range and the error bounds), so the sum is exact and
 bit-identical whatever the arrival order and chunk sizes.
 
 A contribution spools the bytes it folded (in memory up to 64 MiB, then in a temporary
-file): its abort recomputes the same integers and subtracts them, leaving the sums
-bit-identical to what they were before it began.
+file in ``spool_dir``, by default the system's temporary folder): its abort recomputes
+the same integers and subtracts them, leaving the sums bit-identical to what they were
+before it began.
 
 :meth:`MeanAccumulator.summary` decodes the sums tensor by tensor and releases each
 tensor's limbs as soon as its mean is decoded, so the limbs and the float64 mean are
@@ -21,6 +22,7 @@ from __future__ import annotations
 import tempfile
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO
 
 import numpy as np
@@ -48,13 +50,20 @@ class MeanAccumulator:
 
     ``max_sites`` bounds how many updates may be folded (or streaming) at once; with
     it, the per-value range check guarantees no int64 sum can overflow.
+
+    ``spool_dir`` is where a streaming update's rollback spool goes once it outgrows 64
+    MiB of memory (it is deleted when the update is committed or aborted); None means
+    the system's temporary folder, which on some systems is itself memory (tmpfs).
     """
 
     needs_updates = False
 
-    def __init__(self, specs: tuple[TensorSpec, ...], *, max_sites: int) -> None:
+    def __init__(
+        self, specs: tuple[TensorSpec, ...], *, max_sites: int, spool_dir: Path | None = None
+    ) -> None:
         self.specs = specs
         self._max_sites = max(1, max_sites)
+        self._spool_dir = spool_dir
         self._layout = tuple(_limb_count(s) for s in specs)
         self._limbs = [
             tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
@@ -70,7 +79,7 @@ class MeanAccumulator:
     def count(self) -> int:
         return len(self._sites)
 
-    def begin(self, site: str, weight: int, *, require_checksums: bool = False) -> Contribution:
+    def begin(self, site: str, weight: int) -> Contribution:
         """Start folding ``site``'s update of aggregation weight ``weight``; refused
         (:class:`UpdateRejected`) once :meth:`summary` has consumed the sums."""
         weight = _check_weight(weight)
@@ -84,7 +93,7 @@ class MeanAccumulator:
             if len(self._sites) + len(self._streaming) >= self._max_sites:
                 raise UpdateRejected(f"more than {self._max_sites} updates in one round")
             self._streaming.add(site)
-        return _MeanContribution(self, site, weight, require_checksums=require_checksums)
+        return _MeanContribution(self, site, weight)
 
     def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
         """Add ``weight * delta`` whole. Raises :class:`UpdateRejected` and changes
@@ -178,10 +187,8 @@ class MeanAccumulator:
 class _MeanContribution(Contribution):
     """Folds each chunk into the accumulator's sums, and spools its bytes for abort."""
 
-    def __init__(
-        self, accumulator: MeanAccumulator, site: str, weight: int, *, require_checksums: bool
-    ) -> None:
-        super().__init__(accumulator.specs, site, weight, require_checksums=require_checksums)
+    def __init__(self, accumulator: MeanAccumulator, site: str, weight: int) -> None:
+        super().__init__(accumulator.specs, site, weight)
         self._accumulator = accumulator
         self._spool: IO[bytes] | None = None
         self._spooled = 0
@@ -192,7 +199,10 @@ class _MeanContribution(Contribution):
             return
         limbs = self._accumulator._encode(tensor, values, self.weight)
         if self._spool is None:
-            self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115
+            folder = self._accumulator._spool_dir
+            self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by _close_spool
+                max_size=_SPOOL_BYTES, dir=None if folder is None else str(folder)
+            )
         self._spool.write(raw)
         at, self._spooled = self._spooled, self._spooled + len(raw)
         self._accumulator._apply(tensor, offset // values.itemsize, limbs, +1)

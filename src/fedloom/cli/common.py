@@ -53,3 +53,8 @@ RunsDirOption = Annotated[
     Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
 ]
 QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
+
+
+def count(n: int, noun: str) -> str:
+    """``1 round``, ``2 rounds``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

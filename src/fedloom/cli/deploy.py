@@ -24,6 +24,7 @@ from fedloom.cli.common import (
     RunsDirOption,
     WorkspaceArg,
     console,
+    count,
     errors,
     friendly,
 )
@@ -57,10 +58,6 @@ def start_logging(path: Path, *, verbose: bool = False) -> None:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def in_thread(work: Callable[[threading.Event], T], stop: threading.Event) -> T:
@@ -110,26 +107,27 @@ def aggregator_start(
     Needs WORKSPACE/pki from `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log;
     writes runs/<run-name>/ like `fedloom simulate`.
     """
-    from fedloom.cli.main import fresh_run_dir, print_results
     from fedloom.cli.progress import RoundProgress
+    from fedloom.cli.results import fresh_run_dir, print_results
     from fedloom.orchestration import Event
     from fedloom.pki import server_credentials, server_hosts
+    from fedloom.pki.common import pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
-    from fedloom.runtime.server import PKI_DIR, ServeOptions, serve
+    from fedloom.runtime.server import ServeOptions, serve, state_dir_of
     from fedloom.transport.inprocess import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
-    server_credentials(workspace / PKI_DIR)  # no PKI: say so before anything is written
-    start_logging(log or workspace / "aggregator" / "aggregator.log", verbose=verbose)
+    server_credentials(pki_dir_of(workspace))  # no PKI: say so before anything is written
+    start_logging(log or state_dir_of(workspace) / "aggregator.log", verbose=verbose)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
     console.print(
-        f"[bold]{plan.name}[/]: {_count(len(plan.roster), 'site')}, {_count(plan.rounds, 'round')}"
+        f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, {count(plan.rounds, 'round')}"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
     options = ServeOptions(host=host, port=port, heartbeat_seconds=heartbeat)
-    names = server_hosts(workspace / PKI_DIR)
+    names = server_hosts(pki_dir_of(workspace))
 
     def listening(bound: int) -> None:
         where = ", ".join(f"{n}:{bound}" for n in names)
@@ -196,12 +194,13 @@ def collaborator_start(
     The site's key and certificates come from `fedloom pki request` / `accept`.
     Logs to STATE/collaborator.log.
     """
+    from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
     from fedloom.runtime.site import SiteOptions, SiteProgress, kill_fault, participate
 
     plan = load_plan(workspace, list(overrides or []))
-    state_dir = state or workspace / "sites" / name
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys go here: private
+    state_dir = state or site_state_dir(workspace, name)
+    make_private_dir(state_dir)  # its key goes here
     start_logging(log or state_dir / "collaborator.log", verbose=verbose)
     options = SiteOptions(
         name=name,
@@ -230,6 +229,6 @@ def collaborator_start(
     )
     evaluated = "; the final model evaluated here" if done.evaluated else ""
     console.print(
-        f"federation finished: {_count(done.rounds_done, 'update')} accepted, "
+        f"federation finished: {count(done.rounds_done, 'update')} accepted, "
         f"{done.rounds_failed} round(s) failed{evaluated}"
     )

@@ -6,7 +6,6 @@ with an exit code per kind of error (see docs/index.md).
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -22,18 +21,19 @@ from fedloom.cli.common import (
     RunsDirOption,
     WorkspaceArg,
     console,
+    count,
     errors,
     friendly,
 )
 from fedloom.cli.deploy import aggregator_app, collaborator_app
 from fedloom.cli.pki import pki_app
-from fedloom.errors import PlanError, WorkspaceError
+from fedloom.cli.results import fresh_run_dir, print_results
+from fedloom.errors import PlanError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
 if TYPE_CHECKING:
-    from fedloom.report import RunRecorder
-    from fedloom.runtime.simulation import SimulationResult
+    pass
 
 app = typer.Typer(
     name="fedloom",
@@ -197,8 +197,8 @@ def simulate(
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
     console.print(
-        f"[bold]{plan.name}[/]: {_count(len(plan.roster), 'site')}, "
-        f"{_count(plan.rounds, 'round')}, "
+        f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, "
+        f"{count(plan.rounds, 'round')}, "
         f"strategy {plan.strategy.name}, data {plan.data.dataset} ({plan.data.partition})"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
@@ -225,82 +225,6 @@ def simulate(
         errors.print(f"what the run did is in {run_dir}", highlight=False)
         raise
     print_results(recorder, result)
-
-
-def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) -> Path:
-    """Where a run goes: ``runs_dir/run_name`` (default ``WORKSPACE/runs/<timestamp>``)."""
-    if run_name is not None and (
-        not run_name or Path(run_name).name != run_name or run_name in (".", "..")
-    ):
-        raise WorkspaceError(
-            f"--run-name {run_name!r} must be a plain folder name",
-            hint="no '/' and no '..'; use --runs-dir to choose where runs go",
-        )
-    run_root = runs_dir or workspace / "runs"
-    return run_root / (run_name or _fresh_run_name(run_root))
-
-
-def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
-    from fedloom.report import final_site_metrics
-
-    """Finish the run folder and print the sites' table and the summary."""
-    summary = recorder.finish(result)
-    _print_sites(final_site_metrics(result.history))
-    _print_summary(summary)
-    console.print(f"Results in [bold]{recorder.run_dir}[/]")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _fresh_run_name(run_root: Path) -> str:
-    """A timestamp of the start, with a suffix if a run of that second exists."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name, n = stamp, 1
-    while (run_root / name).exists():
-        n += 1
-        name = f"{stamp}-{n}"
-    return name
-
-
-def _print_sites(sites: dict[str, dict[str, float]], limit: int = 20) -> None:
-    if not sites:
-        return
-    ordered = sorted(sites.items(), key=lambda kv: kv[1].get("global_accuracy", 0.0))
-    shown = ordered if len(ordered) <= limit else ordered[:limit]
-    title = "Final global model at each site"
-    if len(ordered) > limit:
-        title += f" (the {limit} worst of {len(ordered)})"
-    table = Table("site", "val samples", "accuracy", "loss", title=title)
-    for site, m in sorted(shown):
-        table.add_row(
-            site,
-            f"{m.get('val_samples', 0):.0f}",
-            f"{m.get('global_accuracy', float('nan')):.4f}",
-            f"{m.get('global_loss', float('nan')):.4f}",
-        )
-    console.print(table)
-
-
-def _print_summary(s: dict[str, object]) -> None:
-    def fmt(v: object) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
-
-    table = Table("", "", title="Summary", show_header=False)
-    for key in (
-        "test_accuracy",
-        "centralized_accuracy",
-        "mean_site_accuracy",
-        "worst_site_accuracy",
-        "wall_seconds",
-        "seconds_per_round",
-        "bytes_sent",
-        "bytes_received",
-        "failures",
-    ):
-        table.add_row(key, fmt(s.get(key)))
-    console.print(table)
 
 
 def main() -> None:

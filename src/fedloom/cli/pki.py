@@ -6,7 +6,6 @@ runs ``request`` and ``accept``. Site keys never leave the site's folder.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,18 @@ from fedloom.pki import (
     sign_request,
 )
 from fedloom.pki.authority import CA_DAYS
-from fedloom.pki.common import CA_CERT, CRL_FILE, ISSUED_DIR, SERVER_CERT, SERVER_KEY, write_atomic
+from fedloom.pki.common import (
+    CA_CERT,
+    CRL_FILE,
+    ISSUED_DIR,
+    SERVER_CERT,
+    SERVER_KEY,
+    pki_dir_of,
+    read_file,
+    site_state_dir,
+    write_atomic,
+)
+from fedloom.pki.common import now as current_time
 from fedloom.plan import load_plan
 
 pki_app = typer.Typer(
@@ -77,7 +87,7 @@ def init(
 ) -> None:
     """Create the federation's CA in WORKSPACE/pki, and the aggregator's certificate."""
     plan = load_plan(workspace, [])
-    pki_dir = workspace / "pki"
+    pki_dir = pki_dir_of(workspace)
     hosts = host or DEFAULT_HOSTS
     ca = init_ca(
         pki_dir, federation=plan.name, hosts=hosts, days=days, ca_days=ca_days, force=force
@@ -99,7 +109,7 @@ def init(
 @friendly
 def server(workspace: WorkspaceArg, host: Hosts = None, days: Days = 825) -> None:
     """Issue the aggregator's server certificate again (new hosts, or renewal)."""
-    pki_dir = workspace / "pki"
+    pki_dir = pki_dir_of(workspace)
     hosts = host or list(server_hosts(pki_dir))
     info = issue_server_cert(pki_dir, hosts, days=days)
     console.print(f"Issued the aggregator's certificate {pki_dir / SERVER_CERT} with a new key")
@@ -115,7 +125,7 @@ def request(
     name: SiteName, workspace: SiteWorkspaceArg = Path("."), state: StateDir = None
 ) -> None:
     """At a site: make its key (which stays here) and a certificate signing request."""
-    state_dir = state or workspace / "sites" / name
+    state_dir = state or site_state_dir(workspace, name)
     csr_path, key_fp = request_certificate(state_dir, name)
     console.print(f"Signing request for [bold]{name}[/]: [bold]{csr_path}[/]")
     _show("key fingerprint", key_fp)
@@ -137,8 +147,8 @@ def sign(
 ) -> None:
     """At the CA: sign a site's request, if the site is in the plan."""
     roster = load_plan(workspace, []).roster
-    csr_pem = _read(csr, "signing request", "pass the site.csr file the site sent you")
-    pki_dir = workspace / "pki"
+    csr_pem = read_file(csr, missing_hint="pass the site.csr file the site sent you")
+    pki_dir = pki_dir_of(workspace)
     cert_pem, info = sign_request(pki_dir, csr_pem, allowed=roster, days=days)
     written = [pki_dir / ISSUED_DIR / f"{info.name}.crt"]
     if out is not None:
@@ -166,9 +176,9 @@ def accept(
     state: StateDir = None,
 ) -> None:
     """At a site: install the certificate the CA signed, after checking it."""
-    state_dir = state or workspace / "sites" / name
-    cert_pem = _read(cert, "certificate", "pass the certificate the CA sent you")
-    ca_pem = _read(ca, "CA certificate", "pass the ca.crt the CA sent you")
+    state_dir = state or site_state_dir(workspace, name)
+    cert_pem = read_file(cert, missing_hint="pass the certificate the CA sent you")
+    ca_pem = read_file(ca, missing_hint="pass the ca.crt the CA sent you")
     issued_to, _ = peer_identity(cert_pem)
     if issued_to != name:
         raise CertificateError(
@@ -190,7 +200,7 @@ def revoke_site(
     name: Annotated[str, typer.Argument(help="The site whose certificate to revoke.")],
 ) -> None:
     """At the CA: revoke a site's certificate."""
-    pki_dir = workspace / "pki"
+    pki_dir = pki_dir_of(workspace)
     crl_path = pki_dir / CRL_FILE
     before = crl_path.read_bytes() if crl_path.is_file() else b""
     info = revoke(pki_dir, name)
@@ -210,10 +220,10 @@ def revoke_site(
 @friendly
 def list_certificates(workspace: WorkspaceArg) -> None:
     """List the certificates issued to sites, with their expiry and revocation."""
-    pki_dir = workspace / "pki"
-    ca_pem = _read(pki_dir / CA_CERT, "CA certificate", "run `fedloom pki init WORKSPACE`")
+    pki_dir = pki_dir_of(workspace)
+    ca_pem = read_file(pki_dir / CA_CERT, missing_hint="run `fedloom pki init WORKSPACE`")
     crl = RevocationList(pki_dir / CRL_FILE, ca_pem)
-    now = dt.datetime.now(dt.UTC)
+    now = current_time()
     _show("CA fingerprint", fingerprint(ca_pem))
     console.print(f"aggregator: {', '.join(server_hosts(pki_dir))}")
     serial = Column("serial", overflow="fold")  # whole, even when folded: the CRL lists it
@@ -234,10 +244,3 @@ def _show(label: str, value: str) -> None:
     console.print(
         f"{label}: [cyan]{escape(value)}[/]", soft_wrap=True, highlight=False, emoji=False
     )
-
-
-def _read(path: Path, what: str, hint: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise CertificateError(f"cannot read the {what} {path}: {err.strerror}", hint=hint) from err

@@ -22,7 +22,22 @@ from cryptography.x509.oid import NameOID
 
 from fedloom.errors import CertificateError
 
-# The CA's folder (WORKSPACE/pki)
+PKI_DIR = "pki"
+"""The CA's folder in a workspace (WORKSPACE/pki)."""
+SITES_DIR = "sites"
+"""Where a workspace keeps its sites' state folders by default (WORKSPACE/sites/NAME)."""
+
+
+def pki_dir_of(workspace: Path) -> Path:
+    return Path(workspace) / PKI_DIR
+
+
+def site_state_dir(workspace: Path, name: str) -> Path:
+    """A site's default state folder: its key, certificates, log (WORKSPACE/sites/NAME)."""
+    return Path(workspace) / SITES_DIR / name
+
+
+# The CA's folder
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 CRL_FILE = "crl.pem"
@@ -32,7 +47,7 @@ SERVER_KEY = "aggregator.key"
 SERVER_CERT = "aggregator.crt"
 SERVER_NAME = "aggregator"
 
-# A site's state folder (WORKSPACE/sites/NAME)
+# A site's state folder
 SITE_KEY = "site.key"
 SITE_CSR = "site.csr"
 SITE_CERT = "site.crt"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedloom.pki.authority import INIT_HINT, init_ca
-from fedloom.pki.common import CA_CERT, CA_KEY, read_file
+from fedloom.pki.common import CA_CERT, CA_KEY, pki_dir_of, read_file, site_state_dir
 from fedloom.pki.issued import sign_request
 from fedloom.pki.site import accept_certificate, request_certificate
 
@@ -28,14 +28,14 @@ def provision(
     ``federation`` names a new CA (default: the workspace folder's name).
     """
     workspace = Path(workspace)
-    pki_dir = workspace / "pki"
+    pki_dir = pki_dir_of(workspace)
     if not (pki_dir / CA_KEY).exists():
         name = federation or workspace.resolve().name or "fedloom"
         init_ca(pki_dir, federation=name, hosts=hosts)
     ca_pem = read_file(pki_dir / CA_CERT, missing_hint=INIT_HINT)
     folders = {}
     for name in names:
-        state_dir = workspace / "sites" / name
+        state_dir = site_state_dir(workspace, name)
         csr_path, _ = request_certificate(state_dir, name)
         cert_pem, _ = sign_request(pki_dir, csr_path.read_bytes(), allowed=names)
         accept_certificate(state_dir, cert_pem, ca_pem)

@@ -55,6 +55,9 @@ def start_aggregator(
             pass_fds=(write_end,),
             **popen,
         )
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
         os.close(write_end)
     with os.fdopen(read_end, "rb") as announced:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedloom.orchestration import Aggregator, Event
 from fedloom.pki import RevocationList, server_credentials
+from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
@@ -22,8 +23,6 @@ from fedloom.strategies import build_strategy
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
-
-PKI_DIR = "pki"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +35,15 @@ class ServeOptions:
 
 
 EventSink = Callable[[Event, TrafficCounter], None]
+
+STOP_LINGER = 2.0  # seconds a stopping aggregator gives waiting sites to hear it
+
+
+def state_dir_of(workspace: Path) -> Path:
+    """The aggregator's folder in a workspace: its log, and rollback spools of updates."""
+    path = Path(workspace) / "aggregator"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def serve(
@@ -50,8 +58,8 @@ def serve(
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     task = load_task(ws, plan.task)
-    credentials = server_credentials(ws / PKI_DIR)
-    revocations = RevocationList(ws / PKI_DIR / "crl.pem", credentials.ca_pem)
+    credentials = server_credentials(pki_dir_of(ws))
+    revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)
     traffic = TrafficCounter()
 
     def sink(event: Event) -> None:
@@ -63,7 +71,7 @@ def serve(
         build_strategy(plan.strategy.name, plan.strategy_params),
         task.init_weights(plan.seed),  # the strategy keeps its own copy: no second one here
         on_event=sink,
-        require_checksums=True,
+        spool_dir=state_dir_of(ws),
     )
     settings = ServerSettings(
         address=f"{options.host}:{options.port}",
@@ -74,15 +82,19 @@ def serve(
         heartbeat_seconds=options.heartbeat_seconds,
     )
     server = GrpcServer(aggregator, credentials, settings, revocations=revocations, traffic=traffic)
-    port = server.start()
-    if on_listening is not None:
-        on_listening(port)
-    started = time.perf_counter()
+    completed = False
     try:
+        port = server.start()
+        if on_listening is not None:
+            on_listening(port)
+        started = time.perf_counter()
         history = aggregator.run()
         wall = time.perf_counter() - started
-        server.wait_told_finished(options.linger_seconds)
+        completed = True
     finally:
+        # Sites waiting for work hear how it ended (finished, or stopped early); those
+        # busy at a stop find the aggregator gone and retry until it is back.
+        server.wait_told_finished(options.linger_seconds if completed else STOP_LINGER)
         server.stop(grace=1.0)
     test: dict[str, float] = {}
     if options.test_set and plan.data.dataset != "custom":

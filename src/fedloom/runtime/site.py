@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +25,14 @@ from fedloom.collaborator import Collaborator
 from fedloom.data import train_val_split
 from fedloom.errors import (
     AccessDenied,
+    AggregatorLost,
     FedloomError,
     PlanError,
     TransportError,
     WorkspaceError,
 )
 from fedloom.pki import site_credentials
+from fedloom.pki.common import site_state_dir
 from fedloom.plan import Plan, plan_hash
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator
@@ -38,13 +40,11 @@ from fedloom.runtime.executor import execute
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task
-from fedloom.transport.grpc import AggregatorLost, ClientSettings, GrpcConnection
+from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat
 from fedloom.weights import Weights
 
 log = logging.getLogger("fedloom.collaborator")
-
-SITES_DIR = "sites"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +63,14 @@ class SiteProgress:
     """What the collaborator did, for its progress line and its exit summary."""
 
     rounds_done: int = 0  # training rounds whose update the aggregator accepted
-    rounds_failed: int = 0  # rounds this site could not answer, or whose answer was refused
+    failed: set[int] = field(default_factory=set)  # rounds not answered, or answers refused
     evaluated: bool = False  # the final model was evaluated here
     current: int = 0
     last: str = ""
+
+    @property
+    def rounds_failed(self) -> int:
+        return len(self.failed)
 
 
 def participate(
@@ -86,7 +90,7 @@ def participate(
     """
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
-    state_dir = options.state_dir or ws / SITES_DIR / options.name
+    state_dir = options.state_dir or site_state_dir(ws, options.name)
     credentials = site_credentials(state_dir)
     digest = plan_hash(plan, ws)
     task = load_task(ws, plan.task)
@@ -125,7 +129,7 @@ def participate(
                 num_classes=num_classes,
             )
         except Exception as err:  # reported to the aggregator by the collaborator too
-            progress.rounds_failed += 1
+            progress.failed.add(instruction.round)
             report(f"round {instruction.round}: the task failed: {err}", failed=True)
             raise
 
@@ -136,10 +140,10 @@ def participate(
             log.error("cannot join the federation: %s", err)
             raise
         log.info(
-            "joined federation %r (%s) as %s",
+            "joined federation %r as %s (rounds: %d)",
             welcome.federation,
-            _count(welcome.rounds, "round"),
             options.name,
+            welcome.rounds,
         )
         beats = threading.Thread(
             target=_heartbeats,
@@ -157,14 +161,14 @@ def participate(
                 log.error("%s", err)
                 raise
             except TransportError as err:
-                progress.rounds_failed += 1
+                progress.failed.add(progress.current)
                 report(f"round {progress.current}: {err.message}", failed=True)
                 continue
             receipt, collaborator.last_receipt = collaborator.last_receipt, None
             if receipt is None or receipt.round != progress.current:
                 continue
             if not receipt.accepted:
-                progress.rounds_failed += 1
+                progress.failed.add(receipt.round)
                 report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
             elif receipt.bytes_received:
                 progress.rounds_done += 1
@@ -182,10 +186,6 @@ def participate(
         stop.set()
         connection.close()
     return progress
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _heartbeats(

@@ -8,6 +8,7 @@ The last chunk of each tensor carries the CRC-32 of the whole tensor's bytes.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import zlib
 from collections.abc import Iterable, Iterator
 
@@ -16,15 +17,46 @@ from fedloom.transport.messages import Chunk
 from fedloom.weights import TensorSpec
 
 
-def stamp(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Iterator[Chunk]:
-    """``chunks`` with the tensor's CRC-32 set on each tensor's last chunk."""
-    crcs = [0] * len(specs)
+def stamp(
+    specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk], crcs: list[int] | None = None
+) -> Iterator[Chunk]:
+    """``chunks`` with the tensor's CRC-32 set on each tensor's last chunk. ``crcs``, when
+    given, receives each tensor's CRC-32 as the stream goes."""
+    crcs = [0] * len(specs) if crcs is None else crcs
+    crcs[:] = [0] * len(specs)
     for chunk in chunks:
         i = chunk.tensor
         crcs[i] = zlib.crc32(chunk.data, crcs[i])
         if chunk.offset + len(chunk.data) == specs[i].nbytes:
             chunk = dataclasses.replace(chunk, checksum=crcs[i])
         yield chunk
+
+
+class ModelChecksums:
+    """The CRC-32s of one round's global model, computed while its first download
+    streams and reused for every other site's: one pass over the model per round, not
+    one per site. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._round: int | None = None
+        self._crcs: tuple[int, ...] = ()
+
+    def stamp(
+        self, round: int, specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]
+    ) -> Iterator[Chunk]:
+        with self._lock:
+            known = self._crcs if self._round == round else None
+        if known is None:
+            crcs: list[int] = []
+            yield from stamp(specs, chunks, crcs)
+            with self._lock:
+                self._round, self._crcs = round, tuple(crcs)
+            return
+        for chunk in chunks:
+            if chunk.offset + len(chunk.data) == specs[chunk.tensor].nbytes:
+                chunk = dataclasses.replace(chunk, checksum=known[chunk.tensor])
+            yield chunk
 
 
 def verified(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Iterator[Chunk]:

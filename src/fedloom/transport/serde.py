@@ -220,12 +220,7 @@ def encode(message: object) -> bytes:
 def decode(kind: type[M], data: bytes) -> M:
     """The domain message of type ``kind`` held in ``data``."""
     _, from_proto, proto_type = _CODECS[kind]
-    msg = proto_type()
-    try:
-        msg.ParseFromString(data)
-    except DecodeError as err:
-        raise TransportError(f"cannot decode {kind.__name__}: {err}") from err
-    result: M = from_proto(msg)
+    result: M = from_proto(_parse(proto_type, data, kind.__name__))
     return result
 
 
@@ -288,28 +283,30 @@ def encode_stream_item(item: ModelHeader | UpdateHeader | Chunk | StreamEnd) -> 
 
 
 def decode_download_item(data: bytes) -> ModelHeader | Chunk:
-    chunk = chunkwire.read_chunk(data)
-    if chunk is not None:
-        return chunk
-    msg = _parse(pb.DownloadMessage, data, "DownloadMessage")
-    body = msg.WhichOneof("body")
-    if body == "header":
-        return model_header_from_proto(msg.header)
-    if body == "chunk":
-        return chunk_from_proto(msg.chunk)
-    raise TransportError("empty DownloadMessage")
+    item = _decode_stream_item(pb.DownloadMessage, data)
+    if isinstance(item, StreamEnd):
+        raise TransportError("a download carries no StreamEnd")
+    return item
 
 
 def decode_upload_item(data: bytes) -> UpdateHeader | Chunk | StreamEnd:
+    return _decode_stream_item(pb.UploadMessage, data)
+
+
+def _decode_stream_item(envelope: type[Message], data: bytes) -> Any:
+    """A chunk through the hand-written hot path, anything else through protobuf."""
     chunk = chunkwire.read_chunk(data)
     if chunk is not None:
         return chunk
-    msg = _parse(pb.UploadMessage, data, "UploadMessage")
+    msg = _parse(envelope, data, envelope.DESCRIPTOR.name)
     body = msg.WhichOneof("body")
-    if body == "header":
-        return update_header_from_proto(msg.header)
     if body == "chunk":
         return chunk_from_proto(msg.chunk)
+    if body == "header":
+        header = msg.header
+        if isinstance(header, pb.ModelHeader):
+            return model_header_from_proto(header)
+        return update_header_from_proto(header)
     if body == "end":
         return StreamEnd(int(msg.end.chunks))
-    raise TransportError("empty UploadMessage")
+    raise TransportError(f"empty {envelope.DESCRIPTOR.name}")

@@ -3,22 +3,12 @@
 The only package of fedloom that imports ``grpc``.
 """
 
-from fedloom.transport.grpc.client import (
-    AggregatorLost,
-    ClientSettings,
-    GrpcConnection,
-    backoff_delay,
-)
-from fedloom.transport.grpc.server import GrpcServer, ServerSettings, SiteSession
-from fedloom.transport.grpc.wire import PROTOCOL_VERSION
+from fedloom.transport.grpc.client import ClientSettings, GrpcConnection
+from fedloom.transport.grpc.server import GrpcServer, ServerSettings
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "AggregatorLost",
     "ClientSettings",
     "GrpcConnection",
     "GrpcServer",
     "ServerSettings",
-    "SiteSession",
-    "backoff_delay",
 ]

@@ -18,11 +18,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from fedloom.errors import AccessDenied, FedloomError, TransportError, UpdateRejected
+from fedloom.errors import (
+    AccessDenied,
+    AggregatorLost,
+    FedloomError,
+    TransportError,
+    UpdateRejected,
+)
 from fedloom.pki import Credentials
 from fedloom.records import Instruction
 from fedloom.transport import integrity, serde
@@ -139,10 +145,11 @@ class GrpcConnection:
     def download(self, round: int) -> ModelStream:
         request = serde.encode_download_request(round)
 
-        def start() -> tuple[ModelHeader, Iterator[bytes]]:
+        def start() -> tuple[ModelHeader, Any]:
             responses = self._download(request, timeout=self.settings.stream_seconds)
-            first = serde.decode_download_item(next(responses))
+            first = serde.decode_download_item(next(responses, b""))
             if not isinstance(first, ModelHeader):
+                responses.cancel()
                 raise TransportError("the download did not start with the model's header")
             return first, responses
 
@@ -163,7 +170,7 @@ class GrpcConnection:
         try:
             reply = self._upload(messages(), timeout=self.settings.stream_seconds)
         except grpc.RpcError as err:
-            raise _translate(err, "Upload") from None
+            raise self._lost_session(_translate(err, "Upload")) from None
         return serde.decode(Receipt, reply)
 
     def report_failure(self, report: FailureReport) -> None:
@@ -179,7 +186,7 @@ class GrpcConnection:
         try:
             reply = self._exchange(request, timeout=self.settings.stream_seconds)
         except grpc.RpcError as err:
-            raise _translate(err, "Exchange") from None
+            raise self._lost_session(_translate(err, "Exchange")) from None
         return serde.decode(PhaseMessage, reply)
 
     def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
@@ -190,6 +197,14 @@ class GrpcConnection:
         return serde.decode(HeartbeatReply, reply)
 
     # ------------------------------------------------------------ retrying
+
+    def _lost_session(self, error: FedloomError) -> FedloomError:
+        """A call that cannot be repeated met a restarted aggregator: the next call says
+        Hello again; this one fails."""
+        if isinstance(error, _NoSession):
+            self.welcome = None
+            return TransportError(f"{error.message}: the aggregator restarted meanwhile")
+        return error
 
     def _session(self, name: str, call: Callable[[], T]) -> T:
         """``call`` retried through outages; says Hello first, and again when the
@@ -227,10 +242,6 @@ class GrpcConnection:
             if self.stop.wait(delay):
                 raise TransportError(f"{name}: stopped while waiting for the aggregator")
             attempt += 1
-
-
-class AggregatorLost(TransportError):
-    """The aggregator could not be reached for the collaborator's ``--give-up-after``."""
 
 
 class _Unreachable(TransportError):
@@ -274,7 +285,8 @@ def _translate(err: grpc.RpcError, name: str) -> FedloomError:
     return TransportError(f"{name}: {code.name if code else 'error'}: {details}")
 
 
-def _chunks(responses: Iterator[bytes]) -> Iterator[Chunk]:
+def _chunks(responses: Any) -> Iterator[Chunk]:
+    """The download's chunks; the call is cancelled if the reader stops early."""
     try:
         for raw in responses:
             item = serde.decode_download_item(raw)
@@ -283,3 +295,5 @@ def _chunks(responses: Iterator[bytes]) -> Iterator[Chunk]:
             yield item
     except grpc.RpcError as err:
         raise _translate(err, "Download") from None
+    finally:
+        responses.cancel()  # a no-op once the stream has ended

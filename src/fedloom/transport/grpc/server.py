@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from fedloom.errors import CertificateError, TransportError, UpdateRejected
+from fedloom.errors import CertificateError, FedloomError, TransportError, UpdateRejected
 from fedloom.pki import Credentials, RevocationList, peer_identity
 from fedloom.records import InstructionKind
 from fedloom.transport import integrity, serde
@@ -64,8 +64,7 @@ class SiteSession:
 
     site: str
     serial: int
-    hello_at: float
-    last_seen: float
+    last_seen: float  # monotonic time of its last call
 
 
 class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -89,7 +88,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
 
         def guard(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-                self.admit(context, method, needs_session=needs_session)
+                self.admit(context, needs_session=needs_session)
                 return behaviour(request, context)
 
             return guarded
@@ -128,7 +127,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._identities[pem] = known
         return known
 
-    def admit(self, context: grpc.ServicerContext, method: str, *, needs_session: bool) -> None:
+    def admit(self, context: grpc.ServicerContext, *, needs_session: bool) -> None:
         site, serial = self.identify(context)
         try:
             revoked = self.revocations is not None and self.revocations.is_revoked(serial)
@@ -161,7 +160,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
     def welcome(self, site: str, serial: int) -> None:
         now = time.monotonic()
         with self._lock:
-            self.sessions[serial] = SiteSession(site, serial, now, now)
+            self.sessions[serial] = SiteSession(site, serial, now)
 
 
 def _refuse(
@@ -194,6 +193,7 @@ class Handlers:
         self.settings = settings
         self.gate = gate
         self.traffic = traffic
+        self.checksums = integrity.ModelChecksums()
         self.told_finished: set[str] = set()
         self._told = threading.Condition()
 
@@ -252,7 +252,7 @@ class Handlers:
         except UpdateRejected as err:
             _refuse(context, grpc.StatusCode.FAILED_PRECONDITION, err.message, quiet=True)
         yield serde.encode_stream_item(stream.header)
-        for chunk in integrity.stamp(stream.header.tensors, stream.chunks):
+        for chunk in self.checksums.stamp(round, stream.header.tensors, stream.chunks):
             data = serde.encode_stream_item(chunk)
             self.traffic.add(sent=len(data))
             yield data
@@ -261,15 +261,16 @@ class Handlers:
         site, _ = self.gate.identify(context)
         try:
             first = serde.decode_upload_item(next(requests))
-        except (StopIteration, TransportError) as err:
-            reason = f"upload must start with its header: {err or 'empty stream'}"
+        except (StopIteration, FedloomError) as err:
+            reason = f"upload must start with its header: {str(err) or 'the stream was empty'}"
             log.warning("rejected an upload from %s: %s", site, reason)
             return serde.encode(Receipt(0, False, reason))
         if not isinstance(first, UpdateHeader):
             reason = "upload must start with its header, got a chunk"
             log.warning("rejected an upload from %s: %s", site, reason)
             return serde.encode(Receipt(0, False, reason))
-        receipt = self.service.upload(site, first, _chunks(requests, self.traffic))
+        chunks = integrity.verified(first.tensors, _chunks(requests, self.traffic))
+        receipt = self.service.upload(site, first, chunks)
         what = "update" if first.tensors else "evaluation"
         if receipt.accepted:
             log.info("round %d: %s from %s accepted", receipt.round, what, site)

@@ -1,0 +1,87 @@
+"""A run's folder and its results on the terminal, for `simulate` and `aggregator start`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from fedloom.cli.common import console
+from fedloom.errors import WorkspaceError
+from fedloom.report import final_site_metrics
+
+if TYPE_CHECKING:
+    from fedloom.report import RunRecorder
+    from fedloom.runtime.simulation import SimulationResult
+
+
+def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) -> Path:
+    """Where a run goes: ``runs_dir/run_name`` (default ``WORKSPACE/runs/<timestamp>``)."""
+    if run_name is not None and (
+        not run_name or Path(run_name).name != run_name or run_name in (".", "..")
+    ):
+        raise WorkspaceError(
+            f"--run-name {run_name!r} must be a plain folder name",
+            hint="no '/' and no '..'; use --runs-dir to choose where runs go",
+        )
+    run_root = runs_dir or workspace / "runs"
+    return run_root / (run_name or _fresh_run_name(run_root))
+
+
+def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
+    """Finish the run folder and print the sites' table and the summary."""
+    summary = recorder.finish(result)
+    _print_sites(final_site_metrics(result.history))
+    _print_summary(summary)
+    console.print(f"Results in [bold]{recorder.run_dir}[/]")
+
+
+def _fresh_run_name(run_root: Path) -> str:
+    """A timestamp of the start, with a suffix if a run of that second exists."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while (run_root / name).exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def _print_sites(sites: dict[str, dict[str, float]], limit: int = 20) -> None:
+    if not sites:
+        return
+    ordered = sorted(sites.items(), key=lambda kv: kv[1].get("global_accuracy", 0.0))
+    shown = ordered if len(ordered) <= limit else ordered[:limit]
+    title = "Final global model at each site"
+    if len(ordered) > limit:
+        title += f" (the {limit} worst of {len(ordered)})"
+    table = Table("site", "val samples", "accuracy", "loss", title=title)
+    for site, m in sorted(shown):
+        table.add_row(
+            site,
+            f"{m.get('val_samples', 0):.0f}",
+            f"{m.get('global_accuracy', float('nan')):.4f}",
+            f"{m.get('global_loss', float('nan')):.4f}",
+        )
+    console.print(table)
+
+
+def _print_summary(s: dict[str, object]) -> None:
+    def fmt(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    table = Table("", "", title="Summary", show_header=False)
+    for key in (
+        "test_accuracy",
+        "centralized_accuracy",
+        "mean_site_accuracy",
+        "worst_site_accuracy",
+        "wall_seconds",
+        "seconds_per_round",
+        "bytes_sent",
+        "bytes_received",
+        "failures",
+    ):
+        table.add_row(key, fmt(s.get(key)))
+    console.print(table)
