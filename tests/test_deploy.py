@@ -171,7 +171,7 @@ def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(
     # the TLS layer refuses it before any fedloom code runs at the aggregator (grpcio
     # has no hook there): the site's own log keeps the refusal and its likely cause
     logged = (foreign / "collaborator.log").read_text()
-    assert "cannot join the federation" in logged, logged
+    assert "stopped: cannot reach the aggregator" in logged, logged
     assert "another CA than the aggregator's" in logged, logged
 
 

@@ -383,7 +383,7 @@ def test_cli_walks_a_site_through_the_whole_process(tmp_path: Path) -> None:
 
     result = _invoke("pki", "revoke", ws, "site-01")
     assert result.exit_code == 0, result.output
-    assert serial in result.stdout and "next connection" in result.stdout
+    assert serial in result.stdout and "next call" in result.stdout
     result = _invoke("pki", "revoke", ws, "site-01")
     assert result.exit_code == 0 and "already revoked" in result.stdout
     result = _invoke("pki", "list", ws)

@@ -110,16 +110,18 @@ def aggregator_start(
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import fresh_run_dir, print_results
     from fedloom.orchestration import Event
-    from fedloom.pki import server_credentials, server_hosts
-    from fedloom.pki.common import pki_dir_of
+    from fedloom.pki import RevocationList, server_credentials, server_hosts
+    from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
-    from fedloom.runtime.server import ServeOptions, serve, state_dir_of
+    from fedloom.runtime.server import ServeOptions, address_of, serve, state_dir_of
     from fedloom.transport.inprocess import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
-    server_credentials(pki_dir_of(workspace))  # no PKI: say so before anything is written
+    # a missing or damaged PKI is said before anything is written
+    credentials = server_credentials(pki_dir_of(workspace))
+    RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
     start_logging(log or state_dir_of(workspace) / "aggregator.log", verbose=verbose)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
     console.print(
@@ -130,9 +132,9 @@ def aggregator_start(
     names = server_hosts(pki_dir_of(workspace))
 
     def listening(bound: int) -> None:
-        where = ", ".join(f"{n}:{bound}" for n in names)
+        where = ", ".join(address_of(n, bound) for n in names)
         console.print(
-            f"listening on {host}:{bound} (mutual TLS); sites connect to {where}",
+            f"listening on {address_of(host, bound)} (mutual TLS); sites connect to {where}",
             highlight=False,
         )
         if announce_fd is not None:
@@ -216,19 +218,28 @@ def collaborator_start(
     def show(p: SiteProgress) -> None:
         console.print(f"{p.last}  [dim]({p.rounds_done} accepted, {p.rounds_failed} failed)[/]")
 
-    done = in_thread(
-        lambda stop: participate(
-            workspace,
-            plan,
-            options,
-            stop=stop,
-            on_progress=show,
-            faults=kill_fault(fault) if fault else None,
-        ),
-        threading.Event(),
-    )
+    try:
+        done = in_thread(
+            lambda stop: participate(
+                workspace,
+                plan,
+                options,
+                stop=stop,
+                on_progress=show,
+                faults=kill_fault(fault) if fault else None,
+            ),
+            threading.Event(),
+        )
+    except BaseException as err:
+        how = (
+            "interrupted" if isinstance(err, KeyboardInterrupt) else str(err) or type(err).__name__
+        )
+        logging.getLogger("fedloom.collaborator").error("stopped: %s", how)
+        raise
     evaluated = "; the final model evaluated here" if done.evaluated else ""
-    console.print(
+    ended = (
         f"federation finished: {count(done.rounds_done, 'update')} accepted, "
         f"{done.rounds_failed} round(s) failed{evaluated}"
     )
+    logging.getLogger("fedloom.collaborator").info(ended)
+    console.print(ended)

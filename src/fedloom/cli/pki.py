@@ -212,7 +212,7 @@ def revoke_site(
     console.print(f"Revoked the certificate of [bold]{name}[/] (serial {info.serial:x})")
     console.print(
         f"{crl_path} is updated; a running aggregator refuses {name} from its next "
-        "connection, without a restart."
+        "call, without a restart."
     )
 
 

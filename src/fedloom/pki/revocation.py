@@ -98,7 +98,10 @@ class RevocationList:
             self._refresh()
 
     def _refresh(self) -> None:
-        hint = "run `fedloom pki init WORKSPACE` to create the CA and its crl.pem"
+        hint = (
+            "a workspace without a CA yet: run `fedloom pki init WORKSPACE`; one with a CA "
+            "lost its crl.pem, the only record of revoked certificates: restore it from a backup"
+        )
         try:
             st = os.stat(self._path)
         except OSError as err:

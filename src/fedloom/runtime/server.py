@@ -39,6 +39,12 @@ EventSink = Callable[[Event, TrafficCounter], None]
 STOP_LINGER = 2.0  # seconds a stopping aggregator gives waiting sites to hear it
 
 
+def address_of(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:7171``)."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def state_dir_of(workspace: Path) -> Path:
     """The aggregator's folder in a workspace: its log, and rollback spools of updates."""
     path = Path(workspace) / "aggregator"
@@ -74,7 +80,7 @@ def serve(
         spool_dir=state_dir_of(ws),
     )
     settings = ServerSettings(
-        address=f"{options.host}:{options.port}",
+        address=address_of(options.host, options.port),
         plan_hash=digest,
         federation=plan.name,
         rounds=plan.rounds,

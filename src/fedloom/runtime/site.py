@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from fedloom.data import train_val_split
 from fedloom.errors import (
     AccessDenied,
     AggregatorLost,
-    FedloomError,
     PlanError,
     TransportError,
     WorkspaceError,
@@ -130,15 +130,12 @@ def participate(
             )
         except Exception as err:  # reported to the aggregator by the collaborator too
             progress.failed.add(instruction.round)
-            report(f"round {instruction.round}: the task failed: {err}", failed=True)
+            why = traceback.format_exception_only(err)[-1].strip()
+            report(f"round {instruction.round}: the task failed: {why}", failed=True)
             raise
 
     try:
-        try:
-            welcome = connection.open()
-        except FedloomError as err:
-            log.error("cannot join the federation: %s", err)
-            raise
+        welcome = connection.open()
         log.info(
             "joined federation %r as %s (rounds: %d)",
             welcome.federation,
@@ -157,8 +154,7 @@ def participate(
             try:
                 if not collaborator.step():
                     break
-            except (AccessDenied, AggregatorLost) as err:
-                log.error("%s", err)
+            except (AccessDenied, AggregatorLost):
                 raise
             except TransportError as err:
                 progress.failed.add(progress.current)
