@@ -297,3 +297,39 @@ def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
     fed.transport.server.stop(grace=0)  # the aggregator's machine is gone
     with pytest.raises(AggregatorLost, match="cannot reach the aggregator"):
         conn.get_task(timeout=0)
+
+
+def test_one_site_cannot_take_every_server_thread(
+    grpc_federation: Any, shift_runner: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    from fedloom.errors import TransportError
+
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+    fed = grpc_federation
+    t = fed.transport
+    limit = t.server.settings.calls_per_site
+    greedy = [t.connect("site-c") for _ in range(limit + 1)]
+    for conn in greedy:
+        conn.open()
+    # no round is open yet: each ask for work waits at the aggregator, holding a call
+    for i, conn in enumerate(greedy[:limit]):
+        fed.spawn(f"long poll {i}", lambda conn=conn: conn.get_task())
+    deadline = time.monotonic() + 10
+    while sum(t.server.gate._in_flight.values()) < limit and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(TransportError, match=f"already has {limit} calls under way"):
+        greedy[-1].get_task(timeout=0)
+    assert f"site 'site-c' already has {limit} calls under way" in refusals(caplog)
+
+    fed.start()  # round 1 opens: the long polls get their answer and end
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+    for worker in fed.extra:
+        worker.join()
+    deadline = time.monotonic() + 10  # every call ended: none is counted any more
+    while sum(t.server.gate._in_flight.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(t.server.gate._in_flight.values()) == 0

@@ -55,7 +55,8 @@ class ServerSettings:
     rounds: int
     roster: frozenset[str]
     heartbeat_seconds: float = 5.0
-    threads: int | None = None  # default: 3 per site + 8
+    calls_per_site: int = 8  # calls one certificate may have in flight at once
+    threads: int | None = None  # default: 3 per site + calls_per_site
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         self.revocations = revocations
         self._lock = threading.Lock()
         self._identities: dict[bytes, tuple[str, int]] = {}
+        self._in_flight: dict[int, int] = {}  # calls under way, by certificate serial
         self.sessions: dict[int, SiteSession] = {}  # by certificate serial
 
     def intercept_service(
@@ -148,14 +150,35 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 f"site {site!r} is not in the plan's sites",
                 hint="the AI developer adds it to `sites` in federation.yaml",
             )
-        if not needs_session:
-            return
+        if needs_session:
+            with self._lock:
+                session = self.sessions.get(serial)
+                if session is not None:
+                    session.last_seen = time.monotonic()
+            if session is None:
+                _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
+        self._hold(context, site, serial)
+
+    def _hold(self, context: grpc.ServicerContext, site: str, serial: int) -> None:
+        """Count the call against its certificate until it ends: one site cannot take
+        every server thread, whatever it opens."""
+        limit = self.settings.calls_per_site
         with self._lock:
-            session = self.sessions.get(serial)
-            if session is not None:
-                session.last_seen = time.monotonic()
-        if session is None:
-            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
+            busy = self._in_flight.get(serial, 0)
+            if busy < limit:
+                self._in_flight[serial] = busy + 1
+        if busy >= limit:
+            _refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"site {site!r} already has {limit} calls under way",
+            )
+        if not context.add_callback(lambda: self._release(serial)):
+            self._release(serial)  # the call has already ended
+
+    def _release(self, serial: int) -> None:
+        with self._lock:
+            self._in_flight[serial] -= 1
 
     def welcome(self, site: str, serial: int) -> None:
         now = time.monotonic()
@@ -351,7 +374,7 @@ class GrpcServer:
         self.traffic = traffic or TrafficCounter()
         self.gate = Gatekeeper(settings, revocations)
         self._handlers = handlers = Handlers(service, settings, self.gate, self.traffic)
-        threads = settings.threads or 3 * len(settings.roster) + 8
+        threads = settings.threads or 3 * len(settings.roster) + settings.calls_per_site
         self._server = grpc.server(
             futures.ThreadPoolExecutor(threads, thread_name_prefix="fedloom-rpc"),
             interceptors=[self.gate],
