@@ -9,9 +9,11 @@ ended, so a failing test never hangs the session.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -303,3 +305,43 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
     yield make
     for fed in made:
         fed.close()
+
+
+_SpooledTemporaryFile = tempfile.SpooledTemporaryFile
+
+
+class SpoolWatch:
+    """Every rollback spool made while it watches: a spool is the standard library's
+    SpooledTemporaryFile, recorded with the folder it was told to roll over into.
+
+    A rolled-over spool is an unnamed temporary file on Linux, invisible in its folder;
+    this sees it on every platform without reading /proc.
+    """
+
+    def __init__(self) -> None:
+        self.spools: list[Any] = []
+
+    def on_disk_in(self, folder: Path) -> int:
+        """How many spools are open, rolled over to a file, in ``folder``."""
+        return sum(
+            1
+            for s in self.spools
+            if s._rolled and not s.closed and Path(s.folder).resolve() == folder.resolve()
+        )
+
+    def all_closed(self) -> bool:
+        return all(s.closed for s in self.spools)
+
+
+@pytest.fixture
+def spool_watch(monkeypatch: pytest.MonkeyPatch) -> SpoolWatch:
+    watch = SpoolWatch()
+
+    class Recorded(_SpooledTemporaryFile):  # type: ignore[type-arg, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.folder = kwargs.get("dir") or tempfile.gettempdir()
+            watch.spools.append(self)
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", Recorded)
+    return watch

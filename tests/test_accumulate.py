@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -11,6 +10,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import SpoolWatch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -617,27 +617,9 @@ def test_abort_recomputes_from_a_spool_on_disk(monkeypatch: pytest.MonkeyPatch) 
     assert internals(acc) == before
 
 
-def open_files_under(folder: Path) -> list[str]:
-    """The files this process holds open under ``folder``, unnamed ones included (a
-    spool's temporary file has no name in the folder: Linux shows it in /proc)."""
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        pytest.skip("needs /proc/self/fd to see unnamed temporary files")
-    inside = str(folder.resolve()) + os.sep
-    found = []
-    for fd in fds.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile (the fd that listed the folder)
-            continue
-        if target.startswith(inside):
-            found.append(target)
-    return found
-
-
 @pytest.mark.parametrize("end", ["finish", "abort"])
 def test_a_spool_beyond_memory_goes_to_spool_dir_and_is_gone_at_the_end(
-    end: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    end: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spool_watch: SpoolWatch
 ) -> None:
     monkeypatch.setattr(mean_module, "_SPOOL_BYTES", 64)  # the spool rolls over to a file
     acc = MeanAccumulator(STREAM_SPECS, max_sites=4, spool_dir=tmp_path)
@@ -647,17 +629,31 @@ def test_a_spool_beyond_memory_goes_to_spool_dir_and_is_gone_at_the_end(
     chunks = chunks_of(stream_update(3), 3)
     for tensor, offset, data in chunks[:2]:  # 24 bytes: still in memory
         contribution.add(tensor, offset, data)
-    assert open_files_under(tmp_path) == []
+    assert spool_watch.on_disk_in(tmp_path) == 0
     for tensor, offset, data in chunks[2:]:  # 112 bytes in all: beyond the limit
         contribution.add(tensor, offset, data)
-    assert len(open_files_under(tmp_path)) == 1
+    assert spool_watch.on_disk_in(tmp_path) == 1
     if end == "finish":
         contribution.finish()
         assert acc.count == 2
     else:
         contribution.abort()
         assert internals(acc) == before
-    assert open_files_under(tmp_path) == []
+    assert spool_watch.on_disk_in(tmp_path) == 0 and spool_watch.all_closed()
+
+
+def test_a_spool_really_lands_in_spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no such folder: the roll-over to a file there fails, so that is where it goes
+    monkeypatch.setattr(mean_module, "_SPOOL_BYTES", 64)
+    missing = tmp_path / "missing"
+    acc = MeanAccumulator(STREAM_SPECS, max_sites=4, spool_dir=missing)
+    before = internals(acc)
+    contribution = acc.begin("c", 5)
+    with pytest.raises(FileNotFoundError) as err:
+        for tensor, offset, data in chunks_of(stream_update(3), 3):
+            contribution.add(tensor, offset, data)
+    assert str(missing) in str(err.value.filename)
+    assert internals(acc) == before  # the chunks folded before it are rolled back
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,6 @@ the transport contract suite and test_accumulate cover.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import SpoolWatch
 
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
@@ -722,25 +722,12 @@ def test_an_incomplete_stream_is_rolled_back_outside_the_aggregators_lock(
     assert weights_equal(fed.aggregator.weights, want)
 
 
-def open_files_under(folder: Path) -> list[str]:
-    """The files this process holds open under ``folder``, unnamed ones included."""
-    fds = Path("/proc/self/fd")
-    if not fds.is_dir():
-        pytest.skip("needs /proc/self/fd to see unnamed temporary files")
-    inside = str(folder.resolve()) + os.sep
-    found = []
-    for fd in fds.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed meanwhile (the fd that listed the folder)
-            continue
-        if target.startswith(inside):
-            found.append(target)
-    return found
-
-
 def test_rollback_spools_go_to_the_aggregators_spool_dir(
-    make_federation: Any, shift_runner: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_federation: Any,
+    shift_runner: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    spool_watch: SpoolWatch,
 ) -> None:
     monkeypatch.setattr(mean_module, "_SPOOL_BYTES", 16)  # spools roll over to files at once
     fed = make_federation(model(), rounds=1, final_evaluation=False, min_fraction=0.5)
@@ -769,16 +756,16 @@ def test_rollback_spools_go_to_the_aggregators_spool_dir(
     slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls()))
     try:
         assert stalled.wait(WAIT)
-        assert len(open_files_under(tmp_path)) == 1  # site-a's spool, while it streams
+        assert spool_watch.on_disk_in(tmp_path) == 1  # site-a's spool, while it streams
     finally:
         release.set()
     assert slow.join().accepted
-    assert open_files_under(tmp_path) == []  # committed: the spool is gone
+    assert spool_watch.on_disk_in(tmp_path) == 0  # committed: the spool is gone
     answer(fed, shift_runner, "site-b", 1, 20)
     answer(fed, shift_runner, "site-c", 1, 30)
     (record,) = fed.finish()
     assert record.close_reason is CloseReason.ALL_ANSWERED
-    assert open_files_under(tmp_path) == [] and list(tmp_path.iterdir()) == []
+    assert spool_watch.all_closed() and list(tmp_path.iterdir()) == []
 
 
 def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(
