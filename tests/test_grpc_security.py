@@ -9,6 +9,7 @@ a revoked one, one the plan does not list, another site's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,15 @@ def start_honest(fed: Any, runner_cls: Any, sites: tuple[str, ...] = SITES) -> N
         fed.start_site(site, runner_cls(index, SAMPLES[index]))
 
 
-def refusals(caplog: pytest.LogCaptureFixture) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "fedloom.aggregator")
+@pytest.fixture
+def aggregator_log(caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
+    """What the aggregator has logged so far (INFO and above), as text."""
+    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
+
+    def read() -> str:
+        return "\n".join(r.getMessage() for r in caplog.records if r.name == "fedloom.aggregator")
+
+    return read
 
 
 def test_certificate_from_another_ca_is_refused_at_the_handshake(
@@ -84,9 +92,8 @@ def test_certificate_from_another_ca_is_refused_at_the_handshake(
 
 
 def test_revoked_certificate_is_refused_and_its_site_rejoins_with_a_new_one(
-    grpc_federation: Any, shift_runner: Any, caplog: pytest.LogCaptureFixture
+    grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
     fed = grpc_federation
     t = fed.transport
     old_state = t.states["site-c"]
@@ -94,7 +101,7 @@ def test_revoked_certificate_is_refused_and_its_site_rejoins_with_a_new_one(
     fed.start()
     with pytest.raises(AccessDenied, match="revoked"):
         t.connect("site-c", state=old_state).open()
-    assert f"serial {info.serial:x}) has been revoked" in refusals(caplog)
+    assert f"serial {info.serial:x}) has been revoked" in aggregator_log()
 
     new_state = t.workspace / "sites-renewed" / "site-c"
     csr, _ = request_certificate(new_state, "site-c")
@@ -125,9 +132,8 @@ def test_identity_and_plan_mismatches_are_refused_on_both_sides(
     refusal: str,
     grpc_federation: Any,
     shift_runner: Any,
-    caplog: pytest.LogCaptureFixture,
+    aggregator_log: Callable[[], str],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
     fed = grpc_federation
     fed.start()
     t = fed.transport
@@ -138,7 +144,7 @@ def test_identity_and_plan_mismatches_are_refused_on_both_sides(
     with pytest.raises(AccessDenied, match=refusal.split("'")[0]) as refused:
         conn.open()
     assert refusal in str(refused.value)  # the site is told why
-    assert refusal in refusals(caplog)  # and the aggregator's log says it too
+    assert refusal in aggregator_log()  # and the aggregator's log says it too
     start_honest(fed, shift_runner)
     history = fed.finish()
     assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
@@ -179,9 +185,8 @@ def test_a_bad_update_is_rejected_recorded_and_the_round_goes_on(
     grpc_federation: Any,
     shift_runner: Any,
     tiny_weights: Weights,
-    caplog: pytest.LogCaptureFixture,
+    aggregator_log: Callable[[], str],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
     fed = grpc_federation
     fed.start()
     fed.log.wait_opened(1)
@@ -200,14 +205,16 @@ def test_a_bad_update_is_rejected_recorded_and_the_round_goes_on(
     (failure,) = first.failures
     assert (failure.site, failure.kind) == ("site-c", FailureKind.REJECTED)
     assert reason in failure.reason
-    assert f"round 1: update from site-c rejected: {failure.reason}" in refusals(caplog)
+    assert f"round 1: update from site-c rejected: {failure.reason}" in aggregator_log()
     assert history[1].close_reason is CloseReason.DEADLINE_QUORUM
 
 
 def test_a_replayed_update_of_an_earlier_round_is_rejected(
-    grpc_federation: Any, shift_runner: Any, tiny_weights: Weights, caplog: pytest.LogCaptureFixture
+    grpc_federation: Any,
+    shift_runner: Any,
+    tiny_weights: Weights,
+    aggregator_log: Callable[[], str],
 ) -> None:
-    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
     fed = grpc_federation
     fed.start()
     start_honest(fed, shift_runner)
@@ -217,7 +224,7 @@ def test_a_replayed_update_of_an_earlier_round_is_rejected(
     receipt = fed.transport.connect("site-b").upload(header, iter_chunks(replay))
     assert not receipt.accepted
     assert "round 1 is not open" in receipt.reason
-    assert "round 1: update from site-b rejected: round 1 is not open" in refusals(caplog)
+    assert "round 1: update from site-b rejected: round 1 is not open" in aggregator_log()
     history = fed.finish()
     assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
 
@@ -300,13 +307,12 @@ def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
 
 
 def test_one_site_cannot_take_every_server_thread(
-    grpc_federation: Any, shift_runner: Any, caplog: pytest.LogCaptureFixture
+    grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
 ) -> None:
     import time
 
     from fedloom.errors import TransportError
 
-    caplog.set_level(logging.INFO, logger="fedloom.aggregator")
     fed = grpc_federation
     t = fed.transport
     limit = t.server.settings.calls_per_site
@@ -321,7 +327,7 @@ def test_one_site_cannot_take_every_server_thread(
         time.sleep(0.01)
     with pytest.raises(TransportError, match=f"already has {limit} calls under way"):
         greedy[-1].get_task(timeout=0)
-    assert f"site 'site-c' already has {limit} calls under way" in refusals(caplog)
+    assert f"site 'site-c' already has {limit} calls under way" in aggregator_log()
 
     fed.start()  # round 1 opens: the long polls get their answer and end
     start_honest(fed, shift_runner)

@@ -22,7 +22,8 @@ def stamp(
 ) -> Iterator[Chunk]:
     """``chunks`` with the tensor's CRC-32 set on each tensor's last chunk. ``crcs``, when
     given, receives each tensor's CRC-32 as the stream goes."""
-    crcs = [0] * len(specs) if crcs is None else crcs
+    if crcs is None:
+        crcs = []
     crcs[:] = [0] * len(specs)
     for chunk in chunks:
         i = chunk.tensor
