@@ -261,6 +261,11 @@ class Federation:
             pytest.fail(f"threads still running at teardown: {stuck}")
 
 
+def task_id(round: int, attempt: int = 1) -> str:
+    """The task id the aggregator gives round ``round``'s ``attempt`` in these tests."""
+    return f"run/{round}.{attempt}"
+
+
 def federation_config(**overrides: Any) -> FederationConfig:
     values: dict[str, Any] = {
         "roster": ("site-a", "site-b", "site-c"),

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from conftest import task_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.errors import AccessDenied
@@ -154,7 +155,7 @@ def test_identity_and_plan_mismatches_are_refused_on_both_sides(
 
 def bad_upload(kind: str, round: int, weights: Weights) -> tuple[UpdateHeader, list[Chunk]]:
     delta = {k: np.ones_like(v) for k, v in weights.items()}
-    header = UpdateHeader(round, 50, specs_of(delta), {"loss": 0.1})
+    header = UpdateHeader(round, 50, specs_of(delta), {"loss": 0.1}, task_id(round))
     chunks = list(iter_chunks(delta))
     if kind == "truncated":
         return header, chunks[:-1]
@@ -163,7 +164,9 @@ def bad_upload(kind: str, round: int, weights: Weights) -> tuple[UpdateHeader, l
         return header, list(iter_chunks(delta))
     if kind == "wrong shape":
         delta["w"] = np.ones((4, 3), np.float32)
-        return UpdateHeader(round, 50, specs_of(delta), {}), list(iter_chunks(delta))
+        return UpdateHeader(round, 50, specs_of(delta), {}, task_id(round)), list(
+            iter_chunks(delta)
+        )
     if kind == "larger than announced":
         last = chunks[0]
         return header, [Chunk(last.tensor, last.offset, bytes(last.data) + b"\0" * 8), *chunks[1:]]
@@ -220,7 +223,7 @@ def test_a_replayed_update_of_an_earlier_round_is_rejected(
     start_honest(fed, shift_runner)
     fed.log.wait_opened(2)
     replay = shift_runner.delta_like(tiny_weights, 1, 1)  # site-b's round-1 update
-    header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5})
+    header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5}, task_id(1))
     receipt = fed.transport.connect("site-b").upload(header, iter_chunks(replay))
     assert not receipt.accepted
     assert "round 1 is not open" in receipt.reason
@@ -265,7 +268,7 @@ def test_a_site_not_selected_for_the_round_cannot_answer_it(
     opened = fed.log.wait_opened(1)
     (left_out,) = set(SITES) - set(opened.selected)
     delta = shift_runner.delta_like(tiny_weights, 0, 1)
-    header = UpdateHeader(1, 10, specs_of(delta), {})
+    header = UpdateHeader(1, 10, specs_of(delta), {}, task_id(1))
     receipt = fed.transport.connect(left_out).upload(header, iter_chunks(delta))
     assert not receipt.accepted
     assert f"site {left_out!r} was not selected for round 1" in receipt.reason
@@ -283,7 +286,7 @@ def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner, ("site-a", "site-b"))
     delta = shift_runner.delta_like(tiny_weights, 2, 1)
-    header = UpdateHeader(1, 10**9, specs_of(delta), {})  # "I have a billion patients"
+    header = UpdateHeader(1, 10**9, specs_of(delta), {}, task_id(1))  # "I have a billion patients"
     assert fed.transport.connect("site-c").upload(header, iter_chunks(delta)).accepted
     (record,) = fed.finish()
     liar = next(r for r in record.results if r.site == "site-c")

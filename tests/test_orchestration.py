@@ -16,12 +16,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SpoolWatch
+from conftest import SpoolWatch, task_id
 
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
 from fedloom.errors import FaultInjected, QuorumError, TransportError
-from fedloom.orchestration import Aggregator, CloseReason, RoundClosed, RoundOpened, SiteAnswered
+from fedloom.orchestration import (
+    Aggregator,
+    CloseReason,
+    RoundClosed,
+    RoundOpened,
+    SiteAnswered,
+    UploadBroke,
+)
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.rng import select_sites
 from fedloom.strategies import FedAvg
@@ -56,9 +63,14 @@ def send(
     specs: tuple[TensorSpec, ...] | None = None,
     chunks: Iterable[Chunk] | None = None,
     metrics: dict[str, float] | None = None,
+    attempt: int = 1,
 ) -> Any:
     header = UpdateHeader(
-        round, samples, specs_of(delta) if specs is None else specs, metrics or {}
+        round,
+        samples,
+        specs_of(delta) if specs is None else specs,
+        metrics or {},
+        task_id(round, attempt),
     )
     return conn.upload(header, iter_chunks(delta, 8) if chunks is None else chunks)
 
@@ -379,7 +391,7 @@ def test_failure_report_is_recorded_and_a_stale_one_ignored(
 ) -> None:
     fed = one_round(make_federation)
     fed.connect("site-b").report_failure(FailureReport(7, "from another round"))
-    fed.connect("site-a").report_failure(FailureReport(1, "out of memory"))
+    fed.connect("site-a").report_failure(FailureReport(1, "out of memory", task_id(1)))
     answer(fed, shift_runner, "site-b", 1, 20)
     answer(fed, shift_runner, "site-c", 1, 30)
     (record,) = fed.finish()
@@ -482,7 +494,13 @@ def test_fault_after_aggregation_stops_the_run_at_that_round(
         fed.finish()
 
     assert hits == [1, 2]
-    assert [r.round for r in fed.aggregator.history] == [1]
+    # round 2 aggregated but never finished: recorded as stopped, its model not kept
+    history = fed.aggregator.history
+    assert [(r.round, r.close_reason) for r in history] == [
+        (1, CloseReason.ALL_ANSWERED),
+        (2, CloseReason.STOPPED),
+    ]
+    assert [r.site for r in history[1].results] == list(SITES)  # what it had received
     assert not [e for e in fed.log.snapshot() if isinstance(e, RoundOpened) and e.round == 3]
     for worker in fed.sites.values():  # run() told every site to stop
         worker.join()
@@ -668,10 +686,16 @@ def test_failure_part_way_through_a_stream_rolls_back_what_was_folded(
     assert seen == [(0, 0), (0, 8), (0, 16)]
     answer(fed, shift_runner, "site-b", 1, 20)
     answer(fed, shift_runner, "site-c", 1, 30)
+    # site-a stays asked for the round (it could send again) until the deadline
+    (broke,) = [e for e in fed.log.snapshot() if isinstance(e, UploadBroke)]
+    assert (broke.round, broke.site) == (1, "site-a")
+    fed.pass_deadline()
     (record,) = fed.finish()
 
-    assert record.close_reason is CloseReason.QUORUM
-    assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.DISCONNECTED)]
+    assert record.close_reason is CloseReason.DEADLINE_QUORUM
+    (failure,) = record.failures
+    assert (failure.site, failure.kind) == ("site-a", FailureKind.TIMEOUT)
+    assert "its last upload broke off: FaultInjected" in failure.reason
     want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
     assert weights_equal(fed.aggregator.weights, want)
 
@@ -785,7 +809,7 @@ def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(
     slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls()))
     try:
         assert stalled.wait(WAIT)
-        fed.connect("site-a").report_failure(FailureReport(1, "out of memory"))
+        fed.connect("site-a").report_failure(FailureReport(1, "out of memory", task_id(1)))
     finally:
         release.set()
     receipt = slow.join()

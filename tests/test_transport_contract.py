@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import task_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.errors import TransportError
@@ -57,7 +58,7 @@ def transport_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[Any]
 
 
 def upload(conn: Any, round: int, delta: Weights, samples: int) -> Any:
-    header = UpdateHeader(round, samples, specs_of(delta), {"loss": 0.5})
+    header = UpdateHeader(round, samples, specs_of(delta), {"loss": 0.5}, task_id(round))
     return conn.upload(header, iter_chunks(delta))
 
 

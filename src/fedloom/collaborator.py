@@ -85,6 +85,7 @@ class Collaborator:
             num_samples=answer.num_samples,
             tensors=specs_of(delta),
             metrics=dict(answer.metrics),
+            task_id=instruction.task_id,
         )
         chunks = self._sending(instruction.round, iter_chunks(delta))
         self.last_receipt = self.connection.upload(header, chunks)
@@ -116,4 +117,6 @@ class Collaborator:
             phase.run(instruction, exchange)
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
-        self.connection.report_failure(FailureReport(instruction.round, reason))
+        self.connection.report_failure(
+            FailureReport(instruction.round, reason, instruction.task_id)
+        )

@@ -13,10 +13,10 @@ import dataclasses
 import enum
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
@@ -52,6 +52,7 @@ class CloseReason(enum.Enum):
     QUORUM = "every site settled, quorum met"  # some failed, enough answered
     DEADLINE_QUORUM = "deadline, quorum met"
     NO_QUORUM = "no quorum"
+    STOPPED = "stopped"  # the aggregator stopped (interrupted, or its process died)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,17 @@ class RoundClosed:
     record: RoundRecord
 
 
-Event = RoundOpened | SiteAnswered | RoundClosed
+@dataclass(frozen=True)
+class UploadBroke:
+    """A site's upload stream broke off and was rolled back; the site stays asked for
+    the round and may send its update again before the deadline."""
+
+    round: int
+    site: str
+    reason: str
+
+
+Event = RoundOpened | SiteAnswered | RoundClosed | UploadBroke
 EventSink = Callable[[Event], None]
 
 PhaseHandler = Callable[[str, int, bytes], bytes]
@@ -129,6 +140,35 @@ class FederationConfig:
     seed: int = 0
     settings: TrainSettings = field(default_factory=TrainSettings)
     final_evaluation: bool = True
+    run_id: str = "run"  # names the run in task ids (RUN/ROUND.ATTEMPT)
+    # a site silent (no heartbeat, no call) this long is dropped from the round; None: only
+    # the round's deadline drops it (the in-process simulation has no heartbeats)
+    dead_after: float | None = None
+
+
+class Journal(Protocol):
+    """Where the round loop records what it does, durably (:mod:`fedloom.store`)."""
+
+    def opened(self, task: Instruction, attempt: int, selected: tuple[str, ...]) -> None:
+        """An attempt at a round opened; written before any site hears of it."""
+        ...
+
+    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
+        """An attempt closed. ``state`` is the strategy state after a training round
+        that aggregated (the round is finished once this returns), None otherwise."""
+        ...
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a restarted aggregator picks up: the state after round ``next_round - 1``,
+    the history so far and how many attempts each round already had (so the task ids of
+    a rerun round are new)."""
+
+    state: StrategyState
+    next_round: int
+    history: tuple[RoundRecord, ...] = ()
+    attempts: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -143,6 +183,9 @@ class _OpenRound:
     failures: dict[str, Failure] = field(default_factory=dict)
     # sites streaming an answer, with the contribution it is folded into once it begins
     uploading: dict[str, Contribution | None] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
+    broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
+    attempt: int = 1
 
     @property
     def round(self) -> int:
@@ -173,11 +216,22 @@ class Aggregator:
         on_event: EventSink | None = None,
         phases: Mapping[str, PhaseHandler] | None = None,
         spool_dir: Path | None = None,
+        journal: Journal | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
-        self.state: StrategyState = strategy.init(initial_weights)
-        self.history: list[RoundRecord] = []
+        if resume is None:
+            self.state: StrategyState = strategy.init(initial_weights)
+            self.history: list[RoundRecord] = []
+            self._next_round = 1
+            self._attempts: dict[int, int] = {}
+        else:
+            self.state = resume.state
+            self.history = list(resume.history)
+            self._next_round = resume.next_round
+            self._attempts = dict(resume.attempts)
+        self._journal = journal
         self.clock = clock or SystemClock()
         self.faults = faults or FaultPoints()
         self._on_event = on_event or (lambda event: None)
@@ -187,8 +241,9 @@ class Aggregator:
         self._completed = False  # run() went through every round
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
-        self.last_seen: dict[str, float] = {}  # site -> clock time of its last heartbeat
+        self.last_seen: dict[str, float] = {}  # site -> clock time of its last call or beat
         self._spool_dir = spool_dir
+        self._running: _OpenRound | None = None  # the attempt under way, open or closing
 
     @property
     def weights(self) -> Weights:
@@ -200,13 +255,15 @@ class Aggregator:
         """Run every round, then the final evaluation; return the history."""
         completed = False
         try:
-            for rnd in range(1, self.config.rounds + 1):
+            for rnd in range(self._next_round, self.config.rounds + 1):
                 record = self._train_round(rnd)
                 self.history.append(record)
             if self.config.final_evaluation:
                 self.history.append(self._evaluation_round(self.config.rounds + 1))
             completed = True
         finally:
+            if not completed:
+                self._record_stop()
             with self._cond:
                 # Sites are told the federation is over, and whether it completed: after
                 # a failure or a stop it did not.
@@ -230,12 +287,11 @@ class Aggregator:
             phases=tuple(self._phases),
         )
         needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
-        for attempt in range(1, cfg.max_retries + 2):
-            record, accumulator = self._run_phase(task, selected, attempt, needed=needed)
+        for _ in range(cfg.max_retries + 1):
+            record, accumulator = self._run_phase(task, selected, needed=needed)
             if record.close_reason is not CloseReason.NO_QUORUM:
                 break
-            self.history.append(record)  # a failed attempt is history too
-            self._on_event(RoundClosed(record))
+            self._closed(record, None)  # a failed attempt is history too
         else:
             raise QuorumError(
                 f"round {rnd}: {len(record.results)} of {len(selected)} sites answered "
@@ -246,22 +302,59 @@ class Aggregator:
         assert accumulator is not None  # noqa: S101 - a TRAIN round always makes one
         self.faults.hit("round.before_aggregate", round=rnd)
         summary = accumulator.summary(rnd, record.results)
-        self.state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
+        self.faults.hit("round.aggregating", round=rnd)
+        state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
         self.faults.hit("round.aggregated", round=rnd)
-        self._on_event(RoundClosed(record))
+        self._closed(record, state)  # durable before the next round can open
+        self.state = state
         return record
 
     def _evaluation_round(self, rnd: int) -> RoundRecord:
         """Every site evaluates the final model; waits for all of them (or the deadline)."""
         task = Instruction(round=rnd, kind=InstructionKind.EVALUATE, settings=self.config.settings)
-        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), 1, needed=0)
-        self._on_event(RoundClosed(record))
+        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), needed=0)
+        self._closed(record, None)
         return record
 
+    def _closed(self, record: RoundRecord, state: StrategyState | None) -> None:
+        """Record a closed attempt: in the journal first (with the new state, for a round
+        that aggregated), then in the history and the events."""
+        if self._journal is not None:
+            self._journal.closed(record, state)
+        self._running = None
+        if record.close_reason is CloseReason.NO_QUORUM:
+            self.history.append(record)
+        self._on_event(RoundClosed(record))
+
+    def _record_stop(self) -> None:
+        """The loop is leaving early (interrupted, or failed) with an attempt under way:
+        record it as stopped. A process killed outright cannot; a restart does it."""
+        running = self._running
+        if running is None:
+            return
+        with self._cond:
+            record = RoundRecord(
+                round=running.round,
+                kind=running.kind,
+                selected=running.selected,
+                results=tuple(running.results[s] for s in sorted(running.results)),
+                failures=tuple(running.failures[s] for s in sorted(running.failures)),
+                close_reason=CloseReason.STOPPED,
+                attempt=running.attempt,
+            )
+        self._running = None
+        self.history.append(record)
+        if self._journal is not None:
+            self._journal.closed(record, None)
+        self._on_event(RoundClosed(record))
+
     def _run_phase(
-        self, task: Instruction, selected: tuple[str, ...], attempt: int, *, needed: int
+        self, task: Instruction, selected: tuple[str, ...], *, needed: int
     ) -> tuple[RoundRecord, Accumulator | None]:
         cfg = self.config
+        attempt = self._attempts.get(task.round, 0) + 1
+        self._attempts[task.round] = attempt
+        task = dataclasses.replace(task, task_id=f"{cfg.run_id}/{task.round}.{attempt}")
         weights = self.state.weights
         accumulator = (
             make_accumulator(
@@ -273,6 +366,8 @@ class Aggregator:
             if task.kind is InstructionKind.TRAIN
             else None
         )
+        if self._journal is not None:
+            self._journal.opened(task, attempt, selected)  # before any site can hear of it
         with self._cond:
             opened = _OpenRound(
                 task=task,
@@ -281,8 +376,9 @@ class Aggregator:
                 accumulator=accumulator,
                 deadline=self.clock.now() + cfg.round_deadline,
                 pending=set(selected),
+                attempt=attempt,
             )
-            self._open = opened
+            self._open = self._running = opened
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
         self.faults.hit("round.opened", round=task.round)
@@ -295,14 +391,22 @@ class Aggregator:
                         "not waited for: the round could no longer reach its quorum",
                     )
                     break
-                if self.clock.now() >= opened.deadline:
+                now = self.clock.now()
+                if now >= opened.deadline:
                     break
-                self.clock.wait(self._cond, opened.deadline)
+                wake = self._drop_silent(opened, now)
+                if wake is None:
+                    continue  # sites were dropped: look at the round again
+                self.faults.hit("round.waiting", round=task.round)
+                self.clock.wait(self._cond, min(wake, opened.deadline))
             self._open = None  # no update begins or commits from here on
             streaming = [c for c in opened.uploading.values() if c is not None]
             opened.uploading.clear()
             for site in sorted(opened.pending):
-                opened.failures[site] = Failure(site, task.round, *why_closed)
+                why = why_closed[1]
+                if site in opened.broke:
+                    why += f" (its last upload broke off: {opened.broke[site]})"
+                opened.failures[site] = Failure(site, task.round, why_closed[0], why)
             opened.pending.clear()  # a late answer changes nothing now
             reason = _close_reason(opened, needed)
             record = RoundRecord(
@@ -320,12 +424,76 @@ class Aggregator:
             contribution.abort(_closed_while_streaming(task.round))
         return record, accumulator
 
+    def _drop_silent(self, opened: _OpenRound, now: float) -> float | None:
+        """Settle the pending sites silent for ``dead_after`` as disconnected (the caller
+        holds the lock); return when the next one would be, or None if any was dropped.
+
+        Only sites this aggregator has heard from count: one never seen (not started
+        yet, or still reconnecting after a restart) waits for the deadline."""
+        dead_after = self.config.dead_after
+        if dead_after is None:
+            return opened.deadline
+        wake = opened.deadline
+        dropped: list[str] = []
+        for site in sorted(opened.pending):
+            seen = self.last_seen.get(site)
+            if seen is None:
+                continue
+            if now - seen >= dead_after:
+                dropped.append(site)
+            else:
+                wake = min(wake, seen + dead_after)
+        for site in dropped:
+            reason = f"no sign of life for {now - self.last_seen[site]:.1f} s (dead_after)"
+            if site in opened.broke:
+                reason += f"; its last upload broke off: {opened.broke[site]}"
+            contribution = opened.uploading.pop(site, None)
+            if contribution is not None:
+                contribution.abort(reason)
+            self._record(
+                opened, site, failure=Failure(site, opened.round, FailureKind.DISCONNECTED, reason)
+            )
+            self._on_event(SiteAnswered(opened.round, site, False, reason))
+        return None if dropped else wake
+
+    def snapshot(self) -> dict[str, Any]:
+        """The live state, for ``fedloom status``: the round under way and who is where."""
+        with self._cond:
+            now = self.clock.now()
+            running = self._running
+            current: dict[str, Any] | None = None
+            if running is not None:
+                current = {
+                    "round": running.round,
+                    "kind": running.kind.value,
+                    "attempt": running.attempt,
+                    "task_id": running.task.task_id,
+                    "selected": list(running.selected),
+                    "answered": sorted(running.results),
+                    "failed": {s: f.reason for s, f in sorted(running.failures.items())},
+                    "pending": sorted(running.pending),
+                    "uploading": {s: running.received.get(s, 0) for s in sorted(running.uploading)},
+                    "seconds_left": max(0.0, running.deadline - now),
+                }
+            return {
+                "finished": self._finished,
+                "rounds_done": sum(
+                    1
+                    for r in self.history
+                    if r.kind is InstructionKind.TRAIN
+                    and r.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED)
+                ),
+                "current": current,
+                "seen_seconds_ago": {s: now - t for s, t in sorted(self.last_seen.items())},
+            }
+
     # ------------------------------------------------------ the service methods
 
     def get_task(self, site: str, timeout: float | None) -> Instruction | None:
         self._check_site(site)
         deadline = None if timeout is None else self.clock.now() + timeout
         with self._cond:
+            self.last_seen[site] = self.clock.now()
             while True:
                 if self._finished:
                     return Instruction(
@@ -343,16 +511,25 @@ class Aggregator:
     def download(self, site: str, round: int) -> ModelStream:
         self._check_site(site)
         with self._cond:
+            self.last_seen[site] = self.clock.now()
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
-        return ModelStream(ModelHeader(round, specs_of(weights)), iter_chunks(weights))
+        chunks = self._sending(round, site, iter_chunks(weights))
+        return ModelStream(ModelHeader(round, specs_of(weights)), chunks)
+
+    def _sending(self, round: int, site: str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        for index, chunk in enumerate(chunks):
+            self.faults.hit("download.chunk", round=round, site=site, index=index)
+            yield chunk
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
         self._check_site(site)
         with self._cond:
+            self.last_seen[site] = self.clock.now()
             try:
                 opened = self._require_open(site, header.round)
+                _check_task(header.task_id, opened)
                 if site in opened.uploading:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
                 opened.uploading[site] = None
@@ -365,10 +542,15 @@ class Aggregator:
             self._settle(opened, site, failure=failure)
             return Receipt(header.round, False, err.message)
         except Exception as err:  # the stream broke off: never let it take the round down
-            reason = f"upload broke off: {type(err).__name__}: {err}"
-            failure = Failure(site, header.round, FailureKind.DISCONNECTED, reason)
-            self._settle(opened, site, failure=failure)
-            return Receipt(header.round, False, reason)
+            # What was folded is rolled back; the site stays asked for the round and may
+            # send its update again (a restarted collaborator does) until the deadline,
+            # or until its silence drops it.
+            why = f"{type(err).__name__}: {err}"
+            reason = f"upload broke off: {why}"
+            with self._cond:
+                opened.broke[site] = why
+            self._on_event(UploadBroke(opened.round, site, reason))
+            return Receipt(header.round, False, f"{reason}; the update may be sent again")
         finally:  # after the site is settled, so no second upload slips in between
             with self._cond:
                 opened.uploading.pop(site, None)
@@ -380,8 +562,14 @@ class Aggregator:
     def report_failure(self, site: str, report: FailureReport) -> None:
         self._check_site(site)
         with self._cond:
+            self.last_seen[site] = self.clock.now()
             opened = self._open
-            if opened is None or opened.round != report.round or site not in opened.pending:
+            if (
+                opened is None
+                or opened.round != report.round
+                or opened.task.task_id != report.task_id
+                or site not in opened.pending
+            ):
                 return  # a stale report changes nothing
         self._settle(
             opened, site, failure=Failure(site, report.round, FailureKind.ERROR, report.reason)
@@ -395,6 +583,7 @@ class Aggregator:
             known = sorted(self._phases) or "none"
             raise UpdateRejected(f"no phase {message.phase!r} in this federation (phases: {known})")
         with self._cond:
+            self.last_seen[site] = self.clock.now()
             self._require_open(site, message.round)
         reply = handler(site, message.round, bytes(message.payload))
         return PhaseMessage(message.round, message.phase, reply)
@@ -460,6 +649,8 @@ class Aggregator:
         site = result.site
         for chunk in chunks:
             contribution.add(chunk.tensor, chunk.offset, chunk.data)
+            opened.received[site] = opened.received.get(site, 0) + len(chunk.data)
+            self.last_seen[site] = self.clock.now()
             self.faults.hit(
                 "upload.chunk",
                 round=opened.round,
@@ -546,6 +737,16 @@ def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
     ranked = ranked[:limit]
     lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
     return " Why:" + "".join(lines)
+
+
+def _check_task(task_id: str, opened: _OpenRound) -> None:
+    """Refuse an answer to another opening of the round as stale."""
+    if task_id != opened.task.task_id:
+        raise UpdateRejected(
+            f"stale update: it answers task {task_id or '(none)'}, but round {opened.round} "
+            f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
+            "aggregator restarted); the site fetches the task again"
+        )
 
 
 def _closed_while_streaming(round: int) -> str:

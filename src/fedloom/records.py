@@ -54,6 +54,8 @@ class Instruction:
     settings: TrainSettings = field(default_factory=TrainSettings)
     config: Mapping[str, JSON] = field(default_factory=dict)
     phases: tuple[str, ...] = ()  # exchanges before training (e.g. secure aggregation keys)
+    # this opening of the round, RUN/ROUND.ATTEMPT: an answer to another one is stale
+    task_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,7 +212,8 @@ def simulate(
             except Exception as err:  # never lose a driver: the site fails, not the run
                 if collaborator.current is not None:
                     reason = f"{type(err).__name__}: {err}"
-                    report = FailureReport(collaborator.current.round, reason)
+                    current = collaborator.current
+                    report = FailureReport(current.round, reason, current.task_id)
                     collaborator.connection.report_failure(report)
 
         started = time.perf_counter()

@@ -53,6 +53,7 @@ class UpdateHeader:
     num_samples: int
     tensors: tuple[TensorSpec, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    task_id: str = ""  # the instruction's task id this update answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class FailureReport:
 
     round: int
     reason: str
+    task_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,7 @@ def instruction_to_proto(task: Instruction) -> pb.Instruction:
         settings=settings_to_proto(task.settings),
         config_json=json.dumps(dict(task.config), sort_keys=True),
         phases=list(task.phases),
+        task_id=task.task_id,
     )
 
 
@@ -89,6 +90,7 @@ def instruction_from_proto(m: pb.Instruction) -> Instruction:
         settings=settings_from_proto(m.settings),
         config=config,
         phases=tuple(m.phases),
+        task_id=m.task_id,
     )
 
 
@@ -115,6 +117,7 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
         num_samples=h.num_samples,
         metrics={k: float(v) for k, v in h.metrics.items()},
         tensors=[spec_to_proto(s) for s in h.tensors],
+        task_id=h.task_id,
     )
 
 
@@ -124,6 +127,7 @@ def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
         num_samples=m.num_samples,
         tensors=tuple(spec_from_proto(s) for s in m.tensors),
         metrics=dict(m.metrics),
+        task_id=m.task_id,
     )
 
 
@@ -138,11 +142,11 @@ def receipt_from_proto(m: pb.Receipt) -> Receipt:
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:
-    return pb.FailureReport(round=f.round, reason=f.reason)
+    return pb.FailureReport(round=f.round, reason=f.reason, task_id=f.task_id)
 
 
 def failure_from_proto(m: pb.FailureReport) -> FailureReport:
-    return FailureReport(m.round, m.reason)
+    return FailureReport(m.round, m.reason, m.task_id)
 
 
 def phase_to_proto(m: PhaseMessage) -> pb.PhaseMessage:

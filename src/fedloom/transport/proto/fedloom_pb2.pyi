@@ -45,18 +45,20 @@ class TrainSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("round", "kind", "settings", "config_json", "phases")
+    __slots__ = ("round", "kind", "settings", "config_json", "phases", "task_id")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     kind: InstructionKind
     settings: TrainSettings
     config_json: str
     phases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ...) -> None: ...
+    task_id: str
+    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
     __slots__ = ("round", "tensors")
@@ -79,7 +81,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "metrics", "tensors")
+    __slots__ = ("round", "num_samples", "metrics", "tensors", "task_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,11 +93,13 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    task_id: str
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Receipt(_message.Message):
     __slots__ = ("round", "accepted", "reason", "bytes_received")
@@ -110,12 +114,14 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("round", "reason")
+    __slots__ = ("round", "reason", "task_id")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     reason: str
-    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class PhaseMessage(_message.Message):
     __slots__ = ("round", "phase", "payload")
