@@ -8,6 +8,9 @@ point (``"round.aggregated"``) without timing anything.
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -93,3 +96,32 @@ class FaultPoints:
         hook = self._hooks.get(name)
         if hook is not None:
             hook(name, context)
+
+
+def kill_fault(spec: str) -> FaultPoints:
+    """Fault points that SIGKILL this process, for tests of what a dead process does to
+    the federation: ``POINT[@ROUND[:INDEX]]``. ``site.upload.chunk@2:1`` kills a site as
+    it is about to send the second chunk of its round-2 update; where a point's context
+    has no ``index`` (``upload.chunk``, ``round.waiting``), INDEX counts its hits in that
+    round from 0."""
+    point, _, where = spec.partition("@")
+    round_text, _, index_text = where.partition(":")
+    faults = FaultPoints()
+    hits = 0
+
+    def kill(name: str, context: dict[str, Any]) -> None:
+        nonlocal hits
+        if round_text and context.get("round") != int(round_text):
+            return
+        if index_text:
+            index = context.get("index", hits)
+            hits += 1
+            if index != int(index_text):
+                return
+        logging.getLogger("fedloom").warning("fault %s: killing this process", spec)
+        for handler in logging.getLogger("fedloom").handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    faults.arm(point, kill)
+    return faults

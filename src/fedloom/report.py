@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,26 @@ class RunRecorder:
             raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
         self.run_dir = run_dir
         self.rounds_closed = 0
+
+    @classmethod
+    def reopen(cls, run_dir: Path, history: Iterable[RoundRecord]) -> RunRecorder:
+        """Carry on a resumed run's folder: ``metrics.jsonl`` is rewritten from the
+        recorded history (the state database is the record), then grows as before."""
+        recorder = cls.__new__(cls)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / "metrics.jsonl.tmp"
+            with open(tmp, "w") as fh:
+                for record in history:
+                    for row in record_rows(record):
+                        fh.write(json.dumps(row, sort_keys=True) + "\n")
+            tmp.replace(run_dir / "metrics.jsonl")
+            recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
+        except OSError as err:
+            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+        recorder.run_dir = run_dir
+        recorder.rounds_closed = 0
+        return recorder
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):

@@ -7,6 +7,7 @@ is always delivered at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from fedloom.cli.common import (
     errors,
     friendly,
 )
+from fedloom.errors import WorkspaceError
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
@@ -94,27 +96,48 @@ def aggregator_start(
     overrides: Overrides = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",  # noqa: S104
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 7171,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="Start a new run even if the latest one is unfinished (it stays on disk).",
+        ),
+    ] = False,
     run_name: RunNameOption = None,
     runs_dir: RunsDirOption = None,
     heartbeat: Annotated[float, typer.Option(help="Seconds between site heartbeats.")] = 5.0,
+    dead_after: Annotated[
+        float | None,
+        typer.Option(
+            help="Drop a site from the round once it has been silent this many seconds "
+            "(default: 3 heartbeats)."
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[
+        int, typer.Option(help="Checkpoints of finished rounds kept on disk.", min=1)
+    ] = 3,
     log: LogOption = None,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
+    fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Serve the workspace's federation to its sites over gRPC with mutual TLS.
 
-    Needs WORKSPACE/pki from `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log;
-    writes runs/<run-name>/ like `fedloom simulate`.
+    Resumes the latest unfinished run from its last finished round (state in
+    WORKSPACE/aggregator/); --new-run starts afresh. Needs WORKSPACE/pki from
+    `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log; writes
+    runs/<run-name>/ like `fedloom simulate`.
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import fresh_run_dir, print_results
+    from fedloom.clock import kill_fault
     from fedloom.orchestration import Event
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
-    from fedloom.runtime.server import ServeOptions, address_of, serve, state_dir_of
+    from fedloom.runtime.server import ServeOptions, address_of, open_run, serve, state_dir_of
     from fedloom.transport.inprocess import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))
@@ -123,37 +146,83 @@ def aggregator_start(
     credentials = server_credentials(pki_dir_of(workspace))
     RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
     start_logging(log or state_dir_of(workspace) / "aggregator.log", verbose=verbose)
-    recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
-    console.print(
-        f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, {count(plan.rounds, 'round')}"
+    made: list[RunRecorder] = []
+
+    def new_run_dir() -> Path:
+        made.append(RunRecorder(fresh_run_dir(workspace, run_name, runs_dir)))
+        return made[0].run_dir
+
+    faults = kill_fault(fault) if fault else None
+    opened = open_run(
+        workspace,
+        plan,
+        new_run=new_run,
+        run_dir=new_run_dir,
+        keep_checkpoints=keep_checkpoints,
+        faults=faults,
     )
-    console.print(f"plan hash [cyan]{digest}[/]")
-    options = ServeOptions(host=host, port=port, heartbeat_seconds=heartbeat)
-    names = server_hosts(pki_dir_of(workspace))
-
-    def listening(bound: int) -> None:
-        where = ", ".join(address_of(n, bound) for n in names)
+    with contextlib.closing(opened):
+        aggregator_log = logging.getLogger("fedloom.aggregator")
+        for note in opened.notes:
+            aggregator_log.warning("state: %s", note)
+            errors.print(f"[yellow]state:[/] {note}", highlight=False)
+        resume = opened.resume
+        if resume is None:
+            recorder = made[0]
+        else:
+            if run_name is not None and run_name != opened.run.name:
+                raise WorkspaceError(
+                    f"--run-name {run_name!r}: this resumes the unfinished run {opened.run.name!r}",
+                    hint="leave out --run-name to resume it, or pass --new-run",
+                )
+            recorder = RunRecorder.reopen(opened.run.run_dir, resume.history)
+            resumed = (
+                f"resuming run {opened.run.name!r} from round {resume.next_round} of {plan.rounds}"
+            )
+            aggregator_log.info(resumed)
+            console.print(f"[bold]{resumed}[/] (--new-run starts afresh)", highlight=False)
         console.print(
-            f"listening on {address_of(host, bound)} (mutual TLS); sites connect to {where}",
-            highlight=False,
+            f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, "
+            f"{count(plan.rounds, 'round')}"
         )
-        if announce_fd is not None:
-            os.write(announce_fd, f"{bound}\n".encode())
-            os.close(announce_fd)
+        console.print(f"plan hash [cyan]{digest}[/]")
+        options = ServeOptions(
+            host=host, port=port, heartbeat_seconds=heartbeat, dead_after=dead_after
+        )
+        names = server_hosts(pki_dir_of(workspace))
 
-    try:
-        with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
+        def listening(bound: int) -> None:
+            where = ", ".join(address_of(n, bound) for n in names)
+            console.print(
+                f"listening on {address_of(host, bound)} (mutual TLS); sites connect to {where}",
+                highlight=False,
+            )
+            if announce_fd is not None:
+                os.write(announce_fd, f"{bound}\n".encode())
+                os.close(announce_fd)
 
-            def on_event(event: Event, traffic: TrafficCounter) -> None:
-                progress(event, traffic)
-                recorder.on_event(event)
+        done = 0 if resume is None else resume.next_round - 1
+        try:
+            with RoundProgress(console, plan.rounds, enabled=not quiet, done=done) as progress:
 
-            result = serve(workspace, plan, options, on_event=on_event, on_listening=listening)
-    except BaseException as err:
-        recorder.fail(plan, digest, err)
-        errors.print(f"what the run did is in {recorder.run_dir}", highlight=False)
-        raise
-    print_results(recorder, result)
+                def on_event(event: Event, traffic: TrafficCounter) -> None:
+                    progress(event, traffic)
+                    recorder.on_event(event)
+
+                result = serve(
+                    workspace,
+                    plan,
+                    opened,
+                    options,
+                    on_event=on_event,
+                    on_listening=listening,
+                    faults=faults,
+                )
+        except BaseException as err:
+            recorder.fail(plan, digest, err)
+            errors.print(f"what the run did is in {recorder.run_dir}", highlight=False)
+            raise
+        print_results(recorder, result)
 
 
 @collaborator_app.command("start")
@@ -196,9 +265,10 @@ def collaborator_start(
     The site's key and certificates come from `fedloom pki request` / `accept`.
     Logs to STATE/collaborator.log.
     """
+    from fedloom.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
-    from fedloom.runtime.site import SiteOptions, SiteProgress, kill_fault, participate
+    from fedloom.runtime.site import SiteOptions, SiteProgress, participate
 
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or site_state_dir(workspace, name)

@@ -29,7 +29,9 @@ def human_bytes(n: float) -> str:
 class RoundProgress:
     """A rich progress bar over rounds, fed by the aggregator's events."""
 
-    def __init__(self, console: Console, rounds: int, *, enabled: bool = True) -> None:
+    def __init__(
+        self, console: Console, rounds: int, *, enabled: bool = True, done: int = 0
+    ) -> None:
         self.rounds = rounds
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -43,7 +45,9 @@ class RoundProgress:
             disable=not enabled,
             transient=False,
         )
-        self.task = self.progress.add_task("round 0", total=rounds + 1, detail="")
+        self.task = self.progress.add_task(
+            f"round {done}", total=rounds + 1, completed=done, detail=""
+        )
         self._selected = 0
         self._done = 0
         self._round = 0
@@ -65,7 +69,8 @@ class RoundProgress:
             metrics = event.record.metrics
             acc = metrics.get("global_accuracy")
             self._last = f" · acc {acc:.3f}" if acc is not None else ""
-            if event.record.close_reason is not CloseReason.NO_QUORUM:  # a retry follows
+            # after no quorum a retry follows; after a stop, nothing more here
+            if event.record.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED):
                 self.progress.advance(self.task)
         label = (
             "final evaluation"

@@ -1,28 +1,41 @@
 """The aggregator as a real server: the same round loop as the simulation, over gRPC.
 
-:func:`serve` builds the :class:`~fedloom.orchestration.Aggregator` from the plan,
-serves it with mutual TLS on the workspace's PKI, runs every round, keeps the server
-up until the connected sites have been told the federation finished, and returns what
-happened. Sites connect to it; it never connects to a site.
+:func:`open_run` takes the workspace's state (``WORKSPACE/aggregator/``) for this
+process and decides where to start: the latest unfinished run resumes from its last
+finished round, otherwise a new run begins. :func:`serve` builds the
+:class:`~fedloom.orchestration.Aggregator` from the plan, serves it with mutual TLS on
+the workspace's PKI, records every round durably, publishes its live state for
+``fedloom status``, keeps the server up until the connected sites have been told the
+federation finished, and returns what happened. Sites connect to it; it never connects
+to a site.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import json
+import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from fedloom.orchestration import Aggregator, Event
+from fedloom.clock import FaultPoints
+from fedloom.errors import StateError
+from fedloom.orchestration import Aggregator, Event, Resume
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
+from fedloom.store.runs import RunInfo, RunStore, lock_state
 from fedloom.strategies import build_strategy
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
+
+log = logging.getLogger("fedloom.aggregator")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,8 +43,31 @@ class ServeOptions:
     host: str = "0.0.0.0"  # noqa: S104 - an aggregator serves sites on other machines
     port: int = 7171
     heartbeat_seconds: float = 5.0
+    dead_after: float | None = None  # drop a silent site after this (default 3 heartbeats)
     linger_seconds: float = 10.0  # after the last round, time for sites to hear "finished"
     test_set: bool = True  # evaluate the final model on a built-in dataset's test set
+    live_seconds: float = 1.0  # how often the live state for `fedloom status` is written
+
+    @property
+    def silence_limit(self) -> float:
+        return self.dead_after if self.dead_after is not None else 3 * self.heartbeat_seconds
+
+
+@dataclass
+class OpenedRun:
+    """The workspace's state, held by this process: the run to serve and where it
+    starts (``resume`` None: from round 1)."""
+
+    store: RunStore
+    run: RunInfo
+    resume: Resume | None
+    notes: list[str] = field(default_factory=list)
+    lock: IO[str] | None = None
+
+    def close(self) -> None:
+        self.store.close()
+        if self.lock is not None:
+            self.lock.close()
 
 
 EventSink = Callable[[Event, TrafficCounter], None]
@@ -52,32 +88,92 @@ def state_dir_of(workspace: Path) -> Path:
     return path
 
 
+def open_run(
+    workspace: str | Path,
+    plan: Plan,
+    *,
+    new_run: bool = False,
+    run_dir: Callable[[], Path],
+    keep_checkpoints: int = 3,
+    faults: FaultPoints | None = None,
+) -> OpenedRun:
+    """Lock the workspace's aggregator state and pick the run: the latest unfinished one
+    resumes (its plan hash must match), unless ``new_run``; otherwise a new run, whose
+    folder ``run_dir()`` names. A damaged state is reported in ``notes``, never used."""
+    ws = Path(workspace).resolve()
+    state_dir = state_dir_of(ws)
+    lock = lock_state(state_dir)
+    try:
+        store = RunStore(state_dir, keep=keep_checkpoints, faults=faults)
+    except BaseException:
+        lock.close()
+        raise
+    try:
+        digest = plan_hash(plan, ws)
+        latest = store.latest_run()
+        if not new_run and latest is not None and latest.status != "completed":
+            if latest.plan_hash != digest:
+                raise StateError(
+                    f"run {latest.name!r} is unfinished and was started with plan hash "
+                    f"{latest.plan_hash[:16]}…; this plan's is {digest[:16]}…",
+                    hint="start it with the plan (and overrides) it began with to resume it, "
+                    "or pass --new-run to start afresh (the old run stays on disk)",
+                )
+            strategy = build_strategy(plan.strategy.name, plan.strategy_params)
+            task = load_task(ws, plan.task)
+            resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
+            store.mark(latest, "running")
+            return OpenedRun(store, latest, resume, store.notes, lock)
+        plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
+        path = run_dir()
+        run = store.new_run(path.name, path, digest, plan_json)
+        return OpenedRun(store, run, None, store.notes, lock)
+    except BaseException:
+        store.close()
+        lock.close()
+        raise
+
+
 def serve(
     workspace: str | Path,
     plan: Plan,
+    opened: OpenedRun,
     options: ServeOptions = ServeOptions(),
     *,
     on_event: EventSink | None = None,
     on_listening: Callable[[int], None] | None = None,
+    faults: FaultPoints | None = None,
 ) -> SimulationResult:
-    """Run the plan's federation with real collaborators; returns when it is done."""
+    """Run (or resume) the plan's federation with real collaborators; returns when it is
+    done. The run's status in the state is set on the way out: completed, interrupted
+    (Ctrl-C, SIGTERM) or failed."""
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     task = load_task(ws, plan.task)
     credentials = server_credentials(pki_dir_of(ws))
     revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)
     traffic = TrafficCounter()
+    store, run = opened.store, opened.run
 
     def sink(event: Event) -> None:
         if on_event is not None:
             on_event(event, traffic)
 
+    resume = opened.resume
+    config = dataclasses.replace(
+        federation_config(plan), run_id=run.run_id, dead_after=options.silence_limit
+    )
+    journal = store.journal(run, lambda: (traffic.sent, traffic.received))
     aggregator = Aggregator(
-        federation_config(plan),
+        config,
         build_strategy(plan.strategy.name, plan.strategy_params),
-        task.init_weights(plan.seed),  # the strategy keeps its own copy: no second one here
+        # the strategy keeps its own copy of the initial model: no second one here
+        resume.state.weights if resume is not None else task.init_weights(plan.seed),
         on_event=sink,
         spool_dir=state_dir_of(ws),
+        journal=journal,
+        resume=resume,
+        faults=faults,
     )
     settings = ServerSettings(
         address=address_of(options.host, options.port),
@@ -88,16 +184,21 @@ def serve(
         heartbeat_seconds=options.heartbeat_seconds,
     )
     server = GrpcServer(aggregator, credentials, settings, revocations=revocations, traffic=traffic)
+    live = _LiveState(store, run, aggregator, options.live_seconds)
     completed = False
     try:
         port = server.start()
+        live.start()
         if on_listening is not None:
             on_listening(port)
-        started = time.perf_counter()
         history = aggregator.run()
-        wall = time.perf_counter() - started
         completed = True
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        store.mark(run, status, str(err) or type(err).__name__)
+        raise
     finally:
+        live.stop()
         # Sites waiting for work hear how it ended (finished, or stopped early); those
         # busy at a stop find the aggregator gone and retry until it is back.
         server.wait_told_finished(options.linger_seconds if completed else STOP_LINGER)
@@ -107,6 +208,8 @@ def serve(
         source = DataSource(plan, ws, task)
         x, y = source.test_set()
         test = {k: float(v) for k, v in task.evaluate(aggregator.weights, x, y).metrics.items()}
+    store.mark(run, "completed")
+    totals = store.reload(run)  # the seconds and bytes of every process that served it
     return SimulationResult(
         plan=plan,
         plan_hash=digest,
@@ -114,8 +217,37 @@ def serve(
         final_weights=aggregator.weights,
         test_metrics=test,
         centralized_metrics=None,
-        wall_seconds=wall,
-        bytes_sent=traffic.sent,
-        bytes_received=traffic.received,
+        wall_seconds=totals.elapsed,
+        bytes_sent=totals.bytes_sent,
+        bytes_received=totals.bytes_received,
         attackers=(),
     )
+
+
+class _LiveState:
+    """Writes the aggregator's snapshot to the state database every ``every`` seconds,
+    for ``fedloom status``; a failed write is logged and retried, never fatal."""
+
+    def __init__(self, store: RunStore, run: RunInfo, aggregator: Aggregator, every: float):
+        self._store, self._run, self._aggregator = store, run, aggregator
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedloom-live", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._write()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            self._store.write_live(self._run, self._aggregator.snapshot())
+        except Exception as err:  # noqa: BLE001 - status is a convenience, the run goes on
+            log.warning("could not write the live state: %s", err)

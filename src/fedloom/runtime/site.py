@@ -10,8 +10,6 @@ another plan) ends the process with the reason.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import threading
 import traceback
@@ -235,23 +233,3 @@ def load_site_file(path: Path, plan: Plan, site: str) -> SiteData:
     raise WorkspaceError(
         f"{path} holds {sorted(arrays)}; expected x and y, or x_train, y_train, x_val, y_val"
     )
-
-
-def kill_fault(spec: str) -> FaultPoints:
-    """Fault points that SIGKILL this process, for tests of what a dead site does to
-    the federation: ``POINT[@ROUND[:INDEX]]``, e.g. ``site.upload.chunk@2:1`` kills it
-    as it is about to send the second chunk of its round-2 update."""
-    point, _, where = spec.partition("@")
-    round_text, _, index_text = where.partition(":")
-    faults = FaultPoints()
-
-    def kill(name: str, context: dict[str, object]) -> None:
-        if round_text and context.get("round") != int(round_text):
-            return
-        if index_text and context.get("index") != int(index_text):
-            return
-        log.warning("fault %s: killing this process", spec)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    faults.arm(point, kill)
-    return faults

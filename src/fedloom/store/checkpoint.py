@@ -2,12 +2,16 @@
 
 A file is written to a temporary name in the same folder, fsynced, then renamed over
 the target, so a crash leaves either the old file or the new one, never half of one.
+A strategy state file carries the SHA-256 of its tensors in its own header, so a file
+damaged on disk later (a flipped bit, a truncation) is found when it is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from fedloom.weights import Weights
 
 _ORDER_KEY = "fedloom.order"
 _SCALARS_KEY = "fedloom.scalars"
+_DIGEST_KEY = "fedloom.sha256"
 _WEIGHTS_GROUP = "weights"
 
 
@@ -27,13 +32,17 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
     return np.require(array, requirements="C")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(
+    path: Path, data: bytes, before_rename: Callable[[Path], None] | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    if before_rename is not None:
+        before_rename(tmp)  # a fault point: a crash here leaves only the .tmp file
     os.replace(tmp, path)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -83,8 +92,25 @@ def load_weights(path: str | os.PathLike[str]) -> Weights:
     return {name: tensors[name] for name in order}
 
 
-def save_state(path: str | os.PathLike[str], state: StrategyState) -> None:
-    """Write a strategy state (global weights, named array groups, JSON scalars)."""
+def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = _contiguous(tensors[name])
+        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
+        h.update(arr.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def save_state(
+    path: str | os.PathLike[str],
+    state: StrategyState,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    before_rename: Callable[[Path], None] | None = None,
+) -> None:
+    """Write a strategy state (global weights, named array groups, JSON scalars) with
+    the digest of its tensors; ``metadata`` adds strings to the header."""
     flat: dict[str, np.ndarray] = {}
     order: dict[str, list[str]] = {_WEIGHTS_GROUP: list(state.weights)}
     for name, arr in state.weights.items():
@@ -96,15 +122,38 @@ def save_state(path: str | os.PathLike[str], state: StrategyState) -> None:
         for name, arr in arrays.items():
             flat[f"{group}/{name}"] = _contiguous(arr)
     meta = {
+        **dict(metadata or {}),
         _ORDER_KEY: json.dumps(order),
         _SCALARS_KEY: json.dumps(dict(state.scalars), sort_keys=True),
+        _DIGEST_KEY: tensors_digest(flat),
     }
-    _atomic_write(Path(path), st.save(flat, metadata=meta))
+    _atomic_write(Path(path), st.save(flat, metadata=meta), before_rename)
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (without reading tensors)."""
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > 100 * 1024 * 1024:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(header_len))
+        return dict(header.get("__metadata__") or {})
+    except OSError as err:
+        raise StateError(f"cannot read {path}: {err.strerror}") from err
+    except (ValueError, AttributeError) as err:
+        raise StateError(f"{path} is not a valid safetensors file (unreadable header)") from err
 
 
 def load_state(path: str | os.PathLike[str]) -> StrategyState:
-    """Read a strategy state written by :func:`save_state`."""
+    """Read a strategy state written by :func:`save_state`; a file whose tensors do not
+    match the digest in its header is refused (:class:`StateError`)."""
     tensors, meta = _read(Path(path))
+    if _DIGEST_KEY in meta and tensors_digest(tensors) != meta[_DIGEST_KEY]:
+        raise StateError(
+            f"{path} is corrupt: its tensors do not match the SHA-256 recorded in it",
+            hint="the file was damaged on disk; restore it or start a new run",
+        )
     try:
         order: dict[str, list[str]] = json.loads(meta[_ORDER_KEY])
         scalars = json.loads(meta[_SCALARS_KEY])

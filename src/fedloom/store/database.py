@@ -1,0 +1,160 @@
+"""The aggregator's records in SQLite: runs, each attempt at each round, what every site
+answered, and the live state a running aggregator publishes for ``fedloom status``.
+
+A database that SQLite cannot read, or that fails its integrity check, is never written
+over: it is moved aside (``state.db.corrupt-<time>``) and a new one is made, so what
+can still be recovered from it stays on disk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+from fedloom.errors import StateError
+
+DB_FILE = "state.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL UNIQUE,        -- names the run in task ids
+    name TEXT NOT NULL,                 -- the run folder's name
+    run_dir TEXT NOT NULL,
+    plan_hash TEXT NOT NULL,
+    plan_json TEXT NOT NULL,
+    started REAL NOT NULL,              -- unix time
+    status TEXT NOT NULL,               -- running, completed, failed, interrupted
+    ended REAL,
+    error TEXT,
+    elapsed REAL NOT NULL DEFAULT 0,    -- seconds of rounds, over every process
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    bytes_received INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE attempts (
+    run INTEGER NOT NULL REFERENCES runs(id),
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    kind TEXT NOT NULL,                 -- train, evaluate
+    task_id TEXT NOT NULL,
+    selected TEXT NOT NULL,             -- JSON list of sites
+    opened REAL NOT NULL,
+    closed REAL,                        -- NULL while open (or if the process died)
+    close_reason TEXT,                  -- a CloseReason value
+    checkpoint TEXT,                    -- the state after the round, for a finished round
+    superseded INTEGER NOT NULL DEFAULT 0,  -- 1: its checkpoint was lost; the round reran
+    PRIMARY KEY (run, round, attempt)
+);
+CREATE TABLE results (
+    run INTEGER NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    site TEXT NOT NULL, num_samples INTEGER NOT NULL, claimed_samples INTEGER NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE failures (
+    run INTEGER NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
+    site TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL
+);
+CREATE TABLE live (
+    run INTEGER PRIMARY KEY, updated REAL NOT NULL, pid INTEGER NOT NULL, snapshot TEXT NOT NULL
+);
+CREATE INDEX results_by_round ON results (run, round, attempt);
+CREATE INDEX failures_by_round ON failures (run, round, attempt);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection for the aggregator (one, shared by its threads under a lock)."""
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a finished round survives a power cut
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def open_database(state_dir: Path) -> tuple[sqlite3.Connection, list[str]]:
+    """Open (or create) ``state_dir/state.db``; returns the connection and notes on
+    what was found (a damaged database moved aside)."""
+    path = state_dir / DB_FILE
+    notes: list[str] = []
+    if path.exists():
+        problem = _check(path)
+        if problem is None:
+            return connect(path), notes
+        aside = _move_aside(path)
+        notes.append(
+            f"{path} is damaged ({problem}); it was moved to {aside.name} and a new one "
+            "made from the checkpoints on disk"
+        )
+    conn = connect(path)
+    conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+    return conn, notes
+
+
+def open_read_only(state_dir: Path) -> sqlite3.Connection:
+    """A read-only connection, for ``fedloom status`` beside a running aggregator."""
+    path = state_dir / DB_FILE
+    if not path.exists():
+        raise StateError(
+            f"no aggregator state in {state_dir}",
+            hint="the federation has not been started here with `fedloom aggregator start`",
+        )
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn.execute("SELECT count(*) FROM runs").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise StateError(
+            f"{path} cannot be read: {err}",
+            hint="start the aggregator: it moves a damaged database aside and recovers "
+            "from the checkpoints",
+        ) from err
+    return conn
+
+
+class transaction:  # noqa: N801 - used like a function: with transaction(conn): ...
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on an error)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, kind: object, value: object, tb: object) -> None:
+        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _check(path: Path) -> str | None:
+    """Why the database cannot be used, or None."""
+    try:
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            (result,) = conn.execute("PRAGMA quick_check").fetchone()
+            if result != "ok":
+                return f"integrity check: {result}"
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version != SCHEMA_VERSION:
+                return f"schema version {version}, expected {SCHEMA_VERSION}"
+            conn.execute("SELECT count(*) FROM runs, attempts LIMIT 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        return str(err)
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):  # SQLite's companions go with it
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            companion.replace(aside.with_name(aside.name + suffix))
+    path.replace(aside)
+    return aside

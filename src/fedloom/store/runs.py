@@ -1,0 +1,407 @@
+"""The aggregator's durable state: where a restarted aggregator picks up.
+
+``WORKSPACE/aggregator/`` holds ``state.db`` (SQLite: runs, attempts at rounds, site
+results and failures, the live snapshot) and ``checkpoints/<run>/round-NNNN.safetensors``
+(the strategy state after each finished round: global weights, optimiser moments,
+scalars, with a digest of its tensors). A round is finished once its checkpoint is
+renamed into place *and* the database says so; anything less reruns the round.
+
+On a restart, :meth:`RunStore.resume` marks the attempt the dead process left open as
+stopped, checks the newest checkpoints newest first, moves a damaged one aside (never
+over it) and falls back to the previous good round, down to the plan's initial model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from fedloom.clock import FaultPoints
+from fedloom.errors import StateError
+from fedloom.orchestration import CloseReason, Resume, RoundRecord
+from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
+from fedloom.store.checkpoint import load_state, read_metadata, save_state
+from fedloom.store.database import open_database, transaction
+from fedloom.strategies.state import StrategyState
+
+log = logging.getLogger("fedloom.aggregator")
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 3
+
+_FINISHED = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run of the federation in the state database."""
+
+    key: int  # the row's id
+    run_id: str
+    name: str
+    run_dir: Path
+    plan_hash: str
+    status: str
+    elapsed: float
+    bytes_sent: int
+    bytes_received: int
+
+
+class RunStore:
+    """The state folder of one aggregator; one process at a time (see :func:`lock`)."""
+
+    def __init__(
+        self, state_dir: Path, *, keep: int = KEEP_CHECKPOINTS, faults: FaultPoints | None = None
+    ) -> None:
+        self.state_dir = state_dir
+        self.keep = max(1, keep)
+        self.faults = faults or FaultPoints()
+        self._lock = threading.Lock()
+        self.conn, self.notes = open_database(state_dir)
+        if self.notes:  # the database was damaged: what the checkpoints say is rebuilt
+            self._rebuild_from_checkpoints()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # ------------------------------------------------------------------ runs
+
+    def latest_run(self) -> RunInfo | None:
+        row = self.conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY id DESC").fetchone()
+        return None if row is None else _run_info(row)
+
+    def reload(self, run: RunInfo) -> RunInfo:
+        row = self.conn.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run.key,)
+        ).fetchone()
+        return _run_info(row)
+
+    def new_run(self, name: str, run_dir: Path, plan_hash: str, plan_json: str) -> RunInfo:
+        run_id = secrets.token_hex(3)
+        with self._lock, transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO runs (run_id, name, run_dir, plan_hash, plan_json, started, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'running')",
+                (run_id, name, str(run_dir), plan_hash, plan_json, time.time()),
+            )
+        run = self.latest_run()
+        assert run is not None  # noqa: S101 - just inserted
+        return run
+
+    def mark(self, run: RunInfo, status: str, error: str | None = None) -> None:
+        """Set the run's status: running, completed, failed, interrupted."""
+        ended = None if status == "running" else time.time()
+        with self._lock, transaction(self.conn):
+            self.conn.execute(
+                "UPDATE runs SET status = ?, ended = ?, error = ? WHERE id = ?",
+                (status, ended, error, run.key),
+            )
+
+    def write_live(self, run: RunInfo, snapshot: dict[str, Any]) -> None:
+        """Publish the running aggregator's live state for ``fedloom status``."""
+        with self._lock, transaction(self.conn):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO live (run, updated, pid, snapshot) VALUES (?, ?, ?, ?)",
+                (run.key, time.time(), os.getpid(), json.dumps(snapshot)),
+            )
+
+    # ---------------------------------------------------------------- resume
+
+    def resume(self, run: RunInfo, initial: Callable[[], StrategyState]) -> Resume:
+        """Where ``run`` picks up: the newest good checkpoint (or ``initial()``, the
+        plan's initial model, if none is left), the history before it, and the attempts
+        each round already had. Notes on what was found go to :attr:`notes`."""
+        with self._lock, transaction(self.conn):
+            stopped = self.conn.execute(
+                "UPDATE attempts SET closed = ?, close_reason = ? WHERE run = ? AND closed IS NULL",
+                (time.time(), CloseReason.STOPPED.value, run.key),
+            ).rowcount
+        if stopped:
+            self.notes.append(
+                f"{stopped} round attempt(s) were open when the aggregator stopped: "
+                "recorded as stopped; the round reruns"
+            )
+        state, done = None, 0
+        rows = self.conn.execute(
+            f"SELECT round, attempt, checkpoint FROM attempts WHERE run = ? AND {_FINISHED} "
+            "ORDER BY round DESC",
+            (run.key,),
+        ).fetchall()
+        for rnd, attempt, checkpoint in rows:
+            try:
+                state = load_state(checkpoint)
+            except StateError as err:
+                self._supersede(run, rnd, attempt, checkpoint, err)
+                continue
+            done = rnd
+            break
+        if rows and done == 0:
+            self.notes.append("no good checkpoint is left: the run restarts from round 1")
+        with self._lock, transaction(self.conn):  # rounds after the one kept rerun
+            self.conn.execute(
+                "UPDATE attempts SET superseded = 1 WHERE run = ? AND round > ? AND kind = 'train'",
+                (run.key, done),
+            )
+        attempts = dict(
+            self.conn.execute(
+                "SELECT round, max(attempt) FROM attempts WHERE run = ? GROUP BY round",
+                (run.key,),
+            ).fetchall()
+        )
+        return Resume(
+            state=state if state is not None else initial(),
+            next_round=done + 1,
+            history=tuple(self.history(run)),
+            attempts=attempts,
+        )
+
+    def _supersede(
+        self, run: RunInfo, rnd: int, attempt: int, checkpoint: str, err: StateError
+    ) -> None:
+        path = Path(checkpoint)
+        where = "is missing"
+        if path.exists():
+            aside = path.with_name(f"{path.name}.corrupt-{_stamp()}")
+            path.replace(aside)
+            where = f"was moved to {aside.name}"
+        self.notes.append(f"the checkpoint of round {rnd} is unusable ({err.message}); it {where}")
+        with self._lock, transaction(self.conn):
+            self.conn.execute(
+                "UPDATE attempts SET superseded = 1 WHERE run = ? AND round = ? AND attempt = ?",
+                (run.key, rnd, attempt),
+            )
+
+    def history(self, run: RunInfo) -> list[RoundRecord]:
+        """Every recorded attempt of the run that still counts, in order."""
+        results: dict[tuple[int, int], list[SiteResult]] = {}
+        for rnd, attempt, site, n, claimed, metrics in self.conn.execute(
+            "SELECT round, attempt, site, num_samples, claimed_samples, metrics FROM results "
+            "WHERE run = ? ORDER BY site",
+            (run.key,),
+        ):
+            results.setdefault((rnd, attempt), []).append(
+                SiteResult(site, rnd, n, claimed, json.loads(metrics))
+            )
+        failures: dict[tuple[int, int], list[Failure]] = {}
+        for rnd, attempt, site, kind, reason in self.conn.execute(
+            "SELECT round, attempt, site, kind, reason FROM failures WHERE run = ? ORDER BY site",
+            (run.key,),
+        ):
+            failures.setdefault((rnd, attempt), []).append(
+                Failure(site, rnd, FailureKind(kind), reason)
+            )
+        records = []
+        for rnd, attempt, kind, selected, reason in self.conn.execute(
+            "SELECT round, attempt, kind, selected, close_reason FROM attempts WHERE run = ? "
+            "AND superseded = 0 AND close_reason IS NOT NULL ORDER BY round, attempt",
+            (run.key,),
+        ):
+            records.append(
+                RoundRecord(
+                    round=rnd,
+                    kind=InstructionKind(kind),
+                    selected=tuple(json.loads(selected)),
+                    results=tuple(results.get((rnd, attempt), ())),
+                    failures=tuple(failures.get((rnd, attempt), ())),
+                    close_reason=CloseReason(reason),
+                    attempt=attempt,
+                )
+            )
+        return records
+
+    # --------------------------------------------------------------- journal
+
+    def journal(self, run: RunInfo, traffic: Callable[[], tuple[int, int]]) -> RunJournal:
+        return RunJournal(self, run, traffic)
+
+    def _checkpoint_path(self, run: RunInfo, rnd: int) -> Path:
+        return self.state_dir / CHECKPOINTS / run.run_id / f"round-{rnd:04d}.safetensors"
+
+    def _prune(self, run: RunInfo) -> None:
+        """Delete checkpoints beyond the newest ``keep`` finished rounds."""
+        old = self.conn.execute(
+            f"SELECT checkpoint FROM attempts WHERE run = ? AND {_FINISHED} "
+            "ORDER BY round DESC LIMIT -1 OFFSET ?",
+            (run.key, self.keep),
+        ).fetchall()
+        for (checkpoint,) in old:
+            with contextlib.suppress(FileNotFoundError):
+                Path(checkpoint).unlink()
+
+    def _rebuild_from_checkpoints(self) -> None:
+        """After the database was moved aside: one run per checkpoint folder, with one
+        finished round per readable checkpoint (no per-site records survive)."""
+        root = self.state_dir / CHECKPOINTS
+        folders = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for folder in folders:
+            found = []
+            for path in sorted(folder.glob("round-*.safetensors")):
+                try:
+                    meta = read_metadata(path)
+                    found.append((int(meta["fedloom.round"]), path, meta))
+                except (StateError, KeyError, ValueError):
+                    continue
+            if not found:
+                continue
+            meta = found[-1][2]
+            with self._lock, transaction(self.conn):
+                cur = self.conn.execute(
+                    "INSERT INTO runs (run_id, name, run_dir, plan_hash, plan_json, started, "
+                    "status, error) VALUES (?, ?, ?, ?, '{}', ?, 'interrupted', ?)",
+                    (
+                        folder.name,
+                        meta.get("fedloom.run_name", folder.name),
+                        meta.get("fedloom.run_dir", ""),
+                        meta.get("fedloom.plan_hash", ""),
+                        folder.stat().st_mtime,
+                        "rebuilt from its checkpoints: the state database was damaged",
+                    ),
+                )
+                for rnd, path, _ in found:
+                    self.conn.execute(
+                        "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, "
+                        "opened, closed, checkpoint) VALUES (?, ?, 1, 'train', '', '[]', ?, ?, ?)",
+                        (cur.lastrowid, rnd, path.stat().st_mtime, path.stat().st_mtime, str(path)),
+                    )
+            self.notes.append(
+                f"run {folder.name}: {len(found)} checkpoint(s) found, up to round {found[-1][0]}"
+            )
+
+
+class RunJournal:
+    """The round loop's :class:`~fedloom.orchestration.Journal` for one run."""
+
+    def __init__(
+        self, store: RunStore, run: RunInfo, traffic: Callable[[], tuple[int, int]]
+    ) -> None:
+        self.store = store
+        self.run = run
+        self._traffic = traffic  # (sent, received) by this process so far
+        self._started = time.perf_counter()
+        self._base = (run.elapsed, run.bytes_sent, run.bytes_received)
+
+    def opened(self, task: Instruction, attempt: int, selected: tuple[str, ...]) -> None:
+        s = self.store
+        with s._lock, transaction(s.conn):
+            s.conn.execute(
+                "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, opened) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.run.key,
+                    task.round,
+                    attempt,
+                    task.kind.value,
+                    task.task_id,
+                    json.dumps(list(selected)),
+                    time.time(),
+                ),
+            )
+
+    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
+        s = self.store
+        checkpoint = None
+        if state is not None:
+            path = s._checkpoint_path(self.run, record.round)
+            save_state(
+                path,
+                state,
+                metadata={
+                    "fedloom.round": str(record.round),
+                    "fedloom.run": self.run.run_id,
+                    "fedloom.run_name": self.run.name,
+                    "fedloom.run_dir": str(self.run.run_dir),
+                    "fedloom.plan_hash": self.run.plan_hash,
+                },
+                before_rename=lambda tmp: s.faults.hit("state.written", round=record.round),
+            )
+            checkpoint = str(path)
+        sent, received = self._traffic()
+        elapsed = self._base[0] + time.perf_counter() - self._started
+        with s._lock, transaction(s.conn):
+            key = (self.run.key, record.round, record.attempt)
+            s.conn.execute(
+                "UPDATE attempts SET closed = ?, close_reason = ?, checkpoint = ? "
+                "WHERE run = ? AND round = ? AND attempt = ?",
+                (time.time(), record.close_reason.value, checkpoint, *key),
+            )
+            s.conn.executemany(
+                "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (*key, r.site, r.num_samples, r.claimed_samples, json.dumps(dict(r.metrics)))
+                    for r in record.results
+                ],
+            )
+            s.conn.executemany(
+                "INSERT INTO failures VALUES (?, ?, ?, ?, ?, ?)",
+                [(*key, f.site, f.kind.value, f.reason) for f in record.failures],
+            )
+            s.conn.execute(
+                "UPDATE runs SET elapsed = ?, bytes_sent = ?, bytes_received = ? WHERE id = ?",
+                (elapsed, self._base[1] + sent, self._base[2] + received, self.run.key),
+            )
+        if checkpoint is not None:
+            s._prune(self.run)
+
+
+_RUN_COLUMNS = "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received"
+
+
+def _run_info(row: Iterable[Any]) -> RunInfo:
+    key, run_id, name, run_dir, plan_hash, status, elapsed, sent, received = row
+    return RunInfo(
+        key, run_id, name, Path(run_dir), plan_hash, status, float(elapsed), sent, received
+    )
+
+
+def _stamp() -> str:
+    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+LOCK_FILE = "aggregator.lock"
+
+
+def lock_state(state_dir: Path) -> IO[str]:
+    """Hold ``state_dir``'s lock for this process's life: a second aggregator on the
+    same workspace is refused instead of writing the same state."""
+    fh = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise StateError(
+            f"another aggregator (pid {pid}) is running on this workspace ({state_dir})",
+            hint="stop it first; `fedloom status` shows what it is doing",
+        ) from None
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def running_pid(state_dir: Path) -> int | None:
+    """The pid of the aggregator holding ``state_dir``'s lock, or None if none does."""
+    path = state_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = fh.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
