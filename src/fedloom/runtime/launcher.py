@@ -28,9 +28,10 @@ def fedloom_command(*args: str) -> list[str]:
 
 
 def start_aggregator(
-    workspace: Path, overrides: Sequence[str], *extra: str, **popen: Any
+    workspace: Path, overrides: Sequence[str], *extra: str, port: int = 0, **popen: Any
 ) -> tuple[subprocess.Popen[bytes], int | None]:
-    """``fedloom aggregator start`` on a free loopback port, as its own process.
+    """``fedloom aggregator start`` on loopback ``port`` (0: a free one), as its own
+    process.
 
     Returns the process and the port it listens on, or ``None`` when it ended before
     listening (it said why on its output). ``extra`` are more command-line options;
@@ -47,7 +48,7 @@ def start_aggregator(
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                str(port),
                 "--announce-fd",
                 str(write_end),
                 *extra,

@@ -151,7 +151,7 @@ class RunStore:
             self.notes.append("no good checkpoint is left: the run restarts from round 1")
         with self._lock, transaction(self.conn):  # rounds after the one kept rerun
             self.conn.execute(
-                "UPDATE attempts SET superseded = 1 WHERE run = ? AND round > ? AND kind = 'train'",
+                f"UPDATE attempts SET superseded = 1 WHERE run = ? AND round > ? AND {_FINISHED}",
                 (run.key, done),
             )
         attempts = dict(
