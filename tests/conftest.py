@@ -25,7 +25,9 @@ from fedloom.orchestration import (
     Aggregator,
     Event,
     FederationConfig,
+    Journal,
     PhaseHandler,
+    Resume,
     RoundClosed,
     RoundOpened,
     SiteAnswered,
@@ -186,6 +188,8 @@ class Federation:
         strategy: Strategy,
         transport: TransportFactory,
         phases: Mapping[str, PhaseHandler] | None = None,
+        journal: Journal | None = None,
+        resume: Resume | None = None,
     ) -> None:
         self.config = config
         self.clock = ManualClock()
@@ -199,6 +203,8 @@ class Federation:
             faults=self.faults,
             on_event=self.log,
             phases=phases,
+            journal=journal,
+            resume=resume,
         )
         self.transport = transport(self.aggregator)
         self.loop: Worker | None = None
@@ -295,6 +301,8 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
         strategy: Strategy | None = None,
         transport: TransportFactory = inprocess,
         phases: Mapping[str, PhaseHandler] | None = None,
+        journal: Journal | None = None,
+        resume: Resume | None = None,
         **overrides: Any,
     ) -> Federation:
         fed = Federation(
@@ -303,6 +311,8 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
             strategy=strategy or FedAvg(),
             transport=transport,
             phases=phases,
+            journal=journal,
+            resume=resume,
         )
         made.append(fed)
         return fed

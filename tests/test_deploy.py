@@ -181,6 +181,40 @@ def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
         assert dead["close_reason"] == "every site settled, quorum met", dead
         assert {by_round[rnd][s]["status"] for s in ("site-01", "site-02")} == {"ok"}
 
+
+def test_one_site_of_four_never_answering_the_others_complete_every_round_with_quorum(
+    tmp_path: Path,
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    plan = ["sites=4", "rounds=3", "deadline.min_fraction=0.75", "deadline.round_seconds=8"]
+    provision(ws, ["site-01", "site-02", "site-03", "site-04"])  # site-04 never starts
+    aggregator, port = start_aggregator(ws, plan, "three")
+    sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02", "site-03")]
+    try:
+        out = aggregator.communicate(timeout=300)[0].decode()
+        assert aggregator.returncode == 0, out
+        for proc in sites:
+            assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+    finally:
+        for proc in (aggregator, *sites):
+            if proc.poll() is None:
+                proc.kill()
+
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows(ws / "runs" / "three"):
+        by_round.setdefault(row["round"], {})[row["site"]] = row
+    assert sorted(by_round) == [1, 2, 3, 4]  # three rounds and the final evaluation
+    for rnd, answers in by_round.items():
+        missing = answers["site-04"]
+        assert missing["status"] == "timeout", missing
+        assert missing["reason"] == "no answer before the round's deadline", missing
+        assert missing["attempt"] == 1
+        assert {answers[s]["status"] for s in ("site-01", "site-02", "site-03")} == {"ok"}
+        assert {r["close_reason"] for r in answers.values()} == {"deadline, quorum met"}
+    summary = json.loads((ws / "runs" / "three" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["failures"] == 4
+
+
 def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(
     tmp_path: Path,
 ) -> None:

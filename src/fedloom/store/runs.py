@@ -68,6 +68,7 @@ class RunStore:
         self.keep = max(1, keep)
         self.faults = faults or FaultPoints()
         self._lock = threading.Lock()
+        state_dir.mkdir(parents=True, exist_ok=True)
         self.conn, self.notes = open_database(state_dir)
         if self.notes:  # the database was damaged: what the checkpoints say is rebuilt
             self._rebuild_from_checkpoints()
