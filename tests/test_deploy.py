@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,14 @@ def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
         # would read "deadline, quorum met"
         assert dead["close_reason"] == "every site settled, quorum met", dead
         assert {by_round[rnd][s]["status"] for s in ("site-01", "site-02")} == {"ok"}
+    # the state database keeps the events: who joined, who was dropped and why
+    with sqlite3.connect(ws / "aggregator" / "state.db") as db:
+        events = db.execute("SELECT kind, round, site, detail FROM events").fetchall()
+    joined = {site for kind, _, site, _ in events if kind == "joined"}
+    assert joined == {"site-01", "site-02", "site-03"}
+    dropped = [(rnd, d) for kind, rnd, site, d in events if kind == "failed" and site == "site-03"]
+    assert [rnd for rnd, _ in dropped] == [2, 3, 4]
+    assert all("no sign of life for" in d for _, d in dropped)
 
 
 def test_one_site_of_four_never_answering_the_others_complete_every_round_with_quorum(
@@ -204,7 +213,7 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
     for row in rows(ws / "runs" / "three"):
         by_round.setdefault(row["round"], {})[row["site"]] = row
     assert sorted(by_round) == [1, 2, 3, 4]  # three rounds and the final evaluation
-    for rnd, answers in by_round.items():
+    for answers in by_round.values():
         missing = answers["site-04"]
         assert missing["status"] == "timeout", missing
         assert missing["reason"] == "no answer before the round's deadline", missing

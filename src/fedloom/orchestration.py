@@ -117,7 +117,14 @@ class UploadBroke:
     reason: str
 
 
-Event = RoundOpened | SiteAnswered | RoundClosed | UploadBroke
+@dataclass(frozen=True)
+class SiteJoined:
+    """The aggregator heard from ``site`` for the first time (since it started)."""
+
+    site: str
+
+
+Event = RoundOpened | SiteAnswered | RoundClosed | UploadBroke | SiteJoined
 EventSink = Callable[[Event], None]
 
 PhaseHandler = Callable[[str, int, bytes], bytes]
@@ -493,7 +500,7 @@ class Aggregator:
         self._check_site(site)
         deadline = None if timeout is None else self.clock.now() + timeout
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             while True:
                 if self._finished:
                     return Instruction(
@@ -511,7 +518,7 @@ class Aggregator:
     def download(self, site: str, round: int) -> ModelStream:
         self._check_site(site)
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
@@ -526,7 +533,7 @@ class Aggregator:
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
         self._check_site(site)
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             try:
                 opened = self._require_open(site, header.round)
                 _check_task(header.task_id, opened)
@@ -562,7 +569,7 @@ class Aggregator:
     def report_failure(self, site: str, report: FailureReport) -> None:
         self._check_site(site)
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             opened = self._open
             if (
                 opened is None
@@ -583,7 +590,7 @@ class Aggregator:
             known = sorted(self._phases) or "none"
             raise UpdateRejected(f"no phase {message.phase!r} in this federation (phases: {known})")
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             self._require_open(site, message.round)
         reply = handler(site, message.round, bytes(message.payload))
         return PhaseMessage(message.round, message.phase, reply)
@@ -592,7 +599,7 @@ class Aggregator:
         """``site`` is alive: note when, and say which round is open."""
         self._check_site(site)
         with self._cond:
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             opened = self._open
             return HeartbeatReply(0 if opened is None else opened.round, self._finished)
 
@@ -650,7 +657,7 @@ class Aggregator:
         for chunk in chunks:
             contribution.add(chunk.tensor, chunk.offset, chunk.data)
             opened.received[site] = opened.received.get(site, 0) + len(chunk.data)
-            self.last_seen[site] = self.clock.now()
+            self._saw(site)
             self.faults.hit(
                 "upload.chunk",
                 round=opened.round,
@@ -714,6 +721,13 @@ class Aggregator:
         if site not in opened.pending:
             raise UpdateRejected(f"site {site!r} already answered round {round}")
         return opened
+
+    def _saw(self, site: str) -> None:
+        """``site`` made a call: it is alive now (the caller may hold the lock)."""
+        first = site not in self.last_seen
+        self.last_seen[site] = self.clock.now()
+        if first:
+            self._on_event(SiteJoined(site))
 
     def _check_site(self, site: str) -> None:
         if site not in self._roster:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
-from fedloom.store.runs import RunInfo, RunStore, lock_state
+from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
@@ -155,7 +156,10 @@ def serve(
     traffic = TrafficCounter()
     store, run = opened.store, opened.run
 
+    events: queue.SimpleQueue[EventRow] = queue.SimpleQueue()
+
     def sink(event: Event) -> None:
+        events.put(event_row(event))  # written with the live state, once a second
         if on_event is not None:
             on_event(event, traffic)
 
@@ -184,7 +188,7 @@ def serve(
         heartbeat_seconds=options.heartbeat_seconds,
     )
     server = GrpcServer(aggregator, credentials, settings, revocations=revocations, traffic=traffic)
-    live = _LiveState(store, run, aggregator, options.live_seconds)
+    live = _LiveState(store, run, aggregator, events, options.live_seconds)
     completed = False
     try:
         port = server.start()
@@ -228,8 +232,17 @@ class _LiveState:
     """Writes the aggregator's snapshot to the state database every ``every`` seconds,
     for ``fedloom status``; a failed write is logged and retried, never fatal."""
 
-    def __init__(self, store: RunStore, run: RunInfo, aggregator: Aggregator, every: float):
+    def __init__(
+        self,
+        store: RunStore,
+        run: RunInfo,
+        aggregator: Aggregator,
+        events: queue.SimpleQueue[EventRow],
+        every: float,
+    ):
         self._store, self._run, self._aggregator = store, run, aggregator
+        self._events = events
+        self._unwritten: list[EventRow] = []
         self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fedloom-live", daemon=True)
@@ -247,7 +260,11 @@ class _LiveState:
             self._write()
 
     def _write(self) -> None:
+        rows, self._unwritten = self._unwritten, []
+        while not self._events.empty():
+            rows.append(self._events.get())
         try:
-            self._store.write_live(self._run, self._aggregator.snapshot())
+            self._store.write_live(self._run, self._aggregator.snapshot(), rows)
         except Exception as err:  # noqa: BLE001 - status is a convenience, the run goes on
             log.warning("could not write the live state: %s", err)
+            self._unwritten = rows  # tried again next time

@@ -56,11 +56,16 @@ CREATE TABLE failures (
     run INTEGER NOT NULL, round INTEGER NOT NULL, attempt INTEGER NOT NULL,
     site TEXT NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL
 );
+CREATE TABLE events (
+    run INTEGER NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,
+    round INTEGER, site TEXT, detail TEXT NOT NULL
+);
 CREATE TABLE live (
     run INTEGER PRIMARY KEY, updated REAL NOT NULL, pid INTEGER NOT NULL, snapshot TEXT NOT NULL
 );
 CREATE INDEX results_by_round ON results (run, round, attempt);
 CREATE INDEX failures_by_round ON failures (run, round, attempt);
+CREATE INDEX events_by_run ON events (run, at);
 """
 
 

@@ -29,7 +29,16 @@ from typing import IO, Any
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import StateError
-from fedloom.orchestration import CloseReason, Resume, RoundRecord
+from fedloom.orchestration import (
+    CloseReason,
+    Event,
+    Resume,
+    RoundClosed,
+    RoundOpened,
+    RoundRecord,
+    SiteAnswered,
+    UploadBroke,
+)
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
 from fedloom.store.checkpoint import load_state, read_metadata, save_state
 from fedloom.store.database import open_database, transaction
@@ -110,12 +119,19 @@ class RunStore:
                 (status, ended, error, run.key),
             )
 
-    def write_live(self, run: RunInfo, snapshot: dict[str, Any]) -> None:
-        """Publish the running aggregator's live state for ``fedloom status``."""
+    def write_live(
+        self, run: RunInfo, snapshot: dict[str, Any], events: Iterable[EventRow] = ()
+    ) -> None:
+        """Publish the running aggregator's live state for ``fedloom status``, with the
+        events since the last call."""
         with self._lock, transaction(self.conn):
             self.conn.execute(
                 "INSERT OR REPLACE INTO live (run, updated, pid, snapshot) VALUES (?, ?, ?, ?)",
                 (run.key, time.time(), os.getpid(), json.dumps(snapshot)),
+            )
+            self.conn.executemany(
+                "INSERT INTO events (run, at, kind, round, site, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                [(run.key, *row) for row in events],
             )
 
     # ---------------------------------------------------------------- resume
@@ -354,6 +370,25 @@ class RunJournal:
             )
         if checkpoint is not None:
             s._prune(self.run)
+
+
+EventRow = tuple[float, str, int | None, str | None, str]  # at, kind, round, site, detail
+
+
+def event_row(event: Event) -> EventRow:
+    """What the events table keeps of one of the round loop's events."""
+    now = time.time()
+    if isinstance(event, RoundOpened):
+        return (now, "round opened", event.round, None, f"{len(event.selected)} sites asked")
+    if isinstance(event, SiteAnswered):
+        kind = "answered" if event.accepted else "failed"
+        return (now, kind, event.round, event.site, event.reason)
+    if isinstance(event, RoundClosed):
+        r = event.record
+        return (now, "round closed", r.round, None, f"attempt {r.attempt}: {r.close_reason.value}")
+    if isinstance(event, UploadBroke):
+        return (now, "upload broke off", event.round, event.site, event.reason)
+    return (now, "joined", None, event.site, "first call since the aggregator started")
 
 
 _RUN_COLUMNS = "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received"
