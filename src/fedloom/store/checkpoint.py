@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import safetensors.numpy as st
@@ -32,13 +33,59 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
     return np.require(array, requirements="C")
 
 
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def _write_safetensors(
+    fh: BinaryIO, tensors: Mapping[str, np.ndarray], meta: dict[str, str]
+) -> None:
+    """Write the safetensors format straight from each array's memory: no copy of the
+    whole file is built (a checkpoint can be several times a GiB-sized model)."""
+    header: dict[str, Any] = {"__metadata__": meta}
+    arrays = {name: _contiguous(arr) for name, arr in tensors.items()}
+    offset = 0
+    for name, arr in arrays.items():
+        code = _SAFETENSORS_DTYPES.get(arr.dtype.name)
+        if code is None:
+            raise StateError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors lacks")
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    fh.write(len(text).to_bytes(8, "little"))
+    fh.write(text)
+    for arr in arrays.values():
+        if arr.nbytes:
+            fh.write(arr.reshape(-1).view(np.uint8).data)
+
+
 def _atomic_write(
-    path: Path, data: bytes, before_rename: Callable[[Path], None] | None = None
+    path: Path,
+    write: Callable[[BinaryIO], None],
+    before_rename: Callable[[Path], None] | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(data)
+        write(fh)
         fh.flush()
         os.fsync(fh.fileno())
     if before_rename is not None:
@@ -74,15 +121,14 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, dict(header.get("__metadata__") or {})
 
 
-def weights_to_bytes(weights: Weights, metadata: dict[str, str] | None = None) -> bytes:
-    meta = dict(metadata or {})
-    meta[_ORDER_KEY] = json.dumps(list(weights))
-    return st.save({k: _contiguous(v) for k, v in weights.items()}, metadata=meta)
+def _weights_meta(weights: Weights) -> dict[str, str]:
+    return {_ORDER_KEY: json.dumps(list(weights))}
 
 
 def save_weights(path: str | os.PathLike[str], weights: Weights) -> None:
     """Write ``weights`` to ``path`` atomically, keeping tensor order and dtypes."""
-    _atomic_write(Path(path), weights_to_bytes(weights))
+    meta = _weights_meta(weights)
+    _atomic_write(Path(path), lambda fh: _write_safetensors(fh, weights, meta))
 
 
 def load_weights(path: str | os.PathLike[str]) -> Weights:
@@ -127,7 +173,7 @@ def save_state(
         _SCALARS_KEY: json.dumps(dict(state.scalars), sort_keys=True),
         _DIGEST_KEY: tensors_digest(flat),
     }
-    _atomic_write(Path(path), st.save(flat, metadata=meta), before_rename)
+    _atomic_write(Path(path), lambda fh: _write_safetensors(fh, flat, meta), before_rename)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
