@@ -7,6 +7,8 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,17 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
     aggregator, port = start_aggregator(ws, plan, "three")
     sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02", "site-03")]
     try:
+        # `fedloom status` beside the running aggregator: the round under way, live
+        live = wait_for_status(ws, lambda s: (s["live"] or {}).get("current") is not None)
+        assert live["run"]["status"] == "running"
+        assert live["aggregator"] == {
+            "running": True,
+            "pid": aggregator.pid,
+            "serves_this_run": True,
+        }
+        current = live["live"]["current"]
+        assert current["selected"] == ["site-01", "site-02", "site-03", "site-04"]
+        assert "site-04" in current["pending"]
         out = aggregator.communicate(timeout=300)[0].decode()
         assert aggregator.returncode == 0, out
         for proc in sites:
@@ -222,6 +235,35 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
         assert {r["close_reason"] for r in answers.values()} == {"deadline, quorum met"}
     summary = json.loads((ws / "runs" / "three" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["failures"] == 4
+    # and on the stopped workspace: its last state
+    stopped = status_of(ws)
+    assert stopped["run"]["status"] == "completed" and stopped["aggregator"]["running"] is False
+    assert (stopped["rounds"]["finished"], stopped["rounds"]["planned"]) == (3, 3)
+    assert stopped["last_round"]["close_reason"] == "deadline, quorum met"
+    failures = {s["site"]: s["failures"] for s in stopped["sites"]}
+    assert failures == {"site-01": 0, "site-02": 0, "site-03": 0, "site-04": 4}
+
+
+def status_of(ws: Path) -> dict[str, Any]:
+    done = run_cli("status", str(ws), "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    status: dict[str, Any] = json.loads(done.stdout)
+    return status
+
+
+def wait_for_status(
+    ws: Path, ready: Callable[[dict[str, Any]], bool], timeout: float = 60
+) -> dict[str, Any]:
+    """``fedloom status --json`` until ``ready`` holds (the aggregator writes its live
+    state once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if (ws / "aggregator" / "state.db").exists():
+            status = status_of(ws)
+            if ready(status):
+                return status
+        assert time.monotonic() < deadline, "fedloom status never showed the running round"
+        time.sleep(0.3)
 
 
 def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(

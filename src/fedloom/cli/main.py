@@ -28,6 +28,7 @@ from fedloom.cli.common import (
 from fedloom.cli.deploy import aggregator_app, collaborator_app
 from fedloom.cli.pki import pki_app
 from fedloom.cli.results import fresh_run_dir, print_results
+from fedloom.cli.status import status
 from fedloom.errors import PlanError
 from fedloom.plan import load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
@@ -225,6 +226,9 @@ def simulate(
         errors.print(f"what the run did is in {run_dir}", highlight=False)
         raise
     print_results(recorder, result)
+
+
+app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
 
 
 def main() -> None:

@@ -123,7 +123,6 @@ def open_run(
             strategy = build_strategy(plan.strategy.name, plan.strategy_params)
             task = load_task(ws, plan.task)
             resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
-            store.mark(latest, "running")
             return OpenedRun(store, latest, resume, store.notes, lock)
         plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
         path = run_dir()
@@ -146,8 +145,36 @@ def serve(
     faults: FaultPoints | None = None,
 ) -> SimulationResult:
     """Run (or resume) the plan's federation with real collaborators; returns when it is
-    done. The run's status in the state is set on the way out: completed, interrupted
-    (Ctrl-C, SIGTERM) or failed."""
+    done. The run's status in the state is ``running`` meanwhile, and set on the way
+    out: completed (once the last round closed), interrupted (Ctrl-C, SIGTERM) or
+    failed."""
+    opened.store.mark(opened.run, "running")
+    try:
+        return _serve(
+            workspace,
+            plan,
+            opened,
+            options,
+            on_event=on_event,
+            on_listening=on_listening,
+            faults=faults,
+        )
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        raise
+
+
+def _serve(
+    workspace: str | Path,
+    plan: Plan,
+    opened: OpenedRun,
+    options: ServeOptions,
+    *,
+    on_event: EventSink | None,
+    on_listening: Callable[[int], None] | None,
+    faults: FaultPoints | None,
+) -> SimulationResult:
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     task = load_task(ws, plan.task)
@@ -197,10 +224,7 @@ def serve(
             on_listening(port)
         history = aggregator.run()
         completed = True
-    except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        store.mark(run, status, str(err) or type(err).__name__)
-        raise
+        store.mark(run, "completed")
     finally:
         live.stop()
         # Sites waiting for work hear how it ended (finished, or stopped early); those
@@ -212,7 +236,6 @@ def serve(
         source = DataSource(plan, ws, task)
         x, y = source.test_set()
         test = {k: float(v) for k, v in task.evaluate(aggregator.weights, x, y).metrics.items()}
-    store.mark(run, "completed")
     totals = store.reload(run)  # the seconds and bytes of every process that served it
     return SimulationResult(
         plan=plan,
@@ -267,4 +290,4 @@ class _LiveState:
             self._store.write_live(self._run, self._aggregator.snapshot(), rows)
         except Exception as err:  # noqa: BLE001 - status is a convenience, the run goes on
             log.warning("could not write the live state: %s", err)
-            self._unwritten = rows  # tried again next time
+            self._unwritten = rows[-10_000:]  # tried again next time (the newest kept)

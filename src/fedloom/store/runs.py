@@ -49,7 +49,8 @@ log = logging.getLogger("fedloom.aggregator")
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
 
-_FINISHED = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
+# a finished training round: aggregated, checkpointed, and its checkpoint still counts
+FINISHED_ROUND = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class RunStore:
             )
         state, done = None, 0
         rows = self.conn.execute(
-            f"SELECT round, attempt, checkpoint FROM attempts WHERE run = ? AND {_FINISHED} "
+            f"SELECT round, attempt, checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
             "ORDER BY round DESC",
             (run.key,),
         ).fetchall()
@@ -168,7 +169,8 @@ class RunStore:
             self.notes.append("no good checkpoint is left: the run restarts from round 1")
         with self._lock, transaction(self.conn):  # rounds after the one kept rerun
             self.conn.execute(
-                f"UPDATE attempts SET superseded = 1 WHERE run = ? AND round > ? AND {_FINISHED}",
+                "UPDATE attempts SET superseded = 1 "
+                f"WHERE run = ? AND round > ? AND {FINISHED_ROUND}",
                 (run.key, done),
             )
         attempts = dict(
@@ -249,7 +251,7 @@ class RunStore:
     def _prune(self, run: RunInfo) -> None:
         """Delete checkpoints beyond the newest ``keep`` finished rounds."""
         old = self.conn.execute(
-            f"SELECT checkpoint FROM attempts WHERE run = ? AND {_FINISHED} "
+            f"SELECT checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
             "ORDER BY round DESC LIMIT -1 OFFSET ?",
             (run.key, self.keep),
         ).fetchall()
