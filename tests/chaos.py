@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from workspaces import PADDED_TASK
 
 from fedloom.pki import provision
 from fedloom.runtime import launcher
@@ -42,32 +43,6 @@ PLAN = [
     "deadline.round_seconds=300",  # never reached: no close here depends on timing
     "deadline.min_fraction=1.0",
 ]
-# The global model is 8 MB, two 4 MiB chunks each way: "mid-download" and "mid-upload"
-# are between the two.
-TASK = """
-import numpy as np
-from fedloom import TrainOutput
-from fedloom.tasks import SoftmaxRegression
-
-PAD = 2_000_000
-
-
-class Padded(SoftmaxRegression):
-    def init_weights(self, seed):
-        return {**super().init_weights(seed), "pad": np.zeros(PAD, np.float32)}
-
-    def train(self, weights, data, settings, context):
-        core = {k: v for k, v in weights.items() if k != "pad"}
-        out = super().train(core, data, settings, context)
-        pad = weights["pad"] + np.float32(context.round) / 1024  # the pad moves too
-        return TrainOutput({**out.weights, "pad": pad}, out.num_samples, out.metrics)
-
-    def evaluate(self, weights, x, y):
-        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, x, y)
-
-
-task = Padded(num_features=30, num_classes=2)
-"""
 
 # Each restart of the aggregator gets the next one; the last start has none.
 AGGREGATOR_FAULTS = (
@@ -114,7 +89,7 @@ def free_port() -> int:
 
 def make_chaos_workspace(root: Path) -> Path:
     ws = create_workspace(root / "chaos", "breast-cancer")
-    (ws / "task.py").write_text(TASK)
+    (ws / "task.py").write_text(PADDED_TASK)  # two 4 MiB chunks each way
     provision(ws, list(SITES))
     return ws
 

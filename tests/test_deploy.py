@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workspaces import make_workspace, run_cli
+from workspaces import PADDED_TASK, make_workspace, run_cli
 
 from fedloom.pki import provision
 from fedloom.runtime import launcher
@@ -26,6 +26,28 @@ ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 def rows(run_dir: Path) -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def rows_by_round(run_dir: Path) -> dict[int, dict[str, dict[str, Any]]]:
+    """metrics.jsonl as round -> site -> row (the last attempt's row wins)."""
+    by_round: dict[int, dict[str, dict[str, Any]]] = {}
+    for row in rows(run_dir):
+        by_round.setdefault(row["round"], {})[row["site"]] = row
+    return by_round
+
+
+def finish(aggregator: subprocess.Popen[bytes], sites: list[subprocess.Popen[bytes]]) -> None:
+    """The aggregator and every site end cleanly (exit 0)."""
+    out = aggregator.communicate(timeout=300)[0].decode()
+    assert aggregator.returncode == 0, out
+    for proc in sites:
+        assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+
+
+def kill_leftovers(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_grpc_federation_ends_bit_identical_to_the_in_process_run(tmp_path: Path) -> None:
@@ -51,31 +73,6 @@ def test_grpc_federation_ends_bit_identical_to_the_in_process_run(tmp_path: Path
         assert "joined federation" in (state / "collaborator.log").read_text()
     assert not list((ws / "pki").rglob("*site*.key"))
     assert "joined (certificate serial" in (ws / "aggregator" / "aggregator.log").read_text()
-
-
-PADDED_TASK = """
-import numpy as np
-from fedloom import TrainOutput
-from fedloom.tasks import SoftmaxRegression
-
-PAD = 2_000_000  # 8 MB of float32: the update travels in two chunks
-
-
-class Padded(SoftmaxRegression):
-    def init_weights(self, seed):
-        return {**super().init_weights(seed), "pad": np.zeros(PAD, np.float32)}
-
-    def train(self, weights, data, settings, context):
-        core = {k: v for k, v in weights.items() if k != "pad"}
-        out = super().train(core, data, settings, context)
-        return TrainOutput({**out.weights, "pad": weights["pad"]}, out.num_samples, out.metrics)
-
-    def evaluate(self, weights, x, y):
-        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, x, y)
-
-
-task = Padded(num_features=30, num_classes=2)
-"""
 
 
 def start_aggregator(
@@ -127,20 +124,13 @@ def test_a_site_killed_mid_upload_and_restarted_answers_the_same_round(
         doomed = start_site(ws, plan, "site-03", port, "--fault", "site.upload.chunk@2:1")
         assert doomed.wait(timeout=120) == -9  # SIGKILLed, mid-upload of round 2
         sites.append(start_site(ws, plan, "site-03", port))  # restarted
-        out = aggregator.communicate(timeout=300)[0].decode()
-        assert aggregator.returncode == 0, out
-        for proc in sites:
-            assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+        finish(aggregator, sites)
     finally:
-        for proc in (aggregator, *sites):
-            if proc.poll() is None:
-                proc.kill()
+        kill_leftovers(aggregator, *sites)
 
     log = (ws / "aggregator" / "aggregator.log").read_text()
     assert "round 2: update from site-03 rejected: upload broke off" in log
-    by_round: dict[int, dict[str, dict[str, Any]]] = {}
-    for row in rows(ws / "runs" / "killed"):
-        by_round.setdefault(row["round"], {})[row["site"]] = row
+    by_round = rows_by_round(ws / "runs" / "killed")
     # the broken stream was rolled back and the restarted site answered round 2 itself
     for rnd in (1, 2, 3, 4, 5):
         assert {s: r["status"] for s, r in by_round[rnd].items()} == dict.fromkeys(
@@ -162,18 +152,11 @@ def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
     try:
         doomed = start_site(ws, plan, "site-03", port, "--fault", "site.upload.chunk@2:0")
         assert doomed.wait(timeout=120) == -9  # dead for good in round 2
-        out = aggregator.communicate(timeout=300)[0].decode()
-        assert aggregator.returncode == 0, out
-        for proc in sites:
-            assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+        finish(aggregator, sites)
     finally:
-        for proc in (aggregator, *sites):
-            if proc.poll() is None:
-                proc.kill()
+        kill_leftovers(aggregator, *sites)
 
-    by_round: dict[int, dict[str, dict[str, Any]]] = {}
-    for row in rows(ws / "runs" / "silent"):
-        by_round.setdefault(row["round"], {})[row["site"]] = row
+    by_round = rows_by_round(ws / "runs" / "silent")
     assert by_round[1]["site-03"]["status"] == "ok"
     for rnd in (2, 3, 4):  # 4: the final evaluation
         dead = by_round[rnd]["site-03"]
@@ -213,18 +196,11 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
         current = live["live"]["current"]
         assert current["selected"] == ["site-01", "site-02", "site-03", "site-04"]
         assert "site-04" in current["pending"]
-        out = aggregator.communicate(timeout=300)[0].decode()
-        assert aggregator.returncode == 0, out
-        for proc in sites:
-            assert proc.wait(timeout=60) == 0, proc.communicate()[0].decode()
+        finish(aggregator, sites)
     finally:
-        for proc in (aggregator, *sites):
-            if proc.poll() is None:
-                proc.kill()
+        kill_leftovers(aggregator, *sites)
 
-    by_round: dict[int, dict[str, dict[str, Any]]] = {}
-    for row in rows(ws / "runs" / "three"):
-        by_round.setdefault(row["round"], {})[row["site"]] = row
+    by_round = rows_by_round(ws / "runs" / "three")
     assert sorted(by_round) == [1, 2, 3, 4]  # three rounds and the final evaluation
     for answers in by_round.values():
         missing = answers["site-04"]

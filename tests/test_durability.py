@@ -25,7 +25,7 @@ from fedloom.store import load_weights
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy
 from fedloom.transport import UpdateHeader, iter_chunks
-from fedloom.weights import specs_of, weights_equal
+from fedloom.weights import Weights, specs_of, weights_equal
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -74,6 +74,25 @@ def crash_at(point: str, round: int) -> FaultPoints:
 
     faults.arm(point, crash)
     return faults
+
+
+def crashed(
+    make_federation: Any,
+    shift_runner: Any,
+    state_dir: Path,
+    strategy: Callable[[], Strategy],
+    crash_round: int,
+    **cfg: Any,
+) -> Weights:
+    """Run the federation uninterrupted (returns its final weights), then again with
+    state in ``state_dir``, crashing between writing and renaming round
+    ``crash_round``'s checkpoint."""
+    want = uninterrupted(make_federation, shift_runner, strategy(), **cfg)
+    store = RunStore(state_dir, faults=crash_at("state.written", crash_round))
+    with pytest.raises(FaultInjected):
+        journaled(make_federation, shift_runner, store, strategy(), **cfg).finish()
+    store.close()
+    return want
 
 
 def attempts(store: RunStore, run: RunInfo) -> list[tuple[int, int, str | None, int]]:
@@ -176,11 +195,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_last_good_round_used(
     damage: str, make_federation: Any, shift_runner: Any, tmp_path: Path
 ) -> None:
     cfg = {"rounds": 4, "final_evaluation": False}
-    want = uninterrupted(make_federation, shift_runner, FedAdam(), **cfg)
-    store = RunStore(tmp_path, faults=crash_at("state.written", 4))
-    with pytest.raises(FaultInjected):
-        journaled(make_federation, shift_runner, store, FedAdam(), **cfg).finish()
-    store.close()
+    want = crashed(make_federation, shift_runner, tmp_path, FedAdam, 4, **cfg)
     newest = next((tmp_path / "checkpoints").rglob("round-0003.safetensors"))
     harm, symptom = DAMAGE[damage]
     harm(newest)
@@ -205,11 +220,7 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt_from_the_checkpoints(
     make_federation: Any, shift_runner: Any, tmp_path: Path
 ) -> None:
     cfg = {"rounds": 3, "final_evaluation": False}
-    want = uninterrupted(make_federation, shift_runner, FedAvg(), **cfg)
-    store = RunStore(tmp_path, faults=crash_at("state.written", 3))
-    with pytest.raises(FaultInjected):
-        journaled(make_federation, shift_runner, store, FedAvg(), **cfg).finish()
-    store.close()
+    want = crashed(make_federation, shift_runner, tmp_path, FedAvg, 3, **cfg)
     db = tmp_path / "state.db"
     for name in ("state.db-wal", "state.db-shm"):
         (tmp_path / name).unlink(missing_ok=True)
@@ -231,11 +242,7 @@ def test_with_no_good_checkpoint_left_the_run_restarts_from_the_initial_model(
     make_federation: Any, shift_runner: Any, tmp_path: Path
 ) -> None:
     cfg = {"rounds": 2, "final_evaluation": False}
-    want = uninterrupted(make_federation, shift_runner, FedAvg(), **cfg)
-    store = RunStore(tmp_path, faults=crash_at("state.written", 2))
-    with pytest.raises(FaultInjected):
-        journaled(make_federation, shift_runner, store, FedAvg(), **cfg).finish()
-    store.close()
+    want = crashed(make_federation, shift_runner, tmp_path, FedAvg, 2, **cfg)
     (only,) = (tmp_path / "checkpoints").rglob("round-0001.safetensors")
     _flip_last_byte(only)
     store = RunStore(tmp_path)

@@ -48,3 +48,31 @@ def write_training_twist(ws: Path, twist: str, *, result: str = "trained") -> No
         f"        return {result}\n"
         "task = Twisted(num_features=30, num_classes=2)\n"
     )
+
+
+# A model of 8 MB (two 4 MiB chunks each way), so a process can be killed between the
+# chunks of a download or an upload; the pad moves each round, so it is aggregated too.
+PADDED_TASK = """
+import numpy as np
+from fedloom import TrainOutput
+from fedloom.tasks import SoftmaxRegression
+
+PAD = 2_000_000
+
+
+class Padded(SoftmaxRegression):
+    def init_weights(self, seed):
+        return {**super().init_weights(seed), "pad": np.zeros(PAD, np.float32)}
+
+    def train(self, weights, data, settings, context):
+        core = {k: v for k, v in weights.items() if k != "pad"}
+        out = super().train(core, data, settings, context)
+        pad = weights["pad"] + np.float32(context.round) / 1024
+        return TrainOutput({**out.weights, "pad": pad}, out.num_samples, out.metrics)
+
+    def evaluate(self, weights, x, y):
+        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, x, y)
+
+
+task = Padded(num_features=30, num_classes=2)
+"""
