@@ -100,7 +100,8 @@ def run_local_grpc(
     ws = workspace.resolve()
     plan = load_plan(ws, list(overrides))
     states = provision(ws, plan.roster)
-    extra = [*(["--run-name", run_name] if run_name else [])]
+    # a rehearsal starts afresh: an unfinished run left by an earlier one stays on disk
+    extra = ["--new-run", *(["--run-name", run_name] if run_name else [])]
     extra += [*(["--runs-dir", str(runs_dir)] if runs_dir else [])]
     extra += ["--quiet"] if quiet else []
     aggregator, port = start_aggregator(ws, overrides, *extra)
