@@ -822,3 +822,58 @@ def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(
     assert record.failures == (Failure("site-a", 1, FailureKind.ERROR, "out of memory"),)
     want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
     assert weights_equal(fed.aggregator.weights, want)
+
+
+# ---------------------------------------------------------------- silent sites
+
+
+def test_a_site_silent_mid_upload_is_dropped_before_the_deadline_and_rolled_back(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation, dead_after=5.0)
+    delta = _with("w", (0, 0), 9.0)
+    chunks = list(iter_chunks(delta, 8))
+    stalled, release = threading.Event(), threading.Event()
+
+    def stalls() -> Iterable[Chunk]:
+        yield from chunks[:4]  # half of 'w' reaches the sum
+        stalled.set()
+        release.wait(WAIT)
+        yield from chunks[4:]
+
+    slow = fed.spawn(
+        "stalled upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls())
+    )
+    try:
+        assert stalled.wait(WAIT)
+        answer(fed, shift_runner, "site-b", 1, 20)
+        answer(fed, shift_runner, "site-c", 1, 30)
+        fed.clock.advance(4.0)  # b and c keep calling; a has been silent for 4 s
+        fed.connect("site-b").get_task(timeout=0)
+        fed.connect("site-c").get_task(timeout=0)
+        fed.clock.advance(1.5)  # a: 5.5 s of silence; the deadline is 60 s away
+        (record,) = fed.finish()
+    finally:
+        release.set()
+    assert not slow.join().accepted  # its end is refused: the site was settled
+
+    assert record.close_reason is CloseReason.QUORUM  # not "deadline, quorum met"
+    (failure,) = record.failures
+    assert (failure.site, failure.kind) == ("site-a", FailureKind.DISCONNECTED)
+    assert failure.reason == "no sign of life for 5.5 s (dead_after)"
+    want = exact_fedavg(model(), record, b_and_c_in_round_1(shift_runner))
+    assert weights_equal(fed.aggregator.weights, want)  # a's half-update rolled back
+
+
+def test_a_site_never_heard_from_is_not_dropped_for_silence_only_by_the_deadline(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = one_round(make_federation, dead_after=5.0)
+    answer(fed, shift_runner, "site-b", 1, 20)
+    answer(fed, shift_runner, "site-c", 1, 30)
+    fed.clock.advance(30.0)  # far past dead_after: site-a never called, so not "dead"
+    assert fed.loop is not None and fed.loop.thread.is_alive()
+    fed.pass_deadline()
+    (record,) = fed.finish()
+    assert record.close_reason is CloseReason.DEADLINE_QUORUM
+    assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.TIMEOUT)]

@@ -454,9 +454,8 @@ class Aggregator:
             reason = f"no sign of life for {now - self.last_seen[site]:.1f} s (dead_after)"
             if site in opened.broke:
                 reason += f"; its last upload broke off: {opened.broke[site]}"
-            contribution = opened.uploading.pop(site, None)
-            if contribution is not None:
-                contribution.abort(reason)
+            # an upload still open stays in `uploading`: the round's close rolls it back
+            # outside the lock, or it is refused when it ends (the site is settled)
             self._record(
                 opened, site, failure=Failure(site, opened.round, FailureKind.DISCONNECTED, reason)
             )
