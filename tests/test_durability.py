@@ -56,7 +56,8 @@ def journaled(
     run = store.latest_run()
     if run is None:
         run = store.new_run("r", store.state_dir / "runs" / "r", "hash", "{}")
-    kwargs: dict[str, Any] = {"journal": store.journal(run, lambda: (0, 0))}
+    journal = store.journal(run, lambda: (0, 0), rounds=cfg.get("rounds"))
+    kwargs: dict[str, Any] = {"journal": journal}
     if resume:
         kwargs["resume"] = store.resume(run, lambda: strategy.init(make_tiny_weights()))
     fed = make_federation(make_tiny_weights(), strategy=strategy, **kwargs, **cfg)
@@ -238,6 +239,20 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt_from_the_checkpoints(
     assert weights_equal(resumed.aggregator.weights, want)
 
 
+def test_a_rebuilt_run_whose_training_had_finished_is_not_resumed(
+    make_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    store = RunStore(tmp_path)
+    cfg = {"rounds": 2, "final_evaluation": False}
+    journaled(make_federation, shift_runner, store, FedAvg(), **cfg).finish()
+    store.close()
+    (tmp_path / "state.db").write_bytes(b"garbage" * 100)
+    store = RunStore(tmp_path)
+    assert "up to round 2 (its training had finished)" in store.notes[1]
+    run = store.latest_run()
+    assert run is not None and (run.status, run.rebuilt) == ("completed", True)
+
+
 def test_with_no_good_checkpoint_left_the_run_restarts_from_the_initial_model(
     make_federation: Any, shift_runner: Any, tmp_path: Path
 ) -> None:
@@ -261,6 +276,8 @@ def test_resume_new_run_plan_change_and_a_second_aggregator(tmp_path: Path) -> N
         open_run(ws, three, run_dir=lambda: ws / "runs" / "b")
     first.close()
 
+    with pytest.raises(StateError, match="--run-name 'other': the unfinished run 'a' would resume"):
+        open_run(ws, three, run_name="other", run_dir=lambda: ws / "runs" / "other")
     again = open_run(ws, three, run_dir=lambda: pytest.fail("a resumed run has its folder"))
     assert again.run.run_id == first.run.run_id
     assert again.resume is not None and again.resume.next_round == 1
@@ -333,3 +350,23 @@ def test_a_damaged_checkpoint_found_at_start_is_said_and_the_run_resumes_from_th
     assert "the checkpoint of round 2 is unusable" in (ws / "aggregator/aggregator.log").read_text()
     final = load_weights(ws / "runs" / "run" / "final.safetensors")
     assert weights_equal(final, load_weights(ws / "runs" / "ref" / "final.safetensors"))
+
+
+def test_a_run_that_ended_after_its_final_evaluation_is_not_run_again(
+    make_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    """Killed after the final evaluation closed, before the run was marked completed:
+    the next start marks it completed and begins a new run, instead of waiting for
+    sites that have already gone home."""
+    ws = make_workspace(tmp_path, "breast-cancer")
+    plan = load_plan(ws, ["rounds=2"])
+    opened = open_run(ws, plan, run_dir=lambda: ws / "runs" / "done")
+    journaled(make_federation, shift_runner, opened.store, FedAvg(), rounds=2).finish()
+    opened.close()  # its status still says running, as after a SIGKILL
+
+    after = open_run(ws, plan, run_dir=lambda: ws / "runs" / "next")
+    assert after.resume is None and after.run.name == "next"
+    assert "run 'done' had finished; a new run starts" in after.notes
+    previous = after.store.conn.execute("SELECT status FROM runs WHERE name = 'done'").fetchone()
+    assert previous == ("completed",)
+    after.close()

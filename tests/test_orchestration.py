@@ -20,6 +20,7 @@ from conftest import SpoolWatch, task_id
 
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
+from fedloom.collaborator import Collaborator
 from fedloom.errors import FaultInjected, QuorumError, TransportError
 from fedloom.orchestration import (
     Aggregator,
@@ -877,3 +878,25 @@ def test_a_site_never_heard_from_is_not_dropped_for_silence_only_by_the_deadline
     (record,) = fed.finish()
     assert record.close_reason is CloseReason.DEADLINE_QUORUM
     assert [(f.site, f.kind) for f in record.failures] == [("site-a", FailureKind.TIMEOUT)]
+
+
+def test_a_retry_gives_a_site_dropped_for_silence_its_own_dead_after_to_come_back(
+    make_federation: Any, shift_runner: Any
+) -> None:
+    fed = make_federation(model(), rounds=1, final_evaluation=False, dead_after=5.0, max_retries=1)
+    fed.start_site("site-a", shift_runner(0, 10))
+    fed.start_site("site-b", shift_runner(1, 20))
+    fed.start()
+    fed.log.wait_opened(1)
+    assert fed.connect("site-c").get_task(timeout=0) is not None  # heard from, then silent
+    fed.clock.advance(5.5)  # attempt 1: site-c dropped, no quorum without it
+    fed.log.wait_opened(1, attempt=2)
+    # the retry opened at once; site-c's old silence does not drop it again at once
+    late = Collaborator(fed.connect("site-c"), shift_runner(2, 30))
+    assert late.step(timeout=0)
+    (first, second) = fed.finish()
+
+    assert first.close_reason is CloseReason.NO_QUORUM
+    dropped = [f for f in first.failures if f.site == "site-c"]
+    assert [f.kind for f in dropped] == [FailureKind.DISCONNECTED]
+    assert (second.attempt, second.close_reason) == (2, CloseReason.ALL_ANSWERED)

@@ -190,6 +190,7 @@ class _OpenRound:
     failures: dict[str, Failure] = field(default_factory=dict)
     # sites streaming an answer, with the contribution it is folded into once it begins
     uploading: dict[str, Contribution | None] = field(default_factory=dict)
+    opened_at: float = 0.0  # clock time the attempt opened
     received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
     broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
     attempt: int = 1
@@ -384,6 +385,7 @@ class Aggregator:
                 deadline=self.clock.now() + cfg.round_deadline,
                 pending=set(selected),
                 attempt=attempt,
+                opened_at=self.clock.now(),
             )
             self._open = self._running = opened
             self._cond.notify_all()
@@ -436,7 +438,9 @@ class Aggregator:
         holds the lock); return when the next one would be, or None if any was dropped.
 
         Only sites this aggregator has heard from count: one never seen (not started
-        yet, or still reconnecting after a restart) waits for the deadline."""
+        yet, or still reconnecting after a restart) waits for the deadline. Silence
+        counts from the attempt's opening at the earliest, so every attempt (a retry
+        too) gives each site ``dead_after`` seconds to speak."""
         dead_after = self.config.dead_after
         if dead_after is None:
             return opened.deadline
@@ -446,12 +450,14 @@ class Aggregator:
             seen = self.last_seen.get(site)
             if seen is None:
                 continue
+            seen = max(seen, opened.opened_at)
             if now - seen >= dead_after:
                 dropped.append(site)
             else:
                 wake = min(wake, seen + dead_after)
         for site in dropped:
-            reason = f"no sign of life for {now - self.last_seen[site]:.1f} s (dead_after)"
+            silent = now - self.last_seen[site]
+            reason = f"no sign of life for {silent:.1f} s (dead_after)"
             if site in opened.broke:
                 reason += f"; its last upload broke off: {opened.broke[site]}"
             # an upload still open stays in `uploading`: the round's close rolls it back

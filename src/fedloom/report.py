@@ -92,18 +92,22 @@ class RunRecorder:
         self.rounds_closed = 0
 
     @classmethod
-    def reopen(cls, run_dir: Path, history: Iterable[RoundRecord]) -> RunRecorder:
+    def reopen(
+        cls, run_dir: Path, history: Iterable[RoundRecord], *, rewrite: bool = True
+    ) -> RunRecorder:
         """Carry on a resumed run's folder: ``metrics.jsonl`` is rewritten from the
-        recorded history (the state database is the record), then grows as before."""
+        recorded history (the state database is the record), then grows as before.
+        Without ``rewrite`` (the database lost its per-site records), it is appended to."""
         recorder = cls.__new__(cls)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = run_dir / "metrics.jsonl.tmp"
-            with open(tmp, "w") as fh:
-                for record in history:
-                    for row in record_rows(record):
-                        fh.write(json.dumps(row, sort_keys=True) + "\n")
-            tmp.replace(run_dir / "metrics.jsonl")
+            if rewrite:
+                tmp = run_dir / "metrics.jsonl.tmp"
+                with open(tmp, "w") as fh:
+                    for record in history:
+                        for row in record_rows(record):
+                            fh.write(json.dumps(row, sort_keys=True) + "\n")
+                tmp.replace(run_dir / "metrics.jsonl")
             recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
         except OSError as err:
             raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err

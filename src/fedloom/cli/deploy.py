@@ -29,7 +29,6 @@ from fedloom.cli.common import (
     errors,
     friendly,
 )
-from fedloom.errors import WorkspaceError
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
@@ -158,6 +157,7 @@ def aggregator_start(
         plan,
         new_run=new_run,
         run_dir=new_run_dir,
+        run_name=run_name,
         keep_checkpoints=keep_checkpoints,
         faults=faults,
     )
@@ -170,12 +170,10 @@ def aggregator_start(
         if resume is None:
             recorder = made[0]
         else:
-            if run_name is not None and run_name != opened.run.name:
-                raise WorkspaceError(
-                    f"--run-name {run_name!r}: this resumes the unfinished run {opened.run.name!r}",
-                    hint="leave out --run-name to resume it, or pass --new-run",
-                )
-            recorder = RunRecorder.reopen(opened.run.run_dir, resume.history)
+            # a run rebuilt from its checkpoints has no per-site records to rewrite from
+            recorder = RunRecorder.reopen(
+                opened.run.run_dir, resume.history, rewrite=not opened.run.rebuilt
+            )
             resumed = (
                 f"resuming run {opened.run.name!r} from round {resume.next_round} of {plan.rounds}"
             )

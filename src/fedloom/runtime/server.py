@@ -24,10 +24,11 @@ from typing import IO
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import StateError
-from fedloom.orchestration import Aggregator, Event, Resume
+from fedloom.orchestration import Aggregator, CloseReason, Event, Resume
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
+from fedloom.records import InstructionKind
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
@@ -95,12 +96,14 @@ def open_run(
     *,
     new_run: bool = False,
     run_dir: Callable[[], Path],
+    run_name: str | None = None,
     keep_checkpoints: int = 3,
     faults: FaultPoints | None = None,
 ) -> OpenedRun:
     """Lock the workspace's aggregator state and pick the run: the latest unfinished one
-    resumes (its plan hash must match), unless ``new_run``; otherwise a new run, whose
-    folder ``run_dir()`` names. A damaged state is reported in ``notes``, never used."""
+    resumes (its plan hash must match, and its name ``run_name`` if given), unless
+    ``new_run``; otherwise a new run, whose folder ``run_dir()`` names. A damaged state
+    is reported in ``notes``, never used."""
     ws = Path(workspace).resolve()
     state_dir = state_dir_of(ws)
     lock = lock_state(state_dir)
@@ -120,10 +123,19 @@ def open_run(
                     hint="start it with the plan (and overrides) it began with to resume it, "
                     "or pass --new-run to start afresh (the old run stays on disk)",
                 )
+            if run_name is not None and run_name != latest.name:
+                raise StateError(
+                    f"--run-name {run_name!r}: the unfinished run {latest.name!r} would resume",
+                    hint="leave out --run-name to resume it, or pass --new-run",
+                )
             strategy = build_strategy(plan.strategy.name, plan.strategy_params)
             task = load_task(ws, plan.task)
             resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
-            return OpenedRun(store, latest, resume, store.notes, lock)
+            if not _evaluated(resume, plan):
+                return OpenedRun(store, latest, resume, store.notes, lock)
+            # it ended after its final evaluation, before it could say so: it is done
+            store.mark(latest, "completed")
+            store.notes.append(f"run {latest.name!r} had finished; a new run starts")
         plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
         path = run_dir()
         run = store.new_run(path.name, path, digest, plan_json)
@@ -132,6 +144,16 @@ def open_run(
         store.close()
         lock.close()
         raise
+
+
+def _evaluated(resume: Resume, plan: Plan) -> bool:
+    """Every round trained and the final evaluation (if the plan has one) closed."""
+    if resume.next_round <= plan.rounds:
+        return False
+    return not plan.evaluation.final or any(
+        r.kind is InstructionKind.EVALUATE and r.close_reason is not CloseReason.STOPPED
+        for r in resume.history
+    )
 
 
 def serve(
@@ -194,7 +216,7 @@ def _serve(
     config = dataclasses.replace(
         federation_config(plan), run_id=run.run_id, dead_after=options.silence_limit
     )
-    journal = store.journal(run, lambda: (traffic.sent, traffic.received))
+    journal = store.journal(run, lambda: (traffic.sent, traffic.received), rounds=plan.rounds)
     aggregator = Aggregator(
         config,
         build_strategy(plan.strategy.name, plan.strategy_params),

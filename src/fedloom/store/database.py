@@ -31,7 +31,8 @@ CREATE TABLE runs (
     error TEXT,
     elapsed REAL NOT NULL DEFAULT 0,    -- seconds of rounds, over every process
     bytes_sent INTEGER NOT NULL DEFAULT 0,
-    bytes_received INTEGER NOT NULL DEFAULT 0
+    bytes_received INTEGER NOT NULL DEFAULT 0,
+    rebuilt INTEGER NOT NULL DEFAULT 0  -- 1: rebuilt from checkpoints, per-site records lost
 );
 CREATE TABLE attempts (
     run INTEGER NOT NULL REFERENCES runs(id),

@@ -66,6 +66,7 @@ class RunInfo:
     elapsed: float
     bytes_sent: int
     bytes_received: int
+    rebuilt: bool = False  # rebuilt from its checkpoints: its per-site records were lost
 
 
 class RunStore:
@@ -242,8 +243,12 @@ class RunStore:
 
     # --------------------------------------------------------------- journal
 
-    def journal(self, run: RunInfo, traffic: Callable[[], tuple[int, int]]) -> RunJournal:
-        return RunJournal(self, run, traffic)
+    def journal(
+        self, run: RunInfo, traffic: Callable[[], tuple[int, int]], *, rounds: int | None = None
+    ) -> RunJournal:
+        """The journal of ``run``; ``rounds`` (the plan's) goes into each checkpoint, so a
+        run rebuilt from its checkpoints knows whether its training had finished."""
+        return RunJournal(self, run, traffic, rounds)
 
     def _checkpoint_path(self, run: RunInfo, rnd: int) -> Path:
         return self.state_dir / CHECKPOINTS / run.run_id / f"round-{rnd:04d}.safetensors"
@@ -274,17 +279,20 @@ class RunStore:
                     continue
             if not found:
                 continue
-            meta = found[-1][2]
+            newest, meta = found[-1][0], found[-1][2]
+            # training that reached the plan's last round is not resumed (it had finished)
+            trained = "fedloom.rounds" in meta and newest >= int(meta["fedloom.rounds"])
             with self._lock, transaction(self.conn):
                 cur = self.conn.execute(
                     "INSERT INTO runs (run_id, name, run_dir, plan_hash, plan_json, started, "
-                    "status, error) VALUES (?, ?, ?, ?, '{}', ?, 'interrupted', ?)",
+                    "status, error, rebuilt) VALUES (?, ?, ?, ?, '{}', ?, ?, ?, 1)",
                     (
                         folder.name,
                         meta.get("fedloom.run_name", folder.name),
                         meta.get("fedloom.run_dir", ""),
                         meta.get("fedloom.plan_hash", ""),
                         folder.stat().st_mtime,
+                        "completed" if trained else "interrupted",
                         "rebuilt from its checkpoints: the state database was damaged",
                     ),
                 )
@@ -295,7 +303,8 @@ class RunStore:
                         (cur.lastrowid, rnd, path.stat().st_mtime, path.stat().st_mtime, str(path)),
                     )
             self.notes.append(
-                f"run {folder.name}: {len(found)} checkpoint(s) found, up to round {found[-1][0]}"
+                f"run {folder.name}: {len(found)} checkpoint(s) found, up to round {newest}"
+                + (" (its training had finished)" if trained else "")
             )
 
 
@@ -303,10 +312,15 @@ class RunJournal:
     """The round loop's :class:`~fedloom.orchestration.Journal` for one run."""
 
     def __init__(
-        self, store: RunStore, run: RunInfo, traffic: Callable[[], tuple[int, int]]
+        self,
+        store: RunStore,
+        run: RunInfo,
+        traffic: Callable[[], tuple[int, int]],
+        rounds: int | None = None,
     ) -> None:
         self.store = store
         self.run = run
+        self._rounds = rounds
         self._traffic = traffic  # (sent, received) by this process so far
         self._started = time.perf_counter()
         self._base = (run.elapsed, run.bytes_sent, run.bytes_received)
@@ -342,6 +356,7 @@ class RunJournal:
                     "fedloom.run_name": self.run.name,
                     "fedloom.run_dir": str(self.run.run_dir),
                     "fedloom.plan_hash": self.run.plan_hash,
+                    **({} if self._rounds is None else {"fedloom.rounds": str(self._rounds)}),
                 },
                 before_rename=lambda tmp: s.faults.hit("state.written", round=record.round),
             )
@@ -393,13 +408,24 @@ def event_row(event: Event) -> EventRow:
     return (now, "joined", None, event.site, "first call since the aggregator started")
 
 
-_RUN_COLUMNS = "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received"
+_RUN_COLUMNS = (
+    "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received, rebuilt"
+)
 
 
 def _run_info(row: Iterable[Any]) -> RunInfo:
-    key, run_id, name, run_dir, plan_hash, status, elapsed, sent, received = row
+    key, run_id, name, run_dir, plan_hash, status, elapsed, sent, received, rebuilt = row
     return RunInfo(
-        key, run_id, name, Path(run_dir), plan_hash, status, float(elapsed), sent, received
+        key,
+        run_id,
+        name,
+        Path(run_dir),
+        plan_hash,
+        status,
+        float(elapsed),
+        sent,
+        received,
+        bool(rebuilt),
     )
 
 
