@@ -4,6 +4,7 @@ written over) and the last good round used. Real SQLite files, real checkpoints.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -370,3 +371,18 @@ def test_a_run_that_ended_after_its_final_evaluation_is_not_run_again(
     previous = after.store.conn.execute("SELECT status FROM runs WHERE name = 'done'").fetchone()
     assert previous == ("completed",)
     after.close()
+
+
+def test_a_database_with_other_tables_is_moved_aside_not_used(tmp_path: Path) -> None:
+    """A state.db of another layout (an older fedloom) is never written into."""
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.executescript("PRAGMA user_version=1; CREATE TABLE runs (id INTEGER PRIMARY KEY);")
+    db.close()
+    store = RunStore(tmp_path)
+    assert "its tables are not the ones this version of fedloom writes" in store.notes[0]
+    (aside,) = tmp_path.glob("state.db.corrupt-*")
+    with sqlite3.connect(aside) as old:
+        assert old.execute("SELECT name FROM sqlite_master").fetchall() == [("runs",)]
+    old.close()
+    assert store.latest_run() is None  # a fresh database, nothing to resume
+    store.close()

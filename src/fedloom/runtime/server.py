@@ -141,6 +141,8 @@ def open_run(
         run = store.new_run(path.name, path, digest, plan_json)
         return OpenedRun(store, run, None, store.notes, lock)
     except BaseException:
+        for note in store.notes:  # what was found before the refusal is not lost
+            log.warning("state: %s", note)
         store.close()
         lock.close()
         raise
@@ -214,7 +216,11 @@ def _serve(
 
     resume = opened.resume
     config = dataclasses.replace(
-        federation_config(plan), run_id=run.run_id, dead_after=options.silence_limit
+        federation_config(plan),
+        # a run rebuilt from its checkpoints lost its attempt numbers: its task ids differ
+        # from every earlier one, so no answer sent before the rebuild can match
+        run_id=run.run_id + ("r" if run.rebuilt else ""),
+        dead_after=options.silence_limit,
     )
     journal = store.journal(run, lambda: (traffic.sent, traffic.received), rounds=plan.rounds)
     aggregator = Aggregator(

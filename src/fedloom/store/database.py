@@ -143,12 +143,30 @@ def _check(path: Path) -> str | None:
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version != SCHEMA_VERSION:
                 return f"schema version {version}, expected {SCHEMA_VERSION}"
-            conn.execute("SELECT count(*) FROM runs, attempts LIMIT 1").fetchone()
+            if _columns(conn) != _expected_columns():
+                return "its tables are not the ones this version of fedloom writes"
         finally:
             conn.close()
     except sqlite3.DatabaseError as err:
         return str(err)
     return None
+
+
+def _columns(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    tables = [t for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return {
+        t: [row[1] for row in conn.execute(f"PRAGMA table_info({t})")]  # noqa: S608 - names from the schema
+        for t in sorted(tables)
+    }
+
+
+def _expected_columns() -> dict[str, list[str]]:
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        return _columns(conn)
+    finally:
+        conn.close()
 
 
 def _move_aside(path: Path) -> Path:

@@ -330,7 +330,16 @@ def _chunks(requests: Iterator[bytes], traffic: TrafficCounter) -> Iterator[Chun
     :class:`TransportError`, so it counts as disconnected, not as a site that sent too
     little."""
     count = 0
-    for raw in requests:
+    received = iter(requests)
+    while True:
+        try:
+            raw = next(received)
+        except StopIteration:
+            break
+        except grpc.RpcError as err:  # the client went away mid-stream
+            code = err.code() if hasattr(err, "code") else None
+            why = getattr(code, "name", None) or type(err).__name__
+            raise TransportError(f"the stream was cut off after {count} chunks ({why})") from err
         traffic.add(received=len(raw))
         try:
             item = serde.decode_upload_item(raw)
@@ -344,7 +353,7 @@ def _chunks(requests: Iterator[bytes], traffic: TrafficCounter) -> Iterator[Chun
             raise UpdateRejected("a second header inside one upload")
         count += 1
         yield item
-    raise TransportError("the stream was cut off before its end (the site vanished?)")
+    raise TransportError(f"the stream was cut off after {count} chunks, before its end")
 
 
 def _decode(context: grpc.ServicerContext, kind: type[Any], data: bytes) -> Any:
