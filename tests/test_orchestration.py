@@ -627,29 +627,38 @@ def b_and_c_in_round_1(runner_cls: Any) -> dict[str, tuple[Weights, int]]:
     }
 
 
+class StalledUpload:
+    """site-a's round-1 upload of ``delta`` in 8-byte chunks, held after its first four
+    (half of 'w' reaches the sum) until :attr:`release` is set; the chunks offered after
+    that are kept in :attr:`offered_late`."""
+
+    def __init__(self, fed: Any, delta: Weights) -> None:
+        self.chunks = list(iter_chunks(delta, 8))
+        self.stalled, self.release = threading.Event(), threading.Event()
+        self.offered_late: list[Chunk] = []
+        self.worker = fed.spawn(
+            "stalled upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=self._stream())
+        )
+
+    def _stream(self) -> Iterable[Chunk]:
+        yield from self.chunks[:4]
+        self.stalled.set()
+        self.release.wait(WAIT)
+        for chunk in self.chunks[4:]:
+            self.offered_late.append(chunk)
+            yield chunk
+
+
 def test_stream_stalled_at_the_deadline_is_rolled_back_and_refused_later(
     make_federation: Any, shift_runner: Any
 ) -> None:
     fed = one_round(make_federation)
     delta = _with("w", (0, 0), 9.0)
     delta["b"][:] = 3.0
-    chunks = list(iter_chunks(delta, 8))
-    stalled, release = threading.Event(), threading.Event()
-    offered_late: list[Chunk] = []
-
-    def stalls() -> Iterable[Chunk]:
-        yield from chunks[:4]  # half of 'w' reaches the sum
-        stalled.set()
-        release.wait(WAIT)
-        for chunk in chunks[4:]:
-            offered_late.append(chunk)
-            yield chunk
-
-    slow = fed.spawn(
-        "stalled upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls())
-    )
+    upload = StalledUpload(fed, delta)
+    slow, release = upload.worker, upload.release
     try:
-        assert stalled.wait(WAIT)
+        assert upload.stalled.wait(WAIT)
         answer(fed, shift_runner, "site-b", 1, 20)
         answer(fed, shift_runner, "site-c", 1, 30)
         fed.pass_deadline()  # the round closes without waiting for site-a's stream
@@ -665,7 +674,7 @@ def test_stream_stalled_at_the_deadline_is_rolled_back_and_refused_later(
     receipt = slow.join()
     assert not receipt.accepted
     assert receipt.reason == "round 1 closed while the update streamed"
-    assert [c.offset for c in offered_late] == [chunks[4].offset]  # refused at once
+    assert [c.offset for c in upload.offered_late] == [upload.chunks[4].offset]  # refused at once
 
 
 def test_failure_part_way_through_a_stream_rolls_back_what_was_folded(
@@ -832,21 +841,10 @@ def test_a_site_silent_mid_upload_is_dropped_before_the_deadline_and_rolled_back
     make_federation: Any, shift_runner: Any
 ) -> None:
     fed = one_round(make_federation, dead_after=5.0)
-    delta = _with("w", (0, 0), 9.0)
-    chunks = list(iter_chunks(delta, 8))
-    stalled, release = threading.Event(), threading.Event()
-
-    def stalls() -> Iterable[Chunk]:
-        yield from chunks[:4]  # half of 'w' reaches the sum
-        stalled.set()
-        release.wait(WAIT)
-        yield from chunks[4:]
-
-    slow = fed.spawn(
-        "stalled upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls())
-    )
+    upload = StalledUpload(fed, _with("w", (0, 0), 9.0))
+    slow, release = upload.worker, upload.release
     try:
-        assert stalled.wait(WAIT)
+        assert upload.stalled.wait(WAIT)
         answer(fed, shift_runner, "site-b", 1, 20)
         answer(fed, shift_runner, "site-c", 1, 30)
         fed.clock.advance(4.0)  # b and c keep calling; a has been silent for 4 s
