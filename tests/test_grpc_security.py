@@ -31,6 +31,7 @@ from fedloom.pki import (
 )
 from fedloom.records import FailureKind
 from fedloom.transport import Chunk, UpdateHeader, iter_chunks
+from fedloom.transport.grpc.client import certificate_refused
 from fedloom.transport.grpc.wire import channel_options, path
 from fedloom.weights import Weights, specs_of
 
@@ -342,3 +343,33 @@ def test_one_site_cannot_take_every_server_thread(
     while sum(t.server.gate._in_flight.values()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sum(t.server.gate._in_flight.values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("details", "refused"),
+    [
+        (  # the site does not trust the aggregator's certificate
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:40079: "
+            "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL "
+            "routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: unable to get local issuer "
+            "certificate: OK",
+            True,
+        ),
+        (  # the aggregator was killed while a handshake was under way
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:41053: "
+            "Handshake read failed (recvmsg:Connection reset by peer (104))",
+            False,
+        ),
+        (  # the aggregator is not listening (restarting)
+            "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:41053: "
+            "Connection refused",
+            False,
+        ),
+    ],
+)
+def test_a_certificate_refusal_is_told_from_a_connection_that_broke(
+    details: str, refused: bool
+) -> None:
+    """Messages seen from grpcio on this machine: only a refused certificate ends a
+    collaborator (exit 11); a broken handshake is retried like any outage."""
+    assert certificate_refused(details) is refused

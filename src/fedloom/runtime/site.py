@@ -155,8 +155,10 @@ def participate(
             except (AccessDenied, AggregatorLost):
                 raise
             except TransportError as err:
-                progress.failed.add(progress.current)
-                report(f"round {progress.current}: {err.message}", failed=True)
+                working = collaborator.current  # None: it was only asking for work
+                if working is not None:
+                    progress.failed.add(working.round)
+                report(f"round {progress.current}: {err.message}", failed=working is not None)
                 continue
             receipt, collaborator.last_receipt = collaborator.last_receipt, None
             if receipt is None or receipt.round != progress.current:
@@ -166,9 +168,11 @@ def participate(
                 report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
             elif receipt.bytes_received:
                 progress.rounds_done += 1
+                progress.failed.discard(receipt.round)  # answered in the end (a retry)
                 report(f"round {receipt.round}: update accepted ({receipt.bytes_received} bytes)")
             else:
                 progress.evaluated = True
+                progress.failed.discard(receipt.round)
                 report(f"round {receipt.round}: evaluation of the final model accepted")
         finished = collaborator.finished
         if finished is not None and not finished.config.get("completed", True):

@@ -222,6 +222,7 @@ class GrpcConnection:
         ``connect_seconds`` since it last answered (forever when that is ``None``)."""
         s = self.settings
         attempt = 0
+        refusals = 0  # certificate refusals in a row: three are taken as final
         while True:
             try:
                 result = call()
@@ -230,8 +231,11 @@ class GrpcConnection:
             else:
                 self._last_contact = time.monotonic()
                 return result
-            if not isinstance(error, _Unreachable) or error.handshake and attempt >= 2:
-                raise error.final() if isinstance(error, _Unreachable) else error
+            if not isinstance(error, _Unreachable):
+                raise error
+            refusals = refusals + 1 if error.handshake else 0
+            if refusals >= 3:
+                raise error.final()
             silent = time.monotonic() - self._last_contact
             if s.connect_seconds is not None and silent >= s.connect_seconds:
                 raise error.final()
@@ -264,14 +268,21 @@ class _NoSession(TransportError):
     """The aggregator does not know this site's session (it restarted): say Hello."""
 
 
+def certificate_refused(details: str) -> bool:
+    """Whether gRPC's UNAVAILABLE ``details`` say a certificate was refused in the TLS
+    handshake (for good), rather than that the connection broke during it (the
+    aggregator restarting, the network: worth retrying), however that is worded."""
+    lowered = details.lower()
+    refused = ("certificate", "verify", "ssl_error_ssl", "alert", "hostname", "peer name")
+    broken = ("connection reset", "socket closed", "broken pipe", "connection refused")
+    return any(w in lowered for w in refused) and not any(w in lowered for w in broken)
+
+
 def _translate(err: grpc.RpcError, name: str) -> FedloomError:
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
-        lowered = details.lower()
-        words = ("handshake", "ssl", "certificate", "tls", "hostname")
-        handshake = any(w in lowered for w in words)
-        return _Unreachable(f"{name}: {details}", handshake=handshake)
+        return _Unreachable(f"{name}: {details}", handshake=certificate_refused(details))
     if code == grpc.StatusCode.UNAUTHENTICATED and "hello" in details.lower():
         return _NoSession(f"{name}: {details}")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
