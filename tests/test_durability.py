@@ -4,12 +4,15 @@ written over) and the last good round used. Real SQLite files, real checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from chaos import ENV, free_port
 from conftest import make_tiny_weights, task_id
@@ -22,9 +25,10 @@ from fedloom.pki import provision
 from fedloom.plan import load_plan
 from fedloom.runtime import launcher
 from fedloom.runtime.server import open_run
-from fedloom.store import load_weights
+from fedloom.store import load_state, load_weights, save_state
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy
+from fedloom.strategies.state import StrategyState
 from fedloom.transport import UpdateHeader, iter_chunks
 from fedloom.weights import Weights, specs_of, weights_equal
 
@@ -367,10 +371,16 @@ def test_a_run_that_ended_after_its_final_evaluation_is_not_run_again(
 
     after = open_run(ws, plan, run_dir=lambda: ws / "runs" / "next")
     assert after.resume is None and after.run.name == "next"
-    assert "run 'done' had finished; a new run starts" in after.notes
+    final = ws / "runs" / "done" / "final.safetensors"
+    assert f"run 'done' had finished (its final model is in {final}); a new run starts" in (
+        after.notes
+    )
     previous = after.store.conn.execute("SELECT status FROM runs WHERE name = 'done'").fetchone()
     assert previous == ("completed",)
     after.close()
+    # the final model the killed process never wrote is the last round's, from its checkpoint
+    (last,) = (ws / "aggregator" / "checkpoints").rglob("round-0002.safetensors")
+    assert weights_equal(load_weights(final), load_state(last).weights)
 
 
 def test_a_database_with_other_tables_is_moved_aside_not_used(tmp_path: Path) -> None:
@@ -386,3 +396,70 @@ def test_a_database_with_other_tables_is_moved_aside_not_used(tmp_path: Path) ->
     old.close()
     assert store.latest_run() is None  # a fresh database, nothing to resume
     store.close()
+
+
+def test_an_attempt_closed_twice_keeps_its_first_record(
+    make_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    """An interrupt landing just after a round's commit records a stop for the same
+    attempt: it must neither undo the finished round nor duplicate its results."""
+    store = RunStore(tmp_path)
+    fed = journaled(make_federation, shift_runner, store, FedAvg(), rounds=1)
+    fed.finish()
+    run = store.latest_run()
+    assert run is not None
+    (finished, *_) = fed.aggregator.history
+    again = dataclasses.replace(finished, close_reason=CloseReason.STOPPED)
+    store.journal(run, lambda: (0, 0)).closed(again, None)
+    assert attempts(store, run)[0] == (1, 1, "all answered", 0)
+    (results,) = store.conn.execute(
+        "SELECT count(*) FROM results WHERE run = ? AND round = 1", (run.key,)
+    ).fetchone()
+    assert results == len(SITES)
+    resume = store.resume(run, lambda: pytest.fail("round 1's checkpoint is there"))
+    assert resume.next_round == 2
+
+
+def test_a_moved_workspace_resumes_from_its_checkpoints(
+    make_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    cfg = {"rounds": 3, "final_evaluation": False}
+    crashed(make_federation, shift_runner, tmp_path / "here" / "aggregator", FedAvg, 3, **cfg)
+    shutil.move(tmp_path / "here", tmp_path / "there")  # restored from a backup elsewhere
+    store = RunStore(tmp_path / "there" / "aggregator")
+    run = store.latest_run()
+    assert run is not None and run.run_dir == tmp_path / "there" / "aggregator" / "runs" / "r"
+    resume = store.resume(run, lambda: pytest.fail("the checkpoints moved with it"))
+    assert resume.next_round == 3 and store.notes == []  # no checkpoint "missing"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [b"\xff" * 8, (2**63).to_bytes(8, "little"), (10**6).to_bytes(8, "little")],
+    ids=["huge", "past 2**63", "past the end"],
+)
+def test_a_checkpoint_with_a_garbage_header_length_is_a_state_error(
+    damage: bytes, tmp_path: Path
+) -> None:
+    path = tmp_path / "round-0001.safetensors"
+    save_state(path, StrategyState(weights=make_tiny_weights()))
+    path.write_bytes(damage + path.read_bytes()[8:])
+    with pytest.raises(StateError, match="not a valid safetensors file"):
+        load_state(path)
+
+
+def test_the_digest_covers_the_strategy_scalars(tmp_path: Path) -> None:
+    path = tmp_path / "state.safetensors"
+    save_state(path, StrategyState(weights=make_tiny_weights(), scalars={"step": 2}))
+    data = path.read_bytes()
+    assert data.count(b'\\"step\\": 2') == 1  # JSON inside the JSON header
+    path.write_bytes(data.replace(b'\\"step\\": 2', b'\\"step\\": 3'))
+    with pytest.raises(StateError, match="do not match the SHA-256"):
+        load_state(path)
+
+
+def test_big_endian_arrays_are_written_in_safetensors_byte_order(tmp_path: Path) -> None:
+    weights = {"w": np.arange(6, dtype=">f4").reshape(2, 3), "n": np.array(7, dtype=">i8")}
+    save_state(tmp_path / "s.safetensors", StrategyState(weights=weights))
+    back = load_state(tmp_path / "s.safetensors").weights
+    assert back["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and int(back["n"]) == 7

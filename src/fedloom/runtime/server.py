@@ -31,6 +31,7 @@ from fedloom.plan import Plan, plan_hash
 from fedloom.records import InstructionKind
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
+from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
 from fedloom.tasks.loader import load_task
@@ -135,7 +136,13 @@ def open_run(
                 return OpenedRun(store, latest, resume, store.notes, lock)
             # it ended after its final evaluation, before it could say so: it is done
             store.mark(latest, "completed")
-            store.notes.append(f"run {latest.name!r} had finished; a new run starts")
+            final = latest.run_dir / "final.safetensors"
+            if not final.exists():  # the killed process never wrote its final model
+                save_weights(final, resume.state.weights)
+            store.notes.append(
+                f"run {latest.name!r} had finished (its final model is in {final}); "
+                "a new run starts"
+            )
         plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
         path = run_dir()
         run = store.new_run(path.name, path, digest, plan_json)
@@ -184,8 +191,9 @@ def serve(
             faults=faults,
         )
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        if opened.store.reload(opened.run).status != "completed":  # never undo a finish
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            opened.store.mark(opened.run, status, str(err) or type(err).__name__)
         raise
 
 
@@ -257,8 +265,13 @@ def _serve(
         live.stop()
         # Sites waiting for work hear how it ended (finished, or stopped early); those
         # busy at a stop find the aggregator gone and retry until it is back.
-        server.wait_told_finished(options.linger_seconds if completed else STOP_LINGER)
-        server.stop(grace=1.0)
+        try:
+            server.wait_told_finished(options.linger_seconds if completed else STOP_LINGER)
+        except KeyboardInterrupt:
+            if not completed:
+                raise  # after the last round, Ctrl-C only cuts the wait short
+        finally:
+            server.stop(grace=1.0)
     test: dict[str, float] = {}
     if options.test_set and plan.data.dataset != "custom":
         source = DataSource(plan, ws, task)

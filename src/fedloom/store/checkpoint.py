@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,11 +26,15 @@ from fedloom.weights import Weights
 _ORDER_KEY = "fedloom.order"
 _SCALARS_KEY = "fedloom.scalars"
 _DIGEST_KEY = "fedloom.sha256"
+_MAX_HEADER = 100 * 1024 * 1024
 _WEIGHTS_GROUP = "weights"
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:
-    """C-contiguous, shape kept (``np.ascontiguousarray`` turns 0-d into 1-d)."""
+    """C-contiguous and little-endian (safetensors' byte order), shape kept
+    (``np.ascontiguousarray`` turns 0-d into 1-d)."""
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))
     return np.require(array, requirements="C")
 
 
@@ -82,16 +87,27 @@ def _atomic_write(
     write: Callable[[BinaryIO], None],
     before_rename: Callable[[Path], None] | None = None,
 ) -> None:
+    made = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if made:  # a new folder's own entry must survive a power cut too
+        _fsync_dir(path.parent.parent)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file helps no one (a full disk)
+        raise
     if before_rename is not None:
         before_rename(tmp)  # a fault point: a crash here leaves only the .tmp file
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -102,6 +118,8 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     try:
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
+            if header_len > min(_MAX_HEADER, os.fstat(fh.fileno()).st_size - 8):
+                raise ValueError(f"header length {header_len} out of range")
             header = json.loads(fh.read(header_len))
     except OSError as err:
         raise StateError(f"cannot read {path}: {err.strerror}") from err
@@ -138,9 +156,13 @@ def load_weights(path: str | os.PathLike[str]) -> Weights:
     return {name: tensors[name] for name in order}
 
 
-def tensors_digest(tensors: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over each tensor's name, dtype, shape and bytes, in sorted name order."""
+def tensors_digest(tensors: Mapping[str, np.ndarray], meta: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
+    """SHA-256 over the header's other metadata (the tensor order, the scalars …), then
+    each tensor's name, dtype, shape and bytes, in sorted name order."""
     h = hashlib.sha256()
+    h.update(
+        json.dumps({k: v for k, v in meta.items() if k != _DIGEST_KEY}, sort_keys=True).encode()
+    )
     for name in sorted(tensors):
         arr = _contiguous(tensors[name])
         h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
@@ -171,8 +193,8 @@ def save_state(
         **dict(metadata or {}),
         _ORDER_KEY: json.dumps(order),
         _SCALARS_KEY: json.dumps(dict(state.scalars), sort_keys=True),
-        _DIGEST_KEY: tensors_digest(flat),
     }
+    meta[_DIGEST_KEY] = tensors_digest(flat, meta)
     _atomic_write(Path(path), lambda fh: _write_safetensors(fh, flat, meta), before_rename)
 
 
@@ -181,7 +203,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
-            if header_len > 100 * 1024 * 1024:
+            if header_len > min(_MAX_HEADER, os.fstat(fh.fileno()).st_size - 8):
                 raise ValueError("header length out of range")
             header = json.loads(fh.read(header_len))
         return dict(header.get("__metadata__") or {})
@@ -195,7 +217,7 @@ def load_state(path: str | os.PathLike[str]) -> StrategyState:
     """Read a strategy state written by :func:`save_state`; a file whose tensors do not
     match the digest in its header is refused (:class:`StateError`)."""
     tensors, meta = _read(Path(path))
-    if _DIGEST_KEY in meta and tensors_digest(tensors) != meta[_DIGEST_KEY]:
+    if _DIGEST_KEY in meta and tensors_digest(tensors, meta) != meta[_DIGEST_KEY]:
         raise StateError(
             f"{path} is corrupt: its tensors do not match the SHA-256 recorded in it",
             hint="the file was damaged on disk; restore it or start a new run",

@@ -125,15 +125,30 @@ class transaction:  # noqa: N801 - used like a function: with transaction(conn):
         self.conn = conn
 
     def __enter__(self) -> sqlite3.Connection:
+        if self.conn.in_transaction:  # one an interrupt left half-begun
+            self.conn.execute("ROLLBACK")
         self.conn.execute("BEGIN IMMEDIATE")
         return self.conn
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
-        self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is not None:
+            self.conn.execute("ROLLBACK")
+            return
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            if self.conn.in_transaction:  # a full disk: leave the connection usable
+                self.conn.execute("ROLLBACK")
+            raise
+
+
+_DAMAGE = ("not a database", "malformed", "corrupt", "no such table", "no such column")
 
 
 def _check(path: Path) -> str | None:
-    """Why the database cannot be used, or None."""
+    """Why the database is damaged (it is then set aside), or None. An error that
+    says nothing of its contents (the disk, permissions, a lock) refuses the start
+    instead: a transient problem must not cost the records."""
     try:
         conn = sqlite3.connect(path, timeout=30)
         try:
@@ -148,7 +163,12 @@ def _check(path: Path) -> str | None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as err:
-        return str(err)
+        if any(word in str(err).lower() for word in _DAMAGE):
+            return str(err)
+        raise StateError(
+            f"cannot open {path}: {err}",
+            hint="check the disk and the file's permissions, then start again",
+        ) from err
     return None
 
 

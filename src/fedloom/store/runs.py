@@ -76,6 +76,7 @@ class RunStore:
         self, state_dir: Path, *, keep: int = KEEP_CHECKPOINTS, faults: FaultPoints | None = None
     ) -> None:
         self.state_dir = state_dir
+        self.workspace = state_dir.parent  # run folders are recorded relative to it
         self.keep = max(1, keep)
         self.faults = faults or FaultPoints()
         self._lock = threading.Lock()
@@ -91,14 +92,16 @@ class RunStore:
     # ------------------------------------------------------------------ runs
 
     def latest_run(self) -> RunInfo | None:
-        row = self.conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY id DESC").fetchone()
-        return None if row is None else _run_info(row)
+        with self._lock:
+            row = self.conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY id DESC").fetchone()
+        return None if row is None else _run_info(row, self.workspace)
 
     def reload(self, run: RunInfo) -> RunInfo:
-        row = self.conn.execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run.key,)
-        ).fetchone()
-        return _run_info(row)
+        with self._lock:
+            row = self.conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run.key,)
+            ).fetchone()
+        return _run_info(row, self.workspace)
 
     def new_run(self, name: str, run_dir: Path, plan_hash: str, plan_json: str) -> RunInfo:
         run_id = secrets.token_hex(3)
@@ -106,7 +109,14 @@ class RunStore:
             self.conn.execute(
                 "INSERT INTO runs (run_id, name, run_dir, plan_hash, plan_json, started, status)"
                 " VALUES (?, ?, ?, ?, ?, ?, 'running')",
-                (run_id, name, str(run_dir), plan_hash, plan_json, time.time()),
+                (
+                    run_id,
+                    name,
+                    _relative(run_dir, self.workspace),
+                    plan_hash,
+                    plan_json,
+                    time.time(),
+                ),
             )
         run = self.latest_run()
         assert run is not None  # noqa: S101 - just inserted
@@ -159,10 +169,12 @@ class RunStore:
             (run.key,),
         ).fetchall()
         for rnd, attempt, checkpoint in rows:
+            path = self.state_dir / checkpoint  # relative: the workspace may have moved
             try:
-                state = load_state(checkpoint)
+                state = load_state(path)
             except StateError as err:
-                self._supersede(run, rnd, attempt, checkpoint, err)
+                _refuse_unless_damage(path, err)
+                self._supersede(run, rnd, attempt, path, err)
                 continue
             done = rnd
             break
@@ -187,10 +199,7 @@ class RunStore:
             attempts=attempts,
         )
 
-    def _supersede(
-        self, run: RunInfo, rnd: int, attempt: int, checkpoint: str, err: StateError
-    ) -> None:
-        path = Path(checkpoint)
+    def _supersede(self, run: RunInfo, rnd: int, attempt: int, path: Path, err: StateError) -> None:
         where = "is missing"
         if path.exists():
             aside = path.with_name(f"{path.name}.corrupt-{_stamp()}")
@@ -254,15 +263,20 @@ class RunStore:
         return self.state_dir / CHECKPOINTS / run.run_id / f"round-{rnd:04d}.safetensors"
 
     def _prune(self, run: RunInfo) -> None:
-        """Delete checkpoints beyond the newest ``keep`` finished rounds."""
-        old = self.conn.execute(
-            f"SELECT checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
-            "ORDER BY round DESC LIMIT -1 OFFSET ?",
-            (run.key, self.keep),
-        ).fetchall()
-        for (checkpoint,) in old:
-            with contextlib.suppress(FileNotFoundError):
-                Path(checkpoint).unlink()
+        """Delete checkpoints beyond the newest ``keep`` finished rounds. A failure here
+        is logged, never raised: the round it follows is finished."""
+        try:
+            with self._lock:
+                old = self.conn.execute(
+                    f"SELECT checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
+                    "ORDER BY round DESC LIMIT -1 OFFSET ?",
+                    (run.key, self.keep),
+                ).fetchall()
+            for (checkpoint,) in old:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.state_dir / checkpoint).unlink()
+        except Exception as err:  # noqa: BLE001 - old checkpoints stay; the next prune retries
+            log.warning("could not delete old checkpoints: %s", err)
 
     def _rebuild_from_checkpoints(self) -> None:
         """After the database was moved aside: one run per checkpoint folder, with one
@@ -271,7 +285,7 @@ class RunStore:
         folders = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
         for folder in folders:
             found = []
-            for path in sorted(folder.glob("round-*.safetensors")):
+            for path in folder.glob("round-*.safetensors"):
                 try:
                     meta = read_metadata(path)
                     found.append((int(meta["fedloom.round"]), path, meta))
@@ -279,6 +293,7 @@ class RunStore:
                     continue
             if not found:
                 continue
+            found.sort(key=lambda f: f[0])  # by round, not by name (round-10000 < round-9999)
             newest, meta = found[-1][0], found[-1][2]
             # training that reached the plan's last round is not resumed (it had finished)
             trained = "fedloom.rounds" in meta and newest >= int(meta["fedloom.rounds"])
@@ -289,7 +304,8 @@ class RunStore:
                     (
                         folder.name,
                         meta.get("fedloom.run_name", folder.name),
-                        meta.get("fedloom.run_dir", ""),
+                        meta.get("fedloom.run_dir")
+                        or f"runs/{meta.get('fedloom.run_name', folder.name)}",
                         meta.get("fedloom.plan_hash", ""),
                         folder.stat().st_mtime,
                         "completed" if trained else "interrupted",
@@ -300,7 +316,13 @@ class RunStore:
                     self.conn.execute(
                         "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, "
                         "opened, closed, checkpoint) VALUES (?, ?, 1, 'train', '', '[]', ?, ?, ?)",
-                        (cur.lastrowid, rnd, path.stat().st_mtime, path.stat().st_mtime, str(path)),
+                        (
+                            cur.lastrowid,
+                            rnd,
+                            path.stat().st_mtime,
+                            path.stat().st_mtime,
+                            _relative(path, self.state_dir),
+                        ),
                     )
             self.notes.append(
                 f"run {folder.name}: {len(found)} checkpoint(s) found, up to round {newest}"
@@ -354,22 +376,24 @@ class RunJournal:
                     "fedloom.round": str(record.round),
                     "fedloom.run": self.run.run_id,
                     "fedloom.run_name": self.run.name,
-                    "fedloom.run_dir": str(self.run.run_dir),
+                    "fedloom.run_dir": _relative(self.run.run_dir, s.workspace),
                     "fedloom.plan_hash": self.run.plan_hash,
                     **({} if self._rounds is None else {"fedloom.rounds": str(self._rounds)}),
                 },
                 before_rename=lambda tmp: s.faults.hit("state.written", round=record.round),
             )
-            checkpoint = str(path)
+            checkpoint = _relative(path, s.state_dir)
         sent, received = self._traffic()
         elapsed = self._base[0] + time.perf_counter() - self._started
         with s._lock, transaction(s.conn):
             key = (self.run.key, record.round, record.attempt)
-            s.conn.execute(
+            closing = s.conn.execute(
                 "UPDATE attempts SET closed = ?, close_reason = ?, checkpoint = ? "
-                "WHERE run = ? AND round = ? AND attempt = ?",
+                "WHERE run = ? AND round = ? AND attempt = ? AND closed IS NULL",
                 (time.time(), record.close_reason.value, checkpoint, *key),
             )
+            if closing.rowcount != 1:
+                return  # closed already (an interrupt after the commit): nothing changes
             s.conn.executemany(
                 "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -413,13 +437,33 @@ _RUN_COLUMNS = (
 )
 
 
-def _run_info(row: Iterable[Any]) -> RunInfo:
+def _relative(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` where it lies inside it (the state survives the
+    workspace being moved or restored elsewhere), else absolute."""
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _refuse_unless_damage(path: Path, err: StateError) -> None:
+    """A checkpoint that cannot be read for another reason than being missing or
+    damaged (no permission, an I/O error) is not set aside: the start is refused."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+        raise StateError(
+            f"cannot read the checkpoint {path}: {cause.strerror or cause}",
+            hint="fix the file's permissions or the disk, then start the aggregator again",
+        ) from cause
+
+
+def _run_info(row: Iterable[Any], workspace: Path) -> RunInfo:
     key, run_id, name, run_dir, plan_hash, status, elapsed, sent, received, rebuilt = row
     return RunInfo(
         key,
         run_id,
         name,
-        Path(run_dir),
+        workspace / run_dir,
         plan_hash,
         status,
         float(elapsed),
@@ -441,7 +485,7 @@ def lock_state(state_dir: Path) -> IO[str]:
     same workspace is refused instead of writing the same state."""
     fh = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _take(fh)
     except BlockingIOError:
         fh.seek(0)
         pid = fh.read().strip() or "?"
@@ -454,6 +498,20 @@ def lock_state(state_dir: Path) -> IO[str]:
     fh.write(f"{os.getpid()}\n")
     fh.flush()
     return fh
+
+
+def _take(fh: IO[str], tries: int = 20) -> None:
+    """The exclusive lock, tried for about a second: `fedloom status` holds a shared
+    one for an instant while it looks."""
+    pause = threading.Event()
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            pause.wait(0.05)
 
 
 def running_pid(state_dir: Path) -> int | None:
