@@ -203,6 +203,19 @@ class _OpenRound:
     def kind(self) -> InstructionKind:
         return self.task.kind
 
+    def record(self, close_reason: CloseReason) -> RoundRecord:
+        """What the attempt did so far, closed for ``close_reason`` (the caller holds
+        the aggregator's lock)."""
+        return RoundRecord(
+            round=self.round,
+            kind=self.kind,
+            selected=self.selected,
+            results=tuple(self.results[s] for s in sorted(self.results)),
+            failures=tuple(self.failures[s] for s in sorted(self.failures)),
+            close_reason=close_reason,
+            attempt=self.attempt,
+        )
+
 
 class Aggregator:
     """The aggregator's core: holds the global model, never data.
@@ -341,15 +354,7 @@ class Aggregator:
         if running is None:
             return
         with self._cond:
-            record = RoundRecord(
-                round=running.round,
-                kind=running.kind,
-                selected=running.selected,
-                results=tuple(running.results[s] for s in sorted(running.results)),
-                failures=tuple(running.failures[s] for s in sorted(running.failures)),
-                close_reason=CloseReason.STOPPED,
-                attempt=running.attempt,
-            )
+            record = running.record(CloseReason.STOPPED)
         self._running = None
         self.history.append(record)
         if self._journal is not None:
@@ -417,16 +422,7 @@ class Aggregator:
                     why += f" (its last upload broke off: {opened.broke[site]})"
                 opened.failures[site] = Failure(site, task.round, why_closed[0], why)
             opened.pending.clear()  # a late answer changes nothing now
-            reason = _close_reason(opened, needed)
-            record = RoundRecord(
-                round=task.round,
-                kind=task.kind,
-                selected=selected,
-                results=tuple(opened.results[s] for s in sorted(opened.results)),
-                failures=tuple(opened.failures[s] for s in sorted(opened.failures)),
-                close_reason=reason,
-                attempt=attempt,
-            )
+            record = opened.record(_close_reason(opened, needed))
         # Updates still streaming are rolled back now, not waited for: each abort waits
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
