@@ -190,7 +190,6 @@ class _OpenRound:
     failures: dict[str, Failure] = field(default_factory=dict)
     # sites streaming an answer, with the contribution it is folded into once it begins
     uploading: dict[str, Contribution | None] = field(default_factory=dict)
-    opened_at: float = 0.0  # clock time the attempt opened
     received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
     broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
     attempt: int = 1
@@ -277,10 +276,9 @@ class Aggregator:
         completed = False
         try:
             for rnd in range(self._next_round, self.config.rounds + 1):
-                record = self._train_round(rnd)
-                self.history.append(record)
+                self._train_round(rnd)
             if self.config.final_evaluation:
-                self.history.append(self._evaluation_round(self.config.rounds + 1))
+                self._evaluation_round(self.config.rounds + 1)
             completed = True
         finally:
             if not completed:
@@ -343,8 +341,7 @@ class Aggregator:
         if self._journal is not None:
             self._journal.closed(record, state)
         self._running = None
-        if record.close_reason is CloseReason.NO_QUORUM:
-            self.history.append(record)
+        self.history.append(record)
         self._on_event(RoundClosed(record))
 
     def _record_stop(self) -> None:
@@ -355,11 +352,7 @@ class Aggregator:
             return
         with self._cond:
             record = running.record(CloseReason.STOPPED)
-        self._running = None
-        self.history.append(record)
-        if self._journal is not None:
-            self._journal.closed(record, None)
-        self._on_event(RoundClosed(record))
+        self._closed(record, None)
 
     def _run_phase(
         self, task: Instruction, selected: tuple[str, ...], *, needed: int
@@ -390,7 +383,6 @@ class Aggregator:
                 deadline=self.clock.now() + cfg.round_deadline,
                 pending=set(selected),
                 attempt=attempt,
-                opened_at=self.clock.now(),
             )
             self._open = self._running = opened
             self._cond.notify_all()
@@ -446,7 +438,7 @@ class Aggregator:
             seen = self.last_seen.get(site)
             if seen is None:
                 continue
-            seen = max(seen, opened.opened_at)
+            seen = max(seen, opened.deadline - self.config.round_deadline)  # its opening
             if now - seen >= dead_after:
                 dropped.append(site)
             else:

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedloom.errors import WorkspaceError
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
@@ -104,9 +104,7 @@ class RunRecorder:
             if rewrite:
                 tmp = run_dir / "metrics.jsonl.tmp"
                 with open(tmp, "w") as fh:
-                    for record in history:
-                        for row in record_rows(record):
-                            fh.write(json.dumps(row, sort_keys=True) + "\n")
+                    _write_rows(fh, history)
                 tmp.replace(run_dir / "metrics.jsonl")
             recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
         except OSError as err:
@@ -117,8 +115,7 @@ class RunRecorder:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):
-            for row in record_rows(event.record):
-                self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+            _write_rows(self._metrics, [event.record])
             self._metrics.flush()
             self.rounds_closed += 1
 
@@ -152,6 +149,13 @@ class RunRecorder:
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def _write_rows(fh: IO[str], records: Iterable[RoundRecord]) -> None:
+    """``metrics.jsonl`` lines: one per site per record."""
+    for record in records:
+        for row in record_rows(record):
+            fh.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def _plan_fields(plan: Plan, plan_hash: str) -> dict[str, Any]:

@@ -208,7 +208,7 @@ def _serve(
     faults: FaultPoints | None,
 ) -> SimulationResult:
     ws = Path(workspace).resolve()
-    digest = plan_hash(plan, ws)
+    digest = opened.run.plan_hash  # open_run checked it against this plan
     task = load_task(ws, plan.task)
     credentials = server_credentials(pki_dir_of(ws))
     revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)
