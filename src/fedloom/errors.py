@@ -102,3 +102,21 @@ class AccessDenied(TransportError):
     or protocol version."""
 
     exit_code = 11
+
+
+class PolicyError(FedloomError):
+    """The plan breaks the site's policy (``policy.yaml``), or the policy file itself is
+    invalid. Holds every rule broken, each with what to change."""
+
+    exit_code = 12
+
+
+class AuditError(FedloomError):
+    """A site's audit log was edited, reordered or cut short, or cannot be read."""
+
+    exit_code = 13
+
+
+class ModelRejected(TransportError):
+    """A global model failed its signature check: it was not published, as received, by
+    the federation's aggregator."""

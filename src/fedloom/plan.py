@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
+from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import TrainSettings
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class Plan(_Frozen):
     training: TrainingPlan = TrainingPlan()
     evaluation: EvaluationPlan = EvaluationPlan()
     deadline: DeadlinePlan = DeadlinePlan()
+    privacy: PrivacyPlan = PrivacyPlan()
 
     @field_validator("task")
     @classmethod
@@ -287,6 +289,15 @@ def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
 
     params = parameters_of(strategy)
     per_round = plan.sites_per_round or len(plan.roster)
+    problems = privacy_problems(
+        plan.privacy,
+        strategy=plan.strategy.name,
+        needs_updates=strategy.needs_updates,
+        per_round=per_round,
+        max_samples=plan.training.max_samples,
+    )
+    if problems:
+        raise PlanError(problems, source=source)
     if strategy.min_updates() > per_round:
         selected = params.get("num_selected")
         field = "num_selected" if selected and selected > per_round else "num_byzantine"

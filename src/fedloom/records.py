@@ -46,6 +46,15 @@ class TrainSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DPSGDSettings:
+    """Sample-level DP-SGD for a site's training (the plan's ``privacy.dp_sgd``)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+
+@dataclass(frozen=True, slots=True)
 class Instruction:
     """One unit of work for one site."""
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.records import DPSGDSettings, EvalOutput, TrainOutput, TrainSettings
 from fedloom.weights import Weights
 
 
@@ -47,6 +47,11 @@ class SiteContext:
     seed: int  # already keyed by (plan seed, round, site, "train")
     data_path: Path | None = None
     options: Mapping[str, object] = field(default_factory=dict)
+    # sample-level DP-SGD asked by the plan (privacy.dp_sgd); None: plain training
+    dp_sgd: DPSGDSettings | None = None
+    # training rounds this site has been selected for so far, this one included (an upper
+    # bound on the rounds it trained: what DP-SGD's accountant composes)
+    rounds_selected: int = 1
 
 
 @runtime_checkable

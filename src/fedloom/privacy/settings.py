@@ -1,0 +1,150 @@
+"""The plan's ``privacy`` section: what the AI developer asks for.
+
+Three independent pieces, each off unless its section is present:
+
+- ``dp``: user-level differential privacy (DP-FedAvg). Every site clips its update to an
+  L2 norm bound; Gaussian noise calibrated to the bound and the noise multiplier is added
+  to the sum of the updates, by the aggregator (``noise: central``) or in shares by the
+  sites under secure aggregation (``noise: distributed``).
+- ``secure_aggregation``: SecAgg+ style masking; the aggregator learns only the sum.
+- ``dp_sgd``: sample-level DP-SGD inside each site's training (torch tasks, Opacus).
+
+The data owner's policy (:mod:`fedloom.privacy.policy`) checks these values at the site
+before any data is read. The cross-field rules (robust strategies and secure
+aggregation, distributed noise without secure aggregation …) live in
+:func:`privacy_problems`, which the plan's validation calls.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedloom.privacy.quantize import range_problem
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoisePlacement(enum.Enum):
+    CENTRAL = "central"  # the aggregator adds the noise to the sum it unmasked or folded
+    DISTRIBUTED = "distributed"  # each site adds a share, hidden by secure aggregation
+
+
+class AdaptiveClipPlan(_Frozen):
+    """Adaptive clipping (Andrew et al., 2021): the bound follows a quantile of the
+    updates' norms, estimated privately from one noised bit per site."""
+
+    target_quantile: Probability = 0.5
+    learning_rate: Positive = 0.2
+    # noise on the count of unclipped updates, as a multiplier; None: sites / 20, the
+    # paper's choice (sigma_b = m / 20)
+    count_noise_multiplier: Positive | None = None
+
+
+class DPPlan(_Frozen):
+    """User-level DP-FedAvg (McMahan et al., 2018)."""
+
+    noise_multiplier: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    clip: Positive = 1.0  # L2 norm bound of one site's update (the start, when adaptive)
+    adaptive_clip: AdaptiveClipPlan | None = None
+    delta: Probability = 1e-5
+    epsilon_budget: Positive | None = None  # stop before a round would spend more
+    noise: NoisePlacement = NoisePlacement.CENTRAL
+
+
+class SecureAggregationPlan(_Frozen):
+    """Secure aggregation in the spirit of SecAgg+ (Bell et al., 2020)."""
+
+    bits: Literal[32, 64] = 32  # the ring of the masked fixed-point values: 2**bits
+    # fraction of a round's sites whose shares unmask the sum (more than half)
+    threshold: Annotated[float, Field(gt=0.5, le=1, allow_inf_nan=False)] = 2 / 3
+    # masks are agreed with this many other sites (a Harary graph); None: with every site
+    neighbours: Annotated[int, Field(ge=2, strict=True)] | None = None
+    # each coordinate of an update is clipped to [-clip_range, clip_range] before it is
+    # encoded; None: dp.clip when dp is on, else 1.0
+    clip_range: Positive | None = None
+    key_seconds: Positive = 60.0  # how long the key exchange waits for the round's sites
+
+
+class DPSGDPlan(_Frozen):
+    """Sample-level DP-SGD in each site's training (Abadi et al., 2016), through Opacus."""
+
+    noise_multiplier: Positive = 1.0
+    max_grad_norm: Positive = 1.0
+    delta: Probability = 1e-5
+
+
+class PrivacyPlan(_Frozen):
+    dp: DPPlan | None = None
+    secure_aggregation: SecureAggregationPlan | None = None
+    dp_sgd: DPSGDPlan | None = None
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """``secure_aggregation: true`` means the defaults, ``false`` means off."""
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return any(p is not None for p in (self.dp, self.secure_aggregation, self.dp_sgd))
+
+    def clip_range(self) -> float:
+        """The per-coordinate range secure aggregation encodes."""
+        sa = self.secure_aggregation
+        if sa is not None and sa.clip_range is not None:
+            return sa.clip_range
+        return self.dp.clip if self.dp is not None else 1.0
+
+
+def privacy_problems(
+    privacy: PrivacyPlan, *, strategy: str, needs_updates: bool, per_round: int, max_samples: int
+) -> list[str]:
+    """What is wrong with ``privacy`` together with the rest of the plan."""
+    problems: list[str] = []
+    dp, sa = privacy.dp, privacy.secure_aggregation
+    if sa is not None and needs_updates:
+        problems.append(
+            f"privacy.secure_aggregation: strategy {strategy!r} needs each site's update, "
+            "which secure aggregation hides from the aggregator; choose a mean-based "
+            "strategy (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad) or turn "
+            "secure aggregation off"
+        )
+    if dp is not None and needs_updates:
+        problems.append(
+            f"privacy.dp: strategy {strategy!r} combines individual updates, and DP-FedAvg's "
+            "noise is calibrated to a sum; choose a mean-based strategy or remove privacy.dp"
+        )
+    if dp is not None and dp.noise is NoisePlacement.DISTRIBUTED and sa is None:
+        problems.append(
+            "privacy.dp.noise: distributed noise is hidden only by secure aggregation (each "
+            "site's share alone is too small to protect it); add privacy.secure_aggregation "
+            "or use noise: central"
+        )
+    if sa is not None:
+        if per_round < 2:
+            problems.append(
+                "privacy.secure_aggregation: a round needs at least 2 sites to hide one "
+                f"site's update in a sum (sites per round: {per_round})"
+            )
+        elif sa.neighbours is not None and sa.neighbours >= per_round:
+            problems.append(
+                f"privacy.secure_aggregation.neighbours: must be below the sites per round, "
+                f"{per_round} (got {sa.neighbours}); leave it out to mask with every site"
+            )
+        max_weight = 1 if dp is not None else max_samples  # DP weighs every site alike
+        problem = range_problem(sa.bits, per_round, max_weight, privacy.clip_range())
+        if problem is not None:
+            problems.append(problem)
+    return problems
