@@ -14,11 +14,15 @@ from typing import Protocol
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import FedloomError, UpdateRejected
+from fedloom.privacy.audit import AuditLog, PayloadHasher
+from fedloom.privacy.audit import Receipt as AuditReceipt
+from fedloom.privacy.site import SitePrivacy
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
+    ModelHeader,
     PhaseMessage,
     Receipt,
     UpdateHeader,
@@ -28,6 +32,7 @@ from fedloom.transport.messages import (
 from fedloom.weights import Weights, specs_of
 
 Runner = Callable[[Instruction, Weights], SiteAnswer]
+Exchange = Callable[[str, bytes], bytes]
 
 
 class SitePhase(Protocol):
@@ -38,7 +43,16 @@ class SitePhase(Protocol):
     def run(self, instruction: Instruction, exchange: Callable[[bytes], bytes]) -> None: ...
 
 
+ModelCheck = Callable[[Instruction, ModelHeader, Weights], None]
+"""Checks a downloaded global model before the task sees it (its signature); raises
+:class:`~fedloom.errors.ModelRejected` to refuse it."""
+
+
 class Collaborator:
+    """A site's side of the round. ``privacy`` clips, noises and masks the update as the
+    plan says; ``audit`` records every message that leaves (before it leaves);
+    ``check_model`` verifies each global model before the task loads it."""
+
     def __init__(
         self,
         connection: Connection,
@@ -46,14 +60,22 @@ class Collaborator:
         phases: Mapping[str, SitePhase] | None = None,
         *,
         faults: FaultPoints | None = None,
+        privacy: SitePrivacy | None = None,
+        audit: AuditLog | None = None,
+        check_model: ModelCheck | None = None,
     ) -> None:
         self.connection = connection
         self.runner = runner
         self.phases = dict(phases or {})
         self.faults = faults or FaultPoints()
+        self.privacy = privacy
+        self.audit = audit
+        self.check_model = check_model
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
         self.finished: Instruction | None = None  # the aggregator's last word
+        self.withheld: tuple[str, ...] = ()  # metric names the policy kept back last time
+        self._last_seq = 0  # the audit record of the last upload
 
     def step(self, timeout: float | None = None) -> bool:
         """Do at most one instruction. False once the federation is finished."""
@@ -71,26 +93,103 @@ class Collaborator:
             return True  # the round closed before we got the model: ask again
 
         try:
+            if self.check_model is not None:
+                self.check_model(instruction, stream.header, weights)
+            if self.privacy is not None:
+                self.privacy.prepare(instruction, self._exchange(instruction))
             self._run_phases(instruction)
             answer = self.runner(instruction, weights)
+            header, chunks = self._answer(instruction, answer)
         except FedloomError as err:
             self._fail(instruction, err.message)
             return True
         except Exception as err:  # the user's task code failed: report, don't die
             self._fail(instruction, traceback.format_exception_only(err)[-1].strip())
             return True
+        receipt = self.connection.upload(header, chunks)
+        self.last_receipt = receipt
+        if self.audit is not None and receipt.signature and header.audit_hash:
+            self.audit.add_receipt(
+                AuditReceipt(
+                    seq=self._last_seq,
+                    record_hash=header.audit_hash,
+                    round=instruction.round,
+                    task_id=instruction.task_id,
+                    signature=receipt.signature.hex(),
+                )
+            )
+        if receipt.accepted and self.privacy is not None and answer.delta is not None:
+            try:
+                self.privacy.complete(instruction, self._exchange(instruction))
+            except FedloomError:
+                pass  # the update is in; without this site's shares the others may unmask
+        self.current = None
+        return True
+
+    def _answer(
+        self, instruction: Instruction, answer: SiteAnswer
+    ) -> tuple[UpdateHeader, Iterator[Chunk]]:
+        """The header and chunks of ``answer``, protected as the plan says and recorded in
+        the audit log before anything is sent."""
         delta = answer.delta or {}
+        metrics: dict[str, float] = dict(answer.metrics)
+        privacy_record: dict[str, object] = {}
+        if self.privacy is not None:
+            if answer.delta is not None:
+                protected = self.privacy.protect(instruction, delta, answer.num_samples, metrics)
+                delta, metrics, privacy_record = (
+                    protected.tensors,
+                    protected.metrics,
+                    protected.privacy,
+                )
+                self.withheld = protected.withheld
+            else:
+                metrics, self.withheld = self.privacy.filter_metrics(metrics)
+        specs = specs_of(delta)
+        audit_hash = ""
+        if self.audit is not None:
+            hasher = PayloadHasher()
+            for chunk in iter_chunks(delta):
+                hasher.update(chunk.data)
+            record = self.audit.append(
+                round=instruction.round,
+                task_id=instruction.task_id,
+                kind="update" if answer.delta is not None else "evaluation",
+                tensors=[(s.name, s.dtype, s.shape) for s in specs],
+                sha256=hasher.hexdigest,
+                nbytes=hasher.nbytes,
+                metrics=metrics,
+                privacy=privacy_record,
+            )
+            self._last_seq, audit_hash = record.seq, record.hash
         header = UpdateHeader(
             round=instruction.round,
             num_samples=answer.num_samples,
-            tensors=specs_of(delta),
-            metrics=dict(answer.metrics),
+            tensors=specs,
+            metrics=metrics,
             task_id=instruction.task_id,
+            audit_hash=audit_hash,
         )
-        chunks = self._sending(instruction.round, iter_chunks(delta))
-        self.last_receipt = self.connection.upload(header, chunks)
-        self.current = None
-        return True
+        return header, self._sending(instruction.round, iter_chunks(delta))
+
+    def _exchange(self, instruction: Instruction) -> Callable[[str, bytes], bytes]:
+        """Send one phase message (recorded in the audit log first); return the reply."""
+
+        def exchange(phase: str, payload: bytes) -> bytes:
+            if self.audit is not None:
+                hasher = PayloadHasher()
+                hasher.update(payload)
+                self.audit.append(
+                    round=instruction.round,
+                    task_id=instruction.task_id,
+                    kind=f"exchange:{phase}",
+                    sha256=hasher.hexdigest,
+                    nbytes=hasher.nbytes,
+                )
+            reply = self.connection.exchange(PhaseMessage(instruction.round, phase, payload))
+            return bytes(reply.payload)
+
+        return exchange
 
     def _sending(self, round: int, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for index, chunk in enumerate(chunks):
@@ -106,17 +205,30 @@ class Collaborator:
 
     def _run_phases(self, instruction: Instruction) -> None:
         for name in instruction.phases:
+            if name.startswith("secagg.") and self.privacy is not None:
+                continue  # secure aggregation's, run by self.privacy
             phase = self.phases.get(name)
             if phase is None:
                 raise FedloomError(f"this site does not support the round phase {name!r}")
 
-            def exchange(payload: bytes, name: str = name) -> bytes:
-                reply = self.connection.exchange(PhaseMessage(instruction.round, name, payload))
-                return bytes(reply.payload)
+            def exchange(
+                payload: bytes, name: str = name, send: Exchange = self._exchange(instruction)
+            ) -> bytes:
+                return send(name, payload)
 
             phase.run(instruction, exchange)
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
+        if self.audit is not None:
+            hasher = PayloadHasher()
+            hasher.update(reason.encode())
+            self.audit.append(
+                round=instruction.round,
+                task_id=instruction.task_id,
+                kind="failure",
+                sha256=hasher.hexdigest,
+                nbytes=hasher.nbytes,
+            )
         self.connection.report_failure(
             FailureReport(instruction.round, reason, instruction.task_id)
         )

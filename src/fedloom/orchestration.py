@@ -19,14 +19,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
+from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
-from fedloom.errors import QuorumError, TransportError, UpdateRejected
+from fedloom.errors import AggregationError, QuorumError, TransportError, UpdateRejected
+from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.published import model_statement
+from fedloom.privacy.secagg_server import SecAggRound
+from fedloom.privacy.signing import receipt_message
 from fedloom.records import (
     Failure,
     FailureKind,
     Instruction,
     InstructionKind,
+    MeanSummary,
     SiteResult,
+    Summary,
     TrainSettings,
 )
 from fedloom.rng import select_sites
@@ -44,7 +51,10 @@ from fedloom.transport.messages import (
     UpdateHeader,
     iter_chunks,
 )
-from fedloom.weights import Weights, specs_of
+from fedloom.weights import TensorSpec, Weights, specs_of
+
+Signer = Callable[[bytes], bytes]
+"""Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
 
 
 class CloseReason(enum.Enum):
@@ -183,9 +193,10 @@ class _OpenRound:
     task: Instruction
     selected: tuple[str, ...]
     weights: Weights
-    accumulator: Accumulator | None
+    accumulator: Accumulator | MaskedSumAccumulator | None
     deadline: float
     pending: set[str]
+    expected: tuple[TensorSpec, ...] = ()  # what an update must announce
     results: dict[str, SiteResult] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     # sites streaming an answer, with the contribution it is folded into once it begins
@@ -193,6 +204,9 @@ class _OpenRound:
     received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
     broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
     attempt: int = 1
+    secagg: SecAggRound | None = None
+    signature: bytes | None = None  # the published model's, made on first download
+    sign_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def round(self) -> int:
@@ -238,6 +252,8 @@ class Aggregator:
         spool_dir: Path | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
+        privacy: AggregatorPrivacy | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -264,6 +280,10 @@ class Aggregator:
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last call or beat
         self._spool_dir = spool_dir
         self._running: _OpenRound | None = None  # the attempt under way, open or closing
+        self._privacy = privacy
+        self._signer = signer
+        self._secagg: SecAggRound | None = None  # the secure aggregation under way
+        self.stopped_early: str | None = None  # why training ended before the plan's rounds
 
     @property
     def weights(self) -> Weights:
@@ -276,6 +296,10 @@ class Aggregator:
         completed = False
         try:
             for rnd in range(self._next_round, self.config.rounds + 1):
+                if self._privacy is not None:
+                    self.stopped_early = self._privacy.stop_reason(self.state)
+                    if self.stopped_early is not None:
+                        break  # cleanly: the final evaluation still runs
                 self._train_round(rnd)
             if self.config.final_evaluation:
                 self._evaluation_round(self.config.rounds + 1)
@@ -284,6 +308,8 @@ class Aggregator:
             if not completed:
                 self._record_stop()
             with self._cond:
+                if self._secagg is not None:  # release sites waiting to unmask
+                    self._secagg.abandon("the aggregator stopped")
                 # Sites are told the federation is over, and whether it completed: after
                 # a failure or a stop it did not.
                 self._finished = True
@@ -294,6 +320,7 @@ class Aggregator:
 
     def _train_round(self, rnd: int) -> RoundRecord:
         cfg = self.config
+        privacy = self._privacy
         selected = tuple(select_sites(list(cfg.roster), cfg.sites_per_round, cfg.seed, rnd))
         extra = dict(self.strategy.configure(rnd, self.state))
         overrides = {k: extra.pop(k) for k in list(extra) if k in TrainSettings.__slots__}
@@ -303,12 +330,17 @@ class Aggregator:
             kind=InstructionKind.TRAIN,
             settings=settings,
             config=extra,
-            phases=tuple(self._phases),
+            phases=tuple(self._phases) + (privacy.phases if privacy else ()),
+            privacy=privacy.instruction(self.state) if privacy else {},
         )
         needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
         for _ in range(cfg.max_retries + 1):
-            record, accumulator = self._run_phase(task, selected, needed=needed)
+            record, opened = self._run_phase(task, selected, needed=needed)
+            summary: Summary | None = None
             if record.close_reason is not CloseReason.NO_QUORUM:
+                self.faults.hit("round.before_aggregate", round=rnd)
+                record, summary = self._summarize(record, opened)
+            if summary is not None:
                 break
             self._closed(record, None)  # a failed attempt is history too
         else:
@@ -318,15 +350,49 @@ class Aggregator:
                 f"{_causes(record.failures)}",
                 hint="fix what the sites report, or lower deadline.min_fraction",
             )
-        assert accumulator is not None  # noqa: S101 - a TRAIN round always makes one
-        self.faults.hit("round.before_aggregate", round=rnd)
-        summary = accumulator.summary(rnd, record.results)
+        ledger = None
+        if privacy is not None and isinstance(summary, MeanSummary):
+            summary, ledger = privacy.finish(summary, self.state)
         self.faults.hit("round.aggregating", round=rnd)
         state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
+        if ledger is not None:
+            state = state.evolve(scalars={**state.scalars, STATE_KEY: ledger})
         self.faults.hit("round.aggregated", round=rnd)
         self._closed(record, state)  # durable before the next round can open
         self.state = state
         return record
+
+    def _summarize(
+        self, record: RoundRecord, opened: _OpenRound
+    ) -> tuple[RoundRecord, Summary | None]:
+        """What the round's accumulator folded; under secure aggregation the unmasked
+        sum. A sum that cannot be unmasked fails the attempt (no quorum): its record
+        says why, and None comes back."""
+        secagg = opened.secagg
+        if secagg is None:
+            assert opened.accumulator is not None  # noqa: S101 - a TRAIN round makes one
+            assert not isinstance(opened.accumulator, MaskedSumAccumulator)  # noqa: S101
+            return record, opened.accumulator.summary(record.round, record.results)
+        assert self._privacy is not None  # noqa: S101 - secure aggregation is privacy's
+        try:
+            deadline = self.clock.now() + secagg.params.key_seconds
+            summary = self._privacy.unmasked_summary(
+                record.round, secagg, specs_of(opened.weights), record.results, deadline
+            )
+        except AggregationError as err:
+            secagg.abandon(err.message)
+            cancelled = tuple(
+                Failure(r.site, r.round, FailureKind.CANCELLED, err.message) for r in record.results
+            )
+            failures = tuple(sorted(record.failures + cancelled, key=lambda f: f.site))
+            failed = dataclasses.replace(
+                record, results=(), failures=failures, close_reason=CloseReason.NO_QUORUM
+            )
+            return failed, None
+        finally:
+            with self._cond:
+                self._secagg = None
+        return record, summary
 
     def _evaluation_round(self, rnd: int) -> RoundRecord:
         """Every site evaluates the final model; waits for all of them (or the deadline)."""
@@ -356,22 +422,37 @@ class Aggregator:
 
     def _run_phase(
         self, task: Instruction, selected: tuple[str, ...], *, needed: int
-    ) -> tuple[RoundRecord, Accumulator | None]:
+    ) -> tuple[RoundRecord, _OpenRound]:
         cfg = self.config
         attempt = self._attempts.get(task.round, 0) + 1
         self._attempts[task.round] = attempt
         task = dataclasses.replace(task, task_id=f"{cfg.run_id}/{task.round}.{attempt}")
         weights = self.state.weights
-        accumulator = (
-            make_accumulator(
-                specs_of(weights),
+        model = specs_of(weights)
+        expected = self._privacy.upload_specs(model) if self._privacy is not None else model
+        accumulator: Accumulator | MaskedSumAccumulator | None = None
+        secagg: SecAggRound | None = None
+        if task.kind is InstructionKind.TRAIN and self._privacy is not None:
+            secagg = self._privacy.open_secagg(
+                task_id=task.task_id,
+                round=task.round,
+                selected=selected,
+                model=model,
+                clock=self.clock,
+                cond=self._cond,
+                in_round=lambda: self._open.pending if self._open is not None else (),
+                drop=self._drop_from_secagg,
+                spool_dir=self._spool_dir,
+            )
+        if secagg is not None:
+            accumulator, expected = secagg.accumulator, secagg.specs
+        elif task.kind is InstructionKind.TRAIN:
+            accumulator = make_accumulator(
+                expected,
                 needs_updates=self.strategy.needs_updates,
                 max_sites=len(selected),
                 spool_dir=self._spool_dir,
             )
-            if task.kind is InstructionKind.TRAIN
-            else None
-        )
         if self._journal is not None:
             self._journal.opened(task, attempt, selected)  # before any site can hear of it
         with self._cond:
@@ -382,9 +463,12 @@ class Aggregator:
                 accumulator=accumulator,
                 deadline=self.clock.now() + cfg.round_deadline,
                 pending=set(selected),
+                expected=expected,
                 attempt=attempt,
+                secagg=secagg,
             )
             self._open = self._running = opened
+            self._secagg = secagg
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
         self.faults.hit("round.opened", round=task.round)
@@ -419,7 +503,21 @@ class Aggregator:
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
             contribution.abort(_closed_while_streaming(task.round))
-        return record, accumulator
+        if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
+            secagg.abandon("the round closed without its quorum")
+            with self._cond:
+                self._secagg = None
+        return record, opened
+
+    def _drop_from_secagg(self, site: str, reason: str) -> None:
+        """Settle ``site`` as failed: it missed a step of secure aggregation (the caller,
+        the secure aggregation, holds the condition)."""
+        opened = self._open
+        if opened is None:
+            return
+        failure = Failure(site, opened.round, FailureKind.DISCONNECTED, reason)
+        if self._record(opened, site, failure=failure):
+            self._on_event(SiteAnswered(opened.round, site, False, reason))
 
     def _drop_silent(self, opened: _OpenRound, now: float) -> float | None:
         """Settle the pending sites silent for ``dead_after`` as disconnected (the caller
@@ -515,8 +613,21 @@ class Aggregator:
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
+        signature = self._model_signature(opened)
         chunks = self._sending(round, site, iter_chunks(weights))
-        return ModelStream(ModelHeader(round, specs_of(weights)), chunks)
+        header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
+        return ModelStream(header, chunks)
+
+    def _model_signature(self, opened: _OpenRound) -> bytes:
+        """The signature over the attempt's model, made once (outside the round's lock:
+        hashing a large model takes a while)."""
+        if self._signer is None:
+            return b""
+        with opened.sign_lock:
+            if opened.signature is None:
+                statement = model_statement(opened.task.task_id, opened.round, opened.weights)
+                opened.signature = self._signer(statement)
+            return opened.signature
 
     def _sending(self, round: int, site: str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for index, chunk in enumerate(chunks):
@@ -557,7 +668,11 @@ class Aggregator:
         if result is None:
             return Receipt(header.round, False, f"round {header.round} closed before the update")
         self._on_event(SiteAnswered(opened.round, site, True))
-        return Receipt(header.round, True, "", sum(s.nbytes for s in header.tensors))
+        signature = b""
+        if self._signer is not None and header.audit_hash:
+            signature = self._signer(receipt_message(site, header.task_id, header.audit_hash))
+        nbytes = sum(s.nbytes for s in header.tensors)
+        return Receipt(header.round, True, "", nbytes, signature)
 
     def report_failure(self, site: str, report: FailureReport) -> None:
         self._check_site(site)
@@ -576,8 +691,19 @@ class Aggregator:
         )
 
     def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
-        """Hand ``site``'s message to the handler of its phase; return the reply."""
+        """Hand ``site``'s message to the handler of its phase; return the reply.
+
+        Secure aggregation's phases go to the attempt under way, which checks who may
+        speak when (its unmasking follows the upload, when the round is closed)."""
         self._check_site(site)
+        if message.phase.startswith("secagg."):
+            with self._cond:
+                self._saw(site)
+                secagg = self._secagg
+            if secagg is None or secagg.round != message.round:
+                raise UpdateRejected(f"no secure aggregation under way for round {message.round}")
+            reply = secagg.handle(site, message.phase, bytes(message.payload))
+            return PhaseMessage(message.round, message.phase, reply)
         handler = self._phases.get(message.phase)
         if handler is None:
             known = sorted(self._phases) or "none"
@@ -615,12 +741,12 @@ class Aggregator:
                 return evaluated if self._record(opened, site, result=evaluated) else None
         if header.num_samples < 1:
             raise UpdateRejected(f"sample count must be at least 1, got {header.num_samples}")
-        expected = specs_of(opened.weights)
-        if tuple(header.tensors) != expected:
-            raise UpdateRejected(_spec_mismatch(header.tensors, expected))
+        if tuple(header.tensors) != opened.expected:
+            raise UpdateRejected(_spec_mismatch(header.tensors, opened.expected))
         self.faults.hit("upload.receiving", round=opened.round, site=site)
-        weight = min(int(header.num_samples), self.config.max_samples)
-        result = SiteResult(site, opened.round, weight, int(header.num_samples), metrics)
+        capped = min(int(header.num_samples), self.config.max_samples)
+        weight = capped if self._privacy is None else self._privacy.weight(capped)
+        result = SiteResult(site, opened.round, capped, int(header.num_samples), metrics)
         assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
         with self._cond:
             if self._open is not opened:

@@ -65,6 +65,8 @@ class Instruction:
     phases: tuple[str, ...] = ()  # exchanges before training (e.g. secure aggregation keys)
     # this opening of the round, RUN/ROUND.ATTEMPT: an answer to another one is stale
     task_id: str = ""
+    # what the round's privacy needs beyond the plan (the clipping bound now, epsilon so far)
+    privacy: Mapping[str, JSON] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

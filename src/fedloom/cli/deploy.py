@@ -254,6 +254,13 @@ def collaborator_start(
         ),
     ] = None,
     threads: Annotated[int, typer.Option(help="torch threads for local training.")] = 1,
+    policy: Annotated[
+        Path | None,
+        typer.Option(
+            help="The data owner's policy.yaml, checked before any data is read "
+            "(default: STATE/policy.yaml when it exists; see `fedloom policy`).",
+        ),
+    ] = None,
     log: LogOption = None,
     verbose: VerboseOption = False,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
@@ -280,6 +287,7 @@ def collaborator_start(
         server_name=server_name,
         connect_seconds=give_up_after,
         threads=threads,
+        policy=policy,
     )
     console.print(f"site [bold]{name}[/] joining {plan.name} at {aggregator}")
 

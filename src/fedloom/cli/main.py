@@ -14,6 +14,7 @@ import typer
 import yaml
 from rich.table import Table
 
+from fedloom.cli.audit import audit_app
 from fedloom.cli.common import (
     Overrides,
     QuietOption,
@@ -27,6 +28,7 @@ from fedloom.cli.common import (
 )
 from fedloom.cli.deploy import aggregator_app, collaborator_app
 from fedloom.cli.pki import pki_app
+from fedloom.cli.policy import policy_app
 from fedloom.cli.results import fresh_run_dir, print_results
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
@@ -48,6 +50,8 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(aggregator_app, name="aggregator")
 app.add_typer(collaborator_app, name="collaborator")
 app.add_typer(pki_app, name="pki")
+app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
 
 
 class Transport(enum.Enum):

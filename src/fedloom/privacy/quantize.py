@@ -46,7 +46,9 @@ def unsigned(bits: int) -> np.dtype:
     return np.dtype(np.uint32 if bits == 32 else np.uint64)
 
 
-def encode(values: np.ndarray, *, weight: float, clip_range: float, frac: int, bits: int) -> np.ndarray:
+def encode(
+    values: np.ndarray, *, weight: float, clip_range: float, frac: int, bits: int
+) -> np.ndarray:
     """``round(clip(values) * weight * 2**frac)`` modulo ``2**bits``, flat, unsigned."""
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
     scaled = np.clip(flat, -clip_range, clip_range) * (weight * 2.0**frac)

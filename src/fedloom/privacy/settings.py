@@ -132,6 +132,22 @@ def privacy_problems(
             "site's share alone is too small to protect it); add privacy.secure_aggregation "
             "or use noise: central"
         )
+    if dp is not None and dp.adaptive_clip is not None:
+        if dp.noise is NoisePlacement.DISTRIBUTED:
+            problems.append(
+                "privacy.dp.adaptive_clip: adaptive clipping works with noise: central only "
+                "(the count of unclipped updates is noised by the aggregator); use a fixed "
+                "clip with distributed noise"
+            )
+        count = dp.adaptive_clip.count_noise_multiplier
+        count_std = count if count is not None else per_round / 20
+        if dp.noise_multiplier >= 2 * count_std:
+            problems.append(
+                "privacy.dp.adaptive_clip.count_noise_multiplier: the noise on the count of "
+                f"unclipped updates ({count_std:g}) must exceed half the noise multiplier "
+                f"({dp.noise_multiplier / 2:g}), else no noise is left for the updates; "
+                f"set it above {dp.noise_multiplier / 2:g}"
+            )
     if sa is not None:
         if per_round < 2:
             problems.append(

@@ -7,12 +7,44 @@ Evaluate: evaluate the global model only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
 from fedloom.errors import TaskError
-from fedloom.records import EvalOutput, Instruction, InstructionKind, SiteAnswer, TrainOutput
-from fedloom.rng import generator, int_seed
+from fedloom.records import (
+    DPSGDSettings,
+    EvalOutput,
+    Instruction,
+    InstructionKind,
+    SiteAnswer,
+    TrainOutput,
+)
+from fedloom.rng import generator, int_seed, select_sites
 from fedloom.tasks.base import SiteContext, SiteData, Task
+from fedloom.tasks.dp_sgd import require_no_dp_sgd
 from fedloom.weights import Weights, check_compatible, read_only, specs_of, subtract
+
+if TYPE_CHECKING:
+    from fedloom.plan import Plan
+
+
+def dp_sgd_of(plan: Plan, site: str, round: int) -> tuple[DPSGDSettings | None, int]:
+    """The plan's sample-level DP-SGD for ``site`` in ``round``, and how many training
+    rounds up to this one selected the site (an upper bound on those it trained: what
+    its accountant composes; selection depends only on the plan, so it is the same
+    wherever and whenever it is computed)."""
+    dp = plan.privacy.dp_sgd
+    if dp is None:
+        return None, 1
+    per_round = plan.sites_per_round or len(plan.roster)
+    roster = list(plan.roster)
+    selected = sum(
+        1
+        for r in range(1, min(round, plan.rounds) + 1)
+        if site in select_sites(roster, per_round, plan.seed, r)
+    )
+    settings = DPSGDSettings(dp.noise_multiplier, dp.max_grad_norm, dp.delta)
+    return settings, max(1, selected)
 
 
 def execute(
@@ -26,6 +58,8 @@ def execute(
     plan_seed: int,
     num_classes: int = 0,
     attack: Attack | None = None,
+    dp_sgd: DPSGDSettings | None = None,
+    rounds_selected: int = 1,
 ) -> SiteAnswer:
     weights = read_only(weights)  # a task that writes into them fails the same in every mode
     attacking = attack is not None and site in attack.attackers
@@ -46,7 +80,11 @@ def execute(
         instruction.round,
         int_seed(plan_seed, instruction.round, site, "train"),
         options=dict(instruction.config),  # the strategy's configure() keys for this round
+        dp_sgd=dp_sgd,
+        rounds_selected=rounds_selected,
     )
+    if not getattr(task, "supports_dp_sgd", False):
+        require_no_dp_sgd(context, type(task).__name__)
     out = task.train(weights, data, instruction.settings, context)
     if not isinstance(out, TrainOutput):
         raise TaskError(

@@ -33,6 +33,8 @@ from fedloom.orchestration import (
     RoundRecord,
 )
 from fedloom.plan import Plan, plan_hash
+from fedloom.privacy.aggregator import AggregatorPrivacy
+from fedloom.privacy.site import MetricFilter, SitePrivacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.worker import (
     LocalWorker,
@@ -89,6 +91,35 @@ def federation_config(plan: Plan) -> FederationConfig:
         seed=plan.seed,
         settings=plan.train_settings(),
         final_evaluation=plan.evaluation.final,
+    )
+
+
+def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
+    """The aggregator's side of the plan's DP and secure aggregation; None without them."""
+    privacy = plan.privacy
+    if privacy.dp is None and privacy.secure_aggregation is None:
+        return None
+    return AggregatorPrivacy(
+        privacy,
+        per_round=plan.sites_per_round or len(plan.roster),
+        max_samples=plan.training.max_samples,
+    )
+
+
+def site_privacy(
+    plan: Plan, site: str, metric_filter: MetricFilter | None = None
+) -> SitePrivacy | None:
+    """A site's side of the plan's DP and secure aggregation (and its policy's metric
+    filter); None when there is nothing to do."""
+    privacy = plan.privacy
+    if privacy.dp is None and privacy.secure_aggregation is None and metric_filter is None:
+        return None
+    return SitePrivacy(
+        site,
+        privacy,
+        per_round=plan.sites_per_round or len(plan.roster),
+        max_samples=plan.training.max_samples,
+        metric_filter=metric_filter,
     )
 
 
@@ -178,15 +209,28 @@ def simulate(
             clock=clock,
             faults=faults,
             on_event=sink,
+            privacy=aggregator_privacy(plan),
         )
         transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
-        drivers = [_Driver(w) for w in workers]
+        drivers: queue.SimpleQueue[_Driver] = queue.SimpleQueue()
+        for w in workers:
+            drivers.put(_Driver(w))
+        # Secure aggregation's key exchange waits for every site of the round, so each
+        # needs its own thread then; the local work still queues for the workers.
+        threads = per_round if plan.privacy.secure_aggregation else len(workers)
+
+        def work(site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
+            driver = drivers.get()
+            try:
+                return driver.run_site(site, instruction, weights)
+            finally:
+                drivers.put(driver)
 
         busy: set[str] = set()  # sites a driver is working on
         asked_again: set[str] = set()  # ... and that a retried round asked for meanwhile
         busy_lock = threading.Lock()
 
-        def drive(driver: _Driver) -> None:
+        def drive() -> None:
             while (site := sites.get()) is not None:
                 with busy_lock:
                     if site in busy:
@@ -194,7 +238,7 @@ def simulate(
                         continue
                     busy.add(site)
                 try:
-                    run_site(driver, site)
+                    run_site(site)
                 finally:
                     with busy_lock:
                         busy.discard(site)
@@ -202,10 +246,11 @@ def simulate(
                             asked_again.discard(site)
                             sites.put(site)
 
-        def run_site(driver: _Driver, site: str) -> None:
+        def run_site(site: str) -> None:
             collaborator = Collaborator(
                 transport.connect(site),
-                lambda ins, w: driver.run_site(site, ins, w),
+                lambda ins, w: work(site, ins, w),
+                privacy=site_privacy(plan, site),
             )
             try:
                 collaborator.step(timeout=0)
@@ -217,14 +262,14 @@ def simulate(
                     collaborator.connection.report_failure(report)
 
         started = time.perf_counter()
-        pool = ThreadPoolExecutor(len(drivers), thread_name_prefix="fedloom-site")
-        futures = [pool.submit(drive, d) for d in drivers]
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="fedloom-site")
+        futures = [pool.submit(drive) for _ in range(threads)]
         completed = False
         try:
             history = aggregator.run()
             completed = True
         finally:
-            for _ in drivers:
+            for _ in range(threads):
                 sites.put(None)
             if not completed:  # stopped or failed: don't wait for tasks still running
                 for w in workers:

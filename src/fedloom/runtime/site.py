@@ -13,11 +13,13 @@ import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography import x509
+from cryptography.x509 import Certificate
 
 from fedloom.clock import FaultPoints
 from fedloom.collaborator import Collaborator
@@ -30,11 +32,24 @@ from fedloom.errors import (
     WorkspaceError,
 )
 from fedloom.pki import site_credentials
-from fedloom.pki.common import site_state_dir
+from fedloom.pki.common import SERVER_CERT, site_state_dir
+from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
+from fedloom.privacy.audit import AUDIT_LOG, AuditLog
+from fedloom.privacy.policy import (
+    Policy,
+    check_policy,
+    filter_metrics,
+    load_policy,
+    policy_refusal,
+    policy_warnings,
+)
+from fedloom.privacy.published import model_checker
+from fedloom.privacy.signing import certificate_from_pem
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator
-from fedloom.runtime.executor import execute
+from fedloom.runtime.executor import dp_sgd_of, execute
+from fedloom.runtime.simulation import site_privacy
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task
@@ -43,6 +58,7 @@ from fedloom.transport.messages import Heartbeat
 from fedloom.weights import Weights
 
 log = logging.getLogger("fedloom.collaborator")
+POLICY_FILE = "policy.yaml"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +70,7 @@ class SiteOptions:
     server_name: str | None = None
     connect_seconds: float | None = None  # give up reaching the aggregator after this
     threads: int = 1  # torch threads
+    policy: Path | None = None  # the data owner's policy; default: STATE/policy.yaml if any
 
 
 @dataclass
@@ -91,6 +108,9 @@ def participate(
     state_dir = options.state_dir or site_state_dir(ws, options.name)
     credentials = site_credentials(state_dir)
     digest = plan_hash(plan, ws)
+    # The data owner's policy is checked before the task's code is loaded or any data
+    # is read: a plan that breaks it never touches the data.
+    policy = enforce_policy(plan, digest, options.policy, state_dir)
     task = load_task(ws, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
@@ -115,6 +135,7 @@ def participate(
     def runner(instruction: Instruction, weights: Weights) -> SiteAnswer:
         progress.current = instruction.round
         report(f"round {instruction.round}: {instruction.kind.value} on local data")
+        dp_sgd, rounds_selected = dp_sgd_of(plan, options.name, instruction.round)
         try:
             return execute(
                 task,
@@ -125,6 +146,8 @@ def participate(
                 index=index,
                 plan_seed=plan.seed,
                 num_classes=num_classes,
+                dp_sgd=dp_sgd,
+                rounds_selected=rounds_selected,
             )
         except Exception as err:  # reported to the aggregator by the collaborator too
             progress.failed.add(instruction.round)
@@ -147,7 +170,22 @@ def participate(
             daemon=True,
         )
         beats.start()
-        collaborator = Collaborator(connection, runner, faults=faults)
+        aggregator_cert = _aggregator_certificate(welcome.certificate, credentials, state_dir)
+        metric_filter = None
+        if policy is not None:
+            kept_policy = policy
+
+            def metric_filter(m: Mapping[str, float]) -> tuple[dict[str, float], tuple[str, ...]]:
+                return filter_metrics(kept_policy, m)
+
+        collaborator = Collaborator(
+            connection,
+            runner,
+            faults=faults,
+            privacy=site_privacy(plan, options.name, metric_filter),
+            audit=AuditLog(state_dir / AUDIT_LOG),
+            check_model=model_checker(aggregator_cert),
+        )
         while not stop.is_set():
             try:
                 if not collaborator.step():
@@ -184,6 +222,46 @@ def participate(
         stop.set()
         connection.close()
     return progress
+
+
+def enforce_policy(plan: Plan, digest: str, path: Path | None, state_dir: Path) -> Policy | None:
+    """The site's policy (``path``, else STATE/policy.yaml if it exists), after checking
+    the plan against it: :class:`PolicyError` naming every broken rule if it fails."""
+    chosen = path if path is not None else state_dir / POLICY_FILE
+    if path is None and not chosen.is_file():
+        log.warning(
+            "no site policy (%s): this site enforces nothing beyond the plan; write one "
+            "with `fedloom policy init`",
+            chosen,
+        )
+        return None
+    policy = load_policy(chosen)
+    violations = check_policy(policy, plan, digest)
+    if violations:
+        raise policy_refusal(violations, source=str(chosen))
+    for warning in policy_warnings(policy):
+        log.warning("policy: %s", warning)
+    log.info("the plan (hash %s) meets the site policy %s", digest[:12], chosen)
+    return policy
+
+
+def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:
+    """The aggregator's certificate from its Welcome, checked against the federation's
+    CA, and kept as STATE/aggregator.crt (``fedloom audit verify`` checks receipts with
+    it)."""
+    if not pem:
+        raise AccessDenied(
+            "the aggregator sent no certificate: it cannot sign its models and receipts",
+            hint="run the same fedloom version on the aggregator",
+        )
+    ca = x509.load_pem_x509_certificate(credentials.ca_pem)
+    certificate = certificate_from_pem(pem, ca)
+    path = state_dir / SERVER_CERT
+    if not path.is_file() or path.read_bytes() != pem:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(pem)
+        tmp.replace(path)
+    return certificate
 
 
 def _heartbeats(

@@ -27,7 +27,7 @@ from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
 from fedloom.plan import validate_plan
 from fedloom.records import EvalOutput, Instruction, SiteAnswer
 from fedloom.runtime import pipes
-from fedloom.runtime.executor import execute
+from fedloom.runtime.executor import dp_sgd_of, execute
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteContext
 from fedloom.tasks.loader import load_task
@@ -87,6 +87,7 @@ class SiteWorker:
     def _run(self, header: dict[str, Any], weights: Weights) -> Reply:
         site = header["site"]
         instruction = serde.decode(Instruction, bytes.fromhex(header["instruction"]))
+        dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
         answer = execute(
             self.task,
             instruction,
@@ -97,6 +98,8 @@ class SiteWorker:
             plan_seed=self.plan.seed,
             num_classes=self.source.num_classes,
             attack=self.attack,
+            dp_sgd=dp_sgd,
+            rounds_selected=rounds_selected,
         )
         reply = {"ok": True, "num_samples": answer.num_samples, "metrics": dict(answer.metrics)}
         return reply, answer.delta

@@ -43,6 +43,10 @@ class ModelHeader:
 
     round: int
     tensors: tuple[TensorSpec, ...]
+    task_id: str = ""  # the task the model was published for
+    # the aggregator's signature over the task, the specs and every byte of the model
+    # (:func:`fedloom.privacy.signing.model_message`); empty when unsigned (simulation)
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +58,19 @@ class UpdateHeader:
     tensors: tuple[TensorSpec, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
     task_id: str = ""  # the instruction's task id this update answers
+    audit_hash: str = ""  # the hash of the site's audit record of this upload
 
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
-    """The aggregator's answer to an upload."""
+    """The aggregator's answer to an upload; ``signature`` signs the site's audit record
+    hash (:func:`fedloom.privacy.signing.receipt_message`) when the aggregator has a key."""
 
     round: int
     accepted: bool
     reason: str = ""
     bytes_received: int = 0
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,7 @@ class Welcome:
     federation: str
     rounds: int
     heartbeat_seconds: float
+    certificate: bytes = b""  # the aggregator's certificate (PEM): checks its signatures
 
 
 @dataclass(frozen=True, slots=True)

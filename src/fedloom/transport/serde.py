@@ -70,6 +70,7 @@ def instruction_to_proto(task: Instruction) -> pb.Instruction:
         config_json=json.dumps(dict(task.config), sort_keys=True),
         phases=list(task.phases),
         task_id=task.task_id,
+        privacy_json=json.dumps(dict(task.privacy), sort_keys=True) if task.privacy else "",
     )
 
 
@@ -84,6 +85,12 @@ def instruction_from_proto(m: pb.Instruction) -> Instruction:
         raise TransportError(
             f"instruction config must be a JSON object, got {type(config).__name__}"
         )
+    try:
+        privacy = json.loads(m.privacy_json) if m.privacy_json else {}
+    except ValueError as err:
+        raise TransportError(f"instruction privacy is not JSON: {err}") from err
+    if not isinstance(privacy, dict):
+        raise TransportError("instruction privacy must be a JSON object")
     return Instruction(
         round=m.round,
         kind=_KIND_FROM_PROTO[m.kind],
@@ -91,15 +98,26 @@ def instruction_from_proto(m: pb.Instruction) -> Instruction:
         config=config,
         phases=tuple(m.phases),
         task_id=m.task_id,
+        privacy=privacy,
     )
 
 
 def model_header_to_proto(h: ModelHeader) -> pb.ModelHeader:
-    return pb.ModelHeader(round=h.round, tensors=[spec_to_proto(s) for s in h.tensors])
+    return pb.ModelHeader(
+        round=h.round,
+        tensors=[spec_to_proto(s) for s in h.tensors],
+        task_id=h.task_id,
+        signature=h.signature,
+    )
 
 
 def model_header_from_proto(m: pb.ModelHeader) -> ModelHeader:
-    return ModelHeader(round=m.round, tensors=tuple(spec_from_proto(s) for s in m.tensors))
+    return ModelHeader(
+        round=m.round,
+        tensors=tuple(spec_from_proto(s) for s in m.tensors),
+        task_id=m.task_id,
+        signature=m.signature,
+    )
 
 
 def chunk_to_proto(c: Chunk) -> pb.Chunk:
@@ -118,6 +136,7 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
         metrics={k: float(v) for k, v in h.metrics.items()},
         tensors=[spec_to_proto(s) for s in h.tensors],
         task_id=h.task_id,
+        audit_hash=h.audit_hash,
     )
 
 
@@ -128,17 +147,22 @@ def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
         tensors=tuple(spec_from_proto(s) for s in m.tensors),
         metrics=dict(m.metrics),
         task_id=m.task_id,
+        audit_hash=m.audit_hash,
     )
 
 
 def receipt_to_proto(r: Receipt) -> pb.Receipt:
     return pb.Receipt(
-        round=r.round, accepted=r.accepted, reason=r.reason, bytes_received=r.bytes_received
+        round=r.round,
+        accepted=r.accepted,
+        reason=r.reason,
+        bytes_received=r.bytes_received,
+        signature=r.signature,
     )
 
 
 def receipt_from_proto(m: pb.Receipt) -> Receipt:
-    return Receipt(m.round, m.accepted, m.reason, m.bytes_received)
+    return Receipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature)
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:
@@ -171,11 +195,12 @@ def welcome_to_proto(m: Welcome) -> pb.Welcome:
         federation=m.federation,
         rounds=m.rounds,
         heartbeat_seconds=m.heartbeat_seconds,
+        certificate=m.certificate,
     )
 
 
 def welcome_from_proto(m: pb.Welcome) -> Welcome:
-    return Welcome(m.protocol_version, m.federation, m.rounds, m.heartbeat_seconds)
+    return Welcome(m.protocol_version, m.federation, m.rounds, m.heartbeat_seconds, m.certificate)
 
 
 def heartbeat_to_proto(m: Heartbeat) -> pb.Heartbeat:

@@ -57,6 +57,7 @@ class ServerSettings:
     heartbeat_seconds: float = 5.0
     calls_per_site: int = 8  # calls one certificate may have in flight at once
     threads: int | None = None  # default: 3 per site + calls_per_site
+    certificate: bytes = b""  # the aggregator's certificate (PEM), sent in Welcome
 
 
 @dataclass
@@ -251,7 +252,9 @@ class Handlers:
             )
         self.gate.welcome(site, serial)
         log.info("site %s joined (certificate serial %x) from %s", site, serial, context.peer())
-        welcome = Welcome(PROTOCOL_VERSION, s.federation, s.rounds, s.heartbeat_seconds)
+        welcome = Welcome(
+            PROTOCOL_VERSION, s.federation, s.rounds, s.heartbeat_seconds, s.certificate
+        )
         return serde.encode(welcome)
 
     def get_task(self, request: bytes, context: grpc.ServicerContext) -> bytes:

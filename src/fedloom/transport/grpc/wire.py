@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SERVICE = "fedloom.v1.Aggregator"
 METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange", "Heartbeat")
 

@@ -45,28 +45,34 @@ class TrainSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("round", "kind", "settings", "config_json", "phases", "task_id")
+    __slots__ = ("round", "kind", "settings", "config_json", "phases", "task_id", "privacy_json")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
     round: int
     kind: InstructionKind
     settings: TrainSettings
     config_json: str
     phases: _containers.RepeatedScalarFieldContainer[str]
     task_id: str
-    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    privacy_json: str
+    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ..., task_id: _Optional[str] = ..., privacy_json: _Optional[str] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("round", "tensors")
+    __slots__ = ("round", "tensors", "task_id", "signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    task_id: str
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("tensor", "offset", "data", "checksum")
@@ -81,7 +87,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "metrics", "tensors", "task_id")
+    __slots__ = ("round", "num_samples", "metrics", "tensors", "task_id", "audit_hash")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,24 +100,28 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     task_id: str
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ...) -> None: ...
+    audit_hash: str
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ..., audit_hash: _Optional[str] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("round", "accepted", "reason", "bytes_received")
+    __slots__ = ("round", "accepted", "reason", "bytes_received", "signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     accepted: bool
     reason: str
     bytes_received: int
-    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("round", "reason", "task_id")
@@ -144,16 +154,18 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., plan_hash: _Optional[str] = ..., site: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "federation", "rounds", "heartbeat_seconds")
+    __slots__ = ("protocol_version", "federation", "rounds", "heartbeat_seconds", "certificate")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     federation: str
     rounds: int
     heartbeat_seconds: float
-    def __init__(self, protocol_version: _Optional[int] = ..., federation: _Optional[str] = ..., rounds: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., federation: _Optional[str] = ..., rounds: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("wait_seconds",)

@@ -1,0 +1,113 @@
+"""The sum of masked updates modulo ``2**bits``: what secure aggregation folds.
+
+Under secure aggregation a site sends its update as fixed-point integers plus masks
+(:mod:`fedloom.privacy.secagg`), each tensor as unsigned ``bits``-bit integers. The
+aggregator can only add them up: the sum wraps around modulo ``2**bits`` exactly as the
+masks do, and only the whole sum, unmasked, means anything.
+
+It streams like the mean (:mod:`~fedloom.accumulate.mean`): each chunk is added as it
+arrives, in O(model) memory, and an update that breaks off is subtracted again from its
+spool, leaving the sums bit-identical. ``admit(site)`` decides who may contribute (the
+sites that took part in the round's key exchange).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedloom.accumulate.contribution import Contribution, _check_new, _check_weight
+from fedloom.accumulate.mean import _MeanContribution
+from fedloom.errors import AggregationError, UpdateRejected
+from fedloom.weights import TensorSpec
+
+
+class MaskedSumAccumulator:
+    """Running sum modulo ``2**bits`` of the masked updates of one round."""
+
+    needs_updates = False
+
+    def __init__(
+        self,
+        specs: tuple[TensorSpec, ...],
+        *,
+        admit: Callable[[str], None],
+        spool_dir: Path | None = None,
+    ) -> None:
+        dtypes = {s.dtype for s in specs}
+        if not dtypes <= {"uint32", "uint64"} or len(dtypes) > 1:
+            raise AggregationError(f"masked updates are uint32 or uint64 tensors, got {dtypes}")
+        self.specs = specs
+        self._admit = admit
+        self._spool_dir = spool_dir
+        self._sums = [np.zeros(s.size, dtype=s.dtype) for s in specs]
+        self._lock = threading.Lock()
+        self._sites: set[str] = set()
+        self._streaming: set[str] = set()
+        self._weights: dict[str, int] = {}
+        self._read = False
+
+    @property
+    def count(self) -> int:
+        return len(self._sites)
+
+    @property
+    def sites(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._sites)
+
+    @property
+    def total_weight(self) -> int:
+        return sum(self._weights.values())
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Each folded site's weight (the masked values are already weighted by it)."""
+        with self._lock:
+            return dict(self._weights)
+
+    def begin(self, site: str, weight: int) -> Contribution:
+        weight = _check_weight(weight)
+        self._admit(site)  # UpdateRejected if the site has no masks agreed for this round
+        with self._lock:
+            if self._read:
+                raise UpdateRejected(f"the masked sum was already read: {site!r} came too late")
+            _check_new(site, self._sites, self._streaming)
+            self._streaming.add(site)
+        return _MeanContribution(self, site, weight)  # type: ignore[arg-type]
+
+    def sums(self) -> list[np.ndarray]:
+        """The sums, tensor by tensor (flat); read once, after every stream ended."""
+        with self._lock:
+            if self._streaming:
+                raise AggregationError(f"{len(self._streaming)} masked update(s) still streaming")
+            self._read = True
+            return self._sums
+
+    # the interface _MeanContribution folds through
+    def _encode(self, tensor: int, values: np.ndarray, weight: int) -> tuple[np.ndarray, ...]:
+        return (values,)
+
+    def _apply(self, tensor: int, start: int, parts: tuple[np.ndarray, ...], sign: int) -> None:
+        (part,) = parts
+        with self._lock:
+            window = self._sums[tensor][start : start + part.size]
+            if sign > 0:
+                window += part  # unsigned: wraps modulo 2**bits, as the masks do
+            else:
+                window -= part
+
+    def _commit(self, site: str, weight: int) -> None:
+        with self._lock:
+            self._streaming.discard(site)
+            if site in self._sites:
+                raise UpdateRejected(f"site {site!r} already sent an update for this round")
+            self._sites.add(site)
+            self._weights[site] = weight
+
+    def _release(self, site: str) -> None:
+        with self._lock:
+            self._streaming.discard(site)

@@ -1,0 +1,210 @@
+"""``fedloom audit``: a site's record of everything that left it, and proof it is intact.
+
+Both commands read the site's state folder (``STATE/audit.jsonl`` and
+``STATE/receipts.jsonl``) without writing it, so they are safe beside a running
+collaborator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography.exceptions import InvalidSignature
+from rich.table import Column, Table
+
+from fedloom.cli.common import console, count, friendly
+from fedloom.errors import AuditError, CertificateError
+from fedloom.pki.common import SERVER_CERT, SITE_CA, fingerprint, load_cert, read_file
+from fedloom.pki.common import site_state_dir as default_state_dir
+from fedloom.privacy.audit import AUDIT_LOG, RECEIPTS, Receipt, read_records, verify
+from fedloom.privacy.signing import receipt_message
+from fedloom.privacy.signing import verify as verify_signature
+
+audit_app = typer.Typer(
+    help="A site's audit log: what left the site, and proof that the log is intact.",
+    no_args_is_help=True,
+)
+
+SiteWorkspaceArg = Annotated[
+    Path, typer.Argument(help="Workspace folder; the site's state defaults to sites/NAME in it.")
+]
+SiteName = Annotated[str, typer.Option("--name", help="The site's name, as in the plan's sites.")]
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state", help="The site's state folder (default: WORKSPACE/sites/NAME)."),
+]
+
+
+@audit_app.command("show")
+@friendly
+def show(
+    name: SiteName,
+    workspace: SiteWorkspaceArg = Path("."),
+    state: StateDir = None,
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Only the records of this round.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the records as JSON lines, as stored.")
+    ] = False,
+) -> None:
+    """List what left the site: one row per message sent, oldest first.
+
+    Shows the records as they are; `fedloom audit verify` checks that none was edited,
+    reordered or deleted.
+    """
+    log = (state or default_state_dir(workspace, name)) / AUDIT_LOG
+    records = read_records(log)
+    if round_ is not None:
+        records = [r for r in records if r.get("round") == round_]
+    if as_json:
+        for record in records:
+            typer.echo(json.dumps(record, separators=(",", ":")))
+        return
+    if not records:
+        where = "" if round_ is None else f" for round {round_}"
+        console.print(f"no records{where} in {log}", highlight=False)
+        return
+    table = Table(
+        Column("seq", no_wrap=True),
+        Column("time (UTC)", min_width=10),
+        Column("round", no_wrap=True),
+        Column("kind", no_wrap=True),
+        Column("sent", min_width=10),
+        Column("sha256", no_wrap=True),
+        Column("metrics", ratio=1, overflow="fold"),
+        Column("privacy", ratio=2, overflow="fold"),
+        title=str(log),
+    )
+    for r in records:
+        table.add_row(
+            str(r.get("seq", "?")),
+            str(r.get("time", "?"))[:19].replace("T", " "),
+            str(r.get("round", "?")),
+            str(r.get("kind", "?")),
+            _sent(r),
+            str(r.get("sha256", "?"))[:8],
+            ", ".join(r.get("metrics") or {}) or "-",
+            _privacy(r.get("privacy") or {}) or "-",
+        )
+    console.print(table)
+    total = sum(int(r.get("bytes", 0)) for r in records)
+    console.print(
+        f"{count(len(records), 'record')}, {_human_bytes(total)} sent; "
+        f"check the log with [cyan]fedloom audit verify {workspace} --name {name}"
+        + ("" if state is None else f" --state {state}")
+        + "[/]",
+        highlight=False,
+    )
+
+
+@audit_app.command("verify")
+@friendly
+def verify_log(
+    name: SiteName,
+    workspace: SiteWorkspaceArg = Path("."),
+    state: StateDir = None,
+    aggregator_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--aggregator-cert",
+            help="The aggregator's certificate, to check the receipts' signatures "
+            "(default: STATE/aggregator.crt when it exists).",
+        ),
+    ] = None,
+) -> None:
+    """Check that the audit log is intact: every record as written, none reordered or
+    deleted, and every receipt the aggregator signed matching its record.
+
+    Exits 0 when it is, 13 with every problem found when it is not.
+    """
+    state_dir = state or default_state_dir(workspace, name)
+    log = state_dir / AUDIT_LOG
+    cert_path = aggregator_cert
+    if cert_path is None and (state_dir / SERVER_CERT).exists():
+        cert_path = state_dir / SERVER_CERT
+    check = None
+    if cert_path is not None:
+        cert_pem = _aggregator_cert(cert_path, state_dir)
+        cert = load_cert(cert_pem, "aggregator certificate")
+
+        def check(receipt: Receipt) -> bool:
+            try:
+                message = receipt_message(name, receipt.task_id, receipt.record_hash)
+                signature = bytes.fromhex(receipt.signature)
+            except ValueError:
+                return False
+            return verify_signature(cert, message, signature)
+
+    report = verify(log, state_dir / RECEIPTS, check)
+    if not report.ok:
+        problems = "\n".join(f"  - {p}" for p in report.problems)
+        raise AuditError(
+            f"the audit log {log} is not intact: {count(len(report.problems), 'problem')}\n"
+            f"{problems}",
+            hint=f"keep {AUDIT_LOG} and {RECEIPTS} as they are, as evidence; each problem "
+            "names the line to look at",
+        )
+    console.print(
+        f"audit log intact: {count(report.records, 'record')}, {count(report.receipts, 'receipt')}",
+        highlight=False,
+    )
+    if cert_path is not None:
+        console.print(
+            f"receipts' signatures checked with {cert_path} ({fingerprint(cert_pem)})",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif report.receipts:
+        console.print(
+            f"receipts' signatures not checked: no {SERVER_CERT} in {state_dir}; "
+            "pass --aggregator-cert",
+            highlight=False,
+        )
+
+
+def _aggregator_cert(path: Path, state_dir: Path) -> bytes:
+    """The aggregator certificate's PEM; checked against the site's CA when it has one
+    (not against dates: old receipts stay verifiable after the certificate expires)."""
+    pem = read_file(path, missing_hint="pass the aggregator.crt of the federation")
+    cert = load_cert(pem, "aggregator certificate")
+    ca_path = state_dir / SITE_CA
+    if ca_path.exists():
+        ca = load_cert(read_file(ca_path, missing_hint=""), "CA certificate")
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as err:
+            raise CertificateError(
+                f"{path} was not issued by the federation's CA ({ca_path})",
+                hint="pass the aggregator certificate the federation's CA signed",
+            ) from err
+    return pem
+
+
+def _sent(record: dict[str, Any]) -> str:
+    size = _human_bytes(int(record.get("bytes", 0)))
+    tensors = record.get("tensors") or []
+    return f"{count(len(tensors), 'tensor')}, {size}" if tensors else size
+
+
+def _privacy(params: dict[str, Any], prefix: str = "") -> str:
+    """``dp.clip=1.0, secure_aggregation=true``: the parameters, flattened."""
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, dict):
+            inner = _privacy(value, f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        else:
+            shown = value if isinstance(value, str) else json.dumps(value)
+            parts.append(f"{prefix}{key}={shown}")
+    return ", ".join(parts)
+
+
+def _human_bytes(n: int) -> str:
+    from fedloom.cli.progress import human_bytes
+
+    return human_bytes(n)

@@ -1,0 +1,221 @@
+"""The aggregator's side of the plan's privacy: budget, noise, clipping bound, masks.
+
+:class:`AggregatorPrivacy` is what the round loop (:mod:`fedloom.orchestration`) asks
+before, during and after each round. Its state (the clipping bound, the noise each round
+really had, the epsilon spent) lives in the strategy state's scalars under
+``"privacy"``, so it is checkpointed with every round and a resumed run continues the
+same budget.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedloom.clock import Clock
+from fedloom.privacy import dp as dpmath
+from fedloom.privacy.quantize import fractional_bits
+from fedloom.privacy.secagg import PHASES
+from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
+from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
+from fedloom.records import MeanSummary
+from fedloom.strategies.state import StrategyState
+from fedloom.weights import TensorSpec, Weights
+
+STATE_KEY = "privacy"
+_NARROW = frozenset({"float32", "float16", "bfloat16"})
+
+
+class AggregatorPrivacy:
+    """DP-FedAvg's noise and accountant, adaptive clipping and secure aggregation, as the
+    plan asks; every method is cheap when its piece is off."""
+
+    def __init__(
+        self,
+        plan: PrivacyPlan,
+        *,
+        per_round: int,
+        max_samples: int,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.plan = plan
+        self.per_round = per_round
+        self.max_samples = max_samples
+        self._rng = rng or dpmath.secret_generator()  # never the plan's seed
+        dp, sa = plan.dp, plan.secure_aggregation
+        self._count_std = (
+            dpmath.count_noise_std(per_round, dp.adaptive_clip.count_noise_multiplier)
+            if dp is not None and dp.adaptive_clip is not None
+            else None
+        )
+        self._update_z = (
+            dpmath.update_noise_multiplier(dp.noise_multiplier, self._count_std)
+            if dp is not None
+            else 0.0
+        )
+        self.secagg = (
+            SecAggParameters(
+                bits=sa.bits,
+                frac=fractional_bits(
+                    sa.bits, per_round, 1 if dp else max_samples, plan.clip_range()
+                ),
+                threshold=sa.threshold,
+                neighbours=sa.neighbours,
+                key_seconds=sa.key_seconds,
+            )
+            if sa is not None
+            else None
+        )
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return PHASES if self.secagg is not None else ()
+
+    @property
+    def adaptive(self) -> bool:
+        return self._count_std is not None
+
+    # ----------------------------------------------------------- before a round
+
+    def ledger(self, state: StrategyState) -> dict[str, Any]:
+        """The privacy state kept in ``state``: clip bound, noise per round, epsilon."""
+        kept = state.scalars.get(STATE_KEY)
+        if isinstance(kept, dict):
+            return dict(kept)
+        dp = self.plan.dp
+        return {"clip": dp.clip if dp else None, "noise": [], "epsilon": 0.0}
+
+    def stop_reason(self, state: StrategyState) -> str | None:
+        """Why the next round must not run: it would spend more than the budget."""
+        dp = self.plan.dp
+        if dp is None or dp.epsilon_budget is None:
+            return None
+        ledger = self.ledger(state)
+        spent = list(ledger["noise"])
+        after = dpmath.epsilon([*spent, dp.noise_multiplier], dp.delta)
+        if after <= dp.epsilon_budget:
+            return None
+        return (
+            f"privacy budget: another round would bring epsilon from {ledger['epsilon']:.3g} "
+            f"to {after:.3g}, over the plan's epsilon_budget {dp.epsilon_budget:g} "
+            f"(delta {dp.delta:g}); training stopped after {len(spent)} round(s)"
+        )
+
+    def instruction(self, state: StrategyState) -> dict[str, Any]:
+        """What every site needs this round beyond its plan: the clipping bound now."""
+        if self.plan.dp is None:
+            return {}
+        ledger = self.ledger(state)
+        return {"clip": ledger["clip"], "epsilon": ledger["epsilon"]}
+
+    def weight(self, num_samples: int) -> int:
+        """A site's weight in the mean: 1 under DP (every site alike), else its capped
+        sample count."""
+        return 1 if self.plan.dp is not None else min(int(num_samples), self.max_samples)
+
+    def upload_specs(self, model: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        """What an update must announce: the model's tensors, plus the unclipped bit under
+        adaptive clipping; all unsigned integers under secure aggregation."""
+        specs = model + ((TensorSpec(dpmath.UNCLIPPED, "float64", (1,)),) if self.adaptive else ())
+        return specs
+
+    def open_secagg(
+        self,
+        *,
+        task_id: str,
+        round: int,
+        selected: tuple[str, ...],
+        model: tuple[TensorSpec, ...],
+        clock: Clock,
+        cond: threading.Condition,
+        in_round: Callable[[], Iterable[str]],
+        drop: Callable[[str, str], None],
+        spool_dir: Path | None,
+    ) -> SecAggRound | None:
+        if self.secagg is None:
+            return None
+        return SecAggRound(
+            task_id=task_id,
+            round=round,
+            selected=selected,
+            specs=self.upload_specs(model),
+            params=self.secagg,
+            clock=clock,
+            cond=cond,
+            in_round=in_round,
+            drop=drop,
+            spool_dir=spool_dir,
+        )
+
+    # ------------------------------------------------------------ after a round
+
+    def unmasked_summary(
+        self,
+        round: int,
+        secagg: SecAggRound,
+        model: tuple[TensorSpec, ...],
+        results: tuple[Any, ...],
+        deadline: float,
+    ) -> MeanSummary:
+        """The round's mean from the unmasked sum (raises AggregationError if the masks
+        could not be removed)."""
+        weights = secagg.accumulator.weights
+        sums = secagg.unmask(weights, deadline)
+        total = float(sum(weights.values()))
+        specs = self.upload_specs(model)
+        mean: Weights = {}
+        for spec, flat in zip(specs, sums, strict=True):
+            value = flat / total
+            if spec.name == dpmath.UNCLIPPED:
+                value = value / self.plan.clip_range()  # sent as bit * clip_range
+            if spec.dtype in _NARROW:
+                value = value.astype(np.float32)
+            mean[spec.name] = value.reshape(spec.shape)
+        return MeanSummary(round, mean, total, results)
+
+    def finish(
+        self, summary: MeanSummary, state: StrategyState
+    ) -> tuple[MeanSummary, dict[str, Any] | None]:
+        """The summary the strategy may see (noised, extras removed), and the privacy
+        ledger after this round (None when DP is off)."""
+        dp = self.plan.dp
+        mean = dict(summary.mean_delta)
+        unclipped = mean.pop(dpmath.UNCLIPPED, None)
+        if dp is None:
+            return MeanSummary(summary.round, mean, summary.total_weight, summary.results), None
+        ledger = self.ledger(state)
+        m = len(summary.results)
+        clip = float(ledger["clip"])
+        if m == 0:
+            return MeanSummary(summary.round, mean, summary.total_weight, summary.results), ledger
+        if dp.noise is NoisePlacement.CENTRAL:
+            noised = dpmath.add_noise(mean, self._update_z * clip / m, self._rng)
+            spent = dp.noise_multiplier
+        else:  # the sites added theirs: m of per_round shares arrived
+            noised = {k: np.asarray(v, dtype=np.float64) for k, v in mean.items()}
+            spent = dp.noise_multiplier * math.sqrt(m / self.per_round)
+        out = {
+            k: v.astype(np.float32) if np.asarray(mean[k]).dtype == np.float32 else v
+            for k, v in noised.items()
+        }
+        if unclipped is not None and dp.adaptive_clip is not None and self._count_std:
+            fraction = float(np.asarray(unclipped).reshape(-1)[0])
+            fraction += float(self._rng.normal(0.0, self._count_std)) / m
+            clip = dpmath.next_clip(
+                clip,
+                fraction,
+                target=dp.adaptive_clip.target_quantile,
+                lr=dp.adaptive_clip.learning_rate,
+            )
+        history = [*ledger["noise"], spent]
+        new_ledger = {
+            "clip": clip,
+            "noise": history,
+            "epsilon": dpmath.epsilon(history, dp.delta),
+        }
+        return MeanSummary(summary.round, out, summary.total_weight, summary.results), new_ledger

@@ -1,0 +1,69 @@
+"""Signed global models: the aggregator signs what it publishes, sites check it.
+
+The signature covers the task id (so a model cannot be replayed into another round),
+the tensor specs and every byte of every tensor, in order: what
+:func:`~fedloom.privacy.signing.model_message` binds together. A site checks it with the
+aggregator's certificate, itself checked against the federation's CA, before the task
+ever sees the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+from cryptography import x509
+
+from fedloom.errors import ModelRejected
+from fedloom.privacy.signing import model_message, verify
+from fedloom.records import Instruction
+from fedloom.transport.messages import ModelHeader, iter_chunks
+from fedloom.weights import TensorSpec, Weights, specs_of
+
+
+def specs_digest(specs: tuple[TensorSpec, ...]) -> bytes:
+    text = json.dumps([[s.name, s.dtype, list(s.shape)] for s in specs], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).digest()
+
+
+def content_digest(weights: Weights) -> bytes:
+    h = hashlib.sha256()
+    for chunk in iter_chunks(weights):
+        h.update(chunk.data)
+    return h.digest()
+
+
+def model_statement(task_id: str, round: int, weights: Weights) -> bytes:
+    """What the aggregator signs for the model of ``task_id``."""
+    return model_message(task_id, round, specs_digest(specs_of(weights)), content_digest(weights))
+
+
+def model_checker(
+    certificate: x509.Certificate,
+) -> Callable[[Instruction, ModelHeader, Weights], None]:
+    """A :data:`~fedloom.collaborator.ModelCheck` that refuses any global model not
+    signed by ``certificate``'s key for the instruction's task."""
+
+    def check(instruction: Instruction, header: ModelHeader, weights: Weights) -> None:
+        where = f"the global model of round {instruction.round} (task {instruction.task_id})"
+        if not header.signature:
+            raise ModelRejected(
+                f"{where} is unsigned; this site loads only models the aggregator signed",
+                hint="the aggregator must run with the federation's PKI (fedloom pki init)",
+            )
+        if header.task_id != instruction.task_id:
+            raise ModelRejected(
+                f"{where} was published for task {header.task_id or '(none)'}: a replayed "
+                "model; it was not loaded"
+            )
+        statement = model_statement(instruction.task_id, instruction.round, weights)
+        if not verify(certificate, statement, header.signature):
+            raise ModelRejected(
+                f"{where} failed its signature check: its bytes are not what the "
+                "aggregator signed (tampered with on the way?); it was not loaded",
+                hint="check the network path to the aggregator; the round goes on without "
+                "this site",
+            )
+
+    return check

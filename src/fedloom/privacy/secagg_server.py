@@ -1,0 +1,349 @@
+"""Secure aggregation, the aggregator's side of one attempt at a round.
+
+The aggregator relays keys and encrypted shares, folds the masked updates into a sum
+modulo ``2**bits`` (:class:`~fedloom.accumulate.masked.MaskedSumAccumulator`) and, once
+the uploads are closed, asks the survivors for the shares that remove the masks:
+``b_j`` of every site whose masked update it holds, ``s_d`` of every site that dropped
+after the key exchange. It never asks for both of one site, so it learns the sum and
+nothing else (see :mod:`~fedloom.privacy.secagg` for the site's side and its checks).
+
+Waiting: each of the two key steps is a barrier that opens when every site of the round
+still in it has spoken, or ``key_seconds`` after the step began; sites that missed it
+are out of this attempt (their masks are not in anyone's update). The handlers block on
+the aggregator's own condition, so a site dropped by the round wakes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.clock import Clock
+from fedloom.errors import AggregationError, UpdateRejected
+from fedloom.privacy import masking, shamir
+from fedloom.privacy.quantize import decode, unsigned
+from fedloom.privacy.secagg import (
+    KEYS,
+    REVEAL,
+    SHARES,
+    UNMASK,
+    dumps,
+    loads,
+    mask_context,
+    stream_offsets,
+    threshold_of,
+)
+from fedloom.weights import TensorSpec
+
+
+class Step(enum.Enum):
+    KEYS = 1
+    SHARES = 2
+    UPLOADS = 3
+    UNMASK = 4
+    DONE = 5
+
+
+@dataclass(frozen=True)
+class SecAggParameters:
+    bits: int
+    frac: int
+    threshold: float  # fraction of a site's neighbours
+    neighbours: int | None
+    key_seconds: float
+
+
+class SecAggRound:
+    """One attempt at a round under secure aggregation, at the aggregator."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        round: int,
+        selected: tuple[str, ...],
+        specs: tuple[TensorSpec, ...],
+        params: SecAggParameters,
+        clock: Clock,
+        cond: threading.Condition,
+        in_round: Callable[[], Iterable[str]],
+        drop: Callable[[str, str], None],  # settle a site as failed (caller holds cond)
+        spool_dir: Path | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.round = round
+        self.selected = selected
+        self.params = params
+        self.specs = tuple(TensorSpec(s.name, unsigned(params.bits).name, s.shape) for s in specs)
+        self._clock = clock
+        self._cond = cond
+        self._in_round = in_round  # the round's sites not yet settled (caller holds cond)
+        self._drop = drop
+        self.step = Step.KEYS
+        self._step_began = clock.now()
+        self._keys: dict[str, dict[str, str]] = {}
+        self._outbox: dict[str, dict[str, str]] = {}  # sender -> recipient -> blob
+        self._graph: dict[str, tuple[str, ...]] = {}
+        self._survivors: tuple[str, ...] = ()
+        self._dropped: tuple[str, ...] = ()
+        self._b: dict[str, dict[int, bytes]] = {}  # owner -> x -> share of b
+        self._s: dict[str, dict[int, bytes]] = {}
+        self._revealed: set[str] = set()
+        self.failure: str | None = None
+        self.accumulator = MaskedSumAccumulator(self.specs, admit=self._admit, spool_dir=spool_dir)
+
+    # ---------------------------------------------------------------- handlers
+
+    def handle(self, site: str, phase: str, payload: bytes) -> bytes:
+        if phase == KEYS:
+            return self._on_keys(site, loads(payload, "public keys"))
+        if phase == SHARES:
+            return self._on_shares(site, loads(payload, "shares"))
+        if phase == UNMASK:
+            return self._on_unmask(site)
+        if phase == REVEAL:
+            return self._on_reveal(site, loads(payload, "revealed shares"))
+        raise UpdateRejected(f"secure aggregation has no phase {phase!r}")
+
+    def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
+        if keys.get("task") != self.task_id:
+            raise UpdateRejected(
+                f"stale key exchange: it answers task {keys.get('task')}, but round "
+                f"{self.round} is now task {self.task_id}; the site fetches the task again"
+            )
+        c, s = keys.get("c"), keys.get("s")
+        if not (isinstance(c, str) and isinstance(s, str) and len(c) == len(s) == 64):
+            raise UpdateRejected("secure aggregation: public keys must be 32 bytes, in hex")
+        with self._cond:
+            self._expect(site, Step.KEYS, "its public keys")
+            self._keys[site] = {"c": c, "s": s}
+            self._cond.notify_all()
+            self._barrier(Step.KEYS, lambda: set(self._keys))
+            if site not in self._keys or self.step is not Step.SHARES:
+                raise UpdateRejected(self._why_out(site, "key exchange"))
+            return dumps(
+                {
+                    "sites": self._keys,
+                    "neighbours": self.params.neighbours,
+                    "threshold": self.params.threshold,
+                }
+            )
+
+    def _on_shares(self, site: str, shares: dict[str, object]) -> bytes:
+        outgoing = shares.get("to")
+        if not isinstance(outgoing, dict):
+            raise UpdateRejected("secure aggregation: shares come as {'to': {site: blob}}")
+        with self._cond:
+            self._expect(site, Step.SHARES, "its shares")
+            expected = set(self._graph.get(site, ()))
+            if set(outgoing) != expected:
+                raise UpdateRejected(
+                    f"secure aggregation: {site!r} must send one share to each of its "
+                    f"neighbours {sorted(expected)}, sent {sorted(outgoing)}"
+                )
+            self._outbox[site] = {k: str(v) for k, v in outgoing.items()}
+            self._cond.notify_all()
+            self._barrier(Step.SHARES, lambda: set(self._outbox))
+            if site not in self._outbox or self.step is not Step.UPLOADS:
+                raise UpdateRejected(self._why_out(site, "share exchange"))
+            inbox = {
+                sender: box[site] for sender, box in sorted(self._outbox.items()) if site in box
+            }
+            return dumps({"sites": sorted(self._outbox), "from": inbox})
+
+    def _on_unmask(self, site: str) -> bytes:
+        with self._cond:
+            while self.step.value < Step.UNMASK.value and self.failure is None:
+                self._clock.wait(self._cond, None)
+            if self.failure is not None:
+                return dumps({"abandoned": self.failure})
+            if site not in self._survivors:
+                raise UpdateRejected(f"secure aggregation: {site!r} is not among the survivors")
+            return dumps({"survivors": list(self._survivors), "dropped": list(self._dropped)})
+
+    def _on_reveal(self, site: str, shares: dict[str, object]) -> bytes:
+        with self._cond:
+            if self.step is not Step.UNMASK or site not in self._survivors:
+                raise UpdateRejected("secure aggregation: no unmasking under way for this site")
+            if site in self._revealed:
+                raise UpdateRejected(f"secure aggregation: {site!r} already revealed its shares")
+            for kind, store, allowed in (
+                ("b", self._b, set(self._survivors)),
+                ("s", self._s, set(self._dropped)),
+            ):
+                given = shares.get(kind) or {}
+                if not isinstance(given, dict):
+                    raise UpdateRejected(f"secure aggregation: {kind!r} must map sites to shares")
+                for owner, text in given.items():
+                    if owner not in allowed or site not in self._graph.get(owner, ()):
+                        continue  # not asked for: ignored, never used
+                    x, _, value = str(text).partition(":")
+                    store.setdefault(owner, {})[int(x)] = bytes.fromhex(value)
+            self._revealed.add(site)
+            self._cond.notify_all()
+            return b"{}"
+
+    # ------------------------------------------------------------- the round
+
+    def _admit(self, site: str) -> None:
+        with self._cond:
+            if self.step is not Step.UPLOADS or site not in self._outbox:
+                raise UpdateRejected(
+                    f"secure aggregation: {site!r} has no masks agreed for task "
+                    f"{self.task_id} (it missed the key exchange, or the uploads closed)"
+                )
+
+    def unmask(self, weights: Mapping[str, int], deadline: float) -> list[np.ndarray]:
+        """The weighted sum of the survivors' updates, tensor by tensor (flat float64).
+
+        ``weights`` maps each site whose masked update was folded to its weight. Waits
+        for the survivors' shares until ``deadline``; raises :class:`AggregationError`
+        when a mask cannot be removed."""
+        with self._cond:
+            survivors = tuple(sorted(weights))
+            if len(survivors) < 2:
+                raise self._fail(
+                    f"only {len(survivors)} masked update(s) arrived; secure aggregation "
+                    "reveals no sum of fewer than 2 sites"
+                )
+            self._survivors = survivors
+            self._dropped = tuple(sorted(set(self._outbox) - set(survivors)))
+            self.step = Step.UNMASK
+            self._cond.notify_all()
+            while not self._can_rebuild() and len(self._revealed) < len(survivors):
+                if self._clock.now() >= deadline:
+                    break
+                self._clock.wait(self._cond, deadline)
+            missing = self._missing()
+            if missing:
+                raise self._fail(
+                    "could not unmask the sum: too few shares revealed for "
+                    + "; ".join(missing)
+                    + f" ({len(self._revealed)} of {len(survivors)} survivors answered)"
+                )
+            self.step = Step.DONE
+            b_shares, s_shares = dict(self._b), dict(self._s)
+        seeds = {j: self._rebuild(j, b_shares[j]) for j in survivors}
+        dropped_keys = {
+            d: masking.private_from_bytes(self._rebuild(d, s_shares[d])) for d in self._dropped
+        }
+        return self._remove_masks(self.accumulator.sums(), seeds, dropped_keys)
+
+    def abandon(self, reason: str) -> None:
+        """The attempt ended without unmasking: release every waiting site."""
+        with self._cond:
+            if self.failure is None and self.step is not Step.DONE:
+                self.failure = reason
+            self._cond.notify_all()
+
+    def _remove_masks(
+        self,
+        sums: list[np.ndarray],
+        seeds: Mapping[str, bytes],
+        dropped_keys: Mapping[str, object],
+    ) -> list[np.ndarray]:
+        bits = self.params.bits
+        pair_keys = []
+        for d, private in dropped_keys.items():
+            for i in self._graph.get(d, ()):
+                if i in seeds:  # a survivor that masked with d
+                    key = masking.agree(
+                        private,  # type: ignore[arg-type]
+                        bytes.fromhex(self._keys[i]["s"]),
+                        context=mask_context(self.task_id),
+                    )
+                    pair_keys.append((masking.pair_sign(i, d), key))
+        sizes = [int(s.size) for s in sums]
+        out = []
+        for total, offset, size in zip(sums, stream_offsets(sizes), sizes, strict=True):
+            for seed in seeds.values():
+                total -= masking.mask_slice(seed, offset, size, bits)
+            for sign, key in pair_keys:
+                part = masking.mask_slice(key, offset, size, bits)
+                if sign > 0:
+                    total -= part
+                else:
+                    total += part
+            out.append(decode(total, frac=self.params.frac, bits=bits))
+        return out
+
+    # --------------------------------------------------------------- helpers
+
+    def _expect(self, site: str, step: Step, what: str) -> None:
+        if self.failure is not None:
+            raise UpdateRejected(f"secure aggregation of task {self.task_id}: {self.failure}")
+        if site not in self.selected:
+            raise UpdateRejected(f"site {site!r} was not selected for task {self.task_id}")
+        if self.step is not step:
+            raise UpdateRejected(
+                f"secure aggregation: {site!r} sent {what} too late: the step closed "
+                "(the site takes part again in the next round)"
+            )
+
+    def _barrier(self, step: Step, spoke: Callable[[], set[str]]) -> None:
+        """Wait (holding the condition) until every site still in the round has spoken
+        at ``step`` or ``key_seconds`` passed; the first to see it closes the step."""
+        deadline = self._step_began + self.params.key_seconds
+        while self.step is step and self.failure is None:
+            waiting = set(self._in_round()) - spoke()
+            if step is Step.SHARES:
+                waiting &= set(self._keys)
+            if not waiting or self._clock.now() >= deadline:
+                self._close_step(step, spoke(), waiting)
+                break
+            self._clock.wait(self._cond, deadline)
+
+    def _close_step(self, step: Step, spoke: set[str], missed: set[str]) -> None:
+        if step is Step.KEYS:
+            self._graph = masking.neighbours(sorted(spoke), self.params.neighbours) if spoke else {}
+            self.step = Step.SHARES
+        else:
+            self.step = Step.UPLOADS
+        self._step_began = self._clock.now()
+        self._cond.notify_all()
+        if len(spoke) < 2:
+            self.failure = f"only {len(spoke)} site(s) took part in the key exchange"
+        reason = (
+            f"missed secure aggregation's {'key' if step is Step.KEYS else 'share'} "
+            f"exchange (key_seconds={self.params.key_seconds:g})"
+        )
+        for site in sorted(missed):
+            self._drop(site, reason)  # under the condition, which the aggregator shares
+
+    def _why_out(self, site: str, what: str) -> str:
+        if self.failure is not None:
+            return f"secure aggregation of task {self.task_id}: {self.failure}"
+        return f"secure aggregation: {site!r} missed the {what} of task {self.task_id}"
+
+    def _needs(self) -> list[tuple[str, dict[int, bytes], int]]:
+        out = []
+        for owner in (*self._survivors, *self._dropped):
+            store = self._b if owner in self._survivors else self._s
+            t = threshold_of(len(self._graph.get(owner, ())), self.params.threshold)
+            out.append((owner, store.get(owner, {}), t))
+        return out
+
+    def _can_rebuild(self) -> bool:
+        return all(len(shares) >= t for _, shares, t in self._needs())
+
+    def _missing(self) -> list[str]:
+        return [
+            f"{owner} ({len(shares)} of {t})"
+            for owner, shares, t in self._needs()
+            if len(shares) < t
+        ]
+
+    def _rebuild(self, owner: str, shares: Mapping[int, bytes]) -> bytes:
+        t = threshold_of(len(self._graph.get(owner, ())), self.params.threshold)
+        return shamir.combine(sorted(shares.items()), threshold=t)
+
+    def _fail(self, reason: str) -> AggregationError:
+        self.failure = reason
+        self._cond.notify_all()
+        return AggregationError(f"secure aggregation of task {self.task_id}: {reason}")

@@ -1,0 +1,100 @@
+"""Signatures with the federation's EC P-256 keys: the aggregator's receipts for a
+site's audit records, and its signature on each global model it publishes.
+
+Pure functions over keys and bytes. Every signed message starts with its own
+domain tag, so a signature made for one purpose never verifies for another.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedloom.errors import CertificateError
+from fedloom.pki.common import load_cert, now
+
+RECEIPT_TAG = b"fedloom-receipt-v1\0"
+MODEL_TAG = b"fedloom-model-v1\0"
+_DIGEST_SIZE = 32
+
+
+def _field(value: str, what: str) -> bytes:
+    if "\0" in value:
+        raise ValueError(f"the {what} {value!r} contains a NUL character")
+    return value.encode("utf-8")
+
+
+def receipt_message(site: str, task_id: str, record_hash: str) -> bytes:
+    """What the aggregator signs to acknowledge a site's audit record:
+    ``fedloom-receipt-v1 NUL site NUL task_id NUL record_hash`` (UTF-8)."""
+    return b"\0".join(
+        (
+            RECEIPT_TAG + _field(site, "site name"),
+            _field(task_id, "task id"),
+            _field(record_hash, "record hash"),
+        )
+    )
+
+
+def model_message(task_id: str, round: int, specs_digest: bytes, content_digest: bytes) -> bytes:
+    """What the aggregator signs when it publishes a global model:
+    ``fedloom-model-v1 NUL task_id NUL``, the round as 8 bytes big-endian, then the
+    32-byte sha256 digests of the tensor specs and of the tensor bytes."""
+    if round < 0:
+        raise ValueError(f"round must be >= 0, not {round}")
+    for digest, what in ((specs_digest, "specs"), (content_digest, "content")):
+        if len(digest) != _DIGEST_SIZE:
+            raise ValueError(f"the {what} digest must be {_DIGEST_SIZE} bytes, not {len(digest)}")
+    return (
+        MODEL_TAG
+        + _field(task_id, "task id")
+        + b"\0"
+        + round.to_bytes(8, "big")
+        + bytes(specs_digest)
+        + bytes(content_digest)
+    )
+
+
+def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """ECDSA with SHA-256 over ``message``; the signature is DER-encoded."""
+    return key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def verify(certificate: x509.Certificate, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``message`` was made with the key ``certificate``
+    holds. False for any bad signature or a key that is not EC; never raises for one."""
+    key = certificate.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def certificate_from_pem(pem: bytes, ca: x509.Certificate) -> x509.Certificate:
+    """The certificate in ``pem``, once checked: issued by ``ca`` and valid now."""
+    cert = load_cert(pem, "certificate")
+    name = cert.subject.rfc4514_string()
+    fingerprint = "SHA256:" + cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise CertificateError(
+            f"the certificate for {name!r} ({fingerprint}) was not issued by the federation's CA",
+            hint="use the certificate the federation's CA signed; compare its fingerprint "
+            "with the CA's over another channel",
+        ) from err
+    stamp = now()
+    if not cert.not_valid_before_utc <= stamp < cert.not_valid_after_utc:
+        raise CertificateError(
+            f"the certificate for {name!r} is not valid now (valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} "
+            "UTC)",
+            hint="check this machine's clock, or ask the CA for a current certificate",
+        )
+    return cert

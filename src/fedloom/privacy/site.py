@@ -1,0 +1,144 @@
+"""A site's side of the plan's privacy: what it does to its update before it leaves.
+
+In order: clip to the DP bound (and note whether it was within it, for adaptive
+clipping), add this site's share of the noise when the noise is distributed, then
+encode and mask for secure aggregation. Every parameter comes from the site's own plan
+(which its policy approved), except the clipping bound of the round under adaptive
+clipping, which the aggregator announces (it scales the noise with it, so the privacy
+guarantee does not depend on trusting it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedloom.errors import AggregationError
+from fedloom.privacy import dp as dpmath
+from fedloom.privacy.quantize import fractional_bits
+from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
+from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
+from fedloom.records import Instruction, InstructionKind
+from fedloom.weights import Weights
+
+MetricFilter = Callable[[Mapping[str, float]], tuple[dict[str, float], tuple[str, ...]]]
+
+
+@dataclass(frozen=True)
+class Protected:
+    """An update ready to leave: its tensors, the metrics that may leave, and the
+    privacy parameters in force (for the audit log)."""
+
+    tensors: Weights
+    metrics: dict[str, float]
+    privacy: dict[str, Any] = field(default_factory=dict)
+    withheld: tuple[str, ...] = ()  # metric names the site's policy kept back
+
+
+class SitePrivacy:
+    """Clip, noise, encode and mask one site's updates, as its plan says."""
+
+    def __init__(
+        self,
+        site: str,
+        plan: PrivacyPlan,
+        *,
+        per_round: int,
+        max_samples: int,
+        metric_filter: MetricFilter | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.site = site
+        self.plan = plan
+        self.per_round = per_round
+        self.max_samples = max_samples
+        self._filter = metric_filter
+        self._rng = rng or dpmath.secret_generator()  # never the plan's seed
+        self._secagg = SecureAggregationSite(site) if plan.secure_aggregation else None
+
+    def prepare(self, instruction: Instruction, exchange: Exchange) -> None:
+        """Secure aggregation's key exchange, when the round asks for it."""
+        if KEYS in instruction.phases:
+            if self._secagg is None:
+                raise AggregationError(
+                    "the aggregator asks for secure aggregation, which this site's plan "
+                    "does not have: the plans differ"
+                )
+            self._secagg.prepare(instruction.task_id, exchange)
+        elif self._secagg is not None and instruction.kind is InstructionKind.TRAIN:
+            raise AggregationError(
+                "this site's plan requires secure aggregation, but the round does not "
+                "ask for it: the update is not sent unmasked"
+            )
+
+    def protect(
+        self,
+        instruction: Instruction,
+        delta: Weights,
+        num_samples: int,
+        metrics: Mapping[str, float],
+    ) -> Protected:
+        dp, sa = self.plan.dp, self.plan.secure_aggregation
+        record: dict[str, Any] = {}
+        tensors: Weights = dict(delta)
+        weight = min(int(num_samples), self.max_samples)
+        if dp is not None:
+            clip = float(instruction.privacy.get("clip") or dp.clip)
+            clipped, norm = dpmath.clip_update(delta, clip)
+            record["dp"] = {
+                "clip": clip,
+                "norm": round(norm, 6),
+                "noise_multiplier": dp.noise_multiplier,
+                "noise": dp.noise.value,
+                "delta": dp.delta,
+            }
+            if dp.noise is NoisePlacement.DISTRIBUTED:
+                std = dp.noise_multiplier * clip / np.sqrt(self.per_round)
+                clipped = dpmath.add_noise(clipped, float(std), self._rng)
+                record["dp"]["noise_std_here"] = float(std)
+            tensors = {k: clipped[k].astype(np.asarray(v).dtype) for k, v in delta.items()}
+            if dp.adaptive_clip is not None:
+                tensors[dpmath.UNCLIPPED] = np.array([1.0 if norm <= clip else 0.0])
+            weight = 1
+        if sa is not None:
+            clip_range = self.plan.clip_range()
+            frac = fractional_bits(sa.bits, self.per_round, weight_bound(self), clip_range)
+            values = dict(tensors)
+            if dpmath.UNCLIPPED in values:
+                values[dpmath.UNCLIPPED] = values[dpmath.UNCLIPPED] * clip_range
+            assert self._secagg is not None  # noqa: S101 - made with the plan's section
+            tensors = self._secagg.mask(
+                instruction.task_id,
+                values,
+                weight=weight,
+                clip_range=clip_range,
+                frac=frac,
+                bits=sa.bits,
+            )
+            record["secure_aggregation"] = {
+                "bits": sa.bits,
+                "fractional_bits": frac,
+                "clip_range": clip_range,
+                "threshold": sa.threshold,
+                "neighbours": sa.neighbours,
+            }
+        kept, withheld = self._filter(metrics) if self._filter is not None else (dict(metrics), ())
+        return Protected(tensors, kept, record, withheld)
+
+    def filter_metrics(
+        self, metrics: Mapping[str, float]
+    ) -> tuple[dict[str, float], tuple[str, ...]]:
+        return self._filter(metrics) if self._filter is not None else (dict(metrics), ())
+
+    def complete(self, instruction: Instruction, exchange: Exchange) -> None:
+        """Secure aggregation's unmasking, after the masked update was accepted."""
+        if self._secagg is not None and KEYS in instruction.phases:
+            self._secagg.unmask(instruction.task_id, exchange)
+
+
+def weight_bound(privacy: SitePrivacy) -> float:
+    """The largest weight a site can have in the masked sum."""
+    return 1 if privacy.plan.dp is not None else privacy.max_samples
