@@ -32,6 +32,8 @@ from fedloom.orchestration import (
     RoundOpened,
     SiteAnswered,
 )
+from fedloom.privacy.aggregator import AggregatorPrivacy
+from fedloom.privacy.site import SitePrivacy
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg, Strategy
 from fedloom.transport import InProcessTransport
@@ -53,6 +55,15 @@ def make_tiny_weights() -> Weights:
 def tiny_weights() -> Weights:
     """A fresh copy of the tiny model: float32 (3, 4) and (4,), and an int64 0-d counter."""
     return make_tiny_weights()
+
+
+def wait_until(predicate: Callable[[], bool], what: str = "a condition") -> None:
+    """Poll ``predicate`` (every 10 ms) until it holds; fail after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        threading.Event().wait(0.01)
 
 
 class ShiftRunner:
@@ -190,6 +201,7 @@ class Federation:
         phases: Mapping[str, PhaseHandler] | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
+        privacy: AggregatorPrivacy | None = None,
     ) -> None:
         self.config = config
         self.clock = ManualClock()
@@ -205,6 +217,7 @@ class Federation:
             phases=phases,
             journal=journal,
             resume=resume,
+            privacy=privacy,
         )
         self.transport = transport(self.aggregator)
         self.loop: Worker | None = None
@@ -228,8 +241,13 @@ class Federation:
         site: str,
         runner: Callable[[Instruction, Weights], SiteAnswer],
         phases: Mapping[str, SitePhase] | None = None,
+        *,
+        privacy: SitePrivacy | None = None,
+        faults: FaultPoints | None = None,
     ) -> None:
-        collaborator = Collaborator(self.connect(site), runner, phases)
+        collaborator = Collaborator(
+            self.connect(site), runner, phases, privacy=privacy, faults=faults
+        )
         self.sites[site] = Worker(f"collaborator {site!r}", collaborator.run)
 
     def finish(self) -> Any:
@@ -303,6 +321,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
         phases: Mapping[str, PhaseHandler] | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
+        privacy: AggregatorPrivacy | None = None,
         **overrides: Any,
     ) -> Federation:
         fed = Federation(
@@ -313,6 +332,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
             phases=phases,
             journal=journal,
             resume=resume,
+            privacy=privacy,
         )
         made.append(fed)
         return fed

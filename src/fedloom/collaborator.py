@@ -8,6 +8,7 @@ the update back. The same class serves a simulated site and a real one: only the
 
 from __future__ import annotations
 
+import functools
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
@@ -120,6 +121,9 @@ class Collaborator:
             )
         if receipt.accepted and self.privacy is not None and answer.delta is not None:
             try:
+                self.faults.hit(
+                    "site.secagg.unmask", round=instruction.round, site=self.connection.site
+                )
                 self.privacy.complete(instruction, self._exchange(instruction))
             except FedloomError:
                 pass  # the update is in; without this site's shares the others may unmask
@@ -211,12 +215,8 @@ class Collaborator:
             if phase is None:
                 raise FedloomError(f"this site does not support the round phase {name!r}")
 
-            def exchange(
-                payload: bytes, name: str = name, send: Exchange = self._exchange(instruction)
-            ) -> bytes:
-                return send(name, payload)
-
-            phase.run(instruction, exchange)
+            send = self._exchange(instruction)
+            phase.run(instruction, functools.partial(send, name))
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         if self.audit is not None:

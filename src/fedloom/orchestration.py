@@ -22,7 +22,7 @@ from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
 from fedloom.errors import AggregationError, QuorumError, TransportError, UpdateRejected
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
 from fedloom.privacy.signing import receipt_message
@@ -77,6 +77,9 @@ class RoundRecord:
     failures: tuple[Failure, ...]
     close_reason: CloseReason
     attempt: int = 1
+    # the privacy spent once this round was aggregated (epsilon, delta, clip); empty
+    # without DP
+    privacy: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -267,6 +270,8 @@ class Aggregator:
             self.history = list(resume.history)
             self._next_round = resume.next_round
             self._attempts = dict(resume.attempts)
+            if privacy is not None:  # what each finished round spent, from the state
+                self.history = _with_spent(self.history, spent_by_round(self.state, privacy))
         self._journal = journal
         self.clock = clock or SystemClock()
         self.faults = faults or FaultPoints()
@@ -357,6 +362,7 @@ class Aggregator:
         state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
         if ledger is not None:
             state = state.evolve(scalars={**state.scalars, STATE_KEY: ledger})
+            record = dataclasses.replace(record, privacy=spent_after(ledger, self._privacy))
         self.faults.hit("round.aggregated", round=rnd)
         self._closed(record, state)  # durable before the next round can open
         self.state = state
@@ -573,6 +579,8 @@ class Aggregator:
                     "uploading": {s: running.received.get(s, 0) for s in sorted(running.uploading)},
                     "seconds_left": max(0.0, running.deadline - now),
                 }
+                if self._secagg is not None:
+                    current["secure_aggregation"] = self._secagg.describe()
             return {
                 "finished": self._finished,
                 "rounds_done": sum(
@@ -854,6 +862,21 @@ class Aggregator:
                 f"unknown site {site!r}: not in the plan's roster",
                 hint="add the site to `sites` in federation.yaml, or check its name",
             )
+
+
+def _with_spent(
+    history: list[RoundRecord], spent: list[dict[str, float]]
+) -> list[RoundRecord]:
+    """``history`` with each finished training round given what it had spent."""
+    out, left = [], iter(spent)
+    for record in history:
+        finished = record.kind is InstructionKind.TRAIN and record.close_reason not in (
+            CloseReason.NO_QUORUM,
+            CloseReason.STOPPED,
+        )
+        privacy = next(left, None) if finished else None
+        out.append(record if privacy is None else dataclasses.replace(record, privacy=privacy))
+    return out
 
 
 def _causes(failures: Iterable[Failure], limit: int = 3) -> str:

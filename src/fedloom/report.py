@@ -28,6 +28,7 @@ def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
         "kind": record.kind.value,
         "attempt": record.attempt,
         "close_reason": record.close_reason.value,
+        **dict(record.privacy),  # epsilon, delta, clip once the round was aggregated
     }
     for r in record.results:
         yield {
@@ -71,7 +72,23 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "attackers": list(result.attackers),
         "failures": sum(len(r.failures) for r in result.history),
         "close_reasons": {str(r.round): r.close_reason.value for r in result.history},
+        **_privacy_fields(result),
     }
+
+
+def _privacy_fields(result: SimulationResult) -> dict[str, Any]:
+    """Epsilon spent (at the plan's delta), per round and in all, and an early stop."""
+    out: dict[str, Any] = {}
+    spent = [r for r in result.history if r.privacy]
+    if spent:
+        last = spent[-1].privacy
+        out["epsilon"] = _num(last.get("epsilon"))
+        out["delta"] = last.get("delta")
+        out["epsilon_by_round"] = {str(r.round): _num(r.privacy.get("epsilon")) for r in spent}
+    if result.stopped_early:
+        out["stopped_early"] = result.stopped_early
+        out["rounds_trained"] = len(spent) if spent else None
+    return out
 
 
 class RunRecorder:

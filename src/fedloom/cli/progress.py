@@ -69,6 +69,9 @@ class RoundProgress:
             metrics = event.record.metrics
             acc = metrics.get("global_accuracy")
             self._last = f" · acc {acc:.3f}" if acc is not None else ""
+            epsilon = event.record.privacy.get("epsilon")
+            if epsilon is not None:
+                self._last += f" · ε {epsilon:.3g}"
             # after no quorum a retry follows; after a stop, nothing more here
             if event.record.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED):
                 self.progress.advance(self.task)

@@ -84,4 +84,8 @@ def _print_summary(s: dict[str, object]) -> None:
         "failures",
     ):
         table.add_row(key, fmt(s.get(key)))
+    if s.get("epsilon") is not None:
+        table.add_row("epsilon", f"{fmt(s.get('epsilon'))} at delta {s.get('delta'):g}")
+    if s.get("stopped_early"):
+        table.add_row("stopped early", str(s["stopped_early"]))
     console.print(table)

@@ -219,3 +219,27 @@ class AggregatorPrivacy:
             "epsilon": dpmath.epsilon(history, dp.delta),
         }
         return MeanSummary(summary.round, out, summary.total_weight, summary.results), new_ledger
+
+
+def spent_after(ledger: dict[str, Any], privacy: AggregatorPrivacy | None) -> dict[str, float]:
+    """What a round's record says of the privacy spent once it was aggregated."""
+    dp = privacy.plan.dp if privacy is not None else None
+    out = {"epsilon": float(ledger["epsilon"]), "clip": float(ledger["clip"])}
+    if dp is not None:
+        out["delta"] = dp.delta
+        out["noise_multiplier"] = float(ledger["noise"][-1]) if ledger["noise"] else 0.0
+    return out
+
+
+
+def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dict[str, float]]:
+    """What each finished training round had spent once aggregated, in order: epsilon
+    recomputed from the noise the state's ledger recorded round by round."""
+    dp = privacy.plan.dp
+    if dp is None:
+        return []
+    noise = [float(z) for z in privacy.ledger(state)["noise"]]
+    return [
+        {"epsilon": dpmath.epsilon(noise[: k + 1], dp.delta), "delta": dp.delta, "noise_multiplier": z}
+        for k, z in enumerate(noise)
+    ]

@@ -14,9 +14,11 @@ import json
 from collections.abc import Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedloom.errors import ModelRejected
-from fedloom.privacy.signing import model_message, verify
+from fedloom.errors import CertificateError, ModelRejected
+from fedloom.privacy.signing import model_message, sign, verify
 from fedloom.records import Instruction
 from fedloom.transport.messages import ModelHeader, iter_chunks
 from fedloom.weights import TensorSpec, Weights, specs_of
@@ -37,6 +39,19 @@ def content_digest(weights: Weights) -> bytes:
 def model_statement(task_id: str, round: int, weights: Weights) -> bytes:
     """What the aggregator signs for the model of ``task_id``."""
     return model_message(task_id, round, specs_digest(specs_of(weights)), content_digest(weights))
+
+
+def signer_from_pem(key_pem: bytes) -> Callable[[bytes], bytes]:
+    """Signs with the aggregator's key (PEM): the global models it publishes and the
+    receipts it returns."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertificateError("the aggregator's key is not an EC key: run `fedloom pki server`")
+
+    def sign_message(message: bytes) -> bytes:
+        return sign(key, message)
+
+    return sign_message
 
 
 def model_checker(

@@ -98,6 +98,19 @@ class SecAggRound:
         self.failure: str | None = None
         self.accumulator = MaskedSumAccumulator(self.specs, admit=self._admit, spool_dir=spool_dir)
 
+    def describe(self) -> dict[str, object]:
+        """Where the secure aggregation stands, for ``fedloom status`` (the caller holds
+        the condition)."""
+        return {
+            "step": self.step.name.lower(),
+            "keys": len(self._keys),
+            "shares": len(self._outbox),
+            "survivors": len(self._survivors),
+            "dropped": len(self._dropped),
+            "revealed": len(self._revealed),
+            "failure": self.failure,
+        }
+
     # ---------------------------------------------------------------- handlers
 
     def handle(self, site: str, phase: str, payload: bytes) -> bytes:

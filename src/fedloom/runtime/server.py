@@ -22,16 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from fedloom.clock import FaultPoints
-from fedloom.errors import CertificateError, StateError
+from fedloom.errors import StateError
 from fedloom.orchestration import Aggregator, CloseReason, Event, Resume
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
-from fedloom.privacy.signing import sign
+from fedloom.privacy.published import signer_from_pem
 from fedloom.records import InstructionKind
 from fedloom.runtime.simulation import SimulationResult, aggregator_privacy, federation_config
 from fedloom.runtime.sitedata import DataSource
@@ -246,7 +243,7 @@ def _serve(
         resume=resume,
         faults=faults,
         privacy=aggregator_privacy(plan),
-        signer=_signer(credentials.key_pem),
+        signer=signer_from_pem(credentials.key_pem),
     )
     settings = ServerSettings(
         address=address_of(options.host, options.port),
@@ -296,19 +293,8 @@ def _serve(
         bytes_sent=totals.bytes_sent,
         bytes_received=totals.bytes_received,
         attackers=(),
+        stopped_early=aggregator.stopped_early,
     )
-
-
-def _signer(key_pem: bytes) -> Callable[[bytes], bytes]:
-    """Signs with the aggregator's key: the global models it publishes, the receipts."""
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertificateError("the aggregator's key is not an EC key: run `fedloom pki server`")
-
-    def sign_message(message: bytes) -> bytes:
-        return sign(key, message)
-
-    return sign_message
 
 
 class _LiveState:

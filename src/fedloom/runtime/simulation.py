@@ -73,6 +73,7 @@ class SimulationResult:
     bytes_sent: int
     bytes_received: int
     attackers: tuple[str, ...]
+    stopped_early: str | None = None  # why training ended before the plan's rounds
 
 
 ProgressSink = Callable[[Event, TrafficCounter], None]
@@ -299,6 +300,7 @@ def simulate(
             bytes_sent=transport.traffic.sent,
             bytes_received=transport.traffic.received,
             attackers=tuple(sorted(attack.attackers)) if attack else (),
+            stopped_early=aggregator.stopped_early,
         )
     finally:
         for w in workers:

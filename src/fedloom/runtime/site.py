@@ -106,11 +106,11 @@ def participate(
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
     state_dir = options.state_dir or site_state_dir(ws, options.name)
-    credentials = site_credentials(state_dir)
     digest = plan_hash(plan, ws)
-    # The data owner's policy is checked before the task's code is loaded or any data
-    # is read: a plan that breaks it never touches the data.
+    # The data owner's policy is checked first: before the task's code is loaded, any
+    # data is read or anything is sent. A plan that breaks it never touches the data.
     policy = enforce_policy(plan, digest, options.policy, state_dir)
+    credentials = site_credentials(state_dir)
     task = load_task(ws, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)

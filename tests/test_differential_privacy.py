@@ -1,0 +1,274 @@
+"""User-level differential privacy (DP-FedAvg): clipping, noise calibrated to the bound,
+the accountant, the budget that stops training, adaptive clipping, distributed noise
+under secure aggregation, and the site's policy refusing a plan before any data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from workspaces import make_workspace, run_cli
+
+from fedloom.orchestration import CloseReason, Resume
+from fedloom.privacy import dp as dpmath
+from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.settings import (
+    AdaptiveClipPlan,
+    DPPlan,
+    NoisePlacement,
+    PrivacyPlan,
+    SecureAggregationPlan,
+)
+from fedloom.privacy.site import SitePrivacy
+from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.weights import Weights
+
+SITES = tuple(f"site-{i:02d}" for i in range(1, 11))
+SHAPE = (50, 100)  # 5,000 values per tensor: a sharp estimate of the noise's spread
+
+
+def model() -> Weights:
+    return {"w": np.zeros(SHAPE, dtype=np.float64)}
+
+
+class Runner:
+    """Every site sends the same update of L2 norm ``norm`` (so its clipped value is
+    known exactly)."""
+
+    def __init__(self, norm: float) -> None:
+        direction = np.ones(SHAPE) / math.sqrt(np.prod(SHAPE))
+        self.delta = direction * norm
+
+    def __call__(self, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        if instruction.kind is InstructionKind.EVALUATE:
+            return SiteAnswer(10, {"loss": 1.0}, None)
+        return SiteAnswer(10, {"loss": 1.0}, {"w": self.delta.copy()})
+
+
+def run(make_federation: Any, plan: PrivacyPlan, *, norm: float, rounds: int, **kw: Any) -> Any:
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    fed = make_federation(
+        model(),
+        privacy=privacy,
+        roster=SITES,
+        rounds=rounds,
+        sites_per_round=len(SITES),
+        max_samples=100,
+        **kw,
+    )
+    for site in SITES:
+        fed.start_site(
+            site,
+            Runner(norm),
+            privacy=SitePrivacy(site, plan, per_round=len(SITES), max_samples=100),
+        )
+    fed.start()
+    return fed
+
+
+# ------------------------------------------------------------------ pure maths
+
+
+def test_clipping_bounds_the_norm_and_leaves_small_updates_alone() -> None:
+    big = {"a": np.full(10, 3.0), "b": np.full((2, 2), -4.0)}
+    clipped, norm = dpmath.clip_update(big, 1.5)
+    assert norm == pytest.approx(math.sqrt(90 + 64))
+    assert dpmath.l2_norm(clipped) == pytest.approx(1.5)
+    assert np.allclose(clipped["a"] / clipped["a"][0], 1.0)  # the direction is kept
+    small = {"a": np.full(4, 0.1)}
+    same, _ = dpmath.clip_update(small, 1.5)
+    assert np.array_equal(same["a"], small["a"])
+
+
+def test_the_accountant_composes_rounds_and_stays_below_the_classic_bound() -> None:
+    delta = 1e-5
+    eps = [dpmath.epsilon([1.0] * t, delta) for t in (1, 5, 20)]
+    assert eps[0] < eps[1] < eps[2]
+    assert dpmath.epsilon([2.0] * 20, delta) < eps[2] < dpmath.epsilon([0.5] * 20, delta)
+    for t, e in zip((1, 5, 20), eps, strict=True):
+        # RDP of the Gaussian mechanism: t * alpha / (2 z**2); the classic conversion
+        # gives an upper bound on what the accountant may report
+        classic = min(
+            t * a / 2 + math.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 200, 5000)
+        )
+        assert 0 < e <= classic + 1e-9
+    assert dpmath.epsilon([], delta) == 0.0
+    assert dpmath.epsilon([0.0], delta) == math.inf
+
+
+def test_adaptive_clipping_keeps_the_pair_of_mechanisms_at_the_planned_multiplier() -> None:
+    z_update = dpmath.update_noise_multiplier(1.0, 1.0)
+    assert (z_update**-2 + (2 * 1.0) ** -2) ** -0.5 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must exceed half"):
+        dpmath.update_noise_multiplier(1.0, 0.4)
+
+
+# ------------------------------------------------------------- in federation
+
+
+def test_central_noise_has_the_calibrated_spread_and_comes_from_secret_randomness(
+    make_federation: Any,
+) -> None:
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=0.5))
+    models = []
+    for _ in range(2):  # the same plan and seed twice
+        fed = run(make_federation, plan, norm=2.0, rounds=1)
+        history = fed.finish()
+        models.append(fed.aggregator.weights["w"])
+        assert history[0].privacy["epsilon"] == pytest.approx(dpmath.epsilon([1.0], 1e-5))
+    clipped_mean = np.ones(SHAPE) / math.sqrt(np.prod(SHAPE)) * 0.5  # every update clipped
+    for w in models:
+        noise = w - clipped_mean
+        # std of the noise on the mean: z * clip / m = 1.0 * 0.5 / 10
+        assert np.std(noise) == pytest.approx(0.05, rel=0.05)
+        assert abs(np.mean(noise)) < 0.005
+    assert not np.array_equal(models[0], models[1])  # not from the plan's seed
+
+
+def test_training_stops_cleanly_before_the_round_that_would_break_the_budget(
+    make_federation: Any,
+) -> None:
+    budget = dpmath.epsilon([1.0] * 3, 1e-5) + 0.01  # room for 3 rounds, not 4
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=1.0, epsilon_budget=budget))
+    fed = run(make_federation, plan, norm=0.5, rounds=10)
+    history = fed.finish()
+    trained = [r for r in history if r.kind is InstructionKind.TRAIN]
+    assert [r.round for r in trained] == [1, 2, 3]
+    assert history[-1].kind is InstructionKind.EVALUATE  # the final evaluation still ran
+    assert history[-1].close_reason is CloseReason.ALL_ANSWERED
+    epsilons = [r.privacy["epsilon"] for r in trained]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= budget
+    reason = fed.aggregator.stopped_early
+    assert reason is not None and "epsilon_budget" in reason and "after 3 round(s)" in reason
+
+
+def test_the_budget_continues_across_a_restart(make_federation: Any) -> None:
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=1.0))
+    first = run(make_federation, plan, norm=0.5, rounds=2, final_evaluation=False)
+    first.finish()
+    state = first.aggregator.state
+    assert state.scalars[STATE_KEY]["noise"] == [1.0, 1.0]
+    # a restarted aggregator resumes from that state for rounds 3 and 4
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    fed = make_federation(
+        model(),
+        privacy=privacy,
+        roster=SITES,
+        rounds=4,
+        sites_per_round=len(SITES),
+        max_samples=100,
+        final_evaluation=False,
+        resume=Resume(state=state, next_round=3, history=tuple(first.aggregator.history)),
+    )
+    for site in SITES:
+        plan_site = SitePrivacy(site, plan, per_round=len(SITES), max_samples=100)
+        fed.start_site(site, Runner(0.5), privacy=plan_site)
+    fed.start()
+    history = fed.finish()
+    assert [round(r.privacy["epsilon"], 9) for r in history] == [
+        round(dpmath.epsilon([1.0] * t, 1e-5), 9) for t in (1, 2, 3, 4)
+    ]
+
+
+def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(
+    make_federation: Any,
+) -> None:
+    adaptive = AdaptiveClipPlan(target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=1.0)
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=0.1, adaptive_clip=adaptive))
+    fed = run(make_federation, plan, norm=5.0, rounds=4, final_evaluation=False)
+    history = fed.finish()
+    clips = [r.privacy["clip"] for r in history]
+    # every update is above the bound: the bound grows by about exp(0.2 * 0.5) a round
+    # (the noise on the count of 10 sites, std 1/10, moves it a little)
+    assert clips[0] > 0.1 and all(b > a for a, b in zip(clips, clips[1:], strict=False))
+    assert clips[-1] == pytest.approx(0.1 * math.exp(0.1 * 4), rel=0.25)
+
+
+def test_distributed_noise_under_secure_aggregation(make_federation: Any) -> None:
+    plan = PrivacyPlan(
+        dp=DPPlan(noise_multiplier=1.0, clip=0.5, noise=NoisePlacement.DISTRIBUTED),
+        secure_aggregation=SecureAggregationPlan(bits=32),
+    )
+    fed = run(make_federation, plan, norm=2.0, rounds=1, final_evaluation=False)
+    [record] = fed.finish()
+    assert record.close_reason is CloseReason.ALL_ANSWERED
+    assert record.privacy["noise_multiplier"] == pytest.approx(1.0)  # every share arrived
+    clipped_mean = np.ones(SHAPE) / math.sqrt(np.prod(SHAPE)) * 0.5
+    noise = fed.aggregator.weights["w"] - clipped_mean
+    # each site added std z*C/sqrt(m); the sum has z*C, the mean z*C/m = 0.05
+    assert np.std(noise) == pytest.approx(0.05, rel=0.05)
+
+
+def test_plans_that_cannot_be_private_are_refused_with_the_fix() -> None:
+    from fedloom.errors import PlanError
+    from fedloom.plan import validate_plan
+
+    with pytest.raises(PlanError) as err:
+        validate_plan({"sites": 5, "privacy": {"dp": {"noise": "distributed"}}})
+    assert "add privacy.secure_aggregation" in str(err.value)
+    with pytest.raises(PlanError) as err:
+        validate_plan({"sites": 5, "strategy": {"name": "median"}, "privacy": {"dp": {}}})
+    assert "choose a mean-based strategy" in str(err.value)
+    with pytest.raises(PlanError) as err:
+        validate_plan(
+            {"sites": 5, "privacy": {"dp": {"adaptive_clip": {"count_noise_multiplier": 0.2}}}}
+        )
+    assert "count_noise_multiplier" in str(err.value)
+
+
+# ---------------------------------------------------------- end to end (CLI)
+
+
+@pytest.mark.slow
+def test_a_dp_simulation_reports_epsilon_per_round_in_metrics_and_summary(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    run_cli(
+        "simulate", str(ws), "--sites", "10", "--rounds", "4", "--run-name", "dp", "--quiet",
+        "privacy.dp.noise_multiplier=1.0", "privacy.dp.clip=0.5", "privacy.dp.epsilon_budget=50",
+    )  # fmt: skip
+    run = ws / "runs" / "dp"
+    summary = json.loads((run / "summary.json").read_text())
+    want = [dpmath.epsilon([1.0] * t, 1e-5) for t in (1, 2, 3, 4)]
+    assert summary["epsilon"] == pytest.approx(want[-1])
+    assert summary["delta"] == 1e-5
+    assert [summary["epsilon_by_round"][str(r)] for r in (1, 2, 3, 4)] == pytest.approx(want)
+    assert summary["test_accuracy"] > 0.6
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    by_round = {r["round"]: r.get("epsilon") for r in rows if r["kind"] == "train"}
+    assert [by_round[r] for r in (1, 2, 3, 4)] == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_code(
+    tmp_path: Path,
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    marker = tmp_path / "task-code-ran"
+    task = ws / "task.py"
+    task.write_text(
+        f"open({str(marker)!r}, 'w').close()  # proof that the task's code ran\n" + task.read_text()
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "version: 1\nmax_rounds: 50\ndp:\n  required: true\n  min_noise_multiplier: 0.8\n"
+    )
+    missing_data = tmp_path / "no-such-data.npz"  # read first, it would fail differently
+    out = run_cli(
+        "collaborator", "start", str(ws), "--name", "site-01", "--aggregator", "127.0.0.1:1",
+        "--data", str(missing_data), "--policy", str(policy),
+    )  # fmt: skip
+    assert out.returncode == 12, out.stdout + out.stderr
+    text = out.stdout + out.stderr
+    assert "dp.required" in text and "privacy.dp" in text  # the rule, and what to set
+    assert not marker.exists()  # the task's code never ran, no data was read
+    check = run_cli("policy", "check", str(ws), "--policy", str(policy))
+    assert check.returncode == 12
+    assert "dp.required" in check.stdout + check.stderr
+    # the same plan with DP passes both
+    allowed = ["privacy.dp.noise_multiplier=1.0"]
+    check = run_cli("policy", "check", str(ws), *allowed, "--policy", str(policy))
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1,0 +1,274 @@
+"""Secure aggregation end to end: a real aggregator core, real collaborators, the
+in-process transport (and its wire round trip), masks from real X25519 keys.
+
+What the aggregator sees of one site's update must look uniformly random; what it
+unmasks must be the plain weighted sum up to the fixed-point rounding; and a site that
+drops out before its masked upload, or after it, must not stop the round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import wait_until
+
+from fedloom.errors import FaultInjected, QuorumError
+from fedloom.orchestration import CloseReason
+from fedloom.privacy.aggregator import AggregatorPrivacy
+from fedloom.privacy.quantize import encode, fractional_bits
+from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
+from fedloom.privacy.site import SitePrivacy
+from fedloom.records import FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.transport import InProcessTransport
+from fedloom.transport.messages import Chunk, Receipt, UpdateHeader
+from fedloom.weights import Weights
+
+SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
+SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
+SHAPE = (100, 200)  # 20,000 values: enough for a sharp test of uniformity
+
+
+def model() -> Weights:
+    return {"w": np.zeros(SHAPE, dtype=np.float32), "b": np.zeros(7, dtype=np.float64)}
+
+
+def delta_of(site: str, round: int) -> Weights:
+    rng = np.random.default_rng([SITES.index(site), round])
+    return {
+        "w": rng.normal(0, 0.2, SHAPE).astype(np.float32),
+        "b": rng.uniform(-1, 1, 7),
+    }
+
+
+class Runner:
+    """A site's local work: a fixed update per (site, round); optionally it fails."""
+
+    def __init__(self, site: str, fail_in: int | None = None) -> None:
+        self.site, self.fail_in = site, fail_in
+
+    def __call__(self, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        if instruction.kind is InstructionKind.EVALUATE:
+            return SiteAnswer(SAMPLES[self.site], {"loss": 1.0}, None)
+        if instruction.round == self.fail_in:
+            raise RuntimeError("the site's machine went down before it sent its update")
+        return SiteAnswer(SAMPLES[self.site], {"loss": 1.0}, delta_of(self.site, instruction.round))
+
+
+class Observed:
+    """The aggregator's side of the transport, seen from outside: every byte of every
+    upload as it reaches the aggregator, per site and round."""
+
+    def __init__(self, aggregator: Any) -> None:
+        self._aggregator = aggregator
+        self.uploads: dict[tuple[str, int], list[bytes]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._aggregator, name)
+
+    def upload(self, site: str, header: UpdateHeader, chunks: Any) -> Receipt:
+        seen = self.uploads.setdefault((site, header.round), [])
+
+        def watched() -> Any:
+            for chunk in chunks:
+                seen.append(bytes(chunk.data))
+                yield Chunk(chunk.tensor, chunk.offset, chunk.data, chunk.checksum)
+
+        return self._aggregator.upload(site, header, watched())
+
+
+def run_federation(
+    make_federation: Any,
+    *,
+    bits: int = 32,
+    rounds: int = 1,
+    fail: dict[str, int] | None = None,
+    crash_before_unmask: dict[str, int] | None = None,
+    min_fraction: float = 1.0,
+    roundtrip: bool = False,
+) -> tuple[Any, Observed, AggregatorPrivacy]:
+    plan = PrivacyPlan(secure_aggregation=SecureAggregationPlan(bits=bits))
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    observed: list[Observed] = []
+
+    def transport(aggregator: Any) -> InProcessTransport:
+        observed.append(Observed(aggregator))
+        return InProcessTransport(observed[0], roundtrip=roundtrip)
+
+    fed = make_federation(
+        model(),
+        transport=transport,
+        privacy=privacy,
+        roster=SITES,
+        rounds=rounds,
+        sites_per_round=len(SITES),
+        min_fraction=min_fraction,
+        max_samples=100,
+    )
+    for site in SITES:
+        from fedloom.clock import FaultPoints
+
+        faults = FaultPoints()
+        if crash_before_unmask and site in crash_before_unmask:
+            crash_round = crash_before_unmask[site]
+
+            def crash(name: str, context: dict[str, Any], at: int = crash_round) -> None:
+                if context["round"] == at:
+                    raise FaultInjected("the site went down right after its masked upload")
+
+            faults.arm("site.secagg.unmask", crash)
+        fed.start_site(
+            site,
+            Runner(site, (fail or {}).get(site)),
+            privacy=SitePrivacy(site, plan, per_round=len(SITES), max_samples=100),
+            faults=faults,
+        )
+    fed.start()
+    return fed, observed[0], privacy
+
+
+def plain_mean(sites: list[str], round: int) -> Weights:
+    total = sum(SAMPLES[s] for s in sites)
+    return {
+        name: sum(SAMPLES[s] * delta_of(s, round)[name].astype(np.float64) for s in sites) / total
+        for name in ("w", "b")
+    }
+
+
+def assert_within(got: Weights, want: Weights, bound: float) -> None:
+    """Every coordinate of ``got`` within ``bound`` of ``want``, plus the rounding of the
+    model's own dtype (float32 "w", float64 "b") where that is coarser."""
+    for name in ("w", "b"):
+        value = np.asarray(got[name])
+        error = np.max(np.abs(value.astype(np.float64) - want[name]))
+        float_rounding = 4 * np.finfo(value.dtype).eps * max(1.0, float(np.max(np.abs(want[name]))))
+        assert error <= bound + float_rounding, (name, error, bound)
+    assert np.any(got["w"])
+
+
+def quantisation_bound(sites: list[str], bits: int) -> float:
+    """The bound of the fixed-point rounding on a coordinate of the mean: each site's
+    rounding is at most 2**-(frac+1), over the total weight."""
+    frac = fractional_bits(bits, len(SITES), 100, 1.0)
+    return len(sites) * 2.0 ** -(frac + 1) / sum(SAMPLES[s] for s in sites)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_a_masked_update_looks_uniform_and_the_unmasked_sum_is_the_plain_sum(
+    make_federation: Any, bits: int
+) -> None:
+    fed, observed, _ = run_federation(make_federation, bits=bits, roundtrip=True)
+    history = fed.finish()
+    assert history[0].close_reason is CloseReason.ALL_ANSWERED
+
+    # What the aggregator received from site-c, as the unsigned integers it is.
+    dtype = np.uint32 if bits == 32 else np.uint64
+    seen = np.frombuffer(b"".join(observed.uploads[("site-c", 1)]), dtype=dtype)
+    assert seen.size == 20_000 + 7
+    top = (seen >> np.array(bits - 8, dtype=dtype)).astype(np.int64)  # the high byte
+    low = (seen & np.array(0xFF, dtype=dtype)).astype(np.int64)
+    for byte in (top, low):
+        counts = np.bincount(byte, minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4  # uniform over 256 values
+    assert stats.kstest(seen.astype(np.float64) / 2.0**bits, "uniform").pvalue > 1e-4
+
+    # The same update encoded without masks is nothing like uniform: the test can fail.
+    frac = fractional_bits(bits, len(SITES), 100, 1.0)
+    clear = encode(
+        delta_of("site-c", 1)["w"], weight=SAMPLES["site-c"], clip_range=1.0, frac=frac, bits=bits
+    )
+    clear_top = (clear >> np.array(bits - 8, dtype=dtype)).astype(np.int64)
+    assert stats.chisquare(np.bincount(clear_top, minlength=256)).pvalue < 1e-12
+
+    # The new model is the plain sample-weighted mean, up to the rounding bound.
+    assert_within(
+        fed.aggregator.weights, plain_mean(list(SITES), 1), quantisation_bound(list(SITES), bits)
+    )
+
+
+def test_a_site_dropping_after_the_key_exchange_before_its_masked_upload(
+    make_federation: Any,
+) -> None:
+    fed, observed, _ = run_federation(make_federation, fail={"site-d": 1}, min_fraction=0.8)
+    record = fed.finish()[0]
+    assert record.close_reason is CloseReason.QUORUM
+    assert [r.site for r in record.results] == ["site-a", "site-b", "site-c", "site-e"]
+    [failure] = record.failures
+    assert failure.site == "site-d" and failure.kind is FailureKind.ERROR
+    assert ("site-d", 1) not in observed.uploads  # it never sent a masked update
+    survivors = ["site-a", "site-b", "site-c", "site-e"]
+    assert_within(
+        fed.aggregator.weights, plain_mean(survivors, 1), quantisation_bound(survivors, 32)
+    )
+
+
+def test_a_site_dropping_after_its_masked_upload_before_unmasking(make_federation: Any) -> None:
+    fed, observed, _ = run_federation(make_federation, crash_before_unmask={"site-b": 1})
+    record = fed.finish()[0]
+    assert record.close_reason is CloseReason.ALL_ANSWERED  # its masked update is in
+    assert ("site-b", 1) in observed.uploads
+    # site-b's update counts: its self-mask was rebuilt from the others' shares
+    assert_within(
+        fed.aggregator.weights, plain_mean(list(SITES), 1), quantisation_bound(list(SITES), 32)
+    )
+
+
+def test_too_many_dropouts_to_unmask_fail_the_attempt_and_reveal_nothing(
+    make_federation: Any,
+) -> None:
+    """Three of five sites vanish after uploading: the two left cannot rebuild the
+    masks (3 shares of 4 needed), so the attempt fails as no quorum, and the model
+    stays as it was."""
+    crash = {"site-a": 1, "site-b": 1, "site-c": 1}
+    fed, _, _ = run_federation(make_federation, crash_before_unmask=crash)
+
+    def unmasking_stalled() -> bool:
+        current = fed.aggregator.snapshot()["current"]
+        secagg = (current or {}).get("secure_aggregation") or {}
+        return secagg.get("step") == "unmask" and secagg.get("revealed") == 2
+
+    wait_until(unmasking_stalled, "the two sites left to reveal their shares")
+    fed.clock.advance(61.0)  # past key_seconds: the aggregator stops waiting for shares
+    with pytest.raises(QuorumError, match="could not unmask"):
+        fed.finish()
+    record = fed.aggregator.history[0]
+    assert record.close_reason is CloseReason.NO_QUORUM
+    assert all("could not unmask" in f.reason for f in record.failures)
+    assert not np.any(fed.aggregator.weights["w"])
+
+
+def test_secure_aggregation_refuses_a_strategy_that_needs_each_update() -> None:
+    from fedloom.errors import PlanError
+    from fedloom.plan import validate_plan
+
+    with pytest.raises(PlanError, match="needs each site's update") as err:
+        validate_plan(
+            {"sites": 5, "strategy": {"name": "krum"}, "privacy": {"secure_aggregation": True}}
+        )
+    assert "choose a mean-based strategy" in str(err.value)
+
+
+def test_fixed_point_bits_that_cannot_hold_the_sum_are_refused_with_the_fix() -> None:
+    from fedloom.errors import PlanError
+    from fedloom.plan import validate_plan
+
+    with pytest.raises(PlanError, match="use bits: 64") as err:
+        validate_plan({"sites": 50, "privacy": {"secure_aggregation": {"bits": 32}}})
+    assert "training.max_samples" in str(err.value)
+    plan = validate_plan(
+        {"sites": 50, "training": {"max_samples": 1000}, "privacy": {"secure_aggregation": True}}
+    )
+    assert fractional_bits(32, 50, 1000, 1.0) >= 8 and plan.privacy.secure_aggregation
+
+
+def test_masks_cancel_exactly_whatever_the_weights(make_federation: Any) -> None:
+    """Two rounds over the wire round trip, 64-bit ring: each round's model is the
+    plain mean within the rounding; nothing of the masks is left."""
+    fed, _, _ = run_federation(make_federation, bits=64, rounds=2, roundtrip=True)
+    history = fed.finish()
+    assert [r.close_reason for r in history[:2]] == [CloseReason.ALL_ANSWERED] * 2
+    want = {k: plain_mean(list(SITES), 1)[k] + plain_mean(list(SITES), 2)[k] for k in ("w", "b")}
+    assert_within(fed.aggregator.weights, want, 2 * quantisation_bound(list(SITES), 64))
