@@ -156,8 +156,8 @@ def grpc_round_seconds(sites: int, params: int, rounds: int, bits: int | None) -
         ws.mkdir()
         (ws / "task.py").write_text(TASK.format(sizes=sizes_of(params)))
         (ws / "federation.yaml").write_text(
-            "name: secagg-bench\nrounds: %d\nsites: %d\ndata: {dataset: custom}\n"
-            "training: {max_samples: 100}\nevaluation: {final: false}\n" % (rounds, sites)
+            f"name: secagg-bench\nrounds: {rounds}\nsites: {sites}\n"
+            "data: {dataset: custom}\ntraining: {max_samples: 100}\nevaluation: {final: false}\n"
         )
         overrides = [f"privacy.secure_aggregation.bits={bits}"] if bits else []
         cmd = [

@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from conftest import wait_until
+from scipy import stats
 
 from fedloom.errors import FaultInjected, QuorumError
 from fedloom.orchestration import CloseReason

@@ -864,9 +864,7 @@ class Aggregator:
             )
 
 
-def _with_spent(
-    history: list[RoundRecord], spent: list[dict[str, float]]
-) -> list[RoundRecord]:
+def _with_spent(history: list[RoundRecord], spent: list[dict[str, float]]) -> list[RoundRecord]:
     """``history`` with each finished training round given what it had spent."""
     out, left = [], iter(spent)
     for record in history:

@@ -231,7 +231,6 @@ def spent_after(ledger: dict[str, Any], privacy: AggregatorPrivacy | None) -> di
     return out
 
 
-
 def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dict[str, float]]:
     """What each finished training round had spent once aggregated, in order: epsilon
     recomputed from the noise the state's ledger recorded round by round."""
@@ -240,6 +239,10 @@ def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dic
         return []
     noise = [float(z) for z in privacy.ledger(state)["noise"]]
     return [
-        {"epsilon": dpmath.epsilon(noise[: k + 1], dp.delta), "delta": dp.delta, "noise_multiplier": z}
+        {
+            "epsilon": dpmath.epsilon(noise[: k + 1], dp.delta),
+            "delta": dp.delta,
+            "noise_multiplier": z,
+        }
         for k, z in enumerate(noise)
     ]
