@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,13 @@ from fedloom.transport import InProcessTransport
 from fedloom.weights import Weights
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES: dict[str, int | None] = {"plain": None, "secagg-32": 32, "secagg-64": 64}
+# mode -> (ring bits, neighbours); None bits: plain FedAvg; None neighbours: every site
+MODES: dict[str, tuple[int | None, int | None]] = {
+    "plain": (None, None),
+    "secagg-32": (32, None),
+    "secagg-64": (64, None),
+    "secagg-32-k4": (32, 4),  # SecAgg+'s sparse graph: masks with 4 neighbours
+}
 
 TASK = """
 import numpy as np
@@ -83,13 +90,19 @@ def sizes_of(params: int) -> list[int]:
     return [quarter, quarter, quarter, params - 3 * quarter]
 
 
+def secagg_plan(bits: int | None, neighbours: int | None) -> PrivacyPlan:
+    if bits is None:
+        return PrivacyPlan()
+    return PrivacyPlan(
+        secure_aggregation=SecureAggregationPlan(bits=bits, neighbours=neighbours)  # type: ignore[arg-type]
+    )
+
+
 def inprocess_round_seconds(
-    sites: int, params: int, rounds: int, bits: int | None
+    sites: int, params: int, rounds: int, bits: int | None, neighbours: int | None
 ) -> dict[str, Any]:
     roster = tuple(f"site-{i:02d}" for i in range(1, sites + 1))
-    plan = PrivacyPlan(
-        secure_aggregation=SecureAggregationPlan(bits=bits) if bits else None  # type: ignore[arg-type]
-    )
+    plan = secagg_plan(bits, neighbours)
     model = {f"t{i}": np.zeros(n, np.float32) for i, n in enumerate(sizes_of(params))}
     config = FederationConfig(
         roster=roster,
@@ -128,12 +141,30 @@ def inprocess_round_seconds(
 
         return run
 
-    collaborators = [
-        Collaborator(
-            transport.connect(site),
-            runner(site),
-            privacy=SitePrivacy(site, plan, per_round=sites, max_samples=100) if bits else None,
+    spent: dict[str, list[float]] = {"site_protect": [], "aggregator_unmask": []}
+
+    def timed(kind: str, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[kind].append(time.perf_counter() - started)
+
+        return call
+
+    site_privacies = {}
+    for site in roster:
+        if bits:
+            p = SitePrivacy(site, plan, per_round=sites, max_samples=100)
+            p.protect = timed("site_protect", p.protect)  # type: ignore[method-assign]
+            site_privacies[site] = p
+    if privacy is not None:
+        privacy.unmasked_summary = timed(  # type: ignore[method-assign]
+            "aggregator_unmask", privacy.unmasked_summary
         )
+    collaborators = [
+        Collaborator(transport.connect(site), runner(site), privacy=site_privacies.get(site))
         for site in roster
     ]
     threads = [threading.Thread(target=c.run, daemon=True) for c in collaborators]
@@ -147,10 +178,20 @@ def inprocess_round_seconds(
         "seconds_per_round": statistics.median(took),
         "rounds_seconds": took,
         "bytes_up_per_site_round": received / (sites * rounds),
+        # clip, encode and mask one update at one site (all sites share 2 cores here)
+        "site_protect_seconds_median": statistics.median(spent["site_protect"])
+        if spent["site_protect"]
+        else 0.0,
+        # remove the masks from the sum and decode it, once a round
+        "aggregator_unmask_seconds_median": statistics.median(spent["aggregator_unmask"])
+        if spent["aggregator_unmask"]
+        else 0.0,
     }
 
 
-def grpc_round_seconds(sites: int, params: int, rounds: int, bits: int | None) -> dict[str, Any]:
+def grpc_round_seconds(
+    sites: int, params: int, rounds: int, bits: int | None, neighbours: int | None
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedloom-secagg-bench-") as tmp:
         ws = Path(tmp) / "ws"
         ws.mkdir()
@@ -160,6 +201,8 @@ def grpc_round_seconds(sites: int, params: int, rounds: int, bits: int | None) -
             "data: {dataset: custom}\ntraining: {max_samples: 100}\nevaluation: {final: false}\n"
         )
         overrides = [f"privacy.secure_aggregation.bits={bits}"] if bits else []
+        if bits and neighbours:
+            overrides.append(f"privacy.secure_aggregation.neighbours={neighbours}")
         cmd = [
             sys.executable, "-m", "fedloom.cli", "simulate", str(ws), "--transport", "grpc",
             "--run-name", "bench", "--quiet", *overrides,
@@ -168,8 +211,18 @@ def grpc_round_seconds(sites: int, params: int, rounds: int, bits: int | None) -
         if done.returncode != 0:
             raise RuntimeError(f"simulate failed ({done.returncode}): {done.stderr[-2000:]}")
         summary = json.loads((ws / "runs" / "bench" / "summary.json").read_text())
+        with sqlite3.connect(ws / "aggregator" / "state.db") as db:
+            took = [
+                closed - opened
+                for opened, closed in db.execute(
+                    "SELECT opened, closed FROM attempts WHERE kind = 'train' ORDER BY round"
+                )
+            ]
         return {
-            "seconds_per_round": summary["seconds_per_round"],
+            # each round from its opening to its close, as the aggregator recorded them
+            # (the first includes the collaborators' start-up: the median leaves it out)
+            "seconds_per_round": statistics.median(took),
+            "rounds_seconds": took,
             "bytes_up_per_site_round": summary["bytes_received"] / (sites * rounds),
         }
 
@@ -178,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--transport", choices=["inprocess", "grpc", "both"], default="both")
     args = parser.parse_args()
     transports = ["inprocess", "grpc"] if args.transport == "both" else [args.transport]
@@ -191,8 +244,8 @@ def main() -> None:
     for transport in transports:
         measure = inprocess_round_seconds if transport == "inprocess" else grpc_round_seconds
         table: dict[str, Any] = {}
-        for mode, bits in MODES.items():
-            table[mode] = measure(args.sites, args.params, args.rounds, bits)
+        for mode, (bits, neighbours) in MODES.items():
+            table[mode] = measure(args.sites, args.params, args.rounds, bits, neighbours)
             print(
                 f"{transport:9s} {mode:10s} {table[mode]['seconds_per_round']:.3f} s/round",
                 flush=True,

@@ -181,11 +181,13 @@ def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(
     plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=0.1, adaptive_clip=adaptive))
     fed = run(make_federation, plan, norm=5.0, rounds=4, final_evaluation=False)
     history = fed.finish()
-    clips = [r.privacy["clip"] for r in history]
+    clips = [r.privacy["clip"] for r in history]  # the bound each round used
     # every update is above the bound: the bound grows by about exp(0.2 * 0.5) a round
     # (the noise on the count of 10 sites, std 1/10, moves it a little)
-    assert clips[0] > 0.1 and all(b > a for a, b in zip(clips, clips[1:], strict=False))
-    assert clips[-1] == pytest.approx(0.1 * math.exp(0.1 * 4), rel=0.25)
+    assert clips[0] == 0.1 and all(b > a for a, b in zip(clips, clips[1:], strict=False))
+    assert clips[-1] == pytest.approx(0.1 * math.exp(0.1 * 3), rel=0.25)
+    ledger = fed.aggregator.state.scalars[STATE_KEY]
+    assert ledger["clips"] == clips and ledger["clip"] > clips[-1]  # the next round's
 
 
 def test_distributed_noise_under_secure_aggregation(make_federation: Any) -> None:
@@ -272,3 +274,32 @@ def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_cod
     allowed = ["privacy.dp.noise_multiplier=1.0"]
     check = run_cli("policy", "check", str(ws), *allowed, "--policy", str(policy))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_noise() -> None:
+    from fedloom.errors import PlanError
+    from fedloom.plan import validate_plan
+    from fedloom.strategies.state import StrategyState
+
+    dp = {"noise_multiplier": 1.0, "clip": 0.5, "noise": "distributed"}
+    plan = validate_plan({"sites": 4, "privacy": {"dp": dp, "secure_aggregation": True}})
+    # a share's std is z*C/sqrt(4) = 0.25: the range leaves room for 6 of them
+    assert plan.privacy.clip_range(4) == pytest.approx(0.5 + 6 * 0.25)
+    with pytest.raises(PlanError, match="clip the sites' shares of distributed noise"):
+        validate_plan(
+            {"sites": 4, "privacy": {"dp": dp, "secure_aggregation": {"clip_range": 0.6}}}
+        )
+    # with a quorum of 5 of 10, a round may end with half the shares: the budget check
+    # counts the next round as z*sqrt(5/10), so dropouts never overshoot the budget
+    full = [1.0, 1.0, 1.0]
+    budget = dpmath.epsilon([*full, math.sqrt(0.5)], 1e-5) - 1e-6
+    assert dpmath.epsilon([*full, 1.0], 1e-5) < budget  # a full fourth round would fit
+    private = PrivacyPlan(
+        dp=DPPlan(noise_multiplier=1.0, noise=NoisePlacement.DISTRIBUTED, epsilon_budget=budget),
+        secure_aggregation=SecureAggregationPlan(),
+    )
+    privacy = AggregatorPrivacy(private, per_round=10, max_samples=100, min_sites=5)
+    ledger = {"clip": 1.0, "noise": full, "epsilon": dpmath.epsilon(full, 1e-5)}
+    reason = privacy.stop_reason(StrategyState(weights={}, scalars={STATE_KEY: ledger}))
+    assert reason is not None and "epsilon_budget" in reason  # ... but one with 5 might not
+    assert privacy.stop_reason(StrategyState(weights={}, scalars={})) is None

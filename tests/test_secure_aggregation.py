@@ -271,3 +271,115 @@ def test_masks_cancel_exactly_whatever_the_weights(make_federation: Any) -> None
     assert [r.close_reason for r in history[:2]] == [CloseReason.ALL_ANSWERED] * 2
     want = {k: plain_mean(list(SITES), 1)[k] + plain_mean(list(SITES), 2)[k] for k in ("w", "b")}
     assert_within(fed.aggregator.weights, want, 2 * quantisation_bound(list(SITES), 64))
+
+
+# ------------------------------------------------------- bad sites, bad messages
+
+
+class NaNRunner(Runner):
+    def __call__(self, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        answer = super().__call__(instruction, weights)
+        if answer.delta is not None:
+            answer.delta["b"][3] = np.nan
+        return answer
+
+
+def test_a_site_with_nan_in_its_update_fails_instead_of_hiding_it_in_the_sum(
+    make_federation: Any,
+) -> None:
+    plan = PrivacyPlan(secure_aggregation=SecureAggregationPlan(bits=64))
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    fed = make_federation(
+        model(), privacy=privacy, roster=SITES, rounds=1, sites_per_round=len(SITES),
+        min_fraction=0.8, max_samples=100,
+    )  # fmt: skip
+    for site in SITES:
+        runner = NaNRunner(site) if site == "site-b" else Runner(site)
+        fed.start_site(
+            site, runner, privacy=SitePrivacy(site, plan, per_round=len(SITES), max_samples=100)
+        )
+    fed.start()
+    record = fed.finish()[0]
+    [failure] = record.failures
+    assert failure.site == "site-b" and "NaN or infinite" in failure.reason
+    survivors = ["site-a", "site-c", "site-d", "site-e"]
+    assert_within(
+        fed.aggregator.weights, plain_mean(survivors, 1), quantisation_bound(survivors, 64)
+    )
+
+
+class GarbageSite(SitePrivacy):
+    """A broken (or hostile) site that sends random values instead of its masked update."""
+
+    def protect(self, *args: Any, **kwargs: Any) -> Any:
+        protected = super().protect(*args, **kwargs)
+        rng = np.random.default_rng(7)
+        for array in protected.tensors.values():
+            array[...] = rng.integers(0, 2**32, size=array.shape, dtype=np.uint64).astype(
+                array.dtype
+            )
+        return protected
+
+
+def test_a_sum_the_sites_could_not_have_sent_is_refused_not_published(
+    make_federation: Any,
+) -> None:
+    plan = PrivacyPlan(secure_aggregation=SecureAggregationPlan(bits=32))
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    fed = make_federation(
+        model(), privacy=privacy, roster=SITES, rounds=1, sites_per_round=len(SITES),
+        max_samples=100,
+    )  # fmt: skip
+    for site in SITES:
+        kind = GarbageSite if site == "site-e" else SitePrivacy
+        fed.start_site(
+            site, Runner(site), privacy=kind(site, plan, per_round=len(SITES), max_samples=100)
+        )
+    fed.start()
+    with pytest.raises(QuorumError, match="out of range"):
+        fed.finish()
+    assert not np.any(fed.aggregator.weights["w"])  # nothing was published
+
+
+def secagg_round(**kw: Any) -> Any:
+    import threading
+
+    from fedloom.clock import ManualClock
+    from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
+    from fedloom.weights import specs_of
+
+    params = SecAggParameters(
+        bits=32, frac=16, threshold=2 / 3, neighbours=None, key_seconds=60.0, clip_range=1.0
+    )
+    return SecAggRound(
+        task_id="run/1.1",
+        round=1,
+        selected=SITES,
+        specs=specs_of(model()),
+        params=params,
+        clock=ManualClock(),
+        cond=threading.Condition(),
+        in_round=lambda: SITES,
+        drop=lambda site, reason: None,
+        **kw,
+    )
+
+
+def test_malformed_or_stale_secure_aggregation_messages_are_refused_one_site_at_a_time() -> None:
+    from fedloom.errors import UpdateRejected
+    from fedloom.privacy.secagg import KEYS, REVEAL, UNMASK, dumps
+
+    round_ = secagg_round()
+    with pytest.raises(UpdateRejected, match="32 bytes, in hex"):
+        round_.handle("site-a", KEYS, dumps({"task": "run/1.1", "c": "zz" * 32, "s": "00" * 32}))
+    with pytest.raises(UpdateRejected, match="unusable public key"):  # a low-order point
+        round_.handle("site-a", KEYS, dumps({"task": "run/1.1", "c": "00" * 32, "s": "00" * 32}))
+    with pytest.raises(UpdateRejected, match="stale"):
+        round_.handle("site-a", KEYS, dumps({"task": "run/1.0", "c": "00" * 32, "s": "00" * 32}))
+    with pytest.raises(UpdateRejected, match="stale"):
+        round_.handle("site-a", UNMASK, dumps({"task": "run/0.9"}))
+    with pytest.raises(UpdateRejected, match="holds no shares"):
+        round_.handle("site-a", UNMASK, dumps({"task": "run/1.1"}))  # never waits
+    with pytest.raises(UpdateRejected, match="no unmasking under way"):
+        round_.handle("site-a", REVEAL, dumps({"task": "run/1.1", "b": {}, "s": {}}))
+    assert round_.describe()["keys"] == 0  # nothing of the refused messages was kept

@@ -9,6 +9,7 @@ the update back. The same class serves a simulated site and a real one: only the
 from __future__ import annotations
 
 import functools
+import logging
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
@@ -31,6 +32,8 @@ from fedloom.transport.messages import (
     iter_chunks,
 )
 from fedloom.weights import Weights, specs_of
+
+log = logging.getLogger("fedloom.collaborator")
 
 Runner = Callable[[Instruction, Weights], SiteAnswer]
 Exchange = Callable[[str, bytes], bytes]
@@ -88,6 +91,12 @@ class Collaborator:
             return False
         self.current = instruction
         try:
+            if self.privacy is not None:  # keys first: the others wait for this site
+                self.privacy.prepare(instruction, self._exchange(instruction))
+        except FedloomError as err:
+            self._fail(instruction, err.message)
+            return True
+        try:
             stream = self.connection.download(instruction.round)
             weights = assemble(stream.header.tensors, stream.chunks)
         except UpdateRejected:
@@ -96,8 +105,6 @@ class Collaborator:
         try:
             if self.check_model is not None:
                 self.check_model(instruction, stream.header, weights)
-            if self.privacy is not None:
-                self.privacy.prepare(instruction, self._exchange(instruction))
             self._run_phases(instruction)
             answer = self.runner(instruction, weights)
             header, chunks = self._answer(instruction, answer)
@@ -125,8 +132,9 @@ class Collaborator:
                     "site.secagg.unmask", round=instruction.round, site=self.connection.site
                 )
                 self.privacy.complete(instruction, self._exchange(instruction))
-            except FedloomError:
-                pass  # the update is in; without this site's shares the others may unmask
+            except Exception as err:  # noqa: BLE001 - never fatal: the update is in
+                # without this site's shares the others may still unmask the sum
+                log.warning("round %d: unmasking: %s", instruction.round, err)
         self.current = None
         return True
 

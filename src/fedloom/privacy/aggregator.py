@@ -41,10 +41,14 @@ class AggregatorPrivacy:
         *,
         per_round: int,
         max_samples: int,
+        min_sites: int | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
         self.plan = plan
         self.per_round = per_round
+        # the fewest updates a round may aggregate (its quorum): under distributed noise
+        # the least noise a round can end with
+        self.min_sites = min(per_round, max(1, min_sites or per_round))
         self.max_samples = max_samples
         self._rng = rng or dpmath.secret_generator()  # never the plan's seed
         dp, sa = plan.dp, plan.secure_aggregation
@@ -62,11 +66,12 @@ class AggregatorPrivacy:
             SecAggParameters(
                 bits=sa.bits,
                 frac=fractional_bits(
-                    sa.bits, per_round, 1 if dp else max_samples, plan.clip_range()
+                    sa.bits, per_round, 1 if dp else max_samples, plan.clip_range(per_round)
                 ),
                 threshold=sa.threshold,
                 neighbours=sa.neighbours,
                 key_seconds=sa.key_seconds,
+                clip_range=plan.clip_range(per_round),
             )
             if sa is not None
             else None
@@ -97,7 +102,7 @@ class AggregatorPrivacy:
             return None
         ledger = self.ledger(state)
         spent = list(ledger["noise"])
-        after = dpmath.epsilon([*spent, dp.noise_multiplier], dp.delta)
+        after = dpmath.epsilon([*spent, self._worst_noise()], dp.delta)
         if after <= dp.epsilon_budget:
             return None
         return (
@@ -105,6 +110,15 @@ class AggregatorPrivacy:
             f"to {after:.3g}, over the plan's epsilon_budget {dp.epsilon_budget:g} "
             f"(delta {dp.delta:g}); training stopped after {len(spent)} round(s)"
         )
+
+    def _worst_noise(self) -> float:
+        """The least noise the next round can have: all of it under central noise; under
+        distributed noise, the shares of a round closing with its quorum only."""
+        dp = self.plan.dp
+        assert dp is not None  # noqa: S101 - only asked under DP
+        if dp.noise is NoisePlacement.CENTRAL:
+            return dp.noise_multiplier
+        return dp.noise_multiplier * math.sqrt(self.min_sites / self.per_round)
 
     def instruction(self, state: StrategyState) -> dict[str, Any]:
         """What every site needs this round beyond its plan: the clipping bound now."""
@@ -172,7 +186,7 @@ class AggregatorPrivacy:
         for spec, flat in zip(specs, sums, strict=True):
             value = flat / total
             if spec.name == dpmath.UNCLIPPED:
-                value = value / self.plan.clip_range()  # sent as bit * clip_range
+                value = value / self.plan.clip_range(self.per_round)  # sent as bit * range
             if spec.dtype in _NARROW:
                 value = value.astype(np.float32)
             mean[spec.name] = value.reshape(spec.shape)
@@ -214,35 +228,42 @@ class AggregatorPrivacy:
             )
         history = [*ledger["noise"], spent]
         new_ledger = {
-            "clip": clip,
-            "noise": history,
+            "clip": clip,  # the bound of the next round
+            "noise": history,  # the noise multiplier each round really had
+            "clips": [*ledger.get("clips", []), float(ledger["clip"])],  # the bound it used
             "epsilon": dpmath.epsilon(history, dp.delta),
         }
         return MeanSummary(summary.round, out, summary.total_weight, summary.results), new_ledger
 
 
 def spent_after(ledger: dict[str, Any], privacy: AggregatorPrivacy | None) -> dict[str, float]:
-    """What a round's record says of the privacy spent once it was aggregated."""
+    """What a round's record says once it was aggregated: the epsilon spent so far at
+    the plan's delta, the round's noise multiplier and the clipping bound it used."""
     dp = privacy.plan.dp if privacy is not None else None
-    out = {"epsilon": float(ledger["epsilon"]), "clip": float(ledger["clip"])}
+    out = {"epsilon": float(ledger["epsilon"])}
     if dp is not None:
         out["delta"] = dp.delta
         out["noise_multiplier"] = float(ledger["noise"][-1]) if ledger["noise"] else 0.0
+    clips = ledger.get("clips") or [ledger["clip"]]
+    out["clip"] = float(clips[-1])
     return out
 
 
 def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dict[str, float]]:
-    """What each finished training round had spent once aggregated, in order: epsilon
-    recomputed from the noise the state's ledger recorded round by round."""
+    """What each finished training round had spent once aggregated, in order, as
+    :func:`spent_after` said it then: recomputed from the state's ledger."""
     dp = privacy.plan.dp
     if dp is None:
         return []
-    noise = [float(z) for z in privacy.ledger(state)["noise"]]
+    ledger = privacy.ledger(state)
+    noise = [float(z) for z in ledger["noise"]]
+    clips = [float(c) for c in ledger.get("clips", [])]
     return [
         {
             "epsilon": dpmath.epsilon(noise[: k + 1], dp.delta),
             "delta": dp.delta,
             "noise_multiplier": z,
+            **({"clip": clips[k]} if k < len(clips) else {}),
         }
         for k, z in enumerate(noise)
     ]

@@ -21,12 +21,19 @@ One attempt at a round, seen from a site ``i`` (the aggregator's side is
    surviving neighbour and of ``s_d`` for each dropped one, never both for one site,
    and refuses if the two lists overlap or name ``i`` as dropped.
 
+The aggregator is trusted to follow the protocol (honest but curious, as in Bonawitz et
+al.'s semi-honest setting): it learns only the sum if it does. One that lies (hands out
+its own public keys, or tells some neighbours of a site that it survived and others that
+it dropped) could unmask a site; the signed key and consistency rounds of the malicious
+setting are not implemented.
+
 Payloads are JSON with hex strings: no pickle, nothing executable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping
@@ -39,6 +46,8 @@ from fedloom.errors import AggregationError
 from fedloom.privacy import masking, shamir
 from fedloom.privacy.quantize import encode
 from fedloom.weights import Weights
+
+log = logging.getLogger("fedloom.collaborator")
 
 KEYS, SHARES, UNMASK, REVEAL = "secagg.keys", "secagg.shares", "secagg.unmask", "secagg.reveal"
 PHASES = (KEYS, SHARES)  # announced in the instruction; UNMASK and REVEAL follow the upload
@@ -121,8 +130,12 @@ class SecureAggregationSite:
             name: {"c": bytes.fromhex(k["c"]), "s": bytes.fromhex(k["s"])}
             for name, k in sorted(reply["sites"].items())
         }
-        if self.site not in attempt.key_set:
-            raise AggregationError("secure aggregation: the key set left this site out")
+        mine = attempt.key_set.get(self.site)
+        if mine != {"c": share_keys.public, "s": mask_keys.public}:
+            raise AggregationError(
+                "secure aggregation: the key set does not hold this site's keys as sent "
+                "(left out, or replaced); this site sits the round out"
+            )
         members = sorted(attempt.key_set)
         graph = masking.neighbours(members, reply.get("neighbours"))
         attempt.neighbours = graph[self.site]
@@ -158,19 +171,24 @@ class SecureAggregationSite:
             key = masking.agree(
                 share_keys.private, attempt.key_set[sender]["c"], context=share_context(task_id)
             )
-            share = loads(
-                masking.decrypt(
-                    key,
-                    bytes.fromhex(blob),
-                    associated=share_associated(task_id, sender, self.site),
-                ),
-                "share",
-            )
-            attempt.held[sender] = (
-                int(share["x"]),
-                bytes.fromhex(share["b"]),
-                bytes.fromhex(share["s"]),
-            )
+            try:
+                share = loads(
+                    masking.decrypt(
+                        key,
+                        bytes.fromhex(blob),
+                        associated=share_associated(task_id, sender, self.site),
+                    ),
+                    "share",
+                )
+                attempt.held[sender] = (
+                    int(share["x"]),
+                    bytes.fromhex(share["b"]),
+                    bytes.fromhex(share["s"]),
+                )
+            except (AggregationError, KeyError, ValueError, TypeError) as err:
+                # a broken sender's share: this site cannot help rebuild its secrets, but
+                # still masks with it (its mask key is agreed, not shared)
+                log.warning("secure aggregation: the share from %s is unusable: %s", sender, err)
         self._attempt = attempt
 
     def mask(
@@ -216,7 +234,7 @@ class SecureAggregationSite:
     def unmask(self, task_id: str, exchange: Exchange) -> None:
         """Step 4: reveal the shares the aggregator may have, and no others."""
         attempt = self._current(task_id)
-        reply = loads(exchange(UNMASK, b"{}"), "survivor list")
+        reply = loads(exchange(UNMASK, dumps({"task": task_id})), "survivor list")
         if "abandoned" in reply:
             self._attempt = None
             return
@@ -227,7 +245,7 @@ class SecureAggregationSite:
                 f"inconsistent (survivors {sorted(survivors)}, dropped {sorted(dropped)}); "
                 "no share was revealed"
             )
-        reveal: dict[str, dict[str, str]] = {"b": {}, "s": {}}
+        reveal: dict[str, Any] = {"task": task_id, "b": {}, "s": {}}
         for sender, (x, b_share, s_share) in sorted(attempt.held.items()):
             if sender in survivors:
                 reveal["b"][sender] = f"{x}:{b_share.hex()}"

@@ -5,7 +5,8 @@ modulo ``2**bits`` (:class:`~fedloom.accumulate.masked.MaskedSumAccumulator`) an
 the uploads are closed, asks the survivors for the shares that remove the masks:
 ``b_j`` of every site whose masked update it holds, ``s_d`` of every site that dropped
 after the key exchange. It never asks for both of one site, so it learns the sum and
-nothing else (see :mod:`~fedloom.privacy.secagg` for the site's side and its checks).
+nothing else, as long as it follows the protocol (see :mod:`~fedloom.privacy.secagg` for
+the site's side, its checks, and the trust this assumes).
 
 Waiting: each of the two key steps is a barrier that opens when every site of the round
 still in it has spoken, or ``key_seconds`` after the step began; sites that missed it
@@ -57,6 +58,7 @@ class SecAggParameters:
     threshold: float  # fraction of a site's neighbours
     neighbours: int | None
     key_seconds: float
+    clip_range: float  # what one coordinate of one site's update may reach, unweighted
 
 
 class SecAggRound:
@@ -119,22 +121,21 @@ class SecAggRound:
         if phase == SHARES:
             return self._on_shares(site, loads(payload, "shares"))
         if phase == UNMASK:
-            return self._on_unmask(site)
+            return self._on_unmask(site, loads(payload, "unmask request"))
         if phase == REVEAL:
             return self._on_reveal(site, loads(payload, "revealed shares"))
         raise UpdateRejected(f"secure aggregation has no phase {phase!r}")
 
     def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
-        if keys.get("task") != self.task_id:
-            raise UpdateRejected(
-                f"stale key exchange: it answers task {keys.get('task')}, but round "
-                f"{self.round} is now task {self.task_id}; the site fetches the task again"
-            )
-        c, s = keys.get("c"), keys.get("s")
-        if not (isinstance(c, str) and isinstance(s, str) and len(c) == len(s) == 64):
-            raise UpdateRejected("secure aggregation: public keys must be 32 bytes, in hex")
+        self._check_task(keys)
+        c, s = _public_key(keys.get("c")), _public_key(keys.get("s"))
         with self._cond:
             self._expect(site, Step.KEYS, "its public keys")
+            if site in self._keys:
+                raise UpdateRejected(
+                    f"secure aggregation: {site!r} already sent its keys for task "
+                    f"{self.task_id} (a second process of the site?); it sits this round out"
+                )
             self._keys[site] = {"c": c, "s": s}
             self._cond.notify_all()
             self._barrier(Step.KEYS, lambda: set(self._keys))
@@ -154,12 +155,17 @@ class SecAggRound:
             raise UpdateRejected("secure aggregation: shares come as {'to': {site: blob}}")
         with self._cond:
             self._expect(site, Step.SHARES, "its shares")
+            if site in self._outbox:
+                raise UpdateRejected(f"secure aggregation: {site!r} already sent its shares")
             expected = set(self._graph.get(site, ()))
             if set(outgoing) != expected:
                 raise UpdateRejected(
                     f"secure aggregation: {site!r} must send one share to each of its "
                     f"neighbours {sorted(expected)}, sent {sorted(outgoing)}"
                 )
+            for blob in outgoing.values():
+                if not isinstance(blob, str) or not _is_hex(blob):
+                    raise UpdateRejected("secure aggregation: each share must be hex text")
             self._outbox[site] = {k: str(v) for k, v in outgoing.items()}
             self._cond.notify_all()
             self._barrier(Step.SHARES, lambda: set(self._outbox))
@@ -170,8 +176,13 @@ class SecAggRound:
             }
             return dumps({"sites": sorted(self._outbox), "from": inbox})
 
-    def _on_unmask(self, site: str) -> bytes:
+    def _on_unmask(self, site: str, request: dict[str, object]) -> bytes:
         with self._cond:
+            self._check_task(request)
+            if site not in self._outbox:
+                raise UpdateRejected(
+                    f"secure aggregation: {site!r} holds no shares of task {self.task_id}"
+                )
             while self.step.value < Step.UNMASK.value and self.failure is None:
                 self._clock.wait(self._cond, None)
             if self.failure is not None:
@@ -182,10 +193,13 @@ class SecAggRound:
 
     def _on_reveal(self, site: str, shares: dict[str, object]) -> bytes:
         with self._cond:
+            self._check_task(shares)
             if self.step is not Step.UNMASK or site not in self._survivors:
                 raise UpdateRejected("secure aggregation: no unmasking under way for this site")
             if site in self._revealed:
                 raise UpdateRejected(f"secure aggregation: {site!r} already revealed its shares")
+            x = sorted(self._keys).index(site) + 1  # the point of this site's shares
+            parsed: list[tuple[dict[str, dict[int, bytes]], str, bytes]] = []
             for kind, store, allowed in (
                 ("b", self._b, set(self._survivors)),
                 ("s", self._s, set(self._dropped)),
@@ -196,8 +210,15 @@ class SecAggRound:
                 for owner, text in given.items():
                     if owner not in allowed or site not in self._graph.get(owner, ()):
                         continue  # not asked for: ignored, never used
-                    x, _, value = str(text).partition(":")
-                    store.setdefault(owner, {})[int(x)] = bytes.fromhex(value)
+                    point, _, value = str(text).partition(":")
+                    if point != str(x) or not _is_hex(value):
+                        raise UpdateRejected(
+                            f"secure aggregation: {site!r} revealed a malformed share of "
+                            f"{owner!r} (its shares are at x={x})"
+                        )
+                    parsed.append((store, owner, bytes.fromhex(value)))
+            for store, owner, share in parsed:  # all checked: nothing half-stored
+                store.setdefault(owner, {})[x] = share
             self._revealed.add(site)
             self._cond.notify_all()
             return b"{}"
@@ -246,7 +267,23 @@ class SecAggRound:
         dropped_keys = {
             d: masking.private_from_bytes(self._rebuild(d, s_shares[d])) for d in self._dropped
         }
-        return self._remove_masks(self.accumulator.sums(), seeds, dropped_keys)
+        sums = self._remove_masks(self.accumulator.sums(), seeds, dropped_keys)
+        self._check_range(sums, weights)
+        return sums
+
+    def _check_range(self, sums: list[np.ndarray], weights: Mapping[str, int]) -> None:
+        """Refuse a sum no honest sites could have sent: beyond total weight times the
+        clip range. Masks that did not cancel (a site that changed its keys, garbage
+        from a broken site) give uniformly random values, far out of range."""
+        bound = sum(weights.values()) * self.params.clip_range
+        bound += len(weights) * 2.0 ** -self.params.frac  # the rounding
+        worst = max((float(np.max(np.abs(s))) for s in sums if s.size), default=0.0)
+        if worst > bound:
+            with self._cond:
+                raise self._fail(
+                    f"the unmasked sum is out of range ({worst:.3g} > {bound:.3g}): the "
+                    "masks did not cancel, or a site sent values it could not have encoded"
+                )
 
     def abandon(self, reason: str) -> None:
         """The attempt ended without unmasking: release every waiting site."""
@@ -287,6 +324,13 @@ class SecAggRound:
         return out
 
     # --------------------------------------------------------------- helpers
+
+    def _check_task(self, request: dict[str, object]) -> None:
+        if request.get("task") != self.task_id:
+            raise UpdateRejected(
+                f"stale secure aggregation message: it is for task {request.get('task')}, "
+                f"round {self.round} is now task {self.task_id}"
+            )
 
     def _expect(self, site: str, step: Step, what: str) -> None:
         if self.failure is not None:
@@ -360,3 +404,23 @@ class SecAggRound:
         self.failure = reason
         self._cond.notify_all()
         return AggregationError(f"secure aggregation of task {self.task_id}: {reason}")
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _public_key(value: object) -> str:
+    """``value`` if it is a usable X25519 public key in hex (32 bytes, not a point that
+    makes every agreement zero), else :class:`UpdateRejected`."""
+    if not isinstance(value, str) or len(value) != 64 or not _is_hex(value):
+        raise UpdateRejected("secure aggregation: public keys must be 32 bytes, in hex")
+    try:
+        masking.agree(masking.new_key_pair().private, bytes.fromhex(value), context=b"check")
+    except AggregationError as err:
+        raise UpdateRejected(f"secure aggregation: unusable public key: {err.message}") from err
+    return value

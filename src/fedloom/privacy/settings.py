@@ -18,6 +18,7 @@ aggregation, distributed noise without secure aggregation …) live in
 from __future__ import annotations
 
 import enum
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -100,12 +101,25 @@ class PrivacyPlan(_Frozen):
     def enabled(self) -> bool:
         return any(p is not None for p in (self.dp, self.secure_aggregation, self.dp_sgd))
 
-    def clip_range(self) -> float:
-        """The per-coordinate range secure aggregation encodes."""
-        sa = self.secure_aggregation
+    def clip_range(self, per_round: int) -> float:
+        """The per-coordinate range secure aggregation encodes: the plan's, else the DP
+        bound, widened under distributed noise so that a site's noise share (standard
+        deviation ``z * clip / sqrt(per_round)``) is clipped only beyond 6 deviations;
+        1.0 without DP."""
+        sa, dp = self.secure_aggregation, self.dp
         if sa is not None and sa.clip_range is not None:
             return sa.clip_range
-        return self.dp.clip if self.dp is not None else 1.0
+        if dp is None:
+            return 1.0
+        return dp.clip + distributed_margin(dp, per_round)
+
+
+def distributed_margin(dp: DPPlan, per_round: int) -> float:
+    """Room for a site's share of distributed noise in the encoding: 6 of its standard
+    deviations (0 under central noise)."""
+    if dp.noise is not NoisePlacement.DISTRIBUTED:
+        return 0.0
+    return 6 * dp.noise_multiplier * dp.clip / math.sqrt(max(1, per_round))
 
 
 def privacy_problems(
@@ -148,6 +162,16 @@ def privacy_problems(
                 f"({dp.noise_multiplier / 2:g}), else no noise is left for the updates; "
                 f"set it above {dp.noise_multiplier / 2:g}"
             )
+    distributed = dp is not None and dp.noise is NoisePlacement.DISTRIBUTED
+    if sa is not None and dp is not None and distributed and sa.clip_range is not None:
+        room = dp.clip + distributed_margin(dp, per_round)
+        if sa.clip_range < room:  # clipped noise is no longer Gaussian: the accounting fails
+            problems.append(
+                f"privacy.secure_aggregation.clip_range: {sa.clip_range:g} would clip the "
+                "sites' shares of distributed noise (the accountant assumes Gaussian noise); "
+                f"set it to at least {room:.3g} (dp.clip plus 6 standard deviations of a "
+                "share), or leave it out"
+            )
     if sa is not None:
         if per_round < 2:
             problems.append(
@@ -160,7 +184,8 @@ def privacy_problems(
                 f"{per_round} (got {sa.neighbours}); leave it out to mask with every site"
             )
         max_weight = 1 if dp is not None else max_samples  # DP weighs every site alike
-        problem = range_problem(sa.bits, per_round, max_weight, privacy.clip_range())
+        clip_range = privacy.clip_range(per_round)
+        problem = range_problem(sa.bits, per_round, max_weight, clip_range)
         if problem is not None:
             problems.append(problem)
     return problems

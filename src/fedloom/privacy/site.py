@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.errors import AggregationError
+from fedloom.errors import AggregationError, TaskError
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.quantize import fractional_bits
 from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
@@ -82,6 +82,12 @@ class SitePrivacy:
         metrics: Mapping[str, float],
     ) -> Protected:
         dp, sa = self.plan.dp, self.plan.secure_aggregation
+        for name, array in delta.items():  # masked or clipped, NaN would hide in the sum
+            if not np.all(np.isfinite(np.asarray(array, dtype=np.float64))):
+                raise TaskError(
+                    f"the update's tensor {name!r} holds NaN or infinite values: it is not "
+                    "sent (check the learning rate and the data)"
+                )
         record: dict[str, Any] = {}
         tensors: Weights = dict(delta)
         weight = min(int(num_samples), self.max_samples)
@@ -104,7 +110,7 @@ class SitePrivacy:
                 tensors[dpmath.UNCLIPPED] = np.array([1.0 if norm <= clip else 0.0])
             weight = 1
         if sa is not None:
-            clip_range = self.plan.clip_range()
+            clip_range = self.plan.clip_range(self.per_round)
             frac = fractional_bits(sa.bits, self.per_round, weight_bound(self), clip_range)
             values = dict(tensors)
             if dpmath.UNCLIPPED in values:

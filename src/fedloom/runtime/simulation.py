@@ -100,10 +100,12 @@ def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
     privacy = plan.privacy
     if privacy.dp is None and privacy.secure_aggregation is None:
         return None
+    per_round = plan.sites_per_round or len(plan.roster)
     return AggregatorPrivacy(
         privacy,
-        per_round=plan.sites_per_round or len(plan.roster),
+        per_round=per_round,
         max_samples=plan.training.max_samples,
+        min_sites=math.ceil(per_round * plan.deadline.min_fraction - 1e-9),
     )
 
 
