@@ -276,7 +276,7 @@ class SecAggRound:
         clip range. Masks that did not cancel (a site that changed its keys, garbage
         from a broken site) give uniformly random values, far out of range."""
         bound = sum(weights.values()) * self.params.clip_range
-        bound += len(weights) * 2.0 ** -self.params.frac  # the rounding
+        bound += len(weights) * 2.0**-self.params.frac  # the rounding
         worst = max((float(np.max(np.abs(s))) for s in sums if s.size), default=0.0)
         if worst > bound:
             with self._cond:
