@@ -303,3 +303,30 @@ def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_no
     reason = privacy.stop_reason(StrategyState(weights={}, scalars={STATE_KEY: ledger}))
     assert reason is not None and "epsilon_budget" in reason  # ... but one with 5 might not
     assert privacy.stop_reason(StrategyState(weights={}, scalars={})) is None
+
+
+@pytest.mark.slow
+def test_sample_level_dp_sgd_reports_each_sites_own_epsilon(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, "digits")  # a torch task
+    out = run_cli(
+        "simulate", str(ws), "--sites", "2", "--rounds", "2", "--run-name", "dpsgd", "--quiet",
+        "privacy.dp_sgd.noise_multiplier=1.0", "privacy.dp_sgd.max_grad_norm=1.0",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [
+        json.loads(line)
+        for line in (ws / "runs" / "dpsgd" / "metrics.jsonl").read_text().splitlines()
+    ]
+    by_site: dict[str, list[float]] = {}
+    for row in rows:
+        if row["kind"] == "train":
+            by_site.setdefault(row["site"], []).append(row["dp_sgd_epsilon"])
+            assert row["dp_sgd_delta"] == 1e-5
+    assert sorted(by_site) == ["site-01", "site-02"]
+    for epsilons in by_site.values():
+        assert 0 < epsilons[0] < epsilons[1]  # each round adds to the site's own budget
+    # a task that cannot clip per record is refused before any round, with the reason
+    bc = make_workspace(tmp_path, "breast-cancer")
+    out = run_cli("simulate", str(bc), "--quiet", "privacy.dp_sgd.noise_multiplier=1.0")
+    assert out.returncode == 4
+    assert "needs a torch task" in out.stdout + out.stderr

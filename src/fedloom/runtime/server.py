@@ -35,6 +35,7 @@ from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
+from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
@@ -211,6 +212,7 @@ def _serve(
     ws = Path(workspace).resolve()
     digest = opened.run.plan_hash  # open_run checked it against this plan
     task = load_task(ws, plan.task)
+    check_task_supports(task, plan.privacy.dp_sgd is not None)
     credentials = server_credentials(pki_dir_of(ws))
     revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)
     traffic = TrafficCounter()
