@@ -144,6 +144,9 @@ def test_training_stops_cleanly_before_the_round_that_would_break_the_budget(
     assert epsilons == sorted(epsilons) and epsilons[-1] <= budget
     reason = fed.aggregator.stopped_early
     assert reason is not None and "epsilon_budget" in reason and "after 3 round(s)" in reason
+    live = fed.aggregator.snapshot()["privacy"]  # what `fedloom status` shows
+    assert live["epsilon"] == epsilons[-1] and live["rounds"] == 3
+    assert live["epsilon_budget"] == budget
 
 
 def test_the_budget_continues_across_a_restart(make_federation: Any) -> None:
@@ -330,3 +333,25 @@ def test_sample_level_dp_sgd_reports_each_sites_own_epsilon(tmp_path: Path) -> N
     out = run_cli("simulate", str(bc), "--quiet", "privacy.dp_sgd.noise_multiplier=1.0")
     assert out.returncode == 4
     assert "needs a torch task" in out.stdout + out.stderr
+
+
+def test_a_site_counts_its_own_updates_and_refuses_one_past_its_limit(tmp_path: Path) -> None:
+    from fedloom.errors import PolicyError
+    from fedloom.privacy.budget import SiteBudget
+
+    limit = dpmath.epsilon([1.0] * 2, 1e-5) + 1e-6  # two updates fit, not three
+    path = tmp_path / "privacy-spent.json"
+
+    def budget(plan_hash: str) -> SiteBudget:
+        return SiteBudget(path, plan_hash=plan_hash, noise_multiplier=1.0, delta=1e-5, limit=limit)
+
+    assert budget("a" * 64).charge(1) == pytest.approx(dpmath.epsilon([1.0], 1e-5))
+    budget("a" * 64).charge(2)  # a new process (a restarted collaborator) keeps counting
+    with pytest.raises(PolicyError, match="privacy budget is spent") as err:
+        budget("a" * 64).charge(3)
+    assert "2 update(s) already sent" in str(err.value)
+    assert budget("a" * 64).sent() == 2  # the refused one was not counted
+    assert budget("b" * 64).charge(1) > 0  # another plan has its own count
+    path.write_text("not json")
+    with pytest.raises(PolicyError, match="cannot read"):
+        budget("a" * 64).charge(4)

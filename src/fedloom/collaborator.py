@@ -80,6 +80,7 @@ class Collaborator:
         self.finished: Instruction | None = None  # the aggregator's last word
         self.withheld: tuple[str, ...] = ()  # metric names the policy kept back last time
         self._last_seq = 0  # the audit record of the last upload
+        self.last_failure: tuple[int, str] | None = None  # (round, reason) last reported
 
     def step(self, timeout: float | None = None) -> bool:
         """Do at most one instruction. False once the federation is finished."""
@@ -227,6 +228,7 @@ class Collaborator:
             phase.run(instruction, functools.partial(send, name))
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
+        self.last_failure = (instruction.round, reason)
         if self.audit is not None:
             hasher = PayloadHasher()
             hasher.update(reason.encode())

@@ -591,6 +591,7 @@ class Aggregator:
                 ),
                 "current": current,
                 "seen_seconds_ago": {s: now - t for s, t in sorted(self.last_seen.items())},
+                "privacy": self._privacy.spent(self.state) if self._privacy is not None else None,
             }
 
     # ------------------------------------------------------ the service methods

@@ -402,7 +402,7 @@ def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = N
     if kind == "extra_forbidden":
         where = f"strategy {strategy!r}" if strategy else "this section"
         return f"{path}: unknown key for {where}; check its spelling in docs/plan.md"
-    if kind == "literal_error":
+    if kind in ("literal_error", "enum"):
         return f"{path}: must be one of {ctx.get('expected')} (got {got!r})"
     if kind == "value_error":
         message = str(ctx.get("error", error["msg"]))

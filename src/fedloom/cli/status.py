@@ -90,6 +90,16 @@ def _print_live(live: dict[str, Any]) -> None:
     from fedloom.cli.progress import human_bytes
 
     age = f"(live state {live['age_seconds']:.1f} s old)"
+    privacy = live.get("privacy")
+    if privacy:
+        budget = privacy.get("epsilon_budget")
+        console.print(
+            f"privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} after "
+            f"{privacy['rounds']} round(s)"
+            + (f", budget {budget:g}" if budget is not None else "")
+            + f"; clip {privacy['clip']:.3g}",
+            highlight=False,
+        )
     current = live["current"]
     if current is None:
         what = "the federation is over: telling the sites" if live["finished"] else "between rounds"

@@ -111,6 +111,21 @@ class AggregatorPrivacy:
             f"(delta {dp.delta:g}); training stopped after {len(spent)} round(s)"
         )
 
+    def spent(self, state: StrategyState) -> dict[str, Any] | None:
+        """The epsilon spent so far (at the plan's delta) and the next clipping bound,
+        for ``fedloom status``; None without DP."""
+        dp = self.plan.dp
+        if dp is None:
+            return None
+        ledger = self.ledger(state)
+        return {
+            "epsilon": float(ledger["epsilon"]),
+            "delta": dp.delta,
+            "epsilon_budget": dp.epsilon_budget,
+            "rounds": len(ledger["noise"]),
+            "clip": ledger["clip"],
+        }
+
     def _worst_noise(self) -> float:
         """The least noise the next round can have: all of it under central noise; under
         distributed noise, the shares of a round closing with its quorum only."""
@@ -134,7 +149,8 @@ class AggregatorPrivacy:
 
     def upload_specs(self, model: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
         """What an update must announce: the model's tensors, plus the unclipped bit under
-        adaptive clipping; all unsigned integers under secure aggregation."""
+        adaptive clipping (secure aggregation turns each into unsigned integers:
+        :attr:`SecAggRound.specs`)."""
         specs = model + ((TensorSpec(dpmath.UNCLIPPED, "float64", (1,)),) if self.adaptive else ())
         return specs
 

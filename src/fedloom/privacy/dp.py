@@ -1,10 +1,11 @@
 """User-level differential privacy (DP-FedAvg): the maths, as pure functions.
 
 A site clips its update ``delta`` to the L2 bound ``clip`` (over every tensor together).
-The sum of ``m`` clipped updates then changes by at most ``clip`` when one site's data
-changes (or the site leaves), so Gaussian noise of standard deviation
-``noise_multiplier * clip`` on the sum is the Gaussian mechanism, and the round costs
-what one such mechanism costs. Every site weighs the same in the mean (a weight per
+The sum of ``m`` clipped updates then changes by at most ``clip`` when one site joins or
+leaves (its update is added or zeroed: the add/remove neighbouring relation the
+accountant uses; replacing a site's data moves it by up to ``2 * clip``), so Gaussian
+noise of standard deviation ``noise_multiplier * clip`` on the sum is the Gaussian
+mechanism, and the round costs what one such mechanism costs. Every site weighs the same in the mean (a weight per
 sample count would let one site's share of the sum exceed ``clip``).
 
 Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive

@@ -21,11 +21,13 @@ One attempt at a round, seen from a site ``i`` (the aggregator's side is
    surviving neighbour and of ``s_d`` for each dropped one, never both for one site,
    and refuses if the two lists overlap or name ``i`` as dropped.
 
-The aggregator is trusted to follow the protocol (honest but curious, as in Bonawitz et
-al.'s semi-honest setting): it learns only the sum if it does. One that lies (hands out
-its own public keys, or tells some neighbours of a site that it survived and others that
-it dropped) could unmask a site; the signed key and consistency rounds of the malicious
-setting are not implemented.
+The aggregator is trusted to relay the keys faithfully (honest but curious, as in
+Bonawitz et al.'s semi-honest setting): it then learns only the sum. Telling some of a
+site's neighbours that it survived and others that it dropped gains it nothing, since
+rebuilding both secrets needs two disjoint groups above a threshold of more than half.
+But one that hands out public keys of its own making could unmask a site: sites do not
+sign their keys with their certificates (the malicious setting's signed keys and
+consistency round are not implemented).
 
 Payloads are JSON with hex strings: no pickle, nothing executable.
 """
@@ -111,8 +113,9 @@ class _Attempt:
 class SecureAggregationSite:
     """A site's side of secure aggregation, one attempt at a time."""
 
-    def __init__(self, site: str) -> None:
+    def __init__(self, site: str, roster: tuple[str, ...] | None = None) -> None:
         self.site = site
+        self.roster = None if roster is None else frozenset(roster)
         self._attempt: _Attempt | None = None
 
     def prepare(self, task_id: str, exchange: Exchange) -> None:
@@ -130,6 +133,12 @@ class SecureAggregationSite:
             name: {"c": bytes.fromhex(k["c"]), "s": bytes.fromhex(k["s"])}
             for name, k in sorted(reply["sites"].items())
         }
+        strangers = sorted(set(attempt.key_set) - self.roster) if self.roster else []
+        if strangers:
+            raise AggregationError(
+                f"secure aggregation: the key set names sites outside the plan: {strangers}; "
+                "this site sits the round out"
+            )
         mine = attempt.key_set.get(self.site)
         if mine != {"c": share_keys.public, "s": mask_keys.public}:
             raise AggregationError(

@@ -52,7 +52,7 @@ class AdaptiveClipPlan(_Frozen):
 class DPPlan(_Frozen):
     """User-level DP-FedAvg (McMahan et al., 2018)."""
 
-    noise_multiplier: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    noise_multiplier: Positive = 1.0
     clip: Positive = 1.0  # L2 norm bound of one site's update (the start, when adaptive)
     adaptive_clip: AdaptiveClipPlan | None = None
     delta: Probability = 1e-5

@@ -18,6 +18,7 @@ import numpy as np
 
 from fedloom.errors import AggregationError, TaskError
 from fedloom.privacy import dp as dpmath
+from fedloom.privacy.budget import SiteBudget
 from fedloom.privacy.quantize import fractional_bits
 from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
@@ -49,6 +50,8 @@ class SitePrivacy:
         per_round: int,
         max_samples: int,
         metric_filter: MetricFilter | None = None,
+        budget: SiteBudget | None = None,
+        roster: tuple[str, ...] | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:
         self.site = site
@@ -56,8 +59,9 @@ class SitePrivacy:
         self.per_round = per_round
         self.max_samples = max_samples
         self._filter = metric_filter
+        self._budget = budget
         self._rng = rng or dpmath.secret_generator()  # never the plan's seed
-        self._secagg = SecureAggregationSite(site) if plan.secure_aggregation else None
+        self._secagg = SecureAggregationSite(site, roster) if plan.secure_aggregation else None
 
     def prepare(self, instruction: Instruction, exchange: Exchange) -> None:
         """Secure aggregation's key exchange, when the round asks for it."""
@@ -89,10 +93,15 @@ class SitePrivacy:
                     "sent (check the learning rate and the data)"
                 )
         record: dict[str, Any] = {}
+        if self._budget is not None and dp is not None:  # before anything is computed or sent
+            record["site_epsilon"] = self._budget.charge(instruction.round)
         tensors: Weights = dict(delta)
         weight = min(int(num_samples), self.max_samples)
         if dp is not None:
-            clip = float(instruction.privacy.get("clip") or dp.clip)
+            # the plan's bound; under adaptive clipping the one the aggregator announces
+            # (it scales the noise with it, so the guarantee does not rest on it)
+            announced = instruction.privacy.get("clip") if dp.adaptive_clip else None
+            clip = float(announced or dp.clip)
             clipped, norm = dpmath.clip_update(delta, clip)
             record["dp"] = {
                 "clip": clip,

@@ -24,7 +24,7 @@ from typing import IO
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import StateError
-from fedloom.orchestration import Aggregator, CloseReason, Event, Resume
+from fedloom.orchestration import Aggregator, CloseReason, Event, Resume, RoundClosed
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
@@ -222,6 +222,16 @@ def _serve(
 
     def sink(event: Event) -> None:
         events.put(event_row(event))  # written with the live state, once a second
+        if isinstance(event, RoundClosed) and event.record.privacy:
+            spent = event.record.privacy
+            log.info(
+                "round %d: epsilon %.4g spent at delta %g (noise multiplier %.3g, clip %.3g)",
+                event.record.round,
+                spent.get("epsilon", 0.0),
+                spent.get("delta", 0.0),
+                spent.get("noise_multiplier", 0.0),
+                spent.get("clip", 0.0),
+            )
         if on_event is not None:
             on_event(event, traffic)
 
@@ -266,6 +276,8 @@ def _serve(
             on_listening(port)
         history = aggregator.run()
         completed = True
+        if aggregator.stopped_early is not None:
+            log.warning("%s", aggregator.stopped_early)
         store.mark(run, "completed")
     finally:
         live.stop()

@@ -34,6 +34,7 @@ from fedloom.orchestration import (
 )
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import AggregatorPrivacy
+from fedloom.privacy.budget import SiteBudget
 from fedloom.privacy.site import MetricFilter, SitePrivacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.worker import (
@@ -110,10 +111,13 @@ def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
 
 
 def site_privacy(
-    plan: Plan, site: str, metric_filter: MetricFilter | None = None
+    plan: Plan,
+    site: str,
+    metric_filter: MetricFilter | None = None,
+    budget: SiteBudget | None = None,
 ) -> SitePrivacy | None:
-    """A site's side of the plan's DP and secure aggregation (and its policy's metric
-    filter); None when there is nothing to do."""
+    """A site's side of the plan's DP and secure aggregation (with its policy's metric
+    filter and its own count of DP updates); None when there is nothing to do."""
     privacy = plan.privacy
     if privacy.dp is None and privacy.secure_aggregation is None and metric_filter is None:
         return None
@@ -123,6 +127,8 @@ def site_privacy(
         per_round=plan.sites_per_round or len(plan.roster),
         max_samples=plan.training.max_samples,
         metric_filter=metric_filter,
+        budget=budget,
+        roster=plan.roster,
     )
 
 

@@ -36,6 +36,7 @@ from fedloom.pki.common import SERVER_CERT, site_state_dir
 from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
+from fedloom.privacy.budget import SPENT_FILE, SiteBudget
 from fedloom.privacy.policy import (
     Policy,
     check_policy,
@@ -182,7 +183,9 @@ def participate(
             connection,
             runner,
             faults=faults,
-            privacy=site_privacy(plan, options.name, metric_filter),
+            privacy=site_privacy(
+                plan, options.name, metric_filter, site_budget(plan, digest, policy, state_dir)
+            ),
             audit=AuditLog(state_dir / AUDIT_LOG),
             check_model=model_checker(aggregator_cert),
         )
@@ -198,6 +201,11 @@ def participate(
                     progress.failed.add(working.round)
                 report(f"round {progress.current}: {err.message}", failed=working is not None)
                 continue
+            refused, collaborator.last_failure = collaborator.last_failure, None
+            if refused is not None and refused[0] not in progress.failed:
+                # reported to the aggregator already: a refused model, the policy, the budget
+                progress.failed.add(refused[0])
+                report(f"round {refused[0]}: not answered: {refused[1]}", failed=True)
             receipt, collaborator.last_receipt = collaborator.last_receipt, None
             if receipt is None or receipt.round != progress.current:
                 continue
@@ -243,6 +251,29 @@ def enforce_policy(plan: Plan, digest: str, path: Path | None, state_dir: Path) 
         log.warning("policy: %s", warning)
     log.info("the plan (hash %s) meets the site policy %s", digest[:12], chosen)
     return policy
+
+
+def site_budget(
+    plan: Plan, digest: str, policy: Policy | None, state_dir: Path
+) -> SiteBudget | None:
+    """This site's own count of DP updates, limited by the plan's epsilon budget or its
+    policy's max_epsilon, whichever is lower; None when neither sets a limit."""
+    dp = plan.privacy.dp
+    if dp is None:
+        return None
+    limits = [dp.epsilon_budget]
+    if policy is not None and policy.dp is not None:
+        limits.append(policy.dp.max_epsilon)
+    known = [x for x in limits if x is not None]
+    if not known:
+        return None
+    return SiteBudget(
+        state_dir / SPENT_FILE,
+        plan_hash=digest,
+        noise_multiplier=dp.noise_multiplier,
+        delta=dp.delta,
+        limit=min(known),
+    )
 
 
 def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:

@@ -28,9 +28,9 @@ from fedloom.plan import validate_plan
 from fedloom.records import EvalOutput, Instruction, SiteAnswer
 from fedloom.runtime import pipes
 from fedloom.runtime.executor import dp_sgd_of, execute
-from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteContext
+from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
 from fedloom.weights import Weights, read_only
@@ -58,6 +58,7 @@ class SiteWorker:
         plan = validate_plan(json.loads(plan_json))
         self.plan = plan
         self.task = load_task(workspace, plan.task)
+        check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
         self.source = DataSource(plan, Path(workspace), self.task)
@@ -69,7 +70,6 @@ class SiteWorker:
     def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
         op = header["op"]
         if op == "init":
-            check_task_supports(self.task, self.plan.privacy.dp_sgd is not None)
             return {"ok": True}, self.task.init_weights(self.plan.seed)
         if weights is None and self._cached is not None and self._cached[0] == header["key"]:
             weights = self._cached[1]

@@ -138,6 +138,7 @@ def _live(conn: sqlite3.Connection, key: int, pid: int | None) -> dict[str, Any]
         "finished": snapshot.get("finished", False),
         "current": current,
         "seen_seconds_ago": {s: t + age for s, t in snapshot.get("seen_seconds_ago", {}).items()},
+        "privacy": snapshot.get("privacy"),  # epsilon spent so far, under DP
     }
 
 
