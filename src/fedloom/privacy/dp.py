@@ -5,8 +5,9 @@ The sum of ``m`` clipped updates then changes by at most ``clip`` when one site 
 leaves (its update is added or zeroed: the add/remove neighbouring relation the
 accountant uses; replacing a site's data moves it by up to ``2 * clip``), so Gaussian
 noise of standard deviation ``noise_multiplier * clip`` on the sum is the Gaussian
-mechanism, and the round costs what one such mechanism costs. Every site weighs the same in the mean (a weight per
-sample count would let one site's share of the sum exceed ``clip``).
+mechanism, and the round costs what one such mechanism costs. Every site weighs the
+same in the mean (a weight per sample count would let one site's share of the sum
+exceed ``clip``).
 
 Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
 Clipping"): each site also reports whether its update was within the bound; the
