@@ -175,3 +175,41 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, FedloomError):
         return err.message
     return f"{type(err).__name__}: {err}"
+
+
+class FoldedSites:
+    """Who has folded an update into an accumulator's sums, who is streaming one, and
+    with what weight: the bookkeeping the mean and the masked sum share. ``_lock`` also
+    guards the sums of the subclass."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sites: set[str] = set()
+        self._streaming: set[str] = set()
+        self._weights: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._sites)
+
+    @property
+    def total_weight(self) -> int:
+        return sum(self._weights.values())
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Each folded site's weight."""
+        with self._lock:
+            return dict(self._weights)
+
+    def _commit(self, site: str, weight: int) -> None:
+        with self._lock:
+            self._streaming.discard(site)
+            if site in self._sites:
+                raise UpdateRejected(f"site {site!r} already sent an update for this round")
+            self._sites.add(site)
+            self._weights[site] = weight
+
+    def _release(self, site: str) -> None:
+        with self._lock:
+            self._streaming.discard(site)

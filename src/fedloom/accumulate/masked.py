@@ -13,19 +13,23 @@ sites that took part in the round's key exchange).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from fedloom.accumulate.contribution import Contribution, _check_new, _check_weight
+from fedloom.accumulate.contribution import (
+    Contribution,
+    FoldedSites,
+    _check_new,
+    _check_weight,
+)
 from fedloom.accumulate.mean import _MeanContribution
 from fedloom.errors import AggregationError, UpdateRejected
 from fedloom.weights import TensorSpec
 
 
-class MaskedSumAccumulator:
+class MaskedSumAccumulator(FoldedSites):
     """Running sum modulo ``2**bits`` of the masked updates of one round."""
 
     needs_updates = False
@@ -44,30 +48,8 @@ class MaskedSumAccumulator:
         self._admit = admit
         self._spool_dir = spool_dir
         self._sums = [np.zeros(s.size, dtype=s.dtype) for s in specs]
-        self._lock = threading.Lock()
-        self._sites: set[str] = set()
-        self._streaming: set[str] = set()
-        self._weights: dict[str, int] = {}
+        super().__init__()  # the sites' bookkeeping; the masked values are already weighted
         self._read = False
-
-    @property
-    def count(self) -> int:
-        return len(self._sites)
-
-    @property
-    def sites(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._sites)
-
-    @property
-    def total_weight(self) -> int:
-        return sum(self._weights.values())
-
-    @property
-    def weights(self) -> dict[str, int]:
-        """Each folded site's weight (the masked values are already weighted by it)."""
-        with self._lock:
-            return dict(self._weights)
 
     def begin(self, site: str, weight: int) -> Contribution:
         weight = _check_weight(weight)
@@ -99,15 +81,3 @@ class MaskedSumAccumulator:
                 window += part  # unsigned: wraps modulo 2**bits, as the masks do
             else:
                 window -= part
-
-    def _commit(self, site: str, weight: int) -> None:
-        with self._lock:
-            self._streaming.discard(site)
-            if site in self._sites:
-                raise UpdateRejected(f"site {site!r} already sent an update for this round")
-            self._sites.add(site)
-            self._weights[site] = weight
-
-    def _release(self, site: str) -> None:
-        with self._lock:
-            self._streaming.discard(site)

@@ -20,7 +20,6 @@ never both held whole: it consumes the accumulator.
 from __future__ import annotations
 
 import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
@@ -30,6 +29,7 @@ import numpy as np
 from fedloom.accumulate.contribution import (
     _PIECE_BYTES,
     Contribution,
+    FoldedSites,
     _check_new,
     _check_weight,
     _stream_arrays,
@@ -45,7 +45,7 @@ _SPOOL_BYTES = 64 * 1024 * 1024  # a rollback spool moves from memory to disk be
 _NARROW_FLOATS = frozenset({"float32", "float16", "bfloat16"})
 
 
-class MeanAccumulator:
+class MeanAccumulator(FoldedSites):
     """Running fixed-point sum of ``weight * delta`` over the updates of one round.
 
     ``max_sites`` bounds how many updates may be folded (or streaming) at once; with
@@ -69,15 +69,8 @@ class MeanAccumulator:
             tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
             for s, n in zip(specs, self._layout, strict=True)
         ]
-        self._lock = threading.Lock()
-        self._sites: set[str] = set()
-        self._streaming: set[str] = set()
+        super().__init__()
         self._summarised: int | None = None  # the round summary() was read for
-        self.total_weight = 0
-
-    @property
-    def count(self) -> int:
-        return len(self._sites)
 
     def begin(self, site: str, weight: int) -> Contribution:
         """Start folding ``site``'s update of aggregation weight ``weight``; refused
@@ -170,18 +163,6 @@ class MeanAccumulator:
                     window += part
                 else:
                     window -= part
-
-    def _commit(self, site: str, weight: int) -> None:
-        with self._lock:
-            self._streaming.discard(site)
-            if site in self._sites:
-                raise UpdateRejected(f"site {site!r} already sent an update for this round")
-            self._sites.add(site)
-            self.total_weight += weight
-
-    def _release(self, site: str) -> None:
-        with self._lock:
-            self._streaming.discard(site)
 
 
 class _MeanContribution(Contribution):

@@ -8,7 +8,6 @@ a policy's ``approved_plans``. None of them starts anything or reads site data.
 from __future__ import annotations
 
 import datetime
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,19 +353,8 @@ def _with_item(text: str, item: str) -> str:
 def _write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, keeping the
     mode of the file it replaces: a crash leaves the old policy or the new one."""
+    from fedloom.pki.common import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise PolicyError(
-            f"cannot write {path}: {err.strerror}",
-            hint="check that you may write to its folder",
-        ) from err
+    write_atomic(path, text.encode("utf-8"), mode=mode, error=PolicyError)

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedloom.errors import CertificateError
+from fedloom.errors import CertificateError, FedloomError
 
 PKI_DIR = "pki"
 """The CA's folder in a workspace (WORKSPACE/pki)."""
@@ -226,9 +227,16 @@ def make_private_dir(path: Path) -> None:
             pass
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    error: type[FedloomError] = CertificateError,
+) -> None:
     """Write ``data`` to a temporary file next to ``path`` created with ``mode``, fsync it,
-    then rename it over ``path``: a crash leaves the old file or the new one."""
+    then rename it over ``path``: a crash leaves the old file or the new one. A failure
+    raises ``error`` (the kind of file it is: a certificate, a policy ...)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -239,7 +247,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise CertificateError(
+        raise error(
             f"cannot write {path}: {err.strerror}",
             hint="check that the folder exists and that you may write to it",
         ) from err
@@ -258,3 +266,28 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 def new_key() -> ec.EllipticCurvePrivateKey:
     """A fresh EC P-256 key: fast to make, and accepted by gRPC's TLS on every platform."""
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def check_issued_and_current(
+    cert: x509.Certificate,
+    ca: x509.Certificate,
+    *,
+    not_issued: str,
+    not_issued_hint: str,
+    not_current_hint: str,
+) -> None:
+    """:class:`CertificateError` unless ``ca`` signed ``cert`` and it is valid now:
+    ``not_issued`` (and its hint) says what was wrong in the first case."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        raise CertificateError(not_issued, hint=not_issued_hint) from err
+    stamp = now()
+    if not cert.not_valid_before_utc <= stamp < cert.not_valid_after_utc:
+        name = common_name(cert.subject, "certificate")
+        raise CertificateError(
+            f"the certificate for {name!r} is not valid now (valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)",
+            hint=not_current_hint,
+        )

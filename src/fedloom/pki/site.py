@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -24,6 +23,7 @@ from fedloom.pki.common import (
     CertInfo,
     cert_info,
     cert_to_pem,
+    check_issued_and_current,
     check_name,
     common_name,
     key_fingerprint,
@@ -32,7 +32,6 @@ from fedloom.pki.common import (
     load_private_key,
     make_private_dir,
     new_key,
-    now,
     public_key_der,
     read_file,
     read_key_file,
@@ -97,22 +96,15 @@ def accept_certificate(state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> CertI
             hint="install the certificate issued for this site",
         )
     _check_ca(ca)
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as err:
-        raise CertificateError(
-            f"the certificate for {info.name!r} was not signed by the CA in the given ca.crt",
-            hint="ask the federation for its ca.crt and the certificate it signed, and "
-            "compare the fingerprints over another channel",
-        ) from err
-    stamp = now()
-    if not cert.not_valid_before_utc <= stamp < cert.not_valid_after_utc:
-        raise CertificateError(
-            f"the certificate for {info.name!r} is not valid now (valid from "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to {info.not_after:%Y-%m-%d %H:%M} "
-            "UTC)",
-            hint="check this machine's clock, or ask the CA to sign site.csr again",
-        )
+    check_issued_and_current(
+        cert,
+        ca,
+        not_issued=f"the certificate for {info.name!r} was not signed by the CA in the given "
+        "ca.crt",
+        not_issued_hint="ask the federation for its ca.crt and the certificate it signed, and "
+        "compare the fingerprints over another channel",
+        not_current_hint="check this machine's clock, or ask the CA to sign site.csr again",
+    )
     if not _has_usage(cert, ExtendedKeyUsageOID.CLIENT_AUTH):
         raise CertificateError(
             f"the certificate for {info.name!r} is not a client certificate",

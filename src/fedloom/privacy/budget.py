@@ -14,11 +14,11 @@ ledger, not this count, records it).
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 from fedloom.errors import PolicyError
+from fedloom.pki.common import write_atomic
 from fedloom.privacy import dp as dpmath
 
 SPENT_FILE = "privacy-spent.json"
@@ -70,10 +70,6 @@ class SiteBudget:
                 data = {}
             plans = dict(data.get("plans", {}))
             plans[self.plan_hash] = count
-            tmp = self.path.with_suffix(".tmp")
-            with open(tmp, "w") as fh:
-                json.dump({"plans": plans}, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            tmp.replace(self.path)
+            text = json.dumps({"plans": plans}, indent=1, sort_keys=True) + "\n"
+            write_atomic(self.path, text.encode(), mode=0o600, error=PolicyError)
             return spent

@@ -12,8 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedloom.errors import CertificateError
-from fedloom.pki.common import load_cert, now
+from fedloom.pki.common import check_issued_and_current, load_cert
 
 RECEIPT_TAG = b"fedloom-receipt-v1\0"
 MODEL_TAG = b"fedloom-model-v1\0"
@@ -80,21 +79,13 @@ def certificate_from_pem(pem: bytes, ca: x509.Certificate) -> x509.Certificate:
     cert = load_cert(pem, "certificate")
     name = cert.subject.rfc4514_string()
     fingerprint = "SHA256:" + cert.fingerprint(hashes.SHA256()).hex(":").upper()
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as err:
-        raise CertificateError(
-            f"the certificate for {name!r} ({fingerprint}) was not issued by the federation's CA",
-            hint="use the certificate the federation's CA signed; compare its fingerprint "
-            "with the CA's over another channel",
-        ) from err
-    stamp = now()
-    if not cert.not_valid_before_utc <= stamp < cert.not_valid_after_utc:
-        raise CertificateError(
-            f"the certificate for {name!r} is not valid now (valid from "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} "
-            "UTC)",
-            hint="check this machine's clock, or ask the CA for a current certificate",
-        )
+    check_issued_and_current(
+        cert,
+        ca,
+        not_issued=f"the certificate for {name!r} ({fingerprint}) was not issued by the "
+        "federation's CA",
+        not_issued_hint="use the certificate the federation's CA signed; compare its "
+        "fingerprint with the CA's over another channel",
+        not_current_hint="check this machine's clock, or ask the CA for a current certificate",
+    )
     return cert

@@ -32,7 +32,7 @@ from fedloom.errors import (
     WorkspaceError,
 )
 from fedloom.pki import site_credentials
-from fedloom.pki.common import SERVER_CERT, site_state_dir
+from fedloom.pki.common import SERVER_CERT, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
@@ -289,9 +289,7 @@ def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Pat
     certificate = certificate_from_pem(pem, ca)
     path = state_dir / SERVER_CERT
     if not path.is_file() or path.read_bytes() != pem:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pem)
-        tmp.replace(path)
+        write_atomic(path, pem)
     return certificate
 
 
