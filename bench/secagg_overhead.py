@@ -227,6 +227,35 @@ def grpc_round_seconds(
         }
 
 
+def one_site_alone(sites: int, params: int) -> dict[str, float]:
+    """What masking costs one site on one core, and unmasking the aggregator, from the
+    pieces: encoding ``params`` values, one ChaCha20 mask of that size (a site adds one
+    per neighbour plus its own; the aggregator removes one per survivor)."""
+    from fedloom.privacy.masking import mask_slice
+    from fedloom.privacy.quantize import encode
+
+    values = np.random.default_rng(0).normal(0, 0.01, params)
+
+    def best(fn: Any, repeat: int = 5) -> float:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    out: dict[str, float] = {}
+    for bits in (32, 64):
+        coded = best(lambda b=bits: encode(values, weight=100, clip_range=1.0, frac=10, bits=b))
+        mask = best(lambda b=bits: mask_slice(b"k" * 32, 0, params, b))
+        out[f"encode_seconds_{bits}"] = coded
+        out[f"mask_seconds_{bits}"] = mask
+        out[f"site_seconds_{bits}_all_neighbours"] = coded + sites * mask
+        out[f"site_seconds_{bits}_4_neighbours"] = coded + 5 * mask
+        out[f"aggregator_unmask_seconds_{bits}_no_dropout"] = sites * mask
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=10)
@@ -241,6 +270,8 @@ def main() -> None:
         "rounds": args.rounds,
         "machine_cores": __import__("os").cpu_count(),
     }
+    results["one_site_alone"] = one_site_alone(args.sites, args.params)
+    print(json.dumps({k: round(v, 4) for k, v in results["one_site_alone"].items()}))
     for transport in transports:
         measure = inprocess_round_seconds if transport == "inprocess" else grpc_round_seconds
         table: dict[str, Any] = {}

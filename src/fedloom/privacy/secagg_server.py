@@ -194,6 +194,8 @@ class SecAggRound:
     def _on_reveal(self, site: str, shares: dict[str, object]) -> bytes:
         with self._cond:
             self._check_task(shares)
+            if self.step is Step.DONE and site in self._survivors:
+                return dumps({"done": True})  # enough shares came before this site's
             if self.step is not Step.UNMASK or site not in self._survivors:
                 raise UpdateRejected("secure aggregation: no unmasking under way for this site")
             if site in self._revealed:
