@@ -355,3 +355,31 @@ def test_a_site_counts_its_own_updates_and_refuses_one_past_its_limit(tmp_path: 
     path.write_text("not json")
     with pytest.raises(PolicyError, match="cannot read"):
         budget("a" * 64).charge(4)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+def test_the_ledger_survives_every_mean_based_strategys_state(
+    make_federation: Any, name: str
+) -> None:
+    from fedloom.strategies import STRATEGIES
+
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=0.5))
+    privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
+    fed = make_federation(
+        model(), strategy=STRATEGIES[name](), privacy=privacy, roster=SITES, rounds=3,
+        sites_per_round=len(SITES), max_samples=100, final_evaluation=False,
+    )  # fmt: skip
+    for site in SITES:
+        fed.start_site(
+            site,
+            Runner(2.0),
+            privacy=SitePrivacy(site, plan, per_round=len(SITES), max_samples=100),
+        )
+    fed.start()
+    history = fed.finish()
+    ledger = fed.aggregator.state.scalars[STATE_KEY]
+    assert ledger["noise"] == [1.0, 1.0, 1.0]
+    assert [r.privacy["epsilon"] for r in history] == pytest.approx(
+        [dpmath.epsilon([1.0] * t, 1e-5) for t in (1, 2, 3)]
+    )
+    assert fed.aggregator.state.scalars["step"] == 3  # the strategy's own scalars too

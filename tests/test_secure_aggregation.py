@@ -383,3 +383,34 @@ def test_malformed_or_stale_secure_aggregation_messages_are_refused_one_site_at_
     with pytest.raises(UpdateRejected, match="no unmasking under way"):
         round_.handle("site-a", REVEAL, dumps({"task": "run/1.1", "b": {}, "s": {}}))
     assert round_.describe()["keys"] == 0  # nothing of the refused messages was kept
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"])
+def test_every_mean_based_strategy_runs_on_the_unmasked_sum(
+    make_federation: Any, name: str
+) -> None:
+    """Two rounds of each mean-based strategy with secure aggregation end where the same
+    strategy ends without it, up to the fixed-point rounding carried through its
+    steps."""
+    from fedloom.strategies import STRATEGIES
+
+    ends = []
+    for private in (False, True):
+        plan = PrivacyPlan(secure_aggregation=SecureAggregationPlan(bits=64) if private else None)
+        privacy = (
+            AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100) if private else None
+        )
+        fed = make_federation(
+            model(), strategy=STRATEGIES[name](), privacy=privacy, roster=SITES, rounds=2,
+            sites_per_round=len(SITES), max_samples=100, final_evaluation=False,
+        )  # fmt: skip
+        for site in SITES:
+            site_privacy = SitePrivacy(site, plan, per_round=len(SITES), max_samples=100)
+            fed.start_site(site, Runner(site), privacy=site_privacy if private else None)
+        fed.start()
+        assert [r.close_reason for r in fed.finish()] == [CloseReason.ALL_ANSWERED] * 2
+        ends.append(fed.aggregator.weights)
+    plain, masked = ends
+    for key in ("w", "b"):
+        assert np.allclose(masked[key], plain[key], rtol=1e-5, atol=1e-6), key
+    assert np.any(plain["w"])
