@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import traceback
-from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import FedloomError, UpdateRejected
-from fedloom.privacy.audit import AuditLog, PayloadHasher
+from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
 from fedloom.privacy.audit import Receipt as AuditReceipt
 from fedloom.privacy.site import SitePrivacy
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
@@ -78,7 +78,6 @@ class Collaborator:
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
         self.finished: Instruction | None = None  # the aggregator's last word
-        self.withheld: tuple[str, ...] = ()  # metric names the policy kept back last time
         self._last_seq = 0  # the audit record of the last upload
         self.last_failure: tuple[int, str] | None = None  # (round, reason) last reported
 
@@ -155,25 +154,19 @@ class Collaborator:
                     protected.metrics,
                     protected.privacy,
                 )
-                self.withheld = protected.withheld
             else:
-                metrics, self.withheld = self.privacy.filter_metrics(metrics)
+                metrics, _ = self.privacy.filter_metrics(metrics)
         specs = specs_of(delta)
+        record = self._audit(
+            instruction,
+            "update" if answer.delta is not None else "evaluation",
+            (chunk.data for chunk in iter_chunks(delta)),
+            tensors=[(s.name, s.dtype, s.shape) for s in specs],
+            metrics=metrics,
+            privacy=privacy_record,
+        )
         audit_hash = ""
-        if self.audit is not None:
-            hasher = PayloadHasher()
-            for chunk in iter_chunks(delta):
-                hasher.update(chunk.data)
-            record = self.audit.append(
-                round=instruction.round,
-                task_id=instruction.task_id,
-                kind="update" if answer.delta is not None else "evaluation",
-                tensors=[(s.name, s.dtype, s.shape) for s in specs],
-                sha256=hasher.hexdigest,
-                nbytes=hasher.nbytes,
-                metrics=metrics,
-                privacy=privacy_record,
-            )
+        if record is not None:
             self._last_seq, audit_hash = record.seq, record.hash
         header = UpdateHeader(
             round=instruction.round,
@@ -189,20 +182,34 @@ class Collaborator:
         """Send one phase message (recorded in the audit log first); return the reply."""
 
         def exchange(phase: str, payload: bytes) -> bytes:
-            if self.audit is not None:
-                hasher = PayloadHasher()
-                hasher.update(payload)
-                self.audit.append(
-                    round=instruction.round,
-                    task_id=instruction.task_id,
-                    kind=f"exchange:{phase}",
-                    sha256=hasher.hexdigest,
-                    nbytes=hasher.nbytes,
-                )
+            self._audit(instruction, f"exchange:{phase}", (payload,))
             reply = self.connection.exchange(PhaseMessage(instruction.round, phase, payload))
             return bytes(reply.payload)
 
         return exchange
+
+    def _audit(
+        self,
+        instruction: Instruction,
+        kind: str,
+        parts: Iterable[bytes | memoryview],
+        **fields: Any,
+    ) -> AuditRecord | None:
+        """Record one outbound message of ``kind`` (its bytes are ``parts``) in the audit
+        log, before it is sent; None without a log."""
+        if self.audit is None:
+            return None
+        hasher = PayloadHasher()
+        for part in parts:
+            hasher.update(part)
+        return self.audit.append(
+            round=instruction.round,
+            task_id=instruction.task_id,
+            kind=kind,
+            sha256=hasher.hexdigest,
+            nbytes=hasher.nbytes,
+            **fields,
+        )
 
     def _sending(self, round: int, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         for index, chunk in enumerate(chunks):
@@ -229,16 +236,7 @@ class Collaborator:
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         self.last_failure = (instruction.round, reason)
-        if self.audit is not None:
-            hasher = PayloadHasher()
-            hasher.update(reason.encode())
-            self.audit.append(
-                round=instruction.round,
-                task_id=instruction.task_id,
-                kind="failure",
-                sha256=hasher.hexdigest,
-                nbytes=hasher.nbytes,
-            )
+        self._audit(instruction, "failure", (reason.encode(),))
         self.connection.report_failure(
             FailureReport(instruction.round, reason, instruction.task_id)
         )

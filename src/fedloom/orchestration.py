@@ -82,6 +82,14 @@ class RoundRecord:
     privacy: Mapping[str, float] = field(default_factory=dict)
 
     @property
+    def aggregated(self) -> bool:
+        """A training round whose updates were aggregated into a new model."""
+        return self.kind is InstructionKind.TRAIN and self.close_reason not in (
+            CloseReason.NO_QUORUM,
+            CloseReason.STOPPED,
+        )
+
+    @property
     def metrics(self) -> dict[str, float]:
         """Sample-weighted mean of each metric over the sites that answered."""
         return weighted_metrics(self.results)
@@ -287,7 +295,6 @@ class Aggregator:
         self._running: _OpenRound | None = None  # the attempt under way, open or closing
         self._privacy = privacy
         self._signer = signer
-        self._secagg: SecAggRound | None = None  # the secure aggregation under way
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
 
     @property
@@ -310,11 +317,12 @@ class Aggregator:
                 self._evaluation_round(self.config.rounds + 1)
             completed = True
         finally:
+            running = self._running
+            if running is not None and running.secagg is not None:
+                running.secagg.abandon("the aggregator stopped")  # release waiting sites
             if not completed:
                 self._record_stop()
             with self._cond:
-                if self._secagg is not None:  # release sites waiting to unmask
-                    self._secagg.abandon("the aggregator stopped")
                 # Sites are told the federation is over, and whether it completed: after
                 # a failure or a stop it did not.
                 self._finished = True
@@ -395,9 +403,6 @@ class Aggregator:
                 record, results=(), failures=failures, close_reason=CloseReason.NO_QUORUM
             )
             return failed, None
-        finally:
-            with self._cond:
-                self._secagg = None
         return record, summary
 
     def _evaluation_round(self, rnd: int) -> RoundRecord:
@@ -474,7 +479,6 @@ class Aggregator:
                 secagg=secagg,
             )
             self._open = self._running = opened
-            self._secagg = secagg
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
         self.faults.hit("round.opened", round=task.round)
@@ -511,8 +515,6 @@ class Aggregator:
             contribution.abort(_closed_while_streaming(task.round))
         if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
             secagg.abandon("the round closed without its quorum")
-            with self._cond:
-                self._secagg = None
         return record, opened
 
     def _drop_from_secagg(self, site: str, reason: str) -> None:
@@ -579,16 +581,11 @@ class Aggregator:
                     "uploading": {s: running.received.get(s, 0) for s in sorted(running.uploading)},
                     "seconds_left": max(0.0, running.deadline - now),
                 }
-                if self._secagg is not None:
-                    current["secure_aggregation"] = self._secagg.describe()
+                if running.secagg is not None:
+                    current["secure_aggregation"] = running.secagg.describe()
             return {
                 "finished": self._finished,
-                "rounds_done": sum(
-                    1
-                    for r in self.history
-                    if r.kind is InstructionKind.TRAIN
-                    and r.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED)
-                ),
+                "rounds_done": sum(1 for r in self.history if r.aggregated),
                 "current": current,
                 "seen_seconds_ago": {s: now - t for s, t in sorted(self.last_seen.items())},
                 "privacy": self._privacy.spent(self.state) if self._privacy is not None else None,
@@ -708,7 +705,8 @@ class Aggregator:
         if message.phase.startswith("secagg."):
             with self._cond:
                 self._saw(site)
-                secagg = self._secagg
+                running = self._running  # the attempt under way: open, or unmasking
+                secagg = None if running is None else running.secagg
             if secagg is None or secagg.round != message.round:
                 raise UpdateRejected(f"no secure aggregation under way for round {message.round}")
             reply = secagg.handle(site, message.phase, bytes(message.payload))
@@ -869,11 +867,7 @@ def _with_spent(history: list[RoundRecord], spent: list[dict[str, float]]) -> li
     """``history`` with each finished training round given what it had spent."""
     out, left = [], iter(spent)
     for record in history:
-        finished = record.kind is InstructionKind.TRAIN and record.close_reason not in (
-            CloseReason.NO_QUORUM,
-            CloseReason.STOPPED,
-        )
-        privacy = next(left, None) if finished else None
+        privacy = next(left, None) if record.aggregated else None
         out.append(record if privacy is None else dataclasses.replace(record, privacy=privacy))
     return out
 

@@ -161,6 +161,11 @@ class Plan(_Frozen):
         width = max(2, len(str(self.sites)))
         return tuple(f"site-{i:0{width}d}" for i in range(1, self.sites + 1))
 
+    @property
+    def per_round(self) -> int:
+        """How many sites take part in a round: ``sites_per_round``, else every site."""
+        return self.sites_per_round or len(self.roster)
+
     def train_settings(self) -> TrainSettings:
         """The plan's local training settings, as sites receive them."""
         return TrainSettings(**self.training.model_dump(exclude={"max_samples"}))
@@ -288,7 +293,7 @@ def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
     from fedloom.strategies import parameters_of
 
     params = parameters_of(strategy)
-    per_round = plan.sites_per_round or len(plan.roster)
+    per_round = plan.per_round
     problems = privacy_problems(
         plan.privacy,
         strategy=plan.strategy.name,

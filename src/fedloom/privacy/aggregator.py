@@ -13,19 +13,21 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedloom.clock import Clock
 from fedloom.privacy import dp as dpmath
-from fedloom.privacy.quantize import fractional_bits
 from fedloom.privacy.secagg import PHASES
 from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 from fedloom.records import MeanSummary
 from fedloom.strategies.state import StrategyState
 from fedloom.weights import TensorSpec, Weights
+
+if TYPE_CHECKING:
+    from fedloom.plan import Plan
 
 STATE_KEY = "privacy"
 _NARROW = frozenset({"float32", "float16", "bfloat16"})
@@ -65,9 +67,7 @@ class AggregatorPrivacy:
         self.secagg = (
             SecAggParameters(
                 bits=sa.bits,
-                frac=fractional_bits(
-                    sa.bits, per_round, 1 if dp else max_samples, plan.clip_range(per_round)
-                ),
+                frac=plan.fractional_bits(per_round, max_samples),
                 threshold=sa.threshold,
                 neighbours=sa.neighbours,
                 key_seconds=sa.key_seconds,
@@ -145,7 +145,7 @@ class AggregatorPrivacy:
     def weight(self, num_samples: int) -> int:
         """A site's weight in the mean: 1 under DP (every site alike), else its capped
         sample count."""
-        return 1 if self.plan.dp is not None else min(int(num_samples), self.max_samples)
+        return self.plan.weight(num_samples, self.max_samples)
 
     def upload_specs(self, model: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
         """What an update must announce: the model's tensors, plus the unclipped bit under
@@ -283,3 +283,16 @@ def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dic
         }
         for k, z in enumerate(noise)
     ]
+
+
+def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
+    """The aggregator's side of the plan's DP and secure aggregation; None without them."""
+    privacy = plan.privacy
+    if privacy.dp is None and privacy.secure_aggregation is None:
+        return None
+    return AggregatorPrivacy(
+        privacy,
+        per_round=plan.per_round,
+        max_samples=plan.training.max_samples,
+        min_sites=math.ceil(plan.per_round * plan.deadline.min_fraction - 1e-9),
+    )

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedloom.privacy.quantize import range_problem
+from fedloom.privacy.quantize import fractional_bits, range_problem
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -100,6 +100,19 @@ class PrivacyPlan(_Frozen):
     @property
     def enabled(self) -> bool:
         return any(p is not None for p in (self.dp, self.secure_aggregation, self.dp_sgd))
+
+    def weight(self, num_samples: int, max_samples: int) -> int:
+        """A site's weight in the mean: 1 under DP (every site alike: a weight per sample
+        would let one site's share of the sum exceed the clip), else its sample count
+        capped by the plan's ``training.max_samples``."""
+        return 1 if self.dp is not None else min(int(num_samples), max_samples)
+
+    def fractional_bits(self, per_round: int, max_samples: int) -> int:
+        """The fixed-point precision of secure aggregation's encoding for this plan."""
+        sa = self.secure_aggregation
+        assert sa is not None  # noqa: S101 - asked only under secure aggregation
+        biggest = self.weight(max_samples, max_samples)
+        return fractional_bits(sa.bits, per_round, biggest, self.clip_range(per_round))
 
     def clip_range(self, per_round: int) -> float:
         """The per-coordinate range secure aggregation encodes: the plan's, else the DP
@@ -183,9 +196,8 @@ def privacy_problems(
                 f"privacy.secure_aggregation.neighbours: must be below the sites per round, "
                 f"{per_round} (got {sa.neighbours}); leave it out to mask with every site"
             )
-        max_weight = 1 if dp is not None else max_samples  # DP weighs every site alike
-        clip_range = privacy.clip_range(per_round)
-        problem = range_problem(sa.bits, per_round, max_weight, clip_range)
+        biggest = privacy.weight(max_samples, max_samples)
+        problem = range_problem(sa.bits, per_round, biggest, privacy.clip_range(per_round))
         if problem is not None:
             problems.append(problem)
     return problems

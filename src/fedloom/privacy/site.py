@@ -12,18 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedloom.errors import AggregationError, TaskError
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.budget import SiteBudget
-from fedloom.privacy.quantize import fractional_bits
 from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 from fedloom.records import Instruction, InstructionKind
 from fedloom.weights import Weights
+
+if TYPE_CHECKING:
+    from fedloom.plan import Plan
 
 MetricFilter = Callable[[Mapping[str, float]], tuple[dict[str, float], tuple[str, ...]]]
 
@@ -36,7 +38,6 @@ class Protected:
     tensors: Weights
     metrics: dict[str, float]
     privacy: dict[str, Any] = field(default_factory=dict)
-    withheld: tuple[str, ...] = ()  # metric names the site's policy kept back
 
 
 class SitePrivacy:
@@ -96,7 +97,6 @@ class SitePrivacy:
         if self._budget is not None and dp is not None:  # before anything is computed or sent
             record["site_epsilon"] = self._budget.charge(instruction.round)
         tensors: Weights = dict(delta)
-        weight = min(int(num_samples), self.max_samples)
         if dp is not None:
             # the plan's bound; under adaptive clipping the one the aggregator announces
             # (it scales the noise with it, so the guarantee does not rest on it)
@@ -117,10 +117,9 @@ class SitePrivacy:
             tensors = {k: clipped[k].astype(np.asarray(v).dtype) for k, v in delta.items()}
             if dp.adaptive_clip is not None:
                 tensors[dpmath.UNCLIPPED] = np.array([1.0 if norm <= clip else 0.0])
-            weight = 1
         if sa is not None:
             clip_range = self.plan.clip_range(self.per_round)
-            frac = fractional_bits(sa.bits, self.per_round, weight_bound(self), clip_range)
+            frac = self.plan.fractional_bits(self.per_round, self.max_samples)
             values = dict(tensors)
             if dpmath.UNCLIPPED in values:
                 values[dpmath.UNCLIPPED] = values[dpmath.UNCLIPPED] * clip_range
@@ -128,7 +127,7 @@ class SitePrivacy:
             tensors = self._secagg.mask(
                 instruction.task_id,
                 values,
-                weight=weight,
+                weight=self.plan.weight(num_samples, self.max_samples),
                 clip_range=clip_range,
                 frac=frac,
                 bits=sa.bits,
@@ -140,8 +139,8 @@ class SitePrivacy:
                 "threshold": sa.threshold,
                 "neighbours": sa.neighbours,
             }
-        kept, withheld = self._filter(metrics) if self._filter is not None else (dict(metrics), ())
-        return Protected(tensors, kept, record, withheld)
+        kept, _ = self.filter_metrics(metrics)
+        return Protected(tensors, kept, record)
 
     def filter_metrics(
         self, metrics: Mapping[str, float]
@@ -154,6 +153,23 @@ class SitePrivacy:
             self._secagg.unmask(instruction.task_id, exchange)
 
 
-def weight_bound(privacy: SitePrivacy) -> float:
-    """The largest weight a site can have in the masked sum."""
-    return 1 if privacy.plan.dp is not None else privacy.max_samples
+def site_privacy(
+    plan: Plan,
+    site: str,
+    metric_filter: MetricFilter | None = None,
+    budget: SiteBudget | None = None,
+) -> SitePrivacy | None:
+    """A site's side of the plan's DP and secure aggregation (with its policy's metric
+    filter and its own count of DP updates); None when there is nothing to do."""
+    privacy = plan.privacy
+    if privacy.dp is None and privacy.secure_aggregation is None and metric_filter is None:
+        return None
+    return SitePrivacy(
+        site,
+        privacy,
+        per_round=plan.per_round,
+        max_samples=plan.training.max_samples,
+        metric_filter=metric_filter,
+        budget=budget,
+        roster=plan.roster,
+    )

@@ -36,12 +36,11 @@ def dp_sgd_of(plan: Plan, site: str, round: int) -> tuple[DPSGDSettings | None, 
     dp = plan.privacy.dp_sgd
     if dp is None:
         return None, 1
-    per_round = plan.sites_per_round or len(plan.roster)
     roster = list(plan.roster)
     selected = sum(
         1
         for r in range(1, min(round, plan.rounds) + 1)
-        if site in select_sites(roster, per_round, plan.seed, r)
+        if site in select_sites(roster, plan.per_round, plan.seed, r)
     )
     settings = DPSGDSettings(dp.noise_multiplier, dp.max_grad_norm, dp.delta)
     return settings, max(1, selected)

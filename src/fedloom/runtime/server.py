@@ -28,9 +28,10 @@ from fedloom.orchestration import Aggregator, CloseReason, Event, Resume, RoundC
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, pki_dir_of
 from fedloom.plan import Plan, plan_hash
+from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.records import InstructionKind
-from fedloom.runtime.simulation import SimulationResult, aggregator_privacy, federation_config
+from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state

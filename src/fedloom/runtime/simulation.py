@@ -33,9 +33,8 @@ from fedloom.orchestration import (
     RoundRecord,
 )
 from fedloom.plan import Plan, plan_hash
-from fedloom.privacy.aggregator import AggregatorPrivacy
-from fedloom.privacy.budget import SiteBudget
-from fedloom.privacy.site import MetricFilter, SitePrivacy
+from fedloom.privacy.aggregator import aggregator_privacy
+from fedloom.privacy.site import site_privacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.worker import (
     LocalWorker,
@@ -85,7 +84,7 @@ def federation_config(plan: Plan) -> FederationConfig:
     return FederationConfig(
         roster=roster,
         rounds=plan.rounds,
-        sites_per_round=plan.sites_per_round or len(roster),
+        sites_per_round=plan.per_round,
         min_fraction=plan.deadline.min_fraction,
         round_deadline=plan.deadline.round_seconds,
         max_retries=plan.deadline.retries,
@@ -93,42 +92,6 @@ def federation_config(plan: Plan) -> FederationConfig:
         seed=plan.seed,
         settings=plan.train_settings(),
         final_evaluation=plan.evaluation.final,
-    )
-
-
-def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
-    """The aggregator's side of the plan's DP and secure aggregation; None without them."""
-    privacy = plan.privacy
-    if privacy.dp is None and privacy.secure_aggregation is None:
-        return None
-    per_round = plan.sites_per_round or len(plan.roster)
-    return AggregatorPrivacy(
-        privacy,
-        per_round=per_round,
-        max_samples=plan.training.max_samples,
-        min_sites=math.ceil(per_round * plan.deadline.min_fraction - 1e-9),
-    )
-
-
-def site_privacy(
-    plan: Plan,
-    site: str,
-    metric_filter: MetricFilter | None = None,
-    budget: SiteBudget | None = None,
-) -> SitePrivacy | None:
-    """A site's side of the plan's DP and secure aggregation (with its policy's metric
-    filter and its own count of DP updates); None when there is nothing to do."""
-    privacy = plan.privacy
-    if privacy.dp is None and privacy.secure_aggregation is None and metric_filter is None:
-        return None
-    return SitePrivacy(
-        site,
-        privacy,
-        per_round=plan.sites_per_round or len(plan.roster),
-        max_samples=plan.training.max_samples,
-        metric_filter=metric_filter,
-        budget=budget,
-        roster=plan.roster,
     )
 
 
@@ -189,7 +152,7 @@ def simulate(
     strategy = build_strategy(plan.strategy.name, plan.strategy_params)
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
-    per_round = plan.sites_per_round or len(plan.roster)
+    per_round = plan.per_round
     count = min(options.workers, per_round)  # more workers than sites would only idle
     workers = _start_workers(str(ws), plan_json, attack_json, count, plan.deadline.round_seconds)
     try:

@@ -47,10 +47,10 @@ from fedloom.privacy.policy import (
 )
 from fedloom.privacy.published import model_checker
 from fedloom.privacy.signing import certificate_from_pem
+from fedloom.privacy.site import site_privacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator
 from fedloom.runtime.executor import dp_sgd_of, execute
-from fedloom.runtime.simulation import site_privacy
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task

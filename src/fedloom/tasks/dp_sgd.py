@@ -84,30 +84,23 @@ def site_epsilon(
     )
 
 
-_HINT = (
-    "use TorchTask in the workspace's task module, or remove privacy.dp_sgd from the plan "
-    "(privacy.dp gives user-level DP with any task)"
-)
+def _refusal(task_name: str) -> TaskError:
+    return TaskError(
+        f"sample-level DP-SGD (privacy.dp_sgd) needs a torch task (TorchTask, which trains "
+        f"through Opacus); {task_name} cannot clip and noise per-record gradients",
+        hint="use TorchTask in the workspace's task module, or remove privacy.dp_sgd from "
+        "the plan (privacy.dp gives user-level DP with any task)",
+    )
 
 
 def require_no_dp_sgd(context: SiteContext, task_name: str) -> None:
     """Refuse a round that asks for DP-SGD from a task that cannot clip per record."""
     if context.dp_sgd is not None:
-        raise TaskError(
-            f"sample-level DP-SGD (privacy.dp_sgd) needs a torch task (TorchTask, which "
-            f"trains through Opacus); {task_name} cannot clip and noise per-record "
-            "gradients",
-            hint=_HINT,
-        )
+        raise _refusal(task_name)
 
 
 def check_task_supports(task: object, asked: bool) -> None:
     """Refuse at once (before any round) a plan that asks for DP-SGD from a task that
     cannot do it, with the same message a site would give."""
     if asked and not getattr(task, "supports_dp_sgd", False):
-        raise TaskError(
-            f"sample-level DP-SGD (privacy.dp_sgd) needs a torch task (TorchTask, which "
-            f"trains through Opacus); {type(task).__name__} cannot clip and noise "
-            "per-record gradients",
-            hint=_HINT,
-        )
+        raise _refusal(type(task).__name__)
