@@ -342,41 +342,41 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
         fed.close()
 
 
-_SpooledTemporaryFile = tempfile.SpooledTemporaryFile
+_TemporaryFile = tempfile.TemporaryFile
 
 
 class SpoolWatch:
-    """Every rollback spool made while it watches: a spool is the standard library's
-    SpooledTemporaryFile, recorded with the folder it was told to roll over into.
+    """Every rollback spool file made while it watches (a spool keeps its pieces in
+    memory, then in a ``tempfile.TemporaryFile`` in its folder), recorded with the
+    folder it was made in.
 
-    A rolled-over spool is an unnamed temporary file on Linux, invisible in its folder;
-    this sees it on every platform without reading /proc.
+    Such a file is unnamed on Linux, invisible in its folder; this sees it on every
+    platform without reading /proc.
     """
 
     def __init__(self) -> None:
-        self.spools: list[Any] = []
+        self.files: list[tuple[Any, str]] = []
 
     def on_disk_in(self, folder: Path) -> int:
-        """How many spools are open, rolled over to a file, in ``folder``."""
+        """How many spool files are open in ``folder``."""
         return sum(
             1
-            for s in self.spools
-            if s._rolled and not s.closed and Path(s.folder).resolve() == folder.resolve()
+            for f, where in self.files
+            if not f.closed and Path(where).resolve() == folder.resolve()
         )
 
     def all_closed(self) -> bool:
-        return all(s.closed for s in self.spools)
+        return all(f.closed for f, _ in self.files)
 
 
 @pytest.fixture
 def spool_watch(monkeypatch: pytest.MonkeyPatch) -> SpoolWatch:
     watch = SpoolWatch()
 
-    class Recorded(_SpooledTemporaryFile):  # type: ignore[type-arg, misc]
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.folder = kwargs.get("dir") or tempfile.gettempdir()
-            watch.spools.append(self)
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        f = _TemporaryFile(*args, **kwargs)
+        watch.files.append((f, kwargs.get("dir") or tempfile.gettempdir()))
+        return f
 
-    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", Recorded)
+    monkeypatch.setattr(tempfile, "TemporaryFile", recorded)
     return watch

@@ -43,6 +43,7 @@ class TrainSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) * ||w - w_global||^2
+    evaluate: bool = True  # evaluate the global and the trained model on the validation split
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,7 +79,11 @@ def subtract(local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) ->
     out: Weights = {}
     for name, b in base.items():
         a = local[name]
-        if is_float(b.dtype):
+        if b.dtype in (np.float32, np.float64) and a.dtype == b.dtype:
+            # IEEE subtraction is correctly rounded: the same bits as going through
+            # float64 and back, without the two whole-tensor temporaries
+            out[name] = np.subtract(a, b)
+        elif is_float(b.dtype):
             out[name] = (a.astype(np.float64) - b.astype(np.float64)).astype(b.dtype)
         else:
             out[name] = (a.astype(np.int64) - b.astype(np.int64)).astype(b.dtype)

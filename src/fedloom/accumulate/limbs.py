@@ -88,6 +88,46 @@ def _encode(
     return (x.astype(np.int64),)
 
 
+_BLOCK = 1 << 15  # elements per step of fold(): its float64 and int64 buffers stay in cache
+
+
+def check_range(name: str, values: np.ndarray, weight: int, max_sites: int) -> None:
+    """Refuse what :func:`_encode` would refuse for float32 ``values`` (non-finite, or
+    out of the one-limb range), reading them once; folds nothing.
+
+    The largest ``|weight * value|`` is that of the largest ``|value|``: the product by
+    a positive weight and its rounding are monotonic, so this is the same test."""
+    if not values.size:
+        return
+    peak = max(float(values.max()), -float(values.min())) * float(weight)
+    bound = float(_RANGE) / max_sites / _SINGLE
+    if not peak < bound:  # NaN and Inf land here too
+        check_finite({name: values})
+        raise _out_of_range(name, peak, bound, max_sites)
+
+
+def fold_float32(total: np.ndarray, values: np.ndarray, weight: int, sign: int) -> None:
+    """``total += sign * rint(weight * values * 2**32)`` for float32 ``values``
+    already passed by :func:`check_range`: the integers :func:`_encode` makes, added in
+    blocks small enough to stay in the processor's cache (about 4x faster than encoding
+    a whole chunk first). ``weight * 2**32`` is exact and scaling by a power of two
+    commutes with rounding, so the one product is the two products of ``_encode``."""
+    scale = float(weight) * _SINGLE
+    floats = np.empty(min(_BLOCK, values.size), dtype=np.float64)
+    ints = np.empty(floats.size, dtype=np.int64)
+    for start in range(0, values.size, _BLOCK):
+        part = values[start : start + _BLOCK]
+        f, q = floats[: part.size], ints[: part.size]
+        np.multiply(part, scale, out=f, dtype=np.float64)
+        np.rint(f, out=f)
+        np.copyto(q, f, casting="unsafe")
+        window = total[start : start + part.size]
+        if sign > 0:
+            window += q
+        else:
+            window -= q
+
+
 def _limb_count(spec: TensorSpec) -> int:
     return 2 if dtype_from_name(spec.dtype) == np.float64 else 1
 

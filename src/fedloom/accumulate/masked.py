@@ -70,14 +70,13 @@ class MaskedSumAccumulator(FoldedSites):
             return self._sums
 
     # the interface _MeanContribution folds through
-    def _encode(self, tensor: int, values: np.ndarray, weight: int) -> tuple[np.ndarray, ...]:
-        return (values,)
+    def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
+        return None  # any value is a value modulo 2**bits: the unmasking checks the sum
 
-    def _apply(self, tensor: int, start: int, parts: tuple[np.ndarray, ...], sign: int) -> None:
-        (part,) = parts
+    def _fold(self, tensor: int, start: int, values: np.ndarray, weight: int, sign: int) -> None:
         with self._lock:
-            window = self._sums[tensor][start : start + part.size]
+            window = self._sums[tensor][start : start + values.size]
             if sign > 0:
-                window += part  # unsigned: wraps modulo 2**bits, as the masks do
+                window += values  # unsigned: wraps modulo 2**bits, as the masks do
             else:
-                window -= part
+                window -= values

@@ -19,10 +19,8 @@ never both held whole: it consumes the accumulator.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -34,7 +32,8 @@ from fedloom.accumulate.contribution import (
     _check_weight,
     _stream_arrays,
 )
-from fedloom.accumulate.limbs import _decode, _encode, _limb_count
+from fedloom.accumulate.limbs import _decode, _encode, _limb_count, check_range, fold_float32
+from fedloom.accumulate.spool import Spool
 from fedloom.errors import AggregationError, UpdateRejected
 from fedloom.records import MeanSummary, SiteResult
 from fedloom.weights import TensorSpec, Weights, check_compatible
@@ -150,14 +149,25 @@ class MeanAccumulator(FoldedSites):
                 hint="keep the MeanSummary that the first summary() call returned",
             )
 
-    def _encode(self, tensor: int, values: np.ndarray, weight: int) -> tuple[np.ndarray, ...]:
-        """The limbs of ``weight * values``; refuses non-finite or out-of-range values."""
-        name, count = self.specs[tensor].name, self._layout[tensor]
-        return _encode(name, count, values, weight, self._max_sites)
+    def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
+        """Refuse non-finite or out-of-range values of ``weight * values``; folds nothing."""
+        spec = self.specs[tensor]
+        if self._layout[tensor] == 1 and values.dtype == np.float32:
+            check_range(spec.name, values, weight, self._max_sites)
+        else:  # the other layouts: the encoding itself checks
+            _encode(spec.name, self._layout[tensor], values, weight, self._max_sites)
 
-    def _apply(self, tensor: int, start: int, limbs: tuple[np.ndarray, ...], sign: int) -> None:
+    def _fold(self, tensor: int, start: int, values: np.ndarray, weight: int, sign: int) -> None:
+        """Add (``sign`` +1) or remove (-1) ``weight * values`` at element ``start`` of
+        ``tensor``'s sums; the values passed :meth:`_check_range`."""
+        spec, count = self.specs[tensor], self._layout[tensor]
         with self._lock:
-            for total, part in zip(self._limbs[tensor], limbs, strict=True):
+            sums = self._limbs[tensor]
+            if count == 1 and values.dtype == np.float32:
+                fold_float32(sums[0][start : start + values.size], values, weight, sign)
+                return
+            limbs = _encode(spec.name, count, values, weight, self._max_sites)
+            for total, part in zip(sums, limbs, strict=True):
                 window = total[start : start + part.size]
                 if sign > 0:
                     window += part
@@ -171,54 +181,31 @@ class _MeanContribution(Contribution):
     def __init__(self, accumulator: MeanAccumulator, site: str, weight: int) -> None:
         super().__init__(accumulator.specs, site, weight)
         self._accumulator = accumulator
-        self._spool: IO[bytes] | None = None
-        self._spooled = 0
-        self._segments: list[list[int]] = []  # [tensor, offset, length, spool position]
+        self._spool = Spool(_SPOOL_BYTES, accumulator._spool_dir)
+        self._segments: list[tuple[int, int, int]] = []  # tensor, element, spool piece
 
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
         if not len(raw):
             return
-        limbs = self._accumulator._encode(tensor, values, self.weight)
-        if self._spool is None:
-            folder = self._accumulator._spool_dir
-            self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by _close_spool
-                max_size=_SPOOL_BYTES, dir=None if folder is None else str(folder)
-            )
-        self._spool.write(raw)
-        at, self._spooled = self._spooled, self._spooled + len(raw)
-        self._accumulator._apply(tensor, offset // values.itemsize, limbs, +1)
-        last = self._segments[-1] if self._segments else None
-        if last is not None and (last[0], last[1] + last[2], last[3] + last[2]) == (
-            tensor,
-            offset,
-            at,
-        ):
-            last[2] += len(raw)  # continues the previous segment, in the tensor and the spool
-        else:
-            self._segments.append([tensor, offset, len(raw), at])
+        self._accumulator._check_range(tensor, values, self.weight)  # before any change
+        piece = self._spool.add(raw)
+        start = offset // values.itemsize
+        self._accumulator._fold(tensor, start, values, self.weight, +1)
+        self._segments.append((tensor, start, piece))
 
     def _commit(self) -> None:
         self._accumulator._commit(self.site, self.weight)
-        self._close_spool()
+        self._spool.close()
 
     def _undo(self) -> None:
         try:
-            for tensor, offset, length, at in reversed(self._segments):
-                assert self._spool is not None  # noqa: S101 - a segment was spooled
+            for tensor, start, piece in reversed(self._segments):
                 dtype = self._dtypes[tensor]
-                self._spool.seek(at)
-                for start in range(0, length, _PIECE_BYTES):
-                    data = self._spool.read(min(_PIECE_BYTES, length - start))
+                for at, data in self._spool.read(piece, _PIECE_BYTES):
                     values = np.frombuffer(data, dtype=dtype)
-                    limbs = self._accumulator._encode(tensor, values, self.weight)
-                    position = (offset + start) // dtype.itemsize
-                    self._accumulator._apply(tensor, position, limbs, -1)
+                    element = start + at // dtype.itemsize
+                    self._accumulator._fold(tensor, element, values, self.weight, -1)
             self._segments.clear()
         finally:
-            self._close_spool()
-            self._accumulator._release(self.site)
-
-    def _close_spool(self) -> None:
-        if self._spool is not None:
             self._spool.close()
-            self._spool = None
+            self._accumulator._release(self.site)

@@ -2,7 +2,8 @@
 
 Train: evaluate the received global model on the local validation split, train from
 it, evaluate the locally trained model, and return the *delta* ``w_local - w_round``.
-Evaluate: evaluate the global model only.
+Evaluate: evaluate the global model only. A plan with ``evaluation.each_round: false``
+skips both evaluations of a training round.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ def execute(
     weights = read_only(weights)  # a task that writes into them fails the same in every mode
     attacking = attack is not None and site in attack.attackers
     metrics: dict[str, float] = {}
-    seen = _evaluated(task.evaluate(weights, data.x_val, data.y_val))
-    metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
-    metrics["val_samples"] = float(seen.num_samples)
-    if instruction.kind is InstructionKind.EVALUATE:
-        return SiteAnswer(seen.num_samples, metrics, None)
+    training = instruction.kind is not InstructionKind.EVALUATE
+    evaluating = not training or instruction.settings.evaluate
+    if evaluating:
+        seen = _evaluated(task.evaluate(weights, data.x_val, data.y_val))
+        metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
+        metrics["val_samples"] = float(seen.num_samples)
+        if not training:
+            return SiteAnswer(seen.num_samples, metrics, None)
 
     if attacking and attack is not None and attack.kind is AttackKind.LABEL_FLIP:
         data = SiteData(
@@ -94,8 +98,9 @@ def execute(
         check_compatible(out.weights, specs_of(weights))
     except Exception as err:
         raise TaskError(f"train returned weights that differ from the model: {err}") from err
-    local = _evaluated(task.evaluate(out.weights, data.x_val, data.y_val))
-    metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
+    if evaluating:
+        local = _evaluated(task.evaluate(out.weights, data.x_val, data.y_val))
+        metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
     metrics.update({k: float(v) for k, v in out.metrics.items()})
     delta = subtract(out.weights, weights)
     if attacking and attack is not None:

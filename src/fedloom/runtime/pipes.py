@@ -1,13 +1,18 @@
-"""Messages between the simulation and its worker processes, without pickle.
+"""Messages between the simulation and its workers, without pickle.
 
-A message is a JSON header followed by one raw buffer per tensor, each sent with
-``Connection.send_bytes``: arrays go across as their bytes and come back through
-``np.frombuffer``; nothing is ever unpickled.
+A message is a JSON header, which describes each tensor by name, dtype and shape,
+followed by one raw buffer per tensor. Over a worker process's socket each part is
+sent with ``Connection.send_bytes`` (:func:`send`, :func:`receive`); to a Ray actor the
+parts go as one ``bytes`` object (:func:`pack`, :func:`unpack`). Either way arrays go
+across as their bytes and come back through ``np.frombuffer``; nothing is ever
+unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -17,24 +22,78 @@ from fedloom.weights import Weights, dtype_from_name, dtype_name
 
 Header = dict[str, Any]
 
+_LENGTH = 8  # bytes of the header's length at the start of a packed message
+_ALIGN = 8  # each part of a packed message starts at a multiple of this
 
-def send(conn: Connection, header: Header, weights: Weights | None = None) -> None:
+
+def _head(header: Header, weights: Weights | None) -> bytes:
     tensors = None
     if weights is not None:
         tensors = [[k, dtype_name(v.dtype), list(v.shape)] for k, v in weights.items()]
-    conn.send_bytes(json.dumps({**header, "tensors": tensors}).encode())
-    if weights is not None:
-        for array in weights.values():
-            conn.send_bytes(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return json.dumps({**header, "tensors": tensors}).encode()
+
+
+def _buffers(weights: Weights | None) -> Iterable[memoryview]:
+    for array in (weights or {}).values():
+        yield np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
+
+
+def _parse(head: bytes) -> tuple[Header, list[tuple[str, np.dtype, list[int]]] | None]:
+    header: Header = json.loads(head)
+    tensors = header.pop("tensors", None)
+    if tensors is None:
+        return header, None
+    return header, [(name, dtype_from_name(dtype), shape) for name, dtype, shape in tensors]
+
+
+def send(conn: Connection, header: Header, weights: Weights | None = None) -> None:
+    conn.send_bytes(_head(header, weights))
+    for buf in _buffers(weights):
+        conn.send_bytes(buf)
 
 
 def receive(conn: Connection) -> tuple[Header, Weights | None]:
-    header: Header = json.loads(conn.recv_bytes())
-    tensors = header.pop("tensors", None)
+    header, tensors = _parse(conn.recv_bytes())
     if tensors is None:
         return header, None
     weights: Weights = {}
     for name, dtype, shape in tensors:
-        buf = conn.recv_bytes()
-        weights[name] = np.frombuffer(buf, dtype=dtype_from_name(dtype)).reshape(shape)
+        weights[name] = np.frombuffer(conn.recv_bytes(), dtype=dtype).reshape(shape)
     return header, weights
+
+
+def _padding(size: int) -> int:
+    return -size % _ALIGN
+
+
+def pack(header: Header, weights: Weights | None = None) -> bytes:
+    """One message as one ``bytes``: the header's length (8 bytes, little-endian), the
+    header, then each tensor's raw bytes; each part starts at a multiple of 8 bytes, so
+    every array :func:`unpack` returns is aligned."""
+    head = _head(header, weights)
+    head += b" " * _padding(_LENGTH + len(head))  # JSON allows trailing whitespace
+    parts = [len(head).to_bytes(_LENGTH, "little"), head]
+    for buf in _buffers(weights):
+        parts += [buf, bytes(_padding(buf.nbytes))]
+    return b"".join(parts)
+
+
+def unpack(data: bytes) -> tuple[Header, Weights | None]:
+    """The inverse of :func:`pack`; the arrays are read-only views of ``data``. Raises
+    ``ValueError`` for a message cut short or with bytes past its last tensor."""
+    view = memoryview(data)
+    end = _LENGTH + int.from_bytes(view[:_LENGTH], "little")
+    if len(view) < end:
+        raise ValueError(f"message cut short: {len(view)} bytes, its header alone needs {end}")
+    header, tensors = _parse(bytes(view[_LENGTH:end]))
+    weights: Weights = {}
+    for name, dtype, shape in tensors or ():
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if len(view) < end + nbytes:
+            raise ValueError(f"message cut short in tensor {name!r}")
+        weights[name] = np.frombuffer(view, dtype=dtype, count=count, offset=end).reshape(shape)
+        end += nbytes + _padding(nbytes)
+    if end != len(view):
+        raise ValueError(f"message has {len(view) - end} bytes past its last tensor")
+    return header, (None if tensors is None else weights)

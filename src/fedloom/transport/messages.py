@@ -151,34 +151,75 @@ def iter_chunks(weights: Weights, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Ite
 def assemble(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Weights:
     """Rebuild weights from chunks, checking every byte arrives once and in order.
 
-    Raises :class:`~fedloom.errors.UpdateRejected` on a truncated, overlong or
-    out-of-order stream.
+    A tensor whose chunks are consecutive slices of one buffer (what the in-process
+    transport hands over) becomes a read-only view of that buffer, with no copy; any
+    other is copied together. Raises :class:`~fedloom.errors.UpdateRejected` on a
+    truncated, overlong or out-of-order stream.
     """
     from fedloom.errors import UpdateRejected
 
-    buffers = [bytearray(s.nbytes) for s in specs]
+    parts: list[list[memoryview]] = [[] for _ in specs]
     filled = [0] * len(specs)
     for chunk in chunks:
         if not 0 <= chunk.tensor < len(specs):
             raise UpdateRejected(f"chunk for tensor #{chunk.tensor}, but only {len(specs)} exist")
         i = chunk.tensor
-        end = chunk.offset + len(chunk.data)
+        data = memoryview(chunk.data).cast("B")
+        end = chunk.offset + len(data)
         if chunk.offset != filled[i]:
             raise UpdateRejected(
                 f"tensor {specs[i].name!r}: chunk at byte {chunk.offset}, expected {filled[i]}"
             )
-        if end > len(buffers[i]):
+        if end > specs[i].nbytes:
             raise UpdateRejected(
                 f"tensor {specs[i].name!r} is larger than announced ({specs[i].nbytes} bytes)"
             )
-        buffers[i][chunk.offset : end] = chunk.data
+        if len(data):
+            parts[i].append(data)
         filled[i] = end
     for spec, got in zip(specs, filled, strict=True):
         if got != spec.nbytes:
             raise UpdateRejected(
                 f"stream ended early: tensor {spec.name!r} has {got} of {spec.nbytes} bytes"
             )
-    return {
-        s.name: np.frombuffer(buf, dtype=dtype_from_name(s.dtype)).reshape(s.shape)
-        for s, buf in zip(specs, buffers, strict=True)
-    }
+    return {s.name: _joined(s, p) for s, p in zip(specs, parts, strict=True)}
+
+
+def _joined(spec: TensorSpec, parts: list[memoryview]) -> np.ndarray:
+    dtype = dtype_from_name(spec.dtype)
+    flat = _one_buffer(parts)
+    if flat is None:
+        flat = np.empty(spec.nbytes, dtype=np.uint8)
+        at = 0
+        for part in parts:
+            flat[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+            at += len(part)
+    array = flat.view(dtype).reshape(spec.shape)
+    array.flags.writeable = False
+    return array
+
+
+def _one_buffer(parts: list[memoryview]) -> np.ndarray | None:
+    """The bytes of ``parts`` as one view, when they lie one after another in the same
+    buffer; None otherwise (or when there are none)."""
+    if not parts or parts[0].obj is None:
+        return None
+    owner = parts[0].obj
+    start = _address(parts[0])
+    at = start
+    for part in parts:
+        if part.obj is not owner or _address(part) != at:
+            return None
+        at += len(part)
+    try:
+        whole = np.frombuffer(owner, dtype=np.uint8)
+    except (TypeError, ValueError):  # an owner numpy cannot read flat
+        return None
+    first = start - _address(memoryview(whole))
+    if first < 0 or first + (at - start) > whole.size:
+        return None
+    return whole[first : first + (at - start)]
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0])

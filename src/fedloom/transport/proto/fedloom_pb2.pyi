@@ -29,20 +29,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
-    __slots__ = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "proximal_mu")
+    __slots__ = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "proximal_mu", "evaluate")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     lr: float
     momentum: float
     weight_decay: float
     proximal_mu: float
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    evaluate: bool
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class Instruction(_message.Message):
     __slots__ = ("round", "kind", "settings", "config_json", "phases", "task_id", "privacy_json")

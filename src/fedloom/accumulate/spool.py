@@ -1,0 +1,67 @@
+"""The bytes a streaming contribution folded, kept for its rollback.
+
+Pieces stay in memory up to a limit, then go to a temporary file. A piece the caller
+hands over as ``bytes`` (what gRPC delivers) is immutable, so it is kept by reference,
+with no copy; anything else (a view of an array someone may still write) is copied.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+
+class Spool:
+    """Append-only pieces of bytes, read back piece by piece, then closed."""
+
+    def __init__(self, memory_limit: int, folder: Path | None = None) -> None:
+        self._limit = memory_limit
+        self._folder = folder
+        self._in_memory = 0
+        # each piece: its bytes in memory, or (position, length) in the file
+        self._pieces: list[memoryview | tuple[int, int]] = []
+        self._file: IO[bytes] | None = None
+        self._file_size = 0
+
+    def add(self, raw: memoryview) -> int:
+        """Keep ``raw``'s bytes; returns the piece's number."""
+        if self._in_memory + len(raw) <= self._limit:
+            if isinstance(raw.obj, bytes):
+                kept = raw
+            else:  # numpy copies about 4x faster than bytes(raw)
+                kept = memoryview(np.frombuffer(raw, dtype=np.uint8).copy())
+            self._pieces.append(kept)
+            self._in_memory += len(raw)
+        else:
+            if self._file is None:
+                folder = None if self._folder is None else str(self._folder)
+                self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - close()
+            self._file.seek(self._file_size)
+            self._file.write(raw)
+            self._pieces.append((self._file_size, len(raw)))
+            self._file_size += len(raw)
+        return len(self._pieces) - 1
+
+    def read(self, piece: int, step: int) -> Iterator[tuple[int, memoryview | bytes]]:
+        """``piece``'s bytes in parts of at most ``step`` bytes, each with its offset."""
+        kept = self._pieces[piece]
+        if isinstance(kept, memoryview):
+            for at in range(0, len(kept), step):
+                yield at, kept[at : at + step]
+            return
+        position, length = kept
+        assert self._file is not None  # noqa: S101 - a piece was written to it
+        for at in range(0, length, step):
+            self._file.seek(position + at)
+            yield at, self._file.read(min(step, length - at))
+
+    def close(self) -> None:
+        self._pieces.clear()
+        self._in_memory = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
