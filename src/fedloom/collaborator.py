@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from fedloom.clock import FaultPoints
+from fedloom.compression.site import SiteCompression
 from fedloom.errors import FedloomError, UpdateRejected
 from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
 from fedloom.privacy.audit import Receipt as AuditReceipt
@@ -54,8 +55,9 @@ ModelCheck = Callable[[Instruction, ModelHeader, Weights], None]
 
 class Collaborator:
     """A site's side of the round. ``privacy`` clips, noises and masks the update as the
-    plan says; ``audit`` records every message that leaves (before it leaves);
-    ``check_model`` verifies each global model before the task loads it."""
+    plan says; ``compression`` then encodes it (and decodes the global model); ``audit``
+    records every message that leaves (before it leaves); ``check_model`` verifies each
+    global model, as it arrived, before the task loads it."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class Collaborator:
         privacy: SitePrivacy | None = None,
         audit: AuditLog | None = None,
         check_model: ModelCheck | None = None,
+        compression: SiteCompression | None = None,
     ) -> None:
         self.connection = connection
         self.runner = runner
@@ -75,6 +78,7 @@ class Collaborator:
         self.privacy = privacy
         self.audit = audit
         self.check_model = check_model
+        self.compression = compression
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
         self.finished: Instruction | None = None  # the aggregator's last word
@@ -105,6 +109,8 @@ class Collaborator:
         try:
             if self.check_model is not None:
                 self.check_model(instruction, stream.header, weights)
+            if self.compression is not None:
+                weights = self.compression.decode_model(weights)
             self._run_phases(instruction)
             answer = self.runner(instruction, weights)
             header, chunks = self._answer(instruction, answer)
@@ -116,6 +122,8 @@ class Collaborator:
             return True
         receipt = self.connection.upload(header, chunks)
         self.last_receipt = receipt
+        if self.compression is not None and answer.delta is not None:
+            self.compression.settle(self.connection.site, instruction.round, receipt.accepted)
         if self.audit is not None and receipt.signature and header.audit_hash:
             self.audit.add_receipt(
                 AuditReceipt(
@@ -156,6 +164,11 @@ class Collaborator:
                 )
             else:
                 metrics, _ = self.privacy.filter_metrics(metrics)
+        if self.compression is not None and answer.delta is not None:
+            site, round = self.connection.site, instruction.round
+            delta, params = self.compression.encode(site, round, delta)
+            if params:  # the codec in force, beside the privacy parameters
+                privacy_record = {**privacy_record, "compression": params}
         specs = specs_of(delta)
         record = self._audit(
             instruction,

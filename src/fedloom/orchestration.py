@@ -21,7 +21,21 @@ from typing import Any, Protocol
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
-from fedloom.errors import AggregationError, QuorumError, TransportError, UpdateRejected
+from fedloom.compression.codecs import (
+    Codec,
+    Compression,
+    ModelCodec,
+    encode_model,
+    reserved_name_problem,
+)
+from fedloom.compression.stream import UpdateDecoder
+from fedloom.errors import (
+    AggregationError,
+    QuorumError,
+    TaskError,
+    TransportError,
+    UpdateRejected,
+)
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
@@ -172,6 +186,8 @@ class FederationConfig:
     # a site silent (no heartbeat, no call) this long is dropped from the round; None: only
     # the round's deadline drops it (the in-process simulation has no heartbeats)
     dead_after: float | None = None
+    # how updates and the global model travel (the plan's compression section)
+    compression: Compression = field(default_factory=Compression)
 
 
 class Journal(Protocol):
@@ -217,6 +233,7 @@ class _OpenRound:
     attempt: int = 1
     secagg: SecAggRound | None = None
     signature: bytes | None = None  # the published model's, made on first download
+    published: Weights | None = None  # the model as it travels, under a model codec
     sign_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -296,6 +313,10 @@ class Aggregator:
         self._privacy = privacy
         self._signer = signer
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
+        if config.compression.active:
+            problem = reserved_name_problem(specs_of(self.state.weights))
+            if problem is not None:
+                raise TaskError(problem)
 
     @property
     def weights(self) -> Weights:
@@ -619,19 +640,30 @@ class Aggregator:
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
-        signature = self._model_signature(opened)
+        weights = self._published(opened, weights)
+        signature = self._model_signature(opened, weights)
         chunks = self._sending(round, site, iter_chunks(weights))
         header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
         return ModelStream(header, chunks)
 
-    def _model_signature(self, opened: _OpenRound) -> bytes:
-        """The signature over the attempt's model, made once (outside the round's lock:
-        hashing a large model takes a while)."""
+    def _published(self, opened: _OpenRound, weights: Weights) -> Weights:
+        """The attempt's model as it travels: cast once under a model codec."""
+        codec = self.config.compression.model
+        if codec is ModelCodec.NONE:
+            return weights
+        with opened.sign_lock:
+            if opened.published is None:
+                opened.published = encode_model(weights, codec)
+            return opened.published
+
+    def _model_signature(self, opened: _OpenRound, published: Weights) -> bytes:
+        """The signature over the attempt's model as it travels, made once (outside the
+        round's lock: hashing a large model takes a while)."""
         if self._signer is None:
             return b""
         with opened.sign_lock:
             if opened.signature is None:
-                statement = model_statement(opened.task.task_id, opened.round, opened.weights)
+                statement = model_statement(opened.task.task_id, opened.round, published)
                 opened.signature = self._signer(statement)
             return opened.signature
 
@@ -748,8 +780,7 @@ class Aggregator:
                 return evaluated if self._record(opened, site, result=evaluated) else None
         if header.num_samples < 1:
             raise UpdateRejected(f"sample count must be at least 1, got {header.num_samples}")
-        if tuple(header.tensors) != opened.expected:
-            raise UpdateRejected(_spec_mismatch(header.tensors, opened.expected))
+        decoder = self._decoder(header, opened)
         self.faults.hit("upload.receiving", round=opened.round, site=site)
         capped = min(int(header.num_samples), self.config.max_samples)
         weight = capped if self._privacy is None else self._privacy.weight(capped)
@@ -759,6 +790,8 @@ class Aggregator:
             if self._open is not opened:
                 raise UpdateRejected(_closed_while_streaming(opened.round))
             contribution = opened.accumulator.begin(site, weight)
+            if decoder is not None:  # the accumulator takes the update decoded
+                contribution = decoder.wrap(contribution)
             opened.uploading[site] = contribution  # the round's close aborts it
         try:
             self._fold_stream(opened, result, contribution, chunks)
@@ -766,6 +799,17 @@ class Aggregator:
             contribution.abort(_abort_reason(err))  # outside the lock: may re-read a spool
             raise
         return result
+
+    def _decoder(self, header: UpdateHeader, opened: _OpenRound) -> UpdateDecoder | None:
+        """Refuse an update that does not announce the model's tensors, or, under an
+        update codec, their encoding; for the latter, the decoder that the update
+        streams through before the accumulator checks and folds it."""
+        compression = self.config.compression
+        if compression.update is Codec.NONE:
+            if tuple(header.tensors) != opened.expected:
+                raise UpdateRejected(_spec_mismatch(header.tensors, opened.expected))
+            return None
+        return UpdateDecoder(header.tensors, opened.expected, compression)
 
     def _fold_stream(
         self,

@@ -18,6 +18,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedloom.compression.settings import CompressionPlan, compression_problems
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
@@ -75,6 +76,9 @@ class TrainingPlan(_Frozen):
 
 class EvaluationPlan(_Frozen):
     final: bool = True  # evaluate the final global model at every site
+    # in each training round, evaluate the received global model and the locally trained
+    # one on the site's validation split (false: train only; benchmarks, large runs)
+    each_round: bool = True
 
 
 class DeadlinePlan(_Frozen):
@@ -97,6 +101,7 @@ class Plan(_Frozen):
     evaluation: EvaluationPlan = EvaluationPlan()
     deadline: DeadlinePlan = DeadlinePlan()
     privacy: PrivacyPlan = PrivacyPlan()
+    compression: CompressionPlan = CompressionPlan()
 
     @field_validator("task")
     @classmethod
@@ -168,7 +173,10 @@ class Plan(_Frozen):
 
     def train_settings(self) -> TrainSettings:
         """The plan's local training settings, as sites receive them."""
-        return TrainSettings(**self.training.model_dump(exclude={"max_samples"}))
+        return TrainSettings(
+            **self.training.model_dump(exclude={"max_samples"}),
+            evaluate=self.evaluation.each_round,
+        )
 
     @property
     def strategy_params(self) -> dict[str, Any]:
@@ -301,6 +309,7 @@ def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
         per_round=per_round,
         max_samples=plan.training.max_samples,
     )
+    problems += compression_problems(plan.compression, plan.privacy)
     if problems:
         raise PlanError(problems, source=source)
     if strategy.min_updates() > per_round:

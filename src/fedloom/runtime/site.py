@@ -23,6 +23,7 @@ from cryptography.x509 import Certificate
 
 from fedloom.clock import FaultPoints
 from fedloom.collaborator import Collaborator
+from fedloom.compression.site import site_compression
 from fedloom.data import train_val_split
 from fedloom.errors import (
     AccessDenied,
@@ -188,6 +189,8 @@ def participate(
             ),
             audit=AuditLog(state_dir / AUDIT_LOG),
             check_model=model_checker(aggregator_cert),
+            # topk's residual lives as long as this process: a restart drops it
+            compression=site_compression(plan),
         )
         while not stop.is_set():
             try:
