@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedloom import create_workspace
@@ -19,10 +20,10 @@ def make_workspace(root: Path, template: str, name: str | None = None) -> Path:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: Mapping[str, str] = {}
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``fedloom ARGS`` as a real OS process."""
-    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    """Run ``fedloom ARGS`` as a real OS process (with ``env`` added to this one's)."""
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", **env}
     return subprocess.run(
         [*FEDLOOM, *args],
         cwd=cwd,

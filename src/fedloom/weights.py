@@ -6,6 +6,8 @@ Functions here are pure: they never modify their inputs.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +22,7 @@ Weights = dict[str, np.ndarray]
 _EXTRA_DTYPES: dict[str, np.dtype] = {"bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
+@functools.lru_cache(maxsize=64)  # on every chunk's hot path; a refused name is not kept
 def dtype_from_name(name: str) -> np.dtype:
     """The numpy dtype called ``name`` (``float32``, ``bfloat16``, ``int64`` …)."""
     if name in _EXTRA_DTYPES:
@@ -33,6 +36,7 @@ def dtype_from_name(name: str) -> np.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=64)
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of ``dtype``; the inverse of :func:`dtype_from_name`."""
     return str(np.dtype(dtype).name)
@@ -53,11 +57,11 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * dtype_from_name(self.dtype).itemsize
+        return math.prod(self.shape) * dtype_from_name(self.dtype).itemsize
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 def specs_of(weights: Mapping[str, np.ndarray]) -> tuple[TensorSpec, ...]:

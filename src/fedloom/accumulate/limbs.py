@@ -113,7 +113,15 @@ def fold_float32(total: np.ndarray, values: np.ndarray, weight: int, sign: int) 
     a whole chunk first). ``weight * 2**32`` is exact and scaling by a power of two
     commutes with rounding, so the one product is the two products of ``_encode``."""
     scale = float(weight) * _SINGLE
-    floats = np.empty(min(_BLOCK, values.size), dtype=np.float64)
+    if values.size <= _BLOCK:  # one block: no buffers to set up
+        f = np.multiply(values, scale, dtype=np.float64)
+        np.rint(f, out=f)
+        if sign > 0:
+            total += f.astype(np.int64)
+        else:
+            total -= f.astype(np.int64)
+        return
+    floats = np.empty(_BLOCK, dtype=np.float64)
     ints = np.empty(floats.size, dtype=np.int64)
     for start in range(0, values.size, _BLOCK):
         part = values[start : start + _BLOCK]

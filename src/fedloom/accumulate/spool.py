@@ -1,8 +1,9 @@
 """The bytes a streaming contribution folded, kept for its rollback.
 
-Pieces stay in memory up to a limit, then go to a temporary file. A piece the caller
-hands over as ``bytes`` (what gRPC delivers) is immutable, so it is kept by reference,
-with no copy; anything else (a view of an array someone may still write) is copied.
+Pieces stay in memory up to a limit, then go to a temporary file. A piece that cannot
+change is kept by reference, with no copy: ``bytes`` (what gRPC delivers), or a view of
+a read-only numpy array that owns its memory (what a simulation's worker reply is).
+Anything else (a view of an array someone may still write) is copied.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ class Spool:
     def add(self, raw: memoryview) -> int:
         """Keep ``raw``'s bytes; returns the piece's number."""
         if self._in_memory + len(raw) <= self._limit:
-            if isinstance(raw.obj, bytes):
+            if _immutable(raw):
                 kept = raw
             else:  # numpy copies about 4x faster than bytes(raw)
-                kept = memoryview(np.frombuffer(raw, dtype=np.uint8).copy())
+                kept = np.frombuffer(raw, dtype=np.uint8).copy().data
             self._pieces.append(kept)
             self._in_memory += len(raw)
         else:
@@ -65,3 +66,18 @@ class Spool:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _immutable(raw: memoryview) -> bool:
+    """True if nobody can write the bytes behind ``raw`` (short of flipping a numpy
+    array's flag back, which fedloom never does to an update it sent)."""
+    owner: object = raw.obj
+    if isinstance(owner, bytes):
+        return True
+    while isinstance(owner, np.ndarray):
+        if owner.flags.writeable:
+            return False
+        if owner.base is None:
+            return True  # a read-only array that owns its memory
+        owner = owner.base
+    return isinstance(owner, bytes)

@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedloom.errors import FedloomError
 
@@ -27,7 +28,7 @@ def friendly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except FedloomError as err:
-            errors.print(f"[bold red]error:[/] {err}", highlight=False)
+            errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             errors.print("interrupted: stopped cleanly")

@@ -7,6 +7,7 @@ with an exit code per kind of error (see docs/index.md).
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -57,6 +58,11 @@ app.add_typer(policy_app, name="policy")
 class Transport(enum.Enum):
     INPROCESS = "inprocess"
     GRPC = "grpc"
+
+
+class Backend(enum.Enum):
+    PROCESSES = "processes"
+    RAY = "ray"
 
 
 @app.command()
@@ -133,7 +139,31 @@ def simulate(
     seed: Annotated[int | None, typer.Option(help="The plan's seed.")] = None,
     workers: Annotated[
         int | None,
-        typer.Option(help="Worker processes for the sites (default: the cores; 0: in-process)."),
+        typer.Option(
+            help="Workers for the sites' local work (default: the cores, or with --backend "
+            "ray the Ray cluster's CPUs; 0: in this process)."
+        ),
+    ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="processes: worker processes on this machine. ray: Ray actors on a Ray "
+            "cluster (pip install 'fedloom\\[ray]')."
+        ),
+    ] = Backend.PROCESSES,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --backend ray: the cluster's head, HOST:PORT (default: RAY_ADDRESS; "
+            "without either, a local Ray instance for this run)."
+        ),
+    ] = None,
+    ray_workspace: Annotated[
+        str | None,
+        typer.Option(
+            help="With --backend ray: the workspace's path on the cluster's nodes, if they "
+            "share a filesystem with this machine (default: Ray ships a copy of it)."
+        ),
     ] = None,
     roundtrip: Annotated[
         bool, typer.Option(help="Serialise every message to the wire format and back.")
@@ -159,7 +189,8 @@ def simulate(
     runs_dir: RunsDirOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Run the workspace's federation with simulated sites on this machine.
+    """Run the workspace's federation with simulated sites, on this machine or, with
+    --backend ray, on a Ray cluster.
 
     Writes runs/<run-name>/: metrics.jsonl, summary.json, final.safetensors,
     plan.json and accuracy.png.
@@ -179,6 +210,10 @@ def simulate(
         "seed": seed,
     }
     all_overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(overrides or [])
+    ray_flags = {"--ray-address": ray_address, "--ray-workspace": ray_workspace}
+    if backend is not Backend.RAY and any(v is not None for v in ray_flags.values()):
+        used = ", ".join(k for k, v in ray_flags.items() if v is not None)
+        raise PlanError([f"{used}: only with --backend ray"], source="command line")
     if transport is Transport.GRPC:
         from fedloom.runtime.launcher import run_local_grpc
 
@@ -188,6 +223,7 @@ def simulate(
             "--attack": attack is not None,
             "--attackers": attackers != 0,
             "--baseline": baseline,
+            "--backend ray": backend is Backend.RAY,
         }
         if any(ignored.values()):
             used = ", ".join(k for k, v in ignored.items() if v)
@@ -199,6 +235,13 @@ def simulate(
             workspace, all_overrides, run_name=run_name, runs_dir=runs_dir, quiet=quiet
         )
         raise typer.Exit(code)
+    ray = None
+    if backend is Backend.RAY:
+        from fedloom.runtime.ray_backend import RayBackend, require_ray
+
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
+        ray = RayBackend(address=address, workspace=ray_workspace)
+        require_ray(ray, workers)
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
     console.print(
@@ -207,8 +250,21 @@ def simulate(
         f"strategy {plan.strategy.name}, data {plan.data.dataset} ({plan.data.partition})"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
+    if ray is not None:
+        where = (
+            "a local Ray instance, started for this run (no --ray-address or RAY_ADDRESS)"
+            if ray.address is None
+            else f"the Ray cluster at {ray.address}"
+        )
+        how = (
+            "the workspace shipped to it"
+            if ray.workspace is None
+            else f"the workspace read at {ray.workspace} on its nodes"
+        )
+        console.print(f"sites' local work on {where}, {how}", highlight=False, markup=False)
     options = SimulationOptions(
-        **({} if workers is None else {"workers": workers}),
+        workers=workers,
+        backend=ray,
         roundtrip=roundtrip,
         attack=attack,
         attackers=attackers,

@@ -72,7 +72,7 @@ def pack(header: Header, weights: Weights | None = None) -> bytes:
     every array :func:`unpack` returns is aligned."""
     head = _head(header, weights)
     head += b" " * _padding(_LENGTH + len(head))  # JSON allows trailing whitespace
-    parts = [len(head).to_bytes(_LENGTH, "little"), head]
+    parts: list[bytes | memoryview] = [len(head).to_bytes(_LENGTH, "little"), head]
     for buf in _buffers(weights):
         parts += [buf, bytes(_padding(buf.nbytes))]
     return b"".join(parts)

@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedloom.attacks import Attack, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
+from fedloom.compression.site import site_compression
 from fedloom.errors import PlanError, TaskError
 from fedloom.orchestration import (
     Aggregator,
@@ -35,30 +36,29 @@ from fedloom.orchestration import (
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
-from fedloom.records import Instruction, SiteAnswer
+from fedloom.runtime.dispatch import Dispatcher, batch_size
+from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
 from fedloom.runtime.worker import (
     LocalWorker,
     ProcessWorker,
     Worker,
-    WorkerDied,
-    answer_from_reply,
     attack_to_json,
     raise_reply_error,
 )
 from fedloom.strategies import build_strategy
-from fedloom.transport import serde
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
-from fedloom.weights import Weights
+from fedloom.weights import Weights, nbytes
 
 
 @dataclass(frozen=True, kw_only=True)
 class SimulationOptions:
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int | None = None  # None: one per core here, or per CPU of the Ray cluster
     roundtrip: bool = False
     attack: str | None = None
     attackers: int = 0
     baseline: bool = False
+    backend: RayBackend | None = None  # None: worker processes on this machine
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ def federation_config(plan: Plan) -> FederationConfig:
         seed=plan.seed,
         settings=plan.train_settings(),
         final_evaluation=plan.evaluation.final,
+        compression=plan.compression.settings(),
     )
 
 
@@ -111,31 +112,6 @@ def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
     return Attack(kind, factor, attackers)
 
 
-class _Driver:
-    """One thread's link to one worker: sends each round's model to it once."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self._sent_key: str | None = None
-
-    def run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
-        key = f"{instruction.kind.value}:{instruction.round}"
-        header: dict[str, Any] = {
-            "op": "run",
-            "site": site,
-            "key": key,
-            "instruction": serde.encode(instruction).hex(),
-        }
-        inline = weights if key != self._sent_key else None
-        try:
-            reply = self.worker.call(header, inline)
-        except WorkerDied:
-            self._sent_key = None
-            raise
-        self._sent_key = key
-        return answer_from_reply(reply)
-
-
 def simulate(
     workspace: str | Path,
     plan: Plan,
@@ -153,8 +129,7 @@ def simulate(
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
     per_round = plan.per_round
-    count = min(options.workers, per_round)  # more workers than sites would only idle
-    workers = _start_workers(str(ws), plan_json, attack_json, count, plan.deadline.round_seconds)
+    workers = _start_workers(str(ws), plan_json, attack_json, options, plan)
     try:
         init_header, initial = workers[0].call({"op": "init"})
         raise_reply_error(init_header, "the task's init_weights failed")
@@ -184,19 +159,18 @@ def simulate(
             privacy=aggregator_privacy(plan),
         )
         transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
-        drivers: queue.SimpleQueue[_Driver] = queue.SimpleQueue()
-        for w in workers:
-            drivers.put(_Driver(w))
+        # Sites wait for the workers in batches (see runtime/dispatch.py); enough site
+        # threads that a batch fills while the previous one's updates are folded.
         # Secure aggregation's key exchange waits for every site of the round, so each
-        # needs its own thread then; the local work still queues for the workers.
-        threads = per_round if plan.privacy.secure_aggregation else len(workers)
-
-        def work(site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
-            driver = drivers.get()
-            try:
-                return driver.run_site(site, instruction, weights)
-            finally:
-                drivers.put(driver)
+        # needs its own thread then.
+        batch = batch_size(per_round, len(workers), nbytes(initial))
+        dispatcher = Dispatcher(workers, batch)
+        threads = (
+            per_round
+            if plan.privacy.secure_aggregation
+            else min(per_round, 2 * batch * len(workers))
+        )
+        work = dispatcher.run
 
         busy: set[str] = set()  # sites a driver is working on
         asked_again: set[str] = set()  # ... and that a retried round asked for meanwhile
@@ -218,11 +192,14 @@ def simulate(
                             asked_again.discard(site)
                             sites.put(site)
 
+        compression = site_compression(plan)  # one for every site: keeps each one's residual
+
         def run_site(site: str) -> None:
             collaborator = Collaborator(
                 transport.connect(site),
                 lambda ins, w: work(site, ins, w),
                 privacy=site_privacy(plan, site),
+                compression=compression,
             )
             try:
                 collaborator.step(timeout=0)
@@ -247,6 +224,7 @@ def simulate(
                 for w in workers:
                     w.abort()
             pool.shutdown(wait=True)
+            dispatcher.close()
         for f in futures:
             f.result()
         wall = time.perf_counter() - started
@@ -285,8 +263,22 @@ def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
 
 
 def _start_workers(
-    workspace: str, plan_json: str, attack_json: str, count: int, call_timeout: float
+    workspace: str, plan_json: str, attack_json: str, options: SimulationOptions, plan: Plan
 ) -> list[Worker]:
+    # a request carries a batch of sites: each gets the plan's round_seconds
+    call_timeout = plan.deadline.round_seconds  # per site: a worker multiplies it by the batch
+    if options.backend is not None:
+        return start_ray_workers(
+            options.backend,
+            workspace,
+            plan_json,
+            attack_json,
+            workers=options.workers,
+            sites_per_round=plan.per_round,
+            call_timeout=call_timeout,
+        )
+    wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
+    count = min(wanted, plan.per_round)  # more workers than sites would only idle
     if count <= 0:
         return [LocalWorker(workspace, plan_json, attack_json)]
     workers: list[Worker] = []

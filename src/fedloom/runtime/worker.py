@@ -20,7 +20,7 @@ import threading
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedloom.attacks import Attack, AttackKind
 from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
@@ -87,10 +87,28 @@ class SiteWorker:
         raise TaskError(f"unknown worker request {op!r}")
 
     def _run(self, header: dict[str, Any], weights: Weights) -> Reply:
-        site = header["site"]
-        instruction = serde.decode(Instruction, bytes.fromhex(header["instruction"]))
+        """Run each site of the batch in turn from the same model; one site's failure is
+        its own answer, the others go on. The reply's tensors are each site's delta,
+        named ``"<position in the batch>/<tensor>"``."""
+        answers: list[dict[str, Any]] = []
+        deltas: Weights = {}
+        for i, (site, text) in enumerate(zip(header["sites"], header["instructions"], strict=True)):
+            try:
+                instruction = serde.decode(Instruction, bytes.fromhex(text))
+                answer = self._run_site(site, instruction, weights)
+            except Exception as err:
+                answers.append(_error_reply(err))
+                continue
+            answers.append(
+                {"ok": True, "num_samples": answer.num_samples, "metrics": dict(answer.metrics)}
+            )
+            if answer.delta is not None:
+                deltas.update({f"{i}/{name}": array for name, array in answer.delta.items()})
+        return {"ok": True, "answers": answers}, deltas
+
+    def _run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
-        answer = execute(
+        return execute(
             self.task,
             instruction,
             weights,
@@ -103,8 +121,6 @@ class SiteWorker:
             dp_sgd=dp_sgd,
             rounds_selected=rounds_selected,
         )
-        reply = {"ok": True, "num_samples": answer.num_samples, "metrics": dict(answer.metrics)}
-        return reply, answer.delta
 
     def _baseline(self, weights: Weights) -> Reply:
         """Train the same model centrally on every site's training data, as long as
@@ -184,6 +200,23 @@ def raise_reply_error(header: dict[str, Any], doing: str) -> None:
     raise cls(f"{doing}: {text}")
 
 
+def request_timeout(per_site: float | None, header: dict[str, Any]) -> float | None:
+    """How long a request may take: ``per_site`` seconds for each site it carries."""
+    if per_site is None:
+        return None
+    return per_site * max(1, len(header.get("sites", ())))
+
+
+def no_answer(timeout: float, header: dict[str, Any], replaced: str) -> str:
+    """Why a request past its :func:`request_timeout` failed."""
+    sites = len(header.get("sites", ()))
+    each = "" if sites <= 1 else f", for each of the request's {sites} sites"
+    return (
+        f"the site's task gave no answer within {timeout:g} s (the round's deadline{each}); "
+        f"{replaced} was replaced"
+    )
+
+
 class WorkerDied(FedloomError):
     """A worker process ended while serving a request."""
 
@@ -255,14 +288,12 @@ class ProcessWorker:
             if self._closing:
                 raise WorkerDied("the simulation is shutting down")
             self.wait_ready()
+            timeout = request_timeout(self.call_timeout, header)
             try:
                 pipes.send(self._conn, header, weights)
-                if self.call_timeout is not None and not self._conn.poll(self.call_timeout):
+                if timeout is not None and not self._conn.poll(timeout):
                     self._restart()
-                    raise WorkerDied(
-                        f"the site's task gave no answer within {self.call_timeout:g} s "
-                        "(the round's deadline); its worker process was replaced"
-                    )
+                    raise WorkerDied(no_answer(timeout, header, "its worker process"))
                 return pipes.receive(self._conn)
             except (EOFError, OSError) as err:
                 if self._closing:
@@ -313,11 +344,33 @@ class LocalWorker:
         return None
 
 
-Worker = ProcessWorker | LocalWorker
+class Worker(Protocol):
+    """Where sites do their local work: :class:`ProcessWorker`, :class:`LocalWorker`, or
+    ``RayWorker`` (``fedloom.runtime.ray_backend``). One request at a time; a worker that
+    dies, or gives no answer within its timeout, fails that request with
+    :class:`WorkerDied` and is replaced."""
+
+    def wait_ready(self) -> None: ...
+    def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
 
 
-def answer_from_reply(reply: Reply) -> SiteAnswer:
-    header, delta = reply
-    if not header.get("ok"):
-        raise TaskError(str(header.get("error")))  # the site reports it; the round goes on
-    return SiteAnswer(int(header["num_samples"]), header["metrics"], delta)
+def answers_from_batch_reply(reply: Reply, count: int) -> list[SiteAnswer | BaseException]:
+    """Each site's answer to a batch ``run`` request, or the error it failed with."""
+    header, tensors = reply
+    raise_reply_error(header, "the sites' local work failed")
+    answers = header["answers"]
+    if len(answers) != count:
+        raise TaskError(f"a worker answered {len(answers)} of {count} sites")
+    deltas: list[Weights] = [{} for _ in answers]
+    for key, array in (tensors or {}).items():
+        position, name = key.split("/", 1)
+        deltas[int(position)][name] = array
+    out: list[SiteAnswer | BaseException] = []
+    for answer, delta in zip(answers, deltas, strict=True):
+        if not answer.get("ok"):  # the site reports it; the round goes on
+            out.append(TaskError(str(answer.get("error"))))
+        else:
+            out.append(SiteAnswer(int(answer["num_samples"]), answer["metrics"], delta or None))
+    return out

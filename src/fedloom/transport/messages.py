@@ -205,6 +205,8 @@ def _one_buffer(parts: list[memoryview]) -> np.ndarray | None:
     if not parts or parts[0].obj is None:
         return None
     owner = parts[0].obj
+    if len(parts) == 1 and isinstance(owner, np.ndarray) and len(parts[0]) == owner.nbytes:
+        return owner.reshape(-1).view(np.uint8)  # the whole of one array: no address sums
     start = _address(parts[0])
     at = start
     for part in parts:
@@ -212,7 +214,7 @@ def _one_buffer(parts: list[memoryview]) -> np.ndarray | None:
             return None
         at += len(part)
     try:
-        whole = np.frombuffer(owner, dtype=np.uint8)
+        whole = np.frombuffer(owner, dtype=np.uint8)  # type: ignore[call-overload]
     except (TypeError, ValueError):  # an owner numpy cannot read flat
         return None
     first = start - _address(memoryview(whole))

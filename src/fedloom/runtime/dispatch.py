@@ -1,0 +1,121 @@
+"""Simulated sites' local work, handed to the workers in batches.
+
+A request to a worker process costs a round trip (two context switches, a JSON header,
+often a wait for a busy core) whatever the site does. With a small model that is most
+of a site's cost, so each worker's thread takes every site waiting, up to ``batch``,
+and sends them in one request: the round trip is paid once per batch. The model goes
+to each worker once per round, not once per site. A large model gains nothing from
+batching but loses nothing either: its sites' training dominates.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.records import Instruction, SiteAnswer
+from fedloom.runtime.worker import Worker, answers_from_batch_reply
+from fedloom.transport import serde
+from fedloom.weights import Weights
+
+
+@dataclass
+class _Job:
+    site: str
+    instruction: Instruction
+    weights: Weights
+    done: Future[SiteAnswer] = field(default_factory=Future)
+
+    @property
+    def key(self) -> str:  # every site given the same task gets the same model
+        return f"{self.instruction.kind.value}:{self.instruction.round}:{self.instruction.task_id}"
+
+
+MAX_BATCH = 16
+BATCH_BYTES = 32 * 1024 * 1024  # a batch's updates held at once: at most about this much
+
+
+def batch_size(per_round: int, workers: int, model_bytes: int) -> int:
+    """Sites per request: a round's sites spread over the workers about four requests
+    each (so the folding of one batch overlaps the next), at most :data:`MAX_BATCH`, and
+    no more updates than fit :data:`BATCH_BYTES` (a large model's sites go one by one:
+    their training dominates, and memory stays flat)."""
+    by_bytes = BATCH_BYTES // max(1, model_bytes)
+    return max(1, min(MAX_BATCH, by_bytes, per_round // (4 * max(1, workers))))
+
+
+class Dispatcher:
+    """Runs sites' local work on ``workers``, up to ``batch`` sites per request."""
+
+    def __init__(self, workers: list[Worker], batch: int) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._batch = max(1, batch)
+        self._threads = [
+            threading.Thread(target=self._serve, args=(w,), name="fedloom-worker", daemon=True)
+            for w in workers
+        ]
+        for t in self._threads:
+            t.start()
+
+    def run(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
+        """The site's answer (blocks until a worker has run it); raises what it raised."""
+        job = _Job(site, instruction, weights)
+        self._jobs.put(job)
+        return job.done.result()
+
+    def close(self) -> None:
+        """Stop the workers' threads once the jobs already queued are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    def _serve(self, worker: Worker) -> None:
+        sent: str | None = None  # the model this worker holds
+        held: _Job | None = None  # taken from the queue, for the next batch
+        while True:
+            first = held if held is not None else self._jobs.get()
+            held = None
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < self._batch:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)  # give the stop back: this thread ends next
+                    break
+                if more.key != first.key:
+                    held = more  # another task's site starts the next batch
+                    break
+                jobs.append(more)
+            try:
+                answers = self._call(worker, jobs, first.weights if first.key != sent else None)
+                sent = first.key
+            except BaseException as err:
+                sent = None  # a restarted worker holds no model
+                for job in jobs:
+                    job.done.set_exception(err)
+                continue
+            for job, answer in zip(jobs, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    job.done.set_exception(answer)
+                else:
+                    job.done.set_result(answer)
+
+    @staticmethod
+    def _call(
+        worker: Worker, jobs: list[_Job], weights: Weights | None
+    ) -> list[SiteAnswer | BaseException]:
+        header: dict[str, Any] = {
+            "op": "run",
+            "key": jobs[0].key,
+            "sites": [j.site for j in jobs],
+            "instructions": [serde.encode(j.instruction).hex() for j in jobs],
+        }
+        return answers_from_batch_reply(worker.call(header, weights), len(jobs))
