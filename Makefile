@@ -1,12 +1,14 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run the digits federation (8 sites)
 #   make test   set up (with dev tools) and run ruff, mypy and the whole test suite
+#   make bench  fedloom against the plain loop, Flower and OpenFL (each peer in its own
+#               environment under bench/), writes bench/results/ and docs/benchmarks.md
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest proto clean
+.PHONY: demo test lint typecheck pytest proto clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +40,44 @@ typecheck: $(VENV)/.dev
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
 
+# The peers live in their own environments: Flower pins protobuf below 7 (fedloom needs
+# 7), OpenFL pins older grpcio and protobuf. torch is the same CPU build everywhere.
+FLOWER := bench/.venv-flower
+OPENFL := bench/.venv-openfl
+BENCH_REPEATS ?= 3
+
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[torch,ray]'
+	touch $@ $(VENV)/.demo
+
+$(FLOWER)/.ready:
+	$(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip install -q --disable-pip-version-check \
+		'flwr[simulation]==1.42.0' 'torch==2.13.0' scikit-learn numpy
+	touch $@
+
+# OpenFL where it installs: its Workflow API needs packages openfl does not declare (ray,
+# dill, metaflow and the notebook tools metaflow imports), pinned to the versions of
+# OpenFL's workflow_interface_requirements.txt. A failure leaves its rows out, nothing else.
+$(OPENFL)/.ready:
+	$(PYTHON) -m venv $(OPENFL)
+	$(OPENFL)/bin/python -m pip install -q --disable-pip-version-check \
+		'openfl==1.9' 'torch==2.13.0' scikit-learn 'dill==0.3.6' 'metaflow==2.7.15' \
+		'ray==2.43.0' 'tabulate==0.9.0' 'nbformat==5.10.4' 'nbdev==2.3.37' \
+		'execnb==0.1.14' 'fastcore==1.8.0' 'setuptools<81'
+	touch $@
+
+bench: $(VENV)/.bench $(FLOWER)/.ready
+	-$(MAKE) $(OPENFL)/.ready
+	$(BIN)/python bench/run.py --repeats $(BENCH_REPEATS)
+	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/ray_backend.py
+	$(BIN)/python bench/report.py
+
 # Regenerate the protobuf code after editing src/fedloom/transport/proto/fedloom.proto.
 proto: $(VENV)/.dev
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --pyi_out=src \
 		src/fedloom/transport/proto/fedloom.proto
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache $(FLOWER) $(OPENFL)
