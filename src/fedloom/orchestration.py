@@ -583,6 +583,12 @@ class Aggregator:
             self._on_event(SiteAnswered(opened.round, site, False, reason))
         return None if dropped else wake
 
+    def task_open(self, task_id: str) -> bool:
+        """Whether the attempt ``task_id`` is open and takes answers (a simulation drops
+        the work it queued for an attempt that has closed)."""
+        with self._cond:
+            return self._open is not None and self._open.task.task_id == task_id
+
     def snapshot(self) -> dict[str, Any]:
         """The live state, for ``fedloom status``: the round under way and who is where."""
         with self._cond:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedloom.errors import TaskError
 from fedloom.records import Instruction, SiteAnswer
-from fedloom.runtime.worker import Worker, answers_from_batch_reply
+from fedloom.runtime.worker import Worker, WorkerDied, answers_from_batch_reply
 from fedloom.transport import serde
 from fedloom.weights import Weights
 
@@ -48,11 +50,18 @@ def batch_size(per_round: int, workers: int, model_bytes: int) -> int:
 
 
 class Dispatcher:
-    """Runs sites' local work on ``workers``, up to ``batch`` sites per request."""
+    """Runs sites' local work on ``workers``, up to ``batch`` sites per request.
 
-    def __init__(self, workers: list[Worker], batch: int) -> None:
+    ``open_task(task_id)`` says whether an attempt still takes answers: a site queued for
+    one that has closed (at its deadline, or for a retry) is failed at once instead of
+    trained, so stale work never delays the next attempt. A batch whose worker died or
+    hung is run again one site at a time, so only the culprit fails."""
+
+    def __init__(self, workers: list[Worker], batch: int, open_task: Callable[[str], bool]) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._batch = max(1, batch)
+        self._open_task = open_task
+        self._aborted = False
         self._threads = [
             threading.Thread(target=self._serve, args=(w,), name="fedloom-worker", daemon=True)
             for w in workers
@@ -65,6 +74,10 @@ class Dispatcher:
         job = _Job(site, instruction, weights)
         self._jobs.put(job)
         return job.done.result()
+
+    def abort(self) -> None:
+        """Fail every queued job at once (the run stopped); the workers are aborted too."""
+        self._aborted = True
 
     def close(self) -> None:
         """Stop the workers' threads once the jobs already queued are done."""
@@ -94,19 +107,49 @@ class Dispatcher:
                     held = more  # another task's site starts the next batch
                     break
                 jobs.append(more)
-            try:
-                answers = self._call(worker, jobs, first.weights if first.key != sent else None)
-                sent = first.key
-            except BaseException as err:
-                sent = None  # a restarted worker holds no model
-                for job in jobs:
-                    job.done.set_exception(err)
+            jobs = self._still_wanted(jobs)
+            if not jobs:
                 continue
+            try:
+                answers = self._call(worker, jobs, jobs[0].weights if jobs[0].key != sent else None)
+                sent = jobs[0].key
+            except WorkerDied as err:
+                sent = None  # a restarted worker holds no model
+                if len(jobs) == 1 or self._aborted:
+                    jobs[0].done.set_exception(err)
+                    for job in jobs[1:]:
+                        job.done.set_exception(err)
+                    continue
+                answers = [self._alone(worker, job) for job in jobs]  # find the culprit
+            except BaseException as err:
+                sent = None
+                answers = [err] * len(jobs)
             for job, answer in zip(jobs, answers, strict=True):
                 if isinstance(answer, BaseException):
                     job.done.set_exception(answer)
                 else:
                     job.done.set_result(answer)
+
+    def _still_wanted(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs worth running; the others fail now (run stopped, attempt closed)."""
+        wanted = []
+        for job in jobs:
+            if self._aborted:
+                job.done.set_exception(WorkerDied("the simulation is shutting down"))
+            elif not self._open_task(job.instruction.task_id):
+                job.done.set_exception(
+                    TaskError(f"round {job.instruction.round} closed before its turn came")
+                )
+            else:
+                wanted.append(job)
+        return wanted
+
+    def _alone(self, worker: Worker, job: _Job) -> SiteAnswer | BaseException:
+        try:
+            (answer,) = self._call(worker, [job], job.weights)
+        except BaseException as err:
+            return err
+        return answer
 
     @staticmethod
     def _call(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
 from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -58,8 +60,41 @@ def receive(conn: Connection) -> tuple[Header, Weights | None]:
         return header, None
     weights: Weights = {}
     for name, dtype, shape in tensors:
-        weights[name] = np.frombuffer(conn.recv_bytes(), dtype=dtype).reshape(shape)
+        array = np.empty(shape, dtype=dtype)
+        _receive_into(conn, array.reshape(-1).view(np.uint8).data)
+        array.flags.writeable = False  # as np.frombuffer(bytes) would be
+        weights[name] = array
     return header, weights
+
+
+def _receive_into(conn: Connection, into: memoryview) -> None:
+    """Read one ``send_bytes`` message straight into ``into``, which it must fill.
+
+    ``Connection.recv_bytes`` gathers a message through a BytesIO, copying it twice;
+    this reads the same framing (a 4-byte big-endian length, or -1 and an 8-byte one)
+    from the descriptor into the array: one copy, from the kernel."""
+    fd = conn.fileno()
+    (size,) = struct.unpack("!i", _read_exact(fd, 4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _read_exact(fd, 8))
+    if size != len(into):
+        raise OSError(f"a tensor of {size} bytes where {len(into)} were announced")
+    got = 0
+    while got < size:
+        n = os.readv(fd, [into[got:]])
+        if n == 0:
+            raise EOFError("the other end closed the pipe in the middle of a tensor")
+        got += n
+
+
+def _read_exact(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        part = os.read(fd, size - len(data))
+        if not part:
+            raise EOFError("the other end closed the pipe")
+        data += part
+    return data
 
 
 def _padding(size: int) -> int:

@@ -164,7 +164,7 @@ def simulate(
         # Secure aggregation's key exchange waits for every site of the round, so each
         # needs its own thread then.
         batch = batch_size(per_round, len(workers), nbytes(initial))
-        dispatcher = Dispatcher(workers, batch)
+        dispatcher = Dispatcher(workers, batch, aggregator.task_open)
         threads = (
             per_round
             if plan.privacy.secure_aggregation
@@ -221,10 +221,13 @@ def simulate(
             for _ in range(threads):
                 sites.put(None)
             if not completed:  # stopped or failed: don't wait for tasks still running
+                dispatcher.abort()
                 for w in workers:
                     w.abort()
-            pool.shutdown(wait=True)
-            dispatcher.close()
+            try:
+                pool.shutdown(wait=True)
+            finally:
+                dispatcher.close()
         for f in futures:
             f.result()
         wall = time.perf_counter() - started

@@ -33,7 +33,7 @@ from fedloom.tasks.base import SiteContext
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
-from fedloom.weights import Weights, read_only
+from fedloom.weights import Weights, copy_weights, read_only
 
 Reply = tuple[dict[str, Any], Weights | None]
 
@@ -334,6 +334,8 @@ class LocalWorker:
         return None  # nothing to interrupt: a request runs in the caller's own thread
 
     def call(self, header: dict[str, Any], weights: Weights | None = None) -> Reply:
+        if weights is not None:  # a private copy, as a worker process gets: the in-process
+            weights = copy_weights(weights)  # download is a view of the global model
         with self._lock:
             try:
                 return self._worker.handle(header, weights)
