@@ -10,27 +10,21 @@ framework adds beyond this is overhead. torch keeps its default thread count.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/workloads.py
-from workloads import Workload, build_model, site_data  # noqa: E402
+from workloads import Workload, build_model, runner_main, site_data  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", required=True, help="Workload.to_json() as JSON")
-    parser.add_argument("--out", required=True, type=Path)
-    args = parser.parse_args()
+def run(w: Workload) -> dict[str, Any]:
     started = time.perf_counter()
     import torch
 
-    w = Workload.from_json(json.loads(args.workload))
     torch.manual_seed(0)
     model = build_model(w.hidden)
     names = list(model.state_dict())
@@ -65,7 +59,7 @@ def main() -> None:
             samples += n
         global_w = {k: total[k] / np.float32(samples) for k in names}
         seconds.append(time.perf_counter() - t0)
-    result = {
+    return {
         "framework": "floor",
         "version": f"torch {torch.__version__}",
         "workload": w.to_json(),
@@ -73,9 +67,7 @@ def main() -> None:
         "setup_seconds": setup,
         "wall_seconds": time.perf_counter() - started,
     }
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"floor {w.name}: median {np.median(seconds):.4f} s/round")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(runner_main("floor", run, __doc__.split("\n\n")[0]))

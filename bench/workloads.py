@@ -12,8 +12,13 @@ global model, and the global model becomes the sample-weighted mean.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,3 +98,29 @@ def site_data(sites: int) -> list[tuple[np.ndarray, np.ndarray]]:
     x = (x[train] / 16.0).astype(np.float32)
     y = y[train].astype(np.int64)
     return [(x[i], y[i]) for i in np.array_split(np.arange(len(y)), sites)]
+
+
+def runner_main(
+    framework: str,
+    run: Callable[[Workload], dict[str, Any]],
+    description: str,
+    argv: list[str] | None = None,
+) -> int:
+    """The command line every runner shares: ``--workload JSON --out FILE``; runs the
+    workload, writes ``run``'s result as JSON and prints a one-line summary."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workload", required=True, help="JSON from Workload.to_json()")
+    parser.add_argument("--out", required=True, type=Path, help="result JSON file")
+    args = parser.parse_args(argv)
+    workload = Workload.from_json(json.loads(args.workload))
+    result = run(workload)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rounds = result["round_seconds"]
+    print(
+        f"{framework} {result['version']} {workload.name}: {len(rounds)} rounds, "
+        f"median {statistics.median(rounds):.3f} s/round, "
+        f"setup {result.get('setup_seconds', 0.0):.1f} s, "
+        f"wall {result['wall_seconds']:.1f} s -> {args.out}"
+    )
+    return 0

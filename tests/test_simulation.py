@@ -117,6 +117,21 @@ def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path)
     assert {r.site for r in final.results} >= {"site-01", "site-02", "site-04", "site-05"}
 
 
+def test_a_site_that_kills_its_worker_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    # 40 sites on one worker go in batches of 10: the batch holding site-07 loses its
+    # worker process; it is run again site by site, so only site-07 fails
+    ws = make_workspace(tmp_path, "breast-cancer")
+    write_training_twist(ws, "if context.site == 'site-07': import os; os._exit(3)")
+    plan = load_plan(ws, ["rounds=1", "sites=40", "deadline.min_fraction=0.5"])
+    result = simulate(ws, plan, SimulationOptions(workers=1))
+    [train] = [r for r in result.history if r.kind is InstructionKind.TRAIN]
+    assert train.close_reason is CloseReason.QUORUM
+    [failure] = train.failures
+    assert failure.site == "site-07" and failure.kind is FailureKind.ERROR
+    assert "worker process died (exit code 3)" in failure.reason
+    assert len(train.results) == 39
+
+
 def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     write_training_twist(ws, "if context.round == 3: raise RuntimeError('the GPU caught fire')")

@@ -32,7 +32,6 @@ os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -63,7 +62,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-from workloads import Workload, build_model, site_data  # noqa: E402
+from workloads import Workload, build_model, runner_main, site_data  # noqa: E402
 
 # Object store for the model messages: Ray's default is 30 % of memory; the largest
 # workload moves 100 sites x 41 MB per round, so 4 GiB is ample on a 24 GiB machine.
@@ -269,21 +268,7 @@ def _importable() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True, help="JSON from Workload.to_json()")
-    parser.add_argument("--out", required=True, type=Path, help="result JSON file")
-    args = parser.parse_args(argv)
-    workload = Workload.from_json(json.loads(args.workload))
-    result = run(workload)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    rounds = result["round_seconds"]
-    print(
-        f"flower {result['version']} {workload.name}: {len(rounds)} rounds, "
-        f"median {float(np.median(rounds)):.3f} s/round, setup {result['setup_seconds']:.1f} s, "
-        f"wall {result['wall_seconds']:.1f} s -> {args.out}"
-    )
-    return 0
+    return runner_main("flower", run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,8 @@ import os
 # Metaflow (under OpenFL's Workflow API) needs a user name; the machine may have none.
 os.environ.setdefault("USERNAME", "bench")
 
-import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -41,7 +39,7 @@ if str(BENCH) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from workloads import Workload, build_model, site_data  # noqa: E402
+from workloads import Workload, build_model, runner_main, site_data  # noqa: E402
 
 with warnings.catch_warnings(), contextlib.redirect_stdout(None):
     warnings.simplefilter("ignore")  # metaflow's pkg_resources deprecation warning
@@ -220,21 +218,7 @@ def run(workload: Workload) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True, help="JSON from Workload.to_json()")
-    parser.add_argument("--out", required=True, type=Path, help="result JSON file")
-    args = parser.parse_args(argv)
-    workload = Workload.from_json(json.loads(args.workload))
-    result = run(workload)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    rounds = result["round_seconds"]
-    print(
-        f"openfl {result['version']} {workload.name}: {len(rounds)} rounds, "
-        f"median {float(np.median(rounds)):.3f} s/round, setup {result['setup_seconds']:.1f} s, "
-        f"wall {result['wall_seconds']:.1f} s -> {args.out}"
-    )
-    return 0
+    return runner_main("openfl", run, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
