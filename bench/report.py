@@ -149,7 +149,7 @@ def frameworks_section(f: Figures, checks: list[tuple[str, bool | None, str]]) -
                 (
                     f"{name}: fedloom peak memory <= 1.5 GB (PSS, whole process tree)",
                     None if mem["fedloom"] is None else mem["fedloom"] <= 1.5e9,
-                    gb(mem["fedloom"]),
+                    "-" if mem["fedloom"] is None else f"{mem['fedloom'] / 1e9:.2f} GB",
                 )
             )
     header = [

@@ -176,6 +176,7 @@ def run_once(row: Row, timeout: float) -> dict[str, Any]:
         wall = time.perf_counter() - started
         record: dict[str, Any] = {
             "row": row.key,
+            "commit": _commit(),
             "wall_seconds": wall,
             "peak_pss_bytes": peak.bytes,
             "pss_samples": peak.samples,
@@ -190,6 +191,23 @@ def run_once(row: Row, timeout: float) -> dict[str, Any]:
             median_round_seconds=statistics.median(seconds) if seconds else None,
         )
         return record
+
+
+def _commit() -> str:
+    """The checkout's commit, with ``+`` if it has changes: which code a run measured."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return ""
+    return head + ("+" if dirty else "")
 
 
 def available(framework: str) -> bool:
