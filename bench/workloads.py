@@ -87,6 +87,24 @@ def build_model(hidden: tuple[int, ...]) -> Any:
     return nn.Sequential(*layers)
 
 
+def sgd_epochs(model: Any, w: Workload, x: Any, y: Any, site: int, server_round: int) -> None:
+    """The peers' local training: ``w.epochs`` epochs of plain SGD on tensors ``x, y``,
+    batches shuffled by a generator seeded from the round and the site."""
+    import torch
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=w.momentum)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(server_round * 1_000_003 + site)
+    for _ in range(w.epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), w.batch_size):
+            idx = order[start : start + w.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
 def site_data(sites: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """The training part of digits (pixels / 16) split IID into ``sites`` parts."""
     from sklearn.datasets import load_digits

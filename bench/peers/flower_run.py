@@ -62,7 +62,13 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
-from workloads import Workload, build_model, runner_main, site_data  # noqa: E402
+from workloads import (  # noqa: E402
+    Workload,
+    build_model,
+    runner_main,
+    sgd_epochs,
+    site_data,
+)
 
 # Object store for the model messages: Ray's default is 30 % of memory; the largest
 # workload moves 100 sites x 41 MB per round, so 4 GiB is ample on a 24 GiB machine.
@@ -106,17 +112,7 @@ def train_locally(workload: Workload, site: int, server_round: int, arrays: Arra
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     model = cached_model(workload.hidden)
     model.load_state_dict(arrays.to_torch_state_dict())
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(server_round * 1_000_003 + site)
-    for _ in range(workload.epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), workload.batch_size):
-            idx = order[start : start + workload.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
+    sgd_epochs(model, workload, x, y, site, server_round)
     return model.state_dict()
 
 

@@ -39,7 +39,13 @@ if str(BENCH) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from workloads import Workload, build_model, runner_main, site_data  # noqa: E402
+from workloads import (  # noqa: E402
+    Workload,
+    build_model,
+    runner_main,
+    sgd_epochs,
+    site_data,
+)
 
 with warnings.catch_warnings(), contextlib.redirect_stdout(None):
     warnings.simplefilter("ignore")  # metaflow's pkg_resources deprecation warning
@@ -94,17 +100,7 @@ def train_locally(
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     model = cached_model(workload.hidden)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=workload.lr, momentum=workload.momentum)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(server_round * 1_000_003 + site)
-    for _ in range(workload.epochs):
-        order = torch.randperm(len(y), generator=gen)
-        for start in range(0, len(y), workload.batch_size):
-            idx = order[start : start + workload.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
+    sgd_epochs(model, workload, x, y, site, server_round)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
