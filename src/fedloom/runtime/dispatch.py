@@ -116,11 +116,9 @@ class Dispatcher:
             except WorkerDied as err:
                 sent = None  # a restarted worker holds no model
                 if len(jobs) == 1 or self._aborted:
-                    jobs[0].done.set_exception(err)
-                    for job in jobs[1:]:
-                        job.done.set_exception(err)
-                    continue
-                answers = [self._alone(worker, job) for job in jobs]  # find the culprit
+                    answers = [err] * len(jobs)
+                else:
+                    answers = [self._alone(worker, job) for job in jobs]  # find the culprit
             except BaseException as err:
                 sent = None
                 answers = [err] * len(jobs)
