@@ -164,12 +164,12 @@ def simulate(
         # Secure aggregation's key exchange waits for every site of the round, so each
         # needs its own thread then.
         batch = batch_size(per_round, len(workers), nbytes(initial))
+        if not options.baseline:
+            initial = {}  # the strategy holds its own copy: a model's size less to keep
         dispatcher = Dispatcher(workers, batch, aggregator.task_open)
-        threads = (
-            per_round
-            if plan.privacy.secure_aggregation
-            else min(per_round, 2 * batch * len(workers))
-        )
+        # one site ahead of each worker; with batches, a second batch per worker
+        ahead = 2 * batch * len(workers) if batch > 1 else len(workers) + 1
+        threads = per_round if plan.privacy.secure_aggregation else min(per_round, ahead)
         work = dispatcher.run
 
         busy: set[str] = set()  # sites a driver is working on

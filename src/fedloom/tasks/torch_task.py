@@ -130,6 +130,7 @@ class TorchTask:
                 loss.backward()
                 optimizer.step()
         metrics: dict[str, Any] = {"train_loss": total / steps} if steps else {}
+        optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
         return TrainOutput(state_to_weights(model), n, metrics)
 
     def _train_dp_sgd(
