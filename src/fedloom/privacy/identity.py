@@ -88,7 +88,7 @@ def peer_certificate(site: str, pem: str, ca: x509.Certificate) -> x509.Certific
     name = common_name(cert.subject, "certificate")
     if name != site:
         raise CertificateError(
-            f"the certificate is {name!r}'s, not {site!r}'s",
+            f"the certificate names {name!r}, not {site!r}",
             hint="a site signs only with its own certificate",
         )
     try:
