@@ -25,7 +25,7 @@ from grpcnet import GrpcTestTransport
 from fedloom.errors import QuorumError
 from fedloom.orchestration import CloseReason
 from fedloom.pki import server_credentials, site_credentials
-from fedloom.pki.common import load_private_key
+from fedloom.pki.common import load_cert, load_private_key
 from fedloom.privacy import masking, signing
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.identity import SimulatedAuthority, SiteIdentity
@@ -127,6 +127,8 @@ def run_federation(
     )  # fmt: skip
     liar, grpc = made[0]
     fed.closers.append(grpc.close)
+    # as `fedloom aggregator` does: keys from a certificate of another CA are refused
+    privacy.site_ca = load_cert((tmp_path / "pki" / "ca.crt").read_bytes(), "CA certificate")
     for site in SITES:
         identity = SiteIdentity.from_credentials(site, site_credentials(grpc.states[site]))
         privacy_here = SitePrivacy(
@@ -447,3 +449,15 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     with pytest.raises(UpdateRejected, match="signature over the key set"):
         round_.handle("site-a", SHARES, dumps({"to": {}}))
     assert round_.describe()["keys"] == 0  # nothing of the refused messages was kept
+
+    # an aggregator that knows the federation's CA refuses a certificate from another
+    federation = SimulatedAuthority("the federation's")
+    checked = SecAggRound(
+        task_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
+        params=round_.params, clock=ManualClock(), cond=threading.Condition(),
+        in_round=lambda: SITES, drop=lambda site, reason: None, site_ca=federation.ca,
+    )  # fmt: skip
+    signed = {**keys, "certificate": a.certificate_pem, "signature": a.sign(message).hex()}
+    with pytest.raises(UpdateRejected, match="not issued by the federation's CA"):
+        checked.handle("site-a", KEYS, dumps(signed))
+    assert checked.describe()["keys"] == 0

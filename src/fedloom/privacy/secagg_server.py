@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography import x509
 
 from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock
 from fedloom.errors import AggregationError, CertificateError, UpdateRejected
 from fedloom.pki.common import common_name, load_cert
 from fedloom.privacy import masking, shamir, signing
+from fedloom.privacy.identity import peer_certificate
 from fedloom.privacy.quantize import decode, unsigned
 from fedloom.privacy.secagg import (
     KEYS,
@@ -80,6 +82,7 @@ class SecAggRound:
         in_round: Callable[[], Iterable[str]],
         drop: Callable[[str, str], None],  # settle a site as failed (caller holds cond)
         spool_dir: Path | None = None,
+        site_ca: x509.Certificate | None = None,  # sites' certificates must chain to it
     ) -> None:
         self.task_id = task_id
         self.round = round
@@ -90,6 +93,7 @@ class SecAggRound:
         self._cond = cond
         self._in_round = in_round  # the round's sites not yet settled (caller holds cond)
         self._drop = drop
+        self._site_ca = site_ca
         self.step = Step.KEYS
         self._step_began = clock.now()
         self._keys: dict[str, dict[str, str]] = {}
@@ -134,7 +138,7 @@ class SecAggRound:
     def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
         self._check_task(keys)
         c, s = _public_key(keys.get("c")), _public_key(keys.get("s"))
-        signed = _signed_advertisement(self.task_id, site, c, s, keys)
+        signed = _signed_advertisement(self.task_id, site, c, s, keys, self._site_ca)
         with self._cond:
             self._expect(site, Step.KEYS, "its public keys")
             if site in self._keys:
@@ -439,12 +443,18 @@ def _is_hex(text: str) -> bool:
 
 
 def _signed_advertisement(
-    task_id: str, site: str, c: str, s: str, keys: Mapping[str, object]
+    task_id: str,
+    site: str,
+    c: str,
+    s: str,
+    keys: Mapping[str, object],
+    ca: x509.Certificate | None,
 ) -> dict[str, str]:
     """The certificate and signature that come with ``site``'s keys, once they verify:
-    the certificate names ``site`` and its key signed the keys. The sites check the rest
-    (that the federation's CA issued it); a site whose advertisement would fail here is
-    refused alone instead of making every other site refuse the round."""
+    the certificate names ``site`` (and is a site's, issued by ``ca``, when the
+    aggregator knows the federation's CA) and its key signed the keys. Every site checks
+    the same again; a site whose keys would fail there is refused here, alone, instead
+    of making every other site refuse the round."""
     pem, signature = keys.get("certificate"), keys.get("signature")
     if not isinstance(pem, str) or not isinstance(signature, str) or not _is_hex(signature):
         raise UpdateRejected(
@@ -454,6 +464,8 @@ def _signed_advertisement(
     try:
         cert = load_cert(pem.encode("ascii", errors="replace"), "certificate")
         name = common_name(cert.subject, "certificate")
+        if ca is not None and name == site:
+            cert = peer_certificate(site, pem, ca)
     except CertificateError as err:
         raise UpdateRejected(f"secure aggregation: {site!r} sent {err.message}") from err
     message = signing.secagg_keys_message(task_id, site, bytes.fromhex(c), bytes.fromhex(s))
