@@ -15,12 +15,14 @@ nothing there: the simulated sites, their keys and the aggregator share one proc
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import threading
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedloom.errors import CertificateError
@@ -83,7 +85,47 @@ class SiteIdentity:
 def peer_certificate(site: str, pem: str, ca: x509.Certificate) -> x509.Certificate:
     """The certificate ``pem`` that speaks for ``site``: issued by ``ca``, valid now, a
     client certificate, with ``site`` as its common name. :class:`CertificateError`
-    saying which of these failed otherwise."""
+    saying which of these failed otherwise. A certificate that passed is remembered
+    (its validity period is checked again at each use)."""
+    key = hashlib.sha256(b"\0".join((site.encode(), pem.encode(), ca.tbs_certificate_bytes)))
+    with _LOCK:
+        found = _CHECKED.get(key.digest())
+    if found is not None and found.not_valid_before_utc <= now() < found.not_valid_after_utc:
+        return found
+    cert = _check_peer(site, pem, ca)
+    with _LOCK:
+        if len(_CHECKED) >= _REMEMBERED:
+            _CHECKED.clear()
+        _CHECKED[key.digest()] = cert
+    return cert
+
+
+def verified(certificate: x509.Certificate, message: bytes, signature: bytes) -> bool:
+    """:func:`fedloom.privacy.signing.verify`, remembering the signatures that verified:
+    in simulation every site checks the same signatures, which then costs one check
+    each instead of one per site."""
+    key = hashlib.sha256()
+    for part in (certificate.public_bytes(Encoding.DER), message, signature):
+        key.update(len(part).to_bytes(8, "big") + part)
+    with _LOCK:
+        if key.digest() in _VERIFIED:
+            return True
+    if not signing.verify(certificate, message, signature):
+        return False
+    with _LOCK:
+        if len(_VERIFIED) >= _REMEMBERED:
+            _VERIFIED.clear()
+        _VERIFIED.add(key.digest())
+    return True
+
+
+_REMEMBERED = 65_536
+_LOCK = threading.Lock()
+_CHECKED: dict[bytes, x509.Certificate] = {}
+_VERIFIED: set[bytes] = set()
+
+
+def _check_peer(site: str, pem: str, ca: x509.Certificate) -> x509.Certificate:
     cert = signing.certificate_from_pem(pem.encode("ascii", errors="replace"), ca)
     name = common_name(cert.subject, "certificate")
     if name != site:

@@ -59,9 +59,8 @@ import numpy as np
 from cryptography import x509
 
 from fedloom.errors import AggregationError, CertificateError
-from fedloom.pki.common import now
 from fedloom.privacy import masking, shamir, signing
-from fedloom.privacy.identity import SiteIdentity, peer_certificate
+from fedloom.privacy.identity import SiteIdentity, peer_certificate, verified
 from fedloom.privacy.quantize import encode
 from fedloom.weights import Weights
 
@@ -174,7 +173,6 @@ class SecureAggregationSite:
         self.neighbours = neighbours
         self.min_sites = max(2, min_sites)
         self._attempt: _Attempt | None = None
-        self._trusted: dict[tuple[str, str], x509.Certificate] = {}  # (site, PEM) checked
 
     def prepare(self, task_id: str, exchange: Exchange) -> None:
         """Steps 1 and 2: agree keys with the round's sites and hand out shares.
@@ -313,11 +311,11 @@ class SecureAggregationSite:
                     key_set[name] = {"c": c, "s": s}
                 continue
             try:
-                cert = self._certificate(name, pem)
+                cert = peer_certificate(name, pem, self.identity.ca)
             except CertificateError as err:
                 problems.append(f"the certificate given for {name!r} is refused: {err.message}")
                 continue
-            if not signing.verify(cert, message, signature):
+            if not verified(cert, message, signature):
                 problems.append(
                     f"the keys given for {name!r} do not carry its signature (replaced or forged)"
                 )
@@ -363,7 +361,7 @@ class SecureAggregationSite:
                 continue
             signature = signatures.get(name)
             try:
-                valid = isinstance(signature, str) and signing.verify(
+                valid = isinstance(signature, str) and verified(
                     certificates[name], key_set_message, bytes.fromhex(signature)
                 )
             except ValueError:
@@ -388,14 +386,6 @@ class SecureAggregationSite:
         if problems:
             _refuse(problems, step="share step")
         return tuple(completed)
-
-    def _certificate(self, site: str, pem: str) -> x509.Certificate:
-        """``site``'s certificate ``pem``, checked against the federation's CA (once per
-        certificate)."""
-        found = self._trusted.get((site, pem))
-        if found is None or not found.not_valid_before_utc <= now() < found.not_valid_after_utc:
-            found = self._trusted[(site, pem)] = peer_certificate(site, pem, self.identity.ca)
-        return found
 
     def mask(
         self,
