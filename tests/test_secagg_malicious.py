@@ -277,6 +277,27 @@ def test_a_substituted_key_is_refused_by_every_honest_site(
     assert liar.uploads == []
 
 
+def test_a_key_substituted_for_everyone_but_its_owner_is_refused_by_every_site(
+    closing_federation: Any, tmp_path: Path
+) -> None:
+    """The quieter attack: site-c itself is shown the honest key set, so its own check
+    passes. Every other site refuses the substituted keys; site-c then finds that no
+    other site took part in the share step, and sends nothing either (its reason is the
+    aggregator's or its own check's, whichever comes first)."""
+    lie = substitute(None)
+
+    def spare_c(site: str, sent: dict[str, Any], key_set: dict[str, Any]) -> dict[str, Any]:
+        return key_set if site == "site-c" else lie(site, sent, key_set)
+
+    fed, liar = run_federation(closing_federation, tmp_path, keys=spare_c)
+    reasons = refusals(fed, liar)
+    assert sorted(reasons) == list(SITES)
+    for site, why in reasons.items():
+        if site != "site-c":
+            assert REFUSED in why and "'site-c' do not carry its signature" in why, why
+    assert liar.uploads == []
+
+
 def test_a_forged_signature_is_refused(closing_federation: Any, tmp_path: Path) -> None:
     """The liar leaves site-d's keys alone but alters its signature in the key set the
     other sites see: each of them refuses, naming site-d. site-d, told nothing false,
