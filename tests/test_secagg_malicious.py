@@ -482,3 +482,62 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     with pytest.raises(UpdateRejected, match="not issued by the federation's CA"):
         checked.handle("site-a", KEYS, dumps(signed))
     assert checked.describe()["keys"] == 0
+
+
+# ------------------------------------------------------------ the pure pieces
+
+
+def test_the_key_set_digest_ignores_order_and_sees_every_change() -> None:
+    from fedloom.privacy.secagg import key_set_digest
+
+    keys = {
+        name: {"c": bytes([i]) * 32, "s": bytes([i + 100]) * 32} for i, name in enumerate(SITES)
+    }
+    digest = key_set_digest("run/1.1", keys)
+    assert key_set_digest("run/1.1", dict(reversed(list(keys.items())))) == digest
+    changed = [
+        key_set_digest("run/1.2", keys),  # another attempt
+        key_set_digest("run/1.1", {k: v for k, v in keys.items() if k != "site-e"}),
+        key_set_digest("run/1.1", {**keys, "site-c": {**keys["site-c"], "s": b"\x07" * 32}}),
+        key_set_digest("run/1.1", {**keys, "site-f": keys["site-a"]}),
+    ]
+    assert len({digest, *changed}) == 5
+
+
+def test_the_signed_messages_are_domain_separated_and_refuse_bad_input() -> None:
+    c, s = b"\x01" * 32, b"\x02" * 32
+    keys = signing.secagg_keys_message("run/1.1", "site-a", c, s)
+    assert keys.startswith(signing.SECAGG_KEYS_TAG)
+    assert keys != signing.secagg_keys_message("run/1.1", "site-b", c, s)
+    assert keys != signing.secagg_keys_message("run/1.1", "site-a", s, c)  # roles matter
+    key_set = signing.secagg_key_set_message("run/1.1", b"\x03" * 32)
+    assert key_set.startswith(signing.SECAGG_KEY_SET_TAG)
+    tags = {signing.SECAGG_KEYS_TAG, signing.SECAGG_KEY_SET_TAG}
+    assert len(tags | {signing.MODEL_TAG, signing.RECEIPT_TAG}) == 4
+    with pytest.raises(ValueError, match="32 bytes"):
+        signing.secagg_keys_message("run/1.1", "site-a", c[:31], s)
+    with pytest.raises(ValueError, match="32 bytes"):
+        signing.secagg_key_set_message("run/1.1", b"\x03" * 31)
+    with pytest.raises(ValueError, match="NUL"):
+        signing.secagg_keys_message("run/1.1", "site-a\0site-b", c, s)
+    identity = SimulatedAuthority().identity("site-a")
+    signature = identity.sign(keys)
+    assert signing.verify(identity.certificate, keys, signature)
+    assert not signing.verify(identity.certificate, key_set, signature)
+
+
+def test_a_sites_identity_is_its_own_certificate_and_key(tmp_path: Path) -> None:
+    from fedloom.errors import CertificateError
+    from fedloom.pki import provision
+    from fedloom.pki.credentials import Credentials
+
+    (tmp_path / "federation.yaml").write_text("name: test\n")
+    states = provision(tmp_path, ("site-a", "site-b"))
+    a, b = (site_credentials(states[name]) for name in ("site-a", "site-b"))
+    identity = SiteIdentity.from_credentials("site-a", a)
+    assert identity.site == "site-a" and "key=<private>" in repr(identity)  # never printed
+    with pytest.raises(CertificateError, match="names 'site-a', not 'site-b'"):
+        SiteIdentity.from_credentials("site-b", a)
+    mixed = Credentials(key_pem=b.key_pem, cert_pem=a.cert_pem, ca_pem=a.ca_pem)
+    with pytest.raises(CertificateError, match="does not hold the public half"):
+        SiteIdentity.from_credentials("site-a", mixed)

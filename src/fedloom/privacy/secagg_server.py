@@ -467,7 +467,10 @@ def _signed_advertisement(
         if ca is not None and name == site:
             cert = peer_certificate(site, pem, ca)
     except CertificateError as err:
-        raise UpdateRejected(f"secure aggregation: {site!r} sent {err.message}") from err
+        raise UpdateRejected(
+            f"secure aggregation: the certificate {site!r} signed its keys with is refused: "
+            f"{err.message}"
+        ) from err
     message = signing.secagg_keys_message(task_id, site, bytes.fromhex(c), bytes.fromhex(s))
     if name != site or not signing.verify(cert, message, bytes.fromhex(signature)):
         raise UpdateRejected(
