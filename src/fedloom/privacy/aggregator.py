@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cryptography import x509
 
 from fedloom.clock import Clock
 from fedloom.privacy import dp as dpmath
@@ -45,8 +46,12 @@ class AggregatorPrivacy:
         max_samples: int,
         min_sites: int | None = None,
         rng: np.random.Generator | None = None,
+        site_ca: x509.Certificate | None = None,
     ) -> None:
         self.plan = plan
+        # the federation's CA: secure aggregation refuses keys a site's certificate from
+        # it did not sign (None in simulation: only the name and the signature checked)
+        self.site_ca = site_ca
         self.per_round = per_round
         # the fewest updates a round may aggregate (its quorum): under distributed noise
         # the least noise a round can end with
@@ -180,6 +185,7 @@ class AggregatorPrivacy:
             in_round=in_round,
             drop=drop,
             spool_dir=spool_dir,
+            site_ca=self.site_ca,
         )
 
     # ------------------------------------------------------------ after a round
@@ -285,8 +291,11 @@ def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dic
     ]
 
 
-def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
-    """The aggregator's side of the plan's DP and secure aggregation; None without them."""
+def aggregator_privacy(
+    plan: Plan, site_ca: x509.Certificate | None = None
+) -> AggregatorPrivacy | None:
+    """The aggregator's side of the plan's DP and secure aggregation (``site_ca``: the
+    federation's CA, which sites' certificates must chain to); None without them."""
     privacy = plan.privacy
     if privacy.dp is None and privacy.secure_aggregation is None:
         return None
@@ -295,4 +304,5 @@ def aggregator_privacy(plan: Plan) -> AggregatorPrivacy | None:
         per_round=plan.per_round,
         max_samples=plan.training.max_samples,
         min_sites=math.ceil(plan.per_round * plan.deadline.min_fraction - 1e-9),
+        site_ca=site_ca,
     )

@@ -4,48 +4,63 @@ One attempt at a round, seen from a site ``i`` (the aggregator's side is
 :mod:`~fedloom.privacy.secagg_server`):
 
 1. **keys** — ``i`` makes two X25519 key pairs for this attempt only: ``c`` to encrypt
-   secret shares, ``s`` to agree masks. It sends both public keys and gets back those of
-   every site that sent theirs in time (the key set).
+   secret shares, ``s`` to agree masks. It sends both public keys, signed with its
+   certificate's key (:func:`~fedloom.privacy.signing.secagg_keys_message`), and its
+   certificate; it gets back those of every site that sent theirs in time (the key
+   set). It checks every entry: each certificate issued by the federation's CA, valid,
+   a site's, naming the site it speaks for; each signature over that site's keys; no
+   site twice, none outside the plan, its own keys as sent, at least ``min_sites``
+   sites, and the aggregator's threshold and neighbours those of its own plan.
 2. **shares** — ``i`` draws a 32-byte seed ``b_i`` for its own mask, splits ``b_i`` and
    its mask key ``s_i`` with Shamir's scheme among its neighbours in the key set (every
    other site, or a Harary graph of ``neighbours``), encrypts each neighbour's pair of
-   shares to it (ChaCha20-Poly1305, key agreed from the ``c`` keys) and sends them; it
-   gets back the shares addressed to it and the sites that completed this step.
+   shares to it (ChaCha20-Poly1305, key agreed from the ``c`` keys) and sends them,
+   with its signature over the key set it saw
+   (:func:`~fedloom.privacy.signing.secagg_key_set_message`). It gets back the shares
+   addressed to it, the sites that completed this step and their signatures over the
+   key set they saw; each must verify over the key set ``i`` saw (the consistency
+   check: the aggregator cannot show different sites different key sets).
 3. **masked update** — its update, clipped to ``[-clip_range, clip_range]``, weighted
    and encoded in fixed point modulo ``2**bits`` (:mod:`~fedloom.privacy.quantize`),
    plus ``PRG(b_i)`` plus, for every neighbour ``j`` that completed step 2,
    ``+PRG(s_ij)`` if ``i < j`` else ``-PRG(s_ij)``: ChaCha20 keystreams, the pairwise
    key agreed from the ``s`` keys through HKDF. The pairwise masks cancel in the sum.
+   A site whose checks in steps 1 or 2 failed never gets here: it reports the reason
+   and sends no masked update.
 4. **unmask** — once the aggregator has closed the uploads it names the survivors (whose
    masked update it holds) and the dropped; ``i`` reveals its shares of ``b_j`` for each
    surviving neighbour and of ``s_d`` for each dropped one, never both for one site,
    and refuses if the two lists overlap or name ``i`` as dropped.
 
-The aggregator is trusted to relay the keys faithfully (honest but curious, as in
-Bonawitz et al.'s semi-honest setting): it then learns only the sum. Telling some of a
-site's neighbours that it survived and others that it dropped gains it nothing, since
-rebuilding both secrets needs two disjoint groups above a threshold of more than half.
-But one that hands out public keys of its own making could unmask a site: sites do not
-sign their keys with their certificates (the malicious setting's signed keys and
-consistency round are not implemented).
+What this protects against (docs/privacy.md, "Trust model", says it for users): an
+aggregator that substitutes, drops or duplicates keys, or shows sites different key
+sets, is refused by every honest site before any masked update leaves. One that tells
+some of a site's neighbours that it survived and others that it dropped gains nothing,
+since rebuilding both secrets needs two disjoint groups above a threshold of more than
+half (the threshold is the site's own plan's, not the aggregator's word). Not covered:
+an aggregator colluding with sites (they reveal their own shares), a stolen site key
+(sites check no revocation list), and the sum itself.
 
 Payloads are JSON with hex strings: no pickle, nothing executable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+from cryptography import x509
 
-from fedloom.errors import AggregationError
-from fedloom.privacy import masking, shamir
+from fedloom.errors import AggregationError, CertificateError
+from fedloom.privacy import masking, shamir, signing
+from fedloom.privacy.identity import SiteIdentity, peer_certificate, verified
 from fedloom.privacy.quantize import encode
 from fedloom.weights import Weights
 
@@ -89,6 +104,29 @@ def share_associated(task_id: str, sender: str, recipient: str) -> bytes:
     return f"{task_id}\0{sender}\0{recipient}".encode()
 
 
+def key_set_digest(task_id: str, key_set: Mapping[str, Mapping[str, bytes]]) -> bytes:
+    """The sha256 of a key set as one site saw it: every site's name and two public keys,
+    sorted by name, bound to the attempt. Two sites that saw the same key set compute the
+    same digest; any site added, dropped or with other keys changes it."""
+    canonical = dumps(
+        {
+            "task": task_id,
+            "sites": [
+                [name, key_set[name]["c"].hex(), key_set[name]["s"].hex()]
+                for name in sorted(key_set)
+            ],
+        }
+    )
+    return hashlib.sha256(canonical).digest()
+
+
+def _refuse(problems: list[str], *, step: str = "key set") -> NoReturn:
+    raise AggregationError(
+        f"secure aggregation: the {step} fails its checks, so this site sends no masked "
+        "update this round: " + "; ".join(problems)
+    )
+
+
 def stream_offsets(sizes: list[int]) -> list[int]:
     """Where each tensor starts in the one stream of masked values."""
     offsets, at = [], 0
@@ -111,44 +149,64 @@ class _Attempt:
 
 
 class SecureAggregationSite:
-    """A site's side of secure aggregation, one attempt at a time."""
+    """A site's side of secure aggregation, one attempt at a time.
 
-    def __init__(self, site: str, roster: tuple[str, ...] | None = None) -> None:
+    ``identity`` signs this site's keys and holds the CA other sites' certificates must
+    chain to; ``threshold`` and ``neighbours`` are the site's own plan's (the
+    aggregator's must match); ``min_sites`` is the fewest sites a key set, and the set
+    of sites that completed the share step, may hold (the plan's quorum, at least 2)."""
+
+    def __init__(
+        self,
+        site: str,
+        roster: tuple[str, ...] | None = None,
+        *,
+        identity: SiteIdentity,
+        threshold: float,
+        neighbours: int | None,
+        min_sites: int = 2,
+    ) -> None:
         self.site = site
         self.roster = None if roster is None else frozenset(roster)
+        self.identity = identity
+        self.threshold = threshold
+        self.neighbours = neighbours
+        self.min_sites = max(2, min_sites)
         self._attempt: _Attempt | None = None
 
     def prepare(self, task_id: str, exchange: Exchange) -> None:
-        """Steps 1 and 2: agree keys with the round's sites and hand out shares."""
+        """Steps 1 and 2: agree keys with the round's sites and hand out shares.
+
+        Raises :class:`AggregationError` naming every failed check when the key set or
+        the share step's answer is not what honest parties would send: then this site
+        sends no masked update in this attempt."""
         mask_keys, share_keys = masking.new_key_pair(), masking.new_key_pair()
         attempt = _Attempt(task_id, mask_keys, share_keys, secrets.token_bytes(32))
+        advert = signing.secagg_keys_message(
+            task_id, self.site, share_keys.public, mask_keys.public
+        )
         reply = loads(
             exchange(
                 KEYS,
-                dumps({"task": task_id, "c": share_keys.public.hex(), "s": mask_keys.public.hex()}),
+                dumps(
+                    {
+                        "task": task_id,
+                        "c": share_keys.public.hex(),
+                        "s": mask_keys.public.hex(),
+                        "certificate": self.identity.certificate_pem,
+                        "signature": self.identity.sign(advert).hex(),
+                    }
+                ),
             ),
             "key set",
         )
-        attempt.key_set = {
-            name: {"c": bytes.fromhex(k["c"]), "s": bytes.fromhex(k["s"])}
-            for name, k in sorted(reply["sites"].items())
-        }
-        strangers = sorted(set(attempt.key_set) - self.roster) if self.roster else []
-        if strangers:
-            raise AggregationError(
-                f"secure aggregation: the key set names sites outside the plan: {strangers}; "
-                "this site sits the round out"
-            )
-        mine = attempt.key_set.get(self.site)
-        if mine != {"c": share_keys.public, "s": mask_keys.public}:
-            raise AggregationError(
-                "secure aggregation: the key set does not hold this site's keys as sent "
-                "(left out, or replaced); this site sits the round out"
-            )
+        attempt.key_set, certificates = self._check_key_set(task_id, reply, attempt)
         members = sorted(attempt.key_set)
-        graph = masking.neighbours(members, reply.get("neighbours"))
+        graph = masking.neighbours(members, self.neighbours)
         attempt.neighbours = graph[self.site]
-        threshold = threshold_of(len(attempt.neighbours), float(reply["threshold"]))
+        threshold = threshold_of(len(attempt.neighbours), self.threshold)
+        digest = key_set_digest(task_id, attempt.key_set)
+        key_set_message = signing.secagg_key_set_message(task_id, digest)
         index = {name: members.index(name) + 1 for name in members}
         outgoing: dict[str, str] = {}
         b_shares = (
@@ -172,9 +230,13 @@ class SecureAggregationSite:
                 key, plain, associated=share_associated(task_id, self.site, other)
             )
             outgoing[other] = blob.hex()
-        reply = loads(exchange(SHARES, dumps({"to": outgoing})), "shares")
-        attempt.completed = tuple(sorted(reply["sites"]))
-        for sender, blob in sorted(reply["from"].items()):
+        signed = self.identity.sign(key_set_message).hex()
+        reply = loads(exchange(SHARES, dumps({"to": outgoing, "key_set": signed})), "shares")
+        attempt.completed = self._check_completed(
+            reply, attempt, certificates, key_set_message, threshold
+        )
+        inbox = reply.get("from")
+        for sender, blob in sorted(inbox.items() if isinstance(inbox, dict) else ()):
             if sender not in attempt.neighbours:
                 continue
             key = masking.agree(
@@ -199,6 +261,131 @@ class SecureAggregationSite:
                 # still masks with it (its mask key is agreed, not shared)
                 log.warning("secure aggregation: the share from %s is unusable: %s", sender, err)
         self._attempt = attempt
+
+    def _check_key_set(
+        self, task_id: str, reply: Mapping[str, Any], attempt: _Attempt
+    ) -> tuple[dict[str, dict[str, bytes]], dict[str, x509.Certificate]]:
+        """The key set in the aggregator's reply to step 1, and the certificate of each
+        other site in it, once every check passed; else :class:`AggregationError`
+        naming each one that failed."""
+        problems: list[str] = []
+        if reply.get("threshold") != self.threshold or reply.get("neighbours") != self.neighbours:
+            problems.append(
+                f"the aggregator asks for threshold {reply.get('threshold')!r} and "
+                f"neighbours {reply.get('neighbours')!r}, this site's plan says "
+                f"{self.threshold!r} and {self.neighbours!r}"
+            )
+        listed = reply.get("sites")
+        if not isinstance(listed, list):
+            _refuse(["the key set is not a list of signed key advertisements", *problems])
+        key_set: dict[str, dict[str, bytes]] = {}
+        certificates: dict[str, x509.Certificate] = {}
+        seen: set[str] = set()
+        for entry in listed:
+            name = entry.get("site") if isinstance(entry, dict) else None
+            if not isinstance(name, str):
+                problems.append("an entry of the key set names no site")
+                continue
+            if name in seen:
+                problems.append(f"{name!r} appears more than once")
+                key_set.pop(name, None)
+                continue
+            seen.add(name)
+            if self.roster is not None and name not in self.roster:
+                problems.append(f"{name!r} is not one of the plan's sites")
+                continue
+            try:
+                c, s = bytes.fromhex(entry["c"]), bytes.fromhex(entry["s"])
+                signature = bytes.fromhex(entry["signature"])
+                pem = entry["certificate"]
+                message = signing.secagg_keys_message(task_id, name, c, s)
+                if not isinstance(pem, str):
+                    raise TypeError("the certificate is not PEM text")
+            except (KeyError, TypeError, ValueError) as err:
+                problems.append(f"the entry of {name!r} is malformed ({err})")
+                continue
+            if name == self.site:
+                if (c, s) != (attempt.share_keys.public, attempt.mask_keys.public):
+                    problems.append(f"this site's own keys ({name!r}) are not as it sent them")
+                else:
+                    key_set[name] = {"c": c, "s": s}
+                continue
+            try:
+                cert = peer_certificate(name, pem, self.identity.ca)
+            except CertificateError as err:
+                problems.append(f"the certificate given for {name!r} is refused: {err.message}")
+                continue
+            if not verified(cert, message, signature):
+                problems.append(
+                    f"the keys given for {name!r} do not carry its signature (replaced or forged)"
+                )
+                continue
+            key_set[name] = {"c": c, "s": s}
+            certificates[name] = cert
+        if self.site not in seen:
+            problems.append(f"this site ({self.site!r}) is left out")
+        if not problems and len(key_set) < self.min_sites:
+            problems.append(
+                f"it holds {len(key_set)} site(s), fewer than the {self.min_sites} this "
+                "site's plan needs for a round"
+            )
+        if problems:
+            _refuse(problems)
+        return key_set, certificates
+
+    def _check_completed(
+        self,
+        reply: Mapping[str, Any],
+        attempt: _Attempt,
+        certificates: Mapping[str, x509.Certificate],
+        key_set_message: bytes,
+        threshold: int,
+    ) -> tuple[str, ...]:
+        """The sites that completed step 2 (the mask set), once the consistency check
+        passed: each of them signed the very key set this site saw. Else
+        :class:`AggregationError` naming each site that did not."""
+        listed, signatures = reply.get("sites"), reply.get("key_set")
+        if not isinstance(listed, list) or not isinstance(signatures, dict):
+            _refuse(["the share step's answer lacks the sites' signatures over the key set"])
+        problems: list[str] = []
+        completed = sorted({str(name) for name in listed})
+        if len(completed) != len(listed):
+            problems.append("the sites that sent their shares are listed with repeats")
+        outside = [name for name in completed if name not in attempt.key_set]
+        if outside:
+            problems.append(f"sites outside the key set are said to have sent shares: {outside}")
+        if self.site not in completed:
+            problems.append("this site is not listed among those that sent their shares")
+        for name in completed:
+            if name == self.site or name not in certificates:
+                continue
+            signature = signatures.get(name)
+            try:
+                valid = isinstance(signature, str) and verified(
+                    certificates[name], key_set_message, bytes.fromhex(signature)
+                )
+            except ValueError:
+                valid = False
+            if not valid:
+                problems.append(
+                    f"{name!r} did not sign the key set this site saw (the aggregator "
+                    "showed it another, or forged its signature)"
+                )
+        masking_with = [n for n in attempt.neighbours if n in completed]
+        if not problems and attempt.neighbours and len(masking_with) < threshold:
+            problems.append(
+                f"only {len(masking_with)} of this site's {len(attempt.neighbours)} "
+                f"neighbours sent their shares, fewer than the {threshold} that must "
+                "reveal them to unmask the sum"
+            )
+        if not problems and len(completed) < self.min_sites:
+            problems.append(
+                f"only {len(completed)} site(s) sent their shares, fewer than the "
+                f"{self.min_sites} this site's plan needs for a round"
+            )
+        if problems:
+            _refuse(problems, step="share step")
+        return tuple(completed)
 
     def mask(
         self,

@@ -1,6 +1,8 @@
 """Secure aggregation, the aggregator's side of one attempt at a round.
 
-The aggregator relays keys and encrypted shares, folds the masked updates into a sum
+The aggregator relays the sites' signed keys (refusing a site whose keys its own
+certificate did not sign), their encrypted shares and their signatures over the key set
+they saw, folds the masked updates into a sum
 modulo ``2**bits`` (:class:`~fedloom.accumulate.masked.MaskedSumAccumulator`) and, once
 the uploads are closed, asks the survivors for the shares that remove the masks:
 ``b_j`` of every site whose masked update it holds, ``s_d`` of every site that dropped
@@ -23,11 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography import x509
 
 from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock
-from fedloom.errors import AggregationError, UpdateRejected
-from fedloom.privacy import masking, shamir
+from fedloom.errors import AggregationError, CertificateError, UpdateRejected
+from fedloom.pki.common import common_name, load_cert
+from fedloom.privacy import masking, shamir, signing
+from fedloom.privacy.identity import peer_certificate
 from fedloom.privacy.quantize import decode, unsigned
 from fedloom.privacy.secagg import (
     KEYS,
@@ -77,6 +82,7 @@ class SecAggRound:
         in_round: Callable[[], Iterable[str]],
         drop: Callable[[str, str], None],  # settle a site as failed (caller holds cond)
         spool_dir: Path | None = None,
+        site_ca: x509.Certificate | None = None,  # sites' certificates must chain to it
     ) -> None:
         self.task_id = task_id
         self.round = round
@@ -87,9 +93,12 @@ class SecAggRound:
         self._cond = cond
         self._in_round = in_round  # the round's sites not yet settled (caller holds cond)
         self._drop = drop
+        self._site_ca = site_ca
         self.step = Step.KEYS
         self._step_began = clock.now()
         self._keys: dict[str, dict[str, str]] = {}
+        self._signed: dict[str, dict[str, str]] = {}  # site -> its certificate and signature
+        self._key_set_signatures: dict[str, str] = {}  # site -> its signature over the key set
         self._outbox: dict[str, dict[str, str]] = {}  # sender -> recipient -> blob
         self._graph: dict[str, tuple[str, ...]] = {}
         self._survivors: tuple[str, ...] = ()
@@ -129,6 +138,7 @@ class SecAggRound:
     def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
         self._check_task(keys)
         c, s = _public_key(keys.get("c")), _public_key(keys.get("s"))
+        signed = _signed_advertisement(self.task_id, site, c, s, keys, self._site_ca)
         with self._cond:
             self._expect(site, Step.KEYS, "its public keys")
             if site in self._keys:
@@ -137,22 +147,31 @@ class SecAggRound:
                     f"{self.task_id} (a second process of the site?); it sits this round out"
                 )
             self._keys[site] = {"c": c, "s": s}
+            self._signed[site] = signed
             self._cond.notify_all()
             self._barrier(Step.KEYS, lambda: set(self._keys))
             if site not in self._keys or self.step is not Step.SHARES:
                 raise UpdateRejected(self._why_out(site, "key exchange"))
             return dumps(
                 {
-                    "sites": self._keys,
+                    "sites": [
+                        {"site": name, **self._keys[name], **self._signed[name]}
+                        for name in sorted(self._keys)
+                    ],
                     "neighbours": self.params.neighbours,
                     "threshold": self.params.threshold,
                 }
             )
 
     def _on_shares(self, site: str, shares: dict[str, object]) -> bytes:
-        outgoing = shares.get("to")
+        outgoing, signature = shares.get("to"), shares.get("key_set")
         if not isinstance(outgoing, dict):
             raise UpdateRejected("secure aggregation: shares come as {'to': {site: blob}}")
+        if not isinstance(signature, str) or not signature or not _is_hex(signature):
+            raise UpdateRejected(
+                "secure aggregation: the shares must come with the site's signature over "
+                "the key set it saw ('key_set', hex): is the site's fedloom older?"
+            )
         with self._cond:
             self._expect(site, Step.SHARES, "its shares")
             if site in self._outbox:
@@ -167,6 +186,7 @@ class SecAggRound:
                 if not isinstance(blob, str) or not _is_hex(blob):
                     raise UpdateRejected("secure aggregation: each share must be hex text")
             self._outbox[site] = {k: str(v) for k, v in outgoing.items()}
+            self._key_set_signatures[site] = signature
             self._cond.notify_all()
             self._barrier(Step.SHARES, lambda: set(self._outbox))
             if site not in self._outbox or self.step is not Step.UPLOADS:
@@ -174,7 +194,13 @@ class SecAggRound:
             inbox = {
                 sender: box[site] for sender, box in sorted(self._outbox.items()) if site in box
             }
-            return dumps({"sites": sorted(self._outbox), "from": inbox})
+            return dumps(
+                {
+                    "sites": sorted(self._outbox),
+                    "from": inbox,
+                    "key_set": {name: self._key_set_signatures[name] for name in self._outbox},
+                }
+            )
 
     def _on_unmask(self, site: str, request: dict[str, object]) -> bytes:
         with self._cond:
@@ -414,6 +440,44 @@ def _is_hex(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _signed_advertisement(
+    task_id: str,
+    site: str,
+    c: str,
+    s: str,
+    keys: Mapping[str, object],
+    ca: x509.Certificate | None,
+) -> dict[str, str]:
+    """The certificate and signature that come with ``site``'s keys, once they verify:
+    the certificate names ``site`` (and is a site's, issued by ``ca``, when the
+    aggregator knows the federation's CA) and its key signed the keys. Every site checks
+    the same again; a site whose keys would fail there is refused here, alone, instead
+    of making every other site refuse the round."""
+    pem, signature = keys.get("certificate"), keys.get("signature")
+    if not isinstance(pem, str) or not isinstance(signature, str) or not _is_hex(signature):
+        raise UpdateRejected(
+            "secure aggregation: the keys must come signed: a 'certificate' (PEM) and a "
+            "'signature' (hex) by its key; is the site's fedloom older?"
+        )
+    try:
+        cert = load_cert(pem.encode("ascii", errors="replace"), "certificate")
+        name = common_name(cert.subject, "certificate")
+        if ca is not None and name == site:
+            cert = peer_certificate(site, pem, ca)
+    except CertificateError as err:
+        raise UpdateRejected(
+            f"secure aggregation: the certificate {site!r} signed its keys with is refused: "
+            f"{err.message}"
+        ) from err
+    message = signing.secagg_keys_message(task_id, site, bytes.fromhex(c), bytes.fromhex(s))
+    if name != site or not signing.verify(cert, message, bytes.fromhex(signature)):
+        raise UpdateRejected(
+            f"secure aggregation: the keys {site!r} sent are not signed by its own "
+            f"certificate (the certificate names {name!r}); it sits this round out"
+        )
+    return {"certificate": pem, "signature": signature}
 
 
 def _public_key(value: object) -> str:

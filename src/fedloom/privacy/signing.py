@@ -1,5 +1,6 @@
 """Signatures with the federation's EC P-256 keys: the aggregator's receipts for a
-site's audit records, and its signature on each global model it publishes.
+site's audit records, its signature on each global model it publishes, and the sites'
+signatures on their secure-aggregation keys and on the key set they saw.
 
 Pure functions over keys and bytes. Every signed message starts with its own
 domain tag, so a signature made for one purpose never verifies for another.
@@ -16,6 +17,9 @@ from fedloom.pki.common import check_issued_and_current, load_cert
 
 RECEIPT_TAG = b"fedloom-receipt-v1\0"
 MODEL_TAG = b"fedloom-model-v1\0"
+SECAGG_KEYS_TAG = b"fedloom-secagg-keys-v1\0"
+SECAGG_KEY_SET_TAG = b"fedloom-secagg-key-set-v1\0"
+_PUBLIC_KEY_SIZE = 32
 _DIGEST_SIZE = 32
 
 
@@ -54,6 +58,33 @@ def model_message(task_id: str, round: int, specs_digest: bytes, content_digest:
         + bytes(specs_digest)
         + bytes(content_digest)
     )
+
+
+def secagg_keys_message(task_id: str, site: str, share_key: bytes, mask_key: bytes) -> bytes:
+    """What a site signs when it advertises its secure-aggregation keys for one attempt:
+    ``fedloom-secagg-keys-v1 NUL task_id NUL site NUL``, then its two 32-byte X25519
+    public keys (the one shares are encrypted to, then the one masks are agreed with)."""
+    for key, what in ((share_key, "share"), (mask_key, "mask")):
+        if len(key) != _PUBLIC_KEY_SIZE:
+            raise ValueError(f"the {what} public key must be {_PUBLIC_KEY_SIZE} bytes")
+    return (
+        SECAGG_KEYS_TAG
+        + _field(task_id, "task id")
+        + b"\0"
+        + _field(site, "site name")
+        + b"\0"
+        + bytes(share_key)
+        + bytes(mask_key)
+    )
+
+
+def secagg_key_set_message(task_id: str, key_set_digest: bytes) -> bytes:
+    """What a site signs to say which key set it saw in one attempt:
+    ``fedloom-secagg-key-set-v1 NUL task_id NUL``, then the 32-byte digest of the key set
+    (:func:`fedloom.privacy.secagg.key_set_digest`)."""
+    if len(key_set_digest) != _DIGEST_SIZE:
+        raise ValueError(f"the key set digest must be {_DIGEST_SIZE} bytes")
+    return SECAGG_KEY_SET_TAG + _field(task_id, "task id") + b"\0" + bytes(key_set_digest)
 
 
 def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:

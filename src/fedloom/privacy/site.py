@@ -10,6 +10,7 @@ guarantee does not depend on trusting it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ import numpy as np
 from fedloom.errors import AggregationError, TaskError
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.budget import SiteBudget
+from fedloom.privacy.identity import SiteIdentity, simulated_identity
 from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 from fedloom.records import Instruction, InstructionKind
@@ -54,6 +56,8 @@ class SitePrivacy:
         budget: SiteBudget | None = None,
         roster: tuple[str, ...] | None = None,
         rng: np.random.Generator | None = None,
+        identity: SiteIdentity | None = None,
+        min_sites: int = 2,
     ) -> None:
         self.site = site
         self.plan = plan
@@ -62,7 +66,21 @@ class SitePrivacy:
         self._filter = metric_filter
         self._budget = budget
         self._rng = rng or dpmath.secret_generator()  # never the plan's seed
-        self._secagg = SecureAggregationSite(site, roster) if plan.secure_aggregation else None
+        sa = plan.secure_aggregation
+        # secure aggregation signs this site's keys: with its certificate's key at a real
+        # site, with a key from this process's simulated CA otherwise (protects nothing)
+        self._secagg = (
+            SecureAggregationSite(
+                site,
+                roster,
+                identity=identity or simulated_identity(site),
+                threshold=sa.threshold,
+                neighbours=sa.neighbours,
+                min_sites=min_sites,
+            )
+            if sa is not None
+            else None
+        )
 
     def prepare(self, instruction: Instruction, exchange: Exchange) -> None:
         """Secure aggregation's key exchange, when the round asks for it."""
@@ -158,9 +176,11 @@ def site_privacy(
     site: str,
     metric_filter: MetricFilter | None = None,
     budget: SiteBudget | None = None,
+    identity: SiteIdentity | None = None,
 ) -> SitePrivacy | None:
     """A site's side of the plan's DP and secure aggregation (with its policy's metric
-    filter and its own count of DP updates); None when there is nothing to do."""
+    filter, its own count of DP updates, and the identity it signs its secure-aggregation
+    keys with: None in simulation); None when there is nothing to do."""
     privacy = plan.privacy
     if privacy.dp is None and privacy.secure_aggregation is None and metric_filter is None:
         return None
@@ -172,4 +192,6 @@ def site_privacy(
         metric_filter=metric_filter,
         budget=budget,
         roster=plan.roster,
+        identity=identity,
+        min_sites=math.ceil(plan.per_round * plan.deadline.min_fraction - 1e-9),
     )

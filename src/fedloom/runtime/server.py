@@ -26,7 +26,7 @@ from fedloom.clock import FaultPoints
 from fedloom.errors import StateError
 from fedloom.orchestration import Aggregator, CloseReason, Event, Resume, RoundClosed
 from fedloom.pki import RevocationList, server_credentials
-from fedloom.pki.common import CRL_FILE, pki_dir_of
+from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
@@ -255,7 +255,7 @@ def _serve(
         journal=journal,
         resume=resume,
         faults=faults,
-        privacy=aggregator_privacy(plan),
+        privacy=aggregator_privacy(plan, load_cert(credentials.ca_pem, "CA certificate")),
         signer=signer_from_pem(credentials.key_pem),
     )
     settings = ServerSettings(

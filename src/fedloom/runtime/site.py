@@ -38,6 +38,7 @@ from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
 from fedloom.privacy.budget import SPENT_FILE, SiteBudget
+from fedloom.privacy.identity import SiteIdentity
 from fedloom.privacy.policy import (
     Policy,
     check_policy,
@@ -185,7 +186,12 @@ def participate(
             runner,
             faults=faults,
             privacy=site_privacy(
-                plan, options.name, metric_filter, site_budget(plan, digest, policy, state_dir)
+                plan,
+                options.name,
+                metric_filter,
+                site_budget(plan, digest, policy, state_dir),
+                # secure aggregation's keys are signed with this site's certificate key
+                identity=SiteIdentity.from_credentials(options.name, credentials),
             ),
             audit=AuditLog(state_dir / AUDIT_LOG),
             check_model=model_checker(aggregator_cert),

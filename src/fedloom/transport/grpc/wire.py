@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: secure aggregation's keys and key sets are signed by the sites
 SERVICE = "fedloom.v1.Aggregator"
 METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange", "Heartbeat")
 
