@@ -5,6 +5,7 @@ force (the aggregator's stop, the site's own count, DP-SGD)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -14,10 +15,15 @@ import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+from rich.console import Console
+from typer.testing import CliRunner
 from workspaces import make_workspace, run_cli
 
+from fedloom.cli.main import app
+from fedloom.cli.progress import RoundProgress
 from fedloom.errors import PlanError, PolicyError
-from fedloom.plan import plan_hash, validate_plan
+from fedloom.orchestration import RoundClosed
+from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
 from fedloom.privacy.budget import SiteBudget
@@ -34,8 +40,10 @@ from fedloom.records import (
     TrainSettings,
 )
 from fedloom.runtime.executor import dp_sgd_of
+from fedloom.store.runs import RunStore, lock_state
 from fedloom.strategies.state import StrategyState
 from fedloom.tasks import dp_sgd
+from fedloom.transport.inprocess import TrafficCounter
 
 SITES = tuple(f"site-{i:02d}" for i in range(1, 11))
 DELTA = 1e-5
@@ -330,3 +338,37 @@ def test_a_simulation_with_pld_names_the_accountant_in_summary_and_metrics(
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert train and all(r["accountant"] == "pld" for r in train)
+
+
+def test_status_and_the_progress_line_name_the_accountant(
+    tmp_path: Path, make_federation: Any
+) -> None:
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=CLIP), accountant=Accountant.PLD)
+    fed = federate(make_federation, plan, rounds=2)
+    history = fed.finish()
+    # `fedloom status` reads what the serving aggregator published (real SQLite store)
+    state_dir = tmp_path / "ws" / "aggregator"
+    state_dir.mkdir(parents=True)
+    store = RunStore(state_dir)
+    plan_json = Plan(name="pld", sites=list(SITES), rounds=2).model_dump(mode="json")
+    run = store.new_run("run-1", tmp_path / "ws" / "runs" / "run-1", "hash", json.dumps(plan_json))
+    lock = lock_state(state_dir)  # this process is the aggregator
+    try:
+        store.write_live(run, fed.aggregator.snapshot())
+        out = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"}).invoke(
+            app, ["status", str(tmp_path / "ws")]
+        )
+    finally:
+        lock.close()
+        store.close()
+    assert out.exit_code == 0, out.output
+    eps = dpmath.epsilon([1.0, 1.0], DELTA, Accountant.PLD)
+    assert f"privacy: epsilon {eps:.3g} at delta 1e-05 (PLD accountant) after 2 round(s)" in (
+        out.stdout
+    )
+    # the progress line after a training round
+    console = Console(file=io.StringIO(), width=200)
+    with RoundProgress(console, 2) as progress:
+        progress(RoundClosed(history[0]), TrafficCounter())
+    first = dpmath.epsilon([1.0], DELTA, Accountant.PLD)
+    assert f"ε {first:.3g} PLD" in console.file.getvalue()
