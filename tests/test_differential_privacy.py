@@ -101,10 +101,13 @@ def test_the_accountant_composes_rounds_and_stays_below_the_classic_bound() -> N
 
 
 def test_adaptive_clipping_keeps_the_pair_of_mechanisms_at_the_planned_multiplier() -> None:
-    z_update = dpmath.update_noise_multiplier(1.0, 1.0)
-    assert (z_update**-2 + (2 * 1.0) ** -2) ** -0.5 == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="must exceed half"):
-        dpmath.update_noise_multiplier(1.0, 0.4)
+    # the count moves by 1 (one site's bit flips): its multiplier is its std over 1
+    z_update = dpmath.update_noise_multiplier(1.0, 2.0)
+    assert z_update == pytest.approx(2 / math.sqrt(3))
+    assert (z_update**-2 + 2.0**-2) ** -0.5 == pytest.approx(1.0)
+    assert dpmath.round_noise_multiplier(z_update, 2.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="must exceed the noise multiplier"):
+        dpmath.update_noise_multiplier(1.0, 1.0)
 
 
 # ------------------------------------------------------------- in federation
@@ -181,7 +184,7 @@ def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(
     make_federation: Any,
 ) -> None:
     adaptive = AdaptiveClipPlan(target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=1.0)
-    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=1.0, clip=0.1, adaptive_clip=adaptive))
+    plan = PrivacyPlan(dp=DPPlan(noise_multiplier=0.5, clip=0.1, adaptive_clip=adaptive))
     fed = run(make_federation, plan, norm=5.0, rounds=4, final_evaluation=False)
     history = fed.finish()
     clips = [r.privacy["clip"] for r in history]  # the bound each round used

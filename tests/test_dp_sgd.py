@@ -12,7 +12,7 @@ from sklearn.datasets import load_breast_cancer
 from torch import nn
 
 from fedloom import SiteContext, SiteData, TaskError, TrainSettings
-from fedloom.records import DPSGDSettings
+from fedloom.records import Accountant, DPSGDSettings
 from fedloom.tasks import TorchTask
 from fedloom.tasks.dp_sgd import require_no_dp_sgd, sample_rate, site_epsilon, steps_per_round
 from fedloom.weights import Weights, subtract
@@ -70,6 +70,22 @@ def test_the_reported_epsilon_equals_an_rdp_accountant_over_the_same_history() -
     assert out.metrics["dp_sgd_delta"] == DP.delta
     assert isinstance(out.metrics["dp_sgd_epsilon"], float) and out.metrics["dp_sgd_epsilon"] > 0
     assert out.metrics["train_loss"] > 0
+
+
+def test_with_the_pld_accountant_the_reported_epsilon_is_dp_accountings_pld() -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    task = TorchTask(_mlp)
+    pld = DPSGDSettings(DP.noise_multiplier, DP.max_grad_norm, DP.delta, Accountant.PLD)
+    out = task.train(task.init_weights(0), DATA, SETTINGS, _context(pld, rounds=2))
+    steps = 2 * math.ceil(400 / 32)  # two rounds of one epoch
+    accountant = PLDAccountant()
+    event = dp_event.GaussianDpEvent(DP.noise_multiplier)
+    accountant.compose(dp_event.PoissonSampledDpEvent(32 / 400, event), steps)
+    assert out.metrics["dp_sgd_epsilon"] == pytest.approx(accountant.get_epsilon(DP.delta))
+    rdp = site_epsilon(DP, SETTINGS, num_samples=400, rounds=2)
+    assert out.metrics["dp_sgd_epsilon"] < rdp  # tighter than Opacus's RDP
 
 
 def test_epsilon_grows_with_the_rounds_and_shrinks_with_more_noise() -> None:

@@ -141,7 +141,7 @@ def test_the_noise_multiplier_rule_says_what_to_set(tmp_path: Path) -> None:
             "set privacy.dp.clip <= 1.5",
         ),
         (
-            {"dp": {"clip": 0.5, "adaptive_clip": {"count_noise_multiplier": 1.0}}},
+            {"dp": {"clip": 0.5, "adaptive_clip": {"count_noise_multiplier": 2.0}}},
             "dp: {max_clip: 1.0}",
             {},
             "dp.max_clip",
@@ -395,7 +395,7 @@ def test_init_writes_a_policy_the_plan_meets(tmp_path: Path) -> None:
     for privacy in (
         None,
         PRIVATE,
-        {"dp": {"noise_multiplier": 1.2, "adaptive_clip": {"count_noise_multiplier": 1.0}}},
+        {"dp": {"noise_multiplier": 1.2, "adaptive_clip": {"count_noise_multiplier": 2.5}}},
         {"secure_aggregation": True},
     ):
         ws = workspace(tmp_path, privacy)

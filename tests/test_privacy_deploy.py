@@ -59,8 +59,8 @@ def test_secure_aggregation_dp_policy_and_audit_across_real_processes(tmp_path: 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         sent = set(row) - {"round", "kind", "attempt", "close_reason", "site", "status",
-                           "num_samples", "claimed_samples", "epsilon", "delta", "clip",
-                           "noise_multiplier"}  # fmt: skip
+                           "num_samples", "claimed_samples", "epsilon", "delta", "accountant",
+                           "clip", "noise_multiplier"}  # fmt: skip
         assert sent <= set(ALLOWED), sent
 
     for site in SITES:

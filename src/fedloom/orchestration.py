@@ -91,9 +91,9 @@ class RoundRecord:
     failures: tuple[Failure, ...]
     close_reason: CloseReason
     attempt: int = 1
-    # the privacy spent once this round was aggregated (epsilon, delta, clip); empty
-    # without DP
-    privacy: Mapping[str, float] = field(default_factory=dict)
+    # the privacy spent once this round was aggregated (epsilon, delta, the accountant's
+    # name, clip); empty without DP
+    privacy: Mapping[str, float | str] = field(default_factory=dict)
 
     @property
     def aggregated(self) -> bool:
@@ -913,7 +913,9 @@ class Aggregator:
             )
 
 
-def _with_spent(history: list[RoundRecord], spent: list[dict[str, float]]) -> list[RoundRecord]:
+def _with_spent(
+    history: list[RoundRecord], spent: list[dict[str, float | str]]
+) -> list[RoundRecord]:
     """``history`` with each finished training round given what it had spent."""
     out, left = [], iter(spent)
     for record in history:

@@ -22,7 +22,7 @@ from fedloom.compression.settings import CompressionPlan, compression_problems
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
-from fedloom.records import TrainSettings
+from fedloom.records import Accountant, TrainSettings
 
 if TYPE_CHECKING:
     from fedloom.strategies.base import Strategy
@@ -183,7 +183,12 @@ class Plan(_Frozen):
         return dict(self.strategy.model_extra or {})
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        # options added after plans were approved count only when set away from their
+        # default, so that such a plan keeps its hash (and its sites' approval)
+        if data["privacy"]["accountant"] == Accountant.RDP.value:
+            del data["privacy"]["accountant"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 # ----------------------------------------------------------------- loading

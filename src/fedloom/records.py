@@ -46,6 +46,14 @@ class TrainSettings:
     evaluate: bool = True  # evaluate the global and the trained model on the validation split
 
 
+class Accountant(enum.Enum):
+    """How noise becomes epsilon (the plan's ``privacy.accountant``): Rényi DP, or the
+    privacy loss distribution. Every epsilon fedloom reports names the one used."""
+
+    RDP = "rdp"  # Rényi DP (Mironov, 2017): an upper bound, the classic choice
+    PLD = "pld"  # privacy loss distributions (Koskela et al.; Doroshenko et al., 2022)
+
+
 @dataclass(frozen=True, slots=True)
 class DPSGDSettings:
     """Sample-level DP-SGD for a site's training (the plan's ``privacy.dp_sgd``)."""
@@ -53,6 +61,7 @@ class DPSGDSettings:
     noise_multiplier: float
     max_grad_norm: float
     delta: float
+    accountant: Accountant = Accountant.RDP  # the plan's privacy.accountant
 
 
 @dataclass(frozen=True, slots=True)

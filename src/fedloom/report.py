@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 from fedloom.errors import WorkspaceError
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
 from fedloom.plan import Plan
-from fedloom.records import InstructionKind
+from fedloom.records import Accountant, InstructionKind
 from fedloom.runtime.simulation import SimulationResult
 from fedloom.store import save_weights
 
 
-def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
-    """The rows of one round (one attempt of it)."""
+def record_rows(
+    record: RoundRecord, dp_sgd_accountant: Accountant | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows of one round (one attempt of it). A site's row holding its
+    ``dp_sgd_epsilon`` names the accountant that computed it (``dp_sgd_accountant``)."""
     base = {
         "round": record.round,
         "kind": record.kind.value,
@@ -31,7 +34,7 @@ def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
         **dict(record.privacy),  # epsilon, delta, clip once the round was aggregated
     }
     for r in record.results:
-        yield {
+        row = {
             **base,
             "site": r.site,
             "status": "ok",
@@ -39,6 +42,9 @@ def record_rows(record: RoundRecord) -> Iterator[dict[str, Any]]:
             "claimed_samples": r.claimed_samples,
             **dict(r.metrics),
         }
+        if dp_sgd_accountant is not None and "dp_sgd_epsilon" in r.metrics:
+            row["dp_sgd_accountant"] = dp_sgd_accountant.value
+        yield row
     for f in record.failures:
         yield {**base, "site": f.site, "status": f.kind.value, "reason": f.reason}
 
@@ -77,14 +83,18 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
 
 
 def _privacy_fields(result: SimulationResult) -> dict[str, Any]:
-    """Epsilon spent (at the plan's delta), per round and in all, and an early stop."""
+    """Epsilon spent (at the plan's delta), per round and in all, the accountant that
+    computed it, and an early stop."""
     out: dict[str, Any] = {}
     spent = [r for r in result.history if r.privacy]
     if spent:
         last = spent[-1].privacy
-        out["epsilon"] = _num(last.get("epsilon"))
+        out["epsilon"] = _epsilon(last)
         out["delta"] = last.get("delta")
-        out["epsilon_by_round"] = {str(r.round): _num(r.privacy.get("epsilon")) for r in spent}
+        out["accountant"] = last.get("accountant")
+        out["epsilon_by_round"] = {str(r.round): _epsilon(r.privacy) for r in spent}
+    if result.plan.privacy.dp_sgd is not None:  # each site reports its own dp_sgd_epsilon
+        out["dp_sgd_accountant"] = result.plan.privacy.accountant.value
     if result.stopped_early:
         out["stopped_early"] = result.stopped_early
         out["rounds_trained"] = len(spent) if spent else None
@@ -95,7 +105,8 @@ class RunRecorder:
     """Writes a run folder as the run goes: ``metrics.jsonl`` grows round by round, so a
     run that fails or is stopped keeps what it did, with a ``summary.json`` saying why."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, plan: Plan | None = None) -> None:
+        self._dp_sgd_accountant = _dp_sgd_accountant(plan)
         try:
             run_dir.mkdir(parents=True, exist_ok=False)
             self._metrics = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115 - kept open
@@ -110,18 +121,24 @@ class RunRecorder:
 
     @classmethod
     def reopen(
-        cls, run_dir: Path, history: Iterable[RoundRecord], *, rewrite: bool = True
+        cls,
+        run_dir: Path,
+        history: Iterable[RoundRecord],
+        *,
+        rewrite: bool = True,
+        plan: Plan | None = None,
     ) -> RunRecorder:
         """Carry on a resumed run's folder: ``metrics.jsonl`` is rewritten from the
         recorded history (the state database is the record), then grows as before.
         Without ``rewrite`` (the database lost its per-site records), it is appended to."""
         recorder = cls.__new__(cls)
+        recorder._dp_sgd_accountant = _dp_sgd_accountant(plan)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             if rewrite:
                 tmp = run_dir / "metrics.jsonl.tmp"
                 with open(tmp, "w") as fh:
-                    _write_rows(fh, history)
+                    _write_rows(fh, history, recorder._dp_sgd_accountant)
                 tmp.replace(run_dir / "metrics.jsonl")
             recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
         except OSError as err:
@@ -132,7 +149,7 @@ class RunRecorder:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):
-            _write_rows(self._metrics, [event.record])
+            _write_rows(self._metrics, [event.record], self._dp_sgd_accountant)
             self._metrics.flush()
             self.rounds_closed += 1
 
@@ -168,11 +185,20 @@ class RunRecorder:
         )
 
 
-def _write_rows(fh: IO[str], records: Iterable[RoundRecord]) -> None:
+def _write_rows(
+    fh: IO[str], records: Iterable[RoundRecord], dp_sgd_accountant: Accountant | None
+) -> None:
     """``metrics.jsonl`` lines: one per site per record."""
     for record in records:
-        for row in record_rows(record):
+        for row in record_rows(record, dp_sgd_accountant):
             fh.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _dp_sgd_accountant(plan: Plan | None) -> Accountant | None:
+    """The accountant of the sites' DP-SGD epsilons, under DP-SGD."""
+    if plan is None or plan.privacy.dp_sgd is None:
+        return None
+    return plan.privacy.accountant
 
 
 def _plan_fields(plan: Plan, plan_hash: str) -> dict[str, Any]:
@@ -183,6 +209,11 @@ def _plan_fields(plan: Plan, plan_hash: str) -> dict[str, Any]:
         "strategy": plan.strategy.name,
         "plan_hash": plan_hash,
     }
+
+
+def _epsilon(privacy: Mapping[str, float | str]) -> float | None:
+    value = privacy.get("epsilon")
+    return _num(value) if isinstance(value, float | int) else None
 
 
 def _num(value: float | None) -> float | None:

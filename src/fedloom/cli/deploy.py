@@ -148,7 +148,7 @@ def aggregator_start(
     made: list[RunRecorder] = []
 
     def new_run_dir() -> Path:
-        made.append(RunRecorder(fresh_run_dir(workspace, run_name, runs_dir)))
+        made.append(RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan))
         return made[0].run_dir
 
     faults = kill_fault(fault) if fault else None
@@ -172,7 +172,7 @@ def aggregator_start(
         else:
             # a run rebuilt from its checkpoints has no per-site records to rewrite from
             recorder = RunRecorder.reopen(
-                opened.run.run_dir, resume.history, rewrite=not opened.run.rebuilt
+                opened.run.run_dir, resume.history, rewrite=not opened.run.rebuilt, plan=plan
             )
             resumed = (
                 f"resuming run {opened.run.name!r} from round {resume.next_round} of {plan.rounds}"

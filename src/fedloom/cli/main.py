@@ -271,7 +271,7 @@ def simulate(
         baseline=baseline,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
-    recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir))
+    recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan)
     run_dir = recorder.run_dir
     try:
         with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:

@@ -70,8 +70,9 @@ class RoundProgress:
             acc = metrics.get("global_accuracy")
             self._last = f" · acc {acc:.3f}" if acc is not None else ""
             epsilon = event.record.privacy.get("epsilon")
-            if epsilon is not None:
-                self._last += f" · ε {epsilon:.3g}"
+            if isinstance(epsilon, float):
+                accountant = str(event.record.privacy.get("accountant", "")).upper()
+                self._last += f" · ε {epsilon:.3g} {accountant}".rstrip()
             # after no quorum a retry follows; after a stop, nothing more here
             if event.record.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED):
                 self.progress.advance(self.task)

@@ -85,7 +85,13 @@ def _print_summary(s: dict[str, object]) -> None:
     ):
         table.add_row(key, fmt(s.get(key)))
     if s.get("epsilon") is not None:
-        table.add_row("epsilon", f"{fmt(s.get('epsilon'))} at delta {s.get('delta'):g}")
+        by = f" ({str(s['accountant']).upper()} accountant)" if s.get("accountant") else ""
+        table.add_row("epsilon", f"{fmt(s.get('epsilon'))} at delta {s.get('delta'):g}{by}")
+    if s.get("dp_sgd_accountant"):
+        table.add_row(
+            "dp_sgd_epsilon",
+            f"each site's, in metrics.jsonl ({str(s['dp_sgd_accountant']).upper()} accountant)",
+        )
     if s.get("stopped_early"):
         table.add_row("stopped early", str(s["stopped_early"]))
     console.print(table)

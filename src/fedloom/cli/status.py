@@ -93,9 +93,10 @@ def _print_live(live: dict[str, Any]) -> None:
     privacy = live.get("privacy")
     if privacy:
         budget = privacy.get("epsilon_budget")
+        accountant = str(privacy.get("accountant", "rdp")).upper()
         console.print(
-            f"privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} after "
-            f"{privacy['rounds']} round(s)"
+            f"privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} "
+            f"({accountant} accountant) after {privacy['rounds']} round(s)"
             + (f", budget {budget:g}" if budget is not None else "")
             + f"; clip {privacy['clip']:.3g}",
             highlight=False,

@@ -4,7 +4,8 @@
 before, during and after each round. Its state (the clipping bound, the noise each round
 really had, the epsilon spent) lives in the strategy state's scalars under
 ``"privacy"``, so it is checkpointed with every round and a resumed run continues the
-same budget.
+same budget. Epsilon is computed by the plan's accountant
+(:mod:`fedloom.privacy.accounting`), and every figure says which one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cryptography import x509
 
 from fedloom.clock import Clock
 from fedloom.privacy import dp as dpmath
+from fedloom.privacy.accounting import label
 from fedloom.privacy.secagg import PHASES
 from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
@@ -57,6 +59,7 @@ class AggregatorPrivacy:
         # the least noise a round can end with
         self.min_sites = min(per_round, max(1, min_sites or per_round))
         self.max_samples = max_samples
+        self.accountant = plan.accountant
         self._rng = rng or dpmath.secret_generator()  # never the plan's seed
         dp, sa = plan.dp, plan.secure_aggregation
         self._count_std = (
@@ -90,6 +93,18 @@ class AggregatorPrivacy:
     def adaptive(self) -> bool:
         return self._count_std is not None
 
+    @property
+    def update_multiplier(self) -> float:
+        """Central noise: the updates' noise standard deviation on the sum over ``clip``
+        (the plan's multiplier, less the count's share under adaptive clipping)."""
+        return self._update_z
+
+    @property
+    def count_std(self) -> float | None:
+        """Adaptive clipping: the standard deviation of the noise on the count of
+        unclipped updates (whose sensitivity is :data:`dp.COUNT_SENSITIVITY`)."""
+        return self._count_std
+
     # ----------------------------------------------------------- before a round
 
     def ledger(self, state: StrategyState) -> dict[str, Any]:
@@ -107,13 +122,14 @@ class AggregatorPrivacy:
             return None
         ledger = self.ledger(state)
         spent = list(ledger["noise"])
-        after = dpmath.epsilon([*spent, self._worst_noise()], dp.delta)
+        after = dpmath.epsilon([*spent, self._worst_noise()], dp.delta, self.accountant)
         if after <= dp.epsilon_budget:
             return None
         return (
             f"privacy budget: another round would bring epsilon from {ledger['epsilon']:.3g} "
             f"to {after:.3g}, over the plan's epsilon_budget {dp.epsilon_budget:g} "
-            f"(delta {dp.delta:g}); training stopped after {len(spent)} round(s)"
+            f"(delta {dp.delta:g}, {label(self.accountant)} accountant); training stopped "
+            f"after {len(spent)} round(s)"
         )
 
     def spent(self, state: StrategyState) -> dict[str, Any] | None:
@@ -126,6 +142,7 @@ class AggregatorPrivacy:
         return {
             "epsilon": float(ledger["epsilon"]),
             "delta": dp.delta,
+            "accountant": self.accountant.value,
             "epsilon_budget": dp.epsilon_budget,
             "rounds": len(ledger["noise"]),
             "clip": ledger["clip"],
@@ -231,7 +248,7 @@ class AggregatorPrivacy:
             return MeanSummary(summary.round, mean, summary.total_weight, summary.results), ledger
         if dp.noise is NoisePlacement.CENTRAL:
             noised = dpmath.add_noise(mean, self._update_z * clip / m, self._rng)
-            spent = dp.noise_multiplier
+            spent = self._update_z
         else:  # the sites added theirs: m of per_round shares arrived
             noised = {k: np.asarray(v, dtype=np.float64) for k, v in mean.items()}
             spent = dp.noise_multiplier * math.sqrt(m / self.per_round)
@@ -242,6 +259,8 @@ class AggregatorPrivacy:
         if unclipped is not None and dp.adaptive_clip is not None and self._count_std:
             fraction = float(np.asarray(unclipped).reshape(-1)[0])
             fraction += float(self._rng.normal(0.0, self._count_std)) / m
+            # two Gaussian mechanisms released: what they compose to (the plan's z)
+            spent = dpmath.round_noise_multiplier(spent, self._count_std)
             clip = dpmath.next_clip(
                 clip,
                 fraction,
@@ -253,25 +272,31 @@ class AggregatorPrivacy:
             "clip": clip,  # the bound of the next round
             "noise": history,  # the noise multiplier each round really had
             "clips": [*ledger.get("clips", []), float(ledger["clip"])],  # the bound it used
-            "epsilon": dpmath.epsilon(history, dp.delta),
+            "epsilon": dpmath.epsilon(history, dp.delta, self.accountant),
         }
         return MeanSummary(summary.round, out, summary.total_weight, summary.results), new_ledger
 
 
-def spent_after(ledger: dict[str, Any], privacy: AggregatorPrivacy | None) -> dict[str, float]:
+def spent_after(
+    ledger: dict[str, Any], privacy: AggregatorPrivacy | None
+) -> dict[str, float | str]:
     """What a round's record says once it was aggregated: the epsilon spent so far at
-    the plan's delta, the round's noise multiplier and the clipping bound it used."""
+    the plan's delta and the accountant that computed it, the round's noise multiplier
+    and the clipping bound it used."""
     dp = privacy.plan.dp if privacy is not None else None
-    out = {"epsilon": float(ledger["epsilon"])}
-    if dp is not None:
+    out: dict[str, float | str] = {"epsilon": float(ledger["epsilon"])}
+    if dp is not None and privacy is not None:
         out["delta"] = dp.delta
+        out["accountant"] = privacy.accountant.value
         out["noise_multiplier"] = float(ledger["noise"][-1]) if ledger["noise"] else 0.0
     clips = ledger.get("clips") or [ledger["clip"]]
     out["clip"] = float(clips[-1])
     return out
 
 
-def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dict[str, float]]:
+def spent_by_round(
+    state: StrategyState, privacy: AggregatorPrivacy
+) -> list[dict[str, float | str]]:
     """What each finished training round had spent once aggregated, in order, as
     :func:`spent_after` said it then: recomputed from the state's ledger."""
     dp = privacy.plan.dp
@@ -282,8 +307,9 @@ def spent_by_round(state: StrategyState, privacy: AggregatorPrivacy) -> list[dic
     clips = [float(c) for c in ledger.get("clips", [])]
     return [
         {
-            "epsilon": dpmath.epsilon(noise[: k + 1], dp.delta),
+            "epsilon": dpmath.epsilon(noise[: k + 1], dp.delta, privacy.accountant),
             "delta": dp.delta,
+            "accountant": privacy.accountant.value,
             "noise_multiplier": z,
             **({"clip": clips[k]} if k < len(clips) else {}),
         }

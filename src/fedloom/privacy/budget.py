@@ -6,7 +6,8 @@ So each site counts the DP updates it has sent for a plan (by its hash) in
 ``STATE/privacy-spent.json`` and refuses, before anything leaves, an update that would
 take its epsilon past its limit: the plan's ``epsilon_budget``, or its policy's
 ``dp.max_epsilon`` if lower. Each update is counted as one Gaussian mechanism of the
-plan's noise multiplier, as the aggregator's accountant counts a full round (under
+plan's noise multiplier, composed by the plan's accountant (``privacy.accountant``), as
+the aggregator's accountant counts a full round (under
 distributed noise, a round that loses sites has less noise than that: the aggregator's
 ledger, not this count, records it).
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from fedloom.errors import PolicyError
 from fedloom.pki.common import write_atomic
 from fedloom.privacy import dp as dpmath
+from fedloom.privacy.accounting import label
+from fedloom.records import Accountant
 
 SPENT_FILE = "privacy-spent.json"
 
@@ -28,13 +31,21 @@ class SiteBudget:
     """Counts this site's DP updates per plan hash, durably, and refuses one too many."""
 
     def __init__(
-        self, path: Path, *, plan_hash: str, noise_multiplier: float, delta: float, limit: float
+        self,
+        path: Path,
+        *,
+        plan_hash: str,
+        noise_multiplier: float,
+        delta: float,
+        limit: float,
+        accountant: Accountant = Accountant.RDP,
     ) -> None:
         self.path = path
         self.plan_hash = plan_hash
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.limit = limit
+        self.accountant = accountant
         self._lock = threading.Lock()
 
     def sent(self) -> int:
@@ -55,12 +66,13 @@ class SiteBudget:
         spent with it; :class:`PolicyError` (nothing counted) if that passes the limit."""
         with self._lock:
             count = self.sent() + 1
-            spent = dpmath.epsilon([self.noise_multiplier] * count, self.delta)
+            spent = dpmath.epsilon([self.noise_multiplier] * count, self.delta, self.accountant)
             if spent > self.limit:
                 raise PolicyError(
                     f"round {round}: this site's privacy budget is spent: another update "
                     f"would bring its epsilon to {spent:.3g}, over its limit {self.limit:g} "
-                    f"(delta {self.delta:g}; {count - 1} update(s) already sent for this plan)",
+                    f"(delta {self.delta:g}, {label(self.accountant)} accountant; "
+                    f"{count - 1} update(s) already sent for this plan)",
                     hint="the site sends no more updates for this plan; a new plan (a new "
                     "hash) starts a new count",
                 )

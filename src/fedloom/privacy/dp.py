@@ -1,21 +1,26 @@
 """User-level differential privacy (DP-FedAvg): the maths, as pure functions.
 
-A site clips its update ``delta`` to the L2 bound ``clip`` (over every tensor together).
-The sum of ``m`` clipped updates then changes by at most ``clip`` when one site joins or
-leaves (its update is added or zeroed: the add/remove neighbouring relation the
-accountant uses; replacing a site's data moves it by up to ``2 * clip``), so Gaussian
-noise of standard deviation ``noise_multiplier * clip`` on the sum is the Gaussian
-mechanism, and the round costs what one such mechanism costs. Every site weighs the
-same in the mean (a weight per sample count would let one site's share of the sum
-exceed ``clip``).
+The neighbouring relation (docs/privacy.md, "What the guarantee says"): which sites take
+part in each round is public; two federations are neighbours when one site's update is
+replaced by zero in every round it takes part in (its data could have taught the model
+nothing). A site clips its update ``delta`` to the L2 bound ``clip`` (over every tensor
+together), so the sum of ``m`` clipped updates moves by at most ``clip`` between
+neighbours, and Gaussian noise of standard deviation ``noise_multiplier * clip`` on the
+sum is the Gaussian mechanism of that multiplier. Every site weighs the same in the mean
+(a weight per sample count would let one site's share of the sum exceed ``clip``).
 
 Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
-Clipping"): each site also reports whether its update was within the bound; the
-aggregator noises the count, and moves the bound geometrically towards the target
-quantile: ``clip *= exp(-lr * (unclipped_fraction - target))``. The count's noise
-``count_std`` takes part of the privacy: the update's noise multiplier becomes
-``(z**-2 - (2 * count_std)**-2) ** -0.5`` so that the pair costs what a Gaussian
-mechanism of multiplier ``z`` costs.
+Clipping"): each site also reports one bit, whether its update was within the bound; the
+aggregator noises the count of those bits, and moves the bound geometrically towards the
+target quantile: ``clip *= exp(-lr * (unclipped_fraction - target))``. Under the relation
+above one site's bit can flip (its real update may exceed the bound, the zero update
+never does), so the count moves by up to :data:`COUNT_SENSITIVITY` = 1, not by the 1/2
+of the paper's centred bits under add/remove. The round releases two Gaussian mechanisms,
+of multipliers ``z_u`` (the updates: noise ``z_u * clip`` over sensitivity ``clip``) and
+``count_std / 1`` (the count), which compose exactly to one of multiplier
+``(z_u^-2 + count_std^-2)^-1/2`` (:func:`round_noise_multiplier`). So the updates get
+``z_u = (z^-2 - count_std^-2)^-1/2`` (:func:`update_noise_multiplier`), and the pair
+costs what one Gaussian mechanism of the plan's multiplier ``z`` costs.
 
 Randomness for noise never comes from the plan's seed: :func:`secret_generator` draws
 its seed from the operating system, so nobody holding the plan can predict it.
@@ -29,9 +34,14 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from fedloom.privacy.accounting import combined_multiplier, gaussian_epsilon
+from fedloom.records import Accountant
 from fedloom.weights import Weights
 
 UNCLIPPED = "fedloom.unclipped"  # the extra tensor holding a site's "within the bound" bit
+# how far one site moves the count of unclipped updates between neighbours: its bit can
+# flip (participation is public, and the zero update is always within the bound)
+COUNT_SENSITIVITY = 1.0
 
 
 def secret_generator() -> np.random.Generator:
@@ -66,18 +76,29 @@ def add_noise(weights: Mapping[str, np.ndarray], std: float, rng: np.random.Gene
 
 
 def update_noise_multiplier(noise_multiplier: float, count_std: float | None) -> float:
-    """The noise multiplier left for the updates once the unclipped count takes
-    ``count_std`` (Andrew et al., Theorem 1); ``noise_multiplier`` without adaptive
-    clipping. Raises ValueError when ``count_std`` is too small to leave any."""
+    """The noise multiplier left for the updates once the count of unclipped updates
+    takes its share: ``(z^-2 - (count_std / COUNT_SENSITIVITY)^-2)^-1/2``, so that the
+    pair composes to exactly ``noise_multiplier`` (:func:`round_noise_multiplier`);
+    ``noise_multiplier`` without adaptive clipping. Raises ValueError when ``count_std``
+    is too small to leave any."""
     if count_std is None or noise_multiplier == 0:
         return noise_multiplier
-    rest = noise_multiplier**-2 - (2 * count_std) ** -2
+    rest = noise_multiplier**-2 - (count_std / COUNT_SENSITIVITY) ** -2
     if rest <= 0:
         raise ValueError(
-            f"the count noise {count_std:g} must exceed half the noise multiplier "
-            f"({noise_multiplier / 2:g}) to leave noise for the updates"
+            f"the count noise {count_std:g} must exceed the noise multiplier "
+            f"({noise_multiplier * COUNT_SENSITIVITY:g}) to leave noise for the updates"
         )
     return float(rest**-0.5)
+
+
+def round_noise_multiplier(update_multiplier: float, count_std: float | None) -> float:
+    """The multiplier of the one Gaussian mechanism a central round releases: the
+    updates' (``update_multiplier``), composed with the count's (``count_std`` over
+    :data:`COUNT_SENSITIVITY`) under adaptive clipping."""
+    if count_std is None:
+        return update_multiplier
+    return combined_multiplier([update_multiplier, count_std / COUNT_SENSITIVITY])
 
 
 def count_noise_std(sites: int, count_noise_multiplier: float | None) -> float:
@@ -91,21 +112,11 @@ def next_clip(clip: float, unclipped_fraction: float, *, target: float, lr: floa
     return float(clip * math.exp(-lr * (unclipped_fraction - target)))
 
 
-def epsilon(noise_multipliers: Iterable[float], delta: float) -> float:
+def epsilon(
+    noise_multipliers: Iterable[float], delta: float, accountant: Accountant = Accountant.RDP
+) -> float:
     """The epsilon at ``delta`` of the Gaussian mechanisms of ``noise_multipliers``
-    composed (RDP accountant of the ``dp-accounting`` package). No amplification by
+    composed, by ``accountant`` (:mod:`fedloom.privacy.accounting`). No amplification by
     sampling is claimed: which sites take part in a round is derived from the plan's
     seed, which is no secret. A multiplier of 0 is no privacy at all: infinity."""
-    from dp_accounting import dp_event, rdp
-
-    counts: dict[float, int] = {}
-    for z in noise_multipliers:
-        counts[float(z)] = counts.get(float(z), 0) + 1
-    if not counts:
-        return 0.0
-    if any(z <= 0 for z in counts):
-        return math.inf
-    accountant = rdp.RdpAccountant()
-    for z, n in sorted(counts.items()):
-        accountant.compose(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), n))
-    return float(accountant.get_epsilon(delta))
+    return gaussian_epsilon(noise_multipliers, delta, accountant)

@@ -9,6 +9,9 @@ Three independent pieces, each off unless its section is present:
 - ``secure_aggregation``: SecAgg+ style masking; the aggregator learns only the sum.
 - ``dp_sgd``: sample-level DP-SGD inside each site's training (torch tasks, Opacus).
 
+``accountant`` (``rdp``, the default, or ``pld``) turns the noise of both DP pieces into
+epsilon, at the aggregator and at every site (:mod:`fedloom.privacy.accounting`).
+
 The data owner's policy (:mod:`fedloom.privacy.policy`) checks these values at the site
 before any data is read. The cross-field rules (robust strategies and secure
 aggregation, distributed noise without secure aggregation …) live in
@@ -24,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedloom.privacy.quantize import fractional_bits, range_problem
+from fedloom.records import Accountant
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
@@ -44,8 +48,9 @@ class AdaptiveClipPlan(_Frozen):
 
     target_quantile: Probability = 0.5
     learning_rate: Positive = 0.2
-    # noise on the count of unclipped updates, as a multiplier; None: sites / 20, the
-    # paper's choice (sigma_b = m / 20)
+    # the standard deviation of the noise on the count of unclipped updates (whose
+    # sensitivity is 1: its multiplier too); None: sites / 20, the paper's choice
+    # (sigma_b = m / 20). Must exceed dp.noise_multiplier
     count_noise_multiplier: Positive | None = None
 
 
@@ -86,6 +91,9 @@ class PrivacyPlan(_Frozen):
     dp: DPPlan | None = None
     secure_aggregation: SecureAggregationPlan | None = None
     dp_sgd: DPSGDPlan | None = None
+    # how noise becomes epsilon, for DP-FedAvg and DP-SGD alike. RDP stays the default so
+    # that a plan written before the choice keeps its hash and its epsilons
+    accountant: Accountant = Accountant.RDP
 
     @field_validator("secure_aggregation", mode="before")
     @classmethod
@@ -168,12 +176,16 @@ def privacy_problems(
             )
         count = dp.adaptive_clip.count_noise_multiplier
         count_std = count if count is not None else per_round / 20
-        if dp.noise_multiplier >= 2 * count_std:
+        if dp.noise_multiplier >= count_std:
+            source = "" if count is not None else f", the default: {per_round} sites / 20"
             problems.append(
                 "privacy.dp.adaptive_clip.count_noise_multiplier: the noise on the count of "
-                f"unclipped updates ({count_std:g}) must exceed half the noise multiplier "
-                f"({dp.noise_multiplier / 2:g}), else no noise is left for the updates; "
-                f"set it above {dp.noise_multiplier / 2:g}"
+                f"unclipped updates ({count_std:g}{source}) must exceed the noise multiplier "
+                f"({dp.noise_multiplier:g}): one site moves the count by 1, and the count's "
+                "noise and the updates' share the noise multiplier's budget, so no noise "
+                f"would be left for the updates; set it above {dp.noise_multiplier:g} "
+                f"(e.g. {2 * dp.noise_multiplier:g}, which gives the updates a multiplier "
+                f"of {dp.noise_multiplier * 2 / math.sqrt(3):.3g})"
             )
     distributed = dp is not None and dp.noise is NoisePlacement.DISTRIBUTED
     if sa is not None and dp is not None and distributed and sa.clip_range is not None:

@@ -127,6 +127,7 @@ class SitePrivacy:
                 "noise_multiplier": dp.noise_multiplier,
                 "noise": dp.noise.value,
                 "delta": dp.delta,
+                "accountant": self.plan.accountant.value,
             }
             if dp.noise is NoisePlacement.DISTRIBUTED:
                 std = dp.noise_multiplier * clip / np.sqrt(self.per_round)

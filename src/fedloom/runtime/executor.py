@@ -43,7 +43,9 @@ def dp_sgd_of(plan: Plan, site: str, round: int) -> tuple[DPSGDSettings | None, 
         for r in range(1, min(round, plan.rounds) + 1)
         if site in select_sites(roster, plan.per_round, plan.seed, r)
     )
-    settings = DPSGDSettings(dp.noise_multiplier, dp.max_grad_norm, dp.delta)
+    settings = DPSGDSettings(
+        dp.noise_multiplier, dp.max_grad_norm, dp.delta, plan.privacy.accountant
+    )
     return settings, max(1, selected)
 
 

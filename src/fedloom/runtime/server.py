@@ -226,10 +226,12 @@ def _serve(
         if isinstance(event, RoundClosed) and event.record.privacy:
             spent = event.record.privacy
             log.info(
-                "round %d: epsilon %.4g spent at delta %g (noise multiplier %.3g, clip %.3g)",
+                "round %d: epsilon %.4g spent at delta %g (%s accountant; noise multiplier "
+                "%.3g, clip %.3g)",
                 event.record.round,
                 spent.get("epsilon", 0.0),
                 spent.get("delta", 0.0),
+                str(spent.get("accountant", "")).upper(),
                 spent.get("noise_multiplier", 0.0),
                 spent.get("clip", 0.0),
             )

@@ -282,6 +282,7 @@ def site_budget(
         noise_multiplier=dp.noise_multiplier,
         delta=dp.delta,
         limit=min(known),
+        accountant=plan.privacy.accountant,
     )
 
 

@@ -5,7 +5,9 @@ adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` t
 batch's sum of clipped gradients. Batches are drawn by Poisson sampling: each record
 joins each batch independently with probability ``q = batch_size / n``. The privacy
 spent is that of the sampled Gaussian mechanism composed over every step the site has
-taken, computed here with Opacus's Rényi DP analysis.
+taken, computed here by the plan's accountant (``privacy.accountant``): Opacus's Rényi
+DP analysis (``rdp``, the default) or dp-accounting's privacy loss distributions
+(``pld``, tighter).
 
 The computation is stateless: a site's epsilon follows from the plan's settings, the
 size of its training split and the number of rounds it has been selected for
@@ -14,7 +16,8 @@ trained). A restarted collaborator, or a simulation worker serving many sites, r
 the same value as a process that has trained the site from the start.
 
 Only the accounting lives here; :class:`~fedloom.tasks.TorchTask` runs the training.
-Opacus (and with it torch) is imported when an epsilon is computed, not before.
+Opacus (and with it torch) or dp-accounting is imported when an epsilon is computed, not
+before.
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ import math
 import warnings
 
 from fedloom.errors import TaskError
-from fedloom.records import DPSGDSettings, TrainSettings
+from fedloom.records import Accountant, DPSGDSettings, TrainSettings
 from fedloom.tasks.base import SiteContext
+
+# the width of the bins in which the PLD of a sampled Gaussian is discretised
+# (dp-accounting's default): finer is tighter and slower
+PLD_DISCRETISATION = 1e-4
 
 
 def sample_rate(num_samples: int, batch_size: int) -> float:
@@ -46,15 +53,35 @@ def steps_per_round(num_samples: int, batch_size: int, epochs: int) -> int:
     return max(0, epochs) * math.ceil(num_samples / max(1, batch_size))
 
 
-def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon at ``delta`` of ``steps`` sampled Gaussian mechanisms (Opacus RDP analysis).
-
-    Rényi DP at Opacus's default orders, composed additively over the steps, then
-    converted to (epsilon, delta)-DP. Zero steps (or a zero rate) spend nothing; a zero
-    noise multiplier gives ``inf``.
+def epsilon(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: Accountant = Accountant.RDP,
+) -> float:
+    """Epsilon at ``delta`` of ``steps`` sampled Gaussian mechanisms (add/remove one
+    record), by ``accountant``: Opacus's Rényi DP analysis (RDP at Opacus's default
+    orders, composed additively, then converted to (epsilon, delta)-DP), or the privacy
+    loss distributions of dp-accounting's ``PLDAccountant`` (pessimistic discretisation:
+    an upper bound, tighter than RDP's). Zero steps (or a zero rate) spend nothing; a
+    zero noise multiplier gives ``inf``.
     """
     if steps <= 0 or sample_rate <= 0:
         return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    if accountant is Accountant.PLD:
+        from dp_accounting import dp_event
+        from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+        pld = PLDAccountant(value_discretization_interval=PLD_DISCRETISATION)
+        event: dp_event.DpEvent = dp_event.GaussianDpEvent(noise_multiplier)
+        if sample_rate < 1:
+            event = dp_event.PoissonSampledDpEvent(sample_rate, event)
+        pld.compose(event, steps)
+        return float(pld.get_epsilon(delta))
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
@@ -81,6 +108,7 @@ def site_epsilon(
         sample_rate=sample_rate(num_samples, settings.batch_size),
         steps=max(0, rounds) * steps,
         delta=dp.delta,
+        accountant=dp.accountant,
     )
 
 
