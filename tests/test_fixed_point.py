@@ -56,7 +56,7 @@ def exact(x: float, weight: int, clip_range: float, frac: int) -> Fraction:
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(
     bits=st.sampled_from(BITS),
     sites=st.integers(1, 50),
@@ -185,7 +185,7 @@ def rounds(draw: Any, bits: int) -> dict[str, Any]:
     # the coordinates come from the seed (hypothesis draws the shape of the round):
     # inside the clip range, exactly at either end, or beyond it
     rng = np.random.default_rng(seed)
-    size = (sites, 8)
+    size = (sites, 32)
     kind = rng.integers(0, 3, size)
     edge = rng.choice([-clip_range, clip_range], size)
     updates = np.where(kind == 0, rng.uniform(-clip_range, clip_range, size), edge)
@@ -218,7 +218,8 @@ def test_no_honest_sum_is_refused_and_a_garbage_site_is(bits: int, data: Any) ->
     garbage = data.draw(st.integers(0, len(r["updates"]) - 1), label="garbage site")
     bad = masked.unmasked_sum(garbage=garbage, seed=r["seed"])
     problem = sum_problem(bad, r["weights"], **common)
-    assert problem is not None and "out of range" in problem  # in range: p <= 2**-8
+    # each of the 32 coordinates in range with probability at most about 1/2
+    assert problem is not None and "out of range" in problem
 
 
 def check_mean(

@@ -8,8 +8,8 @@ signed integer and divided by ``2**frac``, is the weighted sum of the clipped up
 
 **Exact encoding.** The rounding is exact: the integer is the one nearest to the real
 product ``clip(x) * weight * 2**frac`` of the float64 value ``x``, not to its float64
-approximation. (At 64 bits a float64 product has fewer bits than the ring: rounding it
-first would be off by up to ``2**(bits - 2 - 53)`` units of the last fractional bit.)
+approximation. (At 64 bits a product may need 62 bits and a float64 holds 53: rounding
+the float64 product would be off by up to 256 units of the last fractional bit.)
 The product is split into two float64 numbers whose sum is exact (Dekker's
 two-product), and the rounding is decided from both. So each site's integer is off by
 at most half a unit, ``2**-(frac + 1)``, at both widths, and the integer sum of
@@ -25,7 +25,7 @@ weight ``W`` rounds once more, so a coordinate of the decoded mean is off by at 
 **Range.** ``frac`` is chosen so that no sum of a round can overflow: at most ``sites``
 values, each at most ``max_weight * clip_range`` in magnitude, must stay below
 ``2**(bits - 1)``. Rounding is monotonic and symmetric, so an honest site's integer
-lies within ``±encode(clip_range)`` for its weight, and an honest sum within the sum of
+lies within ``+/-encode(clip_range)`` for its weight, and an honest sum within the sum of
 those: :func:`honest_limit`, the exact bound the aggregator checks the unmasked sum
 against (:func:`sum_problem`).
 """
