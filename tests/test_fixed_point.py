@@ -53,64 +53,67 @@ def exact(x: float, weight: int, clip_range: float, frac: int) -> Fraction:
 # ---------------------------------------------------------------- one site
 
 
-finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+DTYPES = (np.float64, np.float32, np.float16)
 
 
 @settings(max_examples=1000, deadline=None)
 @given(
     bits=st.sampled_from(BITS),
+    dtype=st.sampled_from(DTYPES),
     sites=st.integers(1, 50),
-    max_weight=st.integers(1, 10**6),
+    max_weight=st.one_of(st.integers(1, 10**6), st.integers(2**29 - 2, 2**31)),
     clip_range=st.floats(1e-4, 1e4),
     data=st.data(),
 )
 @example(  # the float64 product of the old encoding was off by 128 units here
-    bits=64, sites=2, max_weight=100, clip_range=2.469162753625644, data=None
+    bits=64, dtype=np.float64, sites=2, max_weight=100, clip_range=2.469162753625644, data=None
 ).via("an error of 128 units before the encoding was exact")
 def test_each_site_is_encoded_to_the_nearest_integer_exactly(
-    bits: int, sites: int, max_weight: int, clip_range: float, data: Any
+    bits: int, dtype: Any, sites: int, max_weight: int, clip_range: float, data: Any
 ) -> None:
     """``round(clip(x) * weight * 2**frac)`` of the exact product: off by at most half a
-    unit of ``2**-frac``, ties to even, at both widths."""
+    unit of ``2**-frac``, ties to even, at both widths, for float64, float32 and float16
+    updates (the last two take a shorter path when the weight is small enough)."""
     if range_problem(bits, sites, max_weight, clip_range) is not None:
         return  # a plan the validation refuses
     frac = fractional_bits(bits, sites, max_weight, clip_range)
     if data is None:
-        weight, xs = 96, [-1.5982571784389301]
+        weight, xs = 96, np.array([-1.5982571784389301])
     else:
         weight = data.draw(st.integers(1, max_weight), label="weight")
         scale = Fraction(weight * 2**frac)
         ties = st.integers(-(2**40), 2**40).map(lambda k: float(Fraction(2 * k + 1, 2) / scale))
         near = st.one_of(
-            finite,
+            st.floats(allow_nan=False, allow_infinity=False),
             st.floats(-clip_range, clip_range),
-            st.floats(-1e5, 1e5, width=32),  # float32 updates, widened
             st.sampled_from([clip_range, -clip_range, 0.0, -0.0]),
             ties,  # half-way cases, as near as float64 gets to them
         )
-        xs = data.draw(st.lists(near, min_size=1, max_size=16), label="values")
-    got = signed(
-        encode(np.array(xs), weight=weight, clip_range=clip_range, frac=frac, bits=bits), bits
-    )
+        drawn = data.draw(st.lists(near, min_size=1, max_size=16), label="values")
+        largest = float(np.finfo(dtype).max)
+        xs = np.clip(np.array(drawn), -largest, largest).astype(dtype)
+    got = signed(encode(xs, weight=weight, clip_range=clip_range, frac=frac, bits=bits), bits)
     for x, n in zip(xs, got, strict=True):
-        want = exact(x, weight, clip_range, frac)
+        want = exact(float(x), weight, clip_range, frac)
         assert n == round(want), (x, weight, frac, n, want)  # round(): ties to even
         assert abs(n - want) <= Fraction(1, 2)
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_float32_and_float64_tensors_and_large_ones_encode_alike(bits: int) -> None:
-    """Blocks of a large tensor are encoded as the whole would be; a float32 tensor as its
-    float64 values."""
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_narrow_and_float64_tensors_and_large_ones_encode_alike(bits: int, dtype: Any) -> None:
+    """Blocks of a large tensor are encoded as the whole would be; a float32 or float16
+    tensor (the shorter path) as its float64 values, clipped coordinates included."""
     rng = np.random.default_rng(5)
-    values = rng.normal(0, 0.4, 100_003).astype(np.float32)
-    frac = fractional_bits(bits, 10, 1000, 1.0)
-    whole = encode(values, weight=777, clip_range=1.0, frac=frac, bits=bits)
+    values = rng.normal(0, 0.4, 100_003).astype(dtype)
+    assert np.mean(np.abs(values) >= 0.7) > 0.05  # many clipped coordinates
+    frac = fractional_bits(bits, 10, 1000, 0.7)
+    whole = encode(values, weight=777, clip_range=0.7, frac=frac, bits=bits)
     assert whole.dtype == unsigned(bits) and whole.shape == (values.size,)
-    wide = encode(values.astype(np.float64), weight=777, clip_range=1.0, frac=frac, bits=bits)
+    wide = encode(values.astype(np.float64), weight=777, clip_range=0.7, frac=frac, bits=bits)
     assert np.array_equal(whole, wide)
     for i in rng.integers(0, values.size, 200):
-        want = round(exact(float(values[i]), 777, 1.0, frac))
+        want = round(exact(float(values[i]), 777, 0.7, frac))
         assert signed(whole[i : i + 1], bits) == [want]
 
 
@@ -172,8 +175,8 @@ class MaskedRound:
 @st.composite
 def rounds(draw: Any, bits: int) -> dict[str, Any]:
     """A round of honest sites: a clip range (rarely a power of two), sample-count
-    weights up to the plan's cap, updates with coordinates inside, at and beyond the
-    clip range, and one coordinate all sites push past it."""
+    weights up to the plan's cap, float64 or float32 updates with coordinates inside,
+    at and beyond the clip range, and one coordinate all sites push past it."""
     sites = draw(st.integers(2, 12), label="sites")
     max_weight = draw(st.sampled_from([1, 5, 100, 1000, 100_000]), label="max_samples")
     clip_range = draw(st.floats(1e-3, 1e3), label="clip_range")
@@ -192,8 +195,9 @@ def rounds(draw: Any, bits: int) -> dict[str, Any]:
     updates = np.where(kind == 2, rng.uniform(-4 * clip_range, 4 * clip_range, size), updates)
     shared = draw(st.sampled_from([clip_range, -clip_range, 2 * clip_range]))
     updates[:, 0] = shared  # every site clipped at the same coordinate
+    dtype = draw(st.sampled_from([np.float64, np.float32]), label="dtype")
     return {
-        "updates": list(updates),
+        "updates": list(updates.astype(dtype)),
         "weights": weights,
         "clip_range": clip_range,
         "frac": fractional_bits(bits, sites, max_weight, clip_range),

@@ -80,12 +80,39 @@ def encode(
     flat = np.asarray(values).reshape(-1)
     scale = float(weight) * 2.0**frac  # exact: a power of two times a float64
     out = np.empty(flat.size, dtype=np.int64)
+    narrow = _exact_in_float64(flat.dtype, weight)
+    if narrow:  # what a clipped coordinate encodes to (its product may not be exact)
+        top = int(_round_product(np.array([float(clip_range)]), scale)[0])
     for start in range(0, flat.size, _BLOCK):
         x = flat[start : start + _BLOCK].astype(np.float64)  # exact from any float dtype
-        np.clip(x, -clip_range, clip_range, out=x)
-        out[start : start + x.size] = _round_product(x, scale)
+        block = out[start : start + x.size]
+        if not narrow:
+            np.clip(x, -clip_range, clip_range, out=x)
+            block[...] = _round_product(x, scale)
+            continue
+        beyond = np.abs(x) >= clip_range
+        negative = np.signbit(x)
+        np.clip(x, -clip_range, clip_range, out=x)  # beyond: replaced by +/-top below
+        x *= scale  # exact where not beyond: no rounding, so rint rounds the exact product
+        np.rint(x, out=x)
+        np.copyto(block, x, casting="unsafe")
+        if beyond.any():
+            block[beyond] = np.where(negative[beyond], -top, top)
     as_unsigned = out.view(np.uint64)
     return as_unsigned if bits == 64 else as_unsigned.astype(np.uint32)
+
+
+_SIGNIFICAND_BITS = {np.dtype(np.float32): 24, np.dtype(np.float16): 11}
+
+
+def _exact_in_float64(dtype: np.dtype, weight: float) -> bool:
+    """Whether every ``value * weight`` is exact in float64 for values of ``dtype``: a
+    float32 or float16 value times a whole weight that fits in the bits to spare (below
+    ``2**29`` for float32, the usual case: a model's update and a sample count)."""
+    bits = _SIGNIFICAND_BITS.get(dtype)
+    if bits is None or not float(weight).is_integer():
+        return False
+    return 0 <= weight < 2 ** (53 - bits)
 
 
 def _split(a: np.ndarray | float) -> tuple[np.ndarray | float, np.ndarray | float]:
