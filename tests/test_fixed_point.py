@@ -255,7 +255,7 @@ def test_the_honest_limit_is_tight(bits: int) -> None:
     one coordinate is refused."""
     weights, clip_range = [1, 5, 3], 0.3
     frac = fractional_bits(bits, 3, 5, clip_range)
-    limit = honest_limit(weights, clip_range=clip_range, frac=frac, bits=bits)
+    limit = honest_limit(weights, clip_range=clip_range, frac=frac)
     updates = [np.full(4, clip_range) for _ in weights]
     total = sum(
         (

@@ -82,7 +82,7 @@ def encode(
     out = np.empty(flat.size, dtype=np.int64)
     narrow = _exact_in_float64(flat.dtype, weight)
     if narrow:  # what a clipped coordinate encodes to (its product may not be exact)
-        top = int(_round_product(np.array([float(clip_range)]), scale)[0])
+        top = _limit(clip_range, scale)
     for start in range(0, flat.size, _BLOCK):
         x = flat[start : start + _BLOCK].astype(np.float64)  # exact from any float dtype
         block = out[start : start + x.size]
@@ -155,19 +155,16 @@ def decode(total: np.ndarray, *, frac: int, bits: int) -> np.ndarray:
     return signed.astype(np.float64) / 2.0**frac
 
 
-def honest_limit(weights: Iterable[float], *, clip_range: float, frac: int, bits: int) -> int:
+def honest_limit(weights: Iterable[float], *, clip_range: float, frac: int) -> int:
     """The largest magnitude a coordinate of an honest sum can have: the sum, over the
     sites, of the integer that ``clip_range`` encodes to at each site's weight. Exact:
     every honest coordinate lies within it, and nothing else does, with no slack."""
-    one = np.array([clip_range])
-    return sum(
-        int(
-            encode(one, weight=w, clip_range=clip_range, frac=frac, bits=bits).view(_signed(bits))[
-                0
-            ]
-        )
-        for w in weights
-    )
+    return sum(_limit(clip_range, float(w) * 2.0**frac) for w in weights)
+
+
+def _limit(clip_range: float, scale: float) -> int:
+    """The integer ``clip_range`` encodes to (every clipped coordinate's magnitude)."""
+    return int(_round_product(np.array([float(clip_range)]), scale)[0])
 
 
 def peak(total: np.ndarray, bits: int) -> int:
@@ -191,7 +188,7 @@ def sum_problem(
     sites of these weights, or None: a coordinate beyond :func:`honest_limit`. Masks that
     did not cancel (a site that changed its keys, garbage from a broken site) give
     uniformly random values, each in range with probability at most 1/2."""
-    limit = honest_limit(weights, clip_range=clip_range, frac=frac, bits=bits)
+    limit = honest_limit(weights, clip_range=clip_range, frac=frac)
     worst = max((peak(s, bits) for s in sums), default=0)
     if worst <= limit:
         return None
