@@ -33,7 +33,7 @@ from fedloom.errors import AggregationError, CertificateError, UpdateRejected
 from fedloom.pki.common import common_name, load_cert
 from fedloom.privacy import masking, shamir, signing
 from fedloom.privacy.identity import peer_certificate
-from fedloom.privacy.quantize import decode, unsigned
+from fedloom.privacy.quantize import decode, sum_problem, unsigned
 from fedloom.privacy.secagg import (
     KEYS,
     REVEAL,
@@ -297,20 +297,22 @@ class SecAggRound:
         }
         sums = self._remove_masks(self.accumulator.sums(), seeds, dropped_keys)
         self._check_range(sums, weights)
-        return sums
+        return [decode(total, frac=self.params.frac, bits=self.params.bits) for total in sums]
 
     def _check_range(self, sums: list[np.ndarray], weights: Mapping[str, int]) -> None:
-        """Refuse a sum no honest sites could have sent: beyond total weight times the
-        clip range. Masks that did not cancel (a site that changed its keys, garbage
-        from a broken site) give uniformly random values, far out of range."""
-        bound = sum(weights.values()) * self.params.clip_range
-        bound += len(weights) * 2.0**-self.params.frac  # the rounding
-        worst = max((float(np.max(np.abs(s))) for s in sums if s.size), default=0.0)
-        if worst > bound:
+        """Refuse a sum no honest sites could have sent: a coordinate beyond what sites of
+        these weights encode from the clip range, compared exactly, in integers (so no
+        honest sum is refused). Masks that did not cancel (a site that changed its keys,
+        garbage from a broken site) give uniformly random values, far out of range."""
+        p = self.params
+        problem = sum_problem(
+            sums, weights.values(), clip_range=p.clip_range, frac=p.frac, bits=p.bits
+        )
+        if problem is not None:
             with self._cond:
                 raise self._fail(
-                    f"the unmasked sum is out of range ({worst:.3g} > {bound:.3g}): the "
-                    "masks did not cancel, or a site sent values it could not have encoded"
+                    f"{problem}: the masks did not cancel, or a site sent values it could "
+                    "not have encoded"
                 )
 
     def abandon(self, reason: str) -> None:
@@ -348,7 +350,7 @@ class SecAggRound:
                     total -= part
                 else:
                     total += part
-            out.append(decode(total, frac=self.params.frac, bits=bits))
+            out.append(total)
         return out
 
     # --------------------------------------------------------------- helpers
