@@ -23,13 +23,13 @@ from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import TrainSettings
+from fedloom.workspace import WorkspaceCode
 
 if TYPE_CHECKING:
     from fedloom.strategies.base import Strategy
 
 PLAN_FILE = "federation.yaml"
 PLAN_VERSION = 1
-_SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git"}
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -361,23 +361,17 @@ def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:
     return validate_plan(raw, source=source)
 
 
-def plan_hash(plan: Plan, workspace: str | Path) -> str:
-    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace."""
+def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
+    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace.
+
+    Pass the :class:`WorkspaceCode` the task is loaded from to hash exactly the bytes
+    that run; a folder is read afresh."""
+    code = workspace if isinstance(workspace, WorkspaceCode) else WorkspaceCode.read(workspace)
     h = hashlib.sha256()
     h.update(b"fedloom-plan-v1\0")
     h.update(plan.canonical_json().encode())
-    root = Path(workspace)
-    for path in sorted(_python_files(root)):
-        rel = path.relative_to(root).as_posix()
-        h.update(b"\0file\0" + rel.encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+    code.update(h)
     return h.hexdigest()
-
-
-def _python_files(root: Path) -> Iterable[Path]:
-    for path in root.rglob("*.py"):
-        if not any(part in _SKIP_DIRS for part in path.relative_to(root).parts[:-1]):
-            yield path
 
 
 # -------------------------------------------------------------- messages
