@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -23,6 +24,7 @@ from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import TrainSettings
+from fedloom.site_name import site_name_problem
 from fedloom.workspace import WorkspaceCode
 
 if TYPE_CHECKING:
@@ -132,12 +134,20 @@ class Plan(_Frozen):
         if isinstance(value, list):
             if not value:
                 raise ValueError("must name at least one site")
-            dupes = sorted({s for s in value if value.count(s) > 1})
+            bad = [p for p in map(site_name_problem, value) if p is not None]
+            if bad:
+                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+                raise ValueError("; ".join(bad[:3]) + more)
+            dupes = sorted(s for s, n in Counter(value).items() if n > 1)
             if dupes:
                 raise ValueError(f"site names must be distinct; repeated: {dupes}")
-            bad = [s for s in value if not s or not all(c.isalnum() or c in "-_." for c in s)]
-            if bad:
-                raise ValueError(f"site names may hold letters, digits, '-', '_', '.': {bad}")
+            folded = Counter(s.lower() for s in value)
+            alike = sorted(s for s in value if folded[s.lower()] > 1)
+            if alike:
+                raise ValueError(
+                    f"site names must differ in more than case (they name folders, and some "
+                    f"file systems ignore case): {alike}"
+                )
         return value
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ from fedloom.errors import (
     WorkspaceError,
 )
 from fedloom.pki import site_credentials
-from fedloom.pki.common import SERVER_CERT, site_state_dir, write_atomic
+from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
@@ -108,6 +108,7 @@ def participate(
     """
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
+    check_name(options.name)  # before its name builds any path
     state_dir = options.state_dir or site_state_dir(ws, options.name)
     code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
     digest = plan_hash(plan, code)
