@@ -12,7 +12,9 @@ import pytest
 from workspaces import make_workspace, run_cli
 
 from fedloom import PlanError
+from fedloom.errors import PolicyError
 from fedloom.plan import MAX_NESTING, MAX_PLAN_BYTES, load_plan, validate_plan
+from fedloom.privacy.policy import load_policy
 
 # 9 levels of 9 aliases: 9**9 (387 million) strings once expanded, in 351 bytes
 ALIAS_BOMB = (
@@ -188,3 +190,10 @@ def test_an_infinite_deadline_is_a_plan_error_not_a_traceback(
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "deadline.round_seconds: must be a finite number (got inf)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_site_policy_refuses_aliases_too(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(PolicyError, match="anchors and aliases"):
+        load_policy(path)

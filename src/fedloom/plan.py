@@ -237,7 +237,7 @@ class _StrictLoader(yaml.SafeLoader):
             raise RefusedYAML(
                 None,
                 None,
-                "anchors and aliases (&name, *name, <<: *name) are not accepted in a plan; "
+                "anchors and aliases (&name, *name, <<: *name) are not accepted; "
                 "write each value out",
                 event.start_mark,
             )

@@ -17,6 +17,7 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import linecache
 import os
 import sys
 import traceback
@@ -46,6 +47,7 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.code = code
         self.root = code.root
         self.dirs = {p.as_posix() for rel in code.files for p in Path(rel).parents} - {"."}
+        self._held: dict[str, bool] = {}
 
     # -- finding
 
@@ -93,11 +95,15 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def _holds(self, place: str) -> bool:
         """Whether ``place`` lies in the workspace, outside an environment's libraries."""
-        try:
-            rel = Path(os.path.realpath(place)).relative_to(self.root)
-        except ValueError:
-            return False
-        return not _INSTALLED.intersection(rel.parts)
+        held = self._held.get(place)
+        if held is None:
+            try:
+                rel = Path(os.path.realpath(place)).relative_to(self.root)
+                held = not _INSTALLED.intersection(rel.parts)
+            except ValueError:
+                held = False
+            self._held[place] = held
+        return held
 
     # -- loading
 
@@ -110,7 +116,11 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if not isinstance(rel, str):
             return  # a folder without __init__.py: nothing to run
         source = self.code.files[rel]  # the bytes the plan hash covers
-        code = compile(source, str(self.root / rel), "exec", dont_inherit=True)
+        filename = str(self.root / rel)
+        # tracebacks and inspect.getsource show these bytes, whatever the disk holds now
+        lines = source.decode("utf-8", "replace").splitlines(keepends=True)
+        linecache.cache[filename] = (len(source), None, lines, filename)
+        code = compile(source, filename, "exec", dont_inherit=True)
         exec(code, module.__dict__)  # noqa: S102 - the approved task code, by design
 
 
