@@ -136,3 +136,15 @@ def test_collaborator_start_runs_the_task_source_not_a_planted_cache(tmp_path: P
     )  # fmt: skip
     assert "not reach" in proc.stdout + proc.stderr or proc.returncode != 0
     assert not marker.exists()
+
+
+def test_a_helper_of_another_workspace_never_stands_in_for_this_ones(tmp_path: Path) -> None:
+    loaded = []
+    for n in (2, 3):
+        ws = tmp_path / f"ws{n}"
+        ws.mkdir()
+        (ws / "shared_helper.py").write_text(f"CLASSES = {n}\n")
+        task = f"from shared_helper import CLASSES\n{TASK}".replace("30, 2)", "30, CLASSES)")
+        (ws / "task.py").write_text(task)
+        loaded.append(load_task(ws))
+    assert [t.init_weights(0)["weight"].shape[1] for t in loaded] == [2, 3]  # type: ignore[index]

@@ -49,6 +49,14 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.dirs = {p.as_posix() for rel in code.files for p in Path(rel).parents} - {"."}
         self._held: dict[str, bool] = {}
 
+    def module_names(self) -> set[str]:
+        """The names of the modules and packages this workspace provides."""
+        names = {d.replace("/", ".") for d in self.dirs}
+        for rel in self.code.files:
+            parts = rel.removesuffix(".py").split("/")
+            names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        return names
+
     # -- finding
 
     def find_spec(
@@ -144,16 +152,26 @@ def _where(spec: importlib.machinery.ModuleSpec) -> str:
 
 
 def _install(finder: WorkspaceFinder) -> None:
-    """Put ``finder`` on ``sys.meta_path`` in place of an older one for the same
-    workspace, forgetting the modules that one loaded (they may hold other code)."""
+    """Put ``finder`` on ``sys.meta_path`` ahead of the finders of workspaces loaded
+    before (an older one of the same workspace is removed), and forget the modules they
+    loaded that this workspace's code provides or replaces: a ``helpers`` module cached
+    from another workspace, or from older code of this one, must not stand in for the
+    code this workspace's plan hash covers."""
+    provided = finder.module_names()
     for old in [f for f in sys.meta_path if isinstance(f, WorkspaceFinder)]:
         if old.root == finder.root:
             sys.meta_path.remove(old)
-            for name, mod in list(sys.modules.items()):
-                if getattr(getattr(mod, "__spec__", None), "loader", None) is old:
-                    del sys.modules[name]
+        for name, mod in list(sys.modules.items()):
+            if getattr(getattr(mod, "__spec__", None), "loader", None) is old and (
+                old.root == finder.root or name in provided
+            ):
+                del sys.modules[name]
     at = next(
-        (i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder),
+        (
+            i
+            for i, f in enumerate(sys.meta_path)
+            if isinstance(f, WorkspaceFinder) or f is importlib.machinery.PathFinder
+        ),
         len(sys.meta_path),
     )
     sys.meta_path.insert(at, finder)
