@@ -6,11 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from workspaces import make_workspace, run_cli
 
 from fedloom import PlanError
 from fedloom.errors import CertificateError
+from fedloom.pki.authority import init_ca
 from fedloom.pki.common import site_state_dir
+from fedloom.pki.issued import sign_request
 from fedloom.plan import validate_plan
 from fedloom.site_name import MAX_SITE_NAME, site_name_problem
 
@@ -93,3 +99,20 @@ def test_a_command_refuses_a_bad_site_name_before_it_touches_the_disk(
     assert "cannot name a site" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert _tree(tmp_path) == before  # nothing made, inside the workspace or out
+
+
+@pytest.mark.parametrize("name", ["..", "-rf", "ｓｉｔｅ-01", "site."])  # noqa: RUF001
+def test_the_ca_refuses_a_signing_request_for_a_bad_name(tmp_path: Path, name: str) -> None:
+    """A hostile site crafts its own request; the CA checks the name before it writes."""
+    pki_dir = tmp_path / "pki"
+    init_ca(pki_dir, federation="fed", hosts=["localhost"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    before = _tree(tmp_path)
+    with pytest.raises(CertificateError, match="cannot name a site"):
+        sign_request(pki_dir, csr.public_bytes(serialization.Encoding.PEM), allowed=[name])
+    assert _tree(tmp_path) == before
