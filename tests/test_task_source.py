@@ -148,3 +148,21 @@ def test_a_helper_of_another_workspace_never_stands_in_for_this_ones(tmp_path: P
         (ws / "task.py").write_text(task)
         loaded.append(load_task(ws))
     assert [t.init_weights(0)["weight"].shape[1] for t in loaded] == [2, 3]  # type: ignore[index]
+
+
+def test_a_project_of_the_workspace_on_sys_path_is_imported_from_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with a project installed in editable mode: its folder is on sys.path, and its
+    modules, being the workspace's .py files, run from the bytes the plan hash covers."""
+    ws = tmp_path / "ws"
+    package = ws / "lib" / "src" / "fedloom_test_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "core.py").write_text("CLASSES = 2\n")
+    task = f"from fedloom_test_pkg.core import CLASSES\n{TASK}".replace("30, 2)", "30, CLASSES)")
+    (ws / "task.py").write_text(task)
+    _plant_bytecode(package / "core.py", "CLASSES = 7\n")
+    monkeypatch.syspath_prepend(str(ws / "lib" / "src"))
+    assert "lib/src/fedloom_test_pkg/core.py" in WorkspaceCode.read(ws).files
+    assert load_task(ws).init_weights(0)["weight"].shape == (30, 2)  # type: ignore[index]

@@ -47,7 +47,7 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.code = code
         self.root = code.root
         self.dirs = {p.as_posix() for rel in code.files for p in Path(rel).parents} - {"."}
-        self._held: dict[str, bool] = {}
+        self._rels: dict[str, str | None] = {}
 
     def module_names(self) -> set[str]:
         """The names of the modules and packages this workspace provides."""
@@ -62,16 +62,20 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        rel = fullname.replace(".", "/")
-        if f"{rel}.py" in self.code.files:
-            return self._spec(fullname, f"{rel}.py", package=False)
-        if f"{rel}/__init__.py" in self.code.files:
-            return self._spec(fullname, f"{rel}/__init__.py", package=True)
-        # where Python would look inside the workspace: its top folder (it used to be on
-        # sys.path, so say why a compiled module there is not imported), and any folder
-        # of it on sys.path (the current directory, with `python -m`)
+        tail = fullname.rpartition(".")[2]
+        # where Python would look inside the workspace: for a top-level name, the
+        # workspace itself (once on sys.path) and any folder of it that is on sys.path
+        # (the current directory with `python -m`, a project installed in editable
+        # mode); for a submodule, its package's folders
         entries = [str(self.root), *sys.path] if path is None else list(path)
-        inside = [e for e in entries if isinstance(e, str) and self._holds(e or ".")]
+        inside = [e for e in entries if isinstance(e, str) and self._rel(e or ".") is not None]
+        rels = [self._rel(e or ".") for e in inside]
+        bases = list(dict.fromkeys("" if r == "." else f"{r}/" for r in rels))
+        for base in bases:
+            if f"{base}{tail}.py" in self.code.files:
+                return self._spec(fullname, f"{base}{tail}.py", package=False)
+            if f"{base}{tail}/__init__.py" in self.code.files:
+                return self._spec(fullname, f"{base}{tail}/__init__.py", package=True)
         found = _path_spec(fullname, inside) if inside else None
         if found is not None and found.loader is not None and self._inside(found):
             raise RefusedImport(
@@ -81,10 +85,12 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 "it as a package",
                 name=fullname,
             )
-        if rel in self.dirs and getattr(_path_spec(fullname, path), "loader", None) is None:
-            spec = importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-            spec.submodule_search_locations = [str(self.root / rel)]
-            return spec  # a folder of modules without __init__.py
+        for base in bases:
+            rel = f"{base}{tail}"
+            if rel in self.dirs and getattr(_path_spec(fullname, path), "loader", None) is None:
+                spec = importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+                spec.submodule_search_locations = [str(self.root / rel)]
+                return spec  # a folder of modules without __init__.py
         return None
 
     def _spec(self, fullname: str, rel: str, *, package: bool) -> importlib.machinery.ModuleSpec:
@@ -99,19 +105,20 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def _inside(self, spec: importlib.machinery.ModuleSpec) -> bool:
         places = [spec.origin] if spec.origin else []
         places += list(spec.submodule_search_locations or [])
-        return any(self._holds(place) for place in places)
+        return any(self._rel(place) is not None for place in places)
 
-    def _holds(self, place: str) -> bool:
-        """Whether ``place`` lies in the workspace, outside an environment's libraries."""
-        held = self._held.get(place)
-        if held is None:
+    def _rel(self, place: str) -> str | None:
+        """``place`` relative to the workspace (``.`` for the workspace itself), or
+        ``None`` when it lies outside it or in an environment's libraries."""
+        if place not in self._rels:
             try:
-                rel = Path(os.path.realpath(place)).relative_to(self.root)
-                held = not _INSTALLED.intersection(rel.parts)
+                rel: str | None = Path(os.path.realpath(place)).relative_to(self.root).as_posix()
             except ValueError:
-                held = False
-            self._held[place] = held
-        return held
+                rel = None
+            if rel is not None and _INSTALLED.intersection(rel.split("/")):
+                rel = None
+            self._rels[place] = rel
+        return self._rels[place]
 
     # -- loading
 
