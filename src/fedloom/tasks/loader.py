@@ -27,7 +27,7 @@ from types import ModuleType
 
 from fedloom.errors import WorkspaceError
 from fedloom.tasks.base import Task
-from fedloom.workspace import WorkspaceCode
+from fedloom.workspace import SKIPPED_DIRS, WorkspaceCode
 
 _INSTALLED = {"site-packages", "dist-packages"}  # an environment's libraries
 
@@ -81,7 +81,7 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             raise RefusedImport(
                 f"{_where(found)}: not loaded: fedloom imports only the workspace's .py "
                 "source files, which the plan hash covers (not a .pyc, a compiled .so/.pyd, "
-                f"or a file under {', '.join(sorted(_skipped()))}); remove it, or install "
+                f"or a file under {', '.join(sorted(SKIPPED_DIRS))}); remove it, or install "
                 "it as a package",
                 name=fullname,
             )
@@ -137,12 +137,6 @@ class WorkspaceFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         linecache.cache[filename] = (len(source), None, lines, filename)
         code = compile(source, filename, "exec", dont_inherit=True)
         exec(code, module.__dict__)  # noqa: S102 - the approved task code, by design
-
-
-def _skipped() -> frozenset[str]:
-    from fedloom.workspace import SKIPPED_DIRS
-
-    return SKIPPED_DIRS
 
 
 def _path_spec(fullname: str, path: Sequence[str] | None) -> importlib.machinery.ModuleSpec | None:
