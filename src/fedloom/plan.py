@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -23,16 +24,34 @@ from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import Accountant, TrainSettings
+from fedloom.site_name import site_name_problem
+from fedloom.workspace import WorkspaceCode
 
 if TYPE_CHECKING:
     from fedloom.strategies.base import Strategy
 
 PLAN_FILE = "federation.yaml"
 PLAN_VERSION = 1
-_SKIP_DIRS = {"runs", ".venv", "venv", "__pycache__", ".git"}
+
+# The caps of the numeric settings (docs/plan.md#limits): far beyond any sensible
+# plan, so that a typo or a hostile plan fails here, in a line, instead of running for
+# hours, exhausting memory or overflowing.
+MAX_SITES = 10_000
+MAX_ROUNDS = 100_000
+MAX_EPOCHS = 1_000
+MAX_BATCH_SIZE = 1_000_000
+MAX_SAMPLES = 1_000_000_000
+MAX_SEED = 2**63 - 1  # SQLite's largest integer
+MAX_LR = 100.0
+MAX_WEIGHT_DECAY = 10.0
+MAX_SYNTHETIC = 100.0
+MAX_ROUND_SECONDS = 604_800.0  # a week
+MAX_RETRIES = 100
+MAX_PLAN_BYTES = 1 << 20  # federation.yaml
+MAX_NESTING = 16  # sections and lists inside one another, in the file or an override
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
-Fraction = Annotated[float, Field(gt=0, le=1)]
+Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -40,15 +59,15 @@ class _Frozen(BaseModel):
 
 
 class SyntheticData(_Frozen):
-    alpha: Annotated[float, Field(ge=0)] = 0.5
-    beta: Annotated[float, Field(ge=0)] = 0.5
+    alpha: Annotated[float, Field(ge=0, le=MAX_SYNTHETIC, allow_inf_nan=False)] = 0.5
+    beta: Annotated[float, Field(ge=0, le=MAX_SYNTHETIC, allow_inf_nan=False)] = 0.5
 
 
 class DataPlan(_Frozen):
     dataset: Literal["digits", "breast_cancer", "wine", "mnist", "synthetic", "custom"] = "digits"
     partition: str = "iid"
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    val_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.2
+    test_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.2
     synthetic: SyntheticData = SyntheticData()
 
     @field_validator("partition")
@@ -66,12 +85,13 @@ class StrategyPlan(BaseModel):
 
 
 class TrainingPlan(_Frozen):
-    epochs: PositiveInt = 1
-    batch_size: PositiveInt = 32
-    lr: Annotated[float, Field(gt=0)] = 0.05
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    max_samples: PositiveInt = 100_000  # a site's claimed sample count is capped here
+    epochs: Annotated[int, Field(gt=0, le=MAX_EPOCHS, strict=True)] = 1
+    batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE, strict=True)] = 32
+    lr: Annotated[float, Field(gt=0, le=MAX_LR, allow_inf_nan=False)] = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False)] = 0.0
+    # a site's claimed sample count is capped here
+    max_samples: Annotated[int, Field(gt=0, le=MAX_SAMPLES, strict=True)] = 100_000
 
 
 class EvaluationPlan(_Frozen):
@@ -82,19 +102,19 @@ class EvaluationPlan(_Frozen):
 
 
 class DeadlinePlan(_Frozen):
-    round_seconds: Annotated[float, Field(gt=0)] = 600.0
+    round_seconds: Annotated[float, Field(gt=0, le=MAX_ROUND_SECONDS, allow_inf_nan=False)] = 600.0
     min_fraction: Fraction = 1.0
-    retries: Annotated[int, Field(ge=0)] = 2
+    retries: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = 2
 
 
 class Plan(_Frozen):
     version: Literal[1] = 1
     name: str = "federation"
     task: str = "task.py"
-    seed: Annotated[int, Field(ge=0)] = 0
-    rounds: PositiveInt = 10
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    rounds: Annotated[int, Field(gt=0, le=MAX_ROUNDS, strict=True)] = 10
     sites: PositiveInt | list[str] = 4
-    sites_per_round: PositiveInt | None = None
+    sites_per_round: Annotated[int, Field(gt=0, le=MAX_SITES, strict=True)] | None = None
     data: DataPlan = DataPlan()
     strategy: StrategyPlan = StrategyPlan()
     training: TrainingPlan = TrainingPlan()
@@ -124,6 +144,9 @@ class Plan(_Frozen):
             )
         if isinstance(value, int) and value < 1:
             raise ValueError(f"must be at least 1 (got {value})")
+        size = value if isinstance(value, int) else len(value)
+        if size > MAX_SITES:
+            raise ValueError(f"at most {MAX_SITES} sites (got {_shown(size)})")
         return value
 
     @field_validator("sites")
@@ -132,12 +155,20 @@ class Plan(_Frozen):
         if isinstance(value, list):
             if not value:
                 raise ValueError("must name at least one site")
-            dupes = sorted({s for s in value if value.count(s) > 1})
+            bad = [p for p in map(site_name_problem, value) if p is not None]
+            if bad:
+                more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+                raise ValueError("; ".join(bad[:3]) + more)
+            dupes = sorted(s for s, n in Counter(value).items() if n > 1)
             if dupes:
                 raise ValueError(f"site names must be distinct; repeated: {dupes}")
-            bad = [s for s in value if not s or not all(c.isalnum() or c in "-_." for c in s)]
-            if bad:
-                raise ValueError(f"site names may hold letters, digits, '-', '_', '.': {bad}")
+            folded = Counter(s.lower() for s in value)
+            alike = sorted(s for s in value if folded[s.lower()] > 1)
+            if alike:
+                raise ValueError(
+                    f"site names must differ in more than case (they name folders, and some "
+                    f"file systems ignore case): {alike}"
+                )
         return value
 
     @model_validator(mode="after")
@@ -194,8 +225,50 @@ class Plan(_Frozen):
 # ----------------------------------------------------------------- loading
 
 
+class RefusedYAML(yaml.MarkedYAMLError):
+    """Valid YAML that a plan may not use (see :class:`_StrictLoader`)."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """yaml's safe loader, refusing a key written twice in one mapping."""
+    """yaml's safe loader, refusing a key written twice in one mapping; anchors and
+    aliases (a few hundred bytes of them expand to gigabytes, the "billion laughs");
+    nesting deeper than :data:`MAX_NESTING`; and numbers longer than any setting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise RefusedYAML(
+                None,
+                None,
+                "anchors and aliases (&name, *name, <<: *name) are not accepted; "
+                "write each value out",
+                event.start_mark,
+            )
+        if self._depth >= MAX_NESTING:
+            raise RefusedYAML(
+                None,
+                None,
+                f"sections and lists are nested more than {MAX_NESTING} deep",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+        finally:
+            self._depth -= 1
+
+
+def _bounded_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    if len(node.value) > 40:  # more digits than any setting takes
+        raise RefusedYAML(
+            None,
+            None,
+            f"a number of {len(node.value)} characters is longer than any setting takes",
+            node.start_mark,
+        )
+    return loader.construct_yaml_int(node)  # type: ignore[no-any-return]
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -214,6 +287,12 @@ _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _mapping_without_duplicates,  # type: ignore[arg-type]
 )
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)  # type: ignore[arg-type]
+
+
+def _where(err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark
+    return "" if mark is None else f" (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def read_plan_file(workspace: Path) -> dict[str, Any]:
@@ -226,14 +305,25 @@ def read_plan_file(workspace: Path) -> dict[str, Any]:
         raise WorkspaceError(
             f"{path} not found", hint="a workspace holds federation.yaml; see `fedloom init`"
         )
+    with path.open("rb") as f:
+        data = f.read(MAX_PLAN_BYTES + 1)
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(
+            [f"the file is larger than {MAX_PLAN_BYTES} bytes (1 MiB), the most a plan takes"],
+            source=str(path),
+        )
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+        raw = yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506
     except UnicodeDecodeError as err:
         raise PlanError(
             [f"not UTF-8 text ({err.reason} at byte {err.start})"], source=str(path)
         ) from err
+    except RefusedYAML as err:
+        raise PlanError([f"{err.problem}{_where(err)}"], source=str(path)) from err
     except yaml.YAMLError as err:
         raise PlanError([f"not valid YAML: {err}"], source=str(path)) from err
+    except (ValueError, RecursionError) as err:  # a value yaml itself cannot build
+        raise PlanError([f"cannot read the file: {err}"], source=str(path)) from err
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -247,11 +337,17 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            problems.append(f"override {item!r}: expected key=value, e.g. rounds=5")
+            problems.append(f"override {_shown(item)}: expected key=value, e.g. rounds=5")
+            continue
+        if key.count(".") >= MAX_NESTING:
+            problems.append(f"override {_shown(item)}: a key at most {MAX_NESTING} deep")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=_StrictLoader) if text.strip() else ""  # noqa: S506
+        except RefusedYAML as err:
+            problems.append(f"override {_shown(item)}: {err.problem}")
+            continue
+        except (yaml.YAMLError, ValueError, RecursionError):
             value = text
         parsed.append(([p for p in key.strip().split(".")], value))
     if problems:
@@ -366,23 +462,17 @@ def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:
     return validate_plan(raw, source=source)
 
 
-def plan_hash(plan: Plan, workspace: str | Path) -> str:
-    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace."""
+def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
+    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace.
+
+    Pass the :class:`WorkspaceCode` the task is loaded from to hash exactly the bytes
+    that run; a folder is read afresh."""
+    code = workspace if isinstance(workspace, WorkspaceCode) else WorkspaceCode.read(workspace)
     h = hashlib.sha256()
     h.update(b"fedloom-plan-v1\0")
     h.update(plan.canonical_json().encode())
-    root = Path(workspace)
-    for path in sorted(_python_files(root)):
-        rel = path.relative_to(root).as_posix()
-        h.update(b"\0file\0" + rel.encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+    code.update(h)
     return h.hexdigest()
-
-
-def _python_files(root: Path) -> Iterable[Path]:
-    for path in root.rglob("*.py"):
-        if not any(part in _SKIP_DIRS for part in path.relative_to(root).parts[:-1]):
-            yield path
 
 
 # -------------------------------------------------------------- messages
@@ -405,7 +495,17 @@ _HINTS = {
     "model_type": "must be a section of key: value lines",
     "model_attributes_type": "must be a section of key: value lines",
     "list_type": "must be a list",
+    "finite_number": "must be a finite number",
 }
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "a number of thousands of digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:
@@ -422,10 +522,10 @@ def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = N
         where = f"strategy {strategy!r}" if strategy else "this section"
         return f"{path}: unknown key for {where}; check its spelling in docs/plan.md"
     if kind in ("literal_error", "enum"):
-        return f"{path}: must be one of {ctx.get('expected')} (got {got!r})"
+        return f"{path}: must be one of {ctx.get('expected')} (got {_shown(got)})"
     if kind == "value_error":
         message = str(ctx.get("error", error["msg"]))
         return message if not loc else f"{path}: {message}"
     text = _HINTS.get(kind, error["msg"]).format(**ctx) if kind in _HINTS else error["msg"]
-    shown = "" if kind == "missing" else f" (got {got!r})"
+    shown = "" if kind == "missing" else f" (got {_shown(got)})"
     return f"{path}: {text}{shown}"

@@ -15,7 +15,7 @@ import typer
 from cryptography.exceptions import InvalidSignature
 from rich.table import Column, Table
 
-from fedloom.cli.common import console, count, friendly
+from fedloom.cli.common import console, count, friendly, site_name
 from fedloom.errors import AuditError, CertificateError
 from fedloom.pki.common import SERVER_CERT, SITE_CA, fingerprint, load_cert, read_file
 from fedloom.pki.common import site_state_dir as default_state_dir
@@ -31,7 +31,10 @@ audit_app = typer.Typer(
 SiteWorkspaceArg = Annotated[
     Path, typer.Argument(help="Workspace folder; the site's state defaults to sites/NAME in it.")
 ]
-SiteName = Annotated[str, typer.Option("--name", help="The site's name, as in the plan's sites.")]
+SiteName = Annotated[
+    str,
+    typer.Option("--name", help="The site's name, as in the plan's sites.", callback=site_name),
+]
 StateDir = Annotated[
     Path | None,
     typer.Option("--state", help="The site's state folder (default: WORKSPACE/sites/NAME)."),

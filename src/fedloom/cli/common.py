@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedloom.errors import FedloomError
+from fedloom.site_name import site_name_problem
 
 console = Console()
 errors = Console(stderr=True)
@@ -54,6 +55,15 @@ RunsDirOption = Annotated[
     Path | None, typer.Option(help="Where runs go (default: WORKSPACE/runs).")
 ]
 QuietOption = Annotated[bool, typer.Option(help="No progress bar.")]
+
+
+def site_name(value: str) -> str:
+    """A typer callback: a ``--name`` that breaks the site-name rule is a usage error
+    (exit code 2), before the command touches the disk."""
+    problem = site_name_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
 
 
 def count(n: int, noun: str) -> str:

@@ -28,6 +28,7 @@ from fedloom.cli.common import (
     count,
     errors,
     friendly,
+    site_name,
 )
 
 aggregator_app = typer.Typer(
@@ -227,7 +228,9 @@ def aggregator_start(
 @friendly
 def collaborator_start(
     workspace: WorkspaceArg,
-    name: Annotated[str, typer.Option(help="This site's name (its certificate's).")],
+    name: Annotated[
+        str, typer.Option(help="This site's name (its certificate's).", callback=site_name)
+    ],
     overrides: Overrides = None,
     aggregator: Annotated[
         str, typer.Option("--aggregator", help="The aggregator's host:port.")

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from fedloom.cli.common import console, friendly
+from fedloom.cli.common import console, friendly, site_name
 from fedloom.errors import CertificateError
 from fedloom.pki import (
     RevocationList,
@@ -65,7 +65,10 @@ Hosts = Annotated[
     ),
 ]
 Days = Annotated[int, typer.Option(help="How many days the certificate is valid.")]
-SiteName = Annotated[str, typer.Option("--name", help="The site's name, as in the plan's sites.")]
+SiteName = Annotated[
+    str,
+    typer.Option("--name", help="The site's name, as in the plan's sites.", callback=site_name),
+]
 StateDir = Annotated[
     Path | None,
     typer.Option("--state", help="The site's state folder (default: WORKSPACE/sites/NAME)."),
@@ -197,7 +200,9 @@ def accept(
 @friendly
 def revoke_site(
     workspace: WorkspaceArg,
-    name: Annotated[str, typer.Argument(help="The site whose certificate to revoke.")],
+    name: Annotated[
+        str, typer.Argument(help="The site whose certificate to revoke.", callback=site_name)
+    ],
 ) -> None:
     """At the CA: revoke a site's certificate."""
     pki_dir = pki_dir_of(workspace)

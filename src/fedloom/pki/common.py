@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedloom.errors import CertificateError, FedloomError
+from fedloom.site_name import site_name_problem
 
 PKI_DIR = "pki"
 """The CA's folder in a workspace (WORKSPACE/pki)."""
@@ -34,8 +34,9 @@ def pki_dir_of(workspace: Path) -> Path:
 
 
 def site_state_dir(workspace: Path, name: str) -> Path:
-    """A site's default state folder: its key, certificates, log (WORKSPACE/sites/NAME)."""
-    return Path(workspace) / SITES_DIR / name
+    """A site's default state folder: its key, certificates, log (WORKSPACE/sites/NAME).
+    Refuses a name that breaks the site-name rule, so the folder stays in ``sites/``."""
+    return Path(workspace) / SITES_DIR / check_name(name)
 
 
 # The CA's folder
@@ -57,8 +58,6 @@ SITE_CA = "ca.crt"
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """Certificates are valid from this long before they were made, for clocks that lag."""
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
 
 @dataclass(frozen=True)
 class CertInfo:
@@ -75,11 +74,11 @@ def now() -> dt.datetime:
 
 
 def check_name(name: str) -> str:
-    """``name`` if it can name a site (and a file): 1-64 of ``A-Z a-z 0-9 . _ -``."""
-    if not _NAME.fullmatch(name) or name in (".", ".."):
+    """``name`` if it can name a site (and a file): the rule of :mod:`fedloom.site_name`."""
+    problem = site_name_problem(name)
+    if problem is not None:
         raise CertificateError(
-            f"{name!r} cannot name a site: use 1 to 64 letters, digits, '.', '_' or '-'",
-            hint="use the site's name as written in the plan's `sites`, e.g. site-a",
+            problem, hint="use the site's name as written in the plan's `sites`, e.g. site-a"
         )
     return name
 

@@ -29,8 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedloom.privacy.quantize import fractional_bits, range_problem
 from fedloom.records import Accountant
 
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Probability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+# caps (docs/plan.md): far beyond any sensible setting, well inside what the arithmetic
+# and the clocks handle
+Multiplier = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+Bound = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(gt=0, le=604_800, allow_inf_nan=False)]  # a week
 
 
 class _Frozen(BaseModel):
@@ -47,21 +51,23 @@ class AdaptiveClipPlan(_Frozen):
     updates' norms, estimated privately from one noised bit per site."""
 
     target_quantile: Probability = 0.5
-    learning_rate: Positive = 0.2
+    learning_rate: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.2
     # the standard deviation of the noise on the count of unclipped updates (whose
     # sensitivity is 1: its multiplier too); None: sites / 20, the paper's choice
     # (sigma_b = m / 20). Must exceed dp.noise_multiplier
-    count_noise_multiplier: Positive | None = None
+    count_noise_multiplier: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] | None = (
+        None
+    )
 
 
 class DPPlan(_Frozen):
     """User-level DP-FedAvg (McMahan et al., 2018)."""
 
-    noise_multiplier: Positive = 1.0
-    clip: Positive = 1.0  # L2 norm bound of one site's update (the start, when adaptive)
+    noise_multiplier: Multiplier = 1.0
+    clip: Bound = 1.0  # L2 norm bound of one site's update (the start, when adaptive)
     adaptive_clip: AdaptiveClipPlan | None = None
     delta: Probability = 1e-5
-    epsilon_budget: Positive | None = None  # stop before a round would spend more
+    epsilon_budget: Bound | None = None  # stop before a round would spend more
     noise: NoisePlacement = NoisePlacement.CENTRAL
 
 
@@ -72,18 +78,18 @@ class SecureAggregationPlan(_Frozen):
     # fraction of a round's sites whose shares unmask the sum (more than half)
     threshold: Annotated[float, Field(gt=0.5, le=1, allow_inf_nan=False)] = 2 / 3
     # masks are agreed with this many other sites (a Harary graph); None: with every site
-    neighbours: Annotated[int, Field(ge=2, strict=True)] | None = None
+    neighbours: Annotated[int, Field(ge=2, le=10_000, strict=True)] | None = None
     # each coordinate of an update is clipped to [-clip_range, clip_range] before it is
     # encoded; None: dp.clip when dp is on, else 1.0
-    clip_range: Positive | None = None
-    key_seconds: Positive = 60.0  # how long the key exchange waits for the round's sites
+    clip_range: Bound | None = None
+    key_seconds: Seconds = 60.0  # how long the key exchange waits for the round's sites
 
 
 class DPSGDPlan(_Frozen):
     """Sample-level DP-SGD in each site's training (Abadi et al., 2016), through Opacus."""
 
-    noise_multiplier: Positive = 1.0
-    max_grad_norm: Positive = 1.0
+    noise_multiplier: Multiplier = 1.0
+    max_grad_norm: Bound = 1.0
     delta: Probability = 1e-5
 
 

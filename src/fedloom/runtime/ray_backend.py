@@ -105,7 +105,7 @@ class SiteActor:
             s = json.loads(setup)
             workspace = s["workspace"] or os.getcwd()  # a shipped copy is the actor's cwd
             worker = SiteWorker(workspace, s["plan"], s["attack"])
-            digest = plan_hash(worker.plan, workspace)
+            digest = worker.plan_hash
             self._worker: SiteWorker | None = worker
             self._ready = pipes.pack({"ok": True, "version": _version(), "plan_hash": digest})
         except Exception as err:  # reported by ready(), so the driver can say why

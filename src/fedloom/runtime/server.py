@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError
+from fedloom.errors import StateError, WorkspaceError
 from fedloom.orchestration import Aggregator, CloseReason, Event, Resume, RoundClosed
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
@@ -40,6 +40,7 @@ from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
+from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.aggregator")
 
@@ -212,7 +213,13 @@ def _serve(
 ) -> SimulationResult:
     ws = Path(workspace).resolve()
     digest = opened.run.plan_hash  # open_run checked it against this plan
-    task = load_task(ws, plan.task)
+    code = WorkspaceCode.read(ws)  # the code the task runs is the code that was hashed
+    if plan_hash(plan, code) != digest:
+        raise WorkspaceError(
+            f"the code of {ws} changed after the run was opened (plan hash {digest[:16]}…)",
+            hint="start the aggregator again once the workspace holds the approved code",
+        )
+    task = load_task(code, plan.task)
     check_task_supports(task, plan.privacy.dp_sgd is not None)
     credentials = server_credentials(pki_dir_of(ws))
     revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)

@@ -25,7 +25,7 @@ from fedloom.attacks import Attack, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
-from fedloom.errors import PlanError, TaskError
+from fedloom.errors import PlanError, TaskError, WorkspaceError
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -135,6 +135,12 @@ def simulate(
         raise_reply_error(init_header, "the task's init_weights failed")
         if initial is None:
             raise TaskError("the task's init_weights returned no weights")
+        if init_header.get("plan_hash", digest) != digest:
+            raise WorkspaceError(
+                f"the code of {ws} changed while the simulation started: the plan hash "
+                f"is {digest[:16]}… here and {init_header['plan_hash'][:16]}… in the worker",
+                hint="run it again once the workspace's files stay put",
+            )
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below

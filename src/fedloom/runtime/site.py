@@ -33,7 +33,7 @@ from fedloom.errors import (
     WorkspaceError,
 )
 from fedloom.pki import site_credentials
-from fedloom.pki.common import SERVER_CERT, site_state_dir, write_atomic
+from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
@@ -59,6 +59,7 @@ from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat
 from fedloom.weights import Weights
+from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
 POLICY_FILE = "policy.yaml"
@@ -108,13 +109,15 @@ def participate(
     """
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
+    check_name(options.name)  # before its name builds any path
     state_dir = options.state_dir or site_state_dir(ws, options.name)
-    digest = plan_hash(plan, ws)
+    code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
+    digest = plan_hash(plan, code)
     # The data owner's policy is checked first: before the task's code is loaded, any
     # data is read or anything is sent. A plan that breaks it never touches the data.
     policy = enforce_policy(plan, digest, options.policy, state_dir)
     credentials = site_credentials(state_dir)
-    task = load_task(ws, plan.task)
+    task = load_task(code, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
     data, index, num_classes = _site_data(ws, plan, task, options)

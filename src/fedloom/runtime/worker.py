@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from fedloom.attacks import Attack, AttackKind
 from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
-from fedloom.plan import validate_plan
+from fedloom.plan import plan_hash, validate_plan
 from fedloom.records import EvalOutput, Instruction, SiteAnswer
 from fedloom.runtime import pipes
 from fedloom.runtime.executor import dp_sgd_of, execute
@@ -34,6 +34,7 @@ from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
 from fedloom.weights import Weights, copy_weights, read_only
+from fedloom.workspace import WorkspaceCode
 
 Reply = tuple[dict[str, Any], Weights | None]
 
@@ -57,7 +58,9 @@ class SiteWorker:
     def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
         plan = validate_plan(json.loads(plan_json))
         self.plan = plan
-        self.task = load_task(workspace, plan.task)
+        self.code = WorkspaceCode.read(workspace)
+        self.plan_hash = plan_hash(plan, self.code)  # of the very code loaded below
+        self.task = load_task(self.code, plan.task)
         check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
@@ -70,7 +73,7 @@ class SiteWorker:
     def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
         op = header["op"]
         if op == "init":
-            return {"ok": True}, self.task.init_weights(self.plan.seed)
+            return {"ok": True, "plan_hash": self.plan_hash}, self.task.init_weights(self.plan.seed)
         if weights is None and self._cached is not None and self._cached[0] == header["key"]:
             weights = self._cached[1]
         if weights is None:

@@ -131,7 +131,7 @@ class FedProx(_MeanStrategy):
     name: ClassVar[str] = "fedprox"
     needs_updates: ClassVar[bool] = False
 
-    proximal_mu: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.01
+    proximal_mu: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.01
 
     def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
         return {"proximal_mu": self.proximal_mu}
@@ -149,7 +149,7 @@ class FedAvgM(_MeanStrategy):
     name: ClassVar[str] = "fedavgm"
     needs_updates: ClassVar[bool] = False
 
-    server_lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    server_lr: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
 
     def init(self, weights: Weights) -> StrategyState:

@@ -31,9 +31,9 @@ from fedloom.strategies.fedavg import _MeanStrategy, moved, state_group
 from fedloom.strategies.state import StrategyState
 from fedloom.weights import Weights, copy_weights
 
-LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-Tau = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Tau = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,7 +103,7 @@ class Krum(_RobustStrategy):
     name: ClassVar[str] = "krum"
     needs_updates: ClassVar[bool] = True
 
-    num_byzantine: Annotated[int, Field(ge=0)] = 1
+    num_byzantine: Annotated[int, Field(ge=0, le=10_000)] = 1
 
     def min_updates(self) -> int:
         return 2 * self.num_byzantine + 3
@@ -120,8 +120,8 @@ class MultiKrum(_RobustStrategy):
     name: ClassVar[str] = "multi-krum"
     needs_updates: ClassVar[bool] = True
 
-    num_byzantine: Annotated[int, Field(ge=0)] = 1
-    num_selected: Annotated[int, Field(ge=1)] | None = None
+    num_byzantine: Annotated[int, Field(ge=0, le=10_000)] = 1
+    num_selected: Annotated[int, Field(ge=1, le=10_000)] | None = None
 
     def min_updates(self) -> int:
         return max(2 * self.num_byzantine + 3, self.num_selected or 0)
