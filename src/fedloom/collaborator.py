@@ -21,6 +21,7 @@ from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
 from fedloom.privacy.audit import Receipt as AuditReceipt
 from fedloom.privacy.site import SitePrivacy
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.sanitize import shorten
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
@@ -249,7 +250,6 @@ class Collaborator:
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         self.last_failure = (instruction.round, reason)
-        self._audit(instruction, "failure", (reason.encode(),))
-        self.connection.report_failure(
-            FailureReport(instruction.round, reason, instruction.task_id)
-        )
+        sent = shorten(reason)  # the aggregator keeps no more of it; a traceback's end stays
+        self._audit(instruction, "failure", (sent.encode(),))
+        self.connection.report_failure(FailureReport(instruction.round, sent, instruction.task_id))
