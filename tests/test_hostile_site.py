@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import time
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -24,13 +26,24 @@ from conftest import task_id
 from grpcnet import GrpcTestTransport
 from hypothesis import given
 from hypothesis import strategies as st
+from test_deploy import (
+    finish,
+    kill_leftovers,
+    rows_by_round,
+    start_aggregator,
+    start_site,
+    status_of,
+)
 from typer.testing import CliRunner
+from workspaces import make_workspace
 
 from fedloom.cli.main import app
 from fedloom.errors import FedloomError
 from fedloom.orchestration import CloseReason, RoundRecord, weighted_metrics
-from fedloom.plan import Plan
+from fedloom.pki import provision, site_credentials
+from fedloom.plan import Plan, load_plan, plan_hash
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
+from fedloom.runtime.sitedata import DataSource
 from fedloom.sanitize import (
     MAX_METRICS,
     MAX_REASON_CHARS,
@@ -42,8 +55,11 @@ from fedloom.store.database import transaction
 from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
 from fedloom.strategies.state import StrategyState
+from fedloom.tasks.loader import load_task
 from fedloom.transport import FailureReport, UpdateHeader, iter_chunks
+from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.grpc.wire import MAX_CONTROL_BYTES, MAX_HEADER_BYTES
+from fedloom.transport.messages import assemble
 from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
@@ -385,3 +401,83 @@ def test_status_shows_a_run_whose_stored_rows_a_hostile_site_poisoned(tmp_path: 
     assert "[bold red]boom[/]" in done.output  # shown as text, not as markup
     assert "\x1b" not in done.output
     assert not any(line.startswith("2026-12-04") for line in done.output.splitlines())
+
+
+# ------------------------------------- real processes: the aggregator and two sites
+
+
+FORGED_LINE = (
+    "1999-01-01 00:00:00,000 INFO fedloom.aggregator: round 2: update from site-03 accepted"
+)
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) fedloom")
+
+
+def next_task(conn: GrpcConnection, round: int) -> Instruction:
+    """Ask for work until the aggregator hands out round ``round``."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        task = conn.get_task(timeout=10)
+        if task is not None and task.round == round:
+            return task
+    pytest.fail(f"round {round} never came")
+
+
+def test_a_hostile_site_cannot_stop_a_real_federation_nor_forge_its_log(tmp_path: Path) -> None:
+    """The aggregator and two honest sites as their own OS processes; site-03 is this
+    test, holding site-03's real certificate. It answers round 1 with ``val_samples``
+    minus the honest sites' total (the old aggregator died of ZeroDivisionError, and
+    `fedloom status` with it), sends a stale failure report of almost 1 MiB, and fails
+    round 2 with a reason that carries a forged log line and 900,000 characters."""
+    ws = make_workspace(tmp_path, "breast-cancer")
+    overrides = ["sites=3", "rounds=2", "deadline.min_fraction=0.6", "deadline.round_seconds=300"]
+    provision(ws, ["site-01", "site-02", "site-03"])
+    plan = load_plan(ws, overrides)
+    data = DataSource(plan, ws, load_task(ws, plan.task))
+    honest_val = sum(data.site_data(s).y_val.size for s in ("site-01", "site-02"))
+    aggregator, port = start_aggregator(ws, overrides, "hostile", "--dead-after", "600")
+    sites = [start_site(ws, overrides, s, port) for s in ("site-01", "site-02")]
+    settings = ClientSettings(
+        address=f"127.0.0.1:{port}", site="site-03", plan_hash=plan_hash(plan, ws)
+    )
+    hostile = GrpcConnection(site_credentials(ws / "sites" / "site-03"), settings)
+    try:
+        hostile.open()
+        first = next_task(hostile, 1)
+        stream = hostile.download(1)
+        model = assemble(stream.header.tensors, stream.chunks)
+        delta = {k: np.zeros_like(v) for k, v in model.items()}
+        metrics = {"val_samples": float(-honest_val), "global_accuracy": 1.0}
+        header = UpdateHeader(1, 100, specs_of(delta), metrics, first.task_id)
+        receipt = hostile.upload(header, iter_chunks(delta))
+        assert not receipt.accepted
+        assert "metric 'val_samples' must not be negative" in receipt.reason
+        flood = "x" * (MAX_CONTROL_BYTES - 1000)
+        hostile.report_failure(FailureReport(1, flood, first.task_id))  # stale: settled
+        second = next_task(hostile, 2)
+        reason = "out of memory\n" + FORGED_LINE + "\n" + "z" * 900_000
+        hostile.report_failure(FailureReport(2, reason, second.task_id))
+        final = next_task(hostile, 3)
+        hostile.report_failure(FailureReport(3, "no data today", final.task_id))
+        finish(aggregator, sites)
+    finally:
+        hostile.close()
+        kill_leftovers(aggregator, *sites)
+
+    log = (ws / "aggregator" / "aggregator.log").read_text()
+    assert len(log) < 50_000, len(log)
+    assert all(LOG_LINE.match(line) for line in log.splitlines()), log
+    assert "xxxxxxxxxx" not in log  # the stale report was never logged
+    (failed,) = [line for line in log.splitlines() if "round 2: site-03 reports a failure" in line]
+    assert "out of memory\\n" + FORGED_LINE + "\\nzzz" in failed
+    by_round = rows_by_round(ws / "runs" / "hostile")
+    assert by_round[1]["site-03"]["status"] == "rejected"
+    assert "val_samples" in by_round[1]["site-03"]["reason"]
+    assert by_round[2]["site-03"]["status"] == "error"
+    assert len(by_round[2]["site-03"]["reason"]) <= MAX_REASON_CHARS
+    assert {by_round[r][s]["status"] for r in (1, 2, 3) for s in ("site-01", "site-02")} == {"ok"}
+    status = status_of(ws)
+    assert status["run"]["status"] == "completed"
+    assert (status["rounds"]["finished"], status["rounds"]["planned"]) == (2, 2)
+    assert 0.0 <= status["last_round"]["metrics"]["global_accuracy"] <= 1.0
+    (site_03,) = [s for s in status["sites"] if s["site"] == "site-03"]
+    assert site_03["failures"] == 3
