@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,34 +80,54 @@ def printable(text: object, limit: int = MAX_REASON_CHARS) -> str:
     """``text`` fit for one log line, a status table or a database row.
 
     Every control or format character becomes a visible escape (``\\n``, ``\\x1b``,
-    ``\\u202e``); text longer than ``limit`` characters keeps its beginning and its end
-    (where a traceback says what went wrong) with the number of characters cut between.
-    The result never exceeds ``limit`` characters, and ``printable`` of it is itself.
+    ``\\u202e``); text that would be longer than ``limit`` characters keeps its beginning
+    and its end (where a traceback says what went wrong), with the number of characters
+    cut between. The result never exceeds ``limit`` characters, and ``printable`` of it
+    is itself. Only the ends are looked at: 60 MB of text cost no more than 4 KB.
     """
-    out = "".join(
-        _escape(c) if unicodedata.category(c) in _ESCAPED_CATEGORIES else c for c in str(text)
-    )
-    if len(out) <= limit:
-        return out
-    return _shortened(out, limit)
+    raw = str(text)
+    if len(raw) <= limit:
+        out = "".join(_visible(c) for c in raw)
+        if len(out) <= limit:
+            return out
+    return _shortened(raw, limit, _visible)
 
 
 def shorten(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` cut to at most ``limit`` characters, its beginning and end kept; newlines
-    and other characters untouched (what an honest site does to its own failure
-    reason before it sends it)."""
-    return text if len(text) <= limit else _shortened(text, limit)
+    """``text`` cut to at most ``limit`` characters like :func:`printable` cuts, but with
+    newlines and every other character kept as they are (what an honest site does to its
+    own failure reason before it sends it)."""
+    return text if len(text) <= limit else _shortened(text, limit, lambda c: c)
 
 
-def _shortened(text: str, limit: int) -> str:
-    # the marker states how many characters were cut; sized for the longest count
-    longest = len(f" […{len(text)} characters cut…] ")
+def _shortened(raw: str, limit: int, show: Callable[[str], str]) -> str:
+    """The beginning and end of ``raw`` (each character as ``show`` writes it) around a
+    marker that says how many characters of ``raw`` were left out, in ``limit``
+    characters at most; an escape is never split."""
+    longest = len(f" […{len(raw)} characters cut…] ")  # the marker, with the largest count
     keep = limit - longest
     if keep < 2:
-        return text[:limit]
-    head = (keep + 1) // 2
-    tail = keep - head
-    return f"{text[:head]} […{len(text) - keep} characters cut…] {text[len(text) - tail :]}"
+        return "".join(_taken(raw, limit, show))[:limit]
+    head = _taken(raw, (keep + 1) // 2, show)
+    tail = _taken(reversed(raw), keep - (keep + 1) // 2, show)
+    cut = len(raw) - len(head) - len(tail)
+    return f"{''.join(head)} […{cut} characters cut…] {''.join(reversed(tail))}"
+
+
+def _taken(raw: Iterable[str], budget: int, show: Callable[[str], str]) -> list[str]:
+    """The first characters of ``raw``, as ``show`` writes them, that fit in ``budget``."""
+    taken: list[str] = []
+    for char in raw:
+        shown = show(char)
+        budget -= len(shown)
+        if budget < 0:
+            break
+        taken.append(shown)
+    return taken
+
+
+def _visible(char: str) -> str:
+    return _escape(char) if unicodedata.category(char) in _ESCAPED_CATEGORIES else char
 
 
 def _escape(char: str) -> str:
