@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import task_id
+from conftest import ShiftRunner, task_id
 from grpcnet import GrpcTestTransport
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,7 +42,14 @@ from fedloom.errors import FedloomError
 from fedloom.orchestration import CloseReason, RoundRecord, weighted_metrics
 from fedloom.pki import provision, site_credentials
 from fedloom.plan import Plan, load_plan, plan_hash
-from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
+from fedloom.records import (
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    SiteAnswer,
+    SiteResult,
+)
 from fedloom.runtime.sitedata import DataSource
 from fedloom.sanitize import (
     MAX_METRICS,
@@ -128,6 +135,32 @@ def test_weighted_metrics_never_divides_by_zero_nor_averages_junk() -> None:
     ]
     assert weighted_metrics(rows) == {"acc": 0.5, "loss": (10 * 1.0 + 30 * 2.0) / 40}
     assert weighted_metrics(rows[2:3]) == {}
+
+
+def test_an_honest_site_whose_task_breaks_a_limit_says_so_without_sending_it(
+    make_federation: Any, tiny_weights: Weights
+) -> None:
+    fed = make_federation(tiny_weights, rounds=1, final_evaluation=False, min_fraction=0.6)
+
+    def chatty(instruction: Instruction, weights: Weights) -> SiteAnswer:
+        delta = {k: np.zeros_like(v) for k, v in weights.items()}
+        return SiteAnswer(10, {f"class_{i}_recall": 0.5 for i in range(1000)}, delta)
+
+    fed.start()
+    fed.start_site("site-a", ShiftRunner(0, 10))
+    fed.start_site("site-b", ShiftRunner(1, 30))
+    fed.start_site("site-c", chatty)
+    (record,) = fed.finish()
+    (failure,) = record.failures
+    assert (failure.site, failure.kind) == ("site-c", FailureKind.ERROR)
+    assert failure.reason == (
+        "the task's answer cannot be sent: 1000 metrics sent; an answer may carry at most "
+        f"{MAX_METRICS} (report fewer, e.g. a summary of per-class metrics)"
+    )
+    # an error the site reported (a refused upload would read "rejected")
+    assert [(e.site, e.accepted) for e in fed.log.answered(1) if e.site == "site-c"] == [
+        ("site-c", False)
+    ]
 
 
 # ------------------------------------------------------ a hostile site over gRPC
