@@ -289,6 +289,26 @@ def test_a_bad_number_fails_the_site_with_a_clear_reason_and_the_round_goes_on(
     assert all("\n" not in line and len(line) < 5000 for line in aggregator_records())
 
 
+def test_an_audit_hash_the_receipt_cannot_sign_is_refused_before_the_update_is_taken(
+    one_round: Any, shift_runner: Any, tiny_weights: Weights
+) -> None:
+    fed = one_round
+    fed.start()
+    fed.log.wait_opened(1)
+    start_honest(fed, shift_runner)
+    delta = {k: np.zeros_like(v) for k, v in tiny_weights.items()}
+    header = UpdateHeader(1, 50, specs_of(delta), {}, task_id(1), "ab\0\n" + FORGED)
+    receipt = fed.transport.connect("site-c").upload(header, iter_chunks(delta))
+    assert not receipt.accepted
+    assert receipt.reason.startswith(
+        "the audit hash must be a lowercase hex digest of at most 128 characters, got "
+        "'ab\\x00\\n2026-12-04 15:40:00,0 […"
+    )
+    (record,) = fed.finish()
+    assert [r.site for r in record.results] == ["site-a", "site-b"]
+    assert [(f.site, f.kind) for f in record.failures] == [("site-c", FailureKind.REJECTED)]
+
+
 def test_an_evaluation_that_cancels_the_others_weight_is_refused(
     make_grpc_federation: Any, shift_runner: Any
 ) -> None:

@@ -51,7 +51,7 @@ from fedloom.records import (
     TrainSettings,
 )
 from fedloom.rng import select_sites
-from fedloom.sanitize import MAX_TEXT_CHARS, checked_numbers, printable
+from fedloom.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.transport.messages import (
@@ -805,6 +805,7 @@ class Aggregator:
     ) -> SiteResult | None:
         """Check, fold and record ``site``'s answer; None if the round had already
         settled it."""
+        check_audit_hash(header.audit_hash)
         training = opened.kind is not InstructionKind.EVALUATE
         numbers = checked_numbers(
             header.num_samples,

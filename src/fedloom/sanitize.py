@@ -143,6 +143,22 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+MAX_DIGEST_CHARS = 128
+"""Characters of the audit hash an upload names (a SHA-256 hex digest has 64)."""
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_audit_hash(value: str) -> None:
+    """Refuse an upload's audit hash (what the aggregator's receipt signs) unless it is
+    empty or a lowercase hex digest of at most :data:`MAX_DIGEST_CHARS` characters."""
+    if len(value) > MAX_DIGEST_CHARS or not _HEX.issuperset(value):
+        raise UpdateRejected(
+            f"the audit hash must be a lowercase hex digest of at most {MAX_DIGEST_CHARS} "
+            f"characters, got '{printable(value, 80)}'"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class CheckedNumbers:
     """A site's answer's numbers once checked: the sample count it is weighted by (its
