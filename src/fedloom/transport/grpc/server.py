@@ -242,8 +242,7 @@ class Handlers:
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"the collaborator calls itself '{printable(hello.site, MAX_TEXT_CHARS)}' but "
-                f"its certificate "
-                f"belongs to {site!r}",
+                f"its certificate belongs to {site!r}",
                 hint="start it with --name matching its certificate",
             )
         if hello.plan_hash != s.plan_hash:
