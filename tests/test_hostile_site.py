@@ -63,7 +63,7 @@ from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
 from fedloom.strategies.state import StrategyState
 from fedloom.tasks.loader import load_task
-from fedloom.transport import FailureReport, UpdateHeader, iter_chunks
+from fedloom.transport import FailureReport, InProcessTransport, UpdateHeader, iter_chunks
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.grpc.wire import MAX_CONTROL_BYTES, MAX_HEADER_BYTES
 from fedloom.transport.messages import assemble
@@ -256,6 +256,7 @@ BAD_NUMBERS = [
 ]
 
 
+@pytest.mark.parametrize("wire", ["grpc", "in-process"])
 @pytest.mark.parametrize(
     ("num_samples", "metrics", "reason"),
     [pytest.param(n, m, r, id=what) for what, n, m, r in BAD_NUMBERS],
@@ -264,12 +265,21 @@ def test_a_bad_number_fails_the_site_with_a_clear_reason_and_the_round_goes_on(
     num_samples: int,
     metrics: dict[str, float],
     reason: str,
-    one_round: Any,
+    wire: str,
+    make_federation: Any,
+    make_grpc_federation: Any,
     shift_runner: Any,
     tiny_weights: Weights,
     aggregator_records: Callable[[], list[str]],
 ) -> None:
-    fed = one_round
+    """The checks sit where an answer enters the aggregator: both transports get them."""
+    config = {"min_fraction": 0.6, "rounds": 1, "final_evaluation": False}
+    if wire == "grpc":
+        fed = make_grpc_federation(**config)
+    else:  # every message serialised as gRPC would, without the sockets
+        fed = make_federation(
+            tiny_weights, transport=lambda s: InProcessTransport(s, roundtrip=True), **config
+        )
     fed.start()
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner)
