@@ -16,11 +16,12 @@ from typing import Any, Protocol
 
 from fedloom.clock import FaultPoints
 from fedloom.compression.site import SiteCompression
-from fedloom.errors import FedloomError, UpdateRejected
+from fedloom.errors import FedloomError, TaskError, UpdateRejected
 from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
 from fedloom.privacy.audit import Receipt as AuditReceipt
 from fedloom.privacy.site import SitePrivacy
 from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.sanitize import MAX_SAMPLES_CLAIMED, checked_numbers, shorten
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
@@ -164,6 +165,15 @@ class Collaborator:
                 )
             else:
                 metrics, _ = self.privacy.filter_metrics(metrics)
+        try:  # the aggregator would refuse it: say so here, without sending the update
+            checked_numbers(
+                answer.num_samples,
+                metrics,
+                max_samples=MAX_SAMPLES_CLAIMED,
+                training=answer.delta is not None,
+            )
+        except UpdateRejected as err:
+            raise TaskError(f"the task's answer cannot be sent: {err.message}") from err
         if self.compression is not None and answer.delta is not None:
             site, round = self.connection.site, instruction.round
             delta, params = self.compression.encode(site, round, delta)
@@ -249,7 +259,6 @@ class Collaborator:
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         self.last_failure = (instruction.round, reason)
-        self._audit(instruction, "failure", (reason.encode(),))
-        self.connection.report_failure(
-            FailureReport(instruction.round, reason, instruction.task_id)
-        )
+        sent = shorten(reason)  # the aggregator keeps no more of it; a traceback's end stays
+        self._audit(instruction, "failure", (sent.encode(),))
+        self.connection.report_failure(FailureReport(instruction.round, sent, instruction.task_id))

@@ -51,6 +51,7 @@ from fedloom.records import (
     TrainSettings,
 )
 from fedloom.rng import select_sites
+from fedloom.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.transport.messages import (
@@ -110,16 +111,37 @@ class RoundRecord:
 
 
 def weighted_metrics(results: Iterable[SiteResult]) -> dict[str, float]:
+    """Each metric's mean over ``results``, weighted by each site's ``val_samples`` (or
+    its sample count; 0 counts as 1).
+
+    Never raises: what the aggregator accepted is checked already
+    (:mod:`fedloom.sanitize`), but a row stored before those checks may not be. A site
+    whose weight is not a finite, non-negative number is left out, and so is a value
+    that is not a finite number, or a mean that is not one."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
-    for r in sorted(results, key=lambda r: r.site):
-        w = float(r.metrics.get("val_samples", r.num_samples) or 1)
+    for r in sorted(results, key=lambda r: str(r.site)):
+        w = _finite(r.metrics.get("val_samples", r.num_samples))
+        if w is None or w < 0:
+            continue
+        w = w or 1.0
         for k, v in r.metrics.items():
-            if k == "val_samples":
+            value = _finite(v)
+            if k == "val_samples" or value is None:
                 continue
-            totals[k] = totals.get(k, 0.0) + w * float(v)
+            totals[k] = totals.get(k, 0.0) + w * value
             weights[k] = weights.get(k, 0.0) + w
-    return {k: totals[k] / weights[k] for k in sorted(totals)}
+    means = {k: totals[k] / weights[k] for k in sorted(totals) if weights[k] > 0}
+    return {k: m for k, m in means.items() if math.isfinite(m)}
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float; None if it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -693,14 +715,15 @@ class Aggregator:
         try:
             result = self._receive(site, opened, header, chunks)
         except UpdateRejected as err:
-            failure = Failure(site, header.round, FailureKind.REJECTED, err.message)
+            reason = printable(err.message)  # it may quote what the site sent
+            failure = Failure(site, header.round, FailureKind.REJECTED, reason)
             self._settle(opened, site, failure=failure)
-            return Receipt(header.round, False, err.message)
+            return Receipt(header.round, False, reason)
         except Exception as err:  # the stream broke off: never let it take the round down
             # What was folded is rolled back; the site stays asked for the round and may
             # send its update again (a restarted collaborator does) until the deadline,
             # or until its silence drops it.
-            why = f"{type(err).__name__}: {err}"
+            why = printable(f"{type(err).__name__}: {err}", MAX_TEXT_CHARS)
             reason = f"upload broke off: {why}"
             with self._cond:
                 opened.broke[site] = why
@@ -718,7 +741,13 @@ class Aggregator:
         nbytes = sum(s.nbytes for s in header.tensors)
         return Receipt(header.round, True, "", nbytes, signature)
 
-    def report_failure(self, site: str, report: FailureReport) -> None:
+    def report_failure(self, site: str, report: FailureReport) -> bool:
+        """``site`` could not do its task; True if that settled it for the open round.
+
+        A stale report (another round or task, or a site already settled) changes
+        nothing and is looked at no further. The reason is kept as
+        :func:`~fedloom.sanitize.printable` makes it: control characters escaped, at
+        most :data:`~fedloom.sanitize.MAX_REASON_CHARS` characters."""
         self._check_site(site)
         with self._cond:
             self._saw(site)
@@ -729,9 +758,10 @@ class Aggregator:
                 or opened.task.task_id != report.task_id
                 or site not in opened.pending
             ):
-                return  # a stale report changes nothing
-        self._settle(
-            opened, site, failure=Failure(site, report.round, FailureKind.ERROR, report.reason)
+                return False  # a stale report changes nothing
+        reason = printable(report.reason) or "(the site gave no reason)"
+        return self._settle(
+            opened, site, failure=Failure(site, report.round, FailureKind.ERROR, reason)
         )
 
     def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
@@ -752,7 +782,8 @@ class Aggregator:
         handler = self._phases.get(message.phase)
         if handler is None:
             known = sorted(self._phases) or "none"
-            raise UpdateRejected(f"no phase {message.phase!r} in this federation (phases: {known})")
+            phase = printable(message.phase, MAX_TEXT_CHARS)
+            raise UpdateRejected(f"no phase '{phase}' in this federation (phases: {known})")
         with self._cond:
             self._saw(site)
             self._require_open(site, message.round)
@@ -774,23 +805,26 @@ class Aggregator:
     ) -> SiteResult | None:
         """Check, fold and record ``site``'s answer; None if the round had already
         settled it."""
-        metrics = _clean_metrics(header.metrics)
-        if opened.kind is InstructionKind.EVALUATE:
+        check_audit_hash(header.audit_hash)
+        training = opened.kind is not InstructionKind.EVALUATE
+        numbers = checked_numbers(
+            header.num_samples,
+            header.metrics,
+            max_samples=self.config.max_samples,
+            training=training,
+        )
+        capped, metrics = numbers.num_samples, numbers.metrics
+        result = SiteResult(site, opened.round, capped, numbers.claimed_samples, metrics)
+        if not training:
             if header.tensors:
                 raise UpdateRejected("an evaluation answer carries no tensors")
             for _ in chunks:
                 raise UpdateRejected("an evaluation answer carries no tensors")
-            n = int(header.num_samples)
-            evaluated = SiteResult(site, opened.round, n, n, metrics)
             with self._cond:
-                return evaluated if self._record(opened, site, result=evaluated) else None
-        if header.num_samples < 1:
-            raise UpdateRejected(f"sample count must be at least 1, got {header.num_samples}")
+                return result if self._record(opened, site, result=result) else None
         decoder = self._decoder(header, opened)
         self.faults.hit("upload.receiving", round=opened.round, site=site)
-        capped = min(int(header.num_samples), self.config.max_samples)
         weight = capped if self._privacy is None else self._privacy.weight(capped)
-        result = SiteResult(site, opened.round, capped, int(header.num_samples), metrics)
         assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
         with self._cond:
             if self._open is not opened:
@@ -944,7 +978,8 @@ def _check_task(task_id: str, opened: _OpenRound) -> None:
     """Refuse an answer to another opening of the round as stale."""
     if task_id != opened.task.task_id:
         raise UpdateRejected(
-            f"stale update: it answers task {task_id or '(none)'}, but round {opened.round} "
+            f"stale update: it answers task {printable(task_id, MAX_TEXT_CHARS) or '(none)'}, "
+            f"but round {opened.round} "
             f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
             "aggregator restarted); the site fetches the task again"
         )
@@ -974,16 +1009,6 @@ def _close_reason(opened: _OpenRound, needed: int) -> CloseReason:
     return CloseReason.DEADLINE_QUORUM if timed_out else CloseReason.QUORUM
 
 
-def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        value = float(v)
-        if not math.isfinite(value):
-            raise UpdateRejected(f"metric {k!r} is {value}")
-        out[str(k)] = value
-    return out
-
-
 def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
     got_l, exp_l = list(got), list(expected)
     if len(got_l) != len(exp_l):
@@ -991,7 +1016,8 @@ def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
     for g, e in zip(got_l, exp_l, strict=True):
         if g != e:
             return (
-                f"tensor {g.name!r} {g.dtype}{list(g.shape)} does not match the global "
+                f"tensor '{printable(g.name, MAX_TEXT_CHARS)}' {printable(g.dtype, 40)}"
+                f"{printable(list(g.shape), MAX_TEXT_CHARS)} does not match the global "
                 f"model's {e.name!r} {e.dtype}{list(e.shape)}"
             )
     return "tensor specs differ from the global model"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fedloom.cli.common import WorkspaceArg, console, count, friendly
@@ -58,7 +59,7 @@ def _print_run(data: dict[str, Any], workspace: Path) -> None:
         f"run [bold]{run['name']}[/] ({run['run_id']}): [bold]{run['status']}[/]", highlight=False
     )
     if run["error"]:
-        console.print(f"  error: {run['error']}", highlight=False)
+        console.print(f"  error: {escape(run['error'])}", highlight=False)
     if agg["serves_this_run"]:
         console.print(f"aggregator running (pid {agg['pid']})", highlight=False)
     elif agg["running"]:
@@ -118,7 +119,7 @@ def _print_live(live: dict[str, Any]) -> None:
         highlight=False,
     )
     for site, reason in current["failed"].items():
-        console.print(f"  failed: {site}: {reason}", highlight=False)
+        console.print(f"  failed: {site}: {escape(reason)}", highlight=False)
     for site, received in current["uploading"].items():
         console.print(f"  uploading: {site} ({human_bytes(received)} received)", highlight=False)
     if current["pending"]:
@@ -141,7 +142,7 @@ def _print_sites(sites: list[dict[str, Any]]) -> None:
             "-"
             if failure is None
             else f"round {failure['round']}.{failure['attempt']} {failure['kind']}: "
-            f"{failure['reason']}",
+            f"{escape(failure['reason'])}",
         )
     console.print(table)
 
@@ -162,8 +163,10 @@ def _print_metrics(title: str, closed: dict[str, Any]) -> None:
     )
     table = Table("metric", "sample-weighted mean")
     for name, value in closed["metrics"].items():
-        table.add_row(name, f"{value:.4f}")
+        table.add_row(escape(name), f"{value:.4f}")
     console.print(table)
+    if closed.get("metrics_not_shown"):
+        console.print(f"  ({closed['metrics_not_shown']} more metrics not shown)", highlight=False)
 
 
 def _print_attempts(attempts: list[dict[str, Any]], *, serving: bool) -> None:

@@ -21,6 +21,7 @@ from fedloom.errors import StateError
 from fedloom.orchestration import weighted_metrics
 from fedloom.plan import Plan
 from fedloom.records import SiteResult
+from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.store.database import open_read_only
 from fedloom.store.runs import FINISHED_ROUND, running_pid
 
@@ -130,7 +131,11 @@ def _live(conn: sqlite3.Connection, key: int, pid: int | None) -> dict[str, Any]
     age = max(0.0, time.time() - updated)
     current = snapshot.get("current")
     if current is not None:
-        current = {**current, "seconds_left": max(0.0, current["seconds_left"] - age)}
+        current = {
+            **current,
+            "seconds_left": max(0.0, current["seconds_left"] - age),
+            "failed": {s: printable(r) for s, r in current.get("failed", {}).items()},
+        }
     return {
         "updated": updated,
         "age_seconds": age,
@@ -161,7 +166,7 @@ def _sites(
         (key,),
     ):
         failures.setdefault(site, []).append(
-            {"round": rnd, "attempt": attempt, "kind": kind, "reason": reason}
+            {"round": rnd, "attempt": attempt, "kind": kind, "reason": printable(reason)}
         )
     return [
         {
@@ -194,20 +199,34 @@ def _closed_attempt(conn: sqlite3.Connection, key: int, rnd: int, attempt: int) 
         (key, rnd, attempt),
     ).fetchone()
     results = [
-        SiteResult(site, rnd, n, claimed, json.loads(metrics))
+        SiteResult(site, rnd, n, claimed, _stored_metrics(metrics))
         for site, n, claimed, metrics in conn.execute(
             "SELECT site, num_samples, claimed_samples, metrics FROM results "
             "WHERE run = ? AND round = ? AND attempt = ?",
             (key, rnd, attempt),
         )
     ]
+    means = weighted_metrics(results)
+    shown = dict(list(means.items())[:MAX_METRICS])
     return {
         "round": rnd,
         "attempt": attempt,
         "close_reason": reason,
         "sites_answered": len(results),
-        "metrics": weighted_metrics(results),
+        "metrics": {printable(k, MAX_NAME_CHARS): v for k, v in shown.items()},
+        "metrics_not_shown": len(means) - len(shown),
     }
+
+
+def _stored_metrics(text: Any) -> dict[str, Any]:
+    """A result row's metrics. A row the aggregator stored before it checked what sites
+    report (:mod:`fedloom.sanitize`) may hold anything: what is not a JSON object counts
+    as no metrics; :func:`weighted_metrics` leaves out what is not a finite number."""
+    try:
+        metrics = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def _evaluation(conn: sqlite3.Connection, key: int) -> dict[str, Any] | None:

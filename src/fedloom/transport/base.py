@@ -41,8 +41,9 @@ class AggregatorService(Protocol):
         back exactly, and the receipt says why."""
         ...
 
-    def report_failure(self, site: str, report: FailureReport) -> None:
-        """``site`` could not do its task for ``report.round``."""
+    def report_failure(self, site: str, report: FailureReport) -> bool:
+        """``site`` could not do its task for ``report.round``; True if the report
+        settled the site for the open round, False if it was stale."""
         ...
 
     def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:

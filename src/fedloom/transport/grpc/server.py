@@ -23,9 +23,13 @@ import grpc
 from fedloom.errors import CertificateError, FedloomError, TransportError, UpdateRejected
 from fedloom.pki import Credentials, RevocationList, peer_identity
 from fedloom.records import InstructionKind
+from fedloom.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.transport import integrity, serde
 from fedloom.transport.base import AggregatorService
 from fedloom.transport.grpc.wire import (
+    MAX_CONTROL_BYTES,
+    MAX_EXCHANGE_BYTES,
+    MAX_HEADER_BYTES,
     METHODS,
     PROTOCOL_VERSION,
     SERVICE,
@@ -198,7 +202,7 @@ def _refuse(
     """End the call with ``code`` and ``message`` (logged unless ``quiet``)."""
     text = message if hint is None else f"{message} ({hint})"
     if not quiet:
-        log.warning("refused %s: %s", context.peer(), text)
+        log.warning("refused %s: %s", context.peer(), printable(text))
     context.abort(code, text)
     raise RuntimeError("grpc's abort returned")  # it raises; this keeps the types honest
 
@@ -237,15 +241,15 @@ class Handlers:
             _refuse(
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"the collaborator calls itself {hello.site!r} but its certificate "
-                f"belongs to {site!r}",
+                f"the collaborator calls itself '{printable(hello.site, MAX_TEXT_CHARS)}' but "
+                f"its certificate belongs to {site!r}",
                 hint="start it with --name matching its certificate",
             )
         if hello.plan_hash != s.plan_hash:
             _refuse(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"plan hash of {site!r} is {hello.plan_hash[:16]}…, the aggregator's is "
+                f"plan hash of {site!r} is {printable(hello.plan_hash[:16])}…, the aggregator's is "
                 f"{s.plan_hash[:16]}…",
                 hint="federation.yaml or a .py file of the workspace differs; compare "
                 "`fedloom plan show` on both sides",
@@ -259,6 +263,7 @@ class Handlers:
 
     def get_task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
+        _check_size(context, "GetTask", request, MAX_CONTROL_BYTES)
         try:
             wait = serde.decode_task_request(request)
         except TransportError as err:
@@ -272,7 +277,7 @@ class Handlers:
 
     def download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         site, _ = self.gate.identify(context)
-        round = _decode_with(context, serde.decode_download_request, request)
+        round = _decode_with(context, serde.decode_download_request, request, what="Download")
         try:
             stream = self.service.download(site, round)
         except UpdateRejected as err:
@@ -286,10 +291,13 @@ class Handlers:
     def upload(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
         try:
-            first = serde.decode_upload_item(next(requests))
+            raw = next(requests)
+            if len(raw) > MAX_HEADER_BYTES:
+                raise TransportError(_too_large("the upload's header", len(raw), MAX_HEADER_BYTES))
+            first = serde.decode_upload_item(raw)
         except (StopIteration, FedloomError) as err:
             reason = f"upload must start with its header: {str(err) or 'the stream was empty'}"
-            log.warning("rejected an upload from %s: %s", site, reason)
+            log.warning("rejected an upload from %s: %s", site, printable(reason))
             return serde.encode(Receipt(0, False, reason))
         if not isinstance(first, UpdateHeader):
             reason = "upload must start with its header, got a chunk"
@@ -302,20 +310,28 @@ class Handlers:
             log.info("round %d: %s from %s accepted", receipt.round, what, site)
         else:
             log.warning(
-                "round %d: %s from %s rejected: %s", first.round, what, site, receipt.reason
+                "round %d: %s from %s rejected: %s",
+                first.round,
+                what,
+                site,
+                printable(receipt.reason),
             )
         return serde.encode(receipt)
 
     def report_failure(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
         report = _decode(context, FailureReport, request)
-        log.warning("round %d: %s reports a failure: %s", report.round, site, report.reason)
-        self.service.report_failure(site, report)
+        # staleness first: a report that settles nothing is not logged (whatever its size)
+        if self.service.report_failure(site, report):
+            reason = printable(report.reason)
+            log.warning("round %d: %s reports a failure: %s", report.round, site, reason)
+        else:
+            log.debug("round %d: a stale failure report from %s, ignored", report.round, site)
         return b""
 
     def exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
-        message = _decode(context, PhaseMessage, request)
+        message = _decode(context, PhaseMessage, request, MAX_EXCHANGE_BYTES)
         try:
             return serde.encode(self.service.exchange(site, message))
         except UpdateRejected as err:
@@ -359,15 +375,35 @@ def _chunks(requests: Iterator[bytes], traffic: TrafficCounter) -> Iterator[Chun
     raise TransportError(f"the stream was cut off after {count} chunks, before its end")
 
 
-def _decode(context: grpc.ServicerContext, kind: type[Any], data: bytes) -> Any:
-    return _decode_with(context, lambda d: serde.decode(kind, d), data)
+def _decode(
+    context: grpc.ServicerContext, kind: type[Any], data: bytes, limit: int = MAX_CONTROL_BYTES
+) -> Any:
+    return _decode_with(context, lambda d: serde.decode(kind, d), data, limit, kind.__name__)
 
 
-def _decode_with(context: grpc.ServicerContext, decode: Callable[[bytes], Any], data: bytes) -> Any:
+def _decode_with(
+    context: grpc.ServicerContext,
+    decode: Callable[[bytes], Any],
+    data: bytes,
+    limit: int = MAX_CONTROL_BYTES,
+    what: str = "the request",
+) -> Any:
+    _check_size(context, what, data, limit)
     try:
         return decode(data)
     except (TransportError, UpdateRejected) as err:
         _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
+
+
+def _check_size(context: grpc.ServicerContext, what: str, data: bytes, limit: int) -> None:
+    """Refuse a message that carries no tensors yet is larger than ``limit`` bytes, before
+    it is decoded."""
+    if len(data) > limit:
+        _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, _too_large(what, len(data), limit))
+
+
+def _too_large(what: str, size: int, limit: int) -> str:
+    return f"{what} is {size} bytes; the aggregator takes at most {limit}"
 
 
 class GrpcServer:

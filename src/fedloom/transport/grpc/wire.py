@@ -9,6 +9,17 @@ METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Per message; tensors travel in chunks of a few MiB, so no model comes near it."""
 
+MAX_CONTROL_BYTES = 1024 * 1024
+"""Per message that carries no tensors (Hello, GetTask, Download's request,
+ReportFailure, Heartbeat): the aggregator refuses a larger one before decoding it."""
+
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+"""An upload's header (its tensor specs and metrics): room for tens of thousands of
+tensors, not for a flood of metrics."""
+
+MAX_EXCHANGE_BYTES = 16 * 1024 * 1024
+"""One step of a multi-phase round (secure aggregation's keys and shares)."""
+
 KEEPALIVE_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
