@@ -60,7 +60,6 @@ def main() -> int:
         site=args.site,
         plan_hash=plan_hash(plan, args.workspace),
         connect_seconds=120.0,
-        wait_seconds=5.0,
     )
     connection = GrpcConnection(site_credentials(args.state), settings)
     connection.open()

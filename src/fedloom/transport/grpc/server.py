@@ -92,6 +92,7 @@ class Replaced:
         )
 
 
+_BUSY_LOG_SECONDS = 10.0  # a site's calls over its share are logged once per this
 _KEPT_REPLACED = 64  # replaced session ids remembered per site, to tell their calls why
 
 
@@ -106,6 +107,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         self._in_flight: dict[str, int] = {}  # calls under way (holding a thread), by site
         self.sessions: dict[str, SiteSession] = {}  # the live session of each site
         self._replaced: dict[str, dict[str, Replaced]] = {}  # site -> session id -> why
+        self._logged_busy: dict[str, float] = {}  # site -> when a refusal was last logged
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -221,16 +223,22 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         """Count the call against its site: one site cannot take more than its share of
         the server's threads, whatever it opens and however it hangs up."""
         limit = self.settings.calls_per_site
+        now = time.monotonic()
         with self._lock:
             busy = self._in_flight.get(site, 0)
             if busy < limit:
                 self._in_flight[site] = busy + 1
-        if busy >= limit:
-            _refuse(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"site {site!r} already has {limit} calls under way",
-            )
+                return
+            # logged once in a while: a site flooding the server must not flood its log
+            loud = now - self._logged_busy.get(site, -_BUSY_LOG_SECONDS) >= _BUSY_LOG_SECONDS
+            if loud:
+                self._logged_busy[site] = now
+        _refuse(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"site {site!r} already has {limit} calls under way",
+            quiet=not loud,
+        )
 
     def _release(self, site: str) -> None:
         with self._lock:
