@@ -30,7 +30,7 @@ from fedloom.pki import (
     site_credentials,
 )
 from fedloom.records import FailureKind
-from fedloom.transport import Chunk, UpdateHeader, iter_chunks, serde
+from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
 from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path
 from fedloom.weights import Weights, specs_of
@@ -426,3 +426,27 @@ def test_a_certificate_refusal_is_told_from_a_connection_that_broke(
     """Messages seen from grpcio on this machine: only a refused certificate ends a
     collaborator (exit 11); a broken handshake is retried like any outage."""
     assert certificate_refused(details) is refused
+
+
+def test_a_second_process_on_one_identity_replaces_the_first_whose_calls_are_refused(
+    grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
+) -> None:
+    fed = grpc_federation
+    t = fed.transport
+    first = t.connect("site-c")
+    first.open()
+    waiting = fed.spawn("first's ask for work", first.get_task)  # no round open: it waits
+    wait_until(lambda: in_flight(t, "site-c") == 1, "the first process never asked for work")
+    t.connect("site-c").open()  # a second process, with the same certificate
+    # the first one's wait ends at once, refused, and so is every later call of it
+    with pytest.raises(AccessDenied, match="replaced this one's session"):
+        waiting.join()
+    with pytest.raises(AccessDenied, match="another collaborator process said Hello as 'site-c'"):
+        first.heartbeat(Heartbeat(0))
+    assert "site site-c: a second collaborator process said Hello" in aggregator_log()
+    assert "replaces the session of the one at" in aggregator_log()
+    fed.extra.remove(waiting)
+    fed.start()
+    start_honest(fed, shift_runner)  # site-c's collaborator: a third process, replacing both
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2

@@ -214,10 +214,11 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 current = session.serial == serial
                 session.last_seen = time.monotonic()
             replaced = self._replaced.get(site, {}).get(instance) if instance else None
-        if replaced is not None:
+        if current:
+            return
+        if replaced is not None:  # never "say Hello": it would take the session back
             _refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
-        if not current:
-            _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
+        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
 
     def _hold(self, context: grpc.ServicerContext, site: str) -> None:
         """Count the call against its site: one site cannot take more than its share of
@@ -264,9 +265,10 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 old.serial, old.last_seen, old.peer = serial, now, peer
                 return  # the same process again (it lost its session, or retried)
             self.sessions[site] = SiteSession(site, serial, now, instance, peer, time.time())
+            replaced = self._replaced.setdefault(site, {})
+            replaced.pop(instance, None)  # a replaced process that said Hello again
             waits: set[Cancellation] = set()
             if old is not None:
-                replaced = self._replaced.setdefault(site, {})
                 replaced[old.instance] = Replaced(peer, time.time())
                 while len(replaced) > _KEPT_REPLACED:
                     del replaced[next(iter(replaced))]
@@ -426,7 +428,7 @@ class Handlers:
             answered.set()
             self.gate.done_waiting(site, cancel)
         replaced = self.gate.replaced(context, site)
-        if replaced is not None:
+        if replaced is not None:  # the work is for the process that replaced this one
             _refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
         if task is not None and task.kind is InstructionKind.FINISHED:
             with self._told:
