@@ -88,12 +88,26 @@ class GrpcTestTransport:
         return ClientSettings(**values)
 
     def connect(
-        self, site: str, *, state: Path | None = None, name: str | None = None, **changes: Any
+        self,
+        site: str,
+        *,
+        state: Path | None = None,
+        name: str | None = None,
+        same_process: bool = False,
+        **changes: Any,
     ) -> GrpcConnection:
         """A connection holding ``site``'s certificate (or the one in ``state``), saying
-        it is ``name`` (default: ``site``)."""
+        it is ``name`` (default: ``site``). It is another collaborator process (a new
+        session, which replaces the site's earlier one at its first call) unless
+        ``same_process``: then it shares the session of the first connection made for
+        ``site``, as a second channel of that process would."""
         credentials = site_credentials(state or self.states.get(site) or self.states[OUTSIDERS[0]])
-        conn = GrpcConnection(credentials, self.settings(name or site, **changes))
+        session = None
+        if same_process:
+            session = next(c.session_id for c in self.connections if c.site == (name or site))
+        conn = GrpcConnection(
+            credentials, self.settings(name or site, **changes), session_id=session
+        )
         self.connections.append(conn)
         return conn
 

@@ -30,9 +30,9 @@ from fedloom.pki import (
     site_credentials,
 )
 from fedloom.records import FailureKind
-from fedloom.transport import Chunk, UpdateHeader, iter_chunks
+from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
-from fedloom.transport.grpc.wire import channel_options, path
+from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path
 from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
@@ -225,7 +225,8 @@ def test_a_replayed_update_of_an_earlier_round_is_rejected(
     fed.log.wait_opened(2)
     replay = shift_runner.delta_like(tiny_weights, 1, 1)  # site-b's round-1 update
     header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5}, task_id(1))
-    receipt = fed.transport.connect("site-b").upload(header, iter_chunks(replay))
+    # site-b's own process replays it (another process would first replace its session)
+    receipt = fed.transport.connect("site-b", same_process=True).upload(header, iter_chunks(replay))
     assert not receipt.accepted
     assert "round 1 is not open" in receipt.reason
     assert "round 1: update from site-b rejected: round 1 is not open" in aggregator_log()
@@ -246,13 +247,14 @@ def test_garbage_bytes_are_rejected_without_harm(grpc_federation: Any, shift_run
         grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
         options=channel_options(),
     )
+    session = [(SESSION_HEADER, conn.session_id)]
     try:
         upload = channel.stream_unary(path("Upload"))
-        reply = upload(iter([b"\xff\xfe garbage \x00\x01"]), timeout=10)
+        reply = upload(iter([b"\xff\xfe garbage \x00\x01"]), timeout=10, metadata=session)
         assert b"cannot decode UploadMessage" in reply
         get_task = channel.unary_unary(path("GetTask"))
         with pytest.raises(grpc.RpcError) as err:
-            get_task(b"\x0f not a TaskRequest", timeout=10)
+            get_task(b"\x0f not a TaskRequest", timeout=10, metadata=session)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     finally:
         channel.close()
@@ -310,39 +312,90 @@ def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
         conn.get_task(timeout=0)
 
 
+def in_flight(t: GrpcTestTransport, site: str) -> int:
+    with t.server.gate._lock:
+        return t.server.gate._in_flight.get(site, 0)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
 def test_one_site_cannot_take_every_server_thread(
     grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
 ) -> None:
-    import time
-
     from fedloom.errors import TransportError
 
     fed = grpc_federation
     t = fed.transport
     limit = t.server.settings.calls_per_site
-    greedy = [t.connect("site-c") for _ in range(limit + 1)]
-    for conn in greedy:
-        conn.open()
+    greedy = t.connect("site-c")
+    greedy.open()
     # no round is open yet: each ask for work waits at the aggregator, holding a call
-    for i, conn in enumerate(greedy[:limit]):
-        fed.spawn(f"long poll {i}", lambda conn=conn: conn.get_task())
-    deadline = time.monotonic() + 10
-    while sum(t.server.gate._in_flight.values()) < limit and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for i in range(limit):
+        fed.spawn(f"long poll {i}", greedy.get_task)
+    wait_until(lambda: in_flight(t, "site-c") == limit, "the long polls never all arrived")
     with pytest.raises(TransportError, match=f"already has {limit} calls under way"):
-        greedy[-1].get_task(timeout=0)
+        greedy.get_task(timeout=0)
     assert f"site 'site-c' already has {limit} calls under way" in aggregator_log()
 
     fed.start()  # round 1 opens: the long polls get their answer and end
-    start_honest(fed, shift_runner)
-    history = fed.finish()
-    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+    start_honest(fed, shift_runner, ("site-a", "site-b"))
+    finish_without_site_c(fed)
     for worker in fed.extra:
         worker.join()
-    deadline = time.monotonic() + 10  # every call ended: none is counted any more
-    while sum(t.server.gate._in_flight.values()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sum(t.server.gate._in_flight.values()) == 0
+    wait_until(lambda: not sum(t.server.gate._in_flight.values()), "a call is still counted")
+
+
+def test_asks_for_work_the_caller_cancels_free_their_server_thread(
+    grpc_federation: Any, shift_runner: Any
+) -> None:
+    """The attack of issue 14: ask for work with an hour's wait, hang up at once, again
+    and again. Each wait must end with its call, or the server's threads are soon all
+    waiting for nobody and honest sites cannot even say Hello."""
+    fed = grpc_federation
+    t = fed.transport
+    hostile = t.connect("site-c")
+    hostile.open()
+    creds = site_credentials(t.states["site-c"])
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{t.port}",
+        grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
+        options=channel_options(),
+    )
+    threads = t.server._server._state.thread_pool._max_workers
+    try:
+        get_task = channel.unary_unary(path("GetTask"))
+        an_hour = serde.encode_task_request(3600.0)
+        for i in range(3 * threads):  # far more calls than the server has threads
+            call = get_task.future(
+                an_hour, timeout=4000, metadata=[(SESSION_HEADER, hostile.session_id)]
+            )
+            wait_until(lambda: in_flight(t, "site-c") == 1, f"call {i} never got a thread")
+            call.cancel()
+            wait_until(lambda: in_flight(t, "site-c") == 0, f"call {i} still holds its thread")
+    finally:
+        channel.close()
+    fed.start()
+    start_honest(fed, shift_runner, ("site-a", "site-b"))
+    finish_without_site_c(fed)
+
+
+def finish_without_site_c(fed: Any) -> Any:
+    """Both rounds close at their deadline with site-a's and site-b's updates."""
+    for rnd in (1, 2):
+        fed.log.wait_opened(rnd)
+        fed.log.wait_answered(rnd, 2)
+        fed.pass_deadline()  # site-c does not answer
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.DEADLINE_QUORUM] * 2
+    assert [[a.site for a in r.results] for r in history] == [["site-a", "site-b"]] * 2
+    return history
 
 
 @pytest.mark.parametrize(
@@ -373,3 +426,27 @@ def test_a_certificate_refusal_is_told_from_a_connection_that_broke(
     """Messages seen from grpcio on this machine: only a refused certificate ends a
     collaborator (exit 11); a broken handshake is retried like any outage."""
     assert certificate_refused(details) is refused
+
+
+def test_a_second_process_on_one_identity_replaces_the_first_whose_calls_are_refused(
+    grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
+) -> None:
+    fed = grpc_federation
+    t = fed.transport
+    first = t.connect("site-c")
+    first.open()
+    waiting = fed.spawn("first's ask for work", first.get_task)  # no round open: it waits
+    wait_until(lambda: in_flight(t, "site-c") == 1, "the first process never asked for work")
+    t.connect("site-c").open()  # a second process, with the same certificate
+    # the first one's wait ends at once, refused, and so is every later call of it
+    with pytest.raises(AccessDenied, match="replaced this one's session"):
+        waiting.join()
+    with pytest.raises(AccessDenied, match="another collaborator process said Hello as 'site-c'"):
+        first.heartbeat(Heartbeat(0))
+    assert "site site-c: a second collaborator process said Hello" in aggregator_log()
+    assert "replaces the session of the one at" in aggregator_log()
+    fed.extra.remove(waiting)
+    fed.start()
+    start_honest(fed, shift_runner)  # site-c's collaborator: a third process, replacing both
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2

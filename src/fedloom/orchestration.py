@@ -54,6 +54,7 @@ from fedloom.rng import select_sites
 from fedloom.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.state import StrategyState
+from fedloom.transport.base import Cancellation
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
@@ -642,12 +643,18 @@ class Aggregator:
 
     # ------------------------------------------------------ the service methods
 
-    def get_task(self, site: str, timeout: float | None) -> Instruction | None:
+    def get_task(
+        self, site: str, timeout: float | None, cancel: Cancellation | None = None
+    ) -> Instruction | None:
         self._check_site(site)
         deadline = None if timeout is None else self.clock.now() + timeout
+        if cancel is not None:  # a caller that hung up frees its thread at once
+            cancel.on_cancel(self._wake)
         with self._cond:
             self._saw(site)
             while True:
+                if cancel is not None and cancel.cancelled:
+                    return None
                 if self._finished:
                     return Instruction(
                         round=0,
@@ -660,6 +667,10 @@ class Aggregator:
                 if deadline is not None and self.clock.now() >= deadline:
                     return None
                 self.clock.wait(self._cond, deadline)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def download(self, site: str, round: int) -> ModelStream:
         self._check_site(site)

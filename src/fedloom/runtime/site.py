@@ -9,13 +9,18 @@ another plan) ends the process with the reason.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from cryptography import x509
@@ -29,6 +34,7 @@ from fedloom.errors import (
     AccessDenied,
     AggregatorLost,
     PlanError,
+    StateError,
     TransportError,
     WorkspaceError,
 )
@@ -63,6 +69,7 @@ from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
 POLICY_FILE = "policy.yaml"
+LOCK_FILE = "collaborator.lock"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +118,22 @@ def participate(
     stop = stop or threading.Event()
     check_name(options.name)  # before its name builds any path
     state_dir = options.state_dir or site_state_dir(ws, options.name)
+    lock = lock_site_state(state_dir)  # before anything in it is read or written
+    try:
+        return _participate(ws, plan, options, state_dir, stop, on_progress, faults)
+    finally:
+        lock.close()
+
+
+def _participate(
+    ws: Path,
+    plan: Plan,
+    options: SiteOptions,
+    state_dir: Path,
+    stop: threading.Event,
+    on_progress: Callable[[SiteProgress], None] | None,
+    faults: FaultPoints | None,
+) -> SiteProgress:
     code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
     digest = plan_hash(plan, code)
     # The data owner's policy is checked first: before the task's code is loaded, any
@@ -242,6 +265,35 @@ def participate(
         stop.set()
         connection.close()
     return progress
+
+
+def lock_site_state(state_dir: Path) -> IO[str]:
+    """Hold the site state folder's lock (``STATE/collaborator.lock``, an ``fcntl``
+    lock the OS releases when the process ends, however it ends) until the returned
+    file is closed. A second collaborator on the same folder is refused with
+    :class:`StateError` naming the folder and the process that holds it: two would
+    interleave the audit log and double-count the privacy budget."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / LOCK_FILE
+    fh = open(path, "a+")  # noqa: SIM115 - held until the collaborator ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "a process that has not written its id yet"
+        fh.close()
+        raise StateError(
+            f"the site state folder {state_dir} is in use by another collaborator ({holder})",
+            hint="one collaborator per state folder: stop that process first, or give this "
+            "one its own folder with --state (and its own certificate: one site, one "
+            "collaborator)",
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    fh.flush()
+    return fh
 
 
 def enforce_policy(plan: Plan, digest: str, path: Path | None, state_dir: Path) -> Policy | None:

@@ -8,7 +8,8 @@ every transport calls with the identity it established.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from fedloom.records import Instruction
@@ -24,11 +25,51 @@ from fedloom.transport.messages import (
 )
 
 
+class Cancellation:
+    """Tells a blocking service call that nobody waits for its answer any more (the
+    caller hung up, or its session was replaced), so it returns at once instead of
+    holding a server thread until its timeout.
+
+    The call registers a wake-up with :meth:`on_cancel` (notify the condition it waits
+    on) and checks :attr:`cancelled` each time it wakes. :meth:`cancel` may come from
+    any thread, once or many times, before or after the wake-up is registered."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._wakeups: list[Callable[[], None]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        with self._lock:
+            return self._cancelled
+
+    def on_cancel(self, wakeup: Callable[[], None]) -> None:
+        """Call ``wakeup`` when cancelled (at once if it already is)."""
+        with self._lock:
+            if not self._cancelled:
+                self._wakeups.append(wakeup)
+                return
+        wakeup()
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            wakeups, self._wakeups = self._wakeups, []
+        for wakeup in wakeups:
+            wakeup()
+
+
 class AggregatorService(Protocol):
     """What the aggregator offers to sites. Implemented by the orchestration layer."""
 
-    def get_task(self, site: str, timeout: float | None) -> Instruction | None:
-        """Block until ``site`` has work (or ``timeout`` passes: ``None`` comes back)."""
+    def get_task(
+        self, site: str, timeout: float | None, cancel: Cancellation | None = None
+    ) -> Instruction | None:
+        """Block until ``site`` has work (or ``timeout`` passes, or ``cancel`` is
+        cancelled: ``None`` comes back)."""
         ...
 
     def download(self, site: str, round: int) -> ModelStream:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ from fedloom.errors import (
 from fedloom.pki import Credentials
 from fedloom.records import Instruction
 from fedloom.transport import integrity, serde
-from fedloom.transport.grpc.wire import PROTOCOL_VERSION, channel_options, path
+from fedloom.transport.grpc.wire import PROTOCOL_VERSION, SESSION_HEADER, channel_options, path
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
@@ -90,6 +91,7 @@ class GrpcConnection:
         settings: ClientSettings,
         *,
         stop: threading.Event | None = None,
+        session_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
@@ -105,7 +107,10 @@ class GrpcConnection:
         self._channel = grpc.secure_channel(
             settings.address, creds, options=channel_options(settings.server_name)
         )
-        c = self._channel
+        # this process's session id, sent with every call: the aggregator keeps one live
+        # session per site and refuses the calls of one another process replaced
+        self.session_id = session_id or secrets.token_hex(16)
+        c = grpc.intercept_channel(self._channel, _SessionHeader(self.session_id))
         self._hello = c.unary_unary(path("Hello"))
         self._get_task = c.unary_unary(path("GetTask"))
         self._download = c.unary_stream(path("Download"))
@@ -246,6 +251,47 @@ class GrpcConnection:
             if self.stop.wait(delay):
                 raise TransportError(f"{name}: stopped while waiting for the aggregator")
             attempt += 1
+
+
+class _SessionHeader(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+):
+    """Adds this process's session id to every call's metadata."""
+
+    def __init__(self, session_id: str) -> None:
+        self._header = (SESSION_HEADER, session_id)
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
 
 
 class _Unreachable(TransportError):

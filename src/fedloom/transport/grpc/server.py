@@ -11,11 +11,12 @@ sends can fail its own upload, never the server.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -25,7 +26,7 @@ from fedloom.pki import Credentials, RevocationList, peer_identity
 from fedloom.records import InstructionKind
 from fedloom.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.transport import integrity, serde
-from fedloom.transport.base import AggregatorService
+from fedloom.transport.base import AggregatorService, Cancellation
 from fedloom.transport.grpc.wire import (
     MAX_CONTROL_BYTES,
     MAX_EXCHANGE_BYTES,
@@ -33,6 +34,7 @@ from fedloom.transport.grpc.wire import (
     METHODS,
     PROTOCOL_VERSION,
     SERVICE,
+    SESSION_HEADER,
     server_options,
 )
 from fedloom.transport.inprocess import TrafficCounter
@@ -59,18 +61,43 @@ class ServerSettings:
     rounds: int
     roster: frozenset[str]
     heartbeat_seconds: float = 5.0
-    calls_per_site: int = 8  # calls one certificate may have in flight at once
-    threads: int | None = None  # default: 3 per site + calls_per_site
+    calls_per_site: int = 8  # calls one site may have under way at once
+    threads: int | None = None  # default: calls_per_site for every site, and one site more
     certificate: bytes = b""  # the aggregator's certificate (PEM), sent in Welcome
 
 
 @dataclass
 class SiteSession:
-    """What the server knows of one site's certificate."""
+    """One site's live session: the collaborator process that said Hello last."""
 
     site: str
     serial: int
     last_seen: float  # monotonic time of its last call
+    instance: str = ""  # the session id its process sends with every call
+    peer: str = ""  # where its Hello came from
+    joined: float = 0.0  # wall-clock time of its Hello
+    waits: set[Cancellation] = field(default_factory=set)  # its asks for work under way
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """Why a session no longer counts: another process took the site's identity."""
+
+    peer: str  # where the new session's Hello came from
+    when: float  # wall-clock time of that Hello
+
+    def message(self, site: str) -> str:
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(self.when))
+        return (
+            f"another collaborator process said Hello as {site!r} with this site's "
+            f"certificate (from {self.peer} at {at}) and replaced this one's session: one "
+            "site, one collaborator. Stop one of the two; if the other is not yours, the "
+            "site's key has leaked: have its certificate revoked (`fedloom pki revoke`)"
+        )
+
+
+_BUSY_LOG_SECONDS = 10.0  # a site's calls over its share are logged once per this
+_KEPT_REPLACED = 64  # replaced session ids remembered per site, to tell their calls why
 
 
 class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -81,8 +108,10 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         self.revocations = revocations
         self._lock = threading.Lock()
         self._identities: dict[bytes, tuple[str, int]] = {}
-        self._in_flight: dict[int, int] = {}  # calls under way, by certificate serial
-        self.sessions: dict[int, SiteSession] = {}  # by certificate serial
+        self._in_flight: dict[str, int] = {}  # calls under way (holding a thread), by site
+        self.sessions: dict[str, SiteSession] = {}  # the live session of each site
+        self._replaced: dict[str, dict[str, Replaced]] = {}  # site -> session id -> why
+        self._logged_busy: dict[str, float] = {}  # site -> when a refusal was last logged
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -93,10 +122,27 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         method = str(details.method).rsplit("/", 1)[-1]
         needs_session = method != "Hello"
 
+        # A call counts against its site until its handler has let go of the server
+        # thread (for a download, until its stream is done or dropped), not merely
+        # until the caller hangs up: a site that cancels its calls must not free its
+        # count while the threads they took are still busy.
         def guard(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-                self.admit(context, needs_session=needs_session)
-                return behaviour(request, context)
+                site = self.admit(context, needs_session=needs_session)
+                try:
+                    return behaviour(request, context)
+                finally:
+                    self._release(site)
+
+            return guarded
+
+        def guard_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                site = self.admit(context, needs_session=needs_session)
+                try:
+                    yield from behaviour(request, context)
+                finally:
+                    self._release(site)
 
             return guarded
 
@@ -108,7 +154,7 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                guard(handler.unary_stream),
+                guard_stream(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -134,7 +180,9 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 self._identities[pem] = known
         return known
 
-    def admit(self, context: grpc.ServicerContext, *, needs_session: bool) -> None:
+    def admit(self, context: grpc.ServicerContext, *, needs_session: bool) -> str:
+        """Check the call's certificate and session and count it against its site
+        (returned); the caller releases it with :meth:`_release` when it ends."""
         site, serial = self.identify(context)
         try:
             revoked = self.revocations is not None and self.revocations.is_revoked(serial)
@@ -156,39 +204,124 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
                 hint="the AI developer adds it to `sites` in federation.yaml",
             )
         if needs_session:
-            with self._lock:
-                session = self.sessions.get(serial)
-                if session is not None:
-                    session.last_seen = time.monotonic()
-            if session is None:
-                _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
-        self._hold(context, site, serial)
+            self._check_session(context, site, serial)
+        self._hold(context, site)
+        return site
 
-    def _hold(self, context: grpc.ServicerContext, site: str, serial: int) -> None:
-        """Count the call against its certificate until it ends: one site cannot take
-        every server thread, whatever it opens."""
+    def _check_session(self, context: grpc.ServicerContext, site: str, serial: int) -> None:
+        """The call must come from the process that holds the site's live session."""
+        instance = session_id(context)
+        with self._lock:
+            session = self.sessions.get(site)
+            current = session is not None and session.instance == instance
+            if current and session is not None:
+                current = session.serial == serial
+                session.last_seen = time.monotonic()
+            replaced = self._replaced.get(site, {}).get(instance) if instance else None
+        if current:
+            return
+        if replaced is not None:  # never "say Hello": it would take the session back
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
+        _refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
+
+    def _hold(self, context: grpc.ServicerContext, site: str) -> None:
+        """Count the call against its site: one site cannot take more than its share of
+        the server's threads, whatever it opens and however it hangs up."""
         limit = self.settings.calls_per_site
-        with self._lock:
-            busy = self._in_flight.get(serial, 0)
-            if busy < limit:
-                self._in_flight[serial] = busy + 1
-        if busy >= limit:
-            _refuse(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"site {site!r} already has {limit} calls under way",
-            )
-        if not context.add_callback(lambda: self._release(serial)):
-            self._release(serial)  # the call has already ended
-
-    def _release(self, serial: int) -> None:
-        with self._lock:
-            self._in_flight[serial] -= 1
-
-    def welcome(self, site: str, serial: int) -> None:
         now = time.monotonic()
         with self._lock:
-            self.sessions[serial] = SiteSession(site, serial, now)
+            busy = self._in_flight.get(site, 0)
+            if busy < limit:
+                self._in_flight[site] = busy + 1
+                return
+            # logged once in a while: a site flooding the server must not flood its log
+            loud = now - self._logged_busy.get(site, -_BUSY_LOG_SECONDS) >= _BUSY_LOG_SECONDS
+            if loud:
+                self._logged_busy[site] = now
+        _refuse(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"site {site!r} already has {limit} calls under way",
+            quiet=not loud,
+        )
+
+    def _release(self, site: str) -> None:
+        with self._lock:
+            self._in_flight[site] -= 1
+
+    def welcome(self, context: grpc.ServicerContext, site: str, serial: int) -> None:
+        """Open ``site``'s session for the calling process; a session another process
+        held for the same site is replaced: its waiting calls end, its later calls are
+        refused, saying why."""
+        instance = session_id(context)
+        if not instance:
+            _refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the collaborator of {site!r} sent no session id",
+                hint="run the same fedloom version on both sides",
+            )
+        now = time.monotonic()
+        peer = context.peer()
+        with self._lock:
+            old = self.sessions.get(site)
+            if old is not None and old.instance == instance:
+                old.serial, old.last_seen, old.peer = serial, now, peer
+                return  # the same process again (it lost its session, or retried)
+            self.sessions[site] = SiteSession(site, serial, now, instance, peer, time.time())
+            replaced = self._replaced.setdefault(site, {})
+            replaced.pop(instance, None)  # a replaced process that said Hello again
+            waits: set[Cancellation] = set()
+            if old is not None:
+                replaced[old.instance] = Replaced(peer, time.time())
+                while len(replaced) > _KEPT_REPLACED:
+                    del replaced[next(iter(replaced))]
+                waits, old.waits = old.waits, set()
+        if old is not None:
+            log.warning(
+                "site %s: a second collaborator process said Hello with its certificate "
+                "(serial %x) from %s; it replaces the session of the one at %s (last heard "
+                "%.1f s ago), whose calls are refused from now on. Two processes on one "
+                "site's identity: if only one is the data owner's, the site's key has leaked",
+                site,
+                serial,
+                peer,
+                old.peer,
+                now - old.last_seen,
+            )
+            for wait in waits:
+                wait.cancel()
+
+    def waiting(self, context: grpc.ServicerContext, site: str, cancel: Cancellation) -> bool:
+        """Note an ask for work of the calling session, to be cancelled if the session is
+        replaced; False if it no longer holds the site's session."""
+        instance = session_id(context)
+        with self._lock:
+            session = self.sessions.get(site)
+            if session is None or session.instance != instance:
+                return False
+            session.waits.add(cancel)
+            return True
+
+    def done_waiting(self, site: str, cancel: Cancellation) -> None:
+        with self._lock:
+            session = self.sessions.get(site)
+            if session is not None:
+                session.waits.discard(cancel)
+
+    def replaced(self, context: grpc.ServicerContext, site: str) -> Replaced | None:
+        """Why the calling process's session of ``site`` was replaced, if it was."""
+        instance = session_id(context)
+        with self._lock:
+            return self._replaced.get(site, {}).get(instance) if instance else None
+
+
+def session_id(context: grpc.ServicerContext) -> str:
+    """The session id the calling collaborator process sends with its calls."""
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_HEADER:
+            return str(value)
+    return ""
 
 
 def _refuse(
@@ -224,6 +357,19 @@ class Handlers:
         self.checksums = integrity.ModelChecksums()
         self.told_finished: set[str] = set()
         self._told = threading.Condition()
+        # Cancellations of calls whose caller hung up: grpc runs its callbacks on its one
+        # polling thread, which must never wait for the aggregator's lock, so a thread of
+        # ours wakes the waiting calls.
+        self.wakeups: queue.SimpleQueue[Cancellation | None] = queue.SimpleQueue()
+        self._waker = threading.Thread(target=self._wake, name="fedloom-wakeups", daemon=True)
+        self._waker.start()
+
+    def _wake(self) -> None:
+        while (cancel := self.wakeups.get()) is not None:
+            cancel.cancel()
+
+    def close(self) -> None:
+        self.wakeups.put(None)
 
     def hello(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, serial = self.gate.identify(context)
@@ -254,7 +400,7 @@ class Handlers:
                 hint="federation.yaml or a .py file of the workspace differs; compare "
                 "`fedloom plan show` on both sides",
             )
-        self.gate.welcome(site, serial)
+        self.gate.welcome(context, site, serial)
         log.info("site %s joined (certificate serial %x) from %s", site, serial, context.peer())
         welcome = Welcome(
             PROTOCOL_VERSION, s.federation, s.rounds, s.heartbeat_seconds, s.certificate
@@ -268,7 +414,27 @@ class Handlers:
             wait = serde.decode_task_request(request)
         except TransportError as err:
             _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, err.message)
-        task = self.service.get_task(site, wait)
+        # The wait ends when its caller hangs up or its session is replaced: a site that
+        # cancels its asks for work must not leave server threads waiting for nobody.
+        cancel = Cancellation()
+        answered = threading.Event()
+
+        def hung_up() -> None:  # on grpc's polling thread: hand it to ours, never block
+            if not answered.is_set():
+                self.wakeups.put(cancel)
+
+        if not context.add_callback(hung_up):
+            cancel.cancel()  # the call has already ended
+        if not self.gate.waiting(context, site, cancel):
+            cancel.cancel()
+        try:
+            task = self.service.get_task(site, wait, cancel)
+        finally:
+            answered.set()
+            self.gate.done_waiting(site, cancel)
+        replaced = self.gate.replaced(context, site)
+        if replaced is not None:  # the work is for the process that replaced this one
+            _refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
         if task is not None and task.kind is InstructionKind.FINISHED:
             with self._told:
                 self.told_finished.add(site)
@@ -422,7 +588,9 @@ class GrpcServer:
         self.traffic = traffic or TrafficCounter()
         self.gate = Gatekeeper(settings, revocations)
         self._handlers = handlers = Handlers(service, settings, self.gate, self.traffic)
-        threads = settings.threads or 3 * len(settings.roster) + settings.calls_per_site
+        # Every site may fill its share, and honest sites still find a thread free: no
+        # site's calls (counted until their thread is free) take more than its share.
+        threads = settings.threads or settings.calls_per_site * (len(settings.roster) + 1)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(threads, thread_name_prefix="fedloom-rpc"),
             interceptors=[self.gate],
@@ -455,6 +623,7 @@ class GrpcServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._server.stop(grace).wait()
+        self._handlers.close()
 
     def wait_told_finished(self, timeout: float) -> bool:
         """Wait until every site that said Hello has been told the federation finished

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 PROTOCOL_VERSION = 5  # 5: secure aggregation's keys and key sets are signed by the sites
 SERVICE = "fedloom.v1.Aggregator"
+SESSION_HEADER = "fedloom-session"
+"""Metadata key of the session id a collaborator process sends with every call: the
+aggregator keeps one live session per site, the process that said Hello last."""
 METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange", "Heartbeat")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
