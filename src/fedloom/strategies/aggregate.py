@@ -216,10 +216,10 @@ def geometric_median(
     moved ``z`` by at most ``tolerance`` times the median distance of the updates to it:
     a test of scale that far-off updates cannot blunt.
 
-    Its breakdown point is 1/2: if fewer than ``alpha n`` of ``n`` equally weighted
-    updates lie farther than ``r`` from some point ``c``, however far, the geometric
-    median is within ``(1 - alpha) / sqrt(1 - 2 alpha) * r`` of ``c`` (Minsker, 2015,
-    Lemma 2.1). It needs no count of bad updates.
+    Its breakdown point is 1/2: if at most ``alpha n`` of ``n`` equally weighted updates
+    (``alpha < 1/2``) lie farther than ``r`` from some point ``c``, however far, the
+    geometric median is within ``(1 - alpha) / sqrt(1 - 2 alpha) * r`` of ``c``
+    (Minsker, 2015, Lemma 2.1). It needs no count of bad updates.
     """
     if not updates:
         raise AggregationError("nothing to aggregate: no updates were given")
