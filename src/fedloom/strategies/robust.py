@@ -194,7 +194,7 @@ class FilteredMean(_RobustStrategy):
     name: ClassVar[str] = "filtered-mean"
     needs_updates: ClassVar[bool] = True
 
-    radius: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] = 2.0
+    radius: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] = 4.0
     max_iterations: Annotated[int, Field(ge=1, le=10_000)] = 100
     tolerance: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 1e-6
 
