@@ -249,7 +249,14 @@ IDS = list(STRATEGIES)
 def test_registry_names() -> None:
     assert {name: cls.name for name, cls in STRATEGIES.items()} == {n: n for n in STRATEGIES}
     robust = {name for name, cls in STRATEGIES.items() if cls.needs_updates}
-    assert robust == {"median", "trimmed-mean", "krum", "multi-krum"}
+    assert robust == {
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+        "geometric-median",
+        "filtered-mean",
+    }
 
 
 @pytest.mark.parametrize("strategy", ALL, ids=IDS)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
+from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
 from fedloom.clock import Clock, FaultPoints, SystemClock
 from fedloom.compression.codecs import (
@@ -391,6 +392,7 @@ class Aggregator:
             privacy=privacy.instruction(self.state) if privacy else {},
         )
         needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
+        failed: list[Failure] = []
         for _ in range(cfg.max_retries + 1):
             record, opened = self._run_phase(task, selected, needed=needed)
             summary: Summary | None = None
@@ -399,13 +401,15 @@ class Aggregator:
                 record, summary = self._summarize(record, opened)
             if summary is not None:
                 break
+            failed += record.failures
             self._closed(record, None)  # a failed attempt is history too
         else:
+            exploded = _exploded(failed)
             raise QuorumError(
-                f"round {rnd}: {len(record.results)} of {len(selected)} sites answered "
-                f"(attempt {record.attempt}); the round needs {needed}."
+                f"round {rnd}: {exploded}{len(record.results)} of {len(selected)} sites "
+                f"answered (attempt {record.attempt}); the round needs {needed}."
                 f"{_causes(record.failures)}",
-                hint="fix what the sites report, or lower deadline.min_fraction",
+                hint=_EXPLODED_HINT if exploded else _QUORUM_HINT,
             )
         ledger = None
         if privacy is not None and isinstance(summary, MeanSummary):
@@ -983,6 +987,31 @@ def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
     ranked = ranked[:limit]
     lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
     return " Why:" + "".join(lines)
+
+
+_QUORUM_HINT = "fix what the sites report, or lower deadline.min_fraction"
+_EXPLODED_HINT = (
+    "a model that diverges makes every update grow: a mean strategy (fedavg …) follows any "
+    "site whose update is far off, and sites attacking the federation make it diverge; use "
+    "a robust strategy (strategy.name=filtered-mean), lower training.lr, or check the sites"
+)
+
+
+def _exploded(failures: Iterable[Failure]) -> str:
+    """``"the updates of site-a, site-b exploded ... "`` when some of ``failures`` (of
+    every attempt of a round) refused an update too large to add up, else ``""``."""
+    sites = sorted(
+        {
+            f.site
+            for f in failures
+            if f.kind is FailureKind.REJECTED and f.reason.startswith(EXPLODED)
+        }
+    )
+    if not sites:
+        return ""
+    if len(sites) == 1:
+        return f"the update of {sites[0]} exploded (too large to add up) and was refused; "
+    return f"the updates of {', '.join(sites)} exploded (too large to add up) and were refused; "
 
 
 def _check_task(task_id: str, opened: _OpenRound) -> None:

@@ -462,6 +462,61 @@ def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:
     return validate_plan(raw, source=source)
 
 
+def attack_warnings(plan: Plan, attackers: int) -> tuple[str, ...]:
+    """Warnings, not errors: what the plan's strategy cannot withstand when ``attackers``
+    sites of the roster attack (``fedloom simulate --attackers``). The worst round has
+    ``min(attackers, plan.per_round)`` of them among its sites; the strategy is warned
+    about when it withstands fewer (:meth:`~fedloom.strategies.base.Strategy.tolerated`).
+    """
+    from fedloom.strategies import build_strategy
+
+    if attackers <= 0:
+        return ()
+    strategy = build_strategy(plan.strategy.name, plan.strategy_params)
+    n = plan.per_round
+    bad = min(attackers, n)
+    held = strategy.tolerated(n)
+    if bad <= held:
+        return ()
+    name, params = plan.strategy.name, plan.strategy_params
+    attack = f"{bad} of the {n} sites in a round attack"
+    instead = "filtered-mean or geometric-median, which need no count of attackers"
+    if 2 * bad >= n:
+        return (
+            f"strategy.name: {attack}: no robust strategy withstands half the updates or "
+            "more; add honest sites or attack fewer",
+        )
+    if not strategy.needs_updates:
+        return (
+            f"strategy.name: {name} averages every update, so one attacking site moves the "
+            f"model as far as it likes, and {attack}; use a robust strategy: {instead}",
+        )
+    if name == "trimmed-mean":
+        return (
+            f"strategy.trim_fraction: {params['trim_fraction']} trims {held} of the {n} "
+            f"updates from each end of every coordinate, but {attack}; set it to at least "
+            f"{bad / n:.3g} ({bad}/{n}), or use filtered-mean, which needs no count of "
+            "attackers",
+        )
+    if name in ("krum", "multi-krum"):
+        selected = params.get("num_selected")
+        if selected is not None and n - selected < bad <= params["num_byzantine"]:
+            return (
+                f"strategy.num_selected: multi-krum keeps {selected} of the {n} updates, so "
+                f"it averages in at least {bad - (n - selected)} attacking update(s) when "
+                f"{attack}; set it to at most {n - bad}, or leave it null",
+            )
+        return (
+            f"strategy.num_byzantine: {name} withstands num_byzantine = "
+            f"{params['num_byzantine']} attacking sites, but {attack}; set it to at least "
+            f"{bad} (which needs {2 * bad + 3} sites a round), or use {instead}",
+        )
+    return (
+        f"strategy.name: {name} withstands {held} attacking site(s) of the {n} in a round, "
+        f"but {attack}",
+    )
+
+
 def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
     """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace.
 

@@ -174,9 +174,15 @@ def _decode(spec: TensorSpec, limbs: tuple[np.ndarray, ...]) -> np.ndarray:
     return value
 
 
+EXPLODED = "the update exploded"
+"""How the refusal of an update too large to add up begins: the aggregator names the
+sites whose updates exploded when such refusals stop a round."""
+
+
 def _out_of_range(name: str, peak: float, limit: float, max_sites: int) -> UpdateRejected:
     return UpdateRejected(
-        f"tensor {name!r}: |weight x update| reaches {peak:.3g}, beyond the fixed-point "
-        f"range {limit:.3g} for {max_sites} sites",
-        hint="the update is far larger than training produces; check the site",
+        f"{EXPLODED}: tensor {name!r}: |weight x update| reaches {peak:.3g}, beyond "
+        f"the fixed-point range {limit:.3g} for {max_sites} sites",
+        hint="training diverged at the site, or the site is faulty or attacking: lower "
+        "training.lr, check the site, or use a robust strategy (filtered-mean)",
     )

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from fedloom.cli.audit import audit_app
@@ -33,7 +34,7 @@ from fedloom.cli.policy import policy_app
 from fedloom.cli.results import fresh_run_dir, print_results
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
-from fedloom.plan import load_plan, plan_hash
+from fedloom.plan import attack_warnings, load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
 if TYPE_CHECKING:
@@ -100,12 +101,29 @@ def _root(
 
 @plan_app.command("show")
 @friendly
-def plan_show(workspace: WorkspaceArg, overrides: Overrides = None) -> None:
+def plan_show(
+    workspace: WorkspaceArg,
+    overrides: Overrides = None,
+    attackers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Warn if the strategy cannot withstand this many attacking sites (as "
+            "simulate --attackers).",
+        ),
+    ] = 0,
+) -> None:
     """Print the validated plan and its hash, for a data owner to approve."""
     plan = load_plan(workspace, overrides or [])
     console.print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False).rstrip())
     console.print(f"\n[bold]sites[/]: {', '.join(plan.roster)}")
     console.print(f"[bold]plan hash[/]: {plan_hash(plan, workspace)}")
+    _warn(attack_warnings(plan, attackers))
+
+
+def _warn(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()
@@ -271,6 +289,7 @@ def simulate(
         baseline=baseline,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
+    _warn(attack_warnings(plan, attackers))
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan)
     run_dir = recorder.run_dir
     try:

@@ -17,7 +17,14 @@ from fedloom.errors import PlanError
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
-from fedloom.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
+from fedloom.strategies.robust import (
+    FilteredMean,
+    GeometricMedian,
+    Krum,
+    Median,
+    MultiKrum,
+    TrimmedMean,
+)
 from fedloom.strategies.state import StrategyState
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -31,6 +38,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "trimmed-mean": TrimmedMean,
     "krum": Krum,
     "multi-krum": MultiKrum,
+    "geometric-median": GeometricMedian,
+    "filtered-mean": FilteredMean,
 }
 """Every strategy the plan can name, by its ``name``."""
 
@@ -86,6 +95,8 @@ __all__ = [
     "FedAvgM",
     "FedProx",
     "FedYogi",
+    "FilteredMean",
+    "GeometricMedian",
     "Krum",
     "Median",
     "MultiKrum",

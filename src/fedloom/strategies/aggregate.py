@@ -158,6 +158,121 @@ def krum(updates: Sequence[Weights], num_byzantine: int) -> int:
     return multi_krum(updates, num_byzantine, 1)[0]
 
 
+def _aggregation_shares(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    """``weights`` normalised to sum to 1 (None: equal shares), checked as
+    :func:`weighted_mean` checks them."""
+    if weights is None:
+        return np.full(n, 1.0 / n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) != n:
+        raise AggregationError(f"{n} updates but {np.size(w)} weights")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise AggregationError(f"aggregation weights must be finite and >= 0, got {w.tolist()}")
+    total = float(w.sum())
+    if not total > 0:
+        raise AggregationError(
+            "aggregation weights sum to zero",
+            hint="at least one site must report a positive number of samples",
+        )
+    shares: np.ndarray = w / total
+    return shares
+
+
+def _unflattened(row: np.ndarray, like: Mapping[str, np.ndarray]) -> Weights:
+    """``row`` cut back into tensors shaped as those of ``like``."""
+    out: Weights = {}
+    start = 0
+    for name, a in like.items():
+        size = int(np.size(a))
+        out[name] = row[start : start + size].reshape(np.shape(a)).copy()
+        start += size
+    return out
+
+
+def _distances(x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The L2 distance of every row of ``x`` to ``z``, row by row (each one an exact
+    function of its own row, so permuting the rows permutes the distances)."""
+    diff = x - z
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+
+def geometric_median(
+    updates: Sequence[Weights],
+    weights: Sequence[float] | None = None,
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+) -> Weights:
+    """The (weighted) geometric median of the updates, all tensors flattened together:
+    the point ``z`` minimising ``sum_i a_i ||z - x_i||``, the robust aggregate of RFA
+    (Pillutla, Kakade, Harchaoui, 2022).
+
+    ``a_i`` are ``weights`` normalised to sum to 1 (None: equal shares). Computed by
+    Weiszfeld's algorithm from the coordinate-wise median: ``z <- sum_i b_i x_i / sum_i
+    b_i`` with ``b_i = a_i / ||z - x_i||``, which never increases the objective. Where
+    ``z`` is one of the updates, Vardi and Zhang's (2000) step takes over: it stops if
+    ``z`` is the median, and otherwise moves on (plain Weiszfeld, and RFA's smoothed
+    version, stall there). It stops after ``max_iterations`` steps, or after a step that
+    moved ``z`` by at most ``tolerance`` times the median distance of the updates to it:
+    a test of scale that far-off updates cannot blunt.
+
+    Its breakdown point is 1/2: if at most ``alpha n`` of ``n`` equally weighted updates
+    (``alpha < 1/2``) lie farther than ``r`` from some point ``c``, however far, the
+    geometric median is within ``(1 - alpha) / sqrt(1 - 2 alpha) * r`` of ``c``
+    (Minsker, 2015, Lemma 2.1). It needs no count of bad updates.
+    """
+    if not updates:
+        raise AggregationError("nothing to aggregate: no updates were given")
+    if not tolerance >= 0 or max_iterations < 0:
+        raise AggregationError(
+            f"geometric median: tolerance must be >= 0 and max_iterations >= 0, "
+            f"got {tolerance} and {max_iterations}"
+        )
+    shares = _aggregation_shares(weights, len(updates))
+    x = _flattened(updates)
+    kept = shares > 0  # an update of weight zero takes no part
+    x, shares = x[kept], shares[kept]
+    z = np.median(x, axis=0)
+    for _ in range(max_iterations):
+        distances = _distances(x, z)
+        apart = distances > 0
+        if not apart.any():  # every update is z
+            break
+        inverse = shares[apart] / distances[apart]
+        moved_to = (inverse / inverse.sum()) @ x[apart]
+        at_z = float(shares[~apart].sum())  # the weight of the updates equal to z
+        if at_z > 0:  # Vardi and Zhang: the pull of the others against the weight at z
+            pull = float(np.linalg.norm(inverse @ (x[apart] - z)))
+            if pull <= at_z:
+                break  # z is the geometric median
+            share = at_z / pull
+            moved_to = (1 - share) * moved_to + share * z
+        step = float(np.linalg.norm(moved_to - z))
+        z = moved_to
+        if step <= tolerance * float(np.median(distances)):
+            break
+    return _unflattened(z, updates[0])
+
+
+def near_centre(updates: Sequence[Weights], centre: Weights, radius: float) -> list[int]:
+    """Indices, in order, of the updates within ``radius`` times the median distance of
+    all the updates to ``centre`` (L2, all tensors flattened together).
+
+    The rejection rule of a *skipped mean* (Hampel, 1985), around a robust centre: with
+    fewer than half the updates bad, the median distance is at most the largest distance
+    of a good update, so an update far beyond the others is left out however far it goes,
+    and one kept is at most ``radius`` median distances from ``centre``. Needs
+    ``radius >= 1``, so that at least half the updates are kept.
+    """
+    if not radius >= 1 or not math.isfinite(radius):
+        raise AggregationError(f"radius must be finite and >= 1, got {radius}")
+    x = _flattened(updates)
+    check_same_layout(centre, updates[0])
+    distances = _distances(x, _flattened([centre])[0])
+    limit = radius * float(np.median(distances))
+    return [int(i) for i in np.flatnonzero(distances <= limit)]
+
+
 # Server optimisers (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
 #
 # ``delta`` is the round's aggregated update Delta_t = mean(w_local - w_global), i.e. the

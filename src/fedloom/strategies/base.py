@@ -37,6 +37,12 @@ class Strategy(Protocol):
         """The fewest updates a round needs to be aggregated (Krum: ``2f + 3``)."""
         ...
 
+    def tolerated(self, updates: int) -> int:
+        """The most bad updates, among ``updates`` in a round, that the strategy is built
+        to withstand: 0 for the mean strategies, ``num_byzantine`` for Krum, fewer than
+        half for the medians. The plan warns when an attack scenario exceeds it."""
+        ...
+
     def aggregate(
         self,
         round: int,

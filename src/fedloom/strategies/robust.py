@@ -1,13 +1,16 @@
-"""Byzantine-robust strategies: coordinate-wise Median, TrimmedMean, Krum, MultiKrum.
+"""Byzantine-robust strategies: coordinate-wise Median, TrimmedMean, Krum, MultiKrum, and
+GeometricMedian (RFA), which needs no count of bad sites.
 
 They declare ``needs_updates = True``, so the aggregator buffers every site's update and
 passes an :class:`~fedloom.records.UpdateSet`. Median and TrimmedMean ignore sample
-counts (a site could lie about them); MultiKrum weights the updates it selects by their
+counts (a site could lie about them); so does GeometricMedian unless told otherwise;
+MultiKrum weights the updates it selects by their
 ``num_samples``, which the plan caps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
@@ -19,8 +22,10 @@ from fedloom.records import SiteUpdate, Summary, UpdateSet
 from fedloom.strategies.aggregate import (
     check_same_layout,
     coordinate_median,
+    geometric_median,
     krum,
     multi_krum,
+    near_centre,
     trimmed_mean,
     weighted_mean,
 )
@@ -77,6 +82,9 @@ class Median(_RobustStrategy):
     name: ClassVar[str] = "median"
     needs_updates: ClassVar[bool] = True
 
+    def tolerated(self, updates: int) -> int:
+        return (updates - 1) // 2
+
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         return coordinate_median([u.delta for u in updates])
 
@@ -90,6 +98,9 @@ class TrimmedMean(_RobustStrategy):
     needs_updates: ClassVar[bool] = True
 
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5, allow_inf_nan=False)] = 0.1
+
+    def tolerated(self, updates: int) -> int:
+        return math.floor(self.trim_fraction * updates)
 
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         return trimmed_mean([u.delta for u in updates], self.trim_fraction)
@@ -107,6 +118,9 @@ class Krum(_RobustStrategy):
 
     def min_updates(self) -> int:
         return 2 * self.num_byzantine + 3
+
+    def tolerated(self, updates: int) -> int:
+        return self.num_byzantine
 
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         return updates[krum([u.delta for u in updates], self.num_byzantine)].delta
@@ -126,6 +140,13 @@ class MultiKrum(_RobustStrategy):
     def min_updates(self) -> int:
         return max(2 * self.num_byzantine + 3, self.num_selected or 0)
 
+    def tolerated(self, updates: int) -> int:
+        """``num_byzantine``, and no more than the updates it leaves out: keeping
+        ``num_selected`` of ``n``, it averages in an attacker once ``n - num_selected``
+        are fewer than the attackers."""
+        selected = self.num_selected or updates - self.num_byzantine
+        return max(0, min(self.num_byzantine, updates - selected))
+
     def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
         deltas = [u.delta for u in updates]
         count = self.num_selected
@@ -133,3 +154,59 @@ class MultiKrum(_RobustStrategy):
             count = len(updates) - self.num_byzantine
         chosen = multi_krum(deltas, self.num_byzantine, count)
         return weighted_mean([deltas[i] for i in chosen], [updates[i].num_samples for i in chosen])
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeometricMedian(_RobustStrategy):
+    """The geometric median of the updates (RFA: Pillutla, Kakade, Harchaoui, 2022), by
+    Weiszfeld's iterations: robust to any minority of bad updates without being
+    told how many there are. ``sample_weighted`` weights each update by its capped
+    sample count (RFA's choice) instead of counting every site once."""
+
+    name: ClassVar[str] = "geometric-median"
+    needs_updates: ClassVar[bool] = True
+
+    max_iterations: Annotated[int, Field(ge=1, le=10_000)] = 100
+    tolerance: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 1e-6
+    sample_weighted: bool = False
+
+    def tolerated(self, updates: int) -> int:
+        return (updates - 1) // 2
+
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        weights = [u.num_samples for u in updates] if self.sample_weighted else None
+        return geometric_median(
+            [u.delta for u in updates],
+            weights,
+            max_iterations=self.max_iterations,
+            tolerance=self.tolerance,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilteredMean(_RobustStrategy):
+    """The mean of the updates near their geometric median: a skipped mean (Hampel,
+    1985) around RFA's robust centre. The geometric median counts every site once; the
+    updates within ``radius`` times the median distance to it are kept and averaged,
+    weighted by their capped sample counts. Needs no count of bad sites; with none, and
+    every update kept, it is FedAvg's mean."""
+
+    name: ClassVar[str] = "filtered-mean"
+    needs_updates: ClassVar[bool] = True
+
+    radius: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] = 4.0
+    max_iterations: Annotated[int, Field(ge=1, le=10_000)] = 100
+    tolerance: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 1e-6
+
+    def tolerated(self, updates: int) -> int:
+        return (updates - 1) // 2
+
+    def _combine(self, updates: Sequence[SiteUpdate]) -> Weights:
+        deltas = [u.delta for u in updates]
+        centre = geometric_median(
+            deltas,
+            max_iterations=self.max_iterations,
+            tolerance=self.tolerance,
+        )
+        kept = near_centre(deltas, centre, self.radius)
+        return weighted_mean([deltas[i] for i in kept], [updates[i].num_samples for i in kept])
