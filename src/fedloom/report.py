@@ -107,6 +107,7 @@ class RunRecorder:
             raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
         self.run_dir = run_dir
         self.rounds_closed = 0
+        self.finished: dict[str, Any] | None = None
 
     @classmethod
     def reopen(
@@ -128,6 +129,7 @@ class RunRecorder:
             raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
         recorder.run_dir = run_dir
         recorder.rounds_closed = 0
+        recorder.finished = None
         return recorder
 
     def on_event(self, event: Event) -> None:
@@ -137,19 +139,28 @@ class RunRecorder:
             self.rounds_closed += 1
 
     def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
-        """Write the summary, the plan, the final model and the plot; return the summary."""
+        """Write the final model, the plan, the plot and the summary; return the summary.
+
+        Each file is written whole and renamed into place, the summary last: a folder
+        whose ``summary.json`` says ``completed`` has all of them. Called twice, the
+        second call returns the first one's summary."""
+        if self.finished is not None:
+            return self.finished
         self._metrics.close()
         data = summary(result, self.run_dir.name)
-        (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
-        (self.run_dir / "plan.json").write_text(
-            json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n"
-        )
         save_weights(self.run_dir / "final.safetensors", result.final_weights)
+        _write_text(
+            self.run_dir / "plan.json",
+            json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n",
+        )
         if plot:
             from fedloom.plots import plot_accuracy
 
-            path = self.run_dir / "accuracy.png"
-            plot_accuracy(result.history, path, test=data["test_accuracy"])
+            tmp = self.run_dir / "accuracy.tmp.png"  # the suffix names the format
+            plot_accuracy(result.history, tmp, test=data["test_accuracy"])
+            tmp.replace(self.run_dir / "accuracy.png")
+        _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
+        self.finished = data
         return data
 
     def fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
@@ -166,6 +177,13 @@ class RunRecorder:
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or is as it was: written aside, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _write_rows(fh: IO[str], records: Iterable[RoundRecord]) -> None:

@@ -214,6 +214,7 @@ def aggregator_start(
                     options,
                     on_event=on_event,
                     on_listening=listening,
+                    on_finished=recorder.finish,  # the results, before the run is completed
                     faults=faults,
                 )
         except BaseException as err:

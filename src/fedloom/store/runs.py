@@ -103,6 +103,14 @@ class RunStore:
             ).fetchone()
         return _run_info(row, self.workspace)
 
+    def plan_json(self, run: RunInfo) -> str:
+        """The validated plan ``run`` was started with, as canonical JSON."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT plan_json FROM runs WHERE id = ?", (run.key,)
+            ).fetchone()
+        return str(row[0]) if row is not None and row[0] is not None else ""
+
     def new_run(self, name: str, run_dir: Path, plan_hash: str, plan_json: str) -> RunInfo:
         run_id = secrets.token_hex(3)
         with self._lock, transaction(self.conn):
