@@ -41,6 +41,24 @@ class WorkspaceError(FedloomError):
     exit_code = 3
 
 
+class DataError(WorkspaceError):
+    """A site's local data cannot be used: its file cannot be read, or its arrays fail
+    the checks made before the site joins (rows, shapes, NaN, labels). Holds every
+    problem found."""
+
+    def __init__(self, message: str, problems: list[str], *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = list(problems)
+
+    @classmethod
+    def of(cls, where: str, problems: list[str], *, hint: str | None = None) -> DataError:
+        """``where`` (the file) and every problem found in it, one per line."""
+        if len(problems) == 1:
+            return cls(f"the site's data {where}: {problems[0]}", problems, hint=hint)
+        lines = "".join(f"\n  - {p}" for p in problems)
+        return cls(f"the site's data {where}: {len(problems)} problems{lines}", problems, hint=hint)
+
+
 class TaskError(FedloomError):
     """The user's task code failed or returned something fedloom cannot use."""
 
