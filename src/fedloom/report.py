@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from fedloom.errors import WorkspaceError
+from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
 from fedloom.plan import Plan
 from fedloom.records import InstructionKind
@@ -104,7 +104,7 @@ class RunRecorder:
                 f"{run_dir} already exists", hint="pick another --run-name, or remove that folder"
             ) from err
         except OSError as err:
-            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+            raise _folder_error(err, run_dir) from err
         self.run_dir = run_dir
         self.rounds_closed = 0
         self.finished: dict[str, Any] | None = None
@@ -126,7 +126,7 @@ class RunRecorder:
                 tmp.replace(run_dir / "metrics.jsonl")
             recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
         except OSError as err:
-            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+            raise _folder_error(err, run_dir) from err
         recorder.run_dir = run_dir
         recorder.rounds_closed = 0
         recorder.finished = None
@@ -134,8 +134,9 @@ class RunRecorder:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):
-            _write_rows(self._metrics, [event.record])
-            self._metrics.flush()
+            with naming(self.run_dir / "metrics.jsonl"):
+                _write_rows(self._metrics, [event.record])
+                self._metrics.flush()
             self.rounds_closed += 1
 
     def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
@@ -146,7 +147,8 @@ class RunRecorder:
         second call returns the first one's summary."""
         if self.finished is not None:
             return self.finished
-        self._metrics.close()
+        with naming(self.run_dir / "metrics.jsonl"):
+            self._metrics.close()
         data = summary(result, self.run_dir.name)
         save_weights(self.run_dir / "final.safetensors", result.final_weights)
         _write_text(
@@ -157,14 +159,22 @@ class RunRecorder:
             from fedloom.plots import plot_accuracy
 
             tmp = self.run_dir / "accuracy.tmp.png"  # the suffix names the format
-            plot_accuracy(result.history, tmp, test=data["test_accuracy"])
+            with naming(tmp):
+                plot_accuracy(result.history, tmp, test=data["test_accuracy"])
             tmp.replace(self.run_dir / "accuracy.png")
         _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
         self.finished = data
         return data
 
     def fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
-        """Record why the run ended early, next to the metrics it had written."""
+        """Record why the run ended early, next to the metrics it had written; if the
+        disk refuses (it may be why the run ended), the folder stays as it was."""
+        try:
+            self._fail(plan, plan_hash, error)
+        except OSError:
+            pass  # the error being handled is the one to report
+
+    def _fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
         self._metrics.close()
         data = {
             "run_name": self.run_dir.name,
@@ -179,10 +189,17 @@ class RunRecorder:
         )
 
 
+def _folder_error(err: OSError, run_dir: Path) -> WorkspaceError | DiskError:
+    return disk_error(err) or WorkspaceError(
+        f"cannot write the run folder {run_dir}: {err.strerror}"
+    )
+
+
 def _write_text(path: Path, text: str) -> None:
     """``path`` holds ``text`` whole, or is as it was: written aside, then renamed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with naming(tmp):
+        tmp.write_text(text)
     tmp.replace(path)
 
 

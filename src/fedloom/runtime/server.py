@@ -328,9 +328,12 @@ def serve(
             faults=faults,
         )
     except BaseException as err:
-        if opened.store.reload(opened.run).status != "completed":  # never undo a finish
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        try:
+            if opened.store.reload(opened.run).status != "completed":  # never undo a finish
+                status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        except Exception as also:  # noqa: BLE001 - a full disk refuses this too: err says why
+            log.warning("could not record how the run ended: %s", also)
         raise
 
 

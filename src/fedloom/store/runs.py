@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError
+from fedloom.errors import StateError, naming
 from fedloom.orchestration import (
     CloseReason,
     Event,
@@ -502,9 +502,15 @@ def lock_state(state_dir: Path) -> IO[str]:
             f"another aggregator (pid {pid}) is running on this workspace ({state_dir})",
             hint="stop it first; `fedloom status` shows what it is doing",
         ) from None
-    fh.truncate(0)
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:
+        with naming(state_dir / LOCK_FILE):
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):  # its flush fails again; the file is closed
+            fh.close()
+        raise
     return fh
 
 
