@@ -36,6 +36,7 @@ from fedloom.errors import (
 from fedloom.pki import site_credentials
 from fedloom.pki.common import SERVER_CERT, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
+from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
 from fedloom.privacy.budget import SPENT_FILE, SiteBudget
@@ -114,6 +115,7 @@ def participate(
     # data is read or anything is sent. A plan that breaks it never touches the data.
     policy = enforce_policy(plan, digest, options.policy, state_dir)
     credentials = site_credentials(state_dir)
+    check_own_certificate(state_dir, credentials)  # not blamed on the aggregator later
     task = load_task(ws, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)

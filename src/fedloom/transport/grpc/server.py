@@ -22,6 +22,7 @@ import grpc
 
 from fedloom.errors import CertificateError, FedloomError, TransportError, UpdateRejected
 from fedloom.pki import Credentials, RevocationList, peer_identity
+from fedloom.pki.common import check_peer_chain, load_cert
 from fedloom.records import InstructionKind
 from fedloom.transport import integrity, serde
 from fedloom.transport.base import AggregatorService
@@ -72,9 +73,16 @@ class SiteSession:
 class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
     """Checks every call's peer certificate and session before its handler runs."""
 
-    def __init__(self, settings: ServerSettings, revocations: RevocationList | None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        revocations: RevocationList | None,
+        ca_pem: bytes | None = None,
+    ) -> None:
         self.settings = settings
         self.revocations = revocations
+        # the federation's CA: a peer's certificate must be directly under it (pathlen:0)
+        self._ca = load_cert(ca_pem, "CA certificate") if ca_pem else None
         self._lock = threading.Lock()
         self._identities: dict[bytes, tuple[str, int]] = {}
         self._in_flight: dict[int, int] = {}  # calls under way, by certificate serial
@@ -124,8 +132,10 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         if known is None:
             try:
                 known = peer_identity(pem)
+                if self._ca is not None:
+                    check_peer_chain(pem, self._ca)
             except CertificateError as err:
-                _refuse(context, grpc.StatusCode.UNAUTHENTICATED, err.message)
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, err.message, hint=err.hint)
             with self._lock:
                 self._identities[pem] = known
         return known
@@ -384,7 +394,7 @@ class GrpcServer:
     ) -> None:
         self.settings = settings
         self.traffic = traffic or TrafficCounter()
-        self.gate = Gatekeeper(settings, revocations)
+        self.gate = Gatekeeper(settings, revocations, credentials.ca_pem)
         self._handlers = handlers = Handlers(service, settings, self.gate, self.traffic)
         threads = settings.threads or 3 * len(settings.roster) + settings.calls_per_site
         self._server = grpc.server(
