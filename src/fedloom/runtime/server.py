@@ -186,9 +186,6 @@ def _evaluated(resume: Resume, plan: Plan) -> bool:
     return resume.next_round > plan.rounds and not plan.evaluation.final
 
 
-RESULT_FILES = ("final.safetensors", "summary.json")
-
-
 def _results_written(run_dir: Path) -> bool:
     """The run folder has its final model and a summary that says the run completed
     (written last, atomically: see :meth:`RunRecorder.finish`)."""
