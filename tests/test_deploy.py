@@ -265,6 +265,31 @@ def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(
     assert "another CA than the aggregator's" in logged, logged
 
 
+def test_a_site_certificate_its_ca_did_not_sign_is_said_before_connecting(
+    tmp_path: Path,
+) -> None:
+    """The site trusts the federation's CA but holds a certificate of another CA: the
+    aggregator would close the connection in the handshake ("Socket closed", which reads
+    like an aggregator that is down); the collaborator says the cause before it
+    connects (no aggregator listens here at all), exit code 10."""
+    ws = make_workspace(tmp_path, "breast-cancer")
+    provision(ws, ["site-01", "site-02"])
+    foreign = provision(tmp_path / "elsewhere", ["site-01"])["site-01"]
+    (foreign / "ca.crt").write_bytes((ws / "pki" / "ca.crt").read_bytes())
+    done = run_cli(
+        "collaborator", "start", str(ws), "sites=2", "--name", "site-01",
+        "--aggregator", "127.0.0.1:1", "--state", str(foreign), "--give-up-after", "1",
+    )  # fmt: skip
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 10, out
+    assert (
+        f"this site's certificate {foreign / 'site.crt'} ('site-01') was not signed by the CA"
+        in out
+    )
+    assert "the federation's aggregator would refuse it in the TLS handshake" in out, out
+    assert "is it running" not in out, out
+
+
 def test_an_aggregator_without_a_pki_says_how_to_make_one(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     result = run_cli("aggregator", "start", str(ws), "--port", "0", "--quiet")

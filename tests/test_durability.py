@@ -5,6 +5,7 @@ written over) and the last good round used. Real SQLite files, real checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -463,3 +464,118 @@ def test_big_endian_arrays_are_written_in_safetensors_byte_order(tmp_path: Path)
     save_state(tmp_path / "s.safetensors", StrategyState(weights=weights))
     back = load_state(tmp_path / "s.safetensors").weights
     assert back["w"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and int(back["n"]) == 7
+
+
+RESULT_FIELDS = (  # what a run's summary.json says that does not depend on timing
+    "status",
+    "plan_name",
+    "rounds",
+    "sites",
+    "strategy",
+    "plan_hash",
+    "test_accuracy",
+    "test_loss",
+    "mean_site_accuracy",
+    "worst_site_accuracy",
+    "failures",
+    "close_reasons",
+)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run of the plan below (in-process: the gRPC run is
+    bit-identical to it, tests/test_deploy.py): its run folder."""
+    ws = make_workspace(tmp_path_factory.mktemp("reference"), "breast-cancer")
+    done = subprocess.run(  # noqa: S603 - our own command
+        launcher.fedloom_command(
+            "simulate", str(ws), *LATE_KILL_PLAN, "--run-name", "ref", "--quiet"
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return ws / "runs" / "ref"
+
+
+LATE_KILL_PLAN = ("sites=2", "rounds=2", "deadline.round_seconds=300")
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "run.evaluated",  # the final evaluation closed; nothing of the results written
+        "run.completed",  # marked completed, the sites being told it finished
+    ],
+)
+def test_a_run_killed_after_its_final_evaluation_has_its_results_after_one_restart(
+    tmp_path: Path, reference_run: Path, point: str
+) -> None:
+    """Real processes: the aggregator is SIGKILLed at a fault point after the final
+    evaluation. After one restart the run folder has final.safetensors (byte for byte
+    the uninterrupted run's), summary.json and metrics.jsonl; a summary rebuilt from
+    the state is byte for byte the one the finished process wrote."""
+    ws = make_workspace(tmp_path, "breast-cancer")
+    provision(ws, ["site-01", "site-02"])
+    port = free_port()
+
+    def aggregator(*extra: str) -> subprocess.Popen[bytes]:
+        proc, bound = launcher.start_aggregator(
+            ws,
+            LATE_KILL_PLAN,
+            *extra,
+            port=port,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert bound == port, proc.communicate(timeout=30)[0].decode()
+        return proc
+
+    first = aggregator("--run-name", "run", "--quiet", "--fault", f"{point}@3")
+    sites = [
+        launcher.start_collaborator(
+            ws,
+            LATE_KILL_PLAN,
+            s,
+            port,
+            "--give-up-after",
+            "120",
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+        )
+        for s in ("site-01", "site-02")
+    ]
+    try:
+        assert first.wait(timeout=240) == -9, first.communicate()[0].decode()
+    finally:
+        for proc in sites:  # they answered the final evaluation; a restart is a new run
+            proc.kill()
+            proc.wait()
+    run_dir = ws / "runs" / "run"
+    written: dict[str, bytes] = {}
+    if point == "run.completed":  # written before the run was marked completed
+        written = {n: (run_dir / n).read_bytes() for n in ("final.safetensors", "summary.json")}
+        for name in ("final.safetensors", "summary.json", "plan.json", "accuracy.png"):
+            (run_dir / name).unlink()  # as an older fedloom left it: only metrics.jsonl
+    second = aggregator("--quiet")  # it listens once the state was looked at
+    second.terminate()
+    out = second.communicate(timeout=60)[0].decode()
+    assert second.returncode == 130, out
+    assert "its results were never written" in " ".join(out.split()), out
+
+    ref = reference_run
+    assert (run_dir / "final.safetensors").read_bytes() == (ref / "final.safetensors").read_bytes()
+    got, want = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref))
+    assert {k: got[k] for k in RESULT_FIELDS} == {k: want[k] for k in RESULT_FIELDS}
+    assert got["status"] == "completed" and got["test_accuracy"] is not None
+    assert (run_dir / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()
+    assert (run_dir / "plan.json").exists() and (run_dir / "accuracy.png").exists()
+    with sqlite3.connect(ws / "aggregator" / "state.db") as db:
+        status = db.execute("SELECT status FROM runs WHERE name = 'run'").fetchone()
+    db.close()
+    assert status == ("completed",)
+    # what the restart rebuilt is what the finished process wrote, byte for byte
+    assert {n: (run_dir / n).read_bytes() for n in written} == written

@@ -19,7 +19,7 @@ import pytest
 from conftest import task_id
 from grpcnet import GrpcTestTransport
 
-from fedloom.errors import AccessDenied
+from fedloom.errors import AccessDenied, TransportError
 from fedloom.orchestration import CloseReason
 from fedloom.pki import (
     accept_certificate,
@@ -450,3 +450,88 @@ def test_a_second_process_on_one_identity_replaces_the_first_whose_calls_are_ref
     start_honest(fed, shift_runner)  # site-c's collaborator: a third process, replacing both
     history = fed.finish()
     assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+
+
+def _under_an_intermediate(workspace: Path, site: str, folder: Path) -> Path:
+    """A state folder for ``site`` whose certificate an intermediate CA (CA:TRUE, made
+    with the federation's CA key, as a careless or compromised CA holder might) signed:
+    the chain the root's pathlen:0 forbids. site.crt holds the leaf and the intermediate."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from fedloom.pki.authority import load_ca, sign_leaf
+    from fedloom.pki.common import new_key, private_key_pem
+
+    root_key, root = load_ca(workspace / "pki")
+    middle_key = new_key()
+    stamp = dt.datetime.now(dt.UTC)
+    middle = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")]))
+        .issuer_name(root.subject)
+        .public_key(middle_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(stamp - dt.timedelta(minutes=5))
+        .not_valid_after(stamp + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    site_key = new_key()
+    leaf = sign_leaf(
+        middle_key,
+        middle,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]),
+        public_key=site_key.public_key(),
+        days=30,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    folder.mkdir(parents=True)
+    pem = serialization.Encoding.PEM
+    (folder / "site.key").write_bytes(private_key_pem(site_key))
+    (folder / "site.key").chmod(0o600)
+    (folder / "site.crt").write_bytes(leaf.public_bytes(pem) + middle.public_bytes(pem))
+    (folder / "ca.crt").write_bytes(root.public_bytes(pem))
+    return folder
+
+
+def test_a_certificate_under_an_intermediate_ca_is_refused_the_root_allows_none(
+    grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
+) -> None:
+    """The federation's CA has pathlen:0: a leaf signed by an intermediate it signed is
+    refused by the aggregator's own check of the peer certificate, whatever the TLS
+    library accepted, and the federation carries on."""
+    fed = grpc_federation
+    t = fed.transport
+    state = _under_an_intermediate(t.workspace, "site-a", t.workspace / "chained" / "site-a")
+    fed.start()
+    with pytest.raises(AccessDenied, match="not issued directly by the federation's CA"):
+        t.connect("site-a", state=state, connect_seconds=5.0).open()
+    assert "path length" in aggregator_log()
+    start_honest(fed, shift_runner)
+    history = fed.finish()
+    assert [r.close_reason for r in history] == [CloseReason.ALL_ANSWERED] * 2
+
+
+def test_a_site_certificate_of_another_ca_is_named_as_the_likely_cause(
+    grpc_federation: Any, tmp_path: Path
+) -> None:
+    """The site trusts the federation's CA (its ca.crt is right) but holds a certificate
+    another CA signed: the aggregator closes the connection in the handshake, which the
+    site sees as "Socket closed"; the error names the certificate, not a dead aggregator."""
+    fed = grpc_federation
+    fed.start()
+    foreign = provision(tmp_path / "other-federation", ["site-a"])["site-a"]
+    (foreign / "ca.crt").write_bytes((fed.transport.workspace / "pki" / "ca.crt").read_bytes())
+    conn = fed.transport.connect("site-a", state=foreign, connect_seconds=1.0)
+    with pytest.raises(TransportError) as err:
+        conn.open()
+    said = str(err.value)
+    assert "is it running" not in said
+    assert "this site's certificate" in said and "another CA" in said, said

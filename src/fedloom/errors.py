@@ -6,6 +6,11 @@ code the CLI maps it to, so scripts can tell a bad plan from a lost connection.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
 
 class FedloomError(Exception):
     """Base of every error fedloom raises on purpose."""
@@ -39,6 +44,24 @@ class WorkspaceError(FedloomError):
     """A workspace folder is missing, incomplete or its task module cannot be loaded."""
 
     exit_code = 3
+
+
+class DataError(WorkspaceError):
+    """A site's local data cannot be used: its file cannot be read, or its arrays fail
+    the checks made before the site joins (rows, shapes, NaN, labels). Holds every
+    problem found."""
+
+    def __init__(self, message: str, problems: list[str], *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.problems = list(problems)
+
+    @classmethod
+    def of(cls, where: str, problems: list[str], *, hint: str | None = None) -> DataError:
+        """``where`` (the file) and every problem found in it, one per line."""
+        if len(problems) == 1:
+            return cls(f"the site's data {where}: {problems[0]}", problems, hint=hint)
+        lines = "".join(f"\n  - {p}" for p in problems)
+        return cls(f"the site's data {where}: {len(problems)} problems{lines}", problems, hint=hint)
 
 
 class TaskError(FedloomError):
@@ -120,3 +143,55 @@ class AuditError(FedloomError):
 class ModelRejected(TransportError):
     """A global model failed its signature check: it was not published, as received, by
     the federation's aggregator."""
+
+
+class DiskError(FedloomError):
+    """The environment refused a read or write: a read-only file system, a folder this
+    user may not write, or a full disk. What was finished before is intact: the same
+    command run again once the disk is fixed carries on (an aggregator resumes)."""
+
+    exit_code = 14
+
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+READ_ONLY = frozenset({errno.EROFS})
+NO_PERMISSION = frozenset({errno.EACCES, errno.EPERM})
+DISK_ERRNOS = NO_SPACE | READ_ONLY | NO_PERMISSION
+
+_AGAIN = "then run the same command again: what was finished is intact, and an aggregator resumes"
+
+
+def disk_error(err: OSError, path: str | os.PathLike[str] | None = None) -> DiskError | None:
+    """``err`` as a :class:`DiskError` naming the path and what to do, when it is a
+    read-only file system, a permission refused or a full disk; None otherwise."""
+    where = path if path is not None else (err.filename or err.filename2)
+    at = f" {os.fsdecode(where)}" if where is not None else ""
+    if err.errno in NO_SPACE:
+        return DiskError(
+            f"no space left on the disk of{at or ' a file fedloom writes'}",
+            hint=f"free space on that disk (df -h shows it), {_AGAIN}",
+        )
+    if err.errno in READ_ONLY:
+        return DiskError(
+            f"cannot write{at}: it is on a read-only file system",
+            hint=f"remount it read-write, or work in a writable copy of it, {_AGAIN}",
+        )
+    if err.errno in NO_PERMISSION:
+        return DiskError(
+            f"permission denied:{at or ' a file fedloom needs'} cannot be written (or read) "
+            f"by this user (uid {os.getuid()})",
+            hint=f"give this user access to it (or run as the workspace's owner), {_AGAIN}",
+        )
+    return None
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An OSError without a file name (a write or flush the disk refused) raised inside
+    gets ``path`` as its file name, so the error the user sees can name it."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, os.fspath(path)) from err

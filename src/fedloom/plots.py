@@ -41,7 +41,7 @@ def plot_accuracy(history: tuple[RoundRecord, ...], path: Path, *, test: float |
     ax.set_title(f"Global model accuracy per site{shown}")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if len(names) <= 12 or test is not None:
+    if (0 < len(names) <= 12) or (test is not None and history):  # a legend with lines
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from fedloom.errors import WorkspaceError
+from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
 from fedloom.plan import Plan
 from fedloom.records import Accountant, InstructionKind
@@ -115,9 +115,10 @@ class RunRecorder:
                 f"{run_dir} already exists", hint="pick another --run-name, or remove that folder"
             ) from err
         except OSError as err:
-            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+            raise _folder_error(err, run_dir) from err
         self.run_dir = run_dir
         self.rounds_closed = 0
+        self.finished: dict[str, Any] | None = None
 
     @classmethod
     def reopen(
@@ -142,35 +143,55 @@ class RunRecorder:
                 tmp.replace(run_dir / "metrics.jsonl")
             recorder._metrics = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open
         except OSError as err:
-            raise WorkspaceError(f"cannot write the run folder {run_dir}: {err.strerror}") from err
+            raise _folder_error(err, run_dir) from err
         recorder.run_dir = run_dir
         recorder.rounds_closed = 0
+        recorder.finished = None
         return recorder
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):
-            _write_rows(self._metrics, [event.record], self._dp_sgd_accountant)
-            self._metrics.flush()
+            with naming(self.run_dir / "metrics.jsonl"):
+                _write_rows(self._metrics, [event.record], self._dp_sgd_accountant)
+                self._metrics.flush()
             self.rounds_closed += 1
 
     def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
-        """Write the summary, the plan, the final model and the plot; return the summary."""
-        self._metrics.close()
+        """Write the final model, the plan, the plot and the summary; return the summary.
+
+        Each file is written whole and renamed into place, the summary last: a folder
+        whose ``summary.json`` says ``completed`` has all of them. Called twice, the
+        second call returns the first one's summary."""
+        if self.finished is not None:
+            return self.finished
+        with naming(self.run_dir / "metrics.jsonl"):
+            self._metrics.close()
         data = summary(result, self.run_dir.name)
-        (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
-        (self.run_dir / "plan.json").write_text(
-            json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n"
-        )
         save_weights(self.run_dir / "final.safetensors", result.final_weights)
+        _write_text(
+            self.run_dir / "plan.json",
+            json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n",
+        )
         if plot:
             from fedloom.plots import plot_accuracy
 
-            path = self.run_dir / "accuracy.png"
-            plot_accuracy(result.history, path, test=data["test_accuracy"])
+            tmp = self.run_dir / "accuracy.tmp.png"  # the suffix names the format
+            with naming(tmp):
+                plot_accuracy(result.history, tmp, test=data["test_accuracy"])
+            tmp.replace(self.run_dir / "accuracy.png")
+        _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
+        self.finished = data
         return data
 
     def fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
-        """Record why the run ended early, next to the metrics it had written."""
+        """Record why the run ended early, next to the metrics it had written; if the
+        disk refuses (it may be why the run ended), the folder stays as it was."""
+        try:
+            self._fail(plan, plan_hash, error)
+        except OSError:
+            pass  # the error being handled is the one to report
+
+    def _fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
         self._metrics.close()
         data = {
             "run_name": self.run_dir.name,
@@ -183,6 +204,20 @@ class RunRecorder:
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def _folder_error(err: OSError, run_dir: Path) -> WorkspaceError | DiskError:
+    return disk_error(err) or WorkspaceError(
+        f"cannot write the run folder {run_dir}: {err.strerror}"
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole, or is as it was: written aside, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with naming(tmp):
+        tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _write_rows(

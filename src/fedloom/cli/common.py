@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedloom.errors import FedloomError
+from fedloom.errors import FedloomError, disk_error
 from fedloom.site_name import site_name_problem
 
 console = Console()
@@ -22,7 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def friendly(command: F) -> F:
     """fedloom's errors become a message and the error's exit code, never a traceback;
-    Ctrl-C exits 130."""
+    Ctrl-C exits 130. An OSError from the environment (a read-only file system, a
+    permission refused, a full disk) becomes a :class:`~fedloom.errors.DiskError` naming
+    the path: exit code 14."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -34,6 +36,12 @@ def friendly(command: F) -> F:
         except KeyboardInterrupt:
             errors.print("interrupted: stopped cleanly")
             raise typer.Exit(130) from None
+        except OSError as err:
+            disk = disk_error(err)
+            if disk is None:
+                raise
+            errors.print(f"[bold red]error:[/] {escape(str(disk))}", highlight=False)
+            raise typer.Exit(disk.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -51,11 +52,29 @@ def start_logging(path: Path, *, verbose: bool = False) -> None:
     process) is handled like Ctrl-C, so the run still records how it ended."""
     signal.signal(signal.SIGTERM, _terminate)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("fedloom")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class _LogFile(logging.FileHandler):
+    """A log file that, when the disk refuses a record (full, or made read-only), says
+    so once on the terminal and drops the records after it, instead of a traceback for
+    each: the run goes on, and its state says what it did."""
+
+    _said = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not self._said:
+            self._said = True
+            _, err, _ = sys.exc_info()
+            errors.print(
+                f"[yellow]warning:[/] cannot write the log {self.baseFilename}: {err}; "
+                "its records are dropped (free space or fix the disk to have them again)",
+                highlight=False,
+            )
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -215,6 +234,7 @@ def aggregator_start(
                     options,
                     on_event=on_event,
                     on_listening=listening,
+                    on_finished=recorder.finish,  # the results, before the run is completed
                     faults=faults,
                 )
         except BaseException as err:

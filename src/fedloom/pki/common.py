@@ -140,6 +140,34 @@ def peer_identity(cert_der_or_pem: bytes) -> tuple[str, int]:
     return common_name(cert.subject, "peer certificate"), cert.serial_number
 
 
+def check_peer_chain(cert_pem: bytes, ca: x509.Certificate) -> None:
+    """:class:`CertificateError` unless a peer's certificate keeps fedloom's one-level
+    chain, which the TLS library does not enforce: signed directly by the federation's
+    CA (whose ``pathlen:0`` allows no intermediate CA below it) and not a CA itself."""
+    cert = load_cert(cert_pem, "peer certificate")
+    name = common_name(cert.subject, "peer certificate")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as err:
+        issuer = cert.issuer.rfc4514_string()
+        raise CertificateError(
+            f"the certificate of {name!r} (serial {cert.serial_number:x}) was not issued "
+            f"directly by the federation's CA but by {issuer!r}: the CA's path length (0) "
+            "allows no intermediate CA",
+            hint="the federation's CA signs each site's request itself (`fedloom pki sign`)",
+        ) from err
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return
+    if constraints.ca:
+        raise CertificateError(
+            f"the certificate of {name!r} (serial {cert.serial_number:x}) is a CA "
+            "certificate: a site's certificate cannot sign others",
+            hint="the federation's CA signs each site's request itself (`fedloom pki sign`)",
+        )
+
+
 def cert_to_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 

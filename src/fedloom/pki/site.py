@@ -38,6 +38,7 @@ from fedloom.pki.common import (
     write_atomic,
     write_private_key,
 )
+from fedloom.pki.credentials import Credentials
 
 REQUEST_HINT = "run `fedloom pki request --name SITE` at the site first"
 
@@ -113,6 +114,27 @@ def accept_certificate(state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> CertI
     write_atomic(state_dir / SITE_CA, cert_to_pem(ca))
     write_atomic(state_dir / SITE_CERT, cert_to_pem(cert))
     return info
+
+
+def check_own_certificate(state_dir: Path, credentials: Credentials) -> None:
+    """Before a site connects: its ``site.crt`` was signed by the CA in its ``ca.crt``
+    and is valid now, so that an aggregator of that CA, which would close the connection
+    in the TLS handshake, is not blamed for it."""
+    state_dir = Path(state_dir)
+    cert = load_cert(credentials.cert_pem, str(state_dir / SITE_CERT))
+    ca = load_cert(credentials.ca_pem, str(state_dir / SITE_CA))
+    name = common_name(cert.subject, str(state_dir / SITE_CERT))
+    check_issued_and_current(
+        cert,
+        ca,
+        not_issued=f"this site's certificate {state_dir / SITE_CERT} ({name!r}) was not signed "
+        f"by the CA in {state_dir / SITE_CA} but by {cert.issuer.rfc4514_string()!r}: the "
+        "federation's aggregator would refuse it in the TLS handshake",
+        not_issued_hint="install the certificate the federation's CA signed for this site, "
+        "with the federation's ca.crt (`fedloom pki accept --name SITE --cert SITE.crt --ca "
+        "ca.crt`)",
+        not_current_hint="check this machine's clock, or ask the CA to sign site.csr again",
+    )
 
 
 def _key_owner(state_dir: Path, *, certificate: bool = True) -> str | None:

@@ -13,6 +13,7 @@ to a site.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import queue
@@ -23,12 +24,20 @@ from pathlib import Path
 from typing import IO
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError, WorkspaceError
-from fedloom.orchestration import Aggregator, CloseReason, Event, Resume, RoundClosed
+from fedloom.errors import StateError, TaskError, WorkspaceError
+from fedloom.orchestration import (
+    Aggregator,
+    CloseReason,
+    Event,
+    Resume,
+    RoundClosed,
+    RoundRecord,
+)
+from fedloom.orchestration import _with_spent as with_spent
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
-from fedloom.plan import Plan, plan_hash
-from fedloom.privacy.aggregator import aggregator_privacy
+from fedloom.plan import Plan, plan_hash, validate_plan
+from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
 from fedloom.records import InstructionKind
 from fedloom.runtime.simulation import SimulationResult, federation_config
@@ -36,10 +45,13 @@ from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
+from fedloom.strategies.state import StrategyState
+from fedloom.tasks.base import Task
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
+from fedloom.weights import Weights
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.aggregator")
@@ -104,11 +116,15 @@ def open_run(
     run_name: str | None = None,
     keep_checkpoints: int = 3,
     faults: FaultPoints | None = None,
+    test_set: bool = True,
 ) -> OpenedRun:
     """Lock the workspace's aggregator state and pick the run: the latest unfinished one
     resumes (its plan hash must match, and its name ``run_name`` if given), unless
     ``new_run``; otherwise a new run, whose folder ``run_dir()`` names. A damaged state
-    is reported in ``notes``, never used."""
+    is reported in ``notes``, never used. A run that finished (its final evaluation
+    closed) but whose process died before its results were written has them written
+    now, from its state, as the finished process would have (``test_set`` as in
+    :class:`ServeOptions`)."""
     ws = Path(workspace).resolve()
     state_dir = state_dir_of(ws)
     lock = lock_state(state_dir)
@@ -120,6 +136,8 @@ def open_run(
     try:
         digest = plan_hash(plan, ws)
         latest = store.latest_run()
+        if latest is not None and latest.status == "completed" and latest.run_dir.is_dir():
+            _complete_results(store, latest, ws, test_set=test_set)  # unless removed on purpose
         if not new_run and latest is not None and latest.status != "completed":
             if latest.plan_hash != digest:
                 raise StateError(
@@ -139,10 +157,9 @@ def open_run(
             if not _evaluated(resume, plan):
                 return OpenedRun(store, latest, resume, store.notes, lock)
             # it ended after its final evaluation, before it could say so: it is done
+            _complete_results(store, latest, ws, test_set=test_set, resume=resume)
             store.mark(latest, "completed")
             final = latest.run_dir / "final.safetensors"
-            if not final.exists():  # the killed process never wrote its final model
-                save_weights(final, resume.state.weights)
             store.notes.append(
                 f"run {latest.name!r} had finished (its final model is in {final}); "
                 "a new run starts"
@@ -160,12 +177,124 @@ def open_run(
 
 
 def _evaluated(resume: Resume, plan: Plan) -> bool:
-    """Every round trained and the final evaluation (if the plan has one) closed."""
-    if resume.next_round <= plan.rounds:
-        return False
-    return not plan.evaluation.final or any(
+    """Training ended (every round, or stopped early) and the final evaluation (if the
+    plan has one) closed: it opens only once training is over."""
+    if any(
         r.kind is InstructionKind.EVALUATE and r.close_reason is not CloseReason.STOPPED
         for r in resume.history
+    ):
+        return True
+    return resume.next_round > plan.rounds and not plan.evaluation.final
+
+
+def _results_written(run_dir: Path) -> bool:
+    """The run folder has its final model and a summary that says the run completed
+    (written last, atomically: see :meth:`RunRecorder.finish`)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (run_dir / "final.safetensors").exists() and summary.get("status") == "completed"
+
+
+def _complete_results(
+    store: RunStore, run: RunInfo, ws: Path, *, test_set: bool, resume: Resume | None = None
+) -> None:
+    """Write a finished run's results if the process that finished it died first: the
+    final model from the last checkpoint, the summary and metrics from the state
+    database, the test metrics recomputed. They are what that process would have
+    written, byte for byte (the plot aside)."""
+    if _results_written(run.run_dir):
+        return
+    plan_json = store.plan_json(run)
+    if resume is None:
+        try:
+            resume = store.resume(run, _no_initial_model)
+        except _NoFinishedRound:
+            return  # marked completed without a finished round: nothing to write
+    if run.rebuilt or not plan_json or plan_json == "{}":
+        # the database was rebuilt from the checkpoints: only the final model survives
+        save_weights(run.run_dir / "final.safetensors", resume.state.weights)
+        store.notes.append(
+            f"run {run.name!r} finished but its results were never written: its final model "
+            f"is now in {run.run_dir / 'final.safetensors'} (its per-site records were lost)"
+        )
+        return
+    from fedloom.report import RunRecorder
+
+    plan = validate_plan(json.loads(plan_json), source=f"the recorded plan of run {run.name!r}")
+    privacy = aggregator_privacy(plan)
+    history = list(resume.history)
+    if privacy is not None:
+        history = with_spent(history, spent_by_round(resume.state, privacy))
+    task = load_task(ws, plan.task)
+    final = functools.partial(
+        _final_result,
+        plan,
+        store,
+        run,
+        task,
+        ws,
+        history=history,
+        weights=resume.state.weights,
+        stopped_early=privacy.stop_reason(resume.state) if privacy is not None else None,
+    )
+    try:
+        result = final(test_set=test_set and plan_hash(plan, ws) == run.plan_hash)
+    except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set
+        store.notes.append(
+            f"run {run.name!r}: the test set could not be evaluated again ({err}); "
+            "its summary has no test metrics"
+        )
+        result = final(test_set=False)
+    recorder = RunRecorder.reopen(run.run_dir, history)
+    recorder.finish(result)
+    store.notes.append(
+        f"run {run.name!r} finished but its results were never written: "
+        f"they are now in {run.run_dir}"
+    )
+
+
+class _NoFinishedRound(Exception):
+    pass
+
+
+def _no_initial_model() -> StrategyState:
+    raise _NoFinishedRound
+
+
+def _final_result(
+    plan: Plan,
+    store: RunStore,
+    run: RunInfo,
+    task: Task,
+    ws: Path,
+    *,
+    history: list[RoundRecord],
+    weights: Weights,
+    stopped_early: str | None,
+    test_set: bool,
+) -> SimulationResult:
+    """What a finished run leaves: its history, final model and test metrics, with the
+    seconds and bytes the state database recorded (those of every process that served
+    it, up to its last round's close)."""
+    test: dict[str, float] = {}
+    if test_set and plan.data.dataset != "custom":
+        x, y = DataSource(plan, ws, task).test_set()
+        test = {k: float(v) for k, v in task.evaluate(weights, x, y).metrics.items()}
+    totals = store.reload(run)
+    return SimulationResult(
+        plan=plan,
+        plan_hash=run.plan_hash,
+        history=tuple(history),
+        final_weights=weights,
+        test_metrics=test,
+        centralized_metrics=None,
+        wall_seconds=totals.elapsed,
+        bytes_sent=totals.bytes_sent,
+        bytes_received=totals.bytes_received,
+        attackers=(),
+        stopped_early=stopped_early,
     )
 
 
@@ -177,12 +306,13 @@ def serve(
     *,
     on_event: EventSink | None = None,
     on_listening: Callable[[int], None] | None = None,
+    on_finished: Callable[[SimulationResult], object] | None = None,
     faults: FaultPoints | None = None,
 ) -> SimulationResult:
     """Run (or resume) the plan's federation with real collaborators; returns when it is
     done. The run's status in the state is ``running`` meanwhile, and set on the way
-    out: completed (once the last round closed), interrupted (Ctrl-C, SIGTERM) or
-    failed."""
+    out: completed (once the last round closed and ``on_finished`` wrote the results),
+    interrupted (Ctrl-C, SIGTERM) or failed."""
     opened.store.mark(opened.run, "running")
     try:
         return _serve(
@@ -192,12 +322,16 @@ def serve(
             options,
             on_event=on_event,
             on_listening=on_listening,
+            on_finished=on_finished,
             faults=faults,
         )
     except BaseException as err:
-        if opened.store.reload(opened.run).status != "completed":  # never undo a finish
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        try:
+            if opened.store.reload(opened.run).status != "completed":  # never undo a finish
+                status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                opened.store.mark(opened.run, status, str(err) or type(err).__name__)
+        except Exception as also:  # noqa: BLE001 - a full disk refuses this too: err says why
+            log.warning("could not record how the run ended: %s", also)
         raise
 
 
@@ -209,9 +343,11 @@ def _serve(
     *,
     on_event: EventSink | None,
     on_listening: Callable[[int], None] | None,
+    on_finished: Callable[[SimulationResult], object] | None,
     faults: FaultPoints | None,
 ) -> SimulationResult:
     ws = Path(workspace).resolve()
+    faults = faults or FaultPoints()
     digest = opened.run.plan_hash  # open_run checked it against this plan
     code = WorkspaceCode.read(ws)  # the code the task runs is the code that was hashed
     if plan_hash(plan, code) != digest:
@@ -288,7 +424,25 @@ def _serve(
         completed = True
         if aggregator.stopped_early is not None:
             log.warning("%s", aggregator.stopped_early)
+        faults.hit("run.evaluated", round=plan.rounds + 1)
+        # the results are written before the run is marked completed: a process killed
+        # in between leaves a run whose next start writes them (see open_run)
+        result = _final_result(
+            plan,
+            store,
+            run,
+            task,
+            ws,
+            history=history,
+            weights=aggregator.weights,
+            stopped_early=aggregator.stopped_early,
+            test_set=options.test_set,
+        )
+        if on_finished is not None:
+            on_finished(result)
+        faults.hit("run.written", round=plan.rounds + 1)
         store.mark(run, "completed")
+        faults.hit("run.completed", round=plan.rounds + 1)
     finally:
         live.stop()
         # Sites waiting for work hear how it ended (finished, or stopped early); those
@@ -300,25 +454,7 @@ def _serve(
                 raise  # after the last round, Ctrl-C only cuts the wait short
         finally:
             server.stop(grace=1.0)
-    test: dict[str, float] = {}
-    if options.test_set and plan.data.dataset != "custom":
-        source = DataSource(plan, ws, task)
-        x, y = source.test_set()
-        test = {k: float(v) for k, v in task.evaluate(aggregator.weights, x, y).metrics.items()}
-    totals = store.reload(run)  # the seconds and bytes of every process that served it
-    return SimulationResult(
-        plan=plan,
-        plan_hash=digest,
-        history=tuple(history),
-        final_weights=aggregator.weights,
-        test_metrics=test,
-        centralized_metrics=None,
-        wall_seconds=totals.elapsed,
-        bytes_sent=totals.bytes_sent,
-        bytes_received=totals.bytes_received,
-        attackers=(),
-        stopped_early=aggregator.stopped_early,
-    )
+    return result
 
 
 class _LiveState:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,15 @@ from fedloom.data import train_val_split
 from fedloom.errors import (
     AccessDenied,
     AggregatorLost,
+    DataError,
     PlanError,
     StateError,
     TransportError,
-    WorkspaceError,
 )
 from fedloom.pki import site_credentials
 from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
+from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
 from fedloom.privacy.budget import SPENT_FILE, SiteBudget
@@ -59,7 +61,7 @@ from fedloom.privacy.site import site_privacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator
 from fedloom.runtime.executor import dp_sgd_of, execute
-from fedloom.runtime.sitedata import DataSource
+from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
@@ -140,6 +142,7 @@ def _participate(
     # data is read or anything is sent. A plan that breaks it never touches the data.
     policy = enforce_policy(plan, digest, options.policy, state_dir)
     credentials = site_credentials(state_dir)
+    check_own_certificate(state_dir, credentials)  # not blamed on the aggregator later
     task = load_task(code, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
@@ -372,40 +375,103 @@ def _heartbeats(
 
 
 def _site_data(ws: Path, plan: Plan, task: Task, options: SiteOptions) -> tuple[SiteData, int, int]:
-    """This site's data, its index in the roster (-1 if not in it) and the class count."""
+    """This site's data, its index in the roster (-1 if not in it) and the class count,
+    checked (:func:`check_site_data`) before the site joins."""
     index = plan.roster.index(options.name) if options.name in plan.roster else -1
     source = DataSource(plan, ws, task)
     if options.data is not None:
         data = load_site_file(options.data, plan, options.name)
+        check_site_data(data, source, str(options.data))
         return data, index, source.num_classes
     if index < 0:
         raise PlanError(
             [f"site {options.name!r} is not one of the plan's sites: {', '.join(plan.roster)}"],
             source=str(ws / "federation.yaml"),
         )
-    return source.site_data(options.name), index, source.num_classes
+    data = source.site_data(options.name)
+    if plan.data.dataset == "custom":  # the built-in shares are known to be good
+        check_site_data(data, source, "the data the task's load_data returned")
+    return data, index, source.num_classes
+
+
+DATA_HINT = (
+    "--data takes an .npz file (numpy.savez) with arrays x and y, or x_train, y_train, x_val, y_val"
+)
+SMOKE_ROWS = 8  # rows of the site's data the initial model is evaluated on at start
+
+
+def check_site_data(data: SiteData, source: DataSource, where: str) -> None:
+    """Refuse data the site could not train on, before it joins: every problem
+    :func:`data_problems` finds, then a smoke test (the plan's initial model evaluated
+    on a few rows) that the data fits the model. Raises :class:`DataError`."""
+    problems = data_problems(data, classes_of(source))
+    task = source.task
+    if not problems:
+        rows = data.x_val[:SMOKE_ROWS], data.y_val[:SMOKE_ROWS]
+        if len(rows[1]) == 0:
+            rows = data.x_train[:SMOKE_ROWS], data.y_train[:SMOKE_ROWS]
+        try:
+            task.evaluate(task.init_weights(source.plan.seed), *rows)
+        except Exception as err:  # noqa: BLE001 - the task's own code, on this data
+            why = traceback.format_exception_only(err)[-1].strip()
+            problems.append(
+                f"the model does not fit it: evaluating the initial model on {len(rows[1])} "
+                f"row(s) failed with {why} (x_train rows have shape {data.x_train.shape[1:]})"
+            )
+    if problems:
+        raise DataError.of(
+            where,
+            problems,
+            hint=DATA_HINT + "; nothing was sent: fix the data and start the collaborator again",
+        )
 
 
 def load_site_file(path: Path, plan: Plan, site: str) -> SiteData:
     """A site's data from an ``.npz`` file: ``x`` and ``y`` (split into training and
     validation by the plan's ``data.val_fraction``), or ``x_train``, ``y_train``,
     ``x_val``, ``y_val``. Loaded with ``allow_pickle=False``."""
+    if not path.is_file():
+        raise DataError.of(
+            str(path), ["no such file" if not path.exists() else "not a file"], hint=DATA_HINT
+        )
+    if path.stat().st_size == 0:
+        raise DataError.of(str(path), ["the file is empty (0 bytes)"], hint=DATA_HINT)
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"\x93NUM":
+            raise DataError.of(
+                str(path),
+                ["it is a single .npy array, not an .npz archive"],
+                hint="save the site's arrays with numpy.savez(path, x=x, y=y)",
+            )
+        if magic != b"PK\x03\x04":
+            raise DataError.of(str(path), ["it is not an .npz archive"], hint=DATA_HINT)
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
-        raise WorkspaceError(
-            f"cannot read the site's data {path}: {err}",
-            hint="--data takes an .npz file with arrays x and y "
-            "(or x_train, y_train, x_val, y_val)",
-        ) from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        raise DataError.of(str(path), [f"it cannot be read: {why}"], hint=DATA_HINT) from err
     if {"x_train", "y_train", "x_val", "y_val"} <= arrays.keys():
         return SiteData(arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"])
     if {"x", "y"} <= arrays.keys():
         x, y = arrays["x"], arrays["y"]
+        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
+            shapes = f"x has shape {x.shape}, y {y.shape}"
+            raise DataError.of(
+                str(path),
+                [f"x and y must have one row per sample each ({shapes})"],
+                hint=DATA_HINT,
+            )
+        if len(y) == 0:
+            raise DataError.of(
+                str(path), ["x and y have 0 rows: there is nothing to train on"], hint=DATA_HINT
+            )
         rng = generator(plan.seed, 0, site, "val-split")
         train, val = train_val_split(np.arange(len(y)), plan.data.val_fraction, rng)
         return SiteData(x[train], y[train], x[val], y[val])
-    raise WorkspaceError(
-        f"{path} holds {sorted(arrays)}; expected x and y, or x_train, y_train, x_val, y_val"
+    raise DataError.of(
+        str(path),
+        [f"it holds {sorted(arrays)}; expected x and y, or x_train, y_train, x_val, y_val"],
+        hint=DATA_HINT,
     )

@@ -129,3 +129,79 @@ class DataSource:
         if not isinstance(data, SiteData):
             raise TaskError(f"load_data returned {type(data).__name__}, expected SiteData")
         return data
+
+
+def classes_of(source: DataSource) -> int | None:
+    """How many classes a site's labels may name: the built-in dataset's, or a custom
+    task's ``num_classes``; None when neither says (a custom task's labels are its own)."""
+    if source.kind != "custom":
+        return source.num_classes
+    declared = getattr(source.task, "num_classes", None)
+    return declared if isinstance(declared, int) and declared > 0 else None
+
+
+def data_problems(data: SiteData, num_classes: int | None) -> list[str]:
+    """Everything wrong with a site's data, before any of it is trained on: each split's
+    rows (at least one to train on; features and labels of the same length), feature
+    shapes that agree between the splits, numeric and finite features, and labels that
+    are integers in ``[0, num_classes)`` (when the number of classes is known)."""
+    problems: list[str] = []
+    splits = (("train", data.x_train, data.y_train), ("val", data.x_val, data.y_val))
+    for split, x, y in splits:
+        xn, yn = f"x_{split}", f"y_{split}"
+        if x.ndim == 0 or y.ndim == 0:
+            problems.append(f"{xn} and {yn} must have one row per sample (found a scalar)")
+            continue
+        if len(x) != len(y):
+            problems.append(f"{xn} has {len(x)} rows but {yn} has {len(y)}: one label per sample")
+        problems += _feature_problems(xn, x)
+        problems += _label_problems(yn, y, num_classes)
+    if data.x_train.ndim > 0 and len(data.x_train) == 0:
+        problems.append("x_train has 0 rows: there is nothing to train on")
+    if (
+        data.x_train.ndim > 0
+        and data.x_val.ndim > 0
+        and len(data.x_val) > 0
+        and data.x_train.shape[1:] != data.x_val.shape[1:]
+    ):
+        problems.append(
+            f"x_train's rows have shape {data.x_train.shape[1:]} but x_val's have "
+            f"{data.x_val.shape[1:]}"
+        )
+    return problems
+
+
+def _feature_problems(name: str, x: np.ndarray) -> list[str]:
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        return [f"{name} holds {x.dtype} values: features must be numbers"]
+    if np.issubdtype(x.dtype, np.inexact):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            rows = np.flatnonzero(bad.reshape(len(x), -1).any(axis=1)) if x.ndim > 1 else None
+            where = f", first in row {int(rows[0])}" if rows is not None and len(rows) else ""
+            return [
+                f"{name} has {int(bad.sum())} NaN or infinite value(s){where}: "
+                "fill or drop them before training"
+            ]
+    return []
+
+
+def _label_problems(name: str, y: np.ndarray, num_classes: int | None) -> list[str]:
+    if np.issubdtype(y.dtype, np.integer):
+        if num_classes is not None and len(y):
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= num_classes:
+                outside = int(((y < 0) | (y >= num_classes)).sum())
+                return [
+                    f"{name} has {outside} label(s) outside 0..{num_classes - 1} "
+                    f"(found {low}..{high}): the model has {num_classes} classes"
+                ]
+        return []
+    if not np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
+        return [f"{name} holds {y.dtype} values: labels must be integer class indices"]
+    if num_classes is None:
+        return []  # a custom task's labels may be what it likes (a regression's floats)
+    return [
+        f"{name} holds {y.dtype} values: labels must be integer class indices "
+        f"0..{num_classes - 1} (convert them, e.g. y.astype(np.int64), if they are whole)"
+    ]

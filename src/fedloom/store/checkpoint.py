@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy as st
 
-from fedloom.errors import StateError
+from fedloom.errors import StateError, naming
 from fedloom.strategies.state import StrategyState
 from fedloom.weights import Weights
 
@@ -93,7 +93,7 @@ def _atomic_write(
         _fsync_dir(path.parent.parent)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with naming(tmp), open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -9,10 +9,12 @@ can still be recovered from it stays on disk.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import os
 import sqlite3
 from pathlib import Path
 
-from fedloom.errors import StateError
+from fedloom.errors import DiskError, StateError, disk_error
 
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
@@ -84,18 +86,59 @@ def open_database(state_dir: Path) -> tuple[sqlite3.Connection, list[str]]:
     what was found (a damaged database moved aside)."""
     path = state_dir / DB_FILE
     notes: list[str] = []
-    if path.exists():
-        problem = _check(path)
-        if problem is None:
-            return connect(path), notes
-        aside = _move_aside(path)
-        notes.append(
-            f"{path} is damaged ({problem}); it was moved to {aside.name} and a new one "
-            "made from the checkpoints on disk"
-        )
-    conn = connect(path)
-    conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+    try:
+        if path.exists():
+            problem = _check(path)
+            if problem is None:
+                return connect(path), notes
+            aside = _move_aside(path)
+            notes.append(
+                f"{path} is damaged ({problem}); it was moved to {aside.name} and a new one "
+                "made from the checkpoints on disk"
+            )
+        conn = connect(path)
+        conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+    except sqlite3.Error as err:
+        disk = sqlite_disk_error(err, path)
+        if disk is None:
+            raise
+        raise disk from err
     return conn, notes
+
+
+def sqlite_disk_error(err: sqlite3.Error, path: Path) -> DiskError | None:
+    """SQLite's refusal to write ``path`` (a full disk, a read-only file system, a folder
+    this user may not write) as a :class:`DiskError` naming it; None for anything else."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    if code == sqlite3.SQLITE_FULL:
+        why: int | None = errno.ENOSPC
+    elif code in (
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_PERM,
+    ):
+        why = _not_writable(path.parent)
+    else:
+        return None
+    if why is None:
+        return None
+    return disk_error(OSError(why, os.strerror(why), str(path)))
+
+
+def _not_writable(folder: Path) -> int | None:
+    """Why ``folder`` cannot be written (an errno), or None if it looks writable."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError as err:
+        return err.errno if err.errno in (errno.EACCES, errno.EPERM) else None
+    if stat.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if stat.f_bavail == 0:
+        return errno.ENOSPC
+    if not os.access(folder, os.W_OK):
+        return errno.EACCES
+    return None
 
 
 def open_read_only(state_dir: Path) -> sqlite3.Connection:
@@ -132,14 +175,31 @@ class transaction:  # noqa: N801 - used like a function: with transaction(conn):
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
         if kind is not None:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            if isinstance(value, sqlite3.Error):
+                self._raise_disk_error(value)
             return
         try:
             self.conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as err:
             if self.conn.in_transaction:  # a full disk: leave the connection usable
                 self.conn.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                self._raise_disk_error(err)
             raise
+
+    def _raise_disk_error(self, err: sqlite3.Error) -> None:
+        """A write the disk refused becomes a :class:`DiskError` naming the database."""
+        try:
+            row = self.conn.execute("PRAGMA database_list").fetchone()
+        except sqlite3.Error:
+            return
+        if row is None or not row[2]:
+            return
+        disk = sqlite_disk_error(err, Path(row[2]))
+        if disk is not None:
+            raise disk from err
 
 
 _DAMAGE = ("not a database", "malformed", "corrupt", "no such table", "no such column")

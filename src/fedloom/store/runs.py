@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError
+from fedloom.errors import StateError, naming
 from fedloom.orchestration import (
     CloseReason,
     Event,
@@ -102,6 +102,14 @@ class RunStore:
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run.key,)
             ).fetchone()
         return _run_info(row, self.workspace)
+
+    def plan_json(self, run: RunInfo) -> str:
+        """The validated plan ``run`` was started with, as canonical JSON."""
+        with self._lock:
+            row = self.conn.execute(
+                "SELECT plan_json FROM runs WHERE id = ?", (run.key,)
+            ).fetchone()
+        return str(row[0]) if row is not None and row[0] is not None else ""
 
     def new_run(self, name: str, run_dir: Path, plan_hash: str, plan_json: str) -> RunInfo:
         run_id = secrets.token_hex(3)
@@ -494,9 +502,15 @@ def lock_state(state_dir: Path) -> IO[str]:
             f"another aggregator (pid {pid}) is running on this workspace ({state_dir})",
             hint="stop it first; `fedloom status` shows what it is doing",
         ) from None
-    fh.truncate(0)
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:
+        with naming(state_dir / LOCK_FILE):
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+    except BaseException:
+        with contextlib.suppress(OSError):  # its flush fails again; the file is closed
+            fh.close()
+        raise
     return fh
 
 

@@ -61,6 +61,19 @@ _TLS_HINT = (
     "the aggregator's certificate (`fedloom pki server --host`)"
 )
 
+# A server that refuses the client's certificate closes the socket in the handshake:
+# the client sees only "Socket closed", which is also what a restarting server may give.
+_CLOSED_CAUSE = (
+    "most likely it does not accept this site's certificate (site.crt signed by another "
+    "CA than the federation's, a certificate under an intermediate CA, or a revoked one)"
+)
+_CLOSED_HINT = (
+    "compare the issuer of this site's site.crt with the federation's CA (`openssl x509 "
+    "-in site.crt -noout -issuer -fingerprint -sha256`, and `fedloom pki list` at the CA); "
+    "install the certificate the federation's CA signed with `fedloom pki accept`. If the "
+    "aggregator was restarting, start the collaborator again"
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
@@ -304,6 +317,12 @@ class _Unreachable(TransportError):
     def final(self) -> FedloomError:
         if self.handshake:
             return AccessDenied(f"cannot reach the aggregator: {_TLS_HINT}. ({self.message})")
+        if "socket closed" in self.message.lower():  # it listens, and hung up in the handshake
+            return AggregatorLost(
+                "the aggregator accepted the connection and closed it during the TLS "
+                f"handshake, each time: {_CLOSED_CAUSE} ({self.message})",
+                hint=_CLOSED_HINT,
+            )
         return AggregatorLost(
             f"cannot reach the aggregator: {self.message}",
             hint="is it running, and is the address right? it may be behind a firewall",

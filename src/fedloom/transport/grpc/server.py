@@ -23,6 +23,7 @@ import grpc
 
 from fedloom.errors import CertificateError, FedloomError, TransportError, UpdateRejected
 from fedloom.pki import Credentials, RevocationList, peer_identity
+from fedloom.pki.common import check_peer_chain, load_cert
 from fedloom.records import InstructionKind
 from fedloom.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.transport import integrity, serde
@@ -103,9 +104,16 @@ _KEPT_REPLACED = 64  # replaced session ids remembered per site, to tell their c
 class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
     """Checks every call's peer certificate and session before its handler runs."""
 
-    def __init__(self, settings: ServerSettings, revocations: RevocationList | None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        revocations: RevocationList | None,
+        ca_pem: bytes | None = None,
+    ) -> None:
         self.settings = settings
         self.revocations = revocations
+        # the federation's CA: a peer's certificate must be directly under it (pathlen:0)
+        self._ca = load_cert(ca_pem, "CA certificate") if ca_pem else None
         self._lock = threading.Lock()
         self._identities: dict[bytes, tuple[str, int]] = {}
         self._in_flight: dict[str, int] = {}  # calls under way (holding a thread), by site
@@ -174,8 +182,10 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
         if known is None:
             try:
                 known = peer_identity(pem)
+                if self._ca is not None:
+                    check_peer_chain(pem, self._ca)
             except CertificateError as err:
-                _refuse(context, grpc.StatusCode.UNAUTHENTICATED, err.message)
+                _refuse(context, grpc.StatusCode.PERMISSION_DENIED, err.message, hint=err.hint)
             with self._lock:
                 self._identities[pem] = known
         return known
@@ -586,7 +596,7 @@ class GrpcServer:
     ) -> None:
         self.settings = settings
         self.traffic = traffic or TrafficCounter()
-        self.gate = Gatekeeper(settings, revocations)
+        self.gate = Gatekeeper(settings, revocations, credentials.ca_pem)
         self._handlers = handlers = Handlers(service, settings, self.gate, self.traffic)
         # Every site may fill its share, and honest sites still find a thread free: no
         # site's calls (counted until their thread is free) take more than its share.
