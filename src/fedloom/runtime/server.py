@@ -227,7 +227,14 @@ def _complete_results(
     history = list(resume.history)
     if privacy is not None:
         history = with_spent(history, spent_by_round(resume.state, privacy))
-    task = load_task(ws, plan.task)
+    code = WorkspaceCode.read(ws)  # the test metrics come from the code the run approved
+    if plan_hash(plan, code) != run.plan_hash:
+        raise WorkspaceError(
+            f"the results of run {run.name!r} must be written again, but the code of {ws} "
+            f"changed since it ran (plan hash {run.plan_hash[:16]}…)",
+            hint="put back the workspace's code as it was for that run, then start again",
+        )
+    task = load_task(code, plan.task)
     final = functools.partial(
         _final_result,
         plan,

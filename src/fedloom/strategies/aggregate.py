@@ -63,19 +63,8 @@ def weighted_mean(updates: Sequence[Weights], weights: Sequence[float]) -> Weigh
     """
     if not updates:
         raise AggregationError("nothing to aggregate: no updates were given")
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or len(w) != len(updates):
-        raise AggregationError(f"{len(updates)} updates but {np.size(w)} weights")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise AggregationError(f"aggregation weights must be finite and >= 0, got {w.tolist()}")
-    total = float(w.sum())
-    if not total > 0:
-        raise AggregationError(
-            "aggregation weights sum to zero",
-            hint="at least one site must report a positive number of samples",
-        )
+    share = _aggregation_shares(weights, len(updates))
     stacked = _stacked(updates)
-    share = w / total
     return {name: np.tensordot(share, s, axes=1) for name, s in stacked.items()}
 
 
@@ -196,6 +185,10 @@ def _distances(x: np.ndarray, z: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
 
+_COINCIDENT = 1e-9
+"""Relative to the updates' median distance to ``z``: closer than this is ``z`` itself."""
+
+
 def geometric_median(
     updates: Sequence[Weights],
     weights: Sequence[float] | None = None,
@@ -235,7 +228,9 @@ def geometric_median(
     z = np.median(x, axis=0)
     for _ in range(max_iterations):
         distances = _distances(x, z)
-        apart = distances > 0
+        # an update within a hair of z counts as at z: its pull 1/||z - x_i|| would pin z
+        # next to it (Weiszfeld's stall) where Vardi and Zhang's step moves on
+        apart = distances > _COINCIDENT * float(np.median(distances))
         if not apart.any():  # every update is z
             break
         inverse = shares[apart] / distances[apart]
