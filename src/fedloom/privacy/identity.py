@@ -30,6 +30,7 @@ from fedloom.pki.authority import sign_leaf
 from fedloom.pki.common import (
     CLOCK_SKEW,
     cert_to_pem,
+    check_peer_chain,
     common_name,
     load_cert,
     load_private_key,
@@ -127,6 +128,7 @@ _VERIFIED: set[bytes] = set()
 
 def _check_peer(site: str, pem: str, ca: x509.Certificate) -> x509.Certificate:
     cert = signing.certificate_from_pem(pem.encode("ascii", errors="replace"), ca)
+    check_peer_chain(pem.encode("ascii", errors="replace"), ca)  # not a CA itself
     name = common_name(cert.subject, "certificate")
     if name != site:
         raise CertificateError(

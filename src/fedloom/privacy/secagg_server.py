@@ -45,6 +45,7 @@ from fedloom.privacy.secagg import (
     stream_offsets,
     threshold_of,
 )
+from fedloom.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.weights import TensorSpec
 
 
@@ -133,7 +134,9 @@ class SecAggRound:
             return self._on_unmask(site, loads(payload, "unmask request"))
         if phase == REVEAL:
             return self._on_reveal(site, loads(payload, "revealed shares"))
-        raise UpdateRejected(f"secure aggregation has no phase {phase!r}")
+        raise UpdateRejected(
+            f"secure aggregation has no phase {printable(repr(phase), MAX_TEXT_CHARS)}"
+        )
 
     def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
         self._check_task(keys)
@@ -171,6 +174,11 @@ class SecAggRound:
             raise UpdateRejected(
                 "secure aggregation: the shares must come with the site's signature over "
                 "the key set it saw ('key_set', hex): is the site's fedloom older?"
+            )
+        if len(signature) > _MAX_SIGNATURE_HEX:  # it is sent on to every other site
+            raise UpdateRejected(
+                f"secure aggregation: the key-set signature is {len(signature) // 2} bytes, "
+                f"more than any certificate key signs ({_MAX_SIGNATURE_HEX // 2})"
             )
         with self._cond:
             self._expect(site, Step.SHARES, "its shares")
@@ -358,7 +366,8 @@ class SecAggRound:
     def _check_task(self, request: dict[str, object]) -> None:
         if request.get("task") != self.task_id:
             raise UpdateRejected(
-                f"stale secure aggregation message: it is for task {request.get('task')}, "
+                "stale secure aggregation message: it is for task "
+                f"{printable(str(request.get('task')), MAX_TEXT_CHARS)}, "
                 f"round {self.round} is now task {self.task_id}"
             )
 
@@ -442,6 +451,11 @@ def _is_hex(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_MAX_SIGNATURE_HEX = 2048
+"""A signature's hex length at most: 1 KiB, beyond RSA-8192's 1,024 bytes and far beyond
+the P-256 ECDSA signatures fedloom's keys make (at most 72 bytes)."""
 
 
 def _signed_advertisement(

@@ -134,7 +134,8 @@ def open_run(
         lock.close()
         raise
     try:
-        digest = plan_hash(plan, ws)
+        code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
+        digest = plan_hash(plan, code)
         latest = store.latest_run()
         if latest is not None and latest.status == "completed" and latest.run_dir.is_dir():
             _complete_results(store, latest, ws, test_set=test_set)  # unless removed on purpose
@@ -152,7 +153,7 @@ def open_run(
                     hint="leave out --run-name to resume it, or pass --new-run",
                 )
             strategy = build_strategy(plan.strategy.name, plan.strategy_params)
-            task = load_task(ws, plan.task)
+            task = load_task(code, plan.task)
             resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
             if not _evaluated(resume, plan):
                 return OpenedRun(store, latest, resume, store.notes, lock)
@@ -227,33 +228,37 @@ def _complete_results(
     history = list(resume.history)
     if privacy is not None:
         history = with_spent(history, spent_by_round(resume.state, privacy))
-    code = WorkspaceCode.read(ws)  # the test metrics come from the code the run approved
-    if plan_hash(plan, code) != run.plan_hash:
-        raise WorkspaceError(
-            f"the results of run {run.name!r} must be written again, but the code of {ws} "
-            f"changed since it ran (plan hash {run.plan_hash[:16]}…)",
-            hint="put back the workspace's code as it was for that run, then start again",
-        )
-    task = load_task(code, plan.task)
+    # the test metrics come only from the code the run approved (never from code that
+    # changed since: it is not even loaded)
+    code = WorkspaceCode.read(ws)
+    same_code = plan_hash(plan, code) == run.plan_hash
+    stopped_early = None
+    if privacy is not None and resume.next_round <= plan.rounds:  # as the run itself saw it
+        stopped_early = privacy.stop_reason(resume.state)
     final = functools.partial(
         _final_result,
         plan,
         store,
         run,
-        task,
-        ws,
+        ws=ws,
         history=history,
         weights=resume.state.weights,
-        stopped_early=privacy.stop_reason(resume.state) if privacy is not None else None,
+        stopped_early=stopped_early,
     )
+    if test_set and not same_code:
+        store.notes.append(
+            f"run {run.name!r}: the code of {ws} changed since it ran, so its test set was "
+            "not evaluated again; its summary has no test metrics"
+        )
     try:
-        result = final(test_set=test_set and plan_hash(plan, ws) == run.plan_hash)
+        task = load_task(code, plan.task) if test_set and same_code else None
+        result = final(task=task)
     except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set
         store.notes.append(
             f"run {run.name!r}: the test set could not be evaluated again ({err}); "
             "its summary has no test metrics"
         )
-        result = final(test_set=False)
+        result = final(task=None)
     recorder = RunRecorder.reopen(run.run_dir, history)
     recorder.finish(result)
     store.notes.append(
@@ -274,19 +279,18 @@ def _final_result(
     plan: Plan,
     store: RunStore,
     run: RunInfo,
-    task: Task,
-    ws: Path,
     *,
+    task: Task | None,
+    ws: Path,
     history: list[RoundRecord],
     weights: Weights,
     stopped_early: str | None,
-    test_set: bool,
 ) -> SimulationResult:
-    """What a finished run leaves: its history, final model and test metrics, with the
-    seconds and bytes the state database recorded (those of every process that served
-    it, up to its last round's close)."""
+    """What a finished run leaves: its history, final model and test metrics (None for
+    ``task``: none), with the seconds and bytes the state database recorded (those of
+    every process that served it, up to its last round's close)."""
     test: dict[str, float] = {}
-    if test_set and plan.data.dataset != "custom":
+    if task is not None and plan.data.dataset != "custom":
         x, y = DataSource(plan, ws, task).test_set()
         test = {k: float(v) for k, v in task.evaluate(weights, x, y).metrics.items()}
     totals = store.reload(run)
@@ -438,12 +442,11 @@ def _serve(
             plan,
             store,
             run,
-            task,
-            ws,
+            task=task if options.test_set else None,
+            ws=ws,
             history=history,
             weights=aggregator.weights,
             stopped_early=aggregator.stopped_early,
-            test_set=options.test_set,
         )
         if on_finished is not None:
             on_finished(result)

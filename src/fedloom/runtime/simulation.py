@@ -129,7 +129,7 @@ def simulate(
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
     per_round = plan.per_round
-    workers = _start_workers(str(ws), plan_json, attack_json, options, plan)
+    workers = _start_workers(str(ws), plan_json, attack_json, options, plan, digest)
     try:
         init_header, initial = workers[0].call({"op": "init"})
         raise_reply_error(init_header, "the task's init_weights failed")
@@ -272,7 +272,12 @@ def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
 
 
 def _start_workers(
-    workspace: str, plan_json: str, attack_json: str, options: SimulationOptions, plan: Plan
+    workspace: str,
+    plan_json: str,
+    attack_json: str,
+    options: SimulationOptions,
+    plan: Plan,
+    digest: str,
 ) -> list[Worker]:
     # a request carries a batch of sites: each gets the plan's round_seconds
     call_timeout = plan.deadline.round_seconds  # per site: a worker multiplies it by the batch
@@ -289,12 +294,14 @@ def _start_workers(
     wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
     count = min(wanted, plan.per_round)  # more workers than sites would only idle
     if count <= 0:
-        return [LocalWorker(workspace, plan_json, attack_json)]
+        return [LocalWorker(workspace, plan_json, attack_json, digest)]
     workers: list[Worker] = []
     try:
         for _ in range(count):
             workers.append(
-                ProcessWorker(workspace, plan_json, attack_json, call_timeout=call_timeout)
+                ProcessWorker(
+                    workspace, plan_json, attack_json, call_timeout=call_timeout, plan_hash=digest
+                )
             )
         for w in workers:
             w.wait_ready()

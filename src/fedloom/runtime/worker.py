@@ -55,11 +55,19 @@ class SiteWorker:
     """Answers requests: ``init``, ``run`` (one site, one instruction), ``test``,
     ``baseline``."""
 
-    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
+    def __init__(
+        self, workspace: str, plan_json: str, attack_json: str, expected_hash: str | None = None
+    ) -> None:
         plan = validate_plan(json.loads(plan_json))
         self.plan = plan
         self.code = WorkspaceCode.read(workspace)
         self.plan_hash = plan_hash(plan, self.code)  # of the very code loaded below
+        if expected_hash is not None and self.plan_hash != expected_hash:
+            raise WorkspaceError(
+                f"the code of {workspace} changed while the simulation ran: the plan hash is "
+                f"{expected_hash[:16]}… there and {self.plan_hash[:16]}… in this worker",
+                hint="run it again once the workspace's files stay put",
+            )
         self.task = load_task(self.code, plan.task)
         check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
@@ -145,7 +153,9 @@ def serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         setup = json.loads(conn.recv_bytes())
-        worker = SiteWorker(setup["workspace"], setup["plan"], setup["attack"])
+        worker = SiteWorker(
+            setup["workspace"], setup["plan"], setup["attack"], setup.get("plan_hash")
+        )
     except Exception as err:  # report, so the parent can say why
         with contextlib.suppress(OSError):
             pipes.send(conn, _error_reply(err))
@@ -240,8 +250,11 @@ class ProcessWorker:
         attack_json: str,
         *,
         call_timeout: float | None = None,
+        plan_hash: str | None = None,
     ) -> None:
-        self._setup = json.dumps({"workspace": workspace, "plan": plan_json, "attack": attack_json})
+        # every start (a restart too) checks it loads the code of ``plan_hash``
+        setup = {"workspace": workspace, "plan": plan_json, "attack": attack_json}
+        self._setup = json.dumps(setup | {"plan_hash": plan_hash})
         self._lock = threading.Lock()
         self._closing = False
         self.call_timeout = call_timeout
@@ -326,8 +339,10 @@ class ProcessWorker:
 class LocalWorker:
     """A :class:`SiteWorker` in this process (``--workers 0``: debugging, tests)."""
 
-    def __init__(self, workspace: str, plan_json: str, attack_json: str) -> None:
-        self._worker = SiteWorker(workspace, plan_json, attack_json)
+    def __init__(
+        self, workspace: str, plan_json: str, attack_json: str, plan_hash: str | None = None
+    ) -> None:
+        self._worker = SiteWorker(workspace, plan_json, attack_json, plan_hash)
         self._lock = threading.Lock()
 
     def wait_ready(self) -> None:
