@@ -37,8 +37,12 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy src
 
+# Two workers: most of the suite's time is spent waiting on real processes and sockets.
+# A file's tests stay on one worker (--dist loadfile). PYTEST_WORKERS=0 runs it serially.
+PYTEST_WORKERS ?= 2
+
 pytest: $(VENV)/.dev
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # The peers live in their own environments: Flower pins protobuf below 7 (fedloom needs
 # 7), OpenFL pins older grpcio and protobuf. torch is the same CPU build everywhere.

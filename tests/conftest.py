@@ -9,6 +9,7 @@ ended, so a failing test never hangs the session.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -38,6 +39,11 @@ from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg, Strategy
 from fedloom.transport import InProcessTransport
 from fedloom.weights import Weights
+
+# The CLI's tables fit the console's width (80 columns when it is not a terminal); test
+# paths are long (more so under pytest-xdist), so the suite's consoles are wider. A
+# subprocess inherits it.
+os.environ.setdefault("COLUMNS", "200")
 
 WAIT = 10.0
 """Real seconds a test waits for another thread before it fails."""
@@ -380,3 +386,23 @@ def spool_watch(monkeypatch: pytest.MonkeyPatch) -> SpoolWatch:
 
     monkeypatch.setattr(tempfile, "TemporaryFile", recorded)
     return watch
+
+
+@pytest.fixture
+def make_grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
+    """``make_grpc_federation(**config)``: a federation of three sites over gRPC with
+    mutual TLS (certificates from fedloom's own PKI, in ``tmp_path / "ws"``)."""
+    from grpcnet import GrpcTestTransport
+
+    made: list[GrpcTestTransport] = []
+
+    def transport(service: Any) -> GrpcTestTransport:
+        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
+        return made[-1]
+
+    def make(**config: Any) -> Any:
+        return make_federation(tiny_weights, transport=transport, **config)
+
+    yield make
+    for t in made:
+        t.close()

@@ -40,23 +40,6 @@ SAMPLES = (10, 30, 60)
 
 
 @pytest.fixture
-def make_grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
-    """``make_grpc_federation(**config)``: a federation of three sites over gRPC."""
-    made: list[GrpcTestTransport] = []
-
-    def transport(service: Any) -> GrpcTestTransport:
-        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
-        return made[-1]
-
-    def make(**config: Any) -> Any:
-        return make_federation(tiny_weights, transport=transport, **config)
-
-    yield make
-    for t in made:
-        t.close()
-
-
-@pytest.fixture
 def grpc_federation(make_grpc_federation: Any) -> Any:
     """Three sites over gRPC, two rounds, no final evaluation; 2 of 3 answers make a round."""
     return make_grpc_federation(min_fraction=0.6, rounds=2, final_evaluation=False)

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import ShiftRunner, task_id
-from grpcnet import GrpcTestTransport
 from hypothesis import given
 from hypothesis import strategies as st
 from test_deploy import (
@@ -164,23 +163,6 @@ def test_an_honest_site_whose_task_breaks_a_limit_says_so_without_sending_it(
 
 
 # ------------------------------------------------------ a hostile site over gRPC
-
-
-@pytest.fixture
-def make_grpc_federation(make_federation: Any, tiny_weights: Weights, tmp_path: Path) -> Any:
-    """``make_grpc_federation(**config)``: three sites over gRPC with mutual TLS."""
-    made: list[GrpcTestTransport] = []
-
-    def transport(service: Any) -> GrpcTestTransport:
-        made.append(GrpcTestTransport(service, workspace=tmp_path / "ws"))
-        return made[-1]
-
-    def make(**config: Any) -> Any:
-        return make_federation(tiny_weights, transport=transport, **config)
-
-    yield make
-    for t in made:
-        t.close()
 
 
 @pytest.fixture

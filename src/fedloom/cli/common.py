@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -14,8 +15,10 @@ from rich.markup import escape
 from fedloom.errors import FedloomError, disk_error
 from fedloom.site_name import site_name_problem
 
-console = Console()
-errors = Console(stderr=True)
+# Written to a file or a pipe (a log, CI, a test), a line is never cut at 80 columns in
+# the middle of a path or a sentence: only a terminal wraps it
+console = Console(soft_wrap=not sys.stdout.isatty())
+errors = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 F = TypeVar("F", bound=Callable[..., Any])
 
