@@ -9,7 +9,6 @@ another plan) ends the process with the reason.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
@@ -62,6 +61,7 @@ from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator
 from fedloom.runtime.executor import dp_sgd_of, execute
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
+from fedloom.store.runs import LockBusy, hold_lock
 from fedloom.tasks.base import SiteData, Task
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
@@ -277,26 +277,18 @@ def lock_site_state(state_dir: Path) -> IO[str]:
     :class:`StateError` naming the folder and the process that holds it: two would
     interleave the audit log and double-count the privacy budget."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / LOCK_FILE
-    fh = open(path, "a+")  # noqa: SIM115 - held until the collaborator ends
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n"
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "a process that has not written its id yet"
-        fh.close()
+        return hold_lock(state_dir / LOCK_FILE, holder)
+    except LockBusy as busy:
         raise StateError(
-            f"the site state folder {state_dir} is in use by another collaborator ({holder})",
+            f"the site state folder {state_dir} is in use by another collaborator "
+            f"({busy.holder or 'a process that has not written its id yet'})",
             hint="one collaborator per state folder: stop that process first, or give this "
             "one its own folder with --state (and its own certificate: one site, one "
             "collaborator)",
         ) from None
-    fh.seek(0)
-    fh.truncate()
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
-    fh.flush()
-    return fh
 
 
 def enforce_policy(plan: Plan, digest: str, path: Path | None, state_dir: Path) -> Policy | None:

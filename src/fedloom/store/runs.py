@@ -491,21 +491,40 @@ LOCK_FILE = "aggregator.lock"
 def lock_state(state_dir: Path) -> IO[str]:
     """Hold ``state_dir``'s lock for this process's life: a second aggregator on the
     same workspace is refused instead of writing the same state."""
-    fh = open(state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process ends
     try:
-        _take(fh)
-    except BlockingIOError:
-        fh.seek(0)
-        pid = fh.read().strip() or "?"
-        fh.close()
+        return hold_lock(state_dir / LOCK_FILE, f"{os.getpid()}\n", tries=20)
+    except LockBusy as busy:
         raise StateError(
-            f"another aggregator (pid {pid}) is running on this workspace ({state_dir})",
+            f"another aggregator (pid {busy.holder or '?'}) is running on this workspace "
+            f"({state_dir})",
             hint="stop it first; `fedloom status` shows what it is doing",
         ) from None
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote in the file."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: Path, holder: str, *, tries: int = 1) -> IO[str]:
+    """Take ``path``'s exclusive ``fcntl`` lock (the OS releases it when the process
+    ends, however it ends) and write ``holder`` in the file; the lock is held until the
+    returned file is closed. :class:`LockBusy` if another process holds it."""
+    fh = open(path, "a+")  # noqa: SIM115 - held until the caller closes it
     try:
-        with naming(state_dir / LOCK_FILE):
+        _take(fh, tries)
+    except BlockingIOError:
+        fh.seek(0)
+        held_by = fh.read().strip()
+        fh.close()
+        raise LockBusy(held_by) from None
+    try:
+        with naming(path):
             fh.truncate(0)
-            fh.write(f"{os.getpid()}\n")
+            fh.write(holder)
             fh.flush()
     except BaseException:
         with contextlib.suppress(OSError):  # its flush fails again; the file is closed
