@@ -66,6 +66,8 @@ RESERVED_METRIC_NAMES = frozenset(
         "delta",
         "noise_multiplier",
         "clip",
+        "accountant",
+        "dp_sgd_accountant",
     }
 )
 """Names the aggregator's own columns use in ``metrics.jsonl``: a metric may not shadow
