@@ -77,7 +77,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "features": (
         lambda p: save_npz(p, replaced(x=np.zeros((ROWS, FEATURES - 1), np.float32))()),
-        "the model does not fit it: evaluating the initial model",
+        "the model does not fit it: running the initial model",
     ),
     "missing-arrays": (
         lambda p: save_npz(p, {"a": np.zeros(3)}),

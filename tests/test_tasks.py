@@ -61,7 +61,7 @@ def test_torch_task_keeps_buffers_and_their_dtypes() -> None:
     delta = subtract(out.weights, weights)
     assert delta["1.num_batches_tracked"] == 10  # 2 epochs x 5 batches
     assert out.metrics["train_loss"] > 0
-    assert task.evaluate(out.weights, _blobs().x_val, _blobs().y_val).metrics["accuracy"] > 0.8
+    assert task.evaluate(out.weights, _blobs().val, _context()).metrics["accuracy"] > 0.8
 
 
 def test_torch_training_is_deterministic_for_a_context_seed() -> None:
@@ -102,13 +102,13 @@ def test_numpy_task_wraps_three_functions() -> None:
     task = NumpyTask(init, train, evaluate)
     out = task.train(task.init_weights(0), _blobs(), TrainSettings(lr=1.0), _context())
     assert out.num_samples == 160 and out.weights["w"].shape == (4,)
-    assert task.evaluate(out.weights, _blobs().x_val, _blobs().y_val).num_samples == 40
+    assert task.evaluate(out.weights, _blobs().val, _context()).num_samples == 40
 
 
 def test_softmax_regression_learns() -> None:
     task = SoftmaxRegression(4, 2)
     out = task.train(task.init_weights(0), _blobs(), TrainSettings(epochs=5, lr=0.1), _context())
-    assert task.evaluate(out.weights, _blobs().x_val, _blobs().y_val).metrics["accuracy"] > 0.85
+    assert task.evaluate(out.weights, _blobs().val, _context()).metrics["accuracy"] > 0.85
 
 
 def test_loading_a_task_module_explains_what_is_wrong(tmp_path: Path) -> None:

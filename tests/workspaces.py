@@ -71,8 +71,8 @@ class Padded(SoftmaxRegression):
         pad = weights["pad"] + np.float32(context.round) / 1024
         return TrainOutput({**out.weights, "pad": pad}, out.num_samples, out.metrics)
 
-    def evaluate(self, weights, x, y):
-        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, x, y)
+    def evaluate(self, weights, data, context):
+        return super().evaluate({k: v for k, v in weights.items() if k != "pad"}, data, context)
 
 
 task = Padded(num_features=30, num_classes=2)

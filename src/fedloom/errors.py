@@ -64,6 +64,11 @@ class DataError(WorkspaceError):
         return cls(f"the site's data {where}: {len(problems)} problems{lines}", problems, hint=hint)
 
 
+class DeviceError(WorkspaceError):
+    """The device a site asked for (``training.device``, ``--device``) is not on its
+    machine."""
+
+
 class TaskError(FedloomError):
     """The user's task code failed or returned something fedloom cannot use."""
 

@@ -49,6 +49,19 @@ MAX_ROUND_SECONDS = 604_800.0  # a week
 MAX_RETRIES = 100
 MAX_PLAN_BYTES = 1 << 20  # federation.yaml
 MAX_NESTING = 16  # sections and lists inside one another, in the file or an override
+MAX_GRAD_ACCUMULATION = 10_000
+MAX_GRAD_CLIP = 1e6
+
+
+def device_problem(value: str) -> str | None:
+    """Why ``value`` is not a device fedloom knows (``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``, ``mps``), or None."""
+    if value in ("auto", "cpu", "cuda", "mps"):
+        return None
+    index = value.removeprefix("cuda:")
+    if value.startswith("cuda:") and index.isdigit() and len(index) <= 3:
+        return None
+    return f"must be auto, cpu, cuda, cuda:N or mps (got {value!r})"
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -69,6 +82,21 @@ class DataPlan(_Frozen):
     val_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.2
     test_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.2
     synthetic: SyntheticData = SyntheticData()
+    # a folder of the workspace holding one entry per site, named after it (and `test`
+    # for the test set): what each simulated site's data function receives as its path
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_workspace(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        rel = PurePosixPath(value)
+        if not value or rel.is_absolute() or ".." in rel.parts or "\\" in value:
+            raise ValueError(
+                f"must name a folder inside the workspace, like data (got {value!r})"
+            )
+        return rel.as_posix()
 
     @field_validator("partition")
     @classmethod
@@ -92,6 +120,27 @@ class TrainingPlan(_Frozen):
     weight_decay: Annotated[float, Field(ge=0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False)] = 0.0
     # a site's claimed sample count is capped here
     max_samples: Annotated[int, Field(gt=0, le=MAX_SAMPLES, strict=True)] = 100_000
+    # the built-in loop's (TorchTask's) optimiser, its learning rate across the rounds,
+    # gradient accumulation and clipping (docs/tasks.md#the-built-in-loop)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_accumulation: Annotated[int, Field(gt=0, le=MAX_GRAD_ACCUMULATION, strict=True)] = 1
+    grad_clip: Annotated[float, Field(ge=0, le=MAX_GRAD_CLIP, allow_inf_nan=False)] = 0.0
+    # where a site's torch code runs; each site may choose its own (collaborator --device)
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the forward pass
+    deterministic: bool = False  # torch's deterministic algorithms (GPU: slower)
+    # tensors (fnmatch patterns of their names) that never leave a site: kept in its state
+    # folder, sent as zero updates (batch-norm statistics, as in FedBN: "*running_*")
+    local: tuple[str, ...] = ()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        problem = device_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class EvaluationPlan(_Frozen):
@@ -205,7 +254,7 @@ class Plan(_Frozen):
     def train_settings(self) -> TrainSettings:
         """The plan's local training settings, as sites receive them."""
         return TrainSettings(
-            **self.training.model_dump(exclude={"max_samples"}),
+            **self.training.model_dump(include=set(TRAIN_SETTINGS_ON_THE_WIRE)),
             evaluate=self.evaluation.each_round,
         )
 
@@ -219,7 +268,28 @@ class Plan(_Frozen):
         # default, so that such a plan keeps its hash (and its sites' approval)
         if data["privacy"]["accountant"] == Accountant.RDP.value:
             del data["privacy"]["accountant"]
+        for section, defaults in _LATER_OPTIONS.items():
+            for key, default in defaults.items():
+                if data[section].get(key) == default:
+                    del data[section][key]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+TRAIN_SETTINGS_ON_THE_WIRE = ("epochs", "batch_size", "lr", "momentum", "weight_decay")
+# options added after plans were approved: left out of the hash while at their default
+_LATER_OPTIONS: dict[str, dict[str, Any]] = {
+    "data": {"path": None},
+    "training": {
+        "optimizer": "sgd",
+        "schedule": "constant",
+        "grad_accumulation": 1,
+        "grad_clip": 0.0,
+        "device": "auto",
+        "precision": "fp32",
+        "deterministic": False,
+        "local": [],
+    },
+}
 
 
 # ----------------------------------------------------------------- loading

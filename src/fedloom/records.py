@@ -46,6 +46,19 @@ class TrainSettings:
     evaluate: bool = True  # evaluate the global and the trained model on the validation split
 
 
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    """The plan's settings of the built-in training loop that stay at the site (never
+    on the wire: every site reads them from the plan it approved)."""
+
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    schedule: str = "constant"  # the learning rate across rounds: constant | cosine | linear
+    grad_accumulation: int = 1  # minibatches whose gradients make one optimiser step
+    grad_clip: float = 0.0  # the largest L2 norm of the gradient (0: no clipping)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the forward pass)
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+
 class Accountant(enum.Enum):
     """How noise becomes epsilon (the plan's ``privacy.accountant``): Rényi DP, or the
     privacy loss distribution. Every epsilon fedloom reports names the one used."""

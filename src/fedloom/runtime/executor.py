@@ -8,6 +8,9 @@ skips both evaluations of a training round.
 
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
@@ -17,11 +20,13 @@ from fedloom.records import (
     EvalOutput,
     Instruction,
     InstructionKind,
+    LoopSettings,
     SiteAnswer,
     TrainOutput,
 )
 from fedloom.rng import generator, int_seed, select_sites
-from fedloom.tasks.base import SiteContext, SiteData, Task
+from fedloom.store.checkpoint import load_weights, save_weights
+from fedloom.tasks.base import AnySiteData, SiteContext, SiteData, Task
 from fedloom.tasks.dp_sgd import require_no_dp_sgd
 from fedloom.weights import Weights, check_compatible, read_only, specs_of, subtract
 
@@ -49,11 +54,79 @@ def dp_sgd_of(plan: Plan, site: str, round: int) -> tuple[DPSGDSettings | None, 
     return settings, max(1, selected)
 
 
+@dataclass(frozen=True)
+class SiteEnv:
+    """What stays the same for a site across its rounds: where its data and its state
+    folder are, the device its code runs on, the plan's loop settings and local
+    tensors. Built once per site (a collaborator) or per simulated site (a worker)."""
+
+    total_rounds: int = 0
+    device: str = "cpu"
+    data_path: Path | None = None
+    state_dir: Path | None = None
+    loop: LoopSettings = LoopSettings()
+    local: tuple[str, ...] = ()  # fnmatch patterns of tensors that never leave the site
+
+
+LOCAL_TENSORS = "local.safetensors"  # in the site's state folder
+
+
+def site_env(
+    plan: Plan,
+    *,
+    device: str | None = None,
+    data_path: Path | None = None,
+    state_dir: Path | None = None,
+) -> SiteEnv:
+    """A site's :class:`SiteEnv` from the plan: ``device`` (the site's own choice,
+    ``--device``) wins over the plan's ``training.device``."""
+    from fedloom.runtime.devices import resolve_device
+
+    t = plan.training
+    loop = LoopSettings(
+        optimizer=t.optimizer,
+        schedule=t.schedule,
+        grad_accumulation=t.grad_accumulation,
+        grad_clip=t.grad_clip,
+        precision=t.precision,
+        deterministic=t.deterministic,
+    )
+    return SiteEnv(
+        total_rounds=plan.rounds,
+        device=resolve_device(device or t.device),
+        data_path=data_path,
+        state_dir=state_dir,
+        loop=loop,
+        local=tuple(t.local),
+    )
+
+
+def local_names(weights: Weights, patterns: tuple[str, ...]) -> list[str]:
+    """The names of the tensors of ``weights`` that the plan keeps at the site."""
+    if not patterns:
+        return []
+    return [n for n in weights if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def with_local_tensors(weights: Weights, env: SiteEnv) -> Weights:
+    """``weights`` with the site's own values of its local tensors, kept in its state
+    folder since its last training round (the global values until then)."""
+    names = local_names(weights, env.local)
+    path = env.state_dir / LOCAL_TENSORS if env.state_dir is not None else None
+    if not names or path is None or not path.is_file():
+        return weights
+    kept = load_weights(path)
+    mine = {n: kept[n] for n in names if n in kept and kept[n].shape == weights[n].shape}
+    if not mine:
+        return weights
+    return read_only({n: mine.get(n, a) for n, a in weights.items()})
+
+
 def execute(
     task: Task,
     instruction: Instruction,
     weights: Weights,
-    data: SiteData,
+    data: AnySiteData,
     *,
     site: str,
     index: int,
@@ -62,32 +135,41 @@ def execute(
     attack: Attack | None = None,
     dp_sgd: DPSGDSettings | None = None,
     rounds_selected: int = 1,
+    env: SiteEnv = SiteEnv(),
 ) -> SiteAnswer:
-    weights = read_only(weights)  # a task that writes into them fails the same in every mode
+    received = read_only(weights)  # a task that writes into them fails the same in every mode
+    weights = with_local_tensors(received, env)
     attacking = attack is not None and site in attack.attackers
     metrics: dict[str, float] = {}
     training = instruction.kind is not InstructionKind.EVALUATE
     evaluating = not training or instruction.settings.evaluate
+    context = SiteContext(
+        site,
+        index,
+        instruction.round,
+        int_seed(plan_seed, instruction.round, site, "train"),
+        data_path=env.data_path,
+        options=dict(instruction.config),  # the strategy's configure() keys for this round
+        dp_sgd=dp_sgd,
+        rounds_selected=rounds_selected,
+        total_rounds=env.total_rounds,
+        device=env.device,
+        state_dir=env.state_dir,
+        loop=env.loop,
+    )
     if evaluating:
-        seen = _evaluated(task.evaluate(weights, data.x_val, data.y_val))
+        seen = _evaluated(task.evaluate(weights, data.val, context))
         metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
         metrics["val_samples"] = float(seen.num_samples)
         if not training:
             return SiteAnswer(seen.num_samples, metrics, None)
 
     if attacking and attack is not None and attack.kind is AttackKind.LABEL_FLIP:
+        if not isinstance(data, SiteData):
+            raise TaskError("--attack label-flip needs a site's data as arrays (SiteData)")
         data = SiteData(
             data.x_train, flip_labels(data.y_train, num_classes), data.x_val, data.y_val
         )
-    context = SiteContext(
-        site,
-        index,
-        instruction.round,
-        int_seed(plan_seed, instruction.round, site, "train"),
-        options=dict(instruction.config),  # the strategy's configure() keys for this round
-        dp_sgd=dp_sgd,
-        rounds_selected=rounds_selected,
-    )
     if not getattr(task, "supports_dp_sgd", False):
         require_no_dp_sgd(context, type(task).__name__)
     out = task.train(weights, data, instruction.settings, context)
@@ -101,10 +183,17 @@ def execute(
     except Exception as err:
         raise TaskError(f"train returned weights that differ from the model: {err}") from err
     if evaluating:
-        local = _evaluated(task.evaluate(out.weights, data.x_val, data.y_val))
+        local = _evaluated(task.evaluate(out.weights, data.val, context))
         metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
     metrics.update({k: float(v) for k, v in out.metrics.items()})
-    delta = subtract(out.weights, weights)
+    metrics.update(context.logged)
+    kept = local_names(out.weights, env.local)
+    if kept and env.state_dir is not None:
+        env.state_dir.mkdir(parents=True, exist_ok=True)
+        save_weights(env.state_dir / LOCAL_TENSORS, {n: out.weights[n] for n in kept})
+    # a local tensor's update is zero: its values never leave the site
+    trained = {n: (received[n] if n in kept else a) for n, a in out.weights.items()}
+    delta = subtract(trained, received)
     if attacking and attack is not None:
         rng = generator(plan_seed, instruction.round, site, "attack")
         delta = poison_update(delta, attack, rng)

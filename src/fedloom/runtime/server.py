@@ -40,13 +40,14 @@ from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
 from fedloom.records import InstructionKind
+from fedloom.rng import int_seed
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
 from fedloom.strategies.state import StrategyState
-from fedloom.tasks.base import Task
+from fedloom.tasks.base import SiteContext, Task
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
@@ -198,6 +199,15 @@ def _results_written(run_dir: Path) -> bool:
     return (run_dir / "final.safetensors").exists() and summary.get("status") == "completed"
 
 
+def test_context(plan: Plan) -> SiteContext:
+    """The context of the aggregator's evaluation on the test set: its own best device
+    (the plan's device is the sites' business)."""
+    from fedloom.runtime.devices import resolve_device
+
+    seed = int_seed(plan.seed, 0, "test", "train")
+    return SiteContext("test", -1, 0, seed, total_rounds=plan.rounds, device=resolve_device("auto"))
+
+
 def _complete_results(
     store: RunStore, run: RunInfo, ws: Path, *, test_set: bool, resume: Resume | None = None
 ) -> None:
@@ -291,8 +301,9 @@ def _final_result(
     every process that served it, up to its last round's close)."""
     test: dict[str, float] = {}
     if task is not None and plan.data.dataset != "custom":
-        x, y = DataSource(plan, ws, task).test_set()
-        test = {k: float(v) for k, v in task.evaluate(weights, x, y).metrics.items()}
+        test_data = DataSource(plan, ws, task).test_set()
+        out = task.evaluate(weights, test_data, test_context(plan))
+        test = {k: float(v) for k, v in out.metrics.items()}
     totals = store.reload(run)
     return SimulationResult(
         plan=plan,

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,12 +41,14 @@ from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
 from fedloom.runtime.worker import (
     LocalWorker,
+    Placement,
     ProcessWorker,
     Worker,
     attack_to_json,
     raise_reply_error,
 )
 from fedloom.strategies import build_strategy
+from fedloom.strategies.base import Strategy
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights, nbytes
@@ -59,6 +62,10 @@ class SimulationOptions:
     attackers: int = 0
     baseline: bool = False
     backend: RayBackend | None = None  # None: worker processes on this machine
+    gpus: int = 0  # pin worker i to GPU i % gpus (0: the plan's training.device)
+    # the folder of the simulated sites' state folders (the run's sites/); None: a
+    # temporary folder, removed after the run
+    state_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,42 @@ def simulate(
     strategy = build_strategy(plan.strategy.name, plan.strategy_params)
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
+    scratch = None
+    if options.state_root is None:
+        scratch = tempfile.TemporaryDirectory(prefix="fedloom-sites-")
+        options = dataclasses.replace(options, state_root=Path(scratch.name))
+    try:
+        return _simulate(
+            ws,
+            plan,
+            options,
+            digest,
+            attack,
+            strategy,
+            plan_json,
+            attack_json,
+            on_event,
+            clock,
+            faults,
+        )
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _simulate(
+    ws: Path,
+    plan: Plan,
+    options: SimulationOptions,
+    digest: str,
+    attack: Attack | None,
+    strategy: Strategy,
+    plan_json: str,
+    attack_json: str,
+    on_event: ProgressSink | None,
+    clock: Clock | None,
+    faults: FaultPoints | None,
+) -> SimulationResult:
     per_round = plan.per_round
     workers = _start_workers(str(ws), plan_json, attack_json, options, plan, digest)
     try:
@@ -293,14 +336,29 @@ def _start_workers(
         )
     wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
     count = min(wanted, plan.per_round)  # more workers than sites would only idle
+    root = str(options.state_root) if options.state_root is not None else None
     if count <= 0:
-        return [LocalWorker(workspace, plan_json, attack_json, digest)]
+        device = "cuda" if options.gpus else None
+        placement = Placement(device=device, state_root=root)
+        return [LocalWorker(workspace, plan_json, attack_json, digest, placement)]
     workers: list[Worker] = []
     try:
-        for _ in range(count):
+        for i in range(count):
+            placement, gpu = Placement(state_root=root), None
+            if options.gpus:  # worker i sees GPU i % gpus alone; workers sharing it split it
+                gpu = i % options.gpus
+                sharing = len(range(gpu, count, options.gpus))
+                fraction = 1.0 / sharing if sharing > 1 else None
+                placement = Placement(device="cuda", memory_fraction=fraction, state_root=root)
             workers.append(
                 ProcessWorker(
-                    workspace, plan_json, attack_json, call_timeout=call_timeout, plan_hash=digest
+                    workspace,
+                    plan_json,
+                    attack_json,
+                    call_timeout=call_timeout,
+                    plan_hash=digest,
+                    placement=placement,
+                    visible_gpu=gpu,
                 )
             )
         for w in workers:

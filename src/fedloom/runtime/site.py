@@ -58,20 +58,30 @@ from fedloom.privacy.published import model_checker
 from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
 from fedloom.records import Instruction, SiteAnswer
-from fedloom.rng import generator
-from fedloom.runtime.executor import dp_sgd_of, execute
+from fedloom.rng import generator, int_seed
+from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.store.runs import LockBusy, hold_lock
-from fedloom.tasks.base import SiteData, Task
+from fedloom.tasks.base import (
+    AnySiteData,
+    ChecksData,
+    LoadsData,
+    SiteContext,
+    SiteData,
+    Split,
+    Task,
+    as_site_data,
+)
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat
-from fedloom.weights import Weights
+from fedloom.weights import Weights, read_only
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
 POLICY_FILE = "policy.yaml"
 LOCK_FILE = "collaborator.lock"
+TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +89,10 @@ class SiteOptions:
     name: str
     address: str  # host:port of the aggregator
     state_dir: Path | None = None  # default: WORKSPACE/sites/NAME
-    data: Path | None = None  # an .npz of this site's data; default: its share of the plan's
+    # this site's data: a file or folder the task's data function reads, or an .npz of
+    # arrays; default: its share of the plan's built-in dataset
+    data: Path | None = None
+    device: str | None = None  # where its torch code runs; default: the plan's training.device
     server_name: str | None = None
     connect_seconds: float | None = None  # give up reaching the aggregator after this
     threads: int = 1  # torch threads
@@ -146,7 +159,10 @@ def _participate(
     task = load_task(code, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
-    data, index, num_classes = _site_data(ws, plan, task, options)
+    env = site_env(
+        plan, device=options.device, data_path=options.data, state_dir=state_dir / TASK_STATE
+    )
+    data, index, num_classes = _site_data(ws, plan, task, options, env)
     settings = ClientSettings(
         address=options.address,
         site=options.name,
@@ -180,6 +196,7 @@ def _participate(
                 num_classes=num_classes,
                 dp_sgd=dp_sgd,
                 rounds_selected=rounds_selected,
+                env=env,
             )
         except Exception as err:  # reported to the aggregator by the collaborator too
             progress.failed.add(instruction.round)
@@ -366,14 +383,34 @@ def _heartbeats(
             return
 
 
-def _site_data(ws: Path, plan: Plan, task: Task, options: SiteOptions) -> tuple[SiteData, int, int]:
+def _site_data(
+    ws: Path, plan: Plan, task: Task, options: SiteOptions, env: SiteEnv
+) -> tuple[AnySiteData, int, int]:
     """This site's data, its index in the roster (-1 if not in it) and the class count,
     checked (:func:`check_site_data`) before the site joins."""
     index = plan.roster.index(options.name) if options.name in plan.roster else -1
     source = DataSource(plan, ws, task)
     if options.data is not None:
-        data = load_site_file(options.data, plan, options.name)
-        check_site_data(data, source, str(options.data))
+        own = None
+        if isinstance(task, LoadsData):
+            if not options.data.exists():
+                raise DataError.of(str(options.data), ["no such file or folder"], hint=DATA_HINT)
+            context = SiteContext(
+                options.name,
+                index,
+                0,
+                int_seed(plan.seed, 0, options.name, "data"),
+                data_path=options.data,
+                total_rounds=plan.rounds,
+                device=env.device,
+                state_dir=env.state_dir,
+            )
+            own = task.load_data(context)
+        if own is not None:
+            data = as_site_data(own, "the task's data function")
+        else:
+            data = load_site_file(options.data, plan, options.name)
+        check_site_data(data, source, str(options.data), env)
         return data, index, source.num_classes
     if index < 0:
         raise PlanError(
@@ -382,33 +419,49 @@ def _site_data(ws: Path, plan: Plan, task: Task, options: SiteOptions) -> tuple[
         )
     data = source.site_data(options.name)
     if plan.data.dataset == "custom":  # the built-in shares are known to be good
-        check_site_data(data, source, "the data the task's load_data returned")
+        check_site_data(data, source, "the data the task's load_data returned", env)
     return data, index, source.num_classes
 
 
 DATA_HINT = (
-    "--data takes an .npz file (numpy.savez) with arrays x and y, or x_train, y_train, x_val, y_val"
+    "--data takes what the task's data function reads (a file or a folder), or an .npz "
+    "file (numpy.savez) with arrays x and y, or x_train, y_train, x_val, y_val"
 )
 SMOKE_ROWS = 8  # rows of the site's data the initial model is evaluated on at start
 
 
-def check_site_data(data: SiteData, source: DataSource, where: str) -> None:
+def check_site_data(data: AnySiteData, source: DataSource, where: str, env: SiteEnv) -> None:
     """Refuse data the site could not train on, before it joins: every problem
-    :func:`data_problems` finds, then a smoke test (the plan's initial model evaluated
-    on a few rows) that the data fits the model. Raises :class:`DataError`."""
-    problems = data_problems(data, classes_of(source))
+    :func:`data_problems` finds in arrays, then a smoke test: the plan's initial model
+    run on one small batch of the site's data (the task's ``check_data`` when it has
+    one, else its ``evaluate`` on a few rows). Raises :class:`DataError`."""
+    problems = data_problems(data, classes_of(source)) if isinstance(data, SiteData) else []
     task = source.task
     if not problems:
-        rows = data.x_val[:SMOKE_ROWS], data.y_val[:SMOKE_ROWS]
-        if len(rows[1]) == 0:
-            rows = data.x_train[:SMOKE_ROWS], data.y_train[:SMOKE_ROWS]
+        context = SiteContext(
+            "smoke-check",
+            -1,
+            0,
+            0,
+            total_rounds=source.plan.rounds,
+            device=env.device,
+            loop=env.loop,
+        )
         try:
-            task.evaluate(task.init_weights(source.plan.seed), *rows)
+            weights = read_only(task.init_weights(source.plan.seed))
+            if isinstance(task, ChecksData):
+                task.check_data(weights, data, context)
+            elif isinstance(data, SiteData):
+                rows = data.val if data.num_val else data.train
+                task.evaluate(weights, Split(rows.x[:SMOKE_ROWS], rows.y[:SMOKE_ROWS]), context)
         except Exception as err:  # noqa: BLE001 - the task's own code, on this data
             why = traceback.format_exception_only(err)[-1].strip()
+            shape = ""
+            if isinstance(data, SiteData):
+                shape = f" (x_train rows have shape {data.x_train.shape[1:]})"
             problems.append(
-                f"the model does not fit it: evaluating the initial model on {len(rows[1])} "
-                f"row(s) failed with {why} (x_train rows have shape {data.x_train.shape[1:]})"
+                f"the model does not fit it: running the initial model on one batch of it "
+                f"failed with {why}{shape}"
             )
     if problems:
         raise DataError.of(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,19 @@ from fedloom.data.datasets import SYNTHETIC_CLASSES
 from fedloom.errors import PlanError, TaskError, WorkspaceError
 from fedloom.plan import PLAN_FILE, Plan
 from fedloom.rng import generator, int_seed
-from fedloom.tasks.base import SiteContext, SiteData, Task
+from fedloom.tasks.base import (
+    AnySiteData,
+    Classifier,
+    LoadsData,
+    LoadsTestData,
+    SiteContext,
+    SiteData,
+    SiteDatasets,
+    Split,
+    Task,
+)
+
+TEST_FOLDER = "test"  # data.path/test: the held-out test set of a data folder
 
 
 class DataSource:
@@ -66,10 +79,17 @@ class DataSource:
         if self.kind == "synthetic":
             return SYNTHETIC_CLASSES
         if self.kind == "custom":
-            return int(getattr(self.task, "num_classes", 0)) or 2
+            return self.task.num_classes if isinstance(self.task, Classifier) else 2
         return int(self._dataset.num_classes)
 
-    def site_data(self, site: str) -> SiteData:
+    def data_path(self, site: str) -> Path | None:
+        """Where ``site``'s data lies in a simulation: ``data.path/<site>`` (None when
+        the plan names no data folder)."""
+        if self.plan.data.path is None:
+            return None
+        return self.workspace / self.plan.data.path / site
+
+    def site_data(self, site: str) -> AnySiteData:
         index = self._index[site]
         if self.kind == "custom":
             return self._custom(site, index)
@@ -90,45 +110,86 @@ class DataSource:
         train, val = train_val_split(pool, self.plan.data.val_fraction, rng)
         return SiteData(x[train], y[train], x[val], y[val])
 
-    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+    def test_set(self) -> Any:
+        """The held-out test set: a :class:`Split` of arrays, or a custom task's own."""
         if self.kind == "synthetic":
             syn = self.plan.data.synthetic
-            return synthetic_test_set(
-                len(self.roster),
-                alpha=syn.alpha,
-                beta=syn.beta,
-                seed=self.plan.seed,
-                test_fraction=self.plan.data.test_fraction,
+            return Split(
+                *synthetic_test_set(
+                    len(self.roster),
+                    alpha=syn.alpha,
+                    beta=syn.beta,
+                    seed=self.plan.seed,
+                    test_fraction=self.plan.data.test_fraction,
+                )
             )
         if self.kind == "custom":
-            loader = getattr(self.task, "load_test_data", None)
-            if loader is None:
-                return np.zeros((0, 1), np.float32), np.zeros((0,), np.int64)
-            x, y = loader()
-            return np.asarray(x), np.asarray(y)
-        return self._dataset.x_test, self._dataset.y_test
+            return self.custom_test_set()
+        return Split(self._dataset.x_test, self._dataset.y_test)
 
-    def pooled_train(self) -> SiteData:
+    def custom_test_set(self) -> Any:
+        """A custom task's test set (its ``load_test_data``), or an empty split."""
+        test = None
+        if isinstance(self.task, LoadsTestData):
+            path = None
+            if self.plan.data.path is not None:
+                path = self.workspace / self.plan.data.path / TEST_FOLDER
+            seed = int_seed(self.plan.seed, 0, TEST_FOLDER, "data")
+            test = self.task.load_test_data(SiteContext(TEST_FOLDER, -1, 0, seed, data_path=path))
+        if test is None:
+            return Split(np.zeros((0, 1), np.float32), np.zeros((0,), np.int64))
+        if isinstance(test, tuple) and len(test) == 2 and not isinstance(test, Split):
+            return Split(np.asarray(test[0]), np.asarray(test[1]))
+        return test
+
+    def pooled_train(self) -> AnySiteData:
         """Every site's training data in one place: the centralised baseline."""
         parts = [self.site_data(s) for s in self.roster]
-        return SiteData(
-            np.concatenate([p.x_train for p in parts]),
-            np.concatenate([p.y_train for p in parts]),
-            np.concatenate([p.x_val for p in parts]),
-            np.concatenate([p.y_val for p in parts]),
+        if all(isinstance(p, SiteData) for p in parts):
+            arrays = [p for p in parts if isinstance(p, SiteData)]
+            return SiteData(
+                np.concatenate([p.x_train for p in arrays]),
+                np.concatenate([p.y_train for p in arrays]),
+                np.concatenate([p.x_val for p in arrays]),
+                np.concatenate([p.y_val for p in arrays]),
+            )
+        return SiteDatasets(
+            _concatenated([p.train for p in parts]), _concatenated([p.val for p in parts])
         )
 
-    def _custom(self, site: str, index: int) -> SiteData:
-        loader = getattr(self.task, "load_data", None)
-        if loader is None:
+    def _custom(self, site: str, index: int) -> AnySiteData:
+        context = SiteContext(
+            site,
+            index,
+            0,
+            int_seed(self.plan.seed, 0, site, "data"),
+            data_path=self.data_path(site),
+            total_rounds=self.plan.rounds,
+        )
+        data = self.task.load_data(context) if isinstance(self.task, LoadsData) else None
+        if data is None:
             raise WorkspaceError(
-                "data.dataset is 'custom' but the task defines no load_data(context)",
-                hint="add load_data to the task, or pick a built-in dataset",
+                "data.dataset is 'custom' but the task builds no data of its own",
+                hint="give the task a data function (TorchLoop(..., data=load)) or a "
+                "load_data(context) method, or pick a built-in dataset",
             )
-        data = loader(SiteContext(site, index, 0, int_seed(self.plan.seed, 0, site, "data")))
-        if not isinstance(data, SiteData):
-            raise TaskError(f"load_data returned {type(data).__name__}, expected SiteData")
+        if isinstance(data, tuple) and len(data) == 2:
+            data = SiteDatasets(data[0], data[1])
+        if not isinstance(data, SiteData | SiteDatasets):
+            raise TaskError(
+                f"load_data returned {type(data).__name__}, expected SiteData, "
+                "SiteDatasets or a (train, val) pair"
+            )
         return data
+
+
+def _concatenated(parts: list[Any]) -> Any:
+    """The sites' datasets as one: a list's items, or torch's ``ConcatDataset``."""
+    if all(isinstance(p, list | tuple) for p in parts):
+        return [item for p in parts for item in p]
+    from torch.utils.data import ConcatDataset
+
+    return ConcatDataset(parts)
 
 
 def classes_of(source: DataSource) -> int | None:
@@ -136,7 +197,7 @@ def classes_of(source: DataSource) -> int | None:
     task's ``num_classes``; None when neither says (a custom task's labels are its own)."""
     if source.kind != "custom":
         return source.num_classes
-    declared = getattr(source.task, "num_classes", None)
+    declared = source.task.num_classes if isinstance(source.task, Classifier) else None
     return declared if isinstance(declared, int) and declared > 0 else None
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,9 +26,11 @@ from typing import Any, Protocol
 from fedloom.attacks import Attack, AttackKind
 from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
 from fedloom.plan import plan_hash, validate_plan
-from fedloom.records import EvalOutput, Instruction, SiteAnswer
+from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
+from fedloom.rng import int_seed
 from fedloom.runtime import pipes
-from fedloom.runtime.executor import dp_sgd_of, execute
+from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
+from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource
 from fedloom.tasks.base import SiteContext
 from fedloom.tasks.dp_sgd import check_task_supports
@@ -37,6 +40,18 @@ from fedloom.weights import Weights, copy_weights, read_only
 from fedloom.workspace import WorkspaceCode
 
 Reply = tuple[dict[str, Any], Weights | None]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker's simulated sites run and keep their state: the device (None:
+    the plan's ``training.device``), the share of that GPU's memory the worker may take
+    (``--gpus`` with more workers than GPUs), and the folder holding one state folder
+    per site."""
+
+    device: str | None = None
+    memory_fraction: float | None = None
+    state_root: str | None = None
 
 
 def attack_to_json(a: Attack | None) -> dict[str, Any] | None:
@@ -56,9 +71,15 @@ class SiteWorker:
     ``baseline``."""
 
     def __init__(
-        self, workspace: str, plan_json: str, attack_json: str, expected_hash: str | None = None
+        self,
+        workspace: str,
+        plan_json: str,
+        attack_json: str,
+        expected_hash: str | None = None,
+        placement: Placement | None = None,
     ) -> None:
         plan = validate_plan(json.loads(plan_json))
+        placement = placement or Placement()
         self.plan = plan
         self.code = WorkspaceCode.read(workspace)
         self.plan_hash = plan_hash(plan, self.code)  # of the very code loaded below
@@ -72,6 +93,9 @@ class SiteWorker:
         check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
+        self.device = resolve_device(placement.device or plan.training.device)
+        limit_memory(self.device, placement.memory_fraction)
+        self.state_root = Path(placement.state_root) if placement.state_root else None
         self.source = DataSource(plan, Path(workspace), self.task)
         self.source.prepare()  # a partition that cannot be made fails here, clearly
         self.attack = attack_from_json(json.loads(attack_json))
@@ -91,8 +115,8 @@ class SiteWorker:
         if op == "run":
             return self._run(header, weights)
         if op == "test":
-            x, y = self.source.test_set()
-            return _metrics_reply(self.task.evaluate(weights, x, y))
+            test = self.source.test_set()
+            return _metrics_reply(self.task.evaluate(weights, test, self._context("test")))
         if op == "baseline":
             return self._baseline(weights)
         raise TaskError(f"unknown worker request {op!r}")
@@ -117,8 +141,36 @@ class SiteWorker:
                 deltas.update({f"{i}/{name}": array for name, array in answer.delta.items()})
         return {"ok": True, "answers": answers}, deltas
 
+    def _context(self, name: str) -> SiteContext:
+        """The context of work outside a site's rounds: the test set, the baseline."""
+        seed = int_seed(self.plan.seed, 0, name, "train")
+        loop = site_env(self.plan, device=self.device).loop
+        return SiteContext(
+            name, -1, 0, seed, total_rounds=self.plan.rounds, device=self.device, loop=loop
+        )
+
     def _run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
+        env = site_env(
+            self.plan,
+            device=self.device,
+            data_path=self.source.data_path(site),
+            state_dir=self.state_root / site if self.state_root is not None else None,
+        )
+        try:
+            return self._execute(site, instruction, weights, dp_sgd, rounds_selected, env)
+        finally:
+            release_memory(self.device)
+
+    def _execute(
+        self,
+        site: str,
+        instruction: Instruction,
+        weights: Weights,
+        dp_sgd: DPSGDSettings | None,
+        rounds_selected: int,
+        env: SiteEnv,
+    ) -> SiteAnswer:
         return execute(
             self.task,
             instruction,
@@ -131,6 +183,7 @@ class SiteWorker:
             attack=self.attack,
             dp_sgd=dp_sgd,
             rounds_selected=rounds_selected,
+            env=env,
         )
 
     def _baseline(self, weights: Weights) -> Reply:
@@ -139,9 +192,10 @@ class SiteWorker:
         pooled = self.source.pooled_train()
         per_round = self.plan.train_settings()
         settings = dataclasses.replace(per_round, epochs=per_round.epochs * self.plan.rounds)
-        out = self.task.train(weights, pooled, settings, SiteContext("centralised", -1, 0, 1))
-        x, y = self.source.test_set()
-        return _metrics_reply(self.task.evaluate(out.weights, x, y))
+        context = dataclasses.replace(self._context("centralised"), seed=1, total_rounds=1)
+        out = self.task.train(weights, pooled, settings, context)
+        test = self.source.test_set()
+        return _metrics_reply(self.task.evaluate(out.weights, test, self._context("test")))
 
 
 def _metrics_reply(out: EvalOutput) -> Reply:
@@ -154,7 +208,11 @@ def serve(conn: Connection) -> None:
     try:
         setup = json.loads(conn.recv_bytes())
         worker = SiteWorker(
-            setup["workspace"], setup["plan"], setup["attack"], setup.get("plan_hash")
+            setup["workspace"],
+            setup["plan"],
+            setup["attack"],
+            setup.get("plan_hash"),
+            Placement(**setup.get("placement", {})),
         )
     except Exception as err:  # report, so the parent can say why
         with contextlib.suppress(OSError):
@@ -251,10 +309,14 @@ class ProcessWorker:
         *,
         call_timeout: float | None = None,
         plan_hash: str | None = None,
+        placement: Placement | None = None,
+        visible_gpu: int | None = None,
     ) -> None:
         # every start (a restart too) checks it loads the code of ``plan_hash``
         setup = {"workspace": workspace, "plan": plan_json, "attack": attack_json}
-        self._setup = json.dumps(setup | {"plan_hash": plan_hash})
+        where = dataclasses.asdict(placement or Placement())
+        self._setup = json.dumps(setup | {"plan_hash": plan_hash, "placement": where})
+        self._visible_gpu = visible_gpu
         self._lock = threading.Lock()
         self._closing = False
         self.call_timeout = call_timeout
@@ -263,6 +325,8 @@ class ProcessWorker:
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if self._visible_gpu is not None:  # --gpus: this worker sees one GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = str(self._visible_gpu)
         self._proc = subprocess.Popen(
             [
                 sys.executable,
@@ -340,9 +404,14 @@ class LocalWorker:
     """A :class:`SiteWorker` in this process (``--workers 0``: debugging, tests)."""
 
     def __init__(
-        self, workspace: str, plan_json: str, attack_json: str, plan_hash: str | None = None
+        self,
+        workspace: str,
+        plan_json: str,
+        attack_json: str,
+        plan_hash: str | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        self._worker = SiteWorker(workspace, plan_json, attack_json, plan_hash)
+        self._worker = SiteWorker(workspace, plan_json, attack_json, plan_hash, placement)
         self._lock = threading.Lock()
 
     def wait_ready(self) -> None:

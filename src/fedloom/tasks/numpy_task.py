@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedloom.errors import TaskError
 from fedloom.records import EvalOutput, TrainOutput, TrainSettings
-from fedloom.tasks.base import SiteContext, SiteData
+from fedloom.tasks.base import SiteContext, SiteData, Split
 from fedloom.weights import Weights
 
 InitFn = Callable[[int], Weights]
@@ -35,12 +36,35 @@ class NumpyTask:
     def train(
         self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
+        require_arrays(data, "NumpyTask")
         rng = np.random.default_rng(context.seed)
         local = self.train_fn(weights, data, settings, rng)
         return TrainOutput(local, data.num_train)
 
-    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> EvalOutput:
+    def evaluate(self, weights: Weights, data: Split, context: SiteContext) -> EvalOutput:
+        x, y = arrays_of(data, "NumpyTask")
         return EvalOutput(len(y), dict(self.evaluate_fn(weights, x, y)))
+
+
+def arrays_of(data: object, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(x, y)`` arrays of a split; a task that trains on arrays only refuses a
+    dataset of another kind, naming what it got."""
+    if isinstance(data, Split):
+        return data.x, data.y
+    if isinstance(data, tuple) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    raise TaskError(
+        f"{who} evaluates arrays (x, y), got {type(data).__name__}",
+        hint="return SiteData from load_data, or use TorchLoop for data of your own kind",
+    )
+
+
+def require_arrays(data: object, who: str) -> None:
+    if not isinstance(data, SiteData):
+        raise TaskError(
+            f"{who} trains on arrays (SiteData), got {type(data).__name__}",
+            hint="return SiteData from load_data, or use TorchLoop for data of your own kind",
+        )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -69,6 +93,7 @@ class SoftmaxRegression:
     def train(
         self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
+        require_arrays(data, "SoftmaxRegression")
         rng = np.random.default_rng(context.seed)
         w0 = weights["weight"].astype(np.float64)
         b0 = weights["bias"].astype(np.float64)
@@ -97,7 +122,8 @@ class SoftmaxRegression:
         metrics = {"train_loss": float(np.mean(losses))} if losses else {}
         return TrainOutput(local, n, metrics)
 
-    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> EvalOutput:
+    def evaluate(self, weights: Weights, data: Split, context: SiteContext) -> EvalOutput:
+        x, y = arrays_of(data, "SoftmaxRegression")
         if len(y) == 0:
             return EvalOutput(0, {})
         p = _softmax(x.astype(np.float64) @ weights["weight"].astype(np.float64) + weights["bias"])

@@ -19,7 +19,8 @@ from torch import nn
 from fedloom.errors import TaskError
 from fedloom.records import DPSGDSettings, EvalOutput, TrainOutput, TrainSettings
 from fedloom.tasks import dp_sgd
-from fedloom.tasks.base import SiteContext, SiteData
+from fedloom.tasks.base import SiteContext, SiteData, Split
+from fedloom.tasks.numpy_task import arrays_of, require_arrays
 from fedloom.weights import Weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -99,6 +100,7 @@ class TorchTask:
     def train(
         self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
+        require_arrays(data, "TorchTask")
         model = self.model()
         load_weights_into(model, weights)
         torch.default_generator.manual_seed(context.seed)  # CPU only: no CUDA stack capture
@@ -224,7 +226,8 @@ class TorchTask:
         metrics.update(dp_sgd_epsilon=eps, dp_sgd_delta=float(dp.delta))
         return TrainOutput(state_to_weights(model), n, metrics)
 
-    def evaluate(self, weights: Weights, x: np.ndarray, y: np.ndarray) -> EvalOutput:
+    def evaluate(self, weights: Weights, data: Split, context: SiteContext) -> EvalOutput:
+        x, y = arrays_of(data, "TorchTask")
         if len(y) == 0:
             return EvalOutput(0, {})
         model = self.model()
