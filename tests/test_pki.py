@@ -115,7 +115,7 @@ def test_request_checks_the_name_and_keeps_one_key_per_folder(tmp_path: Path) ->
         with pytest.raises(CertificateError, match="cannot name a site"):
             request_certificate(tmp_path / "s", bad)
     path, fp = request_certificate(tmp_path / "s", "site-a")
-    assert path == tmp_path / "s" / "site.csr" and FINGERPRINT.fullmatch(fp)
+    assert path == tmp_path / "s" / "site-a.csr" and FINGERPRINT.fullmatch(fp)
     assert request_certificate(tmp_path / "s", "site-a")[1] == fp  # same key, CSR again
     with pytest.raises(CertificateError, match="key of site 'site-a', not 'site-b'"):
         request_certificate(tmp_path / "s", "site-b")
@@ -274,7 +274,7 @@ def test_missing_credentials_say_what_to_run(tmp_path: Path) -> None:
     request_certificate(tmp_path / "s", "site-a")
     with pytest.raises(CertificateError, match="site.crt does not exist") as err:
         site_credentials(tmp_path / "s")
-    assert "fedloom pki accept" in str(err.value) and "site.csr" in str(err.value)
+    assert "fedloom pki accept" in str(err.value) and "SITE.csr" in str(err.value)
 
 
 # ----------------------------------------------------------------- real TLS through gRPC
@@ -351,7 +351,7 @@ def test_cli_walks_a_site_through_the_whole_process(tmp_path: Path) -> None:
 
     result = _invoke("pki", "request", "--name", "site-01", ws)
     assert result.exit_code == 0, result.output
-    csr = ws / "sites" / "site-01" / "site.csr"
+    csr = ws / "sites" / "site-01" / "site-01.csr"
     assert str(csr) in result.stdout and key_fingerprint(csr.read_bytes()) in result.stdout
     assert "the key stays here" in result.stdout
 
@@ -402,7 +402,7 @@ def test_cli_errors_exit_10_with_a_hint(tmp_path: Path) -> None:
     result = _invoke("pki", "request", "--name", "mallory", ws)
     assert result.exit_code == 0
     # a real process: no traceback, exit code 10, the message and the hint
-    proc = run_cli("pki", "sign", str(ws), str(ws / "sites" / "mallory" / "site.csr"))
+    proc = run_cli("pki", "sign", str(ws), str(ws / "sites" / "mallory" / "mallory.csr"))
     assert proc.returncode == 10, proc.stderr
     assert "'mallory' is not a site" in proc.stderr and "federation.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -410,4 +410,40 @@ def test_cli_errors_exit_10_with_a_hint(tmp_path: Path) -> None:
     assert result.exit_code == 10 and "no certificate was issued" in result.stderr
     result = _invoke("pki", "sign", ws, tmp_path / "missing.csr")
     assert result.exit_code == 10 and "missing.csr does not exist" in result.stderr
-    assert "pass the site.csr file the site sent you" in result.stderr
+    assert "pass the SITE.csr file the site sent you" in result.stderr
+
+
+def test_the_hand_offs_between_sites_and_the_ca_are_never_left_half_done(tmp_path: Path) -> None:
+    """Issue 16.4: each request is named after its site; signing into a missing folder
+    creates it (a failed write must not leave an issued certificate behind); init without
+    --host and a request for a name the plan lacks warn at once."""
+    ws = make_workspace(tmp_path, "breast-cancer", "ws")
+    result = _invoke("pki", "init", ws)
+    assert result.exit_code == 0, result.output
+    assert "warning: no --host given" in result.stderr and "host-name check" in result.stderr
+    assert "--host" not in _invoke("pki", "server", ws).stderr
+
+    csrs = []
+    for site in ("site-01", "site-02"):
+        result = _invoke("pki", "request", "--name", site, ws)
+        assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+        csrs.append(ws / "sites" / site / f"{site}.csr")
+    assert len({c.name for c in csrs}) == 2 and all(c.is_file() for c in csrs)
+
+    result = _invoke("pki", "request", "--name", "site-99", ws)
+    assert result.exit_code == 0, result.output
+    assert "'site-99' is not one of the plan's sites" in result.stderr
+
+    out = tmp_path / "outbox" / "deeper" / "site-01.crt"
+    result = _invoke("pki", "sign", ws, csrs[0], "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == (ws / "pki" / "issued" / "site-01.crt").read_bytes()
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be")
+    result = _invoke("pki", "sign", ws, csrs[1], "--out", blocker / "site-02.crt")
+    assert result.exit_code == 10 and "nothing was signed" in result.stderr, result.output
+    assert not (ws / "pki" / "issued" / "site-02.crt").exists()
+    result = _invoke("pki", "sign", ws, csrs[1], "--out", tmp_path / "outbox")
+    assert result.exit_code == 10 and "is a folder" in result.stderr, result.output
+    assert not (ws / "pki" / "issued" / "site-02.crt").exists()

@@ -23,6 +23,11 @@ errors = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def warn(message: str) -> None:
+    """A warning on the error stream: seen on the screen, kept out of piped output."""
+    errors.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
 def friendly(command: F) -> F:
     """fedloom's errors become a message and the error's exit code, never a traceback;
     Ctrl-C exits 130. An OSError from the environment (a read-only file system, a

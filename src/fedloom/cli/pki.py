@@ -15,8 +15,8 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from fedloom.cli.common import console, friendly, site_name
-from fedloom.errors import CertificateError
+from fedloom.cli.common import console, friendly, site_name, warn
+from fedloom.errors import CertificateError, FedloomError
 from fedloom.pki import (
     RevocationList,
     accept_certificate,
@@ -44,7 +44,7 @@ from fedloom.pki.common import (
     write_atomic,
 )
 from fedloom.pki.common import now as current_time
-from fedloom.plan import load_plan
+from fedloom.plan import PLAN_FILE, load_plan
 
 pki_app = typer.Typer(
     help="The federation's certificates: a CA in the workspace, keys kept by the sites.",
@@ -92,6 +92,13 @@ def init(
     plan = load_plan(workspace, [])
     pki_dir = pki_dir_of(workspace)
     hosts = host or DEFAULT_HOSTS
+    if not host:
+        warn(
+            "no --host given: the aggregator's certificate names only "
+            f"{' and '.join(DEFAULT_HOSTS)}, so sites on other machines will fail the "
+            "host-name check; give the name or address sites use, e.g. --host agg.example.org "
+            f"(now or later with `fedloom pki server {workspace} --host ...`)"
+        )
     ca = init_ca(
         pki_dir, federation=plan.name, hosts=hosts, days=days, ca_days=ca_days, force=force
     )
@@ -104,7 +111,7 @@ def init(
     console.print(f"The aggregator's certificate is valid for: {', '.join(server_hosts(pki_dir))}")
     console.print(
         "Next: each site runs [cyan]fedloom pki request --name SITE[/] and sends you its "
-        f"site.csr; you run [cyan]fedloom pki sign {workspace} site.csr[/]"
+        f"SITE.csr; you run [cyan]fedloom pki sign {workspace} SITE.csr[/]"
     )
 
 
@@ -129,6 +136,12 @@ def request(
 ) -> None:
     """At a site: make its key (which stays here) and a certificate signing request."""
     state_dir = state or site_state_dir(workspace, name)
+    roster = _roster_if_any(workspace)
+    if roster is not None and name not in roster:
+        warn(
+            f"{name!r} is not one of the plan's sites ({', '.join(roster)}): the CA will "
+            "refuse to sign this request; check --name against the plan's sites"
+        )
     csr_path, key_fp = request_certificate(state_dir, name)
     console.print(f"Signing request for [bold]{name}[/]: [bold]{csr_path}[/]")
     _show("key fingerprint", key_fp)
@@ -142,7 +155,7 @@ def request(
 @friendly
 def sign(
     workspace: WorkspaceArg,
-    csr: Annotated[Path, typer.Argument(help="The site's site.csr.")],
+    csr: Annotated[Path, typer.Argument(help="The site's SITE.csr.")],
     out: Annotated[
         Path | None, typer.Option(help="Also write the certificate to this file.")
     ] = None,
@@ -150,8 +163,10 @@ def sign(
 ) -> None:
     """At the CA: sign a site's request, if the site is in the plan."""
     roster = load_plan(workspace, []).roster
-    csr_pem = read_file(csr, missing_hint="pass the site.csr file the site sent you")
+    csr_pem = read_file(csr, missing_hint="pass the SITE.csr file the site sent you")
     pki_dir = pki_dir_of(workspace)
+    if out is not None:  # before anything is issued: a second signing makes a second serial
+        _writable_folder(out)
     cert_pem, info = sign_request(pki_dir, csr_pem, allowed=roster, days=days)
     written = [pki_dir / ISSUED_DIR / f"{info.name}.crt"]
     if out is not None:
@@ -242,6 +257,32 @@ def list_certificates(workspace: WorkspaceArg) -> None:
             "yes" if crl.is_revoked(info.serial) else "no",
         )
     console.print(table)
+
+
+def _roster_if_any(workspace: Path) -> tuple[str, ...] | None:
+    """The plan's sites when WORKSPACE holds a plan that loads; None otherwise (a site
+    may request its certificate before it has the workspace)."""
+    if not (workspace / PLAN_FILE).is_file():
+        return None
+    try:
+        return load_plan(workspace, []).roster
+    except FedloomError:
+        return None
+
+
+def _writable_folder(out: Path) -> None:
+    """Create ``out``'s folder if it is missing; refuse a path that cannot be written."""
+    if out.is_dir():
+        raise CertificateError(
+            f"--out {out} is a folder", hint="give a file name, e.g. --out outbox/SITE.crt"
+        )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CertificateError(
+            f"cannot create the folder of --out {out}: {err.strerror or err}",
+            hint="choose a folder you can write to; nothing was signed",
+        ) from err
 
 
 def _show(label: str, value: str) -> None:

@@ -51,7 +51,12 @@ SERVER_NAME = "aggregator"
 
 # A site's state folder
 SITE_KEY = "site.key"
-SITE_CSR = "site.csr"
+def csr_file(name: str) -> str:
+    """The name of site ``name``'s signing request: ``NAME.csr``, so that the CA, who
+    receives one from every site, never gets two files of the same name."""
+    return f"{name}.csr"
+
+
 SITE_CERT = "site.crt"
 SITE_CA = "ca.crt"
 
@@ -193,7 +198,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     except ValueError as err:
         raise CertificateError(
             "not a valid PEM certificate signing request",
-            hint="pass the site.csr file that `fedloom pki request` wrote, unchanged",
+            hint="pass the SITE.csr file that `fedloom pki request` wrote, unchanged",
         ) from err
 
 

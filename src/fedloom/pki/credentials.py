@@ -47,10 +47,10 @@ def site_credentials(state_dir: Path) -> Credentials:
     key = read_key_file(
         state_dir / SITE_KEY,
         missing_hint="run `fedloom pki request --name SITE` to make the site's key, then "
-        "have the CA sign site.csr and run `fedloom pki accept`",
+        "have the CA sign SITE.csr and run `fedloom pki accept`",
     )
     accept = (
-        "have the federation's CA sign site.csr (`fedloom pki sign WORKSPACE site.csr`), "
+        "have the federation's CA sign SITE.csr (`fedloom pki sign WORKSPACE SITE.csr`), "
         "then run `fedloom pki accept --name SITE --cert SITE.crt --ca ca.crt`"
     )
     return Credentials(

@@ -1,7 +1,7 @@
 """A site's side of the PKI, in its state folder (``WORKSPACE/sites/NAME`` by default).
 
 The site makes its own key, ``site.key``, which never leaves the folder; it sends
-``site.csr`` to the federation's CA and installs what comes back with
+``NAME.csr`` to the federation's CA and installs what comes back with
 :func:`accept_certificate`. The folder is created with mode 0700 and may hold other
 site state besides these files.
 """
@@ -18,7 +18,6 @@ from fedloom.errors import CertificateError
 from fedloom.pki.common import (
     SITE_CA,
     SITE_CERT,
-    SITE_CSR,
     SITE_KEY,
     CertInfo,
     cert_info,
@@ -26,6 +25,7 @@ from fedloom.pki.common import (
     check_issued_and_current,
     check_name,
     common_name,
+    csr_file,
     key_fingerprint,
     load_cert,
     load_csr,
@@ -44,7 +44,7 @@ REQUEST_HINT = "run `fedloom pki request --name SITE` at the site first"
 
 
 def request_certificate(state_dir: Path, name: str) -> tuple[Path, str]:
-    """Make the site's key (``site.key``, mode 0600) and signing request (``site.csr``,
+    """Make the site's key (``site.key``, mode 0600) and signing request (``NAME.csr``,
     CN ``name``) in ``state_dir``. Returns the request's path and the key's fingerprint.
 
     A key already there for ``name`` is kept and the request written again; a key that
@@ -71,8 +71,9 @@ def request_certificate(state_dir: Path, name: str) -> tuple[Path, str]:
         .sign(key, hashes.SHA256())
     )
     pem = csr.public_bytes(serialization.Encoding.PEM)
-    write_atomic(state_dir / SITE_CSR, pem)
-    return state_dir / SITE_CSR, key_fingerprint(pem)
+    path = state_dir / csr_file(name)
+    write_atomic(path, pem)
+    return path, key_fingerprint(pem)
 
 
 def accept_certificate(state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> CertInfo:
@@ -88,7 +89,7 @@ def accept_certificate(state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> CertI
     if public_key_der(cert) != public_key_der(key):
         raise CertificateError(
             f"the certificate for {info.name!r} is for another key than {key_path}",
-            hint="install the certificate the CA signed from this folder's site.csr",
+            hint="install the certificate the CA signed from this folder's SITE.csr",
         )
     owner = _key_owner(state_dir, certificate=False)
     if owner is not None and owner != info.name:
@@ -104,7 +105,7 @@ def accept_certificate(state_dir: Path, cert_pem: bytes, ca_pem: bytes) -> CertI
         "ca.crt",
         not_issued_hint="ask the federation for its ca.crt and the certificate it signed, and "
         "compare the fingerprints over another channel",
-        not_current_hint="check this machine's clock, or ask the CA to sign site.csr again",
+        not_current_hint="check this machine's clock, or ask the CA to sign SITE.csr again",
     )
     if not _has_usage(cert, ExtendedKeyUsageOID.CLIENT_AUTH):
         raise CertificateError(
@@ -133,7 +134,7 @@ def check_own_certificate(state_dir: Path, credentials: Credentials) -> None:
         not_issued_hint="install the certificate the federation's CA signed for this site, "
         "with the federation's ca.crt (`fedloom pki accept --name SITE --cert SITE.crt --ca "
         "ca.crt`)",
-        not_current_hint="check this machine's clock, or ask the CA to sign site.csr again",
+        not_current_hint="check this machine's clock, or ask the CA to sign SITE.csr again",
     )
 
 
@@ -144,10 +145,10 @@ def _key_owner(state_dir: Path, *, certificate: bool = True) -> str | None:
     if certificate and cert_path.exists():
         cert = load_cert(read_file(cert_path, missing_hint=REQUEST_HINT), str(cert_path))
         return common_name(cert.subject, str(cert_path))
-    csr_path = state_dir / SITE_CSR
-    if csr_path.exists():
-        csr = load_csr(read_file(csr_path, missing_hint=REQUEST_HINT))
-        return common_name(csr.subject, str(csr_path))
+    for csr_path in sorted(state_dir.glob("*.csr")):  # NAME.csr (site.csr before 0.2)
+        if csr_path.is_file():
+            csr = load_csr(read_file(csr_path, missing_hint=REQUEST_HINT))
+            return common_name(csr.subject, str(csr_path))
     return None
 
 
