@@ -161,3 +161,37 @@ def test_strict_values_and_unambiguous_files(tmp_path: Path) -> None:
     (ws / "federation.yaml").write_text("rounds: 3\nseed: 1\nrounds: 5\n")
     with pytest.raises(PlanError, match="key 'rounds' is written twice"):
         load_plan(ws)
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        ({"round": 3}, "round: unknown key for this section (did you mean `rounds`?)"),
+        (
+            {"training": {"epoch": 2}},
+            "training.epoch: unknown key for this section (did you mean `epochs`?)",
+        ),
+        ({"data": {"partiton": "iid"}}, "(did you mean `partition`?)"),
+        ({"strategy": {"name": "fedprox", "proximal_m": 0.1}}, "(did you mean `proximal_mu`?)"),
+    ],
+)
+def test_a_misspelt_key_is_answered_with_the_nearest_one(plan: dict, expected: str) -> None:
+    with pytest.raises(PlanError) as err:
+        validate_plan(plan)
+    assert any(expected in p for p in err.value.problems), err.value.problems
+
+
+def test_a_key_unlike_any_other_gets_no_guess() -> None:
+    with pytest.raises(PlanError) as err:
+        validate_plan({"zzzz": 1})
+    assert "did you mean" not in str(err.value) and "unknown key" in str(err.value)
+
+
+def test_python_dash_m_fedloom_runs_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedloom", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.startswith("fedloom "), done.stderr

@@ -8,6 +8,7 @@ workspace: the contract a data owner approves and every site checks.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections import Counter
@@ -509,7 +510,8 @@ def _check_strategy(strategy: Mapping[str, Any]) -> tuple[list[str], Strategy | 
     params = {k: v for k, v in strategy.items() if k != "name"}
     takes = ", ".join(known) if known else "no parameters"
     problems = [
-        f"strategy.{key}: strategy {name!r} has no parameter {key!r}; it takes {takes}"
+        f"strategy.{key}: strategy {name!r} has no parameter {key!r}{_did_you_mean(key, known)}; "
+        f"it takes {takes}"
         for key in params
         if key not in known
     ]
@@ -632,6 +634,28 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+PLAN_DOCS = "docs/plan.md"
+
+
+def _section_keys(path: Sequence[str]) -> list[str]:
+    """The keys the plan accepts in the section at ``path`` (``[]`` for the top level
+    returns the plan's own keys)."""
+    model: Any = Plan
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    """`` (did you mean `rounds`?)`` for the known key nearest to ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
 def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:
     loc = [str(p) for p in (*prefix, *error["loc"]) if not str(p).startswith("function-")]
     # unions report each branch (int, list[str]); keep the path readable
@@ -644,7 +668,9 @@ def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = N
     got = error.get("input")
     if kind == "extra_forbidden":
         where = f"strategy {strategy!r}" if strategy else "this section"
-        return f"{path}: unknown key for {where}; check its spelling in docs/plan.md"
+        known = [] if strategy else _section_keys(loc[:-1])
+        guess = _did_you_mean(loc[-1], known) if loc else ""
+        return f"{path}: unknown key for {where}{guess}; check its spelling in {PLAN_DOCS}"
     if kind in ("literal_error", "enum"):
         return f"{path}: must be one of {ctx.get('expected')} (got {_shown(got)})"
     if kind == "value_error":
