@@ -640,10 +640,9 @@ PLAN_DOCS = "docs/plan.md"
 def _section_keys(path: Sequence[str]) -> list[str]:
     """The keys the plan accepts in the section at ``path`` (``[]`` for the top level
     returns the plan's own keys)."""
-    model: Any = Plan
+    model: type[BaseModel] = Plan
     for part in path:
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        annotation = getattr(field, "annotation", None)
+        annotation = getattr(model.model_fields.get(part), "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation
