@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -57,6 +57,24 @@ def start_logging(path: Path, *, verbose: bool = False) -> None:
     root = logging.getLogger("fedloom")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def run_log(path: Path, *, verbose: bool = False) -> Iterator[None]:
+    """Log fedloom's records to ``path`` while the block runs (a simulation's
+    ``run.log``): debug detail too with ``verbose``."""
+    handler = _LogFile(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedloom")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 class _LogFile(logging.FileHandler):
