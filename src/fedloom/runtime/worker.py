@@ -158,11 +158,15 @@ class SiteWorker:
 
     def _run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
+        state_dir = None
+        if self.state_root is not None:  # the site's own folder, there for its task
+            state_dir = self.state_root / site
+            state_dir.mkdir(parents=True, exist_ok=True)
         env = site_env(
             self.plan,
             device=self.device,
             data_path=self.source.data_path(site),
-            state_dir=self.state_root / site if self.state_root is not None else None,
+            state_dir=state_dir,
         )
         try:
             return self._execute(site, instruction, weights, dp_sgd, rounds_selected, env)
