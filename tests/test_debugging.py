@@ -42,7 +42,8 @@ def test_a_task_that_raises_shows_its_traceback_with_verbose_and_in_the_run_log(
     assert str(run / "run.log") in shown and "--verbose" in shown  # where the rest is
     assert "Traceback" not in shown and TASK_LINE not in shown
     (failed,) = [r for r in _rows(run) if r["status"] == "error"]
-    assert failed["site"] == "site-02" and failed["reason"] == "ValueError: site-02 broke in round 1"
+    assert failed["site"] == "site-02"
+    assert failed["reason"] == "ValueError: site-02 broke in round 1"
     assert TASK_LINE in str(failed["traceback"])
     assert "fedloom/runtime" not in str(failed["traceback"])  # from the user's code down
 
