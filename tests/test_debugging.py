@@ -167,4 +167,23 @@ def test_a_traceback_is_bounded_and_printable() -> None:
         text = task_traceback(err)
     assert len(text) <= MAX_TRACEBACK_CHARS
     assert "\x1b" not in text and "\\x1b" in text  # an escape cannot drive a terminal
-    assert text.count('in deep\n') <= 50 and "RuntimeError: xxx" in text
+    assert text.count("in deep\n") <= 50 and "RuntimeError: xxx" in text
+
+
+def test_a_real_site_keeps_its_traceback_and_sends_the_aggregator_one_line(
+    tmp_path: Path,
+) -> None:
+    ws = make_workspace(tmp_path, "breast-cancer")
+    write_training_twist(ws, RAISES)
+    proc = run_cli(
+        "simulate", str(ws), "--transport", "grpc", "--quiet", "--run-name", "real",
+        "rounds=1", "deadline.min_fraction=0.5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    site_log = (ws / "sites" / "site-02" / "collaborator.log").read_text()
+    assert TASK_LINE in site_log and "ValueError: site-02 broke in round 1" in site_log
+    (failed,) = [r for r in _rows(ws / "runs" / "real") if r["status"] == "error"]
+    assert failed["reason"] == "ValueError: site-02 broke in round 1"
+    assert "traceback" not in failed
+    aggregator_log = (ws / "aggregator" / "aggregator.log").read_text()
+    assert "Traceback" not in aggregator_log and TASK_LINE not in aggregator_log
