@@ -273,7 +273,8 @@ def _simulate(
             try:
                 return work(site, instruction, weights)
             except Exception as err:
-                _failed(site, instruction, err, on_failure)
+                if aggregator.task_open(instruction.task_id):  # else nobody hears of it
+                    _failed(site, instruction, err, on_failure)
                 raise
 
         def run_site(site: str) -> None:
