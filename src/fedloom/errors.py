@@ -75,6 +75,16 @@ class TaskError(FedloomError):
     exit_code = 4
 
 
+class TaskFailed(TaskError):
+    """The task's own code raised, where it ran (a simulation's worker process, a site):
+    the message is the exception's one line, ``traceback`` its formatted traceback
+    (bounded: see :func:`fedloom.runtime.tracebacks.task_traceback`)."""
+
+    def __init__(self, message: str, *, traceback: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.traceback = traceback
+
+
 class UpdateRejected(FedloomError):
     """One site's update was refused (NaN, wrong shape or dtype, stale round …).
 

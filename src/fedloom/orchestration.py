@@ -329,6 +329,7 @@ class Aggregator:
         self._open: _OpenRound | None = None
         self._finished = False
         self._completed = False  # run() went through every round
+        self._interrupted = False  # interrupt(): run() raises KeyboardInterrupt
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last call or beat
@@ -375,6 +376,15 @@ class Aggregator:
                 self._open = None
                 self._cond.notify_all()
         return self.history
+
+    def interrupt(self) -> None:
+        """Make :meth:`run`, running in another thread, stop as if Ctrl-C had reached it:
+        the attempt under way is recorded as stopped and ``run`` raises
+        :class:`KeyboardInterrupt` (``simulate --workers 0`` runs the round loop in a
+        thread, the tasks in the main thread, which is where Ctrl-C arrives)."""
+        with self._cond:
+            self._interrupted = True
+            self._cond.notify_all()
 
     def _train_round(self, rnd: int) -> RoundRecord:
         cfg = self.config
@@ -533,6 +543,8 @@ class Aggregator:
         why_closed = (FailureKind.TIMEOUT, "no answer before the round's deadline")
         with self._cond:
             while opened.pending:
+                if self._interrupted:
+                    raise KeyboardInterrupt
                 if len(opened.results) + len(opened.pending) < needed:
                     why_closed = (
                         FailureKind.CANCELLED,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -16,8 +17,8 @@ from typing import IO, Any
 from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
 from fedloom.plan import Plan
-from fedloom.records import Accountant, InstructionKind
-from fedloom.runtime.simulation import SimulationResult
+from fedloom.records import Accountant, FailureKind, InstructionKind
+from fedloom.runtime.simulation import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 
 
@@ -119,6 +120,8 @@ class RunRecorder:
         self.run_dir = run_dir
         self.rounds_closed = 0
         self.finished: dict[str, Any] | None = None
+        self._tracebacks: dict[tuple[int, str], str] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def reopen(
@@ -147,12 +150,29 @@ class RunRecorder:
         recorder.run_dir = run_dir
         recorder.rounds_closed = 0
         recorder.finished = None
+        recorder._tracebacks = {}
+        recorder._lock = threading.Lock()
         return recorder
+
+    def site_failed(self, failure: SiteFailed) -> None:
+        """Keep the task's traceback of a simulated site's failure, for the ``traceback``
+        field of its row in ``metrics.jsonl`` (written when its round closes)."""
+        if failure.traceback:
+            with self._lock:
+                self._tracebacks[(failure.round, failure.site)] = failure.traceback
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, RoundClosed):
+            rows = list(record_rows(event.record, self._dp_sgd_accountant))
+            with self._lock:
+                for row in rows:
+                    if row["status"] == FailureKind.ERROR.value:
+                        trace = self._tracebacks.pop((row["round"], row["site"]), None)
+                        if trace is not None:
+                            row["traceback"] = trace
             with naming(self.run_dir / "metrics.jsonl"):
-                _write_rows(self._metrics, [event.record], self._dp_sgd_accountant)
+                for row in rows:
+                    self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
                 self._metrics.flush()
             self.rounds_closed += 1
 

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -57,6 +57,24 @@ def start_logging(path: Path, *, verbose: bool = False) -> None:
     root = logging.getLogger("fedloom")
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@contextlib.contextmanager
+def run_log(path: Path, *, verbose: bool = False) -> Iterator[None]:
+    """Log fedloom's records to ``path`` while the block runs (a simulation's
+    ``run.log``): debug detail too with ``verbose``."""
+    handler = _LogFile(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedloom")
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 class _LogFile(logging.FileHandler):
@@ -285,7 +303,14 @@ def collaborator_start(
         ),
     ] = None,
     log: LogOption = None,
-    verbose: VerboseOption = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Log debug detail too, and show a failed task's traceback here (the log "
+            "always has it).",
+        ),
+    ] = False,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Take part in the federation as site NAME: connect out, train locally, send updates.
@@ -301,7 +326,8 @@ def collaborator_start(
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or site_state_dir(workspace, name)
     make_private_dir(state_dir)  # its key goes here
-    start_logging(log or state_dir / "collaborator.log", verbose=verbose)
+    log_path = log or state_dir / "collaborator.log"
+    start_logging(log_path, verbose=verbose)
     options = SiteOptions(
         name=name,
         address=aggregator,
@@ -316,6 +342,13 @@ def collaborator_start(
 
     def show(p: SiteProgress) -> None:
         console.print(f"{p.last}  [dim]({p.rounds_done} accepted, {p.rounds_failed} failed)[/]")
+        if p.traceback:  # the log has it always; the screen with --verbose
+            if verbose:
+                errors.print(p.traceback, markup=False, highlight=False)
+            else:
+                errors.print(
+                    f"  its traceback is in {log_path} (--verbose shows it here)", highlight=False
+                )
 
     try:
         done = in_thread(

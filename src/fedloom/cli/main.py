@@ -6,7 +6,9 @@ with an exit code per kind of error (see docs/index.md).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,17 +30,17 @@ from fedloom.cli.common import (
     errors,
     friendly,
 )
-from fedloom.cli.deploy import aggregator_app, collaborator_app
+from fedloom.cli.deploy import aggregator_app, collaborator_app, run_log
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
-from fedloom.cli.results import fresh_run_dir, print_results
+from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
 from fedloom.plan import attack_warnings, load_plan, plan_hash
 from fedloom.workspace import TEMPLATES, create_workspace
 
 if TYPE_CHECKING:
-    pass
+    from fedloom.runtime.simulation import SimulationOptions
 
 app = typer.Typer(
     name="fedloom",
@@ -203,20 +205,35 @@ def simulate(
     baseline: Annotated[
         bool, typer.Option(help="Also train the model centrally on the pooled data.")
     ] = False,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Pin worker i to GPU i % N (workers sharing a GPU split its memory; 0: the "
+            "plan's training.device).",
+        ),
+    ] = 0,
     run_name: RunNameOption = None,
     runs_dir: RunsDirOption = None,
     quiet: QuietOption = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", help="Show a failed task's whole traceback here, and log debug detail."
+        ),
+    ] = False,
 ) -> None:
     """Run the workspace's federation with simulated sites, on this machine or, with
     --backend ray, on a Ray cluster.
 
     Writes runs/<run-name>/: metrics.jsonl, summary.json, final.safetensors,
-    plan.json and accuracy.png.
+    plan.json, accuracy.png, run.log (with a failed task's traceback) and sites/ (each
+    simulated site's state folder).
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
     from fedloom.report import RunRecorder
-    from fedloom.runtime.simulation import SimulationOptions, make_attack
+    from fedloom.runtime.simulation import SimulationOptions, SiteFailed, make_attack
     from fedloom.runtime.simulation import simulate as run_simulation
     from fedloom.transport.inprocess import TrafficCounter
 
@@ -242,6 +259,7 @@ def simulate(
             "--attackers": attackers != 0,
             "--baseline": baseline,
             "--backend ray": backend is Backend.RAY,
+            "--gpus": gpus != 0,
         }
         if any(ignored.values()):
             used = ", ".join(k for k, v in ignored.items() if v)
@@ -262,6 +280,10 @@ def simulate(
         require_ray(ray, workers)
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
+    if gpus:
+        from fedloom.runtime.devices import check_gpus
+
+        check_gpus(gpus)  # before anything is written or any worker starts
     console.print(
         f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, "
         f"{count(plan.rounds, 'round')}, "
@@ -287,24 +309,50 @@ def simulate(
         attack=attack,
         attackers=attackers,
         baseline=baseline,
+        gpus=gpus,
     )
     make_attack(plan, options)  # a bad --attack is refused before anything is written
     _warn(attack_warnings(plan, attackers))
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan)
     run_dir = recorder.run_dir
-    try:
-        with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
+    # each simulated site's state folder lives in the run: runs/<run-name>/sites/<site>
+    options = dataclasses.replace(options, state_root=run_dir / "sites")
+    with run_log(run_dir / RUN_LOG, verbose=verbose):
+        logging.getLogger("fedloom.simulation").info(
+            "simulating %s (plan hash %s) with %s", plan.name, digest, _workers_text(options)
+        )
+        failures = FailureLines(run_dir / RUN_LOG, verbose=verbose)
+        try:
+            with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
 
-            def on_event(event: Event, traffic: TrafficCounter) -> None:
-                progress(event, traffic)
-                recorder.on_event(event)
+                def on_event(event: Event, traffic: TrafficCounter) -> None:
+                    progress(event, traffic)
+                    recorder.on_event(event)
 
-            result = run_simulation(workspace, plan, options, on_event=on_event)
-    except BaseException as err:
-        recorder.fail(plan, digest, err)
-        errors.print(f"what the run did is in {run_dir}", highlight=False)
-        raise
-    print_results(recorder, result)
+                def on_failure(failure: SiteFailed) -> None:
+                    recorder.site_failed(failure)
+                    failures.show(failure)
+
+                result = run_simulation(
+                    workspace, plan, options, on_event=on_event, on_failure=on_failure
+                )
+        except BaseException as err:
+            recorder.fail(plan, digest, err)
+            failures.fatal(err)
+            errors.print(f"what the run did is in {run_dir}", highlight=False)
+            raise
+        print_results(recorder, result)
+
+
+def _workers_text(options: SimulationOptions) -> str:
+    """Where the sites' tasks run, for the run's log."""
+    if options.backend is not None:
+        return "Ray actors"
+    if options.workers == 0:
+        return "every task in this process's main thread (--workers 0)"
+    many = "one per core" if options.workers is None else str(options.workers)
+    on = f" on {count(options.gpus, 'GPU')}" if options.gpus else ""
+    return f"worker processes: {many}{on}"
 
 
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order

@@ -3,18 +3,73 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from fedloom.cli.common import console
-from fedloom.errors import WorkspaceError
+from fedloom.cli.common import console, errors
+from fedloom.errors import FedloomError, TaskFailed, WorkspaceError
 from fedloom.report import final_site_metrics
 
 if TYPE_CHECKING:
     from fedloom.report import RunRecorder
-    from fedloom.runtime.simulation import SimulationResult
+    from fedloom.runtime.simulation import SimulationResult, SiteFailed
+
+RUN_LOG = "run.log"  # a simulation's log, in its run folder
+
+
+class FailureLines:
+    """A simulation's failed sites on the terminal: without ``verbose`` one line each
+    (the first :attr:`LIMIT` of them) and where the traceback is; with it, the task's
+    whole traceback too. The run's log (``log``) has every one in full either way."""
+
+    LIMIT = 5
+
+    def __init__(self, log: Path, *, verbose: bool) -> None:
+        self.log = log
+        self.verbose = verbose
+        self.shown = 0
+        self._lock = threading.Lock()
+
+    def show(self, failure: SiteFailed) -> None:
+        """Say that ``failure``'s site failed (called from the sites' threads)."""
+        with self._lock:
+            self.shown += 1
+            if self.shown > self.LIMIT and not self.verbose:
+                if self.shown == self.LIMIT + 1:
+                    self._say(f"more sites failed: every failure is in {self.log}")
+                return
+            line = f"{failure.site}, round {failure.round}: {failure.reason}"
+            if not failure.traceback:
+                self._say(line)
+            elif self.verbose:
+                self._say(f"{line}\n{failure.traceback}")
+            else:
+                self._say(f"{line} (its traceback is in {self.log}; --verbose shows it here)")
+
+    def fatal(self, err: BaseException) -> None:
+        """Log why the run ended early (the CLI then prints the error); a failed task's
+        traceback goes to the log, and with ``verbose`` to the terminal too."""
+        log = logging.getLogger("fedloom.simulation")
+        if isinstance(err, KeyboardInterrupt):
+            log.error("interrupted")
+        elif isinstance(err, TaskFailed) and err.traceback:
+            log.error("the run failed: %s\n%s", err.message, err.traceback)
+            if self.verbose:
+                self._say(err.traceback)
+            else:
+                self._say(f"the task's traceback is in {self.log} (--verbose shows it here)")
+        elif isinstance(err, FedloomError):
+            log.error("the run failed: %s", err)
+        else:  # fedloom's own bug: its traceback, for the report
+            log.error("the run failed", exc_info=err)
+
+    @staticmethod
+    def _say(text: str) -> None:
+        errors.print(text, markup=False, highlight=False)
 
 
 def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) -> Path:

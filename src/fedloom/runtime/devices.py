@@ -60,6 +60,34 @@ def resolve_device(name: str) -> str:
 _HINT = "set training.device to auto (or cpu) in the plan, or start the site with --device cpu"
 
 
+def check_gpus(count: int) -> None:
+    """Refuse ``simulate --gpus COUNT`` on a machine without that many CUDA GPUs, before
+    any worker starts (imports torch: the workers will need it). Raises
+    :class:`DeviceError`."""
+    if count <= 0:
+        return
+    try:
+        import torch
+    except ImportError as err:
+        raise DeviceError(
+            f"--gpus {count} needs torch with CUDA, and torch is not installed",
+            hint="install torch with CUDA support, or run without --gpus (on the CPU)",
+        ) from err
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise DeviceError(
+            f"--gpus {count} asked for, but torch sees no CUDA GPU on this machine (torch "
+            f"{torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)",
+            hint="run without --gpus: the sites train on the plan's training.device (auto: "
+            "the CPU here)",
+        )
+    if count > have:
+        raise DeviceError(
+            f"--gpus {count} asked for, but this machine has {have} CUDA GPU(s)",
+            hint=f"use --gpus {have} or fewer; several workers may share one GPU",
+        )
+
+
 def release_memory(device: str) -> None:
     """Give the cached GPU memory of ``device`` back, between one site's work and the
     next (a simulation worker serves many sites)."""

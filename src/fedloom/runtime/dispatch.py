@@ -57,14 +57,25 @@ class Dispatcher:
     trained, so stale work never delays the next attempt. A batch whose worker died or
     hung is run again one site at a time, so only the culprit fails."""
 
-    def __init__(self, workers: list[Worker], batch: int, open_task: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        workers: list[Worker],
+        batch: int,
+        open_task: Callable[[str], bool],
+        *,
+        in_caller: bool = False,
+    ) -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._batch = max(1, batch)
         self._open_task = open_task
         self._aborted = False
+        self._lock = threading.Lock()  # abort() against run() queueing a job
+        # in_caller: the one worker is served by serve_here(), in the thread that calls it
+        self._here = workers[0] if in_caller else None
+        served = [] if in_caller else workers
         self._threads = [
             threading.Thread(target=self._serve, args=(w,), name="fedloom-worker", daemon=True)
-            for w in workers
+            for w in served
         ]
         for t in self._threads:
             t.start()
@@ -72,12 +83,36 @@ class Dispatcher:
     def run(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         """The site's answer (blocks until a worker has run it); raises what it raised."""
         job = _Job(site, instruction, weights)
-        self._jobs.put(job)
+        with self._lock:
+            if self._aborted:
+                raise WorkerDied("the simulation is shutting down")
+            self._jobs.put(job)
         return job.done.result()
+
+    def serve_here(self) -> None:
+        """Run the queued sites' work in this thread until :meth:`stop_serving` (with
+        ``in_caller``: ``--workers 0`` runs every task in the main thread, where a
+        debugger can stop in it). Ctrl-C in a task fails the jobs taken and is raised."""
+        if self._here is not None:
+            self._serve(self._here)
+
+    def stop_serving(self) -> None:
+        """Make :meth:`serve_here` return once the jobs already queued are done."""
+        if self._here is not None:
+            self._jobs.put(None)
 
     def abort(self) -> None:
         """Fail every queued job at once (the run stopped); the workers are aborted too."""
-        self._aborted = True
+        with self._lock:
+            self._aborted = True
+            if self._here is not None:  # no thread of ours takes them: fail them here
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job.done.set_exception(WorkerDied("the simulation is shutting down"))
 
     def close(self) -> None:
         """Stop the workers' threads once the jobs already queued are done."""
@@ -119,6 +154,10 @@ class Dispatcher:
                     answers = [err] * len(jobs)
                 else:
                     answers = [self._alone(worker, job) for job in jobs]  # find the culprit
+            except KeyboardInterrupt:  # Ctrl-C in a task run here, in the main thread
+                for job in jobs:
+                    job.done.set_exception(WorkerDied("the simulation was interrupted"))
+                raise
             except BaseException as err:
                 sent = None
                 answers = [err] * len(jobs)

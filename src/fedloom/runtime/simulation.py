@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import queue
@@ -26,7 +27,7 @@ from fedloom.attacks import Attack, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
-from fedloom.errors import PlanError, TaskError, WorkspaceError
+from fedloom.errors import PlanError, TaskError, TaskFailed, WorkspaceError
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -37,6 +38,7 @@ from fedloom.orchestration import (
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
+from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
 from fedloom.runtime.worker import (
@@ -52,6 +54,8 @@ from fedloom.strategies.base import Strategy
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights, nbytes
+
+log = logging.getLogger("fedloom.simulation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +87,20 @@ class SimulationResult:
     stopped_early: str | None = None  # why training ended before the plan's rounds
 
 
+@dataclass(frozen=True)
+class SiteFailed:
+    """A simulated site's local work failed: the one-line ``reason`` the aggregator
+    records, and, when the task's own code raised, its ``traceback`` (else empty)."""
+
+    site: str
+    round: int
+    task_id: str
+    reason: str
+    traceback: str = ""
+
+
 ProgressSink = Callable[[Event, TrafficCounter], None]
+FailureSink = Callable[[SiteFailed], None]
 
 
 def federation_config(plan: Plan) -> FederationConfig:
@@ -125,10 +142,16 @@ def simulate(
     options: SimulationOptions = SimulationOptions(),
     *,
     on_event: ProgressSink | None = None,
+    on_failure: FailureSink | None = None,
     clock: Clock | None = None,
     faults: FaultPoints | None = None,
 ) -> SimulationResult:
-    """Run the plan's federation on this machine and return what happened."""
+    """Run the plan's federation on this machine and return what happened.
+
+    A site whose local work fails is logged (``fedloom.simulation``, with the task's
+    traceback) and handed to ``on_failure`` before the aggregator hears of it; the
+    federation goes on as the plan's quorum allows. With ``workers=0`` every task runs
+    in the calling thread (a debugger stops in it) and the round loop in another."""
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     attack = make_attack(plan, options)
@@ -150,6 +173,7 @@ def simulate(
             plan_json,
             attack_json,
             on_event,
+            on_failure,
             clock,
             faults,
         )
@@ -168,6 +192,7 @@ def _simulate(
     plan_json: str,
     attack_json: str,
     on_event: ProgressSink | None,
+    on_failure: FailureSink | None,
     clock: Clock | None,
     faults: FaultPoints | None,
 ) -> SimulationResult:
@@ -215,7 +240,8 @@ def _simulate(
         batch = batch_size(per_round, len(workers), nbytes(initial))
         if not options.baseline:
             initial = {}  # the strategy holds its own copy: a model's size less to keep
-        dispatcher = Dispatcher(workers, batch, aggregator.task_open)
+        here = isinstance(workers[0], LocalWorker)  # --workers 0: tasks in this thread
+        dispatcher = Dispatcher(workers, batch, aggregator.task_open, in_caller=here)
         # one site ahead of each worker; with batches, a second batch per worker
         ahead = 2 * batch * len(workers) if batch > 1 else len(workers) + 1
         threads = per_round if plan.privacy.secure_aggregation else min(per_round, ahead)
@@ -243,10 +269,18 @@ def _simulate(
 
         compression = site_compression(plan)  # one for every site: keeps each one's residual
 
+        def runner(site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
+            try:
+                return work(site, instruction, weights)
+            except Exception as err:
+                if aggregator.task_open(instruction.task_id):  # else nobody hears of it
+                    _failed(site, instruction, err, on_failure)
+                raise
+
         def run_site(site: str) -> None:
             collaborator = Collaborator(
                 transport.connect(site),
-                lambda ins, w: work(site, ins, w),
+                lambda ins, w: runner(site, ins, w),
                 privacy=site_privacy(plan, site),
                 compression=compression,
             )
@@ -264,7 +298,7 @@ def _simulate(
         futures = [pool.submit(drive) for _ in range(threads)]
         completed = False
         try:
-            history = aggregator.run()
+            history = _rounds(aggregator, dispatcher) if here else aggregator.run()
             completed = True
         finally:
             for _ in range(threads):
@@ -306,6 +340,51 @@ def _simulate(
     finally:
         for w in workers:
             w.close()
+
+
+def _failed(
+    site: str, instruction: Instruction, err: Exception, on_failure: FailureSink | None
+) -> None:
+    """Log a site's failed work (with the task's traceback) and hand it on."""
+    reason = err.message if isinstance(err, TaskError) else f"{type(err).__name__}: {err}"
+    trace = err.traceback if isinstance(err, TaskFailed) else ""
+    failed = SiteFailed(site, instruction.round, instruction.task_id, reason, trace)
+    if trace:
+        log.warning("%s, round %d: the task failed: %s\n%s", site, failed.round, reason, trace)
+    else:
+        log.warning("%s, round %d: %s", site, failed.round, reason)
+    if on_failure is not None:
+        on_failure(failed)
+
+
+def _rounds(aggregator: Aggregator, dispatcher: Dispatcher) -> list[RoundRecord]:
+    """The aggregator's rounds run in a thread while this thread runs the sites' tasks
+    (``--workers 0``: a debugger's breakpoint in a task stops in the main thread). Ctrl-C
+    here stops the round loop there, as it would have stopped it here."""
+    box: dict[str, Any] = {}
+
+    def loop() -> None:
+        try:
+            box["history"] = aggregator.run()
+        except BaseException as err:  # raised in this thread, below
+            box["error"] = err
+        finally:
+            dispatcher.stop_serving()
+
+    thread = threading.Thread(target=loop, name="fedloom-rounds", daemon=True)
+    thread.start()
+    try:
+        dispatcher.serve_here()
+    except BaseException:
+        aggregator.interrupt()
+        raise
+    finally:
+        dispatcher.abort()  # work queued from here on is stale: failed, not waited for
+        thread.join()
+    if "error" in box:
+        raise box["error"]
+    history: list[RoundRecord] = box["history"]
+    return history
 
 
 def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:

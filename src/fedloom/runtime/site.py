@@ -61,6 +61,7 @@ from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator, int_seed
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
+from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.store.runs import LockBusy, hold_lock
 from fedloom.tasks.base import (
     AnySiteData,
@@ -108,6 +109,9 @@ class SiteProgress:
     evaluated: bool = False  # the final model was evaluated here
     current: int = 0
     last: str = ""
+    # the traceback of the failure ``last`` reports, when the task's own code raised;
+    # kept at the site (its log; the screen with --verbose), never sent
+    traceback: str = ""
 
     @property
     def rounds_failed(self) -> int:
@@ -174,9 +178,9 @@ def _participate(
     connection = GrpcConnection(credentials, settings, stop=stop)
     progress = SiteProgress()
 
-    def report(line: str, *, failed: bool = False) -> None:
-        progress.last = line
-        (log.warning if failed else log.info)(line)
+    def report(line: str, *, failed: bool = False, trace: str = "") -> None:
+        progress.last, progress.traceback = line, trace
+        (log.warning if failed else log.info)(line + (f"\n{trace}" if trace else ""))
         if on_progress is not None:
             on_progress(progress)
 
@@ -200,8 +204,14 @@ def _participate(
             )
         except Exception as err:  # reported to the aggregator by the collaborator too
             progress.failed.add(instruction.round)
-            why = traceback.format_exception_only(err)[-1].strip()
-            report(f"round {instruction.round}: the task failed: {why}", failed=True)
+            # the aggregator gets the one line; the traceback (it may show the site's
+            # data) stays here, in the site's log
+            trace = task_traceback(err)
+            report(
+                f"round {instruction.round}: the task failed: {one_line(err)}",
+                failed=True,
+                trace=trace,
+            )
             raise
 
     try:

@@ -17,14 +17,20 @@ import socket
 import subprocess
 import sys
 import threading
-import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.attacks import Attack, AttackKind
-from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
+from fedloom.errors import (
+    DeviceError,
+    FedloomError,
+    PlanError,
+    TaskError,
+    TaskFailed,
+    WorkspaceError,
+)
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
 from fedloom.rng import int_seed
@@ -32,6 +38,7 @@ from fedloom.runtime import pipes
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource
+from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.tasks.base import SiteContext
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
@@ -151,11 +158,15 @@ class SiteWorker:
 
     def _run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
+        state_dir = None
+        if self.state_root is not None:  # the site's own folder, there for its task
+            state_dir = self.state_root / site
+            state_dir.mkdir(parents=True, exist_ok=True)
         env = site_env(
             self.plan,
             device=self.device,
             data_path=self.source.data_path(site),
-            state_dir=self.state_root / site if self.state_root is not None else None,
+            state_dir=state_dir,
         )
         try:
             return self._execute(site, instruction, weights, dp_sgd, rounds_selected, env)
@@ -244,19 +255,24 @@ def _describe(err: BaseException) -> str:
         return "\n".join(err.problems)
     if isinstance(err, FedloomError):
         return str(err)
-    return traceback.format_exception_only(err)[-1].strip()
+    return one_line(err)
 
 
 _ERROR_KINDS: dict[str, type[FedloomError]] = {
-    cls.__name__: cls for cls in (PlanError, WorkspaceError, TaskError, FedloomError)
+    cls.__name__: cls for cls in (PlanError, WorkspaceError, DeviceError, TaskError, FedloomError)
 }
 
 
 def _error_reply(err: BaseException) -> dict[str, Any]:
+    """The reply saying a request failed with ``err``: its one-line description, its
+    kind and, for the task's own failure, its traceback (bounded: the driver writes it
+    to the run's log and the failure's record)."""
     kind = type(err).__name__ if type(err).__name__ in _ERROR_KINDS else "TaskError"
     reply = {"ok": False, "error": _describe(err), "kind": kind}
     if isinstance(err, PlanError):
         reply["source"] = err.source
+    if kind == "TaskError":
+        reply["traceback"] = err.traceback if isinstance(err, TaskFailed) else task_traceback(err)
     return reply
 
 
@@ -268,6 +284,8 @@ def raise_reply_error(header: dict[str, Any], doing: str) -> None:
     text = str(header.get("error"))
     if cls is PlanError:
         raise PlanError(text.split("\n"), source=str(header.get("source", doing)))
+    if cls is TaskError:
+        raise TaskFailed(f"{doing}: {text}", traceback=str(header.get("traceback", "")))
     raise cls(f"{doing}: {text}")
 
 
@@ -459,7 +477,8 @@ def answers_from_batch_reply(reply: Reply, count: int) -> list[SiteAnswer | Base
     out: list[SiteAnswer | BaseException] = []
     for answer, delta in zip(answers, deltas, strict=True):
         if not answer.get("ok"):  # the site reports it; the round goes on
-            out.append(TaskError(str(answer.get("error"))))
+            trace = str(answer.get("traceback", ""))
+            out.append(TaskFailed(str(answer.get("error")), traceback=trace))
         else:
             out.append(SiteAnswer(int(answer["num_samples"]), answer["metrics"], delta or None))
     return out
