@@ -211,7 +211,7 @@ def simulate(
     --backend ray, on a Ray cluster.
 
     Writes runs/<run-name>/: metrics.jsonl, summary.json, final.safetensors,
-    plan.json and accuracy.png.
+    plan.json and <primary metric>.png (accuracy.png for a classifier).
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
@@ -299,7 +299,9 @@ def simulate(
                 progress(event, traffic)
                 recorder.on_event(event)
 
-            result = run_simulation(workspace, plan, options, on_event=on_event)
+            result = run_simulation(
+                workspace, plan, options, on_event=on_event, on_metrics=progress.declared
+            )
     except BaseException as err:
         recorder.fail(plan, digest, err)
         errors.print(f"what the run did is in {run_dir}", highlight=False)

@@ -27,6 +27,7 @@ from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.errors import PlanError, TaskError, WorkspaceError
+from fedloom.figures import metrics_from_json
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -49,6 +50,7 @@ from fedloom.runtime.worker import (
 )
 from fedloom.strategies import build_strategy
 from fedloom.strategies.base import Strategy
+from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights, nbytes
@@ -81,9 +83,12 @@ class SimulationResult:
     bytes_received: int
     attackers: tuple[str, ...]
     stopped_early: str | None = None  # why training ended before the plan's rounds
+    # the task's declared metrics (None: unknown, the task not loaded)
+    metrics: Metrics | None = CLASSIFICATION
 
 
 ProgressSink = Callable[[Event, TrafficCounter], None]
+MetricsSink = Callable[[Metrics], None]
 
 
 def federation_config(plan: Plan) -> FederationConfig:
@@ -127,8 +132,10 @@ def simulate(
     on_event: ProgressSink | None = None,
     clock: Clock | None = None,
     faults: FaultPoints | None = None,
+    on_metrics: MetricsSink | None = None,
 ) -> SimulationResult:
-    """Run the plan's federation on this machine and return what happened."""
+    """Run the plan's federation on this machine and return what happened.
+    ``on_metrics`` hears the task's declared metrics once a worker loaded it."""
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     attack = make_attack(plan, options)
@@ -152,6 +159,7 @@ def simulate(
             on_event,
             clock,
             faults,
+            on_metrics,
         )
     finally:
         if scratch is not None:
@@ -170,6 +178,7 @@ def _simulate(
     on_event: ProgressSink | None,
     clock: Clock | None,
     faults: FaultPoints | None,
+    on_metrics: MetricsSink | None,
 ) -> SimulationResult:
     per_round = plan.per_round
     workers = _start_workers(str(ws), plan_json, attack_json, options, plan, digest)
@@ -184,6 +193,9 @@ def _simulate(
                 f"is {digest[:16]}… here and {init_header['plan_hash'][:16]}… in the worker",
                 hint="run it again once the workspace's files stay put",
             )
+        metrics = metrics_from_json(init_header.get("metrics"))
+        if on_metrics is not None:
+            on_metrics(metrics)
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below
@@ -302,6 +314,7 @@ def _simulate(
             bytes_received=transport.traffic.received,
             attackers=tuple(sorted(attack.attackers)) if attack else (),
             stopped_early=aggregator.stopped_early,
+            metrics=metrics,
         )
     finally:
         for w in workers:

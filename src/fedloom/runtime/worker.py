@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from fedloom.attacks import Attack, AttackKind
 from fedloom.errors import FedloomError, PlanError, TaskError, WorkspaceError
+from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
 from fedloom.rng import int_seed
@@ -32,7 +33,7 @@ from fedloom.runtime import pipes
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource
-from fedloom.tasks.base import SiteContext
+from fedloom.tasks.base import SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
@@ -105,7 +106,9 @@ class SiteWorker:
     def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
         op = header["op"]
         if op == "init":
-            return {"ok": True, "plan_hash": self.plan_hash}, self.task.init_weights(self.plan.seed)
+            declared = metrics_to_json(metrics_of(self.task))  # for the run's figures
+            reply = {"ok": True, "plan_hash": self.plan_hash, "metrics": declared}
+            return reply, self.task.init_weights(self.plan.seed)
         if weights is None and self._cached is not None and self._cached[0] == header["key"]:
             weights = self._cached[1]
         if weights is None:
