@@ -202,7 +202,9 @@ class SiteWorker:
 
 
 def _metrics_reply(out: EvalOutput) -> Reply:
-    return {"ok": True, "num_samples": out.num_samples, "metrics": dict(out.metrics)}, None
+    """The test set's figures as JSON: a task's NumPy scalars become plain floats."""
+    metrics = {k: float(v) for k, v in out.metrics.items()}
+    return {"ok": True, "num_samples": int(out.num_samples), "metrics": metrics}, None
 
 
 def serve(conn: Connection) -> None:
