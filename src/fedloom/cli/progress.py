@@ -82,8 +82,8 @@ class RoundProgress:
         elif isinstance(event, RoundClosed):
             primary = self.metrics.primary
             value = event.record.metrics.get(f"global_{primary}")
-            shown = f" · val {escape(primary)} (global model) {value:.3f}"
-            self._last = shown if value is not None else ""
+            label = f"val {escape(primary)} (global model)"  # the sites' validation splits
+            self._last = "" if value is None else f" · {label} {value:.3f}"
             epsilon = event.record.privacy.get("epsilon")
             if isinstance(epsilon, float):
                 accountant = str(event.record.privacy.get("accountant", "")).upper()
