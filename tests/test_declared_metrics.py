@@ -138,6 +138,21 @@ def test_a_regression_run_reports_r2_and_mae_everywhere(tmp_path: Path) -> None:
     assert not (run / "accuracy.png").exists()
 
 
+def test_the_deployed_aggregator_reports_the_declared_metrics_too(tmp_path: Path) -> None:
+    """Over gRPC, real processes: the aggregator loads the task itself and its progress
+    line, tables, summary and plot say R² (a custom dataset has no test set there)."""
+    ws = regression_workspace(tmp_path)
+    done = run_cli("simulate", str(ws), "--transport", "grpc", "--run-name", "g", timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "val r2 (global model) " in out and "│ worst_site_r2 " in out, out
+    assert "accuracy" not in out, out
+    s = json.loads((ws / "runs" / "g" / "summary.json").read_text())
+    assert (s["primary_metric"], s["primary_better"]) == ("r2", "higher")
+    assert s["test_r2"] is None and 0 < s["worst_site_r2"] < s["mean_site_r2"] < 1
+    assert (ws / "runs" / "g" / "r2.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_a_lower_is_better_primary_names_the_highest_site_the_worst(tmp_path: Path) -> None:
     """The same regression judged by MAE: the worst site is the one with the highest
     MAE, the summary says lower is better, and the plot is mae.png."""
