@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fedloom.orchestration import RoundRecord
@@ -9,11 +10,23 @@ from fedloom.orchestration import RoundRecord
 MAX_SITE_LINES = 30
 
 
-def plot_accuracy(history: tuple[RoundRecord, ...], path: Path, *, test: float | None) -> None:
-    """Accuracy of the global model at each site, by round (one line per site).
+def plot_primary(
+    history: tuple[RoundRecord, ...],
+    path: Path,
+    primary: str,
+    *,
+    test: float | None,
+    baseline: float | None = None,
+    better: str = "higher",
+) -> None:
+    """The global model's ``primary`` metric at each site, by round (one line per site),
+    with the final model's test figure and the centralised baseline's as dashed and
+    dotted lines. ``better`` (``"higher"`` or ``"lower"``) is the way the metric
+    improves: the legend goes where the curves are not heading.
 
     A training round ``r`` first evaluates the model of round ``r - 1``; the final
-    evaluation round evaluates the last one.
+    evaluation round evaluates the last one. A metric that stays within 0..1 (accuracy,
+    Dice, IoU) is drawn on that scale; any other on its own.
     """
     import matplotlib
 
@@ -21,28 +34,34 @@ def plot_accuracy(history: tuple[RoundRecord, ...], path: Path, *, test: float |
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    key = f"global_{primary}"
     series: dict[str, list[tuple[int, float]]] = {}
     for record in history:
         x = record.round - 1  # round r (and the final evaluation) sees the model of r - 1
         for r in record.results:
-            if "global_accuracy" in r.metrics:
-                series.setdefault(r.site, []).append((x, r.metrics["global_accuracy"]))
+            if key in r.metrics:
+                series.setdefault(r.site, []).append((x, r.metrics[key]))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     names = sorted(series)
     for site in names[:MAX_SITE_LINES]:
         xs, ys = zip(*series[site], strict=True)
         ax.plot(xs, ys, linewidth=1, alpha=0.8, label=site if len(names) <= 12 else None)
-    if test is not None and history:
-        ax.axhline(test, color="black", linestyle="--", linewidth=1, label=f"test {test:.3f}")
+    lines = [(test, "test", "--"), (baseline, "centralised", ":")]
+    drawn = [(v, label, style) for v, label, style in lines if v is not None and history]
+    for value, label, style in drawn:
+        ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{label} {value:.3f}")
     ax.set_xlabel("global model after round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy on the site's validation split")
+    ax.set_ylabel(f"{primary} on the site's validation split")
     shown = "" if len(names) <= MAX_SITE_LINES else f" (first {MAX_SITE_LINES} of {len(names)})"
-    ax.set_title(f"Global model accuracy per site{shown}")
-    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Global model {primary} per site{shown}")
+    values = [v for s in series.values() for _, v in s] + [v for v, _, _ in drawn]
+    if all(0 <= v <= 1 for v in values if math.isfinite(v)):
+        ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    if (0 < len(names) <= 12) or (test is not None and history):  # a legend with lines
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    if (0 < len(names) <= 12) or drawn:  # a legend with lines
+        # away from where the curves end up: low for a loss, high for an accuracy
+        ax.legend(fontsize=7, ncol=2, loc="upper right" if better == "lower" else "lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` (one line per site per round), ``summary.json``,
 ``final.safetensors`` (the final global model), ``plan.json`` (the validated plan)
-and ``accuracy.png`` (each site's accuracy of the global model, round by round).
+and ``<primary>.png`` (each site's figure of the global model, round by round, by the
+task's primary metric: ``accuracy.png`` for a classifier).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
+from fedloom.figures import metric_names, plot_file, worst_value
 from fedloom.orchestration import Event, RoundClosed, RoundRecord
 from fedloom.plan import Plan
 from fedloom.records import Accountant, FailureKind, InstructionKind
@@ -59,19 +61,12 @@ def final_site_metrics(history: tuple[RoundRecord, ...]) -> dict[str, dict[str, 
 
 
 def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
-    sites = final_site_metrics(result.history)
-    accs = [m["global_accuracy"] for m in sites.values() if "global_accuracy" in m]
     train_rounds = [r for r in result.history if r.kind is InstructionKind.TRAIN]
-    central = result.centralized_metrics
     return {
         "run_name": run_name,
         "status": "completed",
         **_plan_fields(result.plan, result.plan_hash),
-        "test_accuracy": _num(result.test_metrics.get("accuracy")),
-        "test_loss": _num(result.test_metrics.get("loss")),
-        "mean_site_accuracy": _num(sum(accs) / len(accs)) if accs else None,
-        "worst_site_accuracy": _num(min(accs)) if accs else None,
-        "centralized_accuracy": _num(central.get("accuracy")) if central else None,
+        **metric_fields(result),
         "wall_seconds": result.wall_seconds,
         "seconds_per_round": result.wall_seconds / max(1, len({r.round for r in train_rounds})),
         "bytes_sent": result.bytes_sent,
@@ -80,6 +75,42 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "failures": sum(len(r.failures) for r in result.history),
         "close_reasons": {str(r.round): r.close_reason.value for r in result.history},
         **_privacy_fields(result),
+    }
+
+
+def metric_fields(result: SimulationResult) -> dict[str, Any]:
+    """The summary's figures, by the task's declared metrics: the primary metric and
+    which way it improves, ``test_<metric>`` for each metric, the sites' mean and worst
+    of the primary (the worst is the highest of a lower-is-better metric), and
+    ``centralized_<metric>`` (``--baseline``). A classifier's are ``test_accuracy``,
+    ``test_loss``, ``mean_site_accuracy``, ``worst_site_accuracy``,
+    ``centralized_accuracy`` and ``centralized_loss``.
+
+    Undeclared (``result.metrics`` None: the task was not loaded), only the test set's
+    metrics are named, and no site figure."""
+    declared = result.metrics
+    central = result.centralized_metrics or {}
+    if declared is None:
+        return {
+            "primary_metric": None,
+            "primary_better": None,
+            **{f"test_{k}": _num(v) for k, v in sorted(result.test_metrics.items())},
+        }
+    names = metric_names(declared, result.test_metrics, central)
+    primary = declared.primary
+    sites = final_site_metrics(result.history)
+    values = [m[f"global_{primary}"] for m in sites.values() if f"global_{primary}" in m]
+    finite = [v for v in values if math.isfinite(v)]
+    return {
+        "primary_metric": primary,
+        "primary_better": declared.better(primary),
+        **{f"test_{k}": _num(result.test_metrics.get(k)) for k in names},
+        f"mean_site_{primary}": _num(sum(finite) / len(finite)) if finite else None,
+        f"worst_site_{primary}": _num(worst_value(declared, primary, finite)),
+        **{
+            f"centralized_{k}": _num(central.get(k)) if result.centralized_metrics else None
+            for k in names
+        },
     }
 
 
@@ -193,12 +224,7 @@ class RunRecorder:
             json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n",
         )
         if plot:
-            from fedloom.plots import plot_accuracy
-
-            tmp = self.run_dir / "accuracy.tmp.png"  # the suffix names the format
-            with naming(tmp):
-                plot_accuracy(result.history, tmp, test=data["test_accuracy"])
-            tmp.replace(self.run_dir / "accuracy.png")
+            plot_metrics(self.run_dir, result, data)
         _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
         self.finished = data
         return data
@@ -224,6 +250,28 @@ class RunRecorder:
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def plot_metrics(run_dir: Path, result: SimulationResult, data: Mapping[str, Any]) -> None:
+    """Write the plot of the primary metric, ``<primary>.png`` (``accuracy.png`` for a
+    classifier); a task not loaded (``result.metrics`` None) has none."""
+    declared = result.metrics
+    if declared is None:
+        return
+    from fedloom.plots import plot_primary
+
+    path = run_dir / plot_file(declared)
+    tmp = path.with_name(f"{path.stem}.tmp.png")  # the suffix names the format
+    with naming(tmp):
+        plot_primary(
+            result.history,
+            tmp,
+            declared.primary,
+            test=data.get(f"test_{declared.primary}"),
+            baseline=data.get(f"centralized_{declared.primary}"),
+            better=declared.better(declared.primary),
+        )
+    tmp.replace(path)
 
 
 def _folder_error(err: OSError, run_dir: Path) -> WorkspaceError | DiskError:

@@ -252,6 +252,7 @@ def aggregator_start(
                     options,
                     on_event=on_event,
                     on_listening=listening,
+                    on_metrics=progress.declared,
                     on_finished=recorder.finish,  # the results, before the run is completed
                     faults=faults,
                 )

@@ -227,8 +227,8 @@ def simulate(
     --backend ray, on a Ray cluster.
 
     Writes runs/<run-name>/: metrics.jsonl, summary.json, final.safetensors,
-    plan.json, accuracy.png, run.log (with a failed task's traceback) and sites/ (each
-    simulated site's state folder).
+    plan.json, <primary metric>.png (accuracy.png for a classifier), run.log (with a failed
+    task's traceback) and sites/ (each simulated site's state folder).
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.orchestration import Event
@@ -334,7 +334,12 @@ def simulate(
                     failures.show(failure)
 
                 result = run_simulation(
-                    workspace, plan, options, on_event=on_event, on_failure=on_failure
+                    workspace,
+                    plan,
+                    options,
+                    on_event=on_event,
+                    on_failure=on_failure,
+                    on_metrics=progress.declared,
                 )
         except BaseException as err:
             recorder.fail(plan, digest, err)

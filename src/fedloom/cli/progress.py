@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -15,6 +16,7 @@ from rich.progress import (
 )
 
 from fedloom.orchestration import CloseReason, Event, RoundClosed, RoundOpened, SiteAnswered
+from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import TrafficCounter
 
 
@@ -30,9 +32,16 @@ class RoundProgress:
     """A rich progress bar over rounds, fed by the aggregator's events."""
 
     def __init__(
-        self, console: Console, rounds: int, *, enabled: bool = True, done: int = 0
+        self,
+        console: Console,
+        rounds: int,
+        *,
+        enabled: bool = True,
+        done: int = 0,
+        metrics: Metrics = CLASSIFICATION,
     ) -> None:
         self.rounds = rounds
+        self.metrics = metrics  # the task's; the runtime may say it later (declared())
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -53,6 +62,11 @@ class RoundProgress:
         self._round = 0
         self._last = ""
 
+    def declared(self, metrics: Metrics) -> None:
+        """The task's declared metrics, once the runtime loaded it: the line shows its
+        primary metric."""
+        self.metrics = metrics
+
     def __enter__(self) -> RoundProgress:
         self.progress.__enter__()
         return self
@@ -66,9 +80,10 @@ class RoundProgress:
         elif isinstance(event, SiteAnswered):
             self._done += 1
         elif isinstance(event, RoundClosed):
-            metrics = event.record.metrics
-            acc = metrics.get("global_accuracy")
-            self._last = f" · acc {acc:.3f}" if acc is not None else ""
+            primary = self.metrics.primary
+            value = event.record.metrics.get(f"global_{primary}")
+            label = f"val {escape(primary)} (global model)"  # the sites' validation splits
+            self._last = "" if value is None else f" · {label} {value:.3f}"
             epsilon = event.record.privacy.get("epsilon")
             if isinstance(epsilon, float):
                 accountant = str(event.record.privacy.get("accountant", "")).upper()

@@ -8,11 +8,17 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from fedloom.cli.common import console, errors
 from fedloom.errors import FedloomError, TaskFailed, WorkspaceError
+from fedloom.figures import metric_names, worst_first
 from fedloom.report import final_site_metrics
+from fedloom.tasks.base import Metrics
+
+MAX_COLUMNS = 6
+"""The most metrics the sites' table shows (summary.json and metrics.jsonl have all)."""
 
 if TYPE_CHECKING:
     from fedloom.report import RunRecorder
@@ -88,9 +94,28 @@ def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) 
 def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
     """Finish the run folder and print the sites' table and the summary."""
     summary = recorder.finish(result)
-    _print_sites(final_site_metrics(result.history))
+    _print_sites(final_site_metrics(result.history), result.metrics)
     _print_summary(summary)
     console.print(f"Results in [bold]{recorder.run_dir}[/]")
+
+
+def _figure_keys(s: dict[str, object]) -> list[str]:
+    """The summary's figures to show: the primary metric's test figure, the other test
+    figures but the loss (it is in summary.json), then the primary's centralised
+    baseline and the sites' mean and worst. A classifier's: ``test_accuracy``,
+    ``centralized_accuracy``, ``mean_site_accuracy``, ``worst_site_accuracy``."""
+    primary = s.get("primary_metric")
+    tests = [k for k in s if k.startswith("test_") and k != "test_loss"]
+    if not isinstance(primary, str):
+        return tests
+    first = f"test_{primary}"
+    return [
+        first,
+        *(k for k in tests if k != first),
+        f"centralized_{primary}",
+        f"mean_site_{primary}",
+        f"worst_site_{primary}",
+    ]
 
 
 def _fresh_run_name(run_root: Path) -> str:
@@ -103,21 +128,32 @@ def _fresh_run_name(run_root: Path) -> str:
     return name
 
 
-def _print_sites(sites: dict[str, dict[str, float]], limit: int = 20) -> None:
+def _print_sites(
+    sites: dict[str, dict[str, float]], metrics: Metrics | None, limit: int = 20
+) -> None:
+    """The final global model at each site: the primary metric, then the others (at most
+    :data:`MAX_COLUMNS` in all); past ``limit`` sites, the worst ones."""
     if not sites:
         return
-    ordered = sorted(sites.items(), key=lambda kv: kv[1].get("global_accuracy", 0.0))
+    found = {k[len("global_") :] for m in sites.values() for k in m if k.startswith("global_")}
+    if metrics is None:  # undeclared: the metrics in name order, the sites too
+        names, ordered = sorted(found), sorted(sites)
+    else:
+        names = metric_names(metrics, found)
+        ordered = worst_first(metrics, sites, f"global_{metrics.primary}")
+    names = names[:MAX_COLUMNS]
     shown = ordered if len(ordered) <= limit else ordered[:limit]
     title = "Final global model at each site"
     if len(ordered) > limit:
         title += f" (the {limit} worst of {len(ordered)})"
-    table = Table("site", "val samples", "accuracy", "loss", title=title)
-    for site, m in sorted(shown):
+    # a metric's name is text, never markup (a site may have chosen it)
+    table = Table("site", "val samples", *(Column(Text(n)) for n in names), title=title)
+    for site in sorted(shown):
+        m = sites[site]
         table.add_row(
             site,
             f"{m.get('val_samples', 0):.0f}",
-            f"{m.get('global_accuracy', float('nan')):.4f}",
-            f"{m.get('global_loss', float('nan')):.4f}",
+            *(f"{m.get(f'global_{n}', float('nan')):.4f}" for n in names),
         )
     console.print(table)
 
@@ -127,18 +163,9 @@ def _print_summary(s: dict[str, object]) -> None:
         return f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))
 
     table = Table("", "", title="Summary", show_header=False)
-    for key in (
-        "test_accuracy",
-        "centralized_accuracy",
-        "mean_site_accuracy",
-        "worst_site_accuracy",
-        "wall_seconds",
-        "seconds_per_round",
-        "bytes_sent",
-        "bytes_received",
-        "failures",
-    ):
-        table.add_row(key, fmt(s.get(key)))
+    counts = ["wall_seconds", "seconds_per_round", "bytes_sent", "bytes_received", "failures"]
+    for key in [*_figure_keys(s), *counts]:
+        table.add_row(Text(key), fmt(s.get(key)))
     if s.get("epsilon") is not None:
         by = f" ({str(s['accountant']).upper()} accountant)" if s.get("accountant") else ""
         table.add_row("epsilon", f"{fmt(s.get('epsilon'))} at delta {s.get('delta'):g}{by}")

@@ -51,6 +51,8 @@ SERVER_NAME = "aggregator"
 
 # A site's state folder
 SITE_KEY = "site.key"
+
+
 def csr_file(name: str) -> str:
     """The name of site ``name``'s signing request: ``NAME.csr``, so that the CA, who
     receives one from every site, never gets two files of the same name."""

@@ -47,7 +47,7 @@ from fedloom.store import save_weights
 from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
 from fedloom.strategies import build_strategy
 from fedloom.strategies.state import StrategyState
-from fedloom.tasks.base import SiteContext, Task
+from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
@@ -255,20 +255,22 @@ def _complete_results(
         weights=resume.state.weights,
         stopped_early=stopped_early,
     )
-    if test_set and not same_code:
+    if not same_code:
         store.notes.append(
-            f"run {run.name!r}: the code of {ws} changed since it ran, so its test set was "
-            "not evaluated again; its summary has no test metrics"
+            f"run {run.name!r}: the code of {ws} changed since it ran, so its task was not "
+            "loaded again; its summary has no test metrics, no primary metric and no plot"
         )
+    metrics = None  # the task's declared metrics: from the code the run approved alone
     try:
-        task = load_task(code, plan.task) if test_set and same_code else None
-        result = final(task=task)
+        task = load_task(code, plan.task) if same_code else None
+        metrics = metrics_of(task) if task is not None else None
+        result = final(task=task if test_set else None, metrics=metrics)
     except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set
         store.notes.append(
             f"run {run.name!r}: the test set could not be evaluated again ({err}); "
             "its summary has no test metrics"
         )
-        result = final(task=None)
+        result = final(task=None, metrics=metrics)
     recorder = RunRecorder.reopen(run.run_dir, history)
     recorder.finish(result)
     store.notes.append(
@@ -291,14 +293,16 @@ def _final_result(
     run: RunInfo,
     *,
     task: Task | None,
+    metrics: Metrics | None,
     ws: Path,
     history: list[RoundRecord],
     weights: Weights,
     stopped_early: str | None,
 ) -> SimulationResult:
     """What a finished run leaves: its history, final model and test metrics (None for
-    ``task``: none), with the seconds and bytes the state database recorded (those of
-    every process that served it, up to its last round's close)."""
+    ``task``: none), by the task's declared ``metrics`` (None: unknown), with the
+    seconds and bytes the state database recorded (those of every process that served
+    it, up to its last round's close)."""
     test: dict[str, float] = {}
     if task is not None and plan.data.dataset != "custom":
         test_data = DataSource(plan, ws, task).test_set()
@@ -317,6 +321,7 @@ def _final_result(
         bytes_received=totals.bytes_received,
         attackers=(),
         stopped_early=stopped_early,
+        metrics=metrics,
     )
 
 
@@ -328,6 +333,7 @@ def serve(
     *,
     on_event: EventSink | None = None,
     on_listening: Callable[[int], None] | None = None,
+    on_metrics: Callable[[Metrics], None] | None = None,
     on_finished: Callable[[SimulationResult], object] | None = None,
     faults: FaultPoints | None = None,
 ) -> SimulationResult:
@@ -344,6 +350,7 @@ def serve(
             options,
             on_event=on_event,
             on_listening=on_listening,
+            on_metrics=on_metrics,
             on_finished=on_finished,
             faults=faults,
         )
@@ -365,6 +372,7 @@ def _serve(
     *,
     on_event: EventSink | None,
     on_listening: Callable[[int], None] | None,
+    on_metrics: Callable[[Metrics], None] | None,
     on_finished: Callable[[SimulationResult], object] | None,
     faults: FaultPoints | None,
 ) -> SimulationResult:
@@ -379,6 +387,8 @@ def _serve(
         )
     task = load_task(code, plan.task)
     check_task_supports(task, plan.privacy.dp_sgd is not None)
+    if on_metrics is not None:
+        on_metrics(metrics_of(task))
     credentials = server_credentials(pki_dir_of(ws))
     revocations = RevocationList(pki_dir_of(ws) / CRL_FILE, credentials.ca_pem)
     traffic = TrafficCounter()
@@ -454,6 +464,7 @@ def _serve(
             store,
             run,
             task=task if options.test_set else None,
+            metrics=metrics_of(task),
             ws=ws,
             history=history,
             weights=aggregator.weights,

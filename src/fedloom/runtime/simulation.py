@@ -28,6 +28,7 @@ from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.errors import PlanError, TaskError, TaskFailed, WorkspaceError
+from fedloom.figures import metrics_from_json
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -51,6 +52,7 @@ from fedloom.runtime.worker import (
 )
 from fedloom.strategies import build_strategy
 from fedloom.strategies.base import Strategy
+from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 from fedloom.weights import Weights, nbytes
@@ -85,6 +87,8 @@ class SimulationResult:
     bytes_received: int
     attackers: tuple[str, ...]
     stopped_early: str | None = None  # why training ended before the plan's rounds
+    # the task's declared metrics (None: unknown, the task not loaded)
+    metrics: Metrics | None = CLASSIFICATION
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class SiteFailed:
 
 ProgressSink = Callable[[Event, TrafficCounter], None]
 FailureSink = Callable[[SiteFailed], None]
+MetricsSink = Callable[[Metrics], None]
 
 
 def federation_config(plan: Plan) -> FederationConfig:
@@ -145,13 +150,15 @@ def simulate(
     on_failure: FailureSink | None = None,
     clock: Clock | None = None,
     faults: FaultPoints | None = None,
+    on_metrics: MetricsSink | None = None,
 ) -> SimulationResult:
     """Run the plan's federation on this machine and return what happened.
 
     A site whose local work fails is logged (``fedloom.simulation``, with the task's
     traceback) and handed to ``on_failure`` before the aggregator hears of it; the
     federation goes on as the plan's quorum allows. With ``workers=0`` every task runs
-    in the calling thread (a debugger stops in it) and the round loop in another."""
+    in the calling thread (a debugger stops in it) and the round loop in another.
+    ``on_metrics`` hears the task's declared metrics once a worker loaded it."""
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     attack = make_attack(plan, options)
@@ -176,6 +183,7 @@ def simulate(
             on_failure,
             clock,
             faults,
+            on_metrics,
         )
     finally:
         if scratch is not None:
@@ -195,6 +203,7 @@ def _simulate(
     on_failure: FailureSink | None,
     clock: Clock | None,
     faults: FaultPoints | None,
+    on_metrics: MetricsSink | None,
 ) -> SimulationResult:
     per_round = plan.per_round
     workers = _start_workers(str(ws), plan_json, attack_json, options, plan, digest)
@@ -209,6 +218,9 @@ def _simulate(
                 f"is {digest[:16]}… here and {init_header['plan_hash'][:16]}… in the worker",
                 hint="run it again once the workspace's files stay put",
             )
+        metrics = metrics_from_json(init_header.get("metrics"))
+        if on_metrics is not None:
+            on_metrics(metrics)
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below
@@ -336,6 +348,7 @@ def _simulate(
             bytes_received=transport.traffic.received,
             attackers=tuple(sorted(attack.attackers)) if attack else (),
             stopped_early=aggregator.stopped_early,
+            metrics=metrics,
         )
     finally:
         for w in workers:

@@ -31,6 +31,7 @@ from fedloom.errors import (
     TaskFailed,
     WorkspaceError,
 )
+from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
 from fedloom.rng import int_seed
@@ -39,7 +40,7 @@ from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.tasks.base import SiteContext
+from fedloom.tasks.base import SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
@@ -112,7 +113,9 @@ class SiteWorker:
     def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
         op = header["op"]
         if op == "init":
-            return {"ok": True, "plan_hash": self.plan_hash}, self.task.init_weights(self.plan.seed)
+            declared = metrics_to_json(metrics_of(self.task))  # for the run's figures
+            reply = {"ok": True, "plan_hash": self.plan_hash, "metrics": declared}
+            return reply, self.task.init_weights(self.plan.seed)
         if weights is None and self._cached is not None and self._cached[0] == header["key"]:
             weights = self._cached[1]
         if weights is None:
@@ -210,7 +213,9 @@ class SiteWorker:
 
 
 def _metrics_reply(out: EvalOutput) -> Reply:
-    return {"ok": True, "num_samples": out.num_samples, "metrics": dict(out.metrics)}, None
+    """The test set's figures as JSON: a task's NumPy scalars become plain floats."""
+    metrics = {k: float(v) for k, v in out.metrics.items()}
+    return {"ok": True, "num_samples": int(out.num_samples), "metrics": metrics}, None
 
 
 def serve(conn: Connection) -> None:
