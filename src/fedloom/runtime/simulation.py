@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedloom.attacks import Attack, choose_attackers, parse_attack
+from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
+from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.errors import PlanError, TaskError, WorkspaceError
 from fedloom.orchestration import (
     Aggregator,
@@ -116,6 +117,15 @@ def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
         attackers = choose_attackers(plan.roster, options.attackers, plan.seed)
     except ValueError as err:
         raise PlanError([f"--attack: {err}"], source="command line") from err
+    if kind is AttackKind.LABEL_FLIP and plan.data.dataset in REGRESSION_DATASETS:
+        raise PlanError(
+            [
+                f"--attack label-flip: flips class labels, but {plan.data.dataset} is a "
+                "regression dataset (its targets are numbers); use sign-flip, scale:K or "
+                "gaussian[:SIGMA]"
+            ],
+            source="command line",
+        )
     return Attack(kind, factor, attackers)
 
 
@@ -184,6 +194,8 @@ def _simulate(
                 f"is {digest[:16]}… here and {init_header['plan_hash'][:16]}… in the worker",
                 hint="run it again once the workspace's files stay put",
             )
+        check_header, _ = workers[0].call({"op": "check", "site": plan.roster[0]}, initial)
+        raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below

@@ -34,10 +34,10 @@ def as_array(value: Any) -> np.ndarray:
 
 def _predictions(outputs: Any, targets: Any) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true labels: the highest score along axis 1 when ``outputs`` has
-    one axis more than ``targets`` (class scores); else one logit per element, positive
-    meaning class 1, against 0/1 targets."""
+    one axis more than ``targets`` (class scores, two or more); else one logit per
+    element, positive meaning class 1, against 0/1 targets."""
     out, y = as_array(outputs), as_array(targets)
-    if out.ndim == y.ndim + 1:
+    if out.ndim == y.ndim + 1 and out.shape[1] > 1:
         return out.argmax(axis=1), y
     out = _fitted(out, y)
     return (out > 0).astype(np.float64), (y > 0.5).astype(np.float64)

@@ -319,25 +319,32 @@ class TorchTask:
                 # a loss that would broadcast outputs against targets of another shape
                 warnings.filterwarnings("error", message="Using a target size")
                 with autocast(context):
-                    outputs = model(x.to(context.device))
-                    self._loss(outputs.float(), y[:rows].to(context.device))
+                    outputs = model(x.to(context.device)).float()
+                self._check_classes(outputs, y)
+                self._loss(outputs, y[:rows].to(context.device))
+        except TaskError:
+            raise
         except Exception as err:  # noqa: BLE001 - the user's model and loss on this data
             raise TaskError(
                 f"the model does not fit the site's data: running it on {rows} training "
-                f"sample(s) (features of shape {tuple(x.shape[1:])}, targets of shape "
-                f"{tuple(y.shape[1:])}, {y.dtype}) failed with {type(err).__name__}: {err}",
+                f"sample(s) (per sample: features of shape {tuple(x.shape[1:])}, targets of "
+                f"shape {tuple(y.shape[1:])} {y.dtype}) failed with {type(err).__name__}: {err}",
                 hint="make the model's input the features' shape and its output what the "
                 "loss takes (class scores for cross-entropy, one value per target otherwise)",
             ) from err
-        if self.class_indices and y.dtype == torch.int64 and outputs.ndim == y.ndim + 1:
-            classes, top = outputs.shape[1], int(y.max())
-            if top >= classes or int(y.min()) < 0:
-                raise TaskError(
-                    f"the targets name classes up to {top}, but the model gives "
-                    f"{classes} class score(s) per sample",
-                    hint=f"give the model's last layer {top + 1} outputs, or relabel the "
-                    f"classes 0..{classes - 1}",
-                )
+
+    def _check_classes(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        """Class labels within the model's class scores (a loss of class indices)."""
+        if not (self.class_indices and y.dtype == torch.int64 and outputs.ndim == y.ndim + 1):
+            return
+        classes, low, top = outputs.shape[1], int(y.min()), int(y.max())
+        if top >= classes or low < 0:
+            raise TaskError(
+                f"the targets name classes {low}..{top}, but the model gives {classes} class "
+                "score(s) per sample",
+                hint=f"give the model's last layer {top + 1} outputs, or number the classes "
+                f"0..{classes - 1}",
+            )
 
 
 CHECK_ROWS = 8  # training samples the smoke check runs the model on
