@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run the digits federation (8 sites)
 #   make test   set up (with dev tools) and run ruff, mypy and the whole test suite
+#   make test-gpu  the GPU tests alone (marked gpu; skipped by make test without CUDA)
 #   make bench  fedloom against the plain loop, Flower and OpenFL (each peer in its own
 #               environment under bench/), writes bench/results/ and docs/benchmarks.md
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test lint typecheck pytest proto clean bench
+.PHONY: demo test test-gpu lint typecheck pytest proto clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,10 @@ PYTEST_WORKERS ?= 2
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# On a machine with a CUDA GPU (and torch built for it): tests/test_gpu.py's gpu tests.
+test-gpu: $(VENV)/.dev
+	$(BIN)/pytest -m gpu -v
 
 # The peers live in their own environments: Flower pins protobuf below 7 (fedloom needs
 # 7), OpenFL pins older grpcio and protobuf. torch is the same CPU build everywhere.

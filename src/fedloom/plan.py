@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedloom.compression.settings import CompressionPlan, compression_problems
+from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
@@ -79,7 +80,9 @@ class SyntheticData(_Frozen):
 
 
 class DataPlan(_Frozen):
-    dataset: Literal["digits", "breast_cancer", "wine", "mnist", "synthetic", "custom"] = "digits"
+    dataset: Literal[
+        "digits", "breast_cancer", "wine", "mnist", "diabetes", "synthetic", "custom"
+    ] = "digits"
     partition: str = "iid"
     val_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.2
     test_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.2
@@ -227,6 +230,18 @@ class Plan(_Frozen):
                 "data.partition: the synthetic dataset makes each site's own data, so it "
                 f"takes no partition (got {self.data.partition!r}); remove it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _regression_takes_no_label_partition(self) -> Plan:
+        if self.data.dataset in REGRESSION_DATASETS:
+            kind = parse_partition(self.data.partition).kind.value
+            if kind in ("dirichlet", "shards"):
+                raise ValueError(
+                    f"data.partition: {self.data.partition} deals samples out by class label, "
+                    f"but {self.data.dataset} is a regression dataset (its targets are "
+                    "numbers, not labels); use iid or quantity:<alpha>"
+                )
         return self
 
     @model_validator(mode="after")

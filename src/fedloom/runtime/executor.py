@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
 from fedloom.errors import TaskError
 from fedloom.records import (
@@ -167,6 +169,8 @@ def execute(
     if attacking and attack is not None and attack.kind is AttackKind.LABEL_FLIP:
         if not isinstance(data, SiteData):
             raise TaskError("--attack label-flip needs a site's data as arrays (SiteData)")
+        if not np.issubdtype(data.y_train.dtype, np.integer):
+            raise TaskError("--attack label-flip needs class labels, not a regression's targets")
         data = SiteData(
             data.x_train, flip_labels(data.y_train, num_classes), data.x_val, data.y_val
         )

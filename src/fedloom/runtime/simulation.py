@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedloom.attacks import Attack, choose_attackers, parse_attack
+from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
 from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
+from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.errors import PlanError, TaskError, TaskFailed, WorkspaceError
 from fedloom.figures import metrics_from_json
 from fedloom.orchestration import (
@@ -138,6 +139,15 @@ def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
         attackers = choose_attackers(plan.roster, options.attackers, plan.seed)
     except ValueError as err:
         raise PlanError([f"--attack: {err}"], source="command line") from err
+    if kind is AttackKind.LABEL_FLIP and plan.data.dataset in REGRESSION_DATASETS:
+        raise PlanError(
+            [
+                f"--attack label-flip: flips class labels, but {plan.data.dataset} is a "
+                "regression dataset (its targets are numbers); use sign-flip, scale:K or "
+                "gaussian[:SIGMA]"
+            ],
+            source="command line",
+        )
     return Attack(kind, factor, attackers)
 
 
@@ -221,6 +231,8 @@ def _simulate(
         metrics = metrics_from_json(init_header.get("metrics"))
         if on_metrics is not None:
             on_metrics(metrics)
+        check_header, _ = workers[0].call({"op": "check", "site": plan.roster[0]}, initial)
+        raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below

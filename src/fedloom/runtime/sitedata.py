@@ -63,8 +63,11 @@ class DataSource:
     def _partition(self) -> list[np.ndarray]:
         spec = parse_partition(self.plan.data.partition)
         rng = generator(self.plan.seed, 0, "", "partition")
+        labels = self._dataset.y_train
+        if self._dataset.regression:  # iid or quantity (the plan refuses the others)
+            labels = np.zeros(len(labels), np.int64)
         try:
-            return partition(self._dataset.y_train, len(self.roster), spec, rng)
+            return partition(labels, len(self.roster), spec, rng)
         except ValueError as err:
             source = str(self.workspace / PLAN_FILE)
             raise PlanError([f"data.partition: {err}"], source=source) from err
@@ -76,11 +79,12 @@ class DataSource:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the labels name (0 for a regression dataset's targets)."""
         if self.kind == "synthetic":
             return SYNTHETIC_CLASSES
         if self.kind == "custom":
             return self.task.num_classes if isinstance(self.task, Classifier) else 2
-        return int(self._dataset.num_classes)
+        return int(self._dataset.num_classes or 0)
 
     def data_path(self, site: str) -> Path | None:
         """Where ``site``'s data lies in a simulation: ``data.path/<site>`` (None when
@@ -194,9 +198,10 @@ def _concatenated(parts: list[Any]) -> Any:
 
 def classes_of(source: DataSource) -> int | None:
     """How many classes a site's labels may name: the built-in dataset's, or a custom
-    task's ``num_classes``; None when neither says (a custom task's labels are its own)."""
+    task's ``num_classes``; None when neither says (a custom task's labels are its own)
+    or the targets are a regression's numbers (``diabetes``)."""
     if source.kind != "custom":
-        return source.num_classes
+        return source.num_classes or None
     declared = source.task.num_classes if isinstance(source.task, Classifier) else None
     return declared if isinstance(declared, int) and declared > 0 else None
 

@@ -40,7 +40,7 @@ from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
 from fedloom.runtime.sitedata import DataSource
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.tasks.base import SiteContext, metrics_of
+from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
@@ -75,8 +75,8 @@ def attack_from_json(d: dict[str, Any] | None) -> Attack | None:
 
 
 class SiteWorker:
-    """Answers requests: ``init``, ``run`` (one site, one instruction), ``test``,
-    ``baseline``."""
+    """Answers requests: ``init``, ``check`` (one site's data against the task),
+    ``run`` (one site, one instruction), ``test``, ``baseline``."""
 
     def __init__(
         self,
@@ -124,6 +124,8 @@ class SiteWorker:
         weights = read_only(weights)  # the task never writes into what it was given
         if op == "run":
             return self._run(header, weights)
+        if op == "check":
+            return self._check(str(header["site"]), weights)
         if op == "test":
             test = self.source.test_set()
             return _metrics_reply(self.task.evaluate(weights, test, self._context("test")))
@@ -150,6 +152,22 @@ class SiteWorker:
             if answer.delta is not None:
                 deltas.update({f"{i}/{name}": array for name, array in answer.delta.items()})
         return {"ok": True, "answers": answers}, deltas
+
+    def _check(self, site: str, weights: Weights) -> Reply:
+        """The task's smoke check (:class:`ChecksData`) on ``site``'s data, before round
+        1: a task whose data does not fit it is refused before anything is trained."""
+        if isinstance(self.task, ChecksData):
+            context = dataclasses.replace(
+                self._context(site),
+                index=self._index[site],
+                data_path=self.source.data_path(site),
+                dp_sgd=dp_sgd_of(self.plan, site, 1)[0],
+            )
+            try:
+                self.task.check_data(weights, self.source.site_data(site), context)
+            finally:
+                release_memory(self.device)
+        return {"ok": True}, None
 
     def _context(self, name: str) -> SiteContext:
         """The context of work outside a site's rounds: the test set, the baseline."""

@@ -1,14 +1,16 @@
 """The PyTorch adapter: the user writes the model, fedloom writes the training loop.
 
 Importing this module imports torch (the ``torch`` extra). The model is built once
-per process and reused: each round only its weights are replaced.
+per process and reused: each round only its weights are replaced. It waits on the CPU
+between calls and goes to the site's device (``context.device``) for each one.
 """
 
 from __future__ import annotations
 
-import secrets
+import contextlib
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import ml_dtypes
@@ -16,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedloom.errors import TaskError
-from fedloom.records import DPSGDSettings, EvalOutput, TrainOutput, TrainSettings
-from fedloom.tasks import dp_sgd
-from fedloom.tasks.base import SiteContext, SiteData, Split
+from fedloom.errors import TaskError, WorkspaceError
+from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.tasks import metrics as ready
+from fedloom.tasks.base import Metrics, SiteContext, SiteData, Split
 from fedloom.tasks.numpy_task import arrays_of, require_arrays
+from fedloom.tasks.schedules import learning_rate
 from fedloom.weights import Weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -57,186 +61,380 @@ def load_weights_into(module: nn.Module, weights: Weights) -> None:
             tensor.copy_(numpy_to_tensor(weights[name]))
 
 
-def _secret_generator() -> torch.Generator:
-    """A torch generator seeded from the operating system's CSPRNG.
+def class_index_loss(loss: object) -> bool:
+    """Whether ``loss`` takes class indices as targets: cross-entropy or negative
+    log-likelihood, as a function or a module."""
+    functions = (nn.functional.cross_entropy, nn.functional.nll_loss)
+    return loss in functions or isinstance(loss, nn.CrossEntropyLoss | nn.NLLLoss)
 
-    The draws themselves come from torch's Mersenne Twister, not a cryptographic
-    generator: Opacus's ``secure_mode`` (which needs ``torchcsprng``) is not used.
+
+CROSS_ENTROPY_HINT = (
+    "for a regression give TorchTask a regression loss and metrics, e.g. "
+    "TorchTask(build_model, loss=nn.functional.mse_loss, metrics={'r2': r2, 'mae': mae}) "
+    "(from fedloom.tasks.metrics); if the targets are class labels stored as floats, "
+    "make them whole numbers and convert them: y.astype(np.int64)"
+)
+
+
+def targets_of(y: np.ndarray, class_indices: bool) -> torch.Tensor:
+    """The targets ``y`` as the loss takes them, never silently changed.
+
+    For a loss of class indices (cross-entropy): integer labels become int64, floats
+    too when every one is a whole number; other floats are refused when there is one
+    per sample (a regression's targets: :class:`TaskError` naming the fix), and kept as
+    float32 when they have more axes (class probabilities). For any other loss the
+    targets are float32, shape kept.
     """
-    return torch.Generator().manual_seed(secrets.randbits(64))
+    y = np.asarray(y)
+    if not (np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.bool_)):
+        raise TaskError(f"the targets hold {y.dtype} values; TorchTask trains on numbers")
+    if not class_indices or np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        kind = np.int64 if class_indices else np.float32
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=kind))
+    whole = bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+    if whole:
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    if y.ndim >= 2:  # one probability per class
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    example = next(float(v) for v in y.ravel() if not (np.isfinite(v) and v == round(v)))
+    raise TaskError(
+        f"the targets are {y.dtype} numbers that are not class labels (e.g. {example:g}), "
+        "but TorchTask's loss, cross-entropy, takes class indices 0, 1, 2 …",
+        hint=CROSS_ENTROPY_HINT,
+    )
 
 
 class TorchTask:
-    """A :class:`~fedloom.tasks.Task` for any ``torch.nn.Module`` classifier.
+    """A :class:`~fedloom.tasks.Task` for any ``torch.nn.Module``: fedloom's training loop.
 
-    The default loop: SGD (with the plan's lr, momentum, weight decay) over shuffled
-    minibatches, cross-entropy loss, plus the FedProx proximal term
-    ``(mu / 2) * ||w - w_global||^2`` when the strategy sets ``proximal_mu``.
+    ``TorchTask(build_model)`` trains a classifier: cross-entropy loss, accuracy and loss
+    reported, accuracy primary. Any other model declares its loss and its metrics::
+
+        TorchTask(build_model, loss=nn.functional.mse_loss,
+                  metrics={"r2": r2, "mae": mae})          # r2 primary (the first)
+
+    - ``loss(outputs, targets)``: a torch loss (default cross-entropy);
+    - ``metrics``: names to functions ``(outputs, targets) -> float`` evaluated on a
+      whole split (ready ones in :mod:`fedloom.tasks.metrics`); ``loss`` is always
+      reported besides them. Without metrics: accuracy for cross-entropy, else the
+      loss alone;
+    - ``primary``: the metric that judges a model (default: the first of ``metrics``;
+      ``accuracy`` for the default; ``loss`` when there is no other);
+    - ``lower_is_better``: metric names that improve downwards; ``loss`` always does,
+      and so do :data:`fedloom.tasks.metrics.LOWER_IS_BETTER`'s (mae, mse, rmse).
+
+    The declaration is :attr:`metrics` (a :class:`~fedloom.tasks.Metrics`); the
+    functions are :attr:`metric_functions`.
+
+    A round: the plan's optimiser (``training.optimizer``: SGD with momentum and weight
+    decay, Adam or AdamW), fresh each round, at ``lr`` scaled by the schedule across
+    rounds (``training.schedule``, :mod:`fedloom.tasks.schedules`), over shuffled
+    minibatches, ``training.grad_accumulation`` of them to a step, the gradient's norm
+    clipped to ``training.grad_clip``, bf16 autocast with ``training.precision: bf16``,
+    plus the FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` when the strategy
+    sets ``proximal_mu``.
 
     When the site's context asks for sample-level DP-SGD (the plan's
     ``privacy.dp_sgd``), the round trains through Opacus instead: Poisson-sampled
     batches, per-record gradients clipped to ``max_grad_norm``, Gaussian noise on their
     sum, and ``dp_sgd_epsilon`` / ``dp_sgd_delta`` in the metrics (see
-    :mod:`fedloom.tasks.dp_sgd`).
+    :mod:`fedloom.tasks.torch_dp`).
     """
 
     # trains with sample-level DP-SGD when the context asks (see dp_sgd.require_no_dp_sgd)
     supports_dp_sgd: ClassVar[bool] = True
 
-    def __init__(self, model_fn: Callable[[], nn.Module], *, loss: LossFn | None = None) -> None:
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        *,
+        loss: LossFn | None = None,
+        metrics: Mapping[str, MetricFn] | None = None,
+        primary: str | None = None,
+        lower_is_better: Sequence[str] | None = None,
+    ) -> None:
+        if not callable(model_fn):
+            raise WorkspaceError(f"TorchTask's model_fn must be a function, got {model_fn!r}")
+        if loss is not None and not callable(loss):
+            raise WorkspaceError(f"TorchTask's loss must be a function, got {loss!r}")
         self.model_fn = model_fn
-        self.loss = loss or nn.functional.cross_entropy
+        self.loss: LossFn = loss or nn.functional.cross_entropy
+        self.class_indices = class_index_loss(self.loss)
+        if metrics is None:
+            metrics = {"accuracy": ready.accuracy} if self.class_indices else {}
+        self.metric_functions: dict[str, MetricFn] = _checked_functions(metrics)
+        self.metrics = _declaration(self.metric_functions, primary, lower_is_better)
         self._model: nn.Module | None = None
 
     def model(self) -> nn.Module:
+        """The model, built once per process (on the CPU, where it waits between calls)."""
         if self._model is None:
             self._model = self.model_fn()
+            if not isinstance(self._model, nn.Module):
+                raise TaskError(
+                    f"the model function returned {type(self._model).__name__}, "
+                    "expected a torch.nn.Module"
+                )
         return self._model
 
     def init_weights(self, seed: int) -> Weights:
         torch.manual_seed(seed)
         return state_to_weights(self.model_fn())
 
+    # -- a round
+
     def train(
         self, weights: Weights, data: SiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
         require_arrays(data, "TorchTask")
+        y = targets_of(data.y_train, self.class_indices)
+        x = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
         model = self.model()
         load_weights_into(model, weights)
-        torch.default_generator.manual_seed(context.seed)  # CPU only: no CUDA stack capture
-        x = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
-        y = torch.from_numpy(np.ascontiguousarray(data.y_train, dtype=np.int64))
-        if context.dp_sgd is not None:
-            return self._train_dp_sgd(model, x, y, settings, context.dp_sgd, context)
-        rng = np.random.default_rng(context.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
-        optimizer = torch.optim.SGD(
-            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-        )
-        model.train()
-        n = len(y)
-        batch = max(1, settings.batch_size)
-        total, steps = 0.0, 0
-        for _ in range(settings.epochs):
-            order = torch.from_numpy(rng.permutation(n))
-            for start in range(0, n, batch):
-                idx = order[start : start + batch]
-                optimizer.zero_grad(set_to_none=True)
-                loss = self.loss(model(x[idx]), y[idx])
-                total += float(loss.detach())
-                steps += 1
-                if anchors:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                    loss = loss + 0.5 * settings.proximal_mu * prox
-                loss.backward()
-                optimizer.step()
-        metrics: dict[str, Any] = {"train_loss": total / steps} if steps else {}
-        optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
-        return TrainOutput(state_to_weights(model), n, metrics)
+        _seed(context)
+        with _on_device(model, context.device):
+            x, y = x.to(context.device), y.to(context.device)
+            if context.dp_sgd is not None:
+                from fedloom.tasks.torch_dp import train_dp_sgd
 
-    def _train_dp_sgd(
+                metrics = train_dp_sgd(
+                    model,
+                    self._loss,
+                    x,
+                    y,
+                    settings,
+                    context.dp_sgd,
+                    context,
+                    lambda params: make_optimizer(params, settings, context),
+                )
+            else:
+                metrics = self._train(model, x, y, settings, context)
+        return TrainOutput(state_to_weights(model), len(y), metrics)
+
+    def _train(
         self,
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
         settings: TrainSettings,
-        dp: DPSGDSettings,
         context: SiteContext,
-    ) -> TrainOutput:
-        """One round of sample-level DP-SGD through Opacus.
-
-        The reused model is wrapped for this round only and unwrapped afterwards, so no
-        hook outlives the call. Batches and noise come from generators seeded by the
-        operating system, not from ``context.seed``: amplification by sampling and the
-        Gaussian mechanism both assume the adversary cannot know them, and the plan's
-        seed is known to whoever wrote the plan.
-        """
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-        from opacus.validators import ModuleValidator
-
-        model.train()
-        problems = ModuleValidator.validate(model, strict=False)
-        if problems:
-            raise TaskError(
-                "the model cannot be trained with DP-SGD (privacy.dp_sgd): "
-                + "; ".join(str(p) for p in problems),
-                hint="replace BatchNorm by GroupNorm (opacus.validators.ModuleValidator.fix "
-                "does it) or remove privacy.dp_sgd from the plan",
-            )
-        n = len(y)
-        q = dp_sgd.sample_rate(n, settings.batch_size)
-        steps = dp_sgd.steps_per_round(n, settings.batch_size, settings.epochs)
+    ) -> dict[str, Any]:
+        rng = np.random.default_rng(context.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
-        batches: list[list[int]] = []
-        if steps:
-            sampler = UniformWithReplacementSampler(
-                num_samples=n, sample_rate=q, generator=_secret_generator(), steps=steps
-            )
-            batches = list(sampler)
-        wrapped = GradSampleModule(model, loss_reduction="mean")
-        try:
-            optimizer = DPOptimizer(
-                torch.optim.SGD(
-                    params,
-                    lr=settings.lr,
-                    momentum=settings.momentum,
-                    weight_decay=settings.weight_decay,
-                ),
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                expected_batch_size=max(1, round(q * n)),
-                generator=_secret_generator(),
-            )
-            total, nonempty = 0.0, 0
-            for indices in batches:
-                optimizer.zero_grad(set_to_none=True)
-                if indices:
-                    idx = torch.tensor(indices, dtype=torch.int64)
-                    loss = self.loss(wrapped(x[idx]), y[idx])
-                    total += float(loss.detach())
-                    nonempty += 1
-                    with warnings.catch_warnings():
-                        # Opacus's hooks on the first layer, whose input needs no gradient
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                else:  # an empty batch still releases noise: the accountant counts the step
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)  # type: ignore[attr-defined]
-                if not optimizer.pre_step():  # clip, sum, noise, divide by the batch size
-                    continue
-                # the proximal term holds no record: its gradient joins after the noise
+        optimizer = make_optimizer(params, settings, context)
+        accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
+        model.train()
+        n = len(y)
+        batch = max(1, settings.batch_size)
+        num_batches = math.ceil(n / batch)
+        total, steps = 0.0, 0
+        for _ in range(settings.epochs):
+            order = torch.from_numpy(rng.permutation(n)).to(x.device)
+            for i, start in enumerate(range(0, n, batch)):
+                idx = order[start : start + batch]
+                if i % accumulate == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                with autocast(context):
+                    loss = self._loss(model(x[idx]), y[idx])
+                total += float(loss.detach())
+                steps += 1
                 if anchors:
-                    for p, a in zip(params, anchors, strict=True):
-                        if p.grad is not None:
-                            p.grad.add_(p.detach() - a, alpha=settings.proximal_mu)
-                optimizer.original_optimizer.step()  # momentum, weight decay: post-processing
-        finally:
-            wrapped.to_standard_module()  # hooks and per-sample attributes off the model
-            for p in params:
-                if hasattr(p, "summed_grad"):
-                    del p.summed_grad  # DPOptimizer's attribute, which to_standard_module keeps
-        eps = dp_sgd.site_epsilon(
-            dp, settings, num_samples=n, rounds=max(1, context.rounds_selected)
-        )
-        metrics: dict[str, Any] = {"train_loss": total / nonempty} if nonempty else {}
-        metrics.update(dp_sgd_epsilon=eps, dp_sgd_delta=float(dp.delta))
-        return TrainOutput(state_to_weights(model), n, metrics)
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                    loss = loss + 0.5 * settings.proximal_mu * prox
+                # k minibatches to a step: each gives 1/k of the step's gradient (the
+                # last group of an epoch may be smaller: 1/its size)
+                group = min(accumulate, num_batches - (i // accumulate) * accumulate)
+                if group > 1:
+                    loss = loss / group
+                loss.backward()
+                if (i + 1) % accumulate == 0 or i + 1 == num_batches:
+                    if clip > 0:
+                        nn.utils.clip_grad_norm_(params, clip)
+                    optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
+        return {"train_loss": total / steps} if steps else {}
+
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss, with one target per output shaped as the outputs (a model's
+        ``(n, 1)`` output against ``(n,)`` targets) for a loss of values."""
+        if (
+            not self.class_indices
+            and outputs.shape != targets.shape
+            and outputs.numel() == targets.numel()
+        ):
+            targets = targets.view(outputs.shape)
+        return self.loss(outputs, targets)
+
+    # -- evaluation
 
     def evaluate(self, weights: Weights, data: Split, context: SiteContext) -> EvalOutput:
         x, y = arrays_of(data, "TorchTask")
         if len(y) == 0:
             return EvalOutput(0, {})
+        targets = targets_of(y, self.class_indices)
+        model = self.model()
+        load_weights_into(model, weights)
+        _deterministic(context)
+        model.eval()
+        with _on_device(model, context.device), torch.no_grad():
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            with autocast(context):
+                outputs = torch.cat(
+                    [model(xt[i : i + 1024].to(context.device)) for i in range(0, len(y), 1024)]
+                )
+            outputs, targets = outputs.float(), targets.to(context.device)
+            loss = float(self._loss(outputs, targets))
+            functions = self.metric_functions.items()
+            metrics = {name: float(fn(outputs, targets)) for name, fn in functions}
+        metrics["loss"] = loss
+        return EvalOutput(len(y), metrics)
+
+    # -- the smoke check before a site joins
+
+    def check_data(self, weights: Weights, data: SiteData, context: SiteContext) -> None:
+        """Refuse, before any round, data the model cannot train on: targets that do not
+        fit the loss (floats for cross-entropy, class labels past the model's outputs),
+        and features the model cannot take, found by running it (with ``weights``) on
+        one small batch of the training split. Raises :class:`TaskError` naming the
+        mismatch and the fix."""
+        require_arrays(data, "TorchTask")
+        if data.num_train == 0:
+            raise TaskError("the site's training split is empty: there is nothing to train on")
+        if context.dp_sgd is not None:
+            from fedloom.tasks.torch_dp import dp_sgd_problems
+
+            if problems := dp_sgd_problems(context):
+                raise TaskError("; ".join(problems))
+        y = targets_of(data.y_train, self.class_indices)
+        if data.num_val:
+            targets_of(data.y_val, self.class_indices)
+        rows = min(data.num_train, CHECK_ROWS)
+        x = torch.from_numpy(np.ascontiguousarray(data.x_train[:rows], dtype=np.float32))
         model = self.model()
         load_weights_into(model, weights)
         model.eval()
-        with torch.no_grad():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-            logits = torch.cat([model(xt[i : i + 1024]) for i in range(0, len(yt), 1024)])
-            loss = float(self.loss(logits, yt))
-            accuracy = float((logits.argmax(dim=1) == yt).float().mean())
-        return EvalOutput(len(y), {"accuracy": accuracy, "loss": loss})
+        try:
+            with _on_device(model, context.device), torch.no_grad(), warnings.catch_warnings():
+                # a loss that would broadcast outputs against targets of another shape
+                warnings.filterwarnings("error", message="Using a target size")
+                with autocast(context):
+                    outputs = model(x.to(context.device)).float()
+                self._check_classes(outputs, y)
+                self._loss(outputs, y[:rows].to(context.device))
+        except TaskError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the user's model and loss on this data
+            raise TaskError(
+                f"the model does not fit the site's data: running it on {rows} training "
+                f"sample(s) (per sample: features of shape {tuple(x.shape[1:])}, targets of "
+                f"shape {tuple(y.shape[1:])} {y.dtype}) failed with {type(err).__name__}: {err}",
+                hint="make the model's input the features' shape and its output what the "
+                "loss takes (class scores for cross-entropy, one value per target otherwise)",
+            ) from err
+
+    def _check_classes(self, outputs: torch.Tensor, y: torch.Tensor) -> None:
+        """Class labels within the model's class scores (a loss of class indices)."""
+        if not (self.class_indices and y.dtype == torch.int64 and outputs.ndim == y.ndim + 1):
+            return
+        classes, low, top = outputs.shape[1], int(y.min()), int(y.max())
+        if top >= classes or low < 0:
+            raise TaskError(
+                f"the targets name classes {low}..{top}, but the model gives {classes} class "
+                "score(s) per sample",
+                hint=f"give the model's last layer {top + 1} outputs, or number the classes "
+                f"0..{classes - 1}",
+            )
+
+
+CHECK_ROWS = 8  # training samples the smoke check runs the model on
+
+
+def make_optimizer(
+    params: list[nn.Parameter], settings: TrainSettings, context: SiteContext
+) -> torch.optim.Optimizer:
+    """The plan's optimiser (``training.optimizer``) over ``params``, at this round's
+    learning rate: SGD (with ``momentum`` and ``weight_decay``), Adam (L2
+    ``weight_decay``) or AdamW (decoupled ``weight_decay``); Adam's betas are torch's."""
+    loop = context.loop
+    lr = learning_rate(settings.lr, loop.schedule, context.round, context.total_rounds)
+    if loop.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=settings.weight_decay)
+    if loop.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    if loop.optimizer != "sgd":
+        raise TaskError(f"unknown optimizer {loop.optimizer!r}; use sgd, adam or adamw")
+    return torch.optim.SGD(
+        params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def autocast(context: SiteContext) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the site's device when the plan asks for it
+    (``training.precision: bf16``); nothing otherwise."""
+    if context.loop.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=context.device.split(":")[0], dtype=torch.bfloat16)
+
+
+def _deterministic(context: SiteContext) -> None:
+    """Torch's deterministic mode as the plan says (``training.deterministic``)."""
+    from fedloom.tasks.torch_loop import deterministic
+
+    deterministic(context.loop.deterministic)
+
+
+def _seed(context: SiteContext) -> None:
+    """Seed torch for a round (dropout, random layers) and set its deterministic mode.
+    On the CPU a run is reproducible either way; on a GPU only in deterministic mode."""
+    _deterministic(context)
+    torch.default_generator.manual_seed(context.seed)  # not torch.manual_seed: no CUDA init
+    if context.device.startswith("cuda"):
+        torch.cuda.manual_seed_all(context.seed % 2**63)
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: str) -> Iterator[None]:
+    """``model`` on ``device`` for the block, back on the CPU afterwards: between calls
+    a worker's GPU holds nothing of it."""
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
+def _checked_functions(metrics: Mapping[str, MetricFn]) -> dict[str, MetricFn]:
+    if not isinstance(metrics, Mapping):
+        raise WorkspaceError(
+            f"TorchTask's metrics must map names to functions, got {type(metrics).__name__}",
+            hint="e.g. metrics={'r2': r2, 'mae': mae} (from fedloom.tasks.metrics)",
+        )
+    problems = []
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"metric name {name!r} is not a word")
+        elif name == "loss":
+            problems.append("'loss' is always reported: leave it out of metrics")
+        if not callable(fn):
+            problems.append(f"metric {name!r} is {fn!r}, not a function (outputs, targets)")
+    if problems:
+        raise WorkspaceError("TorchTask's metrics: " + "; ".join(problems))
+    return dict(metrics)
+
+
+def _declaration(
+    functions: Mapping[str, MetricFn], primary: str | None, lower: Sequence[str] | None
+) -> Metrics:
+    """The :class:`Metrics` a TorchTask declares for its metric functions."""
+    names = [*functions, "loss"]
+    chosen = primary if primary is not None else names[0]
+    if chosen not in names:
+        raise WorkspaceError(
+            f"TorchTask's primary metric {chosen!r} is not one it reports: {', '.join(names)}"
+        )
+    if isinstance(lower, str):
+        lower = (lower,)
+    if lower is None:
+        lower = [n for n, fn in functions.items() if fn in ready.LOWER_IS_BETTER]
+    return Metrics(primary=chosen, lower_is_better=tuple(dict.fromkeys(["loss", *lower])))
