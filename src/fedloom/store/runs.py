@@ -37,6 +37,8 @@ from fedloom.orchestration import (
     RoundOpened,
     RoundRecord,
     SiteAnswered,
+    SiteRejoined,
+    SiteWithdrew,
     UploadBroke,
 )
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
@@ -205,7 +207,23 @@ class RunStore:
             next_round=done + 1,
             history=tuple(self.history(run)),
             attempts=attempts,
+            withdrawn=self.withdrawn(run),
         )
+
+    def withdrawn(self, run: RunInfo) -> dict[str, str]:
+        """The sites of ``run`` whose last word was a withdrawal, and why (from its
+        events): a restarted aggregator still does not wait for them."""
+        out: dict[str, str] = {}
+        for kind, site, detail in self.conn.execute(
+            "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) "
+            "ORDER BY at, rowid",
+            (run.key, WITHDREW, REJOINED),
+        ):
+            if kind == WITHDREW:
+                out[site] = detail
+            else:
+                out.pop(site, None)
+        return out
 
     def _supersede(self, run: RunInfo, rnd: int, attempt: int, path: Path, err: StateError) -> None:
         where = "is missing"
@@ -437,7 +455,15 @@ def event_row(event: Event) -> EventRow:
         return (now, "round closed", r.round, None, f"attempt {r.attempt}: {r.close_reason.value}")
     if isinstance(event, UploadBroke):
         return (now, "upload broke off", event.round, event.site, event.reason)
+    if isinstance(event, SiteWithdrew):
+        return (now, WITHDREW, None, event.site, event.reason)
+    if isinstance(event, SiteRejoined):
+        return (now, REJOINED, None, event.site, "said Hello again after it withdrew")
     return (now, "joined", None, event.site, "first call since the aggregator started")
+
+
+WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
+REJOINED = "rejoined"  # a withdrawn site said Hello again
 
 
 _RUN_COLUMNS = (
