@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -207,23 +208,9 @@ class RunStore:
             next_round=done + 1,
             history=tuple(self.history(run)),
             attempts=attempts,
-            withdrawn=self.withdrawn(run),
+            # a restarted aggregator still does not wait for the sites that withdrew
+            withdrawn=withdrawn_sites(self.conn, run.key),
         )
-
-    def withdrawn(self, run: RunInfo) -> dict[str, str]:
-        """The sites of ``run`` whose last word was a withdrawal, and why (from its
-        events): a restarted aggregator still does not wait for them."""
-        out: dict[str, str] = {}
-        for kind, site, detail in self.conn.execute(
-            "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) "
-            "ORDER BY at, rowid",
-            (run.key, WITHDREW, REJOINED),
-        ):
-            if kind == WITHDREW:
-                out[site] = detail
-            else:
-                out.pop(site, None)
-        return out
 
     def _supersede(self, run: RunInfo, rnd: int, attempt: int, path: Path, err: StateError) -> None:
         where = "is missing"
@@ -464,6 +451,21 @@ def event_row(event: Event) -> EventRow:
 
 WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
 REJOINED = "rejoined"  # a withdrawn site said Hello again
+
+
+def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
+    """The sites of the run whose last word was a withdrawal, and why (from its events;
+    a withdrawal in the last second before the aggregator was killed may be lost)."""
+    out: dict[str, str] = {}
+    for kind, site, detail in conn.execute(
+        "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) ORDER BY at, rowid",
+        (run_key, WITHDREW, REJOINED),
+    ):
+        if kind == WITHDREW:
+            out[site] = detail
+        else:
+            out.pop(site, None)
+    return out
 
 
 _RUN_COLUMNS = (
