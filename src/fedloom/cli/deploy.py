@@ -325,7 +325,8 @@ def collaborator_start(
     """Take part in the federation as site NAME: connect out, train locally, send updates.
 
     The site's key and certificates come from `fedloom pki request` / `accept`.
-    Logs to STATE/collaborator.log.
+    Logs to STATE/collaborator.log; the task keeps its own files in STATE/task. A site
+    whose data does not fit the model tells the aggregator it withdraws, and exits (3).
     """
     from fedloom.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
