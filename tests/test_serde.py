@@ -144,10 +144,18 @@ def test_receipt_roundtrips(round: int, accepted: bool, reason: str, received: i
 
 
 @PROPERTY
-@given(round=U64, reason=st.text(max_size=80))
-def test_failure_report_roundtrips(round: int, reason: str) -> None:
-    report = FailureReport(round, reason)
+@given(round=U64, reason=st.text(max_size=80), withdrawn=st.booleans())
+def test_failure_report_roundtrips(round: int, reason: str, withdrawn: bool) -> None:
+    report = FailureReport(round, reason, withdrawn=withdrawn)
     assert roundtrip(report) == report
+
+
+def test_a_failure_report_of_before_withdrawals_reads_as_a_failed_round() -> None:
+    # what a collaborator without the withdrawn field sends: round 3, a reason, a task
+    old = b"\x08\x03\x12\x03oom\x1a\x05run/3"
+    assert serde.decode(FailureReport, old) == FailureReport(3, "oom", "run/3", False)
+    withdrawal = serde.encode(FailureReport(0, "wrong width", withdrawn=True))
+    assert withdrawal == b"\x12\x0bwrong width\x20\x01"  # field 4, a varint: true
 
 
 # ---------------------------------------------------------------------- garbage

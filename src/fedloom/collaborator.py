@@ -262,3 +262,18 @@ class Collaborator:
         sent = shorten(reason)  # the aggregator keeps no more of it; a traceback's end stays
         self._audit(instruction, "failure", (sent.encode(),))
         self.connection.report_failure(FailureReport(instruction.round, sent, instruction.task_id))
+
+
+def withdraw(connection: Connection, reason: str, *, audit: AuditLog | None = None) -> None:
+    """Tell the aggregator this site withdraws from the federation, and why (its data
+    does not fit the model …): it stops waiting for the site, whose rounds count it as
+    failed at once, until the site says Hello again. The message is audited like any
+    other that leaves the site, before it leaves."""
+    sent = shorten(reason)
+    if audit is not None:
+        hasher = PayloadHasher()
+        hasher.update(sent.encode())
+        audit.append(
+            round=0, task_id="", kind="withdrawal", sha256=hasher.hexdigest, nbytes=hasher.nbytes
+        )
+    connection.report_failure(FailureReport(0, sent, withdrawn=True))

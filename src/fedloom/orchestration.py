@@ -183,7 +183,32 @@ class SiteJoined:
     site: str
 
 
-Event = RoundOpened | SiteAnswered | RoundClosed | UploadBroke | SiteJoined
+@dataclass(frozen=True)
+class SiteWithdrew:
+    """``site`` withdrew from the federation, saying why (its data does not fit the
+    model …): rounds that select it count it as failed at once, without waiting for it,
+    until it says Hello again."""
+
+    site: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SiteRejoined:
+    """A withdrawn ``site`` said Hello again (started anew): rounds wait for it again."""
+
+    site: str
+
+
+Event = (
+    RoundOpened
+    | SiteAnswered
+    | RoundClosed
+    | UploadBroke
+    | SiteJoined
+    | SiteWithdrew
+    | SiteRejoined
+)
 EventSink = Callable[[Event], None]
 
 PhaseHandler = Callable[[str, int, bytes], bytes]
@@ -237,6 +262,8 @@ class Resume:
     next_round: int
     history: tuple[RoundRecord, ...] = ()
     attempts: Mapping[int, int] = field(default_factory=dict)
+    # the sites that had withdrawn, and why: still not waited for after the restart
+    withdrawn: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -333,6 +360,8 @@ class Aggregator:
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last call or beat
+        # sites that withdrew (why), not waited for until they say Hello again
+        self.withdrawn: dict[str, str] = dict(resume.withdrawn) if resume is not None else {}
         self._spool_dir = spool_dir
         self._running: _OpenRound | None = None  # the attempt under way, open or closing
         self._privacy = privacy
@@ -536,9 +565,12 @@ class Aggregator:
                 attempt=attempt,
                 secagg=secagg,
             )
+            withdrawn = self._settle_withdrawn(opened)
             self._open = self._running = opened
             self._cond.notify_all()
         self._on_event(RoundOpened(task.round, task.kind, selected))
+        for failure in withdrawn:
+            self._on_event(SiteAnswered(task.round, failure.site, False, failure.reason))
         self.faults.hit("round.opened", round=task.round)
         why_closed = (FailureKind.TIMEOUT, "no answer before the round's deadline")
         with self._cond:
@@ -576,6 +608,20 @@ class Aggregator:
         if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
             secagg.abandon("the round closed without its quorum")
         return record, opened
+
+    def _settle_withdrawn(self, opened: _OpenRound) -> list[Failure]:
+        """Settle the selected sites that withdrew as failed, before the attempt opens
+        (the caller holds the lock): nobody waits for them, and the quorum rule decides
+        whether the others are enough."""
+        failures = [
+            Failure(site, opened.round, FailureKind.WITHDRAWN, withdrawn_reason(reason))
+            for site, reason in sorted(self.withdrawn.items())
+            if site in opened.pending
+        ]
+        for failure in failures:
+            opened.pending.discard(failure.site)
+            opened.failures[failure.site] = failure
+        return failures
 
     def _drop_from_secagg(self, site: str, reason: str) -> None:
         """Settle ``site`` as failed: it missed a step of secure aggregation (the caller,
@@ -654,6 +700,7 @@ class Aggregator:
                 "rounds_done": sum(1 for r in self.history if r.aggregated),
                 "current": current,
                 "seen_seconds_ago": {s: now - t for s, t in sorted(self.last_seen.items())},
+                "withdrawn": dict(sorted(self.withdrawn.items())),
                 "privacy": self._privacy.spent(self.state) if self._privacy is not None else None,
             }
 
@@ -774,8 +821,13 @@ class Aggregator:
         A stale report (another round or task, or a site already settled) changes
         nothing and is looked at no further. The reason is kept as
         :func:`~fedloom.sanitize.printable` makes it: control characters escaped, at
-        most :data:`~fedloom.sanitize.MAX_REASON_CHARS` characters."""
+        most :data:`~fedloom.sanitize.MAX_REASON_CHARS` characters.
+
+        A withdrawal (``report.withdrawn``) is never stale: see :meth:`withdraw`; True."""
         self._check_site(site)
+        if report.withdrawn:
+            self.withdraw(site, report.reason)
+            return True
         with self._cond:
             self._saw(site)
             opened = self._open
@@ -790,6 +842,32 @@ class Aggregator:
         return self._settle(
             opened, site, failure=Failure(site, report.round, FailureKind.ERROR, reason)
         )
+
+    def withdraw(self, site: str, reason: str) -> None:
+        """``site`` withdraws from the federation, saying why (its data does not fit the
+        model …): it is settled as failed in the open round if that waits for it, and in
+        every later round that selects it, at once; the quorum rule decides whether the
+        others are enough. :meth:`join` (its next Hello) takes it back."""
+        self._check_site(site)
+        reason = printable(reason) or "(the site gave no reason)"
+        with self._cond:
+            self._saw(site)
+            self.withdrawn[site] = reason
+            opened = self._open
+        self._on_event(SiteWithdrew(site, reason))
+        if opened is not None and site in opened.selected:
+            failure = Failure(site, opened.round, FailureKind.WITHDRAWN, withdrawn_reason(reason))
+            self._settle(opened, site, failure=failure)  # False: it had answered already
+
+    def join(self, site: str) -> None:
+        """A collaborator process of ``site`` said Hello (the gRPC transport calls this):
+        a withdrawal it made before no longer holds, and rounds wait for it again."""
+        self._check_site(site)
+        with self._cond:
+            self._saw(site)
+            was_withdrawn = self.withdrawn.pop(site, None) is not None
+        if was_withdrawn:
+            self._on_event(SiteRejoined(site))
 
     def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
         """Hand ``site``'s message to the handler of its phase; return the reply.
@@ -972,6 +1050,11 @@ class Aggregator:
                 f"unknown site {site!r}: not in the plan's roster",
                 hint="add the site to `sites` in federation.yaml, or check its name",
             )
+
+
+def withdrawn_reason(reason: str) -> str:
+    """The failure recorded for a withdrawn site in a round that selects it."""
+    return f"withdrew from the federation: {reason}"
 
 
 def _with_spent(

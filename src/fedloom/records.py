@@ -31,6 +31,7 @@ class FailureKind(enum.Enum):
     ERROR = "error"  # the site reported that its task failed
     DISCONNECTED = "disconnected"  # the stream or the site's process broke off
     CANCELLED = "cancelled"  # not waited for: the round could no longer reach its quorum
+    WITHDRAWN = "withdrawn"  # the site withdrew (its data does not fit …): not waited for
 
 
 @dataclass(frozen=True, slots=True)

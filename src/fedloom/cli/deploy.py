@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from fedloom.cli.common import (
     Overrides,
@@ -169,7 +170,7 @@ def aggregator_start(
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import fresh_run_dir, print_results
     from fedloom.clock import kill_fault
-    from fedloom.orchestration import Event
+    from fedloom.orchestration import Event, SiteRejoined, SiteWithdrew
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
@@ -244,6 +245,18 @@ def aggregator_start(
                 def on_event(event: Event, traffic: TrafficCounter) -> None:
                     progress(event, traffic)
                     recorder.on_event(event)
+                    if isinstance(event, SiteWithdrew):
+                        errors.print(
+                            f"[yellow]warning:[/] site {event.site} withdrew: "
+                            f"{escape(event.reason)} (rounds no longer wait for it; it "
+                            "takes part again once it is started again)",
+                            highlight=False,
+                        )
+                    elif isinstance(event, SiteRejoined):
+                        console.print(
+                            f"site {event.site} said Hello again: rounds wait for it again",
+                            highlight=False,
+                        )
 
                 result = serve(
                     workspace,
@@ -263,6 +276,17 @@ def aggregator_start(
         print_results(recorder, result)
 
 
+def _device(value: str | None) -> str | None:
+    """A typer callback: a ``--device`` fedloom does not know is a usage error (exit
+    code 2); one this machine lacks is said before the site joins (exit code 3)."""
+    from fedloom.plan import device_problem
+
+    problem = None if value is None else device_problem(value)
+    if problem is not None:
+        raise typer.BadParameter(problem)
+    return value
+
+
 @collaborator_app.command("start")
 @friendly
 def collaborator_start(
@@ -277,8 +301,18 @@ def collaborator_start(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="This site's data: an .npz with x and y (or x_train, y_train, x_val, y_val). "
-            "Default: the site's share of the plan's built-in dataset (demo)."
+            help="This site's data: a file or folder the task's data function reads "
+            "(context.data_path), or for a task without one an .npz with x and y (or "
+            "x_train, y_train, x_val, y_val). Default: the site's share of the plan's "
+            "built-in dataset (demo)."
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where this site's torch code runs: auto, cpu, cuda, cuda:N or mps "
+            "(default: the plan's training.device). Not part of the plan hash.",
+            callback=_device,
         ),
     ] = None,
     state: Annotated[
@@ -317,7 +351,8 @@ def collaborator_start(
     """Take part in the federation as site NAME: connect out, train locally, send updates.
 
     The site's key and certificates come from `fedloom pki request` / `accept`.
-    Logs to STATE/collaborator.log.
+    Logs to STATE/collaborator.log; the task keeps its own files in STATE/task. A site
+    whose data does not fit the model tells the aggregator it withdraws, and exits (3).
     """
     from fedloom.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
@@ -334,6 +369,7 @@ def collaborator_start(
         address=aggregator,
         state_dir=state_dir,
         data=data,
+        device=device,
         server_name=server_name,
         connect_seconds=give_up_after,
         threads=threads,

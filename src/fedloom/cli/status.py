@@ -145,6 +145,13 @@ def _print_sites(sites: list[dict[str, Any]]) -> None:
             f"{escape(failure['reason'])}",
         )
     console.print(table)
+    for s in sites:
+        if s.get("withdrawn") is not None:
+            console.print(
+                f"[yellow]{s['site']} withdrew:[/] {escape(s['withdrawn'])} (rounds do not "
+                "wait for it until it is started again)",
+                highlight=False,
+            )
 
 
 def _answered(answered: dict[str, Any] | None) -> str:

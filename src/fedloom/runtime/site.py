@@ -9,6 +9,7 @@ another plan) ends the process with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -27,13 +28,15 @@ from cryptography import x509
 from cryptography.x509 import Certificate
 
 from fedloom.clock import FaultPoints
-from fedloom.collaborator import Collaborator
+from fedloom.collaborator import Collaborator, withdraw
 from fedloom.compression.site import site_compression
 from fedloom.data import train_val_split
 from fedloom.errors import (
     AccessDenied,
     AggregatorLost,
     DataError,
+    DeviceError,
+    FedloomError,
     PlanError,
     StateError,
     TransportError,
@@ -83,6 +86,7 @@ log = logging.getLogger("fedloom.collaborator")
 POLICY_FILE = "policy.yaml"
 LOCK_FILE = "collaborator.lock"
 TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
+WITHDRAW_SECONDS = 60.0  # at most this long a refused site tries to tell the aggregator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,10 +167,6 @@ def _participate(
     task = load_task(code, plan.task)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
-    env = site_env(
-        plan, device=options.device, data_path=options.data, state_dir=state_dir / TASK_STATE
-    )
-    data, index, num_classes = _site_data(ws, plan, task, options, env)
     settings = ClientSettings(
         address=options.address,
         site=options.name,
@@ -175,6 +175,21 @@ def _participate(
         connect_seconds=options.connect_seconds,
         stream_seconds=max(60.0, 2 * plan.deadline.round_seconds),
     )
+    # The task's own folder, kept across rounds and restarts (nothing here deletes it).
+    task_state = state_dir / TASK_STATE
+    task_state.mkdir(mode=0o700, exist_ok=True)
+    try:
+        env = site_env(plan, device=options.device, data_path=options.data, state_dir=task_state)
+        data, index, num_classes = _site_data(ws, plan, task, options, env)
+    except (DataError, DeviceError) as err:
+        # Refused alone: the aggregator hears why and stops waiting for this site.
+        told = tell_withdrawal(credentials, settings, err, state_dir, stop)
+        err.message += (
+            "\n  the aggregator was told that this site withdraws: the others carry on"
+            if told
+            else "\n  the aggregator could not be told that this site withdraws (see the log)"
+        )
+        raise
     connection = GrpcConnection(credentials, settings, stop=stop)
     progress = SiteProgress()
 
@@ -380,6 +395,40 @@ def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Pat
     return certificate
 
 
+def tell_withdrawal(
+    credentials: Credentials,
+    settings: ClientSettings,
+    err: FedloomError,
+    state_dir: Path,
+    stop: threading.Event,
+) -> bool:
+    """Say Hello, then tell the aggregator that this site withdraws because of ``err``
+    (:func:`~fedloom.collaborator.withdraw`), trying for ``--give-up-after`` seconds but
+    no longer than :data:`WITHDRAW_SECONDS`; True once it was told. A site not told
+    leaves the aggregator waiting for it each round until the deadline, as a site never
+    started would."""
+    reason = " ".join(line.strip() for line in err.message.splitlines())
+    log.error("this site cannot take part: %s", err)
+    limit = min(settings.connect_seconds or WITHDRAW_SECONDS, WITHDRAW_SECONDS)
+    connection = GrpcConnection(
+        credentials, dataclasses.replace(settings, connect_seconds=limit), stop=stop
+    )
+    try:
+        connection.open()
+        withdraw(connection, reason, audit=AuditLog(state_dir / AUDIT_LOG))
+    except FedloomError as failed:
+        log.warning(
+            "could not tell the aggregator that this site withdraws: %s; it waits for this "
+            "site each round until the round's deadline",
+            failed.message,
+        )
+        return False
+    finally:
+        connection.close()
+    log.warning("told the aggregator that this site withdraws: %s", reason)
+    return True
+
+
 def _heartbeats(
     connection: GrpcConnection, every: float, progress: SiteProgress, stop: threading.Event
 ) -> None:
@@ -415,7 +464,19 @@ def _site_data(
                 device=env.device,
                 state_dir=env.state_dir,
             )
-            own = task.load_data(context)
+            try:
+                own = task.load_data(context)
+            except FedloomError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the task's own code, on this data
+                log.error("the task's data function failed:\n%s", traceback.format_exc())
+                why = traceback.format_exception_only(err)[-1].strip()
+                raise DataError.of(
+                    str(options.data),
+                    [f"the task's data function failed on it: {why}"],
+                    hint="fix the data or the task's data function (the traceback is in the "
+                    "collaborator's log), then start the collaborator again",
+                ) from err
         if own is not None:
             data = as_site_data(own, "the task's data function")
         else:
@@ -477,7 +538,8 @@ def check_site_data(data: AnySiteData, source: DataSource, where: str, env: Site
         raise DataError.of(
             where,
             problems,
-            hint=DATA_HINT + "; nothing was sent: fix the data and start the collaborator again",
+            hint=DATA_HINT + "; no data or model left this site: fix the data and start the "
+            "collaborator again (it takes part again)",
         )
 
 

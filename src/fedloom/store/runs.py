@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -37,6 +38,8 @@ from fedloom.orchestration import (
     RoundOpened,
     RoundRecord,
     SiteAnswered,
+    SiteRejoined,
+    SiteWithdrew,
     UploadBroke,
 )
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
@@ -205,6 +208,8 @@ class RunStore:
             next_round=done + 1,
             history=tuple(self.history(run)),
             attempts=attempts,
+            # a restarted aggregator still does not wait for the sites that withdrew
+            withdrawn=withdrawn_sites(self.conn, run.key),
         )
 
     def _supersede(self, run: RunInfo, rnd: int, attempt: int, path: Path, err: StateError) -> None:
@@ -437,7 +442,30 @@ def event_row(event: Event) -> EventRow:
         return (now, "round closed", r.round, None, f"attempt {r.attempt}: {r.close_reason.value}")
     if isinstance(event, UploadBroke):
         return (now, "upload broke off", event.round, event.site, event.reason)
+    if isinstance(event, SiteWithdrew):
+        return (now, WITHDREW, None, event.site, event.reason)
+    if isinstance(event, SiteRejoined):
+        return (now, REJOINED, None, event.site, "said Hello again after it withdrew")
     return (now, "joined", None, event.site, "first call since the aggregator started")
+
+
+WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
+REJOINED = "rejoined"  # a withdrawn site said Hello again
+
+
+def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
+    """The sites of the run whose last word was a withdrawal, and why (from its events;
+    a withdrawal in the last second before the aggregator was killed may be lost)."""
+    out: dict[str, str] = {}
+    for kind, site, detail in conn.execute(
+        "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) ORDER BY at, rowid",
+        (run_key, WITHDREW, REJOINED),
+    ):
+        if kind == WITHDREW:
+            out[site] = detail
+        else:
+            out.pop(site, None)
+    return out
 
 
 _RUN_COLUMNS = (

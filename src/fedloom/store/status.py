@@ -23,7 +23,7 @@ from fedloom.plan import Plan
 from fedloom.records import SiteResult
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.store.database import open_read_only
-from fedloom.store.runs import FINISHED_ROUND, running_pid
+from fedloom.store.runs import FINISHED_ROUND, running_pid, withdrawn_sites
 
 RECENT_ATTEMPTS = 5
 
@@ -152,7 +152,8 @@ def _sites(
 ) -> list[dict[str, Any]]:
     """Every site of the plan's roster (or, for a plan not recorded, every site a round
     selected): seconds since the aggregator last heard from it (``seen``, while one
-    serves the run), the last round it answered, its failures in this run."""
+    serves the run), the last round it answered, its failures in this run, and why it
+    withdrew if it did (and has not come back)."""
     answered: dict[str, dict[str, Any]] = {}
     for site, rnd, kind in conn.execute(
         f"SELECT x.site, x.round, a.kind FROM results x {_COUNTS} ORDER BY x.round, x.attempt",
@@ -168,6 +169,7 @@ def _sites(
         failures.setdefault(site, []).append(
             {"round": rnd, "attempt": attempt, "kind": kind, "reason": printable(reason)}
         )
+    withdrawn = withdrawn_sites(conn, key)
     return [
         {
             "site": site,
@@ -175,6 +177,8 @@ def _sites(
             "last_answered": answered.get(site),
             "failures": len(failures.get(site, ())),
             "last_failure": failures[site][-1] if site in failures else None,
+            # why it withdrew, while it has not said Hello since
+            "withdrawn": printable(withdrawn[site]) if site in withdrawn else None,
         }
         for site in _roster(conn, key, plan)
     ]

@@ -84,7 +84,14 @@ class AggregatorService(Protocol):
 
     def report_failure(self, site: str, report: FailureReport) -> bool:
         """``site`` could not do its task for ``report.round``; True if the report
-        settled the site for the open round, False if it was stale."""
+        settled the site for the open round, False if it was stale. A withdrawal
+        (``report.withdrawn``) is never stale: the site is not waited for any more,
+        until it says Hello again (:meth:`join`)."""
+        ...
+
+    def join(self, site: str) -> None:
+        """A collaborator process of ``site`` said Hello: it takes part, and a
+        withdrawal it made earlier no longer holds."""
         ...
 
     def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:

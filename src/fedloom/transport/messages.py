@@ -75,11 +75,15 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class FailureReport:
-    """A site telling the aggregator its task failed for ``round``."""
+    """A site telling the aggregator its task failed for ``round``; or, with
+    ``withdrawn``, that it withdraws from the federation (it cannot take part: its data
+    does not fit the model …) and why, naming no round. Rounds then count the site as
+    failed at once, until it says Hello again."""
 
     round: int
     reason: str
     task_id: str = ""
+    withdrawn: bool = False
 
 
 @dataclass(frozen=True, slots=True)

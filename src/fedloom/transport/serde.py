@@ -166,11 +166,13 @@ def receipt_from_proto(m: pb.Receipt) -> Receipt:
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:
-    return pb.FailureReport(round=f.round, reason=f.reason, task_id=f.task_id)
+    return pb.FailureReport(
+        round=f.round, reason=f.reason, task_id=f.task_id, withdrawn=f.withdrawn
+    )
 
 
 def failure_from_proto(m: pb.FailureReport) -> FailureReport:
-    return FailureReport(m.round, m.reason, m.task_id)
+    return FailureReport(m.round, m.reason, m.task_id, m.withdrawn)
 
 
 def phase_to_proto(m: PhaseMessage) -> pb.PhaseMessage:

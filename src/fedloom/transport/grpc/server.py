@@ -302,6 +302,19 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
             for wait in waits:
                 wait.cancel()
 
+    def leave(self, context: grpc.ServicerContext, site: str) -> None:
+        """End the calling process's session of ``site`` (it withdrew and exits); its
+        asks for work under way end."""
+        instance = session_id(context)
+        with self._lock:
+            session = self.sessions.get(site)
+            if session is None or session.instance != instance:
+                return
+            del self.sessions[site]
+            waits, session.waits = session.waits, set()
+        for wait in waits:
+            wait.cancel()
+
     def waiting(self, context: grpc.ServicerContext, site: str, cancel: Cancellation) -> bool:
         """Note an ask for work of the calling session, to be cancelled if the session is
         replaced; False if it no longer holds the site's session."""
@@ -412,6 +425,7 @@ class Handlers:
             )
         self.gate.welcome(context, site, serial)
         log.info("site %s joined (certificate serial %x) from %s", site, serial, context.peer())
+        self.service.join(site)  # a withdrawal it made before no longer holds
         welcome = Welcome(
             PROTOCOL_VERSION, s.federation, s.rounds, s.heartbeat_seconds, s.certificate
         )
@@ -497,6 +511,17 @@ class Handlers:
     def report_failure(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
         report = _decode(context, FailureReport, request)
+        if report.withdrawn:
+            self.service.report_failure(site, report)
+            log.warning(
+                "site %s withdrew from the federation: %s. Rounds that select it count it "
+                "as failed at once, without waiting; it takes part again once it is started "
+                "again and says Hello",
+                site,
+                printable(report.reason),
+            )
+            self.gate.leave(context, site)  # its process exits: nobody to tell "finished"
+            return b""
         # staleness first: a report that settles nothing is not logged (whatever its size)
         if self.service.report_failure(site, report):
             reason = printable(report.reason)

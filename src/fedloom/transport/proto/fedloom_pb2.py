@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8e\x01\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x10\n\x08\x65valuate\x18\x07 \x01(\x08\"\xc0\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0e\n\x06phases\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_json\x18\x07 \x01(\t\"i\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"Y\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"\xe8\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\x12\n\naudit_hash\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"?\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"=\n\x0cPhaseMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"B\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"w\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"#\n\x0bTaskRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"9\n\tTaskReply\x12,\n\x0binstruction\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.Instruction\" \n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"h\n\x0f\x44ownloadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.ModelHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x01\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x1a\n\tHeartbeat\x12\r\n\x05round\x18\x01 \x01(\x04\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x05\n\x03\x41\x63k*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x32\xb9\x03\n\nAggregator\x12/\n\x05Hello\x12\x11.fedloom.v1.Hello\x1a\x13.fedloom.v1.Welcome\x12\x39\n\x07GetTask\x12\x17.fedloom.v1.TaskRequest\x1a\x15.fedloom.v1.TaskReply\x12\x46\n\x08\x44ownload\x12\x1b.fedloom.v1.DownloadRequest\x1a\x1b.fedloom.v1.DownloadMessage0\x01\x12:\n\x06Upload\x12\x19.fedloom.v1.UploadMessage\x1a\x13.fedloom.v1.Receipt(\x01\x12;\n\rReportFailure\x12\x19.fedloom.v1.FailureReport\x1a\x0f.fedloom.v1.Ack\x12>\n\x08\x45xchange\x12\x18.fedloom.v1.PhaseMessage\x1a\x18.fedloom.v1.PhaseMessage\x12>\n\tHeartbeat\x12\x15.fedloom.v1.Heartbeat\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8e\x01\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x10\n\x08\x65valuate\x18\x07 \x01(\x08\"\xc0\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x0e\n\x06phases\x18\x05 \x03(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_json\x18\x07 \x01(\t\"i\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"Y\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"\xe8\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\x12\n\naudit_hash\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x07Receipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"R\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x11\n\twithdrawn\x18\x04 \x01(\x08\"=\n\x0cPhaseMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"B\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"w\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"#\n\x0bTaskRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"9\n\tTaskReply\x12,\n\x0binstruction\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.Instruction\" \n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"h\n\x0f\x44ownloadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.ModelHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x01\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x1a\n\tHeartbeat\x12\r\n\x05round\x18\x01 \x01(\x04\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x05\n\x03\x41\x63k*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03\x32\xb9\x03\n\nAggregator\x12/\n\x05Hello\x12\x11.fedloom.v1.Hello\x1a\x13.fedloom.v1.Welcome\x12\x39\n\x07GetTask\x12\x17.fedloom.v1.TaskRequest\x1a\x15.fedloom.v1.TaskReply\x12\x46\n\x08\x44ownload\x12\x1b.fedloom.v1.DownloadRequest\x1a\x1b.fedloom.v1.DownloadMessage0\x01\x12:\n\x06Upload\x12\x19.fedloom.v1.UploadMessage\x1a\x13.fedloom.v1.Receipt(\x01\x12;\n\rReportFailure\x12\x19.fedloom.v1.FailureReport\x1a\x0f.fedloom.v1.Ack\x12>\n\x08\x45xchange\x12\x18.fedloom.v1.PhaseMessage\x1a\x18.fedloom.v1.PhaseMessage\x12>\n\tHeartbeat\x12\x15.fedloom.v1.Heartbeat\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_INSTRUCTIONKIND']._serialized_start=1805
-  _globals['_INSTRUCTIONKIND']._serialized_end=1946
+  _globals['_INSTRUCTIONKIND']._serialized_start=1824
+  _globals['_INSTRUCTIONKIND']._serialized_end=1965
   _globals['_TENSORSPEC']._serialized_start=53
   _globals['_TENSORSPEC']._serialized_end=109
   _globals['_TRAINSETTINGS']._serialized_start=112
@@ -52,31 +52,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECEIPT']._serialized_start=884
   _globals['_RECEIPT']._serialized_end=985
   _globals['_FAILUREREPORT']._serialized_start=987
-  _globals['_FAILUREREPORT']._serialized_end=1050
-  _globals['_PHASEMESSAGE']._serialized_start=1052
-  _globals['_PHASEMESSAGE']._serialized_end=1113
-  _globals['_HELLO']._serialized_start=1115
-  _globals['_HELLO']._serialized_end=1181
-  _globals['_WELCOME']._serialized_start=1183
-  _globals['_WELCOME']._serialized_end=1302
-  _globals['_TASKREQUEST']._serialized_start=1304
-  _globals['_TASKREQUEST']._serialized_end=1339
-  _globals['_TASKREPLY']._serialized_start=1341
-  _globals['_TASKREPLY']._serialized_end=1398
-  _globals['_DOWNLOADREQUEST']._serialized_start=1400
-  _globals['_DOWNLOADREQUEST']._serialized_end=1432
-  _globals['_DOWNLOADMESSAGE']._serialized_start=1434
-  _globals['_DOWNLOADMESSAGE']._serialized_end=1538
-  _globals['_UPLOADMESSAGE']._serialized_start=1541
-  _globals['_UPLOADMESSAGE']._serialized_end=1682
-  _globals['_STREAMEND']._serialized_start=1684
-  _globals['_STREAMEND']._serialized_end=1711
-  _globals['_HEARTBEAT']._serialized_start=1713
-  _globals['_HEARTBEAT']._serialized_end=1739
-  _globals['_HEARTBEATREPLY']._serialized_start=1741
-  _globals['_HEARTBEATREPLY']._serialized_end=1795
-  _globals['_ACK']._serialized_start=1797
-  _globals['_ACK']._serialized_end=1802
-  _globals['_AGGREGATOR']._serialized_start=1949
-  _globals['_AGGREGATOR']._serialized_end=2390
+  _globals['_FAILUREREPORT']._serialized_end=1069
+  _globals['_PHASEMESSAGE']._serialized_start=1071
+  _globals['_PHASEMESSAGE']._serialized_end=1132
+  _globals['_HELLO']._serialized_start=1134
+  _globals['_HELLO']._serialized_end=1200
+  _globals['_WELCOME']._serialized_start=1202
+  _globals['_WELCOME']._serialized_end=1321
+  _globals['_TASKREQUEST']._serialized_start=1323
+  _globals['_TASKREQUEST']._serialized_end=1358
+  _globals['_TASKREPLY']._serialized_start=1360
+  _globals['_TASKREPLY']._serialized_end=1417
+  _globals['_DOWNLOADREQUEST']._serialized_start=1419
+  _globals['_DOWNLOADREQUEST']._serialized_end=1451
+  _globals['_DOWNLOADMESSAGE']._serialized_start=1453
+  _globals['_DOWNLOADMESSAGE']._serialized_end=1557
+  _globals['_UPLOADMESSAGE']._serialized_start=1560
+  _globals['_UPLOADMESSAGE']._serialized_end=1701
+  _globals['_STREAMEND']._serialized_start=1703
+  _globals['_STREAMEND']._serialized_end=1730
+  _globals['_HEARTBEAT']._serialized_start=1732
+  _globals['_HEARTBEAT']._serialized_end=1758
+  _globals['_HEARTBEATREPLY']._serialized_start=1760
+  _globals['_HEARTBEATREPLY']._serialized_end=1814
+  _globals['_ACK']._serialized_start=1816
+  _globals['_ACK']._serialized_end=1821
+  _globals['_AGGREGATOR']._serialized_start=1968
+  _globals['_AGGREGATOR']._serialized_end=2409
 # @@protoc_insertion_point(module_scope)

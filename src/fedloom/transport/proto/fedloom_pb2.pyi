@@ -126,14 +126,16 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("round", "reason", "task_id")
+    __slots__ = ("round", "reason", "task_id", "withdrawn")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     round: int
     reason: str
     task_id: str
-    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+    withdrawn: bool
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., task_id: _Optional[str] = ..., withdrawn: _Optional[bool] = ...) -> None: ...
 
 class PhaseMessage(_message.Message):
     __slots__ = ("round", "phase", "payload")
