@@ -63,6 +63,7 @@ def device_problem(value: str) -> str | None:
         return None
     return f"must be auto, cpu, cuda, cuda:N or mps (got {value!r})"
 
+
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
@@ -93,9 +94,7 @@ class DataPlan(_Frozen):
             return None
         rel = PurePosixPath(value)
         if not value or rel.is_absolute() or ".." in rel.parts or "\\" in value:
-            raise ValueError(
-                f"must name a folder inside the workspace, like data (got {value!r})"
-            )
+            raise ValueError(f"must name a folder inside the workspace, like data (got {value!r})")
         return rel.as_posix()
 
     @field_validator("partition")
