@@ -13,7 +13,7 @@ from typing import Any
 
 from fedloom.errors import WorkspaceError
 
-TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic")
+TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "images-folder")
 
 
 def create_workspace(
