@@ -22,4 +22,5 @@ def prepare(template: str, workspace: Path) -> str | None:
         if err.name == name:
             return None
         raise
-    return str(module.prepare(Path(workspace)))
+    hook = getattr(module, "prepare", None)  # a template's folder imports as a namespace
+    return str(hook(Path(workspace))) if callable(hook) else None
