@@ -13,7 +13,7 @@ from typing import Any
 
 from fedloom.errors import WorkspaceError
 
-TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "regression")
+TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "regression", "images-folder")
 
 
 def create_workspace(

@@ -37,6 +37,7 @@ from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_resu
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
 from fedloom.plan import attack_warnings, load_plan, plan_hash
+from fedloom.templates import prepare as prepare_template
 from fedloom.workspace import TEMPLATES, create_workspace
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ def init(
     """Create a workspace from a template: federation.yaml plus the task module."""
     create_workspace(directory, template, force=force)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
+    wrote = prepare_template(template.replace("_", "-"), directory)  # its data, if any
+    if wrote:
+        console.print(escape(wrote))
     console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
 
 

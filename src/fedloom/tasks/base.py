@@ -130,6 +130,8 @@ class SiteContext:
     loop: LoopSettings = LoopSettings()
     # metrics the task logged with log_metric(), sent with its answer
     logged: dict[str, float] = field(default_factory=dict)
+    # objects whose state the site keeps between rounds (keep()), saved after training
+    kept: dict[str, Any] = field(default_factory=dict)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -147,6 +149,32 @@ class SiteContext:
         """Report a number for this round (a training loss, a learning rate): it is
         sent with the site's answer, subject to the site policy's metric rules."""
         self.logged[str(name)] = float(value)
+
+    def keep(self, **objects: Any) -> bool:
+        """Keep these objects' state at the site from one round to the next.
+
+        Give it the torch objects of your own loop that carry state across rounds,
+        once they are built: ``ctx.keep(optimizer=opt, scheduler=sched)``. Each must
+        have ``state_dict()``/``load_state_dict()`` (an optimiser, a learning-rate
+        scheduler, a ``GradScaler``). Their state from the site's last training round,
+        if there was one, is loaded into them now; when your train function returns,
+        :class:`~fedloom.tasks.TorchLoop` saves their state again. The names are the
+        keys: keep the same object under the same name every round.
+
+        The state lives in the site's state folder (:attr:`state_dir`, file
+        ``kept.safetensors``: tensors as safetensors, the rest as JSON, no pickle); it
+        never leaves the site and survives restarts. Where there is no state folder
+        (the centralised baseline, the test set) this does nothing and returns False.
+
+        Returns True when some state was restored (not the site's first round).
+        """
+        if self.state_dir is None:
+            return False
+        from fedloom.tasks.kept_state import KEPT_FILE, restore
+
+        restored = restore(self.state_dir / KEPT_FILE, objects)
+        self.kept.update(objects)
+        return bool(restored)
 
     @property
     def progress(self) -> float:

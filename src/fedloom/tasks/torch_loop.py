@@ -13,10 +13,16 @@ A script's functions plug in as they are::
   global weights and sits on ``ctx.device``; it may return metrics (a dict);
 - ``evaluate(model, val, ctx)`` returns a dict of metrics; it runs in eval mode under
   ``torch.no_grad()``.
+
+``train`` and ``evaluate`` may leave out ``ctx``: a function with two required positional
+parameters, ``evaluate(model, dataset)``, is called with two arguments, so a script's
+own functions plug in unchanged.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sized
 from contextlib import nullcontext
@@ -38,6 +44,7 @@ from fedloom.tasks.base import (
     Split,
     as_site_data,
 )
+from fedloom.tasks.kept_state import KEPT_FILE, save_kept
 from fedloom.tasks.torch_task import load_weights_into, state_to_weights
 from fedloom.weights import Weights
 
@@ -72,8 +79,8 @@ class TorchLoop:
             if not callable(fn):
                 raise WorkspaceError(f"TorchLoop's {name} must be a function, got {fn!r}")
         self.model_fn = model
-        self.train_fn = train
-        self.evaluate_fn = evaluate
+        self.train_fn = with_context(train)
+        self.evaluate_fn = with_context(evaluate)
         self.data_fn = data
         self.test_data_fn = test_data
         self.metrics = metrics
@@ -125,6 +132,8 @@ class TorchLoop:
             )
         for p in model.parameters():
             p.grad = None  # the gradients (a model's size) until next time
+        if context.kept and context.state_dir is not None:
+            save_kept(context.state_dir / KEPT_FILE, context.kept)
         return TrainOutput(state_to_weights(model), n, dict(metrics))
 
     def evaluate(self, weights: Weights, data: Any, context: SiteContext) -> EvalOutput:
@@ -160,6 +169,28 @@ class TorchLoop:
 
 
 SMOKE_SAMPLES = 4
+
+
+def with_context(fn: Callable[..., Any]) -> Callable[[nn.Module, Any, SiteContext], Any]:
+    """``fn`` as a function of ``(model, data, ctx)``: as it is when it takes a third
+    positional argument without a default (or ``*args``); without the context when it
+    takes two, as a script's ``evaluate(model, dataset)`` does."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: pass everything
+        return fn
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return fn
+    required = [p for p in params if p.kind in positional and p.default is p.empty]
+    if len(required) != 2:
+        return fn
+
+    @functools.wraps(fn)
+    def without_context(model: nn.Module, data: Any, context: SiteContext) -> Any:
+        return fn(model, data)
+
+    return without_context
 
 
 def head(dataset: Any, n: int) -> Any:
