@@ -13,6 +13,7 @@ from workspaces import make_workspace, run_cli
 torch = pytest.importorskip("torch")
 
 pytestmark = [
+    pytest.mark.gpu,
     pytest.mark.slow,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]

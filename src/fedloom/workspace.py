@@ -17,9 +17,11 @@ TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "regression", "ima
 
 
 def create_workspace(
-    directory: str | Path, template: str = "digits", *, force: bool = False
+    directory: str | Path, template: str = "digits", *, force: bool = False, data: bool = True
 ) -> Path:
-    """Copy the template ``template`` into ``directory`` and return its path.
+    """Copy the template ``template`` into ``directory`` and return its path; with
+    ``data``, also write the data files a template reads from disk (its data hook,
+    :func:`fedloom.templates.prepare`).
 
     Refuses a folder that exists and is not empty unless ``force``.
     """
@@ -38,6 +40,10 @@ def create_workspace(
     for item in source.iterdir():
         if item.is_file() and not item.name.startswith("__"):
             (target / item.name).write_bytes(item.read_bytes())
+    if data:
+        from fedloom.templates import prepare
+
+        prepare(template, target)
     return target
 
 

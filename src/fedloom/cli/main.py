@@ -79,7 +79,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Write into a folder that is not empty.")] = False,
 ) -> None:
     """Create a workspace from a template: federation.yaml plus the task module."""
-    create_workspace(directory, template, force=force)
+    create_workspace(directory, template, force=force, data=False)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
     wrote = prepare_template(template.replace("_", "-"), directory)  # its data, if any
     if wrote:
