@@ -63,6 +63,7 @@ def device_problem(value: str) -> str | None:
         return None
     return f"must be auto, cpu, cuda, cuda:N or mps (got {value!r})"
 
+
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
@@ -93,9 +94,7 @@ class DataPlan(_Frozen):
             return None
         rel = PurePosixPath(value)
         if not value or rel.is_absolute() or ".." in rel.parts or "\\" in value:
-            raise ValueError(
-                f"must name a folder inside the workspace, like data (got {value!r})"
-            )
+            raise ValueError(f"must name a folder inside the workspace, like data (got {value!r})")
         return rel.as_posix()
 
     @field_validator("partition")
@@ -226,6 +225,16 @@ class Plan(_Frozen):
             raise ValueError(
                 "data.partition: the synthetic dataset makes each site's own data, so it "
                 f"takes no partition (got {self.data.partition!r}); remove it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _data_path_is_custom_data(self) -> Plan:
+        if self.data.path is not None and self.data.dataset != "custom":
+            raise ValueError(
+                f"data.path: a folder of the sites' own data is read by the task's data "
+                f"function, with dataset: custom only (got dataset: {self.data.dataset}); "
+                "set data.dataset: custom, or remove data.path"
             )
         return self
 
