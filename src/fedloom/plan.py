@@ -245,6 +245,16 @@ class Plan(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _data_path_is_custom_data(self) -> Plan:
+        if self.data.path is not None and self.data.dataset != "custom":
+            raise ValueError(
+                f"data.path: a folder of the sites' own data is read by the task's data "
+                f"function, with dataset: custom only (got dataset: {self.data.dataset}); "
+                "set data.dataset: custom, or remove data.path"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _per_round_fits(self) -> Plan:
         if self.sites_per_round is not None and self.sites_per_round > len(self.roster):
             raise ValueError(

@@ -145,6 +145,8 @@ def execute(
     metrics: dict[str, float] = {}
     training = instruction.kind is not InstructionKind.EVALUATE
     evaluating = not training or instruction.settings.evaluate
+    if env.state_dir is not None:  # the task may write its own files there from round 1
+        env.state_dir.mkdir(parents=True, exist_ok=True)
     context = SiteContext(
         site,
         index,

@@ -128,6 +128,9 @@ class SiteContext:
     device: str = "cpu"  # a torch device name, already resolved from the plan's `auto`
     state_dir: Path | None = None  # the site's own folder, kept across rounds and restarts
     loop: LoopSettings = LoopSettings()
+    # the round's training settings (the plan's, as the strategy set them: FedProx's
+    # proximal_mu): what TorchLoop hands a user's own train function
+    settings: TrainSettings = TrainSettings()
     # metrics the task logged with log_metric(), sent with its answer
     logged: dict[str, float] = field(default_factory=dict)
     # objects whose state the site keeps between rounds (keep()), saved after training

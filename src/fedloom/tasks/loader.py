@@ -17,6 +17,7 @@ import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import linecache
 import os
 import sys
@@ -243,4 +244,43 @@ def load_task(workspace: str | Path | WorkspaceCode, module: str = "task.py") ->
     ]
     if missing:
         raise WorkspaceError(f"{path}: `task` lacks {missing}", hint="see docs/tasks.md")
+    outdated = outdated_methods(task)
+    if outdated:
+        raise WorkspaceError(
+            f"{path}: `task` has methods of the older task interface: " + "; ".join(outdated),
+            hint="see docs/tasks.md#migrating-from-the-older-interface",
+        )
     return task  # type: ignore[no-any-return]
+
+
+def outdated_methods(task: object) -> list[str]:
+    """The task's methods written against the interface before evaluate and the test
+    set took a context: ``evaluate(weights, x, y)`` (now ``evaluate(weights, data,
+    context)``, ``data`` a ``Split(x, y)`` or a dataset) and ``load_test_data()`` (now
+    ``load_test_data(context)``). Found as the task loads, not after the last round."""
+    found = []
+    evaluate = _parameters(getattr(task, "evaluate", None))
+    if evaluate is not None and [p.name for p in evaluate[1:3]] == ["x", "y"]:
+        found.append(
+            "evaluate(weights, x, y) now receives (weights, data, context): take "
+            "`x, y = data` (a Split) and add the context parameter"
+        )
+    load_test = _parameters(getattr(task, "load_test_data", None))
+    if load_test == []:
+        found.append("load_test_data() now receives the context: load_test_data(context)")
+    return found
+
+
+def _parameters(method: object) -> list[inspect.Parameter] | None:
+    """The positional parameters of a bound method (None when it has none to show, or
+    takes ``*args``)."""
+    if not callable(method):
+        return None
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return [p for p in params if p.kind in kinds]

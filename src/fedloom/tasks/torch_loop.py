@@ -10,7 +10,9 @@ A script's functions plug in as they are::
 - ``data(ctx)`` builds the site's data from ``ctx.data_path`` (a file or folder of the
   site's own) and returns ``(train, val)``: datasets of any kind;
 - ``train(model, train, ctx)`` trains ``model`` in place: it already holds the round's
-  global weights and sits on ``ctx.device``; it may return metrics (a dict);
+  global weights and sits on ``ctx.device``; ``ctx.settings`` holds the round's
+  training settings (the plan's epochs, lr, ..., FedProx's ``proximal_mu``); it may
+  return metrics (a dict);
 - ``evaluate(model, val, ctx)`` returns a dict of metrics; it runs in eval mode under
   ``torch.no_grad()``.
 
@@ -21,6 +23,7 @@ own functions plug in unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -117,6 +120,7 @@ class TorchLoop:
     def train(
         self, weights: Weights, data: AnySiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
+        context = dataclasses.replace(context, settings=settings)  # the same logged dict
         model = self._prepared(weights, context)
         train = as_dataset(data.train)
         n = len(train) if isinstance(train, Sized) else 0
