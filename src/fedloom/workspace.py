@@ -4,7 +4,8 @@ holds (what the plan hash covers and the task loader runs)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,15 +14,25 @@ from typing import Any
 
 from fedloom.errors import WorkspaceError
 
-TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic")
+TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "segmentation")
+
+# Templates whose data is generated into the workspace by ``init``: the module (in
+# fedloom.templates) whose ``prepare(workspace) -> str`` writes it and says what it wrote.
+TEMPLATE_DATA: Mapping[str, str] = MappingProxyType({"segmentation": "segmentation_data"})
 
 
 def create_workspace(
-    directory: str | Path, template: str = "digits", *, force: bool = False
+    directory: str | Path,
+    template: str = "digits",
+    *,
+    force: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
     """Copy the template ``template`` into ``directory`` and return its path.
 
-    Refuses a folder that exists and is not empty unless ``force``.
+    Refuses a folder that exists and is not empty unless ``force``. A template that
+    ships no data but generates it (:data:`TEMPLATE_DATA`) writes it now, and hands
+    ``report`` a line saying what it wrote.
     """
     target = Path(directory)
     template = template.replace("_", "-")  # breast_cancer (the dataset's name) works too
@@ -38,6 +49,11 @@ def create_workspace(
     for item in source.iterdir():
         if item.is_file() and not item.name.startswith("__"):
             (target / item.name).write_bytes(item.read_bytes())
+    if template in TEMPLATE_DATA:
+        module = importlib.import_module(f"fedloom.templates.{TEMPLATE_DATA[template]}")
+        written = module.prepare(target)
+        if report is not None:
+            report(written)
     return target
 
 

@@ -76,7 +76,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Write into a folder that is not empty.")] = False,
 ) -> None:
     """Create a workspace from a template: federation.yaml plus the task module."""
-    create_workspace(directory, template, force=force)
+    create_workspace(directory, template, force=force, report=console.print)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
     console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
 

@@ -128,6 +128,9 @@ class SiteContext:
     device: str = "cpu"  # a torch device name, already resolved from the plan's `auto`
     state_dir: Path | None = None  # the site's own folder, kept across rounds and restarts
     loop: LoopSettings = LoopSettings()
+    # this round's training settings (epochs, batch size, lr...: the plan's `training`;
+    # the centralised baseline's epochs are the federation's rounds x epochs)
+    settings: TrainSettings = TrainSettings()
     # metrics the task logged with log_metric(), sent with its answer
     logged: dict[str, float] = field(default_factory=dict)
 

@@ -10,13 +10,15 @@ A script's functions plug in as they are::
 - ``data(ctx)`` builds the site's data from ``ctx.data_path`` (a file or folder of the
   site's own) and returns ``(train, val)``: datasets of any kind;
 - ``train(model, train, ctx)`` trains ``model`` in place: it already holds the round's
-  global weights and sits on ``ctx.device``; it may return metrics (a dict);
+  global weights and sits on ``ctx.device``; ``ctx.settings`` holds the plan's epochs,
+  batch size and learning rate for this round; it may return metrics (a dict);
 - ``evaluate(model, val, ctx)`` returns a dict of metrics; it runs in eval mode under
   ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sized
 from contextlib import nullcontext
@@ -110,6 +112,7 @@ class TorchLoop:
     def train(
         self, weights: Weights, data: AnySiteData, settings: TrainSettings, context: SiteContext
     ) -> TrainOutput:
+        context = dataclasses.replace(context, settings=settings)  # ctx.settings.epochs...
         model = self._prepared(weights, context)
         train = as_dataset(data.train)
         n = len(train) if isinstance(train, Sized) else 0
