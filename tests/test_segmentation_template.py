@@ -84,3 +84,22 @@ def test_one_and_two_workers_train_bit_identical_weights(workspace: Path) -> Non
     two = simulate(workspace, plan, SimulationOptions(workers=2))
     assert weights_equal(one.final_weights, two.final_weights)
     assert one.test_metrics == two.test_metrics
+
+
+def test_a_torch_loop_reads_the_rounds_training_settings_from_its_context() -> None:
+    import torch
+    from torch import nn
+
+    from fedloom import SiteContext, TrainSettings
+    from fedloom.tasks import SiteDatasets, TorchLoop
+
+    seen: list[TrainSettings] = []
+
+    def train(model: nn.Module, data: object, ctx: SiteContext) -> None:
+        seen.append(ctx.settings)
+
+    task = TorchLoop(lambda: nn.Linear(2, 1), train, lambda m, d, c: {})
+    data = SiteDatasets([(torch.zeros(2), torch.zeros(1))], [])
+    settings = TrainSettings(epochs=7, batch_size=3, lr=0.5)
+    task.train(task.init_weights(0), data, settings, SiteContext("a", 0, 1, 0))
+    assert seen == [settings]
