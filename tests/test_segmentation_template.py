@@ -14,7 +14,17 @@ from fedloom import SimulationOptions, load_plan, simulate
 from fedloom.templates.segmentation_data import SITES, TEST_FOLDER, case, generate
 from fedloom.weights import weights_equal
 
-TINY = ["rounds=1", "training.epochs=1", "evaluation.each_round=false"]
+pytestmark = pytest.mark.slow
+
+# the two smallest hospitals (22 training cases), one round of one epoch, no evaluation
+# but the test set's
+TINY = [
+    "sites=[hospital-c, hospital-d]",
+    "rounds=1",
+    "training.epochs=1",
+    "evaluation.each_round=false",
+    "evaluation.final=false",
+]
 
 
 @pytest.fixture(scope="module")
