@@ -13,7 +13,15 @@ from typing import Any
 
 from fedloom.errors import WorkspaceError
 
-TEMPLATES = ("digits", "breast-cancer", "mnist", "synthetic", "regression", "images-folder")
+TEMPLATES = (
+    "digits",
+    "breast-cancer",
+    "mnist",
+    "synthetic",
+    "regression",
+    "images-folder",
+    "segmentation",
+)
 
 
 def create_workspace(
