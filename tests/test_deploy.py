@@ -180,7 +180,7 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
     tmp_path: Path,
 ) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    plan = ["sites=4", "rounds=3", "deadline.min_fraction=0.75", "deadline.round_seconds=12"]
+    plan = ["sites=4", "rounds=3", "deadline.min_fraction=0.75", "deadline.round_seconds=20"]
     provision(ws, ["site-01", "site-02", "site-03", "site-04"])  # site-04 never starts
     aggregator, port = start_aggregator(ws, plan, "three")
     sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02", "site-03")]
