@@ -36,7 +36,7 @@ from fedloom.cli.policy import policy_app
 from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
-from fedloom.plan import attack_warnings, load_plan, plan_hash
+from fedloom.plan import Plan, attack_warnings, load_plan, plan_hash
 from fedloom.templates import prepare as prepare_template
 from fedloom.workspace import TEMPLATES, create_workspace
 
@@ -291,7 +291,7 @@ def simulate(
     console.print(
         f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, "
         f"{count(plan.rounds, 'round')}, "
-        f"strategy {plan.strategy.name}, data {plan.data.dataset} ({plan.data.partition})"
+        f"strategy {plan.strategy.name}, data {_data_text(plan)}"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
     if ray is not None:
@@ -351,6 +351,17 @@ def simulate(
             errors.print(f"what the run did is in {run_dir}", highlight=False)
             raise
         print_results(recorder, result)
+
+
+def _data_text(plan: Plan) -> str:
+    """The plan's data for the run header: a partition only where one is made (a
+    custom task's data and the synthetic sites are each site's own)."""
+    data = plan.data
+    if data.dataset == "custom":
+        return f"the task's own ({data.path}/<site>)" if data.path else "the task's own"
+    if data.dataset == "synthetic":
+        return "synthetic (each site its own)"
+    return f"{data.dataset} ({data.partition})"
 
 
 def _workers_text(options: SimulationOptions) -> str:
