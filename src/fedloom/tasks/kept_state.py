@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from fedloom.errors import TaskError
+from fedloom.pki.common import write_atomic
 
 KEPT_FILE = "kept.safetensors"  # in the site's state folder
 METADATA_KEY = "fedloom.kept"
@@ -109,7 +109,9 @@ def save_kept(path: Path, objects: Mapping[str, Any]) -> None:
         for name, obj in objects.items()
     }
     header = json.dumps({"format": FORMAT, "objects": trees}, allow_nan=False)
-    _write_atomic(path, save_tensors(tensors, metadata={METADATA_KEY: header}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save_tensors(tensors, metadata={METADATA_KEY: header})
+    write_atomic(path, data, mode=0o600, error=TaskError)  # the one fsync-and-rename writer
 
 
 def load_kept(path: Path) -> dict[str, Any]:
@@ -156,25 +158,3 @@ def restore(path: Path, objects: Mapping[str, Any]) -> list[str]:
                 ) from err
             restored.append(name)
     return restored
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise TaskError(
-            f"cannot write the site's kept state {path}: {err.strerror}",
-            hint="check that the site's state folder exists and may be written",
-        ) from err
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

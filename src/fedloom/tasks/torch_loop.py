@@ -48,7 +48,7 @@ from fedloom.tasks.base import (
     as_site_data,
 )
 from fedloom.tasks.kept_state import KEPT_FILE, save_kept
-from fedloom.tasks.torch_task import load_weights_into, state_to_weights
+from fedloom.tasks.torch_task import built_model, load_weights_into, state_to_weights
 from fedloom.weights import Weights
 
 ModelFn = Callable[[], nn.Module]
@@ -93,12 +93,7 @@ class TorchLoop:
 
     def model(self, device: str = "cpu") -> nn.Module:
         if self._model is None:
-            self._model = self.model_fn()
-            if not isinstance(self._model, nn.Module):
-                raise TaskError(
-                    f"the model function returned {type(self._model).__name__}, "
-                    "expected a torch.nn.Module"
-                )
+            self._model = built_model(self.model_fn)
         return self._model.to(device)
 
     def init_weights(self, seed: int) -> Weights:

@@ -104,6 +104,16 @@ def targets_of(y: np.ndarray, class_indices: bool) -> torch.Tensor:
     )
 
 
+def built_model(model_fn: Callable[[], nn.Module]) -> nn.Module:
+    """``model_fn()``, refused with a :class:`TaskError` unless it is a module."""
+    model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TaskError(
+            f"the model function returned {type(model).__name__}, expected a torch.nn.Module"
+        )
+    return model
+
+
 class TorchTask:
     """A :class:`~fedloom.tasks.Task` for any ``torch.nn.Module``: fedloom's training loop.
 
@@ -169,12 +179,7 @@ class TorchTask:
     def model(self) -> nn.Module:
         """The model, built once per process (on the CPU, where it waits between calls)."""
         if self._model is None:
-            self._model = self.model_fn()
-            if not isinstance(self._model, nn.Module):
-                raise TaskError(
-                    f"the model function returned {type(self._model).__name__}, "
-                    "expected a torch.nn.Module"
-                )
+            self._model = built_model(self.model_fn)
         return self._model
 
     def init_weights(self, seed: int) -> Weights:
