@@ -24,16 +24,12 @@ def test_init_writes_the_images_and_a_tiny_federation_trains_on_them(tmp_path: P
         assert all(f.parent.name.isdigit() for f in files)
     assert len(list((ws / "data").glob("*/*/*.png"))) == 1797
 
-    runs = {}
-    for workers in ("1", "2"):
-        name = f"w{workers}"
-        proc = run_cli("simulate", str(ws), *TINY, "--workers", workers, "--run-name", name)
-        assert proc.returncode == 0, proc.stderr
-        runs[name] = ws / "runs" / name
-    summary = json.loads((runs["w1"] / "summary.json").read_text())
+    # (one worker or two give the same model bit for bit: test_template_determinism.py)
+    proc = run_cli("simulate", str(ws), *TINY, "--workers", "1", "--run-name", "w1")
+    assert proc.returncode == 0, proc.stderr
+    run = ws / "runs" / "w1"
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["failures"] == 0
     assert 0.2 < summary["test_accuracy"] <= 1.0  # two rounds: far above chance (0.1)
-    # each site's optimiser and schedule kept in its state folder between the rounds:
-    # one worker or two, the same model bit for bit
-    final = "final.safetensors"
-    assert (runs["w1"] / final).read_bytes() == (runs["w2"] / final).read_bytes()
+    # each site's optimiser and schedule kept in its state folder between the rounds
+    assert all((run / "sites" / s / "kept.safetensors").is_file() for s in ("site-01", "site-02"))
