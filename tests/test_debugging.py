@@ -112,15 +112,19 @@ def test_ctrl_c_in_a_task_run_in_the_main_thread_stops_the_run_cleanly(tmp_path:
     assert {r["round"] for r in _rows(ws / "runs" / "stopped")} <= {1, 2}
 
 
-def test_gpus_without_cuda_is_refused_before_anything_starts(tmp_path: Path) -> None:
+def test_gpus_the_machine_lacks_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    """One GPU more than the machine has: on a CPU-only machine --gpus 1 (no CUDA at
+    all), on a GPU machine one beyond its count."""
     torch = pytest.importorskip("torch")
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU")
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     ws = make_workspace(tmp_path, "breast-cancer")
-    proc = run_cli("simulate", str(ws), "--gpus", "1", "--quiet")
+    proc = run_cli("simulate", str(ws), "--gpus", str(have + 1), "--quiet")
     assert proc.returncode == 3, proc.stderr
-    assert "--gpus 1 asked for, but torch sees no CUDA GPU" in proc.stderr
-    assert "run without --gpus" in proc.stderr
+    if have == 0:
+        assert "--gpus 1 asked for, but torch sees no CUDA GPU" in proc.stderr
+        assert "run without --gpus" in proc.stderr
+    else:
+        assert f"--gpus {have + 1} asked for, but this machine has {have} CUDA GPU" in proc.stderr
     assert not (ws / "runs").exists()  # refused before anything was written
     negative = run_cli("simulate", str(ws), "--gpus", "-1", "--quiet")
     assert negative.returncode == 2
