@@ -103,6 +103,21 @@ def site_env(
     )
 
 
+def outside_rounds(plan: Plan, name: str, device: str) -> SiteContext:
+    """The context of work outside a site's rounds (the test set, the centralised
+    baseline, the smoke check before a site joins): no site index, round 0, a seed
+    keyed by ``name``, the plan's loop settings on ``device``."""
+    return SiteContext(
+        name,
+        -1,
+        0,
+        int_seed(plan.seed, 0, name, "train"),
+        total_rounds=plan.rounds,
+        device=device,
+        loop=site_env(plan, device=device).loop,
+    )
+
+
 def local_names(weights: Weights, patterns: tuple[str, ...]) -> list[str]:
     """The names of the tensors of ``weights`` that the plan keeps at the site."""
     if not patterns:

@@ -40,7 +40,7 @@ from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
 from fedloom.records import InstructionKind
-from fedloom.rng import int_seed
+from fedloom.runtime.executor import outside_rounds
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
@@ -204,8 +204,7 @@ def test_context(plan: Plan) -> SiteContext:
     (the plan's device is the sites' business)."""
     from fedloom.runtime.devices import resolve_device
 
-    seed = int_seed(plan.seed, 0, "test", "train")
-    return SiteContext("test", -1, 0, seed, total_rounds=plan.rounds, device=resolve_device("auto"))
+    return outside_rounds(plan, "test", resolve_device("auto"))
 
 
 def _complete_results(

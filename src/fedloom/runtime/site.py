@@ -62,7 +62,7 @@ from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
 from fedloom.records import Instruction, SiteAnswer
 from fedloom.rng import generator, int_seed
-from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
+from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.store.runs import LockBusy, hold_lock
@@ -509,15 +509,7 @@ def check_site_data(data: AnySiteData, source: DataSource, where: str, env: Site
     problems = data_problems(data, classes_of(source)) if isinstance(data, SiteData) else []
     task = source.task
     if not problems:
-        context = SiteContext(
-            "smoke-check",
-            -1,
-            0,
-            0,
-            total_rounds=source.plan.rounds,
-            device=env.device,
-            loop=env.loop,
-        )
+        context = outside_rounds(source.plan, "smoke-check", env.device)
         try:
             weights = read_only(task.init_weights(source.plan.seed))
             if isinstance(task, ChecksData):

@@ -34,10 +34,9 @@ from fedloom.errors import (
 from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
-from fedloom.rng import int_seed
 from fedloom.runtime import pipes
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
-from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, site_env
+from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource
 from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
@@ -171,11 +170,7 @@ class SiteWorker:
 
     def _context(self, name: str) -> SiteContext:
         """The context of work outside a site's rounds: the test set, the baseline."""
-        seed = int_seed(self.plan.seed, 0, name, "train")
-        loop = site_env(self.plan, device=self.device).loop
-        return SiteContext(
-            name, -1, 0, seed, total_rounds=self.plan.rounds, device=self.device, loop=loop
-        )
+        return outside_rounds(self.plan, name, self.device)
 
     def _run_site(self, site: str, instruction: Instruction, weights: Weights) -> SiteAnswer:
         dp_sgd, rounds_selected = dp_sgd_of(self.plan, site, instruction.round)
