@@ -65,7 +65,8 @@ def test_a_run_that_fails_in_the_task_logs_its_traceback(tmp_path: Path) -> None
     assert proc.returncode == 7, proc.stderr  # no quorum: every site failed
     log = (ws / "runs" / "down" / "run.log").read_text()
     assert TASK_LINE in log and "KeyError: 'no such column'" in log
-    assert "the run failed" in log and "quorum" in log
+    # every site failed: whether the others were still waited for is a race, so not asserted
+    assert "the run failed: round 1: 0 of 5 sites answered" in log
     summary = json.loads((ws / "runs" / "down" / "summary.json").read_text())
     assert summary["status"] == "failed"
 
