@@ -23,6 +23,8 @@ pytestmark = pytest.mark.slow
 SHRINK = ["rounds=2", "training.epochs=1"]
 OVERRIDES: dict[str, list[str]] = {
     "mnist": ["rounds=1", "sites=4"],  # a CNN on 5,000 images: one round of four sites
+    # a 3D U-Net: the two smallest hospitals (22 training cases)
+    "segmentation": ["sites=[hospital-c, hospital-d]"],
 }
 
 
