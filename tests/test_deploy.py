@@ -146,7 +146,7 @@ def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
     plan = ["sites=3", "rounds=3", "deadline.min_fraction=0.6", "deadline.round_seconds=600"]
     provision(ws, ["site-01", "site-02", "site-03"])
     aggregator, port = start_aggregator(
-        ws, plan, "silent", "--heartbeat", "0.2", "--dead-after", "1.5"
+        ws, plan, "silent", "--heartbeat", "0.5", "--dead-after", "4"
     )
     sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02")]
     try:
