@@ -169,6 +169,54 @@ def verify_log(
         )
 
 
+@audit_app.command("model")
+@friendly
+def verify_model(
+    path: Annotated[
+        Path, typer.Argument(help="A final model a site kept: STATE/final/<run>.safetensors.")
+    ],
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            help="The federation's CA certificate (default: ca.crt in the site's state "
+            "folder the file is in).",
+        ),
+    ] = None,
+) -> None:
+    """Check a final model a site kept: signed by the federation's aggregator, and its
+    tensors exactly those it signed.
+
+    Exits 0 when they are, 13 saying what does not hold when not.
+    """
+    from fedloom.privacy.final_model import FINAL_DIR, check_final_model
+
+    ca_path = ca if ca is not None else path.parent.parent / SITE_CA
+    if ca is None and (path.parent.name != FINAL_DIR or not ca_path.is_file()):
+        raise CertificateError(
+            f"no CA certificate to check {path} with: it is not in a site's "
+            f"STATE/{FINAL_DIR} folder beside STATE/{SITE_CA}",
+            hint="pass the federation's CA certificate with --ca",
+        )
+    ca_pem = read_file(ca_path, missing_hint="pass the federation's CA certificate with --ca")
+    info, weights = check_final_model(path, ca_pem)
+    console.print(
+        f"final model intact: {count(len(weights), 'tensor')}, signed by the aggregator "
+        f"({fingerprint(info.aggregator_cert)}) for task {info.task_id} (round {info.round})",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"plan hash {info.plan_hash}; kept by {info.site}"
+        + (f" at {info.saved}" if info.saved else "")
+        + f"; CA {ca_path}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 def _aggregator_cert(path: Path, state_dir: Path) -> bytes:
     """The aggregator certificate's PEM; checked against the site's CA when it has one
     (not against dates: old receipts stay verifiable after the certificate expires)."""
