@@ -66,7 +66,7 @@ from fedloom.rng import generator, int_seed
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.store.runs import LockBusy, hold_lock
+from fedloom.store.locks import LockBusy, hold_lock
 from fedloom.tasks.base import (
     AnySiteData,
     ChecksData,
