@@ -40,7 +40,8 @@ from fedloom.records import (
     TrainSettings,
 )
 from fedloom.runtime.executor import dp_sgd_of
-from fedloom.store.runs import RunStore, lock_state
+from fedloom.store.locks import lock_state
+from fedloom.store.runs import RunStore
 from fedloom.strategies.state import StrategyState
 from fedloom.tasks import dp_sgd
 from fedloom.transport.inprocess import TrafficCounter

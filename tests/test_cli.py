@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from workspaces import run_cli
+from workspaces import HEAVY_MODULES, heavy_imports, imported_modules, run_cli
 
 from fedloom import TEMPLATES, load_plan
 
@@ -61,3 +61,19 @@ def test_a_run_name_must_be_a_plain_folder_name(tmp_path: Path, name: str) -> No
     proc = run_cli("simulate", str(ws), "--run-name", name, "--workers", "0", "rounds=1")
     assert proc.returncode == 3 and "must be a plain folder name" in proc.stderr
     assert not (tmp_path / "escape").exists() and not (ws / "runs").exists()
+
+
+def test_help_starts_without_importing_the_heavy_modules() -> None:
+    modules = imported_modules("--help")
+    assert "fedloom.cli.main" in modules
+    # pydantic too: the plan's models load with the first command that reads a plan
+    assert heavy_imports(modules, (*HEAVY_MODULES, "pydantic")) == []
+
+
+def test_the_cli_copies_of_library_defaults_agree_with_the_library() -> None:
+    from fedloom.cli import pki as cli_pki
+    from fedloom.cli import policy as cli_policy
+    from fedloom.pki.authority import CA_DAYS
+    from fedloom.privacy.policy import POLICY_FILE
+
+    assert (cli_pki.CA_DAYS, cli_policy.POLICY_FILE) == (CA_DAYS, POLICY_FILE)

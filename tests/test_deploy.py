@@ -17,7 +17,8 @@ from workspaces import PADDED_TASK, make_workspace, run_cli
 
 from fedloom.pki import provision
 from fedloom.runtime import launcher
-from fedloom.store import load_weights
+from fedloom.store import load_weights, save_weights
+from fedloom.store.checkpoint import read_metadata
 from fedloom.weights import weights_equal
 
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -50,12 +51,23 @@ def kill_leftovers(*procs: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-def test_grpc_federation_ends_bit_identical_to_the_in_process_run(tmp_path: Path) -> None:
-    ws = make_workspace(tmp_path, "digits")
-    args = ("--sites", "3", "--rounds", "5", "--quiet")
-    real = run_cli("simulate", str(ws), *args, "--transport", "grpc", "--run-name", "grpc")
+GRPC_RUN = ("--sites", "3", "--rounds", "5", "--quiet")
+GRPC_SITES = ("site-01", "site-02", "site-03")
+
+
+@pytest.fixture(scope="module")
+def grpc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workspace of a 3-site federation run as real processes on loopback
+    (``simulate --transport grpc``), its run named ``grpc``."""
+    ws = make_workspace(tmp_path_factory.mktemp("deploy"), "digits")
+    real = run_cli("simulate", str(ws), *GRPC_RUN, "--transport", "grpc", "--run-name", "grpc")
     assert real.returncode == 0, real.stderr + real.stdout
-    simulated = run_cli("simulate", str(ws), *args, "--run-name", "inprocess")
+    return ws
+
+
+def test_grpc_federation_ends_bit_identical_to_the_in_process_run(grpc_run: Path) -> None:
+    ws = grpc_run
+    simulated = run_cli("simulate", str(ws), *GRPC_RUN, "--run-name", "inprocess")
     assert simulated.returncode == 0, simulated.stderr
 
     runs = ws / "runs"
@@ -67,12 +79,38 @@ def test_grpc_federation_ends_bit_identical_to_the_in_process_run(tmp_path: Path
     assert summary["test_accuracy"] > 0.8
     assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
     # every site made its own key, in its own state folder, and the CA never saw it
-    for site in ("site-01", "site-02", "site-03"):
+    for site in GRPC_SITES:
         state = ws / "sites" / site
         assert (state / "site.key").stat().st_mode & 0o077 == 0
         assert "joined federation" in (state / "collaborator.log").read_text()
     assert not list((ws / "pki").rglob("*site*.key"))
     assert "joined (certificate serial" in (ws / "aggregator" / "aggregator.log").read_text()
+
+
+def test_every_site_keeps_the_final_model_signed_and_identical_to_the_aggregators(
+    grpc_run: Path, tmp_path: Path
+) -> None:
+    ws = grpc_run
+    final = load_weights(ws / "runs" / "grpc" / "final.safetensors")
+    for site in GRPC_SITES:
+        state = ws / "sites" / site
+        (kept,) = (state / "final").glob("*.safetensors")
+        assert weights_equal(load_weights(kept), final), site
+        screen = (state / "collaborator.out").read_text()  # what the site's screen showed
+        assert f"the final model is kept in {kept} (check it: fedloom audit model" in screen
+        checked = run_cli("audit", "model", str(kept))  # with the site's own ca.crt
+        assert checked.returncode == 0, checked.stderr
+        assert "final model intact: " in checked.stdout
+        assert f"kept by {site}" in checked.stdout
+    # one value changed, the header kept: refused, naming the file
+    changed = {name: array.copy() for name, array in final.items()}
+    first = next(iter(changed))
+    changed[first].reshape(-1)[0] += 1
+    tampered = tmp_path / "tampered.safetensors"
+    save_weights(tampered, changed, metadata=read_metadata(kept))
+    refused = run_cli("audit", "model", str(tampered), "--ca", str(ws / "pki" / "ca.crt"))
+    assert refused.returncode == 13, refused.stdout + refused.stderr
+    assert "is not the model the aggregator signed" in refused.stderr
 
 
 def start_aggregator(

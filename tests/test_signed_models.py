@@ -15,13 +15,18 @@ from cryptography import x509
 from grpcnet import GrpcTestTransport
 
 from fedloom.collaborator import Collaborator
+from fedloom.compression.codecs import ModelCodec, decode_model, encode_model
 from fedloom.errors import FedloomError, ModelRejected, QuorumError
 from fedloom.orchestration import Aggregator, CloseReason
-from fedloom.pki import server_credentials
+from fedloom.pki import provision, server_credentials, site_credentials
+from fedloom.pki.credentials import Credentials
+from fedloom.privacy.final_model import check_final_model, keep_final_model
 from fedloom.privacy.published import model_checker, model_statement, signer_from_pem
 from fedloom.records import FailureKind, Instruction, InstructionKind
+from fedloom.store import load_weights
 from fedloom.strategies import FedAvg
 from fedloom.transport.messages import Chunk, ModelHeader, ModelStream
+from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -141,3 +146,51 @@ def test_the_check_refuses_unsigned_replayed_and_altered_models(tmp_path: Path) 
     stranger = x509.load_pem_x509_certificate((other / "pki" / "aggregator.crt").read_bytes())
     with pytest.raises(ModelRejected, match="signature check"):
         model_checker(stranger)(task, header, weights)
+
+
+def keep_signed(
+    state: Path,
+    credentials: Credentials,
+    weights: Weights,
+    codec: ModelCodec,
+    task_id: str = "4f2a9c/3.1",
+) -> Path:
+    """Keep ``weights`` as a site does at the final evaluation, the model having
+    travelled under ``codec`` and been signed with ``credentials``' key."""
+    travelled = encode_model(weights, codec)
+    signature = signer_from_pem(credentials.key_pem)(model_statement(task_id, 3, travelled))
+    header = ModelHeader(3, specs_of(travelled), task_id, signature)
+    return keep_final_model(
+        state,
+        header,
+        decode_model(travelled, codec),
+        plan_hash="ab" * 32,
+        site="site-a",
+        aggregator_cert=credentials.cert_pem,
+        model_codec=codec,
+    )
+
+
+def test_a_kept_final_model_verifies_only_as_the_aggregator_signed_it(tmp_path: Path) -> None:
+    state = provision(tmp_path, ["site-a"])["site-a"]
+    ca_pem = (tmp_path / "pki" / "ca.crt").read_bytes()
+    aggregator = server_credentials(tmp_path / "pki")
+    weights = make_tiny_weights()
+    kept = keep_signed(state, aggregator, weights, ModelCodec.NONE)
+    assert kept == state / "final" / "4f2a9c.safetensors"
+    info, _ = check_final_model(kept, ca_pem)
+    assert (info.task_id, info.round, info.site) == ("4f2a9c/3.1", 3, "site-a")
+    # under a model codec the site keeps the model in its own dtypes, and it verifies
+    narrowed = keep_signed(state, aggregator, weights, ModelCodec.FLOAT16, "5b3e1d/3.1")
+    check_final_model(narrowed, ca_pem)
+    assert load_weights(narrowed)["w"].dtype == np.float32
+    # a site's own certificate, issued by the same CA, cannot publish a model
+    forged = keep_signed(state, site_credentials(state), weights, ModelCodec.NONE, "6c4f2e/3.1")
+    with pytest.raises(FedloomError, match="not the aggregator's") as refused:
+        check_final_model(forged, ca_pem)
+    assert refused.value.exit_code == 13
+    # nor does another federation's CA vouch for this one's aggregator
+    provision(tmp_path / "other", ["site-a"])
+    other_ca = (tmp_path / "other" / "pki" / "ca.crt").read_bytes()
+    with pytest.raises(FedloomError, match="not issued by the federation's CA"):
+        check_final_model(kept, other_ca)

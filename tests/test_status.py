@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import EventLog, ShiftRunner, Worker, federation_config, make_tiny_weights
 from typer.testing import CliRunner
+from workspaces import heavy_imports, imported_modules
 
 from fedloom.cli.main import app
 from fedloom.clock import ManualClock
@@ -33,7 +34,8 @@ from fedloom.records import (
     SiteResult,
 )
 from fedloom.store.database import transaction
-from fedloom.store.runs import RunInfo, RunJournal, RunStore, lock_state, running_pid
+from fedloom.store.locks import lock_state, running_pid
+from fedloom.store.runs import RunInfo, RunJournal, RunStore
 from fedloom.store.status import read_status
 from fedloom.strategies import FedAvg
 from fedloom.strategies.state import StrategyState
@@ -352,6 +354,15 @@ def test_the_cli_prints_tables_and_the_same_numbers_as_json(
     as_json = invoke(workspace, "--json")
     assert as_json.exit_code == 0, as_json.output
     assert json.loads(as_json.stdout) == read_status(workspace / "aggregator")
+
+
+def test_status_starts_without_importing_the_heavy_modules(
+    workspace: Path, store: RunStore
+) -> None:
+    record_interrupted_run(store)
+    modules = imported_modules("status", str(workspace))
+    assert "fedloom.store.status" in modules  # it did read the state
+    assert heavy_imports(modules) == []
 
 
 def test_run_picks_an_earlier_run_by_name(workspace: Path, store: RunStore) -> None:

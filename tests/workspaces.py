@@ -35,6 +35,42 @@ def run_cli(
     )
 
 
+# What a command that only reads or prints must not import: the numerics, the wire, the
+# PKI, the plots and the round loop (each command that needs one imports it itself).
+HEAVY_MODULES = (
+    "torch",
+    "grpc",
+    "matplotlib",
+    "numpy",
+    "cryptography",
+    "google.protobuf",
+    "safetensors",
+    "fedloom.plan",
+    "fedloom.orchestration",
+)
+
+
+def imported_modules(*args: str) -> set[str]:
+    """The modules ``python -X importtime -m fedloom ARGS`` imports, by name."""
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fedloom", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert lines, proc.stderr
+    return {line.rsplit("|", 1)[1].strip() for line in lines[1:]}  # [0]: the header
+
+
+def heavy_imports(modules: set[str], heavy: tuple[str, ...] = HEAVY_MODULES) -> list[str]:
+    """Which of ``heavy`` (packages: their submodules too) are among ``modules``."""
+    return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in heavy))
+
+
 def write_training_twist(ws: Path, twist: str, *, result: str = "trained") -> None:
     """Make ``ws`` (a breast-cancer workspace) train through a task that first runs
     ``twist`` (one Python statement, with ``context`` and ``weights`` in scope) and then

@@ -53,12 +53,17 @@ ModelCheck = Callable[[Instruction, ModelHeader, Weights], None]
 """Checks a downloaded global model before the task sees it (its signature); raises
 :class:`~fedloom.errors.ModelRejected` to refuse it."""
 
+KeepModel = Callable[[ModelHeader, Weights], None]
+"""Keeps the final global model (its header as it arrived, its weights decoded) once it
+passed its check, before the task evaluates it."""
+
 
 class Collaborator:
     """A site's side of the round. ``privacy`` clips, noises and masks the update as the
     plan says; ``compression`` then encodes it (and decodes the global model); ``audit``
     records every message that leaves (before it leaves); ``check_model`` verifies each
-    global model, as it arrived, before the task loads it."""
+    global model, as it arrived, before the task loads it; ``keep_final`` keeps the
+    final model, the one the federation's last evaluation is of."""
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class Collaborator:
         audit: AuditLog | None = None,
         check_model: ModelCheck | None = None,
         compression: SiteCompression | None = None,
+        keep_final: KeepModel | None = None,
     ) -> None:
         self.connection = connection
         self.runner = runner
@@ -80,6 +86,7 @@ class Collaborator:
         self.audit = audit
         self.check_model = check_model
         self.compression = compression
+        self.keep_final = keep_final
         self.last_receipt: Receipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
         self.finished: Instruction | None = None  # the aggregator's last word
@@ -112,6 +119,8 @@ class Collaborator:
                 self.check_model(instruction, stream.header, weights)
             if self.compression is not None:
                 weights = self.compression.decode_model(weights)
+            if self.keep_final is not None and instruction.kind is InstructionKind.EVALUATE:
+                self.keep_final(stream.header, weights)
             self._run_phases(instruction)
             answer = self.runner(instruction, weights)
             header, chunks = self._answer(instruction, answer)

@@ -26,7 +26,7 @@ from fedloom.data.partition import parse_partition
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import Accountant, TrainSettings
-from fedloom.site_name import site_name_problem
+from fedloom.site_name import roster_of, site_name_problem
 from fedloom.workspace import WorkspaceCode
 
 if TYPE_CHECKING:
@@ -266,10 +266,7 @@ class Plan(_Frozen):
     @property
     def roster(self) -> tuple[str, ...]:
         """Site names, sorted. A count ``n`` names them ``site-01`` … ``site-n``."""
-        if isinstance(self.sites, list):
-            return tuple(sorted(self.sites))
-        width = max(2, len(str(self.sites)))
-        return tuple(f"site-{i:0{width}d}" for i in range(1, self.sites + 1))
+        return roster_of(self.sites)
 
     @property
     def per_round(self) -> int:

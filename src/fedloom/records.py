@@ -7,11 +7,13 @@ the run history keeps them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedloom.weights import Weights
+if TYPE_CHECKING:  # numpy stays unimported for `fedloom status`, which reads records
+    from fedloom.weights import Weights
 
 Metrics = Mapping[str, float]
 JSON = Any  # a value that json.dumps accepts
@@ -174,3 +176,37 @@ class UpdateSet:
 
 
 Summary = MeanSummary | UpdateSet
+
+
+def weighted_metrics(results: Iterable[SiteResult]) -> dict[str, float]:
+    """Each metric's mean over ``results``, weighted by each site's ``val_samples`` (or
+    its sample count; 0 counts as 1).
+
+    Never raises: what the aggregator accepted is checked already
+    (:mod:`fedloom.sanitize`), but a row stored before those checks may not be. A site
+    whose weight is not a finite, non-negative number is left out, and so is a value
+    that is not a finite number, or a mean that is not one."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for r in sorted(results, key=lambda r: str(r.site)):
+        w = _finite(r.metrics.get("val_samples", r.num_samples))
+        if w is None or w < 0:
+            continue
+        w = w or 1.0
+        for k, v in r.metrics.items():
+            value = _finite(v)
+            if k == "val_samples" or value is None:
+                continue
+            totals[k] = totals.get(k, 0.0) + w * value
+            weights[k] = weights.get(k, 0.0) + w
+    means = {k: totals[k] / weights[k] for k in sorted(totals) if weights[k] > 0}
+    return {k: m for k, m in means.items() if math.isfinite(m)}
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float; None if it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None

@@ -18,6 +18,7 @@ before it touches the disk.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 MAX_SITE_NAME = 64
 """The longest site name (the longest common name an X.509 certificate holds)."""
@@ -67,3 +68,12 @@ def _reason(name: object) -> str | None:
 def _shown(name: object) -> str:
     text = repr(name)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def roster_of(sites: int | Sequence[str]) -> tuple[str, ...]:
+    """The site names a plan's ``sites`` gives, sorted: a count ``n`` names them
+    ``site-01`` … ``site-n``."""
+    if isinstance(sites, int):
+        width = max(2, len(str(sites)))
+        return tuple(f"site-{i:0{width}d}" for i in range(1, sites + 1))
+    return tuple(sorted(sites))

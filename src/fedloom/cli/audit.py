@@ -1,27 +1,26 @@
 """``fedloom audit``: a site's record of everything that left it, and proof it is intact.
 
-Both commands read the site's state folder (``STATE/audit.jsonl`` and
+``show`` and ``verify`` read the site's state folder (``STATE/audit.jsonl`` and
 ``STATE/receipts.jsonl``) without writing it, so they are safe beside a running
-collaborator.
+collaborator; ``model`` checks the final model a site kept (``STATE/final``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from cryptography.exceptions import InvalidSignature
 from rich.table import Column, Table
 
-from fedloom.cli.common import console, count, friendly, site_name
+from fedloom.cli.common import console, count, friendly, human_bytes, site_name
 from fedloom.errors import AuditError, CertificateError
-from fedloom.pki.common import SERVER_CERT, SITE_CA, fingerprint, load_cert, read_file
-from fedloom.pki.common import site_state_dir as default_state_dir
-from fedloom.privacy.audit import AUDIT_LOG, RECEIPTS, Receipt, read_records, verify
-from fedloom.privacy.signing import receipt_message
-from fedloom.privacy.signing import verify as verify_signature
+
+# cryptography and the audit log's modules are imported by each command as it runs:
+# `fedloom --help` stays light.
+if TYPE_CHECKING:
+    from fedloom.privacy.audit import Receipt
 
 audit_app = typer.Typer(
     help="A site's audit log: what left the site, and proof that the log is intact.",
@@ -59,6 +58,9 @@ def show(
     Shows the records as they are; `fedloom audit verify` checks that none was edited,
     reordered or deleted.
     """
+    from fedloom.pki.common import site_state_dir as default_state_dir
+    from fedloom.privacy.audit import AUDIT_LOG, read_records
+
     log = (state or default_state_dir(workspace, name)) / AUDIT_LOG
     records = read_records(log)
     if round_ is not None:
@@ -96,7 +98,7 @@ def show(
     console.print(table)
     total = sum(int(r.get("bytes", 0)) for r in records)
     console.print(
-        f"{count(len(records), 'record')}, {_human_bytes(total)} sent; "
+        f"{count(len(records), 'record')}, {human_bytes(total)} sent; "
         f"check the log with [cyan]fedloom audit verify {workspace} --name {name}"
         + ("" if state is None else f" --state {state}")
         + "[/]",
@@ -124,6 +126,12 @@ def verify_log(
 
     Exits 0 when it is, 13 with every problem found when it is not.
     """
+    from fedloom.pki.common import SERVER_CERT, fingerprint, load_cert
+    from fedloom.pki.common import site_state_dir as default_state_dir
+    from fedloom.privacy.audit import AUDIT_LOG, RECEIPTS, verify
+    from fedloom.privacy.signing import receipt_message
+    from fedloom.privacy.signing import verify as verify_signature
+
     state_dir = state or default_state_dir(workspace, name)
     log = state_dir / AUDIT_LOG
     cert_path = aggregator_cert
@@ -169,9 +177,62 @@ def verify_log(
         )
 
 
+@audit_app.command("model")
+@friendly
+def verify_model(
+    path: Annotated[
+        Path, typer.Argument(help="A final model a site kept: STATE/final/<run>.safetensors.")
+    ],
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            help="The federation's CA certificate (default: ca.crt in the site's state "
+            "folder the file is in).",
+        ),
+    ] = None,
+) -> None:
+    """Check a final model a site kept: signed by the federation's aggregator, and its
+    tensors exactly those it signed.
+
+    Exits 0 when they are, 13 saying what does not hold when not.
+    """
+    from fedloom.pki.common import SITE_CA, fingerprint, read_file
+    from fedloom.privacy.final_model import FINAL_DIR, check_final_model
+
+    ca_path = ca if ca is not None else path.parent.parent / SITE_CA
+    if ca is None and (path.parent.name != FINAL_DIR or not ca_path.is_file()):
+        raise CertificateError(
+            f"no CA certificate to check {path} with: it is not in a site's "
+            f"STATE/{FINAL_DIR} folder beside STATE/{SITE_CA}",
+            hint="pass the federation's CA certificate with --ca",
+        )
+    ca_pem = read_file(ca_path, missing_hint="pass the federation's CA certificate with --ca")
+    info, weights = check_final_model(path, ca_pem)
+    console.print(
+        f"final model intact: {count(len(weights), 'tensor')}, signed by the aggregator "
+        f"({fingerprint(info.aggregator_cert)}) for task {info.task_id} (round {info.round})",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    console.print(
+        f"plan hash {info.plan_hash}; kept by {info.site}"
+        + (f" at {info.saved}" if info.saved else "")
+        + f"; CA {ca_path}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
 def _aggregator_cert(path: Path, state_dir: Path) -> bytes:
     """The aggregator certificate's PEM; checked against the site's CA when it has one
     (not against dates: old receipts stay verifiable after the certificate expires)."""
+    from cryptography.exceptions import InvalidSignature
+
+    from fedloom.pki.common import SITE_CA, load_cert, read_file
+
     pem = read_file(path, missing_hint="pass the aggregator.crt of the federation")
     cert = load_cert(pem, "aggregator certificate")
     ca_path = state_dir / SITE_CA
@@ -188,7 +249,7 @@ def _aggregator_cert(path: Path, state_dir: Path) -> bytes:
 
 
 def _sent(record: dict[str, Any]) -> str:
-    size = _human_bytes(int(record.get("bytes", 0)))
+    size = human_bytes(int(record.get("bytes", 0)))
     tensors = record.get("tensors") or []
     return f"{count(len(tensors), 'tensor')}, {size}" if tensors else size
 
@@ -205,9 +266,3 @@ def _privacy(params: dict[str, Any], prefix: str = "") -> str:
             shown = value if isinstance(value, str) else json.dumps(value)
             parts.append(f"{prefix}{key}={shown}")
     return ", ".join(parts)
-
-
-def _human_bytes(n: int) -> str:
-    from fedloom.cli.progress import human_bytes
-
-    return human_bytes(n)

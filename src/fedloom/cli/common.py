@@ -85,3 +85,12 @@ def site_name(value: str) -> str:
 def count(n: int, noun: str) -> str:
     """``1 round``, ``2 rounds``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def human_bytes(n: float) -> str:
+    """``812 B``, ``3.4 MB``: decimal units."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

@@ -412,3 +412,11 @@ def collaborator_start(
     )
     logging.getLogger("fedloom.collaborator").info(ended)
     console.print(ended)
+    if done.final_model is not None:
+        console.print(
+            f"the final model is kept in {done.final_model} (check it: fedloom audit model "
+            f"{done.final_model})",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-import yaml
 from rich.markup import escape
-from rich.table import Table
 
 from fedloom.cli.audit import audit_app
 from fedloom.cli.common import (
@@ -33,14 +31,15 @@ from fedloom.cli.common import (
 from fedloom.cli.deploy import aggregator_app, collaborator_app, run_log
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
-from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
-from fedloom.plan import Plan, attack_warnings, load_plan, plan_hash
-from fedloom.templates import prepare as prepare_template
 from fedloom.workspace import TEMPLATES, create_workspace
 
+# Only what the commands' signatures need is imported here; each command imports the
+# rest (pydantic's plan, numpy, cryptography, grpc, torch ...) when it runs, so that
+# `fedloom --help` and `fedloom status` start at once (tests/test_cli.py checks).
 if TYPE_CHECKING:
+    from fedloom.plan import Plan
     from fedloom.runtime.simulation import SimulationOptions
 
 app = typer.Typer(
@@ -79,6 +78,8 @@ def init(
     force: Annotated[bool, typer.Option(help="Write into a folder that is not empty.")] = False,
 ) -> None:
     """Create a workspace from a template: federation.yaml plus the task module."""
+    from fedloom.templates import prepare as prepare_template
+
     create_workspace(directory, template, force=force, data=False)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
     wrote = prepare_template(template.replace("_", "-"), directory)  # its data, if any
@@ -120,6 +121,10 @@ def plan_show(
     ] = 0,
 ) -> None:
     """Print the validated plan and its hash, for a data owner to approve."""
+    import yaml
+
+    from fedloom.plan import attack_warnings, load_plan, plan_hash
+
     plan = load_plan(workspace, overrides or [])
     console.print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False).rstrip())
     console.print(f"\n[bold]sites[/]: {', '.join(plan.roster)}")
@@ -136,6 +141,8 @@ def _warn(warnings: tuple[str, ...]) -> None:
 @friendly
 def strategies() -> None:
     """List the aggregation strategies and their parameters."""
+    from rich.table import Table
+
     from fedloom.strategies import STRATEGIES, parameter_defaults
 
     table = Table("name", "kind", "parameters (defaults)")
@@ -235,7 +242,9 @@ def simulate(
     task's traceback) and sites/ (each simulated site's state folder).
     """
     from fedloom.cli.progress import RoundProgress
+    from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
     from fedloom.orchestration import Event
+    from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.runtime.simulation import SimulationOptions, SiteFailed, make_attack
     from fedloom.runtime.simulation import simulate as run_simulation

@@ -17,34 +17,11 @@ from rich.text import Text
 
 from fedloom.cli.common import console, friendly, site_name, warn
 from fedloom.errors import CertificateError, FedloomError
-from fedloom.pki import (
-    RevocationList,
-    accept_certificate,
-    fingerprint,
-    init_ca,
-    issue_server_cert,
-    issued_certificates,
-    key_fingerprint,
-    peer_identity,
-    request_certificate,
-    revoke,
-    server_hosts,
-    sign_request,
-)
-from fedloom.pki.authority import CA_DAYS
-from fedloom.pki.common import (
-    CA_CERT,
-    CRL_FILE,
-    ISSUED_DIR,
-    SERVER_CERT,
-    SERVER_KEY,
-    pki_dir_of,
-    read_file,
-    site_state_dir,
-    write_atomic,
-)
-from fedloom.pki.common import now as current_time
-from fedloom.plan import PLAN_FILE, load_plan
+
+# The PKI (cryptography) and the plan (pydantic) are imported by each command as it
+# runs: `fedloom --help` stays light.
+CA_DAYS = 3650  # fedloom.pki.authority.CA_DAYS (tests/test_cli.py checks they agree)
+
 
 pki_app = typer.Typer(
     help="The federation's certificates: a CA in the workspace, keys kept by the sites.",
@@ -89,6 +66,10 @@ def init(
     ] = False,
 ) -> None:
     """Create the federation's CA in WORKSPACE/pki, and the aggregator's certificate."""
+    from fedloom.pki import init_ca, server_hosts
+    from fedloom.pki.common import CA_CERT, CRL_FILE, SERVER_CERT, SERVER_KEY, pki_dir_of
+    from fedloom.plan import load_plan
+
     plan = load_plan(workspace, [])
     pki_dir = pki_dir_of(workspace)
     hosts = host or DEFAULT_HOSTS
@@ -119,6 +100,9 @@ def init(
 @friendly
 def server(workspace: WorkspaceArg, host: Hosts = None, days: Days = 825) -> None:
     """Issue the aggregator's server certificate again (new hosts, or renewal)."""
+    from fedloom.pki import issue_server_cert, server_hosts
+    from fedloom.pki.common import SERVER_CERT, pki_dir_of
+
     pki_dir = pki_dir_of(workspace)
     hosts = host or list(server_hosts(pki_dir))
     info = issue_server_cert(pki_dir, hosts, days=days)
@@ -135,6 +119,9 @@ def request(
     name: SiteName, workspace: SiteWorkspaceArg = Path("."), state: StateDir = None
 ) -> None:
     """At a site: make its key (which stays here) and a certificate signing request."""
+    from fedloom.pki import request_certificate
+    from fedloom.pki.common import site_state_dir
+
     state_dir = state or site_state_dir(workspace, name)
     roster = _roster_if_any(workspace)
     if roster is not None and name not in roster:
@@ -162,6 +149,10 @@ def sign(
     days: Days = 825,
 ) -> None:
     """At the CA: sign a site's request, if the site is in the plan."""
+    from fedloom.pki import key_fingerprint, sign_request
+    from fedloom.pki.common import CA_CERT, ISSUED_DIR, pki_dir_of, read_file, write_atomic
+    from fedloom.plan import load_plan
+
     roster = load_plan(workspace, []).roster
     csr_pem = read_file(csr, missing_hint="pass the SITE.csr file the site sent you")
     pki_dir = pki_dir_of(workspace)
@@ -194,6 +185,9 @@ def accept(
     state: StateDir = None,
 ) -> None:
     """At a site: install the certificate the CA signed, after checking it."""
+    from fedloom.pki import accept_certificate, fingerprint, peer_identity
+    from fedloom.pki.common import read_file, site_state_dir
+
     state_dir = state or site_state_dir(workspace, name)
     cert_pem = read_file(cert, missing_hint="pass the certificate the CA sent you")
     ca_pem = read_file(ca, missing_hint="pass the ca.crt the CA sent you")
@@ -220,6 +214,9 @@ def revoke_site(
     ],
 ) -> None:
     """At the CA: revoke a site's certificate."""
+    from fedloom.pki import revoke
+    from fedloom.pki.common import CRL_FILE, pki_dir_of
+
     pki_dir = pki_dir_of(workspace)
     crl_path = pki_dir / CRL_FILE
     before = crl_path.read_bytes() if crl_path.is_file() else b""
@@ -240,6 +237,10 @@ def revoke_site(
 @friendly
 def list_certificates(workspace: WorkspaceArg) -> None:
     """List the certificates issued to sites, with their expiry and revocation."""
+    from fedloom.pki import RevocationList, fingerprint, issued_certificates, server_hosts
+    from fedloom.pki.common import CA_CERT, CRL_FILE, pki_dir_of, read_file
+    from fedloom.pki.common import now as current_time
+
     pki_dir = pki_dir_of(workspace)
     ca_pem = read_file(pki_dir / CA_CERT, missing_hint="run `fedloom pki init WORKSPACE`")
     crl = RevocationList(pki_dir / CRL_FILE, ca_pem)
@@ -262,6 +263,8 @@ def list_certificates(workspace: WorkspaceArg) -> None:
 def _roster_if_any(workspace: Path) -> tuple[str, ...] | None:
     """The plan's sites when WORKSPACE holds a plan that loads; None otherwise (a site
     may request its certificate before it has the workspace)."""
+    from fedloom.plan import PLAN_FILE, load_plan
+
     if not (workspace / PLAN_FILE).is_file():
         return None
     try:

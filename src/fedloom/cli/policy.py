@@ -11,7 +11,7 @@ import datetime
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -19,17 +19,14 @@ from rich.markup import escape
 
 from fedloom.cli.common import Overrides, WorkspaceArg, console, count, friendly
 from fedloom.errors import PolicyError
-from fedloom.plan import Plan, _StrictLoader, load_plan, plan_hash
-from fedloom.privacy.policy import (
-    POLICY_FILE,
-    Policy,
-    check_policy,
-    load_policy,
-    policy_refusal,
-    policy_warnings,
-    validate_policy,
-)
-from fedloom.privacy.settings import DPPlan, DPSGDPlan, NoisePlacement, SecureAggregationPlan
+
+# The plan and the policy (pydantic) are imported by each command as it runs: `fedloom
+# --help` stays light.
+if TYPE_CHECKING:
+    from fedloom.plan import Plan
+    from fedloom.privacy.policy import Policy
+
+POLICY_FILE = "policy.yaml"  # fedloom.privacy.policy.POLICY_FILE (tests/test_cli.py checks)
 
 policy_app = typer.Typer(
     help="The site policy: the data owner's rules, checked before any data is read.",
@@ -50,6 +47,9 @@ def check(
 ) -> None:
     """Check the workspace's plan against a site policy, as the site's collaborator does
     before it reads any data. Exit code 12 if the plan breaks a rule."""
+    from fedloom.plan import load_plan, plan_hash
+    from fedloom.privacy.policy import check_policy, load_policy, policy_refusal, policy_warnings
+
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
     console.print(f"plan hash {digest}", highlight=False)
@@ -81,6 +81,9 @@ def init(
 ) -> None:
     """Write a starting policy: it approves the plan as it is now, and takes the plan's
     privacy settings as its minimums. Review and tighten it before use."""
+    from fedloom.plan import _StrictLoader, load_plan, plan_hash
+    from fedloom.privacy.policy import validate_policy
+
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
     if out.exists() and not force:
@@ -110,6 +113,9 @@ def approve(
 ) -> None:
     """Add the workspace's plan hash to the policy's approved_plans, once you have
     reviewed the plan (`fedloom plan show`) and its task code."""
+    from fedloom.plan import load_plan, plan_hash
+    from fedloom.privacy.policy import check_policy, load_policy
+
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
     rules = load_policy(policy)
@@ -149,6 +155,8 @@ def approve(
 
 def starting_policy(plan: Plan, digest: str, workspace: Path) -> str:
     """A commented policy approving ``digest`` with the plan's privacy as its minimums."""
+    from fedloom.privacy.settings import DPPlan, DPSGDPlan, NoisePlacement, SecureAggregationPlan
+
     privacy = plan.privacy
     dp, sgd, sa = privacy.dp, privacy.dp_sgd, privacy.secure_aggregation
     parts = [
@@ -319,6 +327,9 @@ def _approve(path: Path, policy: Policy, digest: str, note: str) -> bool:
 
 
 def _reads_as(text: str, wanted: Policy) -> bool:
+    from fedloom.plan import _StrictLoader
+    from fedloom.privacy.policy import validate_policy
+
     try:
         read = validate_policy(yaml.load(text, Loader=_StrictLoader))  # noqa: S506
     except (yaml.YAMLError, PolicyError):

@@ -15,17 +15,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fedloom.cli.common import human_bytes
 from fedloom.orchestration import CloseReason, Event, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import TrafficCounter
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class RoundProgress:

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fedloom.cli.common import WorkspaceArg, console, count, friendly
+from fedloom.cli.common import WorkspaceArg, console, count, friendly, human_bytes
 
 
 @friendly
@@ -52,8 +52,6 @@ def status(
 
 
 def _print_run(data: dict[str, Any], workspace: Path) -> None:
-    from fedloom.cli.progress import human_bytes
-
     run, agg, rounds = data["run"], data["aggregator"], data["rounds"]
     console.print(
         f"run [bold]{run['name']}[/] ({run['run_id']}): [bold]{run['status']}[/]", highlight=False
@@ -88,8 +86,6 @@ def _print_run(data: dict[str, Any], workspace: Path) -> None:
 
 
 def _print_live(live: dict[str, Any]) -> None:
-    from fedloom.cli.progress import human_bytes
-
     age = f"(live state {live['age_seconds']:.1f} s old)"
     privacy = live.get("privacy")
     if privacy:

@@ -44,7 +44,8 @@ from fedloom.runtime.executor import outside_rounds
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
-from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row, lock_state
+from fedloom.store.locks import lock_state
+from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row
 from fedloom.strategies import build_strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of

@@ -48,6 +48,7 @@ from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
 from fedloom.privacy.budget import SPENT_FILE, SiteBudget
+from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
 from fedloom.privacy.policy import (
     Policy,
@@ -65,7 +66,7 @@ from fedloom.rng import generator, int_seed
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.store.runs import LockBusy, hold_lock
+from fedloom.store.locks import LockBusy, hold_lock
 from fedloom.tasks.base import (
     AnySiteData,
     ChecksData,
@@ -78,7 +79,7 @@ from fedloom.tasks.base import (
 )
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
-from fedloom.transport.messages import Heartbeat
+from fedloom.transport.messages import Heartbeat, ModelHeader
 from fedloom.weights import Weights, read_only
 from fedloom.workspace import WorkspaceCode
 
@@ -111,6 +112,7 @@ class SiteProgress:
     rounds_done: int = 0  # training rounds whose update the aggregator accepted
     failed: set[int] = field(default_factory=set)  # rounds not answered, or answers refused
     evaluated: bool = False  # the final model was evaluated here
+    final_model: Path | None = None  # where this site kept it (STATE/final/<run>.safetensors)
     current: int = 0
     last: str = ""
     # the traceback of the failure ``last`` reports, when the task's own code raised;
@@ -252,6 +254,22 @@ def _participate(
             def metric_filter(m: Mapping[str, float]) -> tuple[dict[str, float], tuple[str, ...]]:
                 return filter_metrics(kept_policy, m)
 
+        def keep_final(header: ModelHeader, weights: Weights) -> None:
+            try:
+                progress.final_model = keep_final_model(
+                    state_dir,
+                    header,
+                    weights,
+                    plan_hash=digest,
+                    site=options.name,
+                    aggregator_cert=welcome.certificate,
+                    model_codec=plan.compression.model,
+                )
+            except (FedloomError, OSError) as err:  # the evaluation goes on without it
+                report(f"round {header.round}: the final model was not kept: {err}", failed=True)
+                return
+            log.info("the final model is kept in %s", progress.final_model)
+
         collaborator = Collaborator(
             connection,
             runner,
@@ -268,6 +286,7 @@ def _participate(
             check_model=model_checker(aggregator_cert),
             # topk's residual lives as long as this process: a restart drops it
             compression=site_compression(plan),
+            keep_final=keep_final,
         )
         while not stop.is_set():
             try:

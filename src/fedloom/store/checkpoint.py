@@ -143,9 +143,12 @@ def _weights_meta(weights: Weights) -> dict[str, str]:
     return {_ORDER_KEY: json.dumps(list(weights))}
 
 
-def save_weights(path: str | os.PathLike[str], weights: Weights) -> None:
-    """Write ``weights`` to ``path`` atomically, keeping tensor order and dtypes."""
-    meta = _weights_meta(weights)
+def save_weights(
+    path: str | os.PathLike[str], weights: Weights, *, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``weights`` to ``path`` atomically, keeping tensor order and dtypes;
+    ``metadata`` adds strings to the header (:func:`read_metadata` reads them)."""
+    meta = {**dict(metadata or {}), **_weights_meta(weights)}
     _atomic_write(Path(path), lambda fh: _write_safetensors(fh, weights, meta))
 
 

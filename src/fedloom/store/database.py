@@ -19,6 +19,11 @@ from fedloom.errors import DiskError, StateError, disk_error
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
 
+# a finished training round: aggregated, checkpointed, and its checkpoint still counts
+FINISHED_ROUND = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
+WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
+REJOINED = "rejoined"  # a withdrawn site said Hello again
+
 _SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
@@ -262,3 +267,18 @@ def _move_aside(path: Path) -> Path:
             companion.replace(aside.with_name(aside.name + suffix))
     path.replace(aside)
     return aside
+
+
+def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
+    """The sites of the run whose last word was a withdrawal, and why (from its events;
+    a withdrawal in the last second before the aggregator was killed may be lost)."""
+    out: dict[str, str] = {}
+    for kind, site, detail in conn.execute(
+        "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) ORDER BY at, rowid",
+        (run_key, WITHDREW, REJOINED),
+    ):
+        if kind == WITHDREW:
+            out[site] = detail
+        else:
+            out.pop(site, None)
+    return out

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError, naming
+from fedloom.errors import StateError
 from fedloom.orchestration import (
     CloseReason,
     Event,
@@ -44,16 +42,20 @@ from fedloom.orchestration import (
 )
 from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
 from fedloom.store.checkpoint import load_state, read_metadata, save_state
-from fedloom.store.database import open_database, transaction
+from fedloom.store.database import (
+    FINISHED_ROUND,
+    REJOINED,
+    WITHDREW,
+    open_database,
+    transaction,
+    withdrawn_sites,
+)
 from fedloom.strategies.state import StrategyState
 
 log = logging.getLogger("fedloom.aggregator")
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
-
-# a finished training round: aggregated, checkpointed, and its checkpoint still counts
-FINISHED_ROUND = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
 
 
 @dataclass(frozen=True)
@@ -449,25 +451,6 @@ def event_row(event: Event) -> EventRow:
     return (now, "joined", None, event.site, "first call since the aggregator started")
 
 
-WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
-REJOINED = "rejoined"  # a withdrawn site said Hello again
-
-
-def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
-    """The sites of the run whose last word was a withdrawal, and why (from its events;
-    a withdrawal in the last second before the aggregator was killed may be lost)."""
-    out: dict[str, str] = {}
-    for kind, site, detail in conn.execute(
-        "SELECT kind, site, detail FROM events WHERE run = ? AND kind IN (?, ?) ORDER BY at, rowid",
-        (run_key, WITHDREW, REJOINED),
-    ):
-        if kind == WITHDREW:
-            out[site] = detail
-        else:
-            out.pop(site, None)
-    return out
-
-
 _RUN_COLUMNS = (
     "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received, rebuilt"
 )
@@ -511,80 +494,3 @@ def _run_info(row: Iterable[Any], workspace: Path) -> RunInfo:
 
 def _stamp() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-LOCK_FILE = "aggregator.lock"
-
-
-def lock_state(state_dir: Path) -> IO[str]:
-    """Hold ``state_dir``'s lock for this process's life: a second aggregator on the
-    same workspace is refused instead of writing the same state."""
-    try:
-        return hold_lock(state_dir / LOCK_FILE, f"{os.getpid()}\n", tries=20)
-    except LockBusy as busy:
-        raise StateError(
-            f"another aggregator (pid {busy.holder or '?'}) is running on this workspace "
-            f"({state_dir})",
-            hint="stop it first; `fedloom status` shows what it is doing",
-        ) from None
-
-
-class LockBusy(Exception):
-    """Another process holds the lock; ``holder`` is what it wrote in the file."""
-
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
-
-
-def hold_lock(path: Path, holder: str, *, tries: int = 1) -> IO[str]:
-    """Take ``path``'s exclusive ``fcntl`` lock (the OS releases it when the process
-    ends, however it ends) and write ``holder`` in the file; the lock is held until the
-    returned file is closed. :class:`LockBusy` if another process holds it."""
-    fh = open(path, "a+")  # noqa: SIM115 - held until the caller closes it
-    try:
-        _take(fh, tries)
-    except BlockingIOError:
-        fh.seek(0)
-        held_by = fh.read().strip()
-        fh.close()
-        raise LockBusy(held_by) from None
-    try:
-        with naming(path):
-            fh.truncate(0)
-            fh.write(holder)
-            fh.flush()
-    except BaseException:
-        with contextlib.suppress(OSError):  # its flush fails again; the file is closed
-            fh.close()
-        raise
-    return fh
-
-
-def _take(fh: IO[str], tries: int = 20) -> None:
-    """The exclusive lock, tried for about a second: `fedloom status` holds a shared
-    one for an instant while it looks."""
-    pause = threading.Event()
-    for attempt in range(tries):
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if attempt == tries - 1:
-                raise
-            pause.wait(0.05)
-
-
-def running_pid(state_dir: Path) -> int | None:
-    """The pid of the aggregator holding ``state_dir``'s lock, or None if none does."""
-    path = state_dir / LOCK_FILE
-    if not path.exists():
-        return None
-    with open(path) as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = fh.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return None

@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pydantic
-
 from fedloom.errors import StateError
-from fedloom.orchestration import weighted_metrics
-from fedloom.plan import Plan
-from fedloom.records import SiteResult
+from fedloom.records import SiteResult, weighted_metrics
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
-from fedloom.store.database import open_read_only
-from fedloom.store.runs import FINISHED_ROUND, running_pid, withdrawn_sites
+from fedloom.site_name import roster_of
+from fedloom.store.database import FINISHED_ROUND, open_read_only, withdrawn_sites
+from fedloom.store.locks import running_pid
+
+# Light on purpose: no numpy, pydantic or cryptography, so `fedloom status` starts at
+# once (tests/test_cli.py checks).
 
 RECENT_ATTEMPTS = 5
 
@@ -185,11 +185,13 @@ def _sites(
 
 
 def _roster(conn: sqlite3.Connection, key: int, plan: dict[str, Any]) -> list[str]:
-    if plan:  # '{}' for a run rebuilt from its checkpoints: a plan of defaults it is not
-        try:
-            return list(Plan.model_validate(plan).roster)
-        except pydantic.ValidationError:
-            pass
+    """The run's sites: from its plan's ``sites`` (none in the '{}' of a run rebuilt from
+    its checkpoints), else every site its attempts selected."""
+    named = plan.get("sites")
+    if isinstance(named, int) and not isinstance(named, bool) and named > 0:
+        return list(roster_of(named))
+    if isinstance(named, list) and named and all(isinstance(s, str) for s in named):
+        return list(roster_of(named))
     sites: set[str] = set()
     for (selected,) in conn.execute("SELECT selected FROM attempts WHERE run = ?", (key,)):
         sites.update(json.loads(selected))
