@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from typer.testing import CliRunner
+from workspaces import run_cli
 
 from fedloom.cli.main import app
 from fedloom.errors import PolicyError
@@ -489,3 +490,64 @@ def test_overrides_change_the_plan_that_is_checked(tmp_path: Path) -> None:
     result = invoke("policy", "check", ws, "--policy", out)
     assert result.exit_code == 12
     assert "approved_plans" in result.stderr and "max_rounds" in result.stderr
+
+
+# ----------------------------------------------------------------- one place for a site's policy
+
+
+def test_init_check_and_the_collaborator_use_the_same_policy_file(tmp_path: Path) -> None:
+    """Real processes, as a data owner runs them: the policy `init` writes is the one
+    `check` reads and the collaborator enforces, and each says which file it is."""
+    ws = workspace(tmp_path)
+    own = ws / "sites" / "site-01" / "policy.yaml"
+    stray = policy_file(tmp_path, "max_rounds: 1000\n")  # ./policy.yaml: not the site's
+    site = ("--name", "site-01")
+    init = run_cli("policy", "init", str(ws), *site, cwd=tmp_path)
+    assert init.returncode == 0, init.stderr
+    assert f"Wrote {own}" in init.stdout and own.is_file()
+    assert f"reads it there: fedloom collaborator start {ws} --name site-01" in init.stdout
+    check = run_cli("policy", "check", str(ws), "rounds=3", *site, cwd=tmp_path)
+    assert check.returncode == 12 and f"site policy: {own}" in check.stdout
+    start = run_cli(
+        *("collaborator", "start", str(ws), "rounds=3", *site, "--aggregator", "localhost:1"),
+        cwd=tmp_path,
+    )
+    assert start.returncode == 12, start.stdout + start.stderr
+    assert f"site policy: {own}" in start.stdout
+    assert f"breaks 1 rule of the site policy {own}" in start.stderr
+    assert f"warning: {stray} is not read: this site's policy is {own}" in start.stderr
+
+
+def test_a_collaborator_without_a_policy_says_so_on_its_screen(tmp_path: Path) -> None:
+    ws = workspace(tmp_path)
+    stray = policy_file(tmp_path, "max_rounds: 1\n")  # where `policy init` used to write it
+    own = ws / "sites" / "site-01" / "policy.yaml"
+    start = run_cli(
+        *("collaborator", "start", str(ws), "--name", "site-01", "--aggregator", "localhost:1"),
+        cwd=tmp_path,
+    )
+    assert start.returncode != 0  # it has no key: it stops before it connects
+    assert (
+        f"warning: no site policy ({own} does not exist): this site enforces nothing beyond "
+        f"the plan; write one with `fedloom policy init {ws} --name site-01`"
+    ) in start.stderr
+    assert f"warning: {stray} is not read: this site looks for its policy at {own}" in start.stderr
+
+
+def test_policy_commands_need_to_know_whose_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    policy_file(tmp_path, "max_rounds: 3\n")
+    for command, option in (("check", "--policy"), ("approve", "--policy"), ("init", "--out")):
+        result = invoke("policy", command, ws)
+        assert result.exit_code == 2, result.output
+        assert f"--name SITE for {ws}/sites/SITE/policy.yaml" in result.stderr
+        assert f"is not read unless named: {option} policy.yaml" in result.stderr
+    state = tmp_path / "state"
+    result = invoke("policy", "init", ws, "--state", state)
+    assert result.exit_code == 0 and (state / "policy.yaml").is_file()
+    assert f"--name SITE --state {state}" in result.stdout
+    result = invoke("policy", "approve", ws, "rounds=5", "--state", state)
+    assert result.exit_code == 0 and f"site policy: {state / 'policy.yaml'}" in result.stdout

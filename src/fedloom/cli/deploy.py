@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -31,7 +31,11 @@ from fedloom.cli.common import (
     errors,
     friendly,
     site_name,
+    warn,
 )
+
+if TYPE_CHECKING:
+    from fedloom.runtime.site import PolicyFiles
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
@@ -276,6 +280,27 @@ def aggregator_start(
         print_results(recorder, result)
 
 
+def show_policy(files: PolicyFiles, site: str) -> None:
+    """Say on the screen which site policy the collaborator enforces, or that it has
+    none, and name every ``policy.yaml`` it found and does not read. ``site`` is the
+    workspace and options that name the site, for ``fedloom policy init``."""
+    if files.in_use:
+        console.print(f"site policy: {escape(str(files.path))}", highlight=False)
+    else:
+        warn(
+            f"no site policy ({files.path} does not exist): this site enforces nothing "
+            f"beyond the plan; write one with `fedloom policy init {site}`"
+        )
+    for other in files.unused:
+        warn(
+            f"{other} is not read: this site's policy is {files.path}; to enforce the "
+            f"other instead, name it with --policy {other}"
+            if files.in_use
+            else f"{other} is not read: this site looks for its policy at {files.path}; "
+            f"to enforce it, move it there or name it with --policy {other}"
+        )
+
+
 def _device(value: str | None) -> str | None:
     """A typer callback: a ``--device`` fedloom does not know is a usage error (exit
     code 2); one this machine lacks is said before the site joins (exit code 3)."""
@@ -334,7 +359,8 @@ def collaborator_start(
         Path | None,
         typer.Option(
             help="The data owner's policy.yaml, checked before any data is read "
-            "(default: STATE/policy.yaml when it exists; see `fedloom policy`).",
+            "(default: STATE/policy.yaml when it exists, where `fedloom policy init "
+            "--name NAME` writes it).",
         ),
     ] = None,
     log: LogOption = None,
@@ -357,7 +383,7 @@ def collaborator_start(
     from fedloom.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
-    from fedloom.runtime.site import SiteOptions, SiteProgress, participate
+    from fedloom.runtime.site import SiteOptions, SiteProgress, participate, site_policy_files
 
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or site_state_dir(workspace, name)
@@ -374,6 +400,10 @@ def collaborator_start(
         connect_seconds=give_up_after,
         threads=threads,
         policy=policy,
+    )
+    show_policy(
+        site_policy_files(workspace, name, state_dir, policy),
+        f"{workspace} --name {name}" + (f" --state {state}" if state else ""),
     )
     console.print(f"site [bold]{name}[/] joining {plan.name} at {aggregator}")
 

@@ -3,6 +3,10 @@
 ``check`` gives the verdict the collaborator gives before it reads any data; ``init``
 writes a starting policy from the workspace's plan; ``approve`` adds the plan's hash to
 a policy's ``approved_plans``. None of them starts anything or reads site data.
+
+All three find the policy where the site's collaborator reads it, STATE/policy.yaml
+(``--name`` or ``--state``, as for ``fedloom collaborator start``), unless ``--policy``
+(``--out``) names another file; each prints the file it uses.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import typer
 import yaml
 from rich.markup import escape
 
-from fedloom.cli.common import Overrides, WorkspaceArg, console, count, friendly
+from fedloom.cli.common import Overrides, WorkspaceArg, console, count, friendly, site_name
 from fedloom.errors import PolicyError
 
 # The plan and the policy (pydantic) are imported by each command as it runs: `fedloom
@@ -33,9 +37,77 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 
-PolicyOption = Annotated[
-    Path, typer.Option("--policy", help="The site's policy file.", show_default=True)
+
+def _site_name(value: str | None) -> str | None:
+    return None if value is None else site_name(value)
+
+
+NameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="The site whose policy it is: WORKSPACE/sites/NAME/policy.yaml, where "
+        "`fedloom collaborator start --name NAME` reads it.",
+        callback=_site_name,
+    ),
 ]
+StateOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state",
+        help="The site's state folder, if not WORKSPACE/sites/NAME (the collaborator's "
+        "--state): the policy is STATE/policy.yaml.",
+    ),
+]
+PolicyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--policy",
+        help="Another policy file (the collaborator reads it only with the same --policy).",
+    ),
+]
+
+
+def site_policy(workspace: Path, name: str | None, state: Path | None) -> Path | None:
+    """Where the collaborator of the site named by ``name`` or ``state`` reads its
+    policy (STATE/policy.yaml); None when neither names a site."""
+    if state is not None:
+        return state / POLICY_FILE
+    if name is not None:
+        from fedloom.pki.common import site_state_dir
+
+        return site_state_dir(workspace, name) / POLICY_FILE
+    return None
+
+
+def policy_path(
+    workspace: Path, name: str | None, state: Path | None, given: Path | None, option: str
+) -> Path:
+    """The policy file a command works on: ``given`` (its ``option``), else the site's
+    own; a usage error (exit code 2) if nothing names one."""
+    path = given or site_policy(workspace, name, state)
+    if path is None:
+        here = Path(POLICY_FILE)
+        stray = (
+            f"; {here.resolve()} is not read unless named: {option} {here}"
+            if here.is_file()
+            else ""
+        )
+        raise typer.BadParameter(
+            f"none given: name the site whose policy it is, --name SITE for "
+            f"{workspace / 'sites' / 'SITE' / POLICY_FILE}, where `fedloom collaborator "
+            f"start --name SITE` reads it (--state DIR as the collaborator's --state), or "
+            f"another file with {option} FILE{stray}",
+            param_hint=f"'--name', '--state' or '{option}'",
+        )
+    return path
+
+
+def _naming(name: str | None, state: Path | None, given: Path | None, option: str) -> str:
+    """The options that name the same policy file again, for the next command shown."""
+    if given is not None:
+        return f"{option} {given}"
+    return f"--state {state}" if state is not None else f"--name {name}"
 
 
 @policy_app.command("check")
@@ -43,13 +115,17 @@ PolicyOption = Annotated[
 def check(
     workspace: WorkspaceArg,
     overrides: Overrides = None,
-    policy: PolicyOption = Path(POLICY_FILE),
+    name: NameOption = None,
+    state: StateOption = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Check the workspace's plan against a site policy, as the site's collaborator does
     before it reads any data. Exit code 12 if the plan breaks a rule."""
     from fedloom.plan import load_plan, plan_hash
     from fedloom.privacy.policy import check_policy, load_policy, policy_refusal, policy_warnings
 
+    policy = policy_path(workspace, name, state, policy, "--policy")
+    console.print(f"site policy: {escape(str(policy))}", highlight=False)
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
     console.print(f"plan hash {digest}", highlight=False)
@@ -74,9 +150,15 @@ def check(
 def init(
     workspace: WorkspaceArg,
     overrides: Overrides = None,
+    name: NameOption = None,
+    state: StateOption = None,
     out: Annotated[
-        Path, typer.Option("--out", help="Where to write the policy.", show_default=True)
-    ] = Path(POLICY_FILE),
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write it elsewhere (the collaborator reads it only with --policy FILE).",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a starting policy: it approves the plan as it is now, and takes the plan's
@@ -84,23 +166,43 @@ def init(
     from fedloom.plan import _StrictLoader, load_plan, plan_hash
     from fedloom.privacy.policy import validate_policy
 
+    """Write a starting policy where the site's collaborator reads it: it approves the
+    plan as it is now, and takes the plan's privacy settings as its minimums. Review
+    and tighten it before use."""
+    path = policy_path(workspace, name, state, out, "--out")
+    naming = _naming(name, state, out, "--policy")
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
-    if out.exists() and not force:
+    if path.exists() and not force:
         raise PolicyError(
-            f"{out} exists",
+            f"{path} exists",
             hint="pass --force to overwrite it, or add this plan to it with "
-            f"`fedloom policy approve {workspace} --policy {out}`",
+            f"`fedloom policy approve {workspace} {naming}`",
         )
     text = starting_policy(plan, digest, workspace)
-    validate_policy(yaml.load(text, Loader=_StrictLoader), source=str(out))  # noqa: S506
-    _write(out, text)
-    console.print(f"Wrote {escape(str(out))}. It approves the plan as it is now:", highlight=False)
+    validate_policy(yaml.load(text, Loader=_StrictLoader), source=str(path))  # noqa: S506
+    _write(path, text)
+    console.print(f"Wrote {escape(str(path))}. It approves the plan as it is now:", highlight=False)
     console.print(f"plan hash {digest}", highlight=False)
+    console.print(_read_by(workspace, name, state, path), highlight=False)
     console.print("Review it, tighten it to what your regulator demands, then check a plan:")
     console.print(
-        f"[cyan]fedloom policy check {escape(str(workspace))} --policy {escape(str(out))}[/]",
+        f"[cyan]fedloom policy check {escape(str(workspace))} {escape(naming)}[/]",
         highlight=False,
+    )
+
+
+def _read_by(workspace: Path, name: str | None, state: Path | None, path: Path) -> str:
+    """Which collaborator reads the policy at ``path``, and with which options."""
+    own = site_policy(workspace, name, state)
+    site = escape(name or "SITE")
+    start = f"fedloom collaborator start {escape(str(workspace))} --name {site}"
+    if state is not None:
+        start += f" --state {escape(str(state))}"
+    if own is not None and own.resolve() == path.resolve():
+        return f"The collaborator reads it there: [cyan]{start}[/]"
+    return (
+        f"The collaborator reads it only when named: [cyan]{start} --policy {escape(str(path))}[/]"
     )
 
 
@@ -109,13 +211,17 @@ def init(
 def approve(
     workspace: WorkspaceArg,
     overrides: Overrides = None,
-    policy: PolicyOption = Path(POLICY_FILE),
+    name: NameOption = None,
+    state: StateOption = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Add the workspace's plan hash to the policy's approved_plans, once you have
     reviewed the plan (`fedloom plan show`) and its task code."""
     from fedloom.plan import load_plan, plan_hash
     from fedloom.privacy.policy import check_policy, load_policy
 
+    policy = policy_path(workspace, name, state, policy, "--policy")
+    console.print(f"site policy: {escape(str(policy))}", highlight=False)
     plan = load_plan(workspace, overrides or [])
     digest = plan_hash(plan, workspace)
     rules = load_policy(policy)

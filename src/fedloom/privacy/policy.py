@@ -322,7 +322,7 @@ def _not_approved(plan_hash: str, approved: int) -> Violation:
         "approved_plans",
         f"the plan hash {plan_hash} is not in the policy's approved_plans ({what}): the data "
         "owner must review this plan (`fedloom plan show WORKSPACE`) and approve it with "
-        "`fedloom policy approve WORKSPACE --policy FILE`, which adds the hash",
+        "`fedloom policy approve WORKSPACE --name SITE`, which adds the hash",
     )
 
 

@@ -51,6 +51,7 @@ from fedloom.privacy.budget import SPENT_FILE, SiteBudget
 from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
 from fedloom.privacy.policy import (
+    POLICY_FILE,
     Policy,
     check_policy,
     filter_metrics,
@@ -84,7 +85,6 @@ from fedloom.weights import Weights, read_only
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
-POLICY_FILE = "policy.yaml"
 LOCK_FILE = "collaborator.lock"
 TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
 WITHDRAW_SECONDS = 60.0  # at most this long a refused site tries to tell the aggregator
@@ -163,7 +163,8 @@ def _participate(
     digest = plan_hash(plan, code)
     # The data owner's policy is checked first: before the task's code is loaded, any
     # data is read or anything is sent. A plan that breaks it never touches the data.
-    policy = enforce_policy(plan, digest, options.policy, state_dir)
+    policy_files = site_policy_files(ws, options.name, state_dir, options.policy)
+    policy = enforce_policy(plan, digest, policy_files)
     credentials = site_credentials(state_dir)
     check_own_certificate(state_dir, credentials)  # not blamed on the aggregator later
     task = load_task(code, plan.task)
@@ -352,24 +353,50 @@ def lock_site_state(state_dir: Path) -> IO[str]:
         ) from None
 
 
-def enforce_policy(plan: Plan, digest: str, path: Path | None, state_dir: Path) -> Policy | None:
-    """The site's policy (``path``, else STATE/policy.yaml if it exists), after checking
-    the plan against it: :class:`PolicyError` naming every broken rule if it fails."""
-    chosen = path if path is not None else state_dir / POLICY_FILE
-    if path is None and not chosen.is_file():
+@dataclass(frozen=True)
+class PolicyFiles:
+    """The site policy a collaborator enforces, and the ``policy.yaml`` files it found
+    where a data owner may have put one and that it does not read: a policy in the
+    wrong place must not go unnoticed."""
+
+    path: Path  # the policy it checks the plan against, or where it looked for one
+    in_use: bool  # False: there is no policy, and the site enforces only the plan
+    unused: tuple[Path, ...]
+
+
+def site_policy_files(ws: Path, name: str, state_dir: Path, given: Path | None) -> PolicyFiles:
+    """Which policy the collaborator of ``name`` reads (``given``, else
+    STATE/policy.yaml if it exists) and the ``policy.yaml`` files it leaves unread in
+    the current folder, the workspace, the site's default state folder and STATE."""
+    path = given if given is not None else state_dir / POLICY_FILE
+    places = (Path.cwd(), ws, site_state_dir(ws, name), state_dir)
+    unused: dict[Path, Path] = {}
+    for place in places:
+        found = place / POLICY_FILE
+        if found.is_file() and found.resolve() != path.resolve():
+            unused.setdefault(found.resolve(), found)
+    return PolicyFiles(path, given is not None or path.is_file(), tuple(unused.values()))
+
+
+def enforce_policy(plan: Plan, digest: str, files: PolicyFiles) -> Policy | None:
+    """The site's policy (``files.path``), after checking the plan against it:
+    :class:`PolicyError` naming every broken rule if it fails; None without one."""
+    for other in files.unused:
+        log.warning("%s is not read: this site's policy is %s", other, files.path)
+    if not files.in_use:
         log.warning(
             "no site policy (%s): this site enforces nothing beyond the plan; write one "
             "with `fedloom policy init`",
-            chosen,
+            files.path,
         )
         return None
-    policy = load_policy(chosen)
+    policy = load_policy(files.path)
     violations = check_policy(policy, plan, digest)
     if violations:
-        raise policy_refusal(violations, source=str(chosen))
+        raise policy_refusal(violations, source=str(files.path))
     for warning in policy_warnings(policy):
         log.warning("policy: %s", warning)
-    log.info("the plan (hash %s) meets the site policy %s", digest[:12], chosen)
+    log.info("the plan (hash %s) meets the site policy %s", digest[:12], files.path)
     return policy
 
 
