@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fedloom.compression.settings import CompressionPlan, compression_problems
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.data.partition import parse_partition
+from fedloom.docpages import doc_ref
 from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
 from fedloom.records import Accountant, TrainSettings
@@ -656,7 +657,7 @@ def _shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-PLAN_DOCS = "docs/plan.md"
+PLAN_DOCS = doc_ref("plan")
 
 
 def _section_keys(path: Sequence[str]) -> list[str]:

@@ -39,10 +39,7 @@ def create_workspace(
         raise WorkspaceError(
             f"unknown template {template!r}", hint=f"choose one of {', '.join(TEMPLATES)}"
         )
-    if target.exists() and any(target.iterdir()) and not force:
-        raise WorkspaceError(
-            f"{target} exists and is not empty", hint="pick a new folder, or pass --force"
-        )
+    check_target(target, force=force)
     target.mkdir(parents=True, exist_ok=True)
     source = resources.files("fedloom.templates").joinpath(template)
     for item in source.iterdir():
@@ -53,6 +50,17 @@ def create_workspace(
 
         prepare(template, target)
     return target
+
+
+def check_target(target: Path, *, force: bool, how: str = "force=True") -> None:
+    """Refuse ``target`` for a new workspace if it exists and is not empty, unless
+    ``force``; the hint says ``how`` the caller forces it (``force=True`` from Python,
+    ``--force`` on the command line)."""
+    if target.exists() and any(target.iterdir()) and not force:
+        raise WorkspaceError(
+            f"{target} exists and is not empty",
+            hint=f"pick a new folder, or pass {how} to write the workspace into it",
+        )
 
 
 # ------------------------------------------------------------ the workspace's code

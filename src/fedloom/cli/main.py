@@ -29,11 +29,12 @@ from fedloom.cli.common import (
     friendly,
 )
 from fedloom.cli.deploy import aggregator_app, collaborator_app, run_log
+from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
 from fedloom.cli.status import status
 from fedloom.errors import PlanError
-from fedloom.workspace import TEMPLATES, create_workspace
+from fedloom.workspace import TEMPLATES, check_target, create_workspace
 
 # Only what the commands' signatures need is imported here; each command imports the
 # rest (pydantic's plan, numpy, cryptography, grpc, torch ...) when it runs, so that
@@ -80,6 +81,7 @@ def init(
     """Create a workspace from a template: federation.yaml plus the task module."""
     from fedloom.templates import prepare as prepare_template
 
+    check_target(directory, force=force, how="--force")
     create_workspace(directory, template, force=force, data=False)
     console.print(f"Created workspace [bold]{directory}[/] from template [bold]{template}[/].")
     wrote = prepare_template(template.replace("_", "-"), directory)  # its data, if any
@@ -385,6 +387,7 @@ def _workers_text(options: SimulationOptions) -> str:
 
 
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
+app.command("docs")(docs)
 
 
 def main() -> None:

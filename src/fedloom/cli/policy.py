@@ -22,6 +22,7 @@ import yaml
 from rich.markup import escape
 
 from fedloom.cli.common import Overrides, WorkspaceArg, console, count, friendly, site_name
+from fedloom.docpages import doc_ref
 from fedloom.errors import PolicyError
 
 # The plan and the policy (pydantic) are imported by each command as it runs: `fedloom
@@ -266,7 +267,7 @@ def starting_policy(plan: Plan, digest: str, workspace: Path) -> str:
     privacy = plan.privacy
     dp, sgd, sa = privacy.dp, privacy.dp_sgd, privacy.secure_aggregation
     parts = [
-        _HEADER.format(name=plan.name, workspace=workspace),
+        _HEADER.format(name=plan.name, workspace=workspace, docs=doc_ref("cli/policy")),
         "version: 1\n",
         _APPROVED,
         f"approved_plans:\n  - {_scalar(digest)}  # {plan.name}, approved "
@@ -342,7 +343,8 @@ def starting_policy(plan: Plan, digest: str, workspace: Path) -> str:
 _HEADER = """\
 # fedloom site policy: this site's own rules. Its collaborator checks every plan against
 # them before it reads any data, and they always win over the plan. This file never
-# leaves the site. Every key is described in docs/cli/policy.md.
+# leaves the site. Every key is described in
+# {docs}.
 #
 # Written by `fedloom policy init` from the plan {name!r} of {workspace}: its
 # privacy settings are the minimums below. Tighten them to what your regulator demands.

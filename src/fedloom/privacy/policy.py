@@ -22,6 +22,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from fedloom.docpages import doc_ref
 from fedloom.errors import PolicyError
 from fedloom.plan import Plan, _describe, _StrictLoader
 from fedloom.privacy.settings import NoisePlacement
@@ -171,7 +172,7 @@ def _invalid(source: str | Path, problems: Sequence[str]) -> PolicyError:
     lines = "\n".join(f"  - {p}" for p in problems)
     return PolicyError(
         f"{source}: {len(problems)} {noun}\n{lines}",
-        hint="every key of a policy file is described in docs/cli/policy.md",
+        hint=f"every key of a policy file is described in {doc_ref('cli/policy')}",
     )
 
 

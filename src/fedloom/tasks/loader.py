@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from fedloom.docpages import doc_ref
 from fedloom.errors import WorkspaceError
 from fedloom.tasks.base import Task
 from fedloom.workspace import SKIPPED_DIRS, WorkspaceCode
@@ -243,12 +244,12 @@ def load_task(workspace: str | Path | WorkspaceCode, module: str = "task.py") ->
         m for m in ("init_weights", "train", "evaluate") if not callable(getattr(task, m, None))
     ]
     if missing:
-        raise WorkspaceError(f"{path}: `task` lacks {missing}", hint="see docs/tasks.md")
+        raise WorkspaceError(f"{path}: `task` lacks {missing}", hint=f"see {doc_ref('tasks')}")
     outdated = outdated_methods(task)
     if outdated:
         raise WorkspaceError(
             f"{path}: `task` has methods of the older task interface: " + "; ".join(outdated),
-            hint="see docs/tasks.md#migrating-from-the-older-interface",
+            hint=f"see {doc_ref('tasks', 'migrating-from-the-older-interface')}",
         )
     return task  # type: ignore[no-any-return]
 
