@@ -316,7 +316,29 @@ def test_sites_hear_whether_the_federation_completed(
         fed.loop.join()
     told = fed.connect("site-a").get_task(timeout=0)
     assert told is not None and told.kind is InstructionKind.FINISHED
-    assert told.config == {"completed": False}
+    assert told.config == {"completed": False, "cancelled": False}  # it resumes: sites wait
 
     done = run_federation(make_federation, tiny_weights, shift_runner, transport_factory)
-    assert done.connect("site-a").get_task(timeout=0).config == {"completed": True}
+    assert done.connect("site-a").get_task(timeout=0).config == {
+        "completed": True,
+        "cancelled": False,
+    }
+
+
+def test_sites_hear_that_the_federation_was_cancelled(
+    make_federation: Any, tiny_weights: Weights, transport_factory: Any
+) -> None:
+    from fedloom.errors import Cancelled
+
+    fed = make_federation(tiny_weights, transport=transport_factory, rounds=2)
+
+    def cancel(name: str, context: dict[str, Any]) -> None:
+        raise Cancelled("cancelled with `fedloom aggregator stop --cancel`")
+
+    fed.faults.arm("round.opened", cancel)  # `fedloom aggregator stop --cancel`
+    fed.start()
+    with pytest.raises(Cancelled):
+        fed.loop.join()
+    told = fed.connect("site-a").get_task(timeout=0)
+    assert told is not None and told.kind is InstructionKind.FINISHED
+    assert told.config == {"completed": False, "cancelled": True}  # over: sites stop

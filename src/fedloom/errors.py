@@ -100,6 +100,11 @@ class TransportError(FedloomError):
     exit_code = 6
 
 
+class FederationCancelled(TransportError):
+    """The aggregator's operator cancelled the federation (``fedloom aggregator stop
+    --cancel``): its run is never resumed, and a collaborator told so stops."""
+
+
 class AggregatorLost(TransportError):
     """The aggregator did not answer for as long as the collaborator was told to keep
     trying (``--give-up-after``)."""
@@ -166,6 +171,13 @@ class DiskError(FedloomError):
     command run again once the disk is fixed carries on (an aggregator resumes)."""
 
     exit_code = 14
+
+
+class Cancelled(KeyboardInterrupt):
+    """Raised in the aggregator's main thread when ``fedloom aggregator stop --cancel``
+    asks it to end the federation for good: it stops as after Ctrl-C, but the run is
+    recorded as cancelled (never resumed) and the sites are told it is over. Not a
+    :class:`FedloomError`: like Ctrl-C, it is an order, not a failure."""
 
 
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})

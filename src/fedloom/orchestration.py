@@ -32,6 +32,7 @@ from fedloom.compression.codecs import (
 from fedloom.compression.stream import UpdateDecoder
 from fedloom.errors import (
     AggregationError,
+    Cancelled,
     QuorumError,
     TaskError,
     TransportError,
@@ -323,6 +324,7 @@ class Aggregator:
         self._open: _OpenRound | None = None
         self._finished = False
         self._completed = False  # run() went through every round
+        self._cancelled = False  # run() was cancelled (Cancelled): the run never resumes
         self._interrupted = False  # interrupt(): run() raises KeyboardInterrupt
         self._roster = frozenset(config.roster)
         self._phases = dict(phases or {})
@@ -347,7 +349,7 @@ class Aggregator:
 
     def run(self) -> list[RoundRecord]:
         """Run every round, then the final evaluation; return the history."""
-        completed = False
+        completed = cancelled = False
         try:
             for rnd in range(self._next_round, self.config.rounds + 1):
                 if self._privacy is not None:
@@ -358,6 +360,9 @@ class Aggregator:
             if self.config.final_evaluation:
                 self._evaluation_round(self.config.rounds + 1)
             completed = True
+        except Cancelled:
+            cancelled = True
+            raise
         finally:
             running = self._running
             if running is not None and running.secagg is not None:
@@ -365,10 +370,12 @@ class Aggregator:
             if not completed:
                 self._record_stop()
             with self._cond:
-                # Sites are told the federation is over, and whether it completed: after
-                # a failure or a stop it did not.
+                # Sites are told the aggregator is done, and whether the federation
+                # completed: after a failure or a stop it did not, and the run resumes
+                # when the aggregator is started again, unless it was cancelled.
                 self._finished = True
                 self._completed = completed
+                self._cancelled = cancelled
                 self._open = None
                 self._cond.notify_all()
         return self.history
@@ -689,7 +696,7 @@ class Aggregator:
                     return Instruction(
                         round=0,
                         kind=InstructionKind.FINISHED,
-                        config={"completed": self._completed},
+                        config={"completed": self._completed, "cancelled": self._cancelled},
                     )
                 opened = self._open
                 if opened is not None and site in opened.pending:

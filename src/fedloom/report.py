@@ -22,6 +22,7 @@ from fedloom.plan import Plan
 from fedloom.records import Accountant, FailureKind, InstructionKind
 from fedloom.runtime.simulation import SimulationResult, SiteFailed
 from fedloom.store import save_weights
+from fedloom.store.runs import ended_as
 
 
 def record_rows(
@@ -241,7 +242,7 @@ class RunRecorder:
         self._metrics.close()
         data = {
             "run_name": self.run_dir.name,
-            "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+            "status": ended_as(error),
             "error": str(error) or type(error).__name__,
             **_plan_fields(plan, plan_hash),
             "rounds_closed": self.rounds_closed,

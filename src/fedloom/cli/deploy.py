@@ -104,6 +104,13 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _cancel(signum: int, frame: Any) -> None:
+    from fedloom.errors import Cancelled
+    from fedloom.runtime.control import CANCEL_NOTE
+
+    raise Cancelled(CANCEL_NOTE)
+
+
 def in_thread(work: Callable[[threading.Event], T], stop: threading.Event) -> T:
     """Run ``work(stop)`` in a thread; Ctrl-C sets ``stop`` and re-raises here."""
     box: dict[str, Any] = {}
@@ -174,11 +181,13 @@ def aggregator_start(
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import fresh_run_dir, print_results
     from fedloom.clock import kill_fault
+    from fedloom.errors import Cancelled
     from fedloom.orchestration import Event, SiteRejoined, SiteWithdrew
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
+    from fedloom.runtime.control import CANCEL_SIGNAL
     from fedloom.runtime.server import ServeOptions, address_of, open_run, serve, state_dir_of
     from fedloom.transport.inprocess import TrafficCounter
 
@@ -188,6 +197,7 @@ def aggregator_start(
     credentials = server_credentials(pki_dir_of(workspace))
     RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
     start_logging(log or state_dir_of(workspace) / "aggregator.log", verbose=verbose)
+    signal.signal(CANCEL_SIGNAL, _cancel)  # `fedloom aggregator stop --cancel`
     made: list[RunRecorder] = []
 
     def new_run_dir() -> Path:
@@ -276,6 +286,12 @@ def aggregator_start(
         except BaseException as err:
             recorder.fail(plan, digest, err)
             errors.print(f"what the run did is in {recorder.run_dir}", highlight=False)
+            if isinstance(err, Cancelled):
+                errors.print(
+                    "cancelled: the federation is over and its run will not resume (the "
+                    "next start begins a new run); sites that asked for work were told"
+                )
+                raise typer.Exit(130) from None
             raise
         print_results(recorder, result)
 
@@ -298,6 +314,53 @@ def show_policy(files: PolicyFiles, site: str) -> None:
             if files.in_use
             else f"{other} is not read: this site looks for its policy at {files.path}; "
             f"to enforce it, move it there or name it with --policy {other}"
+        )
+
+
+@aggregator_app.command("stop")
+@friendly
+def aggregator_stop(
+    workspace: WorkspaceArg,
+    cancel: Annotated[
+        bool,
+        typer.Option(
+            "--cancel",
+            help="End the federation for good: the run is recorded as cancelled and never "
+            "resumed, and the sites are told to stop.",
+        ),
+    ] = False,
+) -> None:
+    """Stop the aggregator serving WORKSPACE (on this machine) as Ctrl-C would, and wait
+    until it has exited.
+
+    Its run is interrupted: the aggregator started again resumes it, and the sites wait
+    for it meanwhile. With --cancel the run is over instead: recorded as cancelled and
+    never resumed (the next start begins a new run), and the sites are told and stop
+    (exit code 6). With no aggregator running, --cancel cancels the latest run if it is
+    unfinished.
+    """
+    from fedloom.runtime.control import stop_aggregator
+
+    what = "cancel the federation" if cancel else "stop"
+
+    def signalled(pid: int) -> None:
+        console.print(
+            f"asked the aggregator (pid {pid}) to {what}; waiting for it to exit",
+            highlight=False,
+        )
+
+    stopped = stop_aggregator(workspace, cancel=cancel, on_signalled=signalled)
+    if stopped.pid is None:
+        console.print(f"no aggregator is running on {workspace}", highlight=False)
+    if stopped.run is None:
+        console.print("there is no run", highlight=False)
+        return
+    console.print(f"run {stopped.run!r}: {stopped.status}", highlight=False)
+    if stopped.status not in ("completed", "cancelled"):
+        console.print(
+            f"[cyan]fedloom aggregator start {workspace}[/] resumes it; its sites wait for "
+            "it meanwhile",
+            highlight=False,
         )
 
 
@@ -405,7 +468,11 @@ def collaborator_start(
         site_policy_files(workspace, name, state_dir, policy),
         f"{workspace} --name {name}" + (f" --state {state}" if state else ""),
     )
-    console.print(f"site [bold]{name}[/] joining {plan.name} at {aggregator}")
+    # "joined" once the aggregator answered; meanwhile each change of why it waits
+    console.print(f"site [bold]{name}[/] of {plan.name}: connecting to {aggregator}")
+
+    def notice(line: str) -> None:
+        console.print(escape(line), highlight=False)
 
     def show(p: SiteProgress) -> None:
         console.print(f"{p.last}  [dim]({p.rounds_done} accepted, {p.rounds_failed} failed)[/]")
@@ -425,6 +492,7 @@ def collaborator_start(
                 options,
                 stop=stop,
                 on_progress=show,
+                on_notice=notice,
                 faults=kill_fault(fault) if fault else None,
             ),
             threading.Event(),

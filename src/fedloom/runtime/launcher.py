@@ -124,7 +124,7 @@ def run_local_grpc(
                     stderr=subprocess.STDOUT,
                 )
         code = aggregator.wait()
-        _settle_sites(sites, states)
+        _settle_sites(sites, states, completed=code == 0)
         return code
     except BaseException:
         for proc in (aggregator, *sites.values()):
@@ -137,9 +137,23 @@ def run_local_grpc(
         raise
 
 
-def _settle_sites(sites: dict[str, subprocess.Popen[bytes]], states: dict[str, Path]) -> None:
+def _settle_sites(
+    sites: dict[str, subprocess.Popen[bytes]], states: dict[str, Path], *, completed: bool
+) -> None:
+    """Wait for the sites to exit after the aggregator did, and name those that did not
+    end cleanly. After an aggregator that did not complete the federation, the sites
+    wait for it to be started again, which a rehearsal never does: those still waiting
+    are stopped (SIGTERM, as Ctrl-C)."""
     failed: list[str] = []
     for site, proc in sites.items():
+        if not completed and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=COLLABORATOR_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            continue
         try:
             code = proc.wait(timeout=COLLABORATOR_GRACE)
         except subprocess.TimeoutExpired:

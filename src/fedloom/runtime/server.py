@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError, TaskError, WorkspaceError
+from fedloom.errors import Cancelled, StateError, TaskError, WorkspaceError
 from fedloom.orchestration import (
     Aggregator,
     CloseReason,
@@ -44,8 +44,9 @@ from fedloom.runtime.executor import outside_rounds
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
+from fedloom.store.database import ENDED
 from fedloom.store.locks import lock_state
-from fedloom.store.runs import EventRow, RunInfo, RunStore, event_row
+from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
@@ -141,7 +142,7 @@ def open_run(
         latest = store.latest_run()
         if latest is not None and latest.status == "completed" and latest.run_dir.is_dir():
             _complete_results(store, latest, ws, test_set=test_set)  # unless removed on purpose
-        if not new_run and latest is not None and latest.status != "completed":
+        if not new_run and latest is not None and latest.status not in ENDED:
             if latest.plan_hash != digest:
                 raise StateError(
                     f"run {latest.name!r} is unfinished and was started with plan hash "
@@ -340,7 +341,8 @@ def serve(
     """Run (or resume) the plan's federation with real collaborators; returns when it is
     done. The run's status in the state is ``running`` meanwhile, and set on the way
     out: completed (once the last round closed and ``on_finished`` wrote the results),
-    interrupted (Ctrl-C, SIGTERM) or failed."""
+    interrupted (Ctrl-C, SIGTERM), cancelled (:class:`~fedloom.errors.Cancelled`) or
+    failed."""
     opened.store.mark(opened.run, "running")
     try:
         return _serve(
@@ -357,7 +359,7 @@ def serve(
     except BaseException as err:
         try:
             if opened.store.reload(opened.run).status != "completed":  # never undo a finish
-                status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                status = ended_as(err)
                 opened.store.mark(opened.run, status, str(err) or type(err).__name__)
         except Exception as also:  # noqa: BLE001 - a full disk refuses this too: err says why
             log.warning("could not record how the run ended: %s", also)
@@ -446,7 +448,7 @@ def _serve(
     )
     server = GrpcServer(aggregator, credentials, settings, revocations=revocations, traffic=traffic)
     live = _LiveState(store, run, aggregator, events, options.live_seconds)
-    completed = False
+    completed = cancelled = False
     try:
         port = server.start()
         live.start()
@@ -475,12 +477,17 @@ def _serve(
         faults.hit("run.written", round=plan.rounds + 1)
         store.mark(run, "completed")
         faults.hit("run.completed", round=plan.rounds + 1)
+    except Cancelled:
+        cancelled = True
+        raise
     finally:
         live.stop()
-        # Sites waiting for work hear how it ended (finished, or stopped early); those
-        # busy at a stop find the aggregator gone and retry until it is back.
+        # Sites waiting for work hear how it ended: completed (they stop), cancelled
+        # (they stop), or stopped before it completed (they wait for the aggregator to
+        # come back); those busy at a stop find it gone and retry until it is back.
+        told = options.linger_seconds if completed or cancelled else STOP_LINGER
         try:
-            server.wait_told_finished(options.linger_seconds if completed else STOP_LINGER)
+            server.wait_told_finished(told)
         except KeyboardInterrupt:
             if not completed:
                 raise  # after the last round, Ctrl-C only cuts the wait short

@@ -2,9 +2,12 @@
 
 :func:`participate` loads the plan and the task the data owner approved, opens one
 mutual-TLS channel to the aggregator (outbound only), and works until the aggregator
-says the federation has finished. Heartbeats go out from their own thread. A lost
-aggregator is waited for with backoff; a refusal (another CA, a revoked certificate,
-another plan) ends the process with the reason.
+says the federation has completed, or was cancelled. Heartbeats go out from their own
+thread. A lost aggregator is waited for with backoff, and so is one that stopped
+before the federation completed (interrupted, failed: it resumes the run when started
+again); each change of what the site waits for, and why, is said on the screen. A
+refusal (another CA, a revoked certificate, another plan) ends the process with the
+reason.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fedloom.errors import (
     AggregatorLost,
     DataError,
     DeviceError,
+    FederationCancelled,
     FedloomError,
     PlanError,
     StateError,
@@ -67,6 +71,7 @@ from fedloom.rng import generator, int_seed
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.runtime.tracebacks import one_line, task_traceback
+from fedloom.runtime.waiting import WaitNotices, federation_completed
 from fedloom.store.locks import LockBusy, hold_lock
 from fedloom.tasks.base import (
     AnySiteData,
@@ -88,6 +93,7 @@ log = logging.getLogger("fedloom.collaborator")
 LOCK_FILE = "collaborator.lock"
 TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
 WITHDRAW_SECONDS = 60.0  # at most this long a refused site tries to tell the aggregator
+STOPPING_POLL_MAX = 2.0  # seconds between asks of an aggregator that says it stopped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +115,9 @@ class SiteOptions:
 class SiteProgress:
     """What the collaborator did, for its progress line and its exit summary."""
 
-    rounds_done: int = 0  # training rounds whose update the aggregator accepted
+    # training rounds whose update the aggregator accepted (once each: a round that
+    # runs again after the aggregator's restart is asked for, and accepted, again)
+    accepted: set[int] = field(default_factory=set)
     failed: set[int] = field(default_factory=set)  # rounds not answered, or answers refused
     evaluated: bool = False  # the final model was evaluated here
     final_model: Path | None = None  # where this site kept it (STATE/final/<run>.safetensors)
@@ -118,6 +126,10 @@ class SiteProgress:
     # the traceback of the failure ``last`` reports, when the task's own code raised;
     # kept at the site (its log; the screen with --verbose), never sent
     traceback: str = ""
+
+    @property
+    def rounds_done(self) -> int:
+        return len(self.accepted)
 
     @property
     def rounds_failed(self) -> int:
@@ -131,13 +143,19 @@ def participate(
     *,
     stop: threading.Event | None = None,
     on_progress: Callable[[SiteProgress], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
     faults: FaultPoints | None = None,
 ) -> SiteProgress:
-    """Take part in the federation until it finishes; returns what this site did.
+    """Take part in the federation until it completes; returns what this site did.
+    ``on_notice`` is told, once per change, what the site waits for and why (the
+    aggregator unreachable, stopped), that it joined, and that the aggregator answers
+    again.
 
-    Raises :class:`AccessDenied` when the aggregator refuses this site,
+    An aggregator that stops before the federation completed (Ctrl-C, a failure) is
+    waited for, as one that crashed: started again, it resumes the run. Raises
+    :class:`AccessDenied` when the aggregator refuses this site,
     :class:`AggregatorLost` when it cannot be reached for ``connect_seconds``, and
-    :class:`TransportError` when it stopped before the federation completed.
+    :class:`FederationCancelled` when its operator cancelled the federation.
     """
     ws = Path(workspace).resolve()
     stop = stop or threading.Event()
@@ -145,7 +163,8 @@ def participate(
     state_dir = options.state_dir or site_state_dir(ws, options.name)
     lock = lock_site_state(state_dir)  # before anything in it is read or written
     try:
-        return _participate(ws, plan, options, state_dir, stop, on_progress, faults)
+        notices = WaitNotices(options.address, options.connect_seconds, on_notice)
+        return _participate(ws, plan, options, state_dir, stop, on_progress, notices, faults)
     finally:
         lock.close()
 
@@ -157,6 +176,7 @@ def _participate(
     state_dir: Path,
     stop: threading.Event,
     on_progress: Callable[[SiteProgress], None] | None,
+    notices: WaitNotices,
     faults: FaultPoints | None,
 ) -> SiteProgress:
     code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
@@ -193,7 +213,7 @@ def _participate(
             else "\n  the aggregator could not be told that this site withdraws (see the log)"
         )
         raise
-    connection = GrpcConnection(credentials, settings, stop=stop)
+    connection = GrpcConnection(credentials, settings, stop=stop, on_wait=notices)
     progress = SiteProgress()
 
     def report(line: str, *, failed: bool = False, trace: str = "") -> None:
@@ -239,6 +259,10 @@ def _participate(
             welcome.federation,
             options.name,
             welcome.rounds,
+        )
+        notices.say(
+            f"site {options.name} joined {welcome.federation} at {options.address} "
+            f"(rounds: {welcome.rounds})"
         )
         beats = threading.Thread(
             target=_heartbeats,
@@ -289,11 +313,24 @@ def _participate(
             compression=site_compression(plan),
             keep_final=keep_final,
         )
+        stops = 0  # "stopped" answers in a row from an aggregator on its way out
         while not stop.is_set():
             try:
                 if not collaborator.step():
-                    break
-            except (AccessDenied, AggregatorLost):
+                    last_word, collaborator.finished = collaborator.finished, None
+                    if last_word is None or federation_completed(last_word):
+                        break
+                    notices.stopped()
+                    # it answers so until it is gone (it lingers a few seconds to tell
+                    # every site); then the connection waits for it to be back
+                    delay = min(STOPPING_POLL_MAX, settings.backoff_base * 2**stops)
+                    stops += 1
+                    stop.wait(delay)  # backoff
+                    continue
+                if stops:
+                    notices(None)  # another aggregator process answers: it is back
+                stops = 0
+            except (AccessDenied, AggregatorLost, FederationCancelled):
                 raise
             except TransportError as err:
                 working = collaborator.current  # None: it was only asking for work
@@ -313,19 +350,13 @@ def _participate(
                 progress.failed.add(receipt.round)
                 report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
             elif receipt.bytes_received:
-                progress.rounds_done += 1
+                progress.accepted.add(receipt.round)
                 progress.failed.discard(receipt.round)  # answered in the end (a retry)
                 report(f"round {receipt.round}: update accepted ({receipt.bytes_received} bytes)")
             else:
                 progress.evaluated = True
                 progress.failed.discard(receipt.round)
                 report(f"round {receipt.round}: evaluation of the final model accepted")
-        finished = collaborator.finished
-        if finished is not None and not finished.config.get("completed", True):
-            raise TransportError(
-                "the aggregator stopped before the federation completed (interrupted or failed)",
-                hint="start this collaborator again once the aggregator is back",
-            )
     finally:
         stop.set()
         connection.close()
@@ -478,14 +509,14 @@ def tell_withdrawal(
 def _heartbeats(
     connection: GrpcConnection, every: float, progress: SiteProgress, stop: threading.Event
 ) -> None:
+    # beats on after the aggregator says it finished: it may have stopped before the
+    # federation completed, and a restarted one hears the site again (the process
+    # stops the beats when it ends)
     while not stop.wait(every):
         try:
-            reply = connection.heartbeat(Heartbeat(progress.current))
+            connection.heartbeat(Heartbeat(progress.current))
         except Exception as err:  # noqa: BLE001 - a missed beat is logged, never fatal
             log.debug("heartbeat: %s", err)
-            continue
-        if reply.finished:
-            return
 
 
 def _site_data(

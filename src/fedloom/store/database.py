@@ -19,6 +19,8 @@ from fedloom.errors import DiskError, StateError, disk_error
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
 
+# the statuses of a run that is over: never resumed (a cancelled one may have rounds left)
+ENDED = frozenset({"completed", "cancelled"})
 # a finished training round: aggregated, checkpointed, and its checkpoint still counts
 FINISHED_ROUND = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
 WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
@@ -33,7 +35,7 @@ CREATE TABLE runs (
     plan_hash TEXT NOT NULL,
     plan_json TEXT NOT NULL,
     started REAL NOT NULL,              -- unix time
-    status TEXT NOT NULL,               -- running, completed, failed, interrupted
+    status TEXT NOT NULL,               -- running, completed, failed, interrupted, cancelled
     ended REAL,
     error TEXT,
     elapsed REAL NOT NULL DEFAULT 0,    -- seconds of rounds, over every process

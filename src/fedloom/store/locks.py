@@ -79,6 +79,17 @@ def _take(fh: IO[str], tries: int = 20) -> None:
             pause.wait(0.05)
 
 
+def wait_released(state_dir: Path) -> None:
+    """Block until no aggregator holds ``state_dir``'s lock (the one holding it has
+    exited, however it ended)."""
+    path = state_dir / LOCK_FILE
+    if not path.exists():
+        return
+    with open(path) as fh:
+        fcntl.flock(fh, fcntl.LOCK_SH)  # waits in the kernel: no polling
+        fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def running_pid(state_dir: Path) -> int | None:
     """The pid of the aggregator holding ``state_dir``'s lock, or None if none does."""
     path = state_dir / LOCK_FILE

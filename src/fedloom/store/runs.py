@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.clock import FaultPoints
-from fedloom.errors import StateError
+from fedloom.errors import Cancelled, StateError
 from fedloom.orchestration import (
     CloseReason,
     Event,
@@ -56,6 +56,15 @@ log = logging.getLogger("fedloom.aggregator")
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
+
+def ended_as(error: BaseException) -> str:
+    """The status of a run that ``error`` ended early: ``cancelled`` (``fedloom
+    aggregator stop --cancel``; never resumed), ``interrupted`` (Ctrl-C, SIGTERM) or
+    ``failed``; the last two resume."""
+    if isinstance(error, Cancelled):
+        return "cancelled"
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,7 @@ class RunStore:
         return run
 
     def mark(self, run: RunInfo, status: str, error: str | None = None) -> None:
-        """Set the run's status: running, completed, failed, interrupted."""
+        """Set the run's status: running, completed, failed, interrupted, cancelled."""
         ended = None if status == "running" else time.time()
         with self._lock, transaction(self.conn):
             self.conn.execute(

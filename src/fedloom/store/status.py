@@ -19,7 +19,7 @@ from fedloom.errors import StateError
 from fedloom.records import SiteResult, weighted_metrics
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.site_name import roster_of
-from fedloom.store.database import FINISHED_ROUND, open_read_only, withdrawn_sites
+from fedloom.store.database import ENDED, FINISHED_ROUND, open_read_only, withdrawn_sites
 from fedloom.store.locks import running_pid
 
 # Light on purpose: no numpy, pydantic or cryptography, so `fedloom status` starts at
@@ -85,7 +85,7 @@ def _read(
         },
         "aggregator": {"running": pid is not None, "pid": pid, "serves_this_run": serving},
         "stopped_without_record": status == "running" and not serving,
-        "resumable": key == latest and status != "completed" and not serving,
+        "resumable": key == latest and status not in ENDED and not serving,
         "rounds": {
             "finished": len(finished),
             "planned": planned if isinstance(planned, int) else None,

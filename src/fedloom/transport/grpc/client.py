@@ -105,9 +105,14 @@ class GrpcConnection:
         *,
         stop: threading.Event | None = None,
         session_id: str | None = None,
+        on_wait: Callable[[str | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
+        # told why each retry waits (a short reason: wait_reason), and None once a call
+        # gets through after waiting: the collaborator shows it on the screen
+        self._on_wait = on_wait or (lambda reason: None)
+        self._waited = False
         self.welcome: Welcome | None = None
         self._last_contact = time.monotonic()
         self.protocol_version = PROTOCOL_VERSION
@@ -248,6 +253,9 @@ class GrpcConnection:
                 error = _translate(err, name)
             else:
                 self._last_contact = time.monotonic()
+                if self._waited:
+                    self._waited = False
+                    self._on_wait(None)
                 return result
             if not isinstance(error, _Unreachable):
                 raise error
@@ -261,6 +269,8 @@ class GrpcConnection:
             if s.connect_seconds is not None:
                 delay = min(delay, max(0.0, s.connect_seconds - silent))
             log.warning("%s; retrying in %.1f s", error.message, delay)
+            self._waited = True
+            self._on_wait(wait_reason(error.message, handshake=error.handshake))
             if self.stop.wait(delay):
                 raise TransportError(f"{name}: stopped while waiting for the aggregator")
             attempt += 1
@@ -331,6 +341,30 @@ class _Unreachable(TransportError):
 
 class _NoSession(TransportError):
     """The aggregator does not know this site's session (it restarted): say Hello."""
+
+
+_REASONS = (  # what gRPC's details say, and the reason a person is shown
+    (("connection refused",), "connection refused: nothing listens at that address"),
+    (("lookup", "resolv", "domain name not found"), "the host name does not resolve"),
+    (("socket closed",), "the connection was closed during the TLS handshake"),
+    (("connection reset", "broken pipe"), "the connection was reset"),
+    (("no route to host", "network is unreachable"), "no route to the host"),
+    (("timeout", "timed out", "deadline"), "no answer in time"),
+)
+
+
+def wait_reason(message: str, *, handshake: bool = False) -> str:
+    """A short reason for a failed try to reach the aggregator, from gRPC's words in
+    ``message`` (``connection refused: nothing listens at that address`` …): what a
+    waiting collaborator shows on its screen; the log keeps the whole message."""
+    if handshake:
+        return "the TLS handshake failed"
+    lowered = message.lower()
+    for words, reason in _REASONS:
+        if any(w in lowered for w in words):
+            return reason
+    last = message.rsplit("last error:", 1)[-1].strip()
+    return last if len(last) <= 120 else last[:119] + "…"
 
 
 def certificate_refused(details: str) -> bool:
