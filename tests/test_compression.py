@@ -36,12 +36,12 @@ from fedloom.compression import (
 )
 from fedloom.compression.codecs import INT8_BLOCK, int8_steps, topk_count
 from fedloom.errors import FedloomError, ModelRejected, TaskError, UpdateRejected
-from fedloom.orchestration import Aggregator, CloseReason
+from fedloom.orchestration import Aggregator
 from fedloom.pki import server_credentials
 from fedloom.plan import validate_plan
 from fedloom.privacy.audit import AuditLog, read_records
 from fedloom.privacy.published import model_checker, signer_from_pem
-from fedloom.records import FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg
 from fedloom.transport import UpdateHeader, iter_chunks
 from fedloom.weights import TensorSpec, Weights, dtype_from_name, specs_of, weights_equal

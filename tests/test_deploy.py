@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -19,6 +20,7 @@ from fedloom.pki import provision
 from fedloom.runtime import launcher
 from fedloom.store import load_weights, save_weights
 from fedloom.store.checkpoint import read_metadata
+from fedloom.store.status import read_status
 from fedloom.weights import weights_equal
 
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -224,7 +226,10 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
     sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02", "site-03")]
     try:
         # `fedloom status` beside the running aggregator: the round under way, live
-        live = wait_for_status(ws, lambda s: (s["live"] or {}).get("current") is not None)
+        # the round under way, once the aggregator published its sites' progress
+        live = wait_for_status(
+            ws, lambda s: ((s["live"] or {}).get("current") or {}).get("progress_published")
+        )
         assert live["run"]["status"] == "running"
         assert live["aggregator"] == {
             "running": True,
@@ -278,6 +283,64 @@ def wait_for_status(
                 return status
         assert time.monotonic() < deadline, "fedloom status never showed the running round"
         time.sleep(0.3)
+
+
+BLOCKED_IN_ROUND_3 = """
+import threading
+from pathlib import Path
+
+from fedloom.tasks import SoftmaxRegression
+
+
+class Blocked(SoftmaxRegression):
+    def train(self, weights, data, settings, context):
+        if context.round == 3:  # say so, then never return (the test kills the site)
+            Path({marker!r}).touch()
+            threading.Event().wait()
+        return super().train(weights, data, settings, context)
+
+
+task = Blocked(num_features=30, num_classes=2)
+"""
+
+
+def test_status_and_the_summary_of_an_interrupted_run_count_the_same_rounds(
+    tmp_path: Path,
+) -> None:
+    """Rounds 1 and 2 finish; round 3 is under way when the aggregator gets Ctrl-C.
+    `fedloom status` beside it, then after it, and summary.json all say 2 rounds
+    finished, and the round under way is 3 (the stopped attempt finishes none)."""
+    ws = make_workspace(tmp_path, "breast-cancer")
+    in_round_3 = tmp_path / "in-round-3"
+    (ws / "task.py").write_text(BLOCKED_IN_ROUND_3.format(marker=str(in_round_3)))
+    plan = ["sites=2", "rounds=4", "deadline.round_seconds=600"]
+    provision(ws, ["site-01", "site-02"])
+    aggregator, port = start_aggregator(ws, plan, "stopped")
+    sites = [start_site(ws, plan, s, port) for s in ("site-01", "site-02")]
+    try:
+        deadline = time.monotonic() + 120
+        while not (in_round_3.exists() and (ws / "aggregator" / "state.db").exists()):
+            assert time.monotonic() < deadline, "no site began round 3"
+            time.sleep(0.2)
+        # once the aggregator published its live state (once a second)
+        while read_status(ws / "aggregator")["live"] is None:
+            assert time.monotonic() < deadline, "the aggregator never published its state"
+            time.sleep(0.2)
+        running = run_cli("status", str(ws)).stdout
+        assert "rounds: 2 of 4 finished (the last: round 2)" in running, running
+        assert "now: round 3 (train, attempt 1" in running, running
+        aggregator.send_signal(signal.SIGINT)
+        out = aggregator.communicate(timeout=120)[0].decode()
+        assert aggregator.returncode == 130, out
+    finally:
+        kill_leftovers(aggregator, *sites)
+
+    summary = json.loads((ws / "runs" / "stopped" / "summary.json").read_text())
+    stopped = read_status(ws / "aggregator")
+    assert summary["status"] == "interrupted" and stopped["run"]["status"] == "interrupted"
+    assert summary["rounds_finished"] == stopped["rounds"]["finished"] == 2
+    assert stopped["rounds"]["last_finished"] == 2
+    assert "rounds: 2 of 4 finished (the last: round 2)" in run_cli("status", str(ws)).stdout
 
 
 def test_a_collaborator_with_a_certificate_of_another_ca_exits_naming_the_cause(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from workspaces import make_workspace, run_cli
 
-from fedloom.orchestration import CloseReason, Resume
+from fedloom.orchestration import Resume
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
 from fedloom.privacy.settings import (
@@ -24,7 +24,7 @@ from fedloom.privacy.settings import (
     SecureAggregationPlan,
 )
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.weights import Weights
 
 SITES = tuple(f"site-{i:02d}" for i in range(1, 11))

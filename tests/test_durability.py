@@ -21,9 +21,9 @@ from workspaces import make_workspace
 
 from fedloom.clock import FaultPoints
 from fedloom.errors import FaultInjected, StateError
-from fedloom.orchestration import CloseReason
 from fedloom.pki import provision
 from fedloom.plan import load_plan
+from fedloom.records import CloseReason
 from fedloom.runtime import launcher
 from fedloom.runtime.server import open_run
 from fedloom.store import load_state, load_weights, save_state

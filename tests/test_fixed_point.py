@@ -19,7 +19,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedloom.accumulate.masked import MaskedSumAccumulator
-from fedloom.orchestration import CloseReason
 from fedloom.privacy import masking
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.quantize import (
@@ -34,7 +33,7 @@ from fedloom.privacy.quantize import (
 )
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.weights import TensorSpec, Weights
 
 BITS = (32, 64)

@@ -20,7 +20,6 @@ from conftest import task_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.errors import AccessDenied, TransportError
-from fedloom.orchestration import CloseReason
 from fedloom.pki import (
     accept_certificate,
     provision,
@@ -29,7 +28,7 @@ from fedloom.pki import (
     sign_request,
     site_credentials,
 )
-from fedloom.records import FailureKind
+from fedloom.records import CloseReason, FailureKind
 from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
 from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path

@@ -38,16 +38,18 @@ from workspaces import make_workspace
 
 from fedloom.cli.main import app
 from fedloom.errors import FedloomError
-from fedloom.orchestration import CloseReason, RoundRecord, weighted_metrics
 from fedloom.pki import provision, site_credentials
 from fedloom.plan import Plan, load_plan, plan_hash
 from fedloom.records import (
+    CloseReason,
     Failure,
     FailureKind,
     Instruction,
     InstructionKind,
+    RoundRecord,
     SiteAnswer,
     SiteResult,
+    weighted_metrics,
 )
 from fedloom.runtime.sitedata import DataSource
 from fedloom.sanitize import (

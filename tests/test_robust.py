@@ -18,9 +18,8 @@ from workspaces import make_workspace, run_cli
 
 from fedloom import SimulationOptions, load_plan, simulate
 from fedloom.errors import AggregationError, PlanError, QuorumError
-from fedloom.orchestration import CloseReason
 from fedloom.plan import attack_warnings
-from fedloom.records import FailureKind, SiteUpdate, UpdateSet
+from fedloom.records import CloseReason, FailureKind, SiteUpdate, UpdateSet
 from fedloom.strategies import FilteredMean, GeometricMedian, build_strategy
 from fedloom.strategies.aggregate import geometric_median, near_centre, weighted_mean
 

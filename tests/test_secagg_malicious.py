@@ -23,7 +23,6 @@ from conftest import wait_until
 from grpcnet import GrpcTestTransport
 
 from fedloom.errors import QuorumError
-from fedloom.orchestration import CloseReason
 from fedloom.pki import server_credentials, site_credentials
 from fedloom.pki.common import load_cert, load_private_key
 from fedloom.privacy import masking, signing
@@ -32,7 +31,7 @@ from fedloom.privacy.identity import SimulatedAuthority, SiteIdentity
 from fedloom.privacy.secagg import KEYS, SHARES
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.transport.messages import PhaseMessage
 from fedloom.weights import Weights
 

@@ -16,12 +16,11 @@ from conftest import wait_until
 from scipy import stats
 
 from fedloom.errors import FaultInjected, QuorumError
-from fedloom.orchestration import CloseReason
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.quantize import encode, fractional_bits
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.transport import InProcessTransport
 from fedloom.transport.messages import Chunk, Receipt, UpdateHeader
 from fedloom.weights import Weights

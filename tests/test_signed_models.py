@@ -17,12 +17,12 @@ from grpcnet import GrpcTestTransport
 from fedloom.collaborator import Collaborator
 from fedloom.compression.codecs import ModelCodec, decode_model, encode_model
 from fedloom.errors import FedloomError, ModelRejected, QuorumError
-from fedloom.orchestration import Aggregator, CloseReason
+from fedloom.orchestration import Aggregator
 from fedloom.pki import provision, server_credentials, site_credentials
 from fedloom.pki.credentials import Credentials
 from fedloom.privacy.final_model import check_final_model, keep_final_model
 from fedloom.privacy.published import model_checker, model_statement, signer_from_pem
-from fedloom.records import FailureKind, Instruction, InstructionKind
+from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind
 from fedloom.store import load_weights
 from fedloom.strategies import FedAvg
 from fedloom.transport.messages import Chunk, ModelHeader, ModelStream

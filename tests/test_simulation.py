@@ -144,7 +144,7 @@ def test_a_failed_run_keeps_its_metrics_and_says_why(tmp_path: Path) -> None:
     run = ws / "runs" / "broken"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "the GPU caught fire" in summary["error"]
-    assert summary["rounds_closed"] == 4  # rounds 1 and 2, then two failed attempts of 3
+    assert summary["rounds_finished"] == 2  # rounds 1 and 2: the failed attempts at 3 finish none
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {(r["round"], r["attempt"]) for r in rows} == {(1, 1), (2, 1), (3, 1), (3, 2)}
     third = [r for r in rows if r["round"] == 3]

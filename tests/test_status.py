@@ -23,7 +23,13 @@ from fedloom.cli.main import app
 from fedloom.clock import ManualClock
 from fedloom.collaborator import Collaborator
 from fedloom.errors import StateError, TaskError
-from fedloom.orchestration import Aggregator, CloseReason, RoundRecord
+from fedloom.orchestration import (
+    Aggregator,
+    CloseReason,
+    RoundClosed,
+    RoundRecord,
+    finished_rounds,
+)
 from fedloom.plan import Plan
 from fedloom.records import (
     Failure,
@@ -33,6 +39,7 @@ from fedloom.records import (
     SiteAnswer,
     SiteResult,
 )
+from fedloom.report import RunRecorder
 from fedloom.store.database import transaction
 from fedloom.store.locks import lock_state, running_pid
 from fedloom.store.runs import RunInfo, RunJournal, RunStore
@@ -324,6 +331,17 @@ def test_a_running_aggregator_shows_the_round_under_way(workspace: Path, store: 
         assert sites["site-b"]["last_failure"]["reason"] == "disk full"
         assert sites["site-c"]["last_failure"]["kind"] == "timeout"
         assert status["recent_attempts"][-1]["closed"] is None  # round 2, open
+        # the live snapshot written above is of round 1, closed since: the round under
+        # way is the one the database holds open, as the finished rounds beside it say
+        current = status["live"]["current"]
+        assert (current["round"], current["attempt"], current["progress_published"]) == (
+            2,
+            1,
+            False,
+        )
+        out = invoke(workspace).stdout
+        assert "rounds: 1 of 3 finished (the last: round 1)" in out
+        assert f"now: round 2 (train, attempt 1, task {run.run_id}/2.1), just opened" in out
     finally:
         for _ in range(100):  # no site answers: the rounds miss their quorum, the loop ends
             if not loop.thread.is_alive():
@@ -331,6 +349,63 @@ def test_a_running_aggregator_shows_the_round_under_way(workspace: Path, store: 
             clock.advance(1e9)
             loop.thread.join(0.05)
         lock.close()
+
+
+# ------------------------------------------------------------------ one count of rounds
+
+
+def closed(rnd: int, reason: CloseReason, attempt: int = 1, kind: Any = TRAIN) -> RoundRecord:
+    return RoundRecord(rnd, kind, SITES, (), (), reason, attempt=attempt)
+
+
+def test_a_finished_round_is_one_aggregated_into_a_new_model() -> None:
+    history = [
+        closed(1, CloseReason.ALL_ANSWERED),
+        closed(2, CloseReason.NO_QUORUM),  # a failed attempt: the round reruns
+        closed(2, CloseReason.QUORUM, attempt=2),
+        closed(3, CloseReason.STOPPED),  # the aggregator was interrupted in round 3
+        closed(3, CloseReason.DEADLINE_QUORUM, attempt=2),  # resumed: round 3 again
+        closed(4, CloseReason.REBUILT),  # its checkpoint survived a damaged database
+        closed(5, CloseReason.ALL_ANSWERED, kind=InstructionKind.EVALUATE),  # the final one
+    ]
+    assert finished_rounds(history) == [1, 2, 3, 4]
+    assert finished_rounds([closed(1, CloseReason.NO_QUORUM), closed(1, CloseReason.STOPPED)]) == []
+
+
+def test_status_and_the_summary_of_a_resumed_then_interrupted_run_count_the_same_rounds(
+    workspace: Path, store: RunStore
+) -> None:
+    """A failed attempt, a process that died in a round, a resume, a stop during the
+    final evaluation: `fedloom status` and summary.json say one number."""
+    run = new_run(store)
+    journal = store.journal(run, lambda: (0, 0))
+    attempt(journal, 1, 1, CloseReason.ALL_ANSWERED, finished=state(1))
+    attempt(journal, 2, 1, CloseReason.NO_QUORUM)
+    attempt(journal, 2, 2, CloseReason.QUORUM, finished=state(2))
+    journal.opened(Instruction(round=3, kind=TRAIN, task_id=f"{run.run_id}/3.1"), 1, SITES)
+    # the process dies in round 3; the restart records that attempt as stopped
+    resume = store.resume(run, lambda: state(0))
+    assert resume.next_round == 3
+    recorder = RunRecorder.reopen(run.run_dir, resume.history)
+    journal = store.journal(store.reload(run), lambda: (0, 0))
+    for record, finished in (
+        (closed(3, CloseReason.ALL_ANSWERED, attempt=2), state(3)),
+        (closed(4, CloseReason.STOPPED, kind=InstructionKind.EVALUATE), None),  # Ctrl-C
+    ):
+        task = Instruction(round=record.round, kind=record.kind, task_id=f"{record.round}")
+        journal.opened(task, record.attempt, SITES)
+        journal.closed(record, finished)
+        recorder.on_event(RoundClosed(record))
+    store.mark(run, "interrupted", "KeyboardInterrupt")
+    recorder.fail(PLAN, "hash", KeyboardInterrupt())
+
+    status = read_status(workspace / "aggregator")
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert status["rounds"]["finished"] == summary["rounds_finished"] == 3
+    assert status["rounds"]["last_finished"] == 3
+    again = RunRecorder.reopen(run.run_dir, store.history(run))  # from the database alone
+    again.fail(PLAN, "hash", KeyboardInterrupt(), history=store.history(run))
+    assert json.loads((run.run_dir / "summary.json").read_text())["rounds_finished"] == 3
 
 
 # ------------------------------------------------------------------ the command line

@@ -20,8 +20,7 @@ from conftest import task_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.errors import TransportError
-from fedloom.orchestration import CloseReason
-from fedloom.records import FailureKind, InstructionKind
+from fedloom.records import CloseReason, FailureKind, InstructionKind
 from fedloom.transport import (
     Chunk,
     FailureReport,

@@ -24,15 +24,17 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
         UpdateRejected,
         WorkspaceError,
     )
-    from fedloom.orchestration import Aggregator, CloseReason, FederationConfig, RoundRecord
+    from fedloom.orchestration import Aggregator, FederationConfig
     from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.records import (
+        CloseReason,
         EvalOutput,
         Failure,
         FailureKind,
         Instruction,
         InstructionKind,
         MeanSummary,
+        RoundRecord,
         SiteAnswer,
         SiteResult,
         SiteUpdate,
@@ -56,7 +58,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "AggregationError": "fedloom.errors",
     "Aggregator": "fedloom.orchestration",
-    "CloseReason": "fedloom.orchestration",
+    "CloseReason": "fedloom.records",
     "Collaborator": "fedloom.collaborator",
     "EvalOutput": "fedloom.records",
     "FRACTION_BITS": "fedloom.accumulate",
@@ -76,7 +78,7 @@ _PUBLIC = {
     "Plan": "fedloom.plan",
     "PlanError": "fedloom.errors",
     "QuorumError": "fedloom.errors",
-    "RoundRecord": "fedloom.orchestration",
+    "RoundRecord": "fedloom.records",
     "STRATEGIES": "fedloom.strategies",
     "SimulationOptions": "fedloom.runtime.simulation",
     "SimulationResult": "fedloom.runtime.simulation",

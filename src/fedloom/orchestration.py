@@ -10,7 +10,6 @@ condition, and the deadline comes from an injectable clock.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,15 +42,17 @@ from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
 from fedloom.privacy.signing import receipt_message
 from fedloom.records import (
+    CloseReason,
     Failure,
     FailureKind,
     Instruction,
     InstructionKind,
     MeanSummary,
+    RoundRecord,
     SiteResult,
     Summary,
     TrainSettings,
-    weighted_metrics,
+    finished_rounds,
 )
 from fedloom.rng import select_sites
 from fedloom.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
@@ -74,44 +75,6 @@ from fedloom.weights import TensorSpec, Weights, specs_of
 
 Signer = Callable[[bytes], bytes]
 """Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
-
-
-class CloseReason(enum.Enum):
-    ALL_ANSWERED = "all answered"
-    QUORUM = "every site settled, quorum met"  # some failed, enough answered
-    DEADLINE_QUORUM = "deadline, quorum met"
-    NO_QUORUM = "no quorum"
-    STOPPED = "stopped"  # the aggregator stopped (interrupted, or its process died)
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    """What one round did: who was asked, who answered, what they reported, and why
-    the round closed."""
-
-    round: int
-    kind: InstructionKind
-    selected: tuple[str, ...]
-    results: tuple[SiteResult, ...]
-    failures: tuple[Failure, ...]
-    close_reason: CloseReason
-    attempt: int = 1
-    # the privacy spent once this round was aggregated (epsilon, delta, the accountant's
-    # name, clip); empty without DP
-    privacy: Mapping[str, float | str] = field(default_factory=dict)
-
-    @property
-    def aggregated(self) -> bool:
-        """A training round whose updates were aggregated into a new model."""
-        return self.kind is InstructionKind.TRAIN and self.close_reason not in (
-            CloseReason.NO_QUORUM,
-            CloseReason.STOPPED,
-        )
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """Sample-weighted mean of each metric over the sites that answered."""
-        return weighted_metrics(self.results)
 
 
 @dataclass(frozen=True)
@@ -671,7 +634,7 @@ class Aggregator:
                     current["secure_aggregation"] = running.secagg.describe()
             return {
                 "finished": self._finished,
-                "rounds_done": sum(1 for r in self.history if r.aggregated),
+                "rounds_done": len(finished_rounds(self.history)),
                 "current": current,
                 "seen_seconds_ago": {s: now - t for s, t in sorted(self.last_seen.items())},
                 "withdrawn": dict(sorted(self.withdrawn.items())),

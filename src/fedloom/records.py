@@ -210,3 +210,55 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
+
+
+class CloseReason(enum.Enum):
+    ALL_ANSWERED = "all answered"
+    QUORUM = "every site settled, quorum met"  # some failed, enough answered
+    DEADLINE_QUORUM = "deadline, quorum met"
+    NO_QUORUM = "no quorum"
+    STOPPED = "stopped"  # the aggregator stopped (interrupted, or its process died)
+    # aggregated, as its checkpoint shows; why it closed was lost with the state database
+    REBUILT = "rebuilt from its checkpoint"
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did: who was asked, who answered, what they reported, and why
+    the round closed."""
+
+    round: int
+    kind: InstructionKind
+    selected: tuple[str, ...]
+    results: tuple[SiteResult, ...]
+    failures: tuple[Failure, ...]
+    close_reason: CloseReason
+    attempt: int = 1
+    # the privacy spent once this round was aggregated (epsilon, delta, the accountant's
+    # name, clip); empty without DP
+    privacy: Mapping[str, float | str] = field(default_factory=dict)
+
+    @property
+    def aggregated(self) -> bool:
+        """A training round whose updates were aggregated into a new model."""
+        return self.kind is InstructionKind.TRAIN and self.close_reason not in (
+            CloseReason.NO_QUORUM,
+            CloseReason.STOPPED,
+        )
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Sample-weighted mean of each metric over the sites that answered."""
+        return weighted_metrics(self.results)
+
+
+def finished_rounds(history: Iterable[RoundRecord]) -> list[int]:
+    """The training rounds that finished, in order: those aggregated into a new global
+    model. The one definition behind every count of rounds done: ``fedloom status``,
+    a run's ``summary.json`` (``rounds_finished``) and the live snapshot.
+
+    An attempt that missed its quorum, one the aggregator stopped, and the final
+    evaluation finish no round; a round counts once, however many attempts it took.
+    ``history`` is what still counts: a resumed run's, read from its state, holds no
+    attempt of a round that ran again after the restart."""
+    return sorted({r.round for r in history if r.aggregated})

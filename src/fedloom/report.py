@@ -8,6 +8,7 @@ task's primary metric: ``accuracy.png`` for a classifier).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -17,9 +18,9 @@ from typing import IO, Any
 
 from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
 from fedloom.figures import metric_names, plot_file, worst_value
-from fedloom.orchestration import Event, RoundClosed, RoundRecord
+from fedloom.orchestration import Event, RoundClosed
 from fedloom.plan import Plan
-from fedloom.records import Accountant, FailureKind, InstructionKind
+from fedloom.records import Accountant, FailureKind, InstructionKind, RoundRecord, finished_rounds
 from fedloom.runtime.simulation import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as
@@ -62,14 +63,15 @@ def final_site_metrics(history: tuple[RoundRecord, ...]) -> dict[str, dict[str, 
 
 
 def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
-    train_rounds = [r for r in result.history if r.kind is InstructionKind.TRAIN]
+    finished = len(finished_rounds(result.history))
     return {
         "run_name": run_name,
         "status": "completed",
         **_plan_fields(result.plan, result.plan_hash),
+        "rounds_finished": finished,
         **metric_fields(result),
         "wall_seconds": result.wall_seconds,
-        "seconds_per_round": result.wall_seconds / max(1, len({r.round for r in train_rounds})),
+        "seconds_per_round": result.wall_seconds / max(1, finished),
         "bytes_sent": result.bytes_sent,
         "bytes_received": result.bytes_received,
         "attackers": list(result.attackers),
@@ -150,7 +152,7 @@ class RunRecorder:
         except OSError as err:
             raise _folder_error(err, run_dir) from err
         self.run_dir = run_dir
-        self.rounds_closed = 0
+        self.history: list[RoundRecord] = []  # every attempt closed, as the events said
         self.finished: dict[str, Any] | None = None
         self._tracebacks: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
@@ -180,7 +182,7 @@ class RunRecorder:
         except OSError as err:
             raise _folder_error(err, run_dir) from err
         recorder.run_dir = run_dir
-        recorder.rounds_closed = 0
+        recorder.history = list(history)
         recorder.finished = None
         recorder._tracebacks = {}
         recorder._lock = threading.Lock()
@@ -206,7 +208,7 @@ class RunRecorder:
                 for row in rows:
                     self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
                 self._metrics.flush()
-            self.rounds_closed += 1
+            self.history.append(event.record)
 
     def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
         """Write the final model, the plan, the plot and the summary; return the summary.
@@ -230,22 +232,45 @@ class RunRecorder:
         self.finished = data
         return data
 
-    def fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
-        """Record why the run ended early, next to the metrics it had written; if the
-        disk refuses (it may be why the run ended), the folder stays as it was."""
+    def discard(self) -> None:
+        """Remove the run folder's files, and the folder if that empties it: for a run
+        that never opened a round, and so is not recorded (see
+        :func:`fedloom.runtime.server.serve`). Best effort: what cannot be removed
+        stays."""
+        with contextlib.suppress(OSError):
+            self._metrics.close()
+            for name in ("metrics.jsonl", "summary.json", "plan.json"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            self.run_dir.rmdir()  # only if empty: anything else there is not ours
+
+    def fail(
+        self,
+        plan: Plan,
+        plan_hash: str,
+        error: BaseException,
+        *,
+        history: Iterable[RoundRecord] | None = None,
+    ) -> None:
+        """Record why the run ended early, next to the metrics it had written, with the
+        rounds it finished: counted in ``history`` (a deployed aggregator's state
+        database, the record ``fedloom status`` reads), else in what this recorder
+        heard. If the disk refuses (it may be why the run ended), the folder stays as
+        it was."""
         try:
-            self._fail(plan, plan_hash, error)
+            self._fail(plan, plan_hash, error, self.history if history is None else history)
         except OSError:
             pass  # the error being handled is the one to report
 
-    def _fail(self, plan: Plan, plan_hash: str, error: BaseException) -> None:
+    def _fail(
+        self, plan: Plan, plan_hash: str, error: BaseException, history: Iterable[RoundRecord]
+    ) -> None:
         self._metrics.close()
         data = {
             "run_name": self.run_dir.name,
             "status": ended_as(error),
             "error": str(error) or type(error).__name__,
             **_plan_fields(plan, plan_hash),
-            "rounds_closed": self.rounds_closed,
+            "rounds_finished": len(finished_rounds(history)),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
         (self.run_dir / "plan.json").write_text(

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -35,6 +36,8 @@ from fedloom.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from fedloom.records import RoundRecord
+    from fedloom.runtime.server import OpenedRun
     from fedloom.runtime.site import PolicyFiles
 
 aggregator_app = typer.Typer(
@@ -284,7 +287,10 @@ def aggregator_start(
                     faults=faults,
                 )
         except BaseException as err:
-            recorder.fail(plan, digest, err)
+            if opened.forgotten:  # it never opened a round: nothing to keep, or resume
+                recorder.discard()
+                raise
+            recorder.fail(plan, digest, err, history=_recorded_history(opened))
             errors.print(f"what the run did is in {recorder.run_dir}", highlight=False)
             if isinstance(err, Cancelled):
                 errors.print(
@@ -362,6 +368,16 @@ def aggregator_stop(
             "it meanwhile",
             highlight=False,
         )
+
+
+def _recorded_history(opened: OpenedRun) -> list[RoundRecord] | None:
+    """The run's attempts as its state database holds them, which ``fedloom status``
+    reads (so a failed run's summary counts the same rounds); None if it cannot be
+    read (the disk may be why the run ended)."""
+    try:
+        return opened.store.history(opened.run)
+    except (sqlite3.Error, OSError, ValueError):
+        return None
 
 
 def _device(value: str | None) -> str | None:

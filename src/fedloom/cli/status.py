@@ -103,11 +103,17 @@ def _print_live(live: dict[str, Any]) -> None:
         what = "the federation is over: telling the sites" if live["finished"] else "between rounds"
         console.print(f"now: {what} {age}", highlight=False)
         return
-    console.print(
+    now = (
         f"now: round {current['round']} ({current['kind']}, attempt {current['attempt']}, "
-        f"task {current['task_id']}), {current['seconds_left']:.0f} s to its deadline {age}",
-        highlight=False,
+        f"task {current['task_id']})"
     )
+    if not current.get("progress_published", True):
+        console.print(
+            f"{now}, just opened: its sites' progress is not published yet {age}",
+            highlight=False,
+        )
+        return
+    console.print(f"{now}, {current['seconds_left']:.0f} s to its deadline {age}", highlight=False)
     answered = ", ".join(current["answered"]) or "none yet"
     console.print(
         f"  answered: {len(current['answered'])} of {len(current['selected'])} selected "

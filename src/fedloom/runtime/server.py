@@ -85,6 +85,8 @@ class OpenedRun:
     resume: Resume | None
     notes: list[str] = field(default_factory=list)
     lock: IO[str] | None = None
+    # the start failed before the run opened a round: it is no longer recorded
+    forgotten: bool = False
 
     def close(self) -> None:
         self.store.close()
@@ -342,7 +344,9 @@ def serve(
     done. The run's status in the state is ``running`` meanwhile, and set on the way
     out: completed (once the last round closed and ``on_finished`` wrote the results),
     interrupted (Ctrl-C, SIGTERM), cancelled (:class:`~fedloom.errors.Cancelled`) or
-    failed."""
+    failed. A run that fails before it opened a round
+    (the port taken, the task not loading) is removed from the state instead
+    (``opened.forgotten``): the next start has nothing to resume, and begins afresh."""
     opened.store.mark(opened.run, "running")
     try:
         return _serve(
@@ -358,7 +362,9 @@ def serve(
         )
     except BaseException as err:
         try:
-            if opened.store.reload(opened.run).status != "completed":  # never undo a finish
+            if opened.store.forget_unopened(opened.run):
+                opened.forgotten = True
+            elif opened.store.reload(opened.run).status != "completed":  # never undo a finish
                 status = ended_as(err)
                 opened.store.mark(opened.run, status, str(err) or type(err).__name__)
         except Exception as also:  # noqa: BLE001 - a full disk refuses this too: err says why

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import os
 import sqlite3
 from pathlib import Path
 
 from fedloom.errors import DiskError, StateError, disk_error
+from fedloom.records import CloseReason, InstructionKind, RoundRecord
 
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
 
 # the statuses of a run that is over: never resumed (a cancelled one may have rounds left)
 ENDED = frozenset({"completed", "cancelled"})
-# a finished training round: aggregated, checkpointed, and its checkpoint still counts
-FINISHED_ROUND = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
+# an attempt whose checkpoint a restart may resume from: a training round aggregated
+# (fedloom.records.finished_rounds counts them), not superseded
+CHECKPOINTED = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
 WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
 REJOINED = "rejoined"  # a withdrawn site said Hello again
 
@@ -284,3 +287,28 @@ def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
         else:
             out.pop(site, None)
     return out
+
+
+def closed_attempts(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]:
+    """Every closed attempt of the run that still counts (not superseded), in order:
+    what :func:`~fedloom.records.finished_rounds` counts, for a resumed run and
+    for ``fedloom status`` alike. The records hold no per-site results or failures
+    (:func:`fedloom.store.runs.read_history` adds them). An attempt rebuilt from its
+    checkpoint, whose close reason was lost with the database, closed as
+    :attr:`~fedloom.records.CloseReason.REBUILT`."""
+    return [
+        RoundRecord(
+            round=rnd,
+            kind=InstructionKind(kind),
+            selected=tuple(json.loads(selected)),
+            results=(),
+            failures=(),
+            close_reason=CloseReason.REBUILT if reason is None else CloseReason(reason),
+            attempt=attempt,
+        )
+        for rnd, attempt, kind, selected, reason in conn.execute(
+            "SELECT round, attempt, kind, selected, close_reason FROM attempts WHERE run = ? "
+            "AND superseded = 0 AND closed IS NOT NULL ORDER BY round, attempt",
+            (run_key,),
+        )
+    ]

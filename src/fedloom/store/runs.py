@@ -14,11 +14,13 @@ over it) and falls back to the previous good round, down to the plan's initial m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,23 +31,29 @@ from typing import Any
 from fedloom.clock import FaultPoints
 from fedloom.errors import Cancelled, StateError
 from fedloom.orchestration import (
-    CloseReason,
     Event,
     Resume,
     RoundClosed,
     RoundOpened,
-    RoundRecord,
     SiteAnswered,
     SiteRejoined,
     SiteWithdrew,
     UploadBroke,
 )
-from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteResult
+from fedloom.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    RoundRecord,
+    SiteResult,
+)
 from fedloom.store.checkpoint import load_state, read_metadata, save_state
 from fedloom.store.database import (
-    FINISHED_ROUND,
+    CHECKPOINTED,
     REJOINED,
     WITHDREW,
+    closed_attempts,
     open_database,
     transaction,
     withdrawn_sites,
@@ -57,6 +65,7 @@ log = logging.getLogger("fedloom.aggregator")
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
 
+
 def ended_as(error: BaseException) -> str:
     """The status of a run that ``error`` ended early: ``cancelled`` (``fedloom
     aggregator stop --cancel``; never resumed), ``interrupted`` (Ctrl-C, SIGTERM) or
@@ -64,7 +73,6 @@ def ended_as(error: BaseException) -> str:
     if isinstance(error, Cancelled):
         return "cancelled"
     return "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,21 @@ class RunStore:
                 (status, ended, error, run.key),
             )
 
+    def forget_unopened(self, run: RunInfo) -> bool:
+        """Remove ``run`` if it never opened a round (its start failed before round 1:
+        a port taken, a task that does not load), so that the next start does not offer
+        to resume it; True if it was removed. A run that opened one stays."""
+        with self._lock, transaction(self.conn):
+            (opened,) = self.conn.execute(
+                "SELECT count(*) FROM attempts WHERE run = ?", (run.key,)
+            ).fetchone()
+            if opened:
+                return False
+            for table in ("events", "live"):
+                self.conn.execute(f"DELETE FROM {table} WHERE run = ?", (run.key,))  # noqa: S608
+            self.conn.execute("DELETE FROM runs WHERE id = ?", (run.key,))
+        return True
+
     def write_live(
         self, run: RunInfo, snapshot: dict[str, Any], events: Iterable[EventRow] = ()
     ) -> None:
@@ -186,7 +209,7 @@ class RunStore:
             )
         state, done = None, 0
         rows = self.conn.execute(
-            f"SELECT round, attempt, checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
+            f"SELECT round, attempt, checkpoint FROM attempts WHERE run = ? AND {CHECKPOINTED} "
             "ORDER BY round DESC",
             (run.key,),
         ).fetchall()
@@ -205,7 +228,7 @@ class RunStore:
         with self._lock, transaction(self.conn):  # rounds after the one kept rerun
             self.conn.execute(
                 "UPDATE attempts SET superseded = 1 "
-                f"WHERE run = ? AND round > ? AND {FINISHED_ROUND}",
+                f"WHERE run = ? AND round > ? AND {CHECKPOINTED}",
                 (run.key, done),
             )
         attempts = dict(
@@ -238,41 +261,8 @@ class RunStore:
 
     def history(self, run: RunInfo) -> list[RoundRecord]:
         """Every recorded attempt of the run that still counts, in order."""
-        results: dict[tuple[int, int], list[SiteResult]] = {}
-        for rnd, attempt, site, n, claimed, metrics in self.conn.execute(
-            "SELECT round, attempt, site, num_samples, claimed_samples, metrics FROM results "
-            "WHERE run = ? ORDER BY site",
-            (run.key,),
-        ):
-            results.setdefault((rnd, attempt), []).append(
-                SiteResult(site, rnd, n, claimed, json.loads(metrics))
-            )
-        failures: dict[tuple[int, int], list[Failure]] = {}
-        for rnd, attempt, site, kind, reason in self.conn.execute(
-            "SELECT round, attempt, site, kind, reason FROM failures WHERE run = ? ORDER BY site",
-            (run.key,),
-        ):
-            failures.setdefault((rnd, attempt), []).append(
-                Failure(site, rnd, FailureKind(kind), reason)
-            )
-        records = []
-        for rnd, attempt, kind, selected, reason in self.conn.execute(
-            "SELECT round, attempt, kind, selected, close_reason FROM attempts WHERE run = ? "
-            "AND superseded = 0 AND close_reason IS NOT NULL ORDER BY round, attempt",
-            (run.key,),
-        ):
-            records.append(
-                RoundRecord(
-                    round=rnd,
-                    kind=InstructionKind(kind),
-                    selected=tuple(json.loads(selected)),
-                    results=tuple(results.get((rnd, attempt), ())),
-                    failures=tuple(failures.get((rnd, attempt), ())),
-                    close_reason=CloseReason(reason),
-                    attempt=attempt,
-                )
-            )
-        return records
+        with self._lock:
+            return read_history(self.conn, run.key)
 
     # --------------------------------------------------------------- journal
 
@@ -292,7 +282,7 @@ class RunStore:
         try:
             with self._lock:
                 old = self.conn.execute(
-                    f"SELECT checkpoint FROM attempts WHERE run = ? AND {FINISHED_ROUND} "
+                    f"SELECT checkpoint FROM attempts WHERE run = ? AND {CHECKPOINTED} "
                     "ORDER BY round DESC LIMIT -1 OFFSET ?",
                     (run.key, self.keep),
                 ).fetchall()
@@ -435,6 +425,35 @@ class RunJournal:
             )
         if checkpoint is not None:
             s._prune(self.run)
+
+
+def read_history(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]:
+    """:func:`closed_attempts`, each with its sites' results and failures."""
+    results: dict[tuple[int, int], list[SiteResult]] = {}
+    for rnd, attempt, site, n, claimed, metrics in conn.execute(
+        "SELECT round, attempt, site, num_samples, claimed_samples, metrics FROM results "
+        "WHERE run = ? ORDER BY site",
+        (run_key,),
+    ):
+        results.setdefault((rnd, attempt), []).append(
+            SiteResult(site, rnd, n, claimed, json.loads(metrics))
+        )
+    failures: dict[tuple[int, int], list[Failure]] = {}
+    for rnd, attempt, site, kind, reason in conn.execute(
+        "SELECT round, attempt, site, kind, reason FROM failures WHERE run = ? ORDER BY site",
+        (run_key,),
+    ):
+        failures.setdefault((rnd, attempt), []).append(
+            Failure(site, rnd, FailureKind(kind), reason)
+        )
+    return [
+        dataclasses.replace(
+            r,
+            results=tuple(results.get((r.round, r.attempt), ())),
+            failures=tuple(failures.get((r.round, r.attempt), ())),
+        )
+        for r in closed_attempts(conn, run_key)
+    ]
 
 
 EventRow = tuple[float, str, int | None, str | None, str]  # at, kind, round, site, detail

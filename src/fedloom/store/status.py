@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.errors import StateError
-from fedloom.records import SiteResult, weighted_metrics
+from fedloom.records import CloseReason, SiteResult, finished_rounds, weighted_metrics
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.site_name import roster_of
-from fedloom.store.database import ENDED, FINISHED_ROUND, open_read_only, withdrawn_sites
+from fedloom.store.database import (
+    ENDED,
+    closed_attempts,
+    open_read_only,
+    withdrawn_sites,
+)
 from fedloom.store.locks import running_pid
 
 # Light on purpose: no numpy, pydantic or cryptography, so `fedloom status` starts at
@@ -64,13 +69,12 @@ def _read(
     elapsed, sent, received = row[9:]
     plan = json.loads(plan_json)
     serving = pid is not None and key == latest  # an aggregator serves the latest run
-    finished = conn.execute(
-        f"SELECT round, attempt FROM attempts WHERE run = ? AND {FINISHED_ROUND} ORDER BY round",
-        (key,),
-    ).fetchall()
+    history = closed_attempts(conn, key)
+    finished = finished_rounds(history)
+    # the attempt that finished the last finished round
+    last = next(((r.round, r.attempt) for r in reversed(history) if r.aggregated), None)
     live = _live(conn, key, pid) if serving else None
     seen = {} if live is None else live.pop("seen_seconds_ago")
-    last = finished[-1] if finished else None
     planned = plan.get("rounds")
     return {
         "state_dir": str(state_dir),
@@ -129,21 +133,52 @@ def _live(conn: sqlite3.Connection, key: int, pid: int | None) -> dict[str, Any]
         return None
     snapshot = json.loads(text)
     age = max(0.0, time.time() - updated)
-    current = snapshot.get("current")
-    if current is not None:
-        current = {
-            **current,
-            "seconds_left": max(0.0, current["seconds_left"] - age),
-            "failed": {s: printable(r) for s, r in current.get("failed", {}).items()},
-        }
     return {
         "updated": updated,
         "age_seconds": age,
         "pid": writer,
         "finished": snapshot.get("finished", False),
-        "current": current,
+        "current": _current(conn, key, snapshot.get("current"), age),
         "seen_seconds_ago": {s: t + age for s, t in snapshot.get("seen_seconds_ago", {}).items()},
         "privacy": snapshot.get("privacy"),  # epsilon spent so far, under DP
+    }
+
+
+def _current(
+    conn: sqlite3.Connection, key: int, published: dict[str, Any] | None, age: float
+) -> dict[str, Any] | None:
+    """The round under way: the attempt the state database holds open (the round loop
+    records it before any site hears of it), so it agrees with the finished rounds read
+    beside it. Its sites' progress comes from the aggregator's snapshot, written once a
+    second, where that snapshot is of the same attempt; rounds can be faster than that,
+    and then the progress is not published yet (``progress_published`` False)."""
+    row = conn.execute(
+        "SELECT round, attempt, kind, task_id, selected FROM attempts "
+        "WHERE run = ? AND closed IS NULL ORDER BY opened DESC, round DESC, attempt DESC",
+        (key,),
+    ).fetchone()
+    if row is None:
+        return None
+    rnd, attempt, kind, task_id, selected = row
+    if published is not None and published.get("task_id") == task_id:
+        return {
+            **published,
+            "seconds_left": max(0.0, published["seconds_left"] - age),
+            "failed": {s: printable(r) for s, r in published.get("failed", {}).items()},
+            "progress_published": True,
+        }
+    return {
+        "round": rnd,
+        "kind": kind,
+        "attempt": attempt,
+        "task_id": task_id,
+        "selected": json.loads(selected),
+        "answered": [],
+        "failed": {},
+        "pending": [],
+        "uploading": {},
+        "seconds_left": None,
+        "progress_published": False,
     }
 
 
@@ -217,7 +252,7 @@ def _closed_attempt(conn: sqlite3.Connection, key: int, rnd: int, attempt: int) 
     return {
         "round": rnd,
         "attempt": attempt,
-        "close_reason": reason,
+        "close_reason": CloseReason.REBUILT.value if reason is None else reason,
         "sites_answered": len(results),
         "metrics": {printable(k, MAX_NAME_CHARS): v for k, v in shown.items()},
         "metrics_not_shown": len(means) - len(shown),
