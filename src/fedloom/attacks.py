@@ -52,6 +52,19 @@ def parse_attack(text: str) -> tuple[AttackKind, float]:
     return kind, value
 
 
+def attack_text(attack: Attack) -> str:
+    """What the attacking sites do, for the run's header: ``sign-flip (each sends minus
+    its update)``."""
+    what = {
+        AttackKind.SIGN_FLIP: "sign-flip (each sends minus its update)",
+        AttackKind.SCALE: f"scale:{attack.factor:g} (each sends {attack.factor:g} × its update)",
+        AttackKind.GAUSSIAN: f"gaussian:{attack.factor:g} (each sends noise of standard "
+        f"deviation {attack.factor:g} instead of its update)",
+        AttackKind.LABEL_FLIP: "label-flip (each trains on flipped labels)",
+    }
+    return what[attack.kind]
+
+
 def choose_attackers(roster: tuple[str, ...], count: int, seed: int) -> frozenset[str]:
     if count <= 0:
         return frozenset()

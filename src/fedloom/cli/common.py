@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,10 +16,22 @@ from rich.markup import escape
 from fedloom.errors import FedloomError, disk_error
 from fedloom.site_name import site_name_problem
 
-# Written to a file or a pipe (a log, CI, a test), a line is never cut at 80 columns in
-# the middle of a path or a sentence: only a terminal wraps it
-console = Console(soft_wrap=not sys.stdout.isatty())
-errors = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+UNWRAPPED = 10_000
+"""The width of a console that is not a terminal, where COLUMNS does not say one."""
+
+
+def _console(stream: TextIO, *, stderr: bool = False) -> Console:
+    """A console on ``stream``. A terminal wraps at its width. Written to a file or a
+    pipe (a log, CI, a test), a line is never wrapped at 80 columns in the middle of a
+    path or a sentence, and a table or the progress line is never cut to fit 80: it is
+    as wide as it needs to be (COLUMNS, where set, still gives the width)."""
+    tty = stream.isatty()
+    wide = not tty and not os.environ.get("COLUMNS", "").isdigit()
+    return Console(stderr=stderr, soft_wrap=not tty, width=UNWRAPPED if wide else None)
+
+
+console = _console(sys.stdout)
+errors = _console(sys.stderr, stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -40,6 +40,7 @@ from fedloom.workspace import TEMPLATES, check_target, create_workspace
 # rest (pydantic's plan, numpy, cryptography, grpc, torch ...) when it runs, so that
 # `fedloom --help` and `fedloom status` start at once (tests/test_cli.py checks).
 if TYPE_CHECKING:
+    from fedloom.attacks import Attack
     from fedloom.plan import Plan
     from fedloom.runtime.simulation import SimulationOptions
 
@@ -326,8 +327,11 @@ def simulate(
         baseline=baseline,
         gpus=gpus,
     )
-    make_attack(plan, options)  # a bad --attack is refused before anything is written
+    attacking = make_attack(plan, options)  # a bad one is refused before anything is written
+    if attacking is not None:
+        console.print(_attack_line(attacking, len(plan.roster)), highlight=False, markup=False)
     _warn(attack_warnings(plan, attackers))
+    starting = _starting_line(plan, options)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan)
     run_dir = recorder.run_dir
     # each simulated site's state folder lives in the run: runs/<run-name>/sites/<site>
@@ -337,6 +341,8 @@ def simulate(
             "simulating %s (plan hash %s) with %s", plan.name, digest, _workers_text(options)
         )
         failures = FailureLines(run_dir / RUN_LOG, verbose=verbose)
+        if starting:  # the bar appears once they are up (RoundProgress)
+            console.print(starting, highlight=False)
         try:
             with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
 
@@ -375,6 +381,33 @@ def _data_text(plan: Plan) -> str:
     return f"{data.dataset} ({data.partition})"
 
 
+SHOWN_ATTACKERS = 10  # the most attacking sites the header names (summary.json has all)
+
+
+def _attack_line(attack: Attack, sites: int) -> str:
+    """The run header's line naming the attack and the sites that run it."""
+    from fedloom.attacks import attack_text
+
+    names = sorted(attack.attackers)
+    shown = ", ".join(names[:SHOWN_ATTACKERS])
+    if len(names) > SHOWN_ATTACKERS:
+        shown += f" and {len(names) - SHOWN_ATTACKERS} more (summary.json lists them all)"
+    return f"attack {attack_text(attack)}, by {len(names)} of {count(sites, 'site')}: {shown}"
+
+
+def _starting_line(plan: Plan, options: SimulationOptions) -> str | None:
+    """The line said while the workers start (each loads the task, which can take
+    seconds): None where the tasks run in this process."""
+    from fedloom.runtime.simulation import worker_processes
+
+    if options.backend is not None:
+        return "starting Ray workers for the sites' local work"
+    n = worker_processes(plan, options)
+    if n == 0:
+        return None
+    return f"starting {n} worker process{'' if n == 1 else 'es'} for the sites' local work"
+
+
 def _workers_text(options: SimulationOptions) -> str:
     """Where the sites' tasks run, for the run's log."""
     if options.backend is not None:
@@ -392,4 +425,9 @@ app.command("docs")(docs)
 
 def main() -> None:
     """Entry point of the ``fedloom`` command."""
+    # gRPC's C core writes its own log lines on stderr ("E0000 ... add_port.cc ... Failed
+    # to add port"), ahead of fedloom's message saying the same in its words: silent
+    # unless GRPC_VERBOSITY asks for them. The core reads it once, when grpc is first
+    # imported: no command has imported it before this line.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     app()

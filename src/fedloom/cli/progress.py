@@ -23,7 +23,9 @@ from fedloom.transport.inprocess import TrafficCounter
 
 
 class RoundProgress:
-    """A rich progress bar over rounds, fed by the aggregator's events."""
+    """A rich progress bar over rounds, fed by the aggregator's events. It appears once
+    the run has begun (the task's metrics declared, or a first event), not while
+    worker processes start: a bar frozen at round 0 for seconds would say nothing."""
 
     def __init__(
         self,
@@ -48,27 +50,41 @@ class RoundProgress:
             disable=not enabled,
             transient=False,
         )
+        # its clock starts when the bar appears (_show), not while workers start
         self.task = self.progress.add_task(
-            f"round {done}", total=rounds + 1, completed=done, detail=""
+            self._label(done + 1), total=rounds + 1, completed=done, detail="", start=False
         )
         self._selected = 0
         self._done = 0
-        self._round = 0
+        self._round = done + 1  # the round it waits for, until one opens
         self._last = ""
+        self._shown = False
 
     def declared(self, metrics: Metrics) -> None:
         """The task's declared metrics, once the runtime loaded it: the line shows its
-        primary metric."""
+        primary metric, from now on."""
         self.metrics = metrics
+        self._show()
 
     def __enter__(self) -> RoundProgress:
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self._shown:
+            self.progress.stop()
+
+    def _show(self) -> None:
+        if not self._shown:
+            self._shown = True
+            self.progress.start_task(self.task)
+            self.progress.start()
+
+    def _label(self, round: int) -> str:
+        """``round 3/5``; ``final evaluation`` past the plan's rounds."""
+        return "final evaluation" if round > self.rounds else f"round {round}/{self.rounds}"
 
     def __call__(self, event: Event, traffic: TrafficCounter) -> None:
+        self._show()
         if isinstance(event, RoundOpened):
             self._round, self._selected, self._done = event.round, len(event.selected), 0
         elif isinstance(event, SiteAnswered):
@@ -85,11 +101,6 @@ class RoundProgress:
             # after no quorum a retry follows; after a stop, nothing more here
             if event.record.close_reason not in (CloseReason.NO_QUORUM, CloseReason.STOPPED):
                 self.progress.advance(self.task)
-        label = (
-            "final evaluation"
-            if self._round > self.rounds
-            else f"round {min(self._round, self.rounds)}/{self.rounds}"
-        )
         moved = human_bytes(traffic.sent + traffic.received)
         detail = f"sites {self._done}/{self._selected} · {moved}{self._last}"
-        self.progress.update(self.task, description=label, detail=detail)
+        self.progress.update(self.task, description=self._label(self._round), detail=detail)

@@ -418,6 +418,16 @@ def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
     return {k: float(v) for k, v in header["metrics"].items()}
 
 
+def worker_processes(plan: Plan, options: SimulationOptions) -> int:
+    """How many worker processes a simulation starts on this machine: one per core (or
+    ``options.workers``), never more than the sites of a round (the rest would only
+    idle); 0 with ``--workers 0`` (every task in this process) or on Ray."""
+    if options.backend is not None:
+        return 0
+    wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
+    return max(0, min(wanted, plan.per_round))
+
+
 def _start_workers(
     workspace: str,
     plan_json: str,
@@ -438,8 +448,7 @@ def _start_workers(
             sites_per_round=plan.per_round,
             call_timeout=call_timeout,
         )
-    wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
-    count = min(wanted, plan.per_round)  # more workers than sites would only idle
+    count = worker_processes(plan, options)
     root = str(options.state_root) if options.state_root is not None else None
     if count <= 0:
         device = "cuda" if options.gpus else None

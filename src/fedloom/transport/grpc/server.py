@@ -10,8 +10,10 @@ sends can fail its own upload, never the server.
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -642,15 +644,9 @@ class GrpcServer:
         try:
             self.port = self._server.add_secure_port(settings.address, server_creds)
         except RuntimeError as err:
-            raise TransportError(
-                f"cannot listen on {settings.address}: {err}",
-                hint="is another aggregator running there? pick another --port",
-            ) from err
+            raise _cannot_listen(settings.address, str(err)) from err
         if self.port == 0:
-            raise TransportError(
-                f"cannot listen on {settings.address}",
-                hint="is another aggregator running there? pick another --port",
-            )
+            raise _cannot_listen(settings.address, "")
 
     def start(self) -> int:
         self._server.start()
@@ -678,6 +674,50 @@ class GrpcServer:
     def sessions(self) -> list[SiteSession]:
         with self.gate._lock:
             return sorted(self.gate.sessions.values(), key=lambda s: s.site)
+
+
+_LISTEN_HINTS = {
+    errno.EADDRINUSE: "is another aggregator running there? stop it, or pick another --port",
+    errno.EACCES: "ports below 1024 need privileges: pick another --port",
+    errno.EADDRNOTAVAIL: "--host is not an address of this machine: give one of its own, "
+    "or 0.0.0.0 (every address)",
+}
+
+
+def _cannot_listen(address: str, grpc_says: str) -> TransportError:
+    """Why the server cannot listen on ``address``, in the operating system's words
+    (gRPC's own only say that binding failed, and to turn its logging up)."""
+    why = listen_problem(address)
+    if why is None:
+        text = grpc_says.split("; set GRPC_VERBOSITY")[0] or "gRPC refused the address"
+    elif why.errno == errno.EADDRINUSE:
+        text = f"the port is taken ({why.strerror})"
+    else:
+        text = why.strerror or str(why)
+    code = None if why is None else why.errno
+    hint = _LISTEN_HINTS.get(code or 0, "is another aggregator running there? pick another --port")
+    return TransportError(f"cannot listen on {address}: {text}", hint=hint)
+
+
+def listen_problem(address: str) -> OSError | None:
+    """The error the operating system gives for listening on ``address`` (``host:port``,
+    ``[v6]:port``) as gRPC does (``SO_REUSEADDR``, no ``SO_REUSEPORT``), or None where it
+    allows it."""
+    host, _, port = address.rpartition(":")
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as err:
+        return err if isinstance(err, OSError) else OSError(str(err))
+    for family, kind, proto, _, sockaddr in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                return err
+    return None
 
 
 def _method_handlers(h: Handlers) -> dict[str, grpc.RpcMethodHandler]:
