@@ -169,6 +169,7 @@ class RunRecorder:
         """Carry on a resumed run's folder: ``metrics.jsonl`` is rewritten from the
         recorded history (the state database is the record), then grows as before.
         Without ``rewrite`` (the database lost its per-site records), it is appended to."""
+        history = list(history)  # written, then kept
         recorder = cls.__new__(cls)
         recorder._dp_sgd_accountant = _dp_sgd_accountant(plan)
         try:
@@ -182,7 +183,7 @@ class RunRecorder:
         except OSError as err:
             raise _folder_error(err, run_dir) from err
         recorder.run_dir = run_dir
-        recorder.history = list(history)
+        recorder.history = history
         recorder.finished = None
         recorder._tracebacks = {}
         recorder._lock = threading.Lock()
