@@ -78,6 +78,7 @@ def test_a_terminal_sees_the_workers_start_and_the_attack_before_the_rounds(
     # no bar frozen at "round 0" while the workers start: it appears once they are up
     assert "round 0" not in out, out
     assert starting < out.index("round 1/1") < out.index("final evaluation"), out
+    assert "val accuracy (global model) " in out  # which accuracy the bar shows
 
 
 def test_piped_output_is_neither_wrapped_nor_cut_at_80_columns(tmp_path: Path) -> None:
