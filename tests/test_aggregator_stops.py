@@ -216,7 +216,9 @@ def test_a_collaborator_says_on_its_screen_why_it_waits(tmp_path: Path) -> None:
         site.kill()
     lines += site.communicate()[0].decode().splitlines(keepends=True)
     shown = "".join(lines)
-    assert lines[0].startswith(f"site site-01 of breast-cancer: connecting to 127.0.0.1:{port}")
+    # the site policy's line (here: that it has none) comes first, then the connecting one
+    assert lines[0].startswith("warning: no site policy ("), shown
+    assert lines[1].startswith(f"site site-01 of breast-cancer: connecting to 127.0.0.1:{port}")
     waiting = [line for line in lines if "waiting for the aggregator" in line]
     assert waiting == [
         f"waiting for the aggregator at 127.0.0.1:{port}: connection refused: nothing "
