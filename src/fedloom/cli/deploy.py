@@ -346,6 +346,7 @@ def aggregator_stop(
     unfinished.
     """
     from fedloom.runtime.control import stop_aggregator
+    from fedloom.store.database import ENDED
 
     what = "cancel the federation" if cancel else "stop"
 
@@ -362,7 +363,7 @@ def aggregator_stop(
         console.print("there is no run", highlight=False)
         return
     console.print(f"run {stopped.run!r}: {stopped.status}", highlight=False)
-    if stopped.status not in ("completed", "cancelled"):
+    if stopped.status not in ENDED:
         console.print(
             f"[cyan]fedloom aggregator start {workspace}[/] resumes it; its sites wait for "
             "it meanwhile",

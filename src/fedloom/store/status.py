@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.errors import StateError
-from fedloom.records import CloseReason, SiteResult, finished_rounds, weighted_metrics
+from fedloom.records import RoundRecord, SiteResult, finished_rounds, weighted_metrics
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.site_name import roster_of
 from fedloom.store.database import (
@@ -72,7 +72,7 @@ def _read(
     history = closed_attempts(conn, key)
     finished = finished_rounds(history)
     # the attempt that finished the last finished round
-    last = next(((r.round, r.attempt) for r in reversed(history) if r.aggregated), None)
+    last = next((r for r in reversed(history) if r.aggregated), None)
     live = _live(conn, key, pid) if serving else None
     seen = {} if live is None else live.pop("seen_seconds_ago")
     planned = plan.get("rounds")
@@ -93,14 +93,14 @@ def _read(
         "rounds": {
             "finished": len(finished),
             "planned": planned if isinstance(planned, int) else None,
-            "last_finished": None if last is None else last[0],
+            "last_finished": None if last is None else last.round,
             "elapsed_seconds": float(elapsed),
             "bytes_sent": sent,
             "bytes_received": received,
         },
         "live": live,
         "sites": _sites(conn, key, plan, seen),
-        "last_round": None if last is None else _closed_attempt(conn, key, *last),
+        "last_round": None if last is None else _closed_attempt(conn, key, last),
         "evaluation": _evaluation(conn, key),
         "recent_attempts": _recent(conn, key),
     }
@@ -233,12 +233,9 @@ def _roster(conn: sqlite3.Connection, key: int, plan: dict[str, Any]) -> list[st
     return sorted(sites)
 
 
-def _closed_attempt(conn: sqlite3.Connection, key: int, rnd: int, attempt: int) -> dict[str, Any]:
+def _closed_attempt(conn: sqlite3.Connection, key: int, record: RoundRecord) -> dict[str, Any]:
     """How one attempt closed, and the sample-weighted mean of its sites' metrics."""
-    (reason,) = conn.execute(
-        "SELECT close_reason FROM attempts WHERE run = ? AND round = ? AND attempt = ?",
-        (key, rnd, attempt),
-    ).fetchone()
+    rnd, attempt = record.round, record.attempt
     results = [
         SiteResult(site, rnd, n, claimed, _stored_metrics(metrics))
         for site, n, claimed, metrics in conn.execute(
@@ -252,7 +249,7 @@ def _closed_attempt(conn: sqlite3.Connection, key: int, rnd: int, attempt: int) 
     return {
         "round": rnd,
         "attempt": attempt,
-        "close_reason": CloseReason.REBUILT.value if reason is None else reason,
+        "close_reason": record.close_reason.value,
         "sites_answered": len(results),
         "metrics": {printable(k, MAX_NAME_CHARS): v for k, v in shown.items()},
         "metrics_not_shown": len(means) - len(shown),
