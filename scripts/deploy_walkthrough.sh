@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# docs/deploy.md, command by command, as four parties would: the AI developer (CA and
+# docs/deploy.md, command by command (issue 16 done-when 2), as four parties would: the AI developer (CA and
 # aggregator) in dev/, and three hospitals, each in its own folder with its own copy of the
 # shared workspace. The aggregator is interrupted once with Ctrl-C (SIGINT to its process
 # group, as a terminal sends it) and started again with the same command.
 set -um  # job control: background jobs keep SIGINT, as in a terminal
-SRC=${SRC:-/work/wt/i16/src}
-PY=/work/main/.venv/bin/python
+# SRC: the fedloom source to run (default: this checkout's); PY: a python with its deps
+REPO=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+SRC=${SRC:-$REPO/src}
+PY=${PY:-$REPO/.venv/bin/python}
 fl() { PYTHONPATH=$SRC $PY -m fedloom "$@"; }
 export COLUMNS=200 PYTHONUNBUFFERED=1
 ROOT=${ROOT:-/tmp/walk}; rm -rf $ROOT; mkdir -p $ROOT/dev; cd $ROOT
@@ -50,8 +52,11 @@ PY
 
 say "8. the AI developer starts the aggregator"
 cd $ROOT/dev
-setsid bash -c "PYTHONPATH=$SRC exec $PY -m fedloom aggregator start fed --port $PORT" > $ROOT/agg1.out 2>&1 &
-AGG=$!
+start_aggregator() {  # its own process group (set -m), whose leader is the aggregator
+  PYTHONPATH=$SRC $PY -m fedloom aggregator start fed --port $PORT > $ROOT/$1 2>&1 &
+  AGG=$!
+}
+start_aggregator agg1.out
 say "9. each data owner starts its collaborator"
 declare -A PID
 for s in $SITES; do
@@ -66,8 +71,7 @@ sleep 8
 say "sites while the aggregator is down (still running?)"
 for s in $SITES; do kill -0 ${PID[$s]} 2>/dev/null && echo "$s: running" || echo "$s: EXITED"; done
 say "8 again. the same command"
-setsid bash -c "PYTHONPATH=$SRC exec $PY -m fedloom aggregator start fed --port $PORT" > $ROOT/agg2.out 2>&1 &
-AGG=$!
+start_aggregator agg2.out
 timeout 300 tail --pid=$AGG -f /dev/null; wait $AGG; echo "aggregator exit code $?"
 for s in $SITES; do wait ${PID[$s]}; echo "$s exit code $?"; done
 say "aggregator output, second start"; cat $ROOT/agg2.out
