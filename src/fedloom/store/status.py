@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.errors import StateError
-from fedloom.records import RoundRecord, SiteResult, finished_rounds, weighted_metrics
+from fedloom.records import (
+    CloseReason,
+    InstructionKind,
+    RoundRecord,
+    SiteResult,
+    finished_rounds,
+    weighted_metrics,
+)
 from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
 from fedloom.site_name import roster_of
 from fedloom.store.database import (
@@ -101,7 +108,7 @@ def _read(
         "live": live,
         "sites": _sites(conn, key, plan, seen),
         "last_round": None if last is None else _closed_attempt(conn, key, last),
-        "evaluation": _evaluation(conn, key),
+        "evaluation": _evaluation(conn, key, history),
         "recent_attempts": _recent(conn, key),
     }
 
@@ -267,14 +274,19 @@ def _stored_metrics(text: Any) -> dict[str, Any]:
     return metrics if isinstance(metrics, dict) else {}
 
 
-def _evaluation(conn: sqlite3.Connection, key: int) -> dict[str, Any] | None:
+def _evaluation(
+    conn: sqlite3.Connection, key: int, history: list[RoundRecord]
+) -> dict[str, Any] | None:
     """The final evaluation's latest closed attempt, if the run got that far."""
-    row = conn.execute(
-        "SELECT round, attempt FROM attempts WHERE run = ? AND kind = 'evaluate' "
-        "AND close_reason IS NOT NULL AND superseded = 0 ORDER BY round DESC, attempt DESC",
-        (key,),
-    ).fetchone()
-    return None if row is None else _closed_attempt(conn, key, *row)
+    last = next(
+        (
+            r
+            for r in reversed(history)
+            if r.kind is InstructionKind.EVALUATE and r.close_reason is not CloseReason.REBUILT
+        ),
+        None,
+    )
+    return None if last is None else _closed_attempt(conn, key, last)
 
 
 def _recent(conn: sqlite3.Connection, key: int) -> list[dict[str, Any]]:
