@@ -35,14 +35,14 @@ from typing import Any
 import numpy as np
 
 from fedloom.collaborator import Collaborator
+from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.orchestration import Aggregator, FederationConfig, RoundClosed, RoundOpened
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg
 from fedloom.transport import InProcessTransport
-from fedloom.weights import Weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # mode -> (ring bits, neighbours); None bits: plain FedAvg; None neighbours: every site

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny model, a deterministic site runner, and a harness that runs a
 real :class:`~fedloom.orchestration.Aggregator` in a thread.
 
-Time in the harness is a :class:`~fedloom.clock.ManualClock`: deadlines pass only when a
+Time in the harness is a :class:`~fedloom.core.clock.ManualClock`: deadlines pass only when a
 test advances it, so nothing sleeps. Every wait on another thread has a real timeout
 (:data:`WAIT`), and the harness's teardown advances the clock until the round loop has
 ended, so a failing test never hangs the session.
@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedloom.clock import FaultPoints, ManualClock
 from fedloom.collaborator import Collaborator, SitePhase
+from fedloom.core.clock import FaultPoints, ManualClock
+from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.orchestration import (
     Aggregator,
     Event,
@@ -35,10 +37,8 @@ from fedloom.orchestration import (
 )
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg, Strategy
 from fedloom.transport import InProcessTransport
-from fedloom.weights import Weights
 
 # The CLI's tables fit the console's width (80 columns when it is not a terminal); test
 # paths are long (more so under pytest-xdist), so the suite's consoles are wider. A

@@ -23,13 +23,13 @@ import numpy as np
 from test_deploy import finish, kill_leftovers, start_aggregator, start_site
 from workspaces import make_workspace
 
+from fedloom.core.records import Instruction
+from fedloom.core.weights import specs_of
 from fedloom.pki import provision, site_credentials
 from fedloom.plan import load_plan, plan_hash
-from fedloom.records import Instruction
 from fedloom.transport import FailureReport, UpdateHeader, iter_chunks
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import assemble
-from fedloom.weights import specs_of
 
 FORGED = "1999-01-01 00:00:00,000 INFO fedloom.aggregator: round 2: update from site-02 accepted"
 

@@ -19,10 +19,10 @@ import time
 
 import grpc
 
-from fedloom.errors import AccessDenied, AggregatorLost, TransportError
+from fedloom.core.errors import AccessDenied, AggregatorLost, TransportError
+from fedloom.core.records import InstructionKind
 from fedloom.pki import site_credentials
 from fedloom.plan import load_plan, plan_hash
-from fedloom.records import InstructionKind
 from fedloom.transport import FailureReport, serde
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path

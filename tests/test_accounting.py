@@ -21,15 +21,8 @@ from workspaces import make_workspace, run_cli
 
 from fedloom.cli.main import app
 from fedloom.cli.progress import RoundProgress
-from fedloom.errors import PlanError, PolicyError
-from fedloom.orchestration import RoundClosed
-from fedloom.plan import Plan, plan_hash, validate_plan
-from fedloom.privacy import dp as dpmath
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
-from fedloom.privacy.budget import SiteBudget
-from fedloom.privacy.settings import AdaptiveClipPlan, DPPlan, PrivacyPlan
-from fedloom.privacy.site import SitePrivacy
-from fedloom.records import (
+from fedloom.core.errors import PlanError, PolicyError
+from fedloom.core.records import (
     Accountant,
     DPSGDSettings,
     Instruction,
@@ -39,6 +32,13 @@ from fedloom.records import (
     SiteResult,
     TrainSettings,
 )
+from fedloom.orchestration import RoundClosed
+from fedloom.plan import Plan, plan_hash, validate_plan
+from fedloom.privacy import dp as dpmath
+from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.budget import SiteBudget
+from fedloom.privacy.settings import AdaptiveClipPlan, DPPlan, PrivacyPlan
+from fedloom.privacy.site import SitePrivacy
 from fedloom.runtime.executor import dp_sgd_of
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import RunStore

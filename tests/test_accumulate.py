@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from fedloom.accumulate import MeanAccumulator, UpdateBuffer, make_accumulator
 from fedloom.accumulate import mean as mean_module
 from fedloom.accumulate.limbs import _encode
-from fedloom.errors import AggregationError, UpdateRejected
-from fedloom.records import MeanSummary
-from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
+from fedloom.core.errors import AggregationError, UpdateRejected
+from fedloom.core.records import MeanSummary
+from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
 
 PROPERTY = settings(max_examples=50, deadline=None)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.errors import AggregationError
+from fedloom.core.errors import AggregationError
 from fedloom.strategies.aggregate import (
     adagrad_moments,
     adam_moments,

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from fedloom.cli.main import app
-from fedloom.errors import AuditError, CertificateError
+from fedloom.core.errors import AuditError, CertificateError
 from fedloom.pki import init_ca
 from fedloom.pki.common import site_state_dir
 from fedloom.privacy import signing

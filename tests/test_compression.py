@@ -35,16 +35,16 @@ from fedloom.compression import (
     encode_model,
 )
 from fedloom.compression.codecs import INT8_BLOCK, int8_steps, topk_count
-from fedloom.errors import FedloomError, ModelRejected, TaskError, UpdateRejected
+from fedloom.core.errors import FedloomError, ModelRejected, TaskError, UpdateRejected
+from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import TensorSpec, Weights, dtype_from_name, specs_of, weights_equal
 from fedloom.orchestration import Aggregator
 from fedloom.pki import server_credentials
 from fedloom.plan import validate_plan
 from fedloom.privacy.audit import AuditLog, read_records
 from fedloom.privacy.published import model_checker, signer_from_pem
-from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.strategies import FedAvg
 from fedloom.transport import UpdateHeader, iter_chunks
-from fedloom.weights import TensorSpec, Weights, dtype_from_name, specs_of, weights_equal
 
 PROPERTY = settings(max_examples=60, deadline=None)
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
+from fedloom.core.errors import PlanError
 from fedloom.data import (
     DATASET_NAMES,
     Dataset,
@@ -22,7 +23,6 @@ from fedloom.data import (
     synthetic_split,
     synthetic_test_set,
 )
-from fedloom.errors import PlanError
 
 # name: (pooled samples, features, classes)
 SHAPES = {

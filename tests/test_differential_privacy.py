@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from workspaces import make_workspace, run_cli
 
+from fedloom.core.records import CloseReason, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.orchestration import Resume
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
@@ -24,8 +26,6 @@ from fedloom.privacy.settings import (
     SecureAggregationPlan,
 )
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
-from fedloom.weights import Weights
 
 SITES = tuple(f"site-{i:02d}" for i in range(1, 11))
 SHAPE = (50, 100)  # 5,000 values per tensor: a sharp estimate of the noise's spread
@@ -212,7 +212,7 @@ def test_distributed_noise_under_secure_aggregation(make_federation: Any) -> Non
 
 
 def test_plans_that_cannot_be_private_are_refused_with_the_fix() -> None:
-    from fedloom.errors import PlanError
+    from fedloom.core.errors import PlanError
     from fedloom.plan import validate_plan
 
     with pytest.raises(PlanError) as err:
@@ -283,7 +283,7 @@ def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_cod
 
 
 def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_noise() -> None:
-    from fedloom.errors import PlanError
+    from fedloom.core.errors import PlanError
     from fedloom.plan import validate_plan
     from fedloom.strategies.state import StrategyState
 
@@ -339,7 +339,7 @@ def test_sample_level_dp_sgd_reports_each_sites_own_epsilon(tmp_path: Path) -> N
 
 
 def test_a_site_counts_its_own_updates_and_refuses_one_past_its_limit(tmp_path: Path) -> None:
-    from fedloom.errors import PolicyError
+    from fedloom.core.errors import PolicyError
     from fedloom.privacy.budget import SiteBudget
 
     limit = dpmath.epsilon([1.0] * 2, 1e-5) + 1e-6  # two updates fit, not three

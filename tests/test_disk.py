@@ -17,10 +17,10 @@ import pytest
 from chaos import free_port
 from workspaces import make_workspace
 
+from fedloom.core.weights import weights_equal
 from fedloom.pki import provision
 from fedloom.runtime import launcher
 from fedloom.store import load_weights
-from fedloom.weights import weights_equal
 
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 SITES = ("site-01", "site-02")

@@ -12,10 +12,10 @@ from sklearn.datasets import load_breast_cancer
 from torch import nn
 
 from fedloom import SiteContext, SiteData, TaskError, TrainSettings
-from fedloom.records import Accountant, DPSGDSettings
+from fedloom.core.records import Accountant, DPSGDSettings
+from fedloom.core.weights import Weights, subtract
 from fedloom.tasks import TorchTask
 from fedloom.tasks.dp_sgd import require_no_dp_sgd, sample_rate, site_epsilon, steps_per_round
-from fedloom.weights import Weights, subtract
 
 SETTINGS = TrainSettings(epochs=1, batch_size=32, lr=0.05)
 DP = DPSGDSettings(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5)

@@ -19,11 +19,12 @@ from chaos import ENV, free_port
 from conftest import make_tiny_weights, task_id
 from workspaces import make_workspace
 
-from fedloom.clock import FaultPoints
-from fedloom.errors import FaultInjected, StateError
+from fedloom.core.clock import FaultPoints
+from fedloom.core.errors import FaultInjected, StateError
+from fedloom.core.records import CloseReason
+from fedloom.core.weights import Weights, specs_of, weights_equal
 from fedloom.pki import provision
 from fedloom.plan import load_plan
-from fedloom.records import CloseReason
 from fedloom.runtime import launcher
 from fedloom.runtime.server import open_run
 from fedloom.store import load_state, load_weights, save_state
@@ -31,7 +32,6 @@ from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.transport import UpdateHeader, iter_chunks
-from fedloom.weights import Weights, specs_of, weights_equal
 
 SITES = ("site-a", "site-b", "site-c")
 

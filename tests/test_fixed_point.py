@@ -19,6 +19,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.core.records import CloseReason, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import masking
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.quantize import (
@@ -33,8 +35,6 @@ from fedloom.privacy.quantize import (
 )
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
-from fedloom.weights import TensorSpec, Weights
 
 BITS = (32, 64)
 

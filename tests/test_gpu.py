@@ -9,8 +9,8 @@ import pytest
 from workspaces import make_workspace, run_cli
 
 from fedloom import SimulationOptions, load_plan, simulate
-from fedloom.errors import DeviceError
-from fedloom.records import LoopSettings, TrainSettings
+from fedloom.core.errors import DeviceError
+from fedloom.core.records import LoopSettings, TrainSettings
 from fedloom.runtime.devices import resolve_device
 from fedloom.tasks import Metrics, SiteContext, SiteData, TorchLoop, TorchTask
 

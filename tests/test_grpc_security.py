@@ -19,7 +19,9 @@ import pytest
 from conftest import task_id
 from grpcnet import GrpcTestTransport
 
-from fedloom.errors import AccessDenied, TransportError
+from fedloom.core.errors import AccessDenied, TransportError
+from fedloom.core.records import CloseReason, FailureKind
+from fedloom.core.weights import Weights, specs_of
 from fedloom.pki import (
     accept_certificate,
     provision,
@@ -28,11 +30,9 @@ from fedloom.pki import (
     sign_request,
     site_credentials,
 )
-from fedloom.records import CloseReason, FailureKind
 from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
 from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path
-from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
 SAMPLES = (10, 30, 60)
@@ -282,7 +282,7 @@ def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
 def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
     grpc_federation: Any,
 ) -> None:
-    from fedloom.errors import AggregatorLost
+    from fedloom.core.errors import AggregatorLost
 
     fed = grpc_federation
     fed.start()
@@ -311,7 +311,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) ->
 def test_one_site_cannot_take_every_server_thread(
     grpc_federation: Any, shift_runner: Any, aggregator_log: Callable[[], str]
 ) -> None:
-    from fedloom.errors import TransportError
+    from fedloom.core.errors import TransportError
 
     fed = grpc_federation
     t = fed.transport

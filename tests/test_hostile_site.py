@@ -1,5 +1,5 @@
 """One hostile site must not stop the federation: what it reports is checked, capped and
-escaped before the aggregator uses, stores, shows or logs it (``fedloom.sanitize``).
+escaped before the aggregator uses, stores, shows or logs it (``fedloom.core.sanitize``).
 
 The hostile site is a :class:`GrpcConnection` holding a real site certificate from
 fedloom's own PKI, talking mutual TLS on loopback to a real Aggregator (on a
@@ -37,10 +37,8 @@ from typer.testing import CliRunner
 from workspaces import make_workspace
 
 from fedloom.cli.main import app
-from fedloom.errors import FedloomError
-from fedloom.pki import provision, site_credentials
-from fedloom.plan import Plan, load_plan, plan_hash
-from fedloom.records import (
+from fedloom.core.errors import FedloomError
+from fedloom.core.records import (
     CloseReason,
     Failure,
     FailureKind,
@@ -51,14 +49,17 @@ from fedloom.records import (
     SiteResult,
     weighted_metrics,
 )
-from fedloom.runtime.sitedata import DataSource
-from fedloom.sanitize import (
+from fedloom.core.sanitize import (
     MAX_METRICS,
     MAX_REASON_CHARS,
     checked_numbers,
     printable,
     shorten,
 )
+from fedloom.core.weights import Weights, specs_of
+from fedloom.pki import provision, site_credentials
+from fedloom.plan import Plan, load_plan, plan_hash
+from fedloom.runtime.sitedata import DataSource
 from fedloom.store.database import transaction
 from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
@@ -68,7 +69,6 @@ from fedloom.transport import FailureReport, InProcessTransport, UpdateHeader, i
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.grpc.wire import MAX_CONTROL_BYTES, MAX_HEADER_BYTES
 from fedloom.transport.messages import assemble
-from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
 SAMPLES = (10, 30, 60)

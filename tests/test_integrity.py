@@ -14,9 +14,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fedloom.errors import UpdateRejected
+from fedloom.core.errors import UpdateRejected
+from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
 from fedloom.transport import Chunk, assemble, integrity, iter_chunks
-from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
 
 SPEC = (TensorSpec("w", "float32", (4,)),)
 DATA = np.arange(4, dtype=np.float32).tobytes()

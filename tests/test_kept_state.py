@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedloom import SiteContext, TrainSettings
-from fedloom.errors import TaskError
+from fedloom.core.errors import TaskError
 from fedloom.tasks import TorchLoop
 from fedloom.tasks.base import SiteDatasets
 from fedloom.tasks.kept_state import KEPT_FILE, decode, encode, load_kept, save_kept

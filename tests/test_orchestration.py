@@ -21,7 +21,10 @@ from conftest import SpoolWatch, task_id
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
 from fedloom.collaborator import Collaborator
-from fedloom.errors import FaultInjected, QuorumError, TransportError
+from fedloom.core.errors import FaultInjected, QuorumError, TransportError
+from fedloom.core.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.rng import select_sites
+from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
 from fedloom.orchestration import (
     Aggregator,
     CloseReason,
@@ -30,8 +33,6 @@ from fedloom.orchestration import (
     SiteAnswered,
     UploadBroke,
 )
-from fedloom.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
-from fedloom.rng import select_sites
 from fedloom.strategies import FedAvg
 from fedloom.transport import (
     Chunk,
@@ -41,7 +42,6 @@ from fedloom.transport import (
     assemble,
     iter_chunks,
 )
-from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
 
 WAIT = 10.0
 SITES = ("site-a", "site-b", "site-c")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fedloom.data
+from fedloom.core.rng import generator
 from fedloom.data import (
     PartitionKind,
     PartitionSpec,
@@ -22,7 +23,6 @@ from fedloom.data import (
     shards,
     train_val_split,
 )
-from fedloom.rng import generator
 
 Run = Callable[[np.ndarray, int, np.random.Generator], list[np.ndarray]]
 

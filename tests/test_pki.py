@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from workspaces import make_workspace, run_cli
 
 from fedloom.cli.main import app
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki import (
     RevocationList,
     accept_certificate,

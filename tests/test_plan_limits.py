@@ -12,7 +12,7 @@ import pytest
 from workspaces import make_workspace, run_cli
 
 from fedloom import PlanError
-from fedloom.errors import PolicyError
+from fedloom.core.errors import PolicyError
 from fedloom.plan import MAX_NESTING, MAX_PLAN_BYTES, load_plan, validate_plan
 from fedloom.privacy.policy import load_policy
 

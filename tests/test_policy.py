@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from workspaces import run_cli
 
 from fedloom.cli.main import app
-from fedloom.errors import PolicyError
+from fedloom.core.errors import PolicyError
 from fedloom.plan import Plan, load_plan, plan_hash
 from fedloom.privacy.policy import (
     Policy,

@@ -12,8 +12,8 @@ import pytest
 from workspaces import make_workspace, run_cli
 
 from fedloom import load_plan
+from fedloom.core.errors import PlanError
 from fedloom.data.datasets import REGRESSION_DATASETS, load_dataset
-from fedloom.errors import PlanError
 from fedloom.runtime.simulation import SimulationOptions, make_attack, simulate
 from fedloom.runtime.sitedata import data_problems
 from fedloom.tasks.base import SiteData

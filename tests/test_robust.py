@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from workspaces import make_workspace, run_cli
 
 from fedloom import SimulationOptions, load_plan, simulate
-from fedloom.errors import AggregationError, PlanError, QuorumError
+from fedloom.core.errors import AggregationError, PlanError, QuorumError
+from fedloom.core.records import CloseReason, FailureKind, SiteUpdate, UpdateSet
 from fedloom.plan import attack_warnings
-from fedloom.records import CloseReason, FailureKind, SiteUpdate, UpdateSet
 from fedloom.strategies import FilteredMean, GeometricMedian, build_strategy
 from fedloom.strategies.aggregate import geometric_median, near_centre, weighted_mean
 

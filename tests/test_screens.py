@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from workspaces import FEDLOOM, make_workspace, write_training_twist
 
-from fedloom.errors import StateError, TransportError
+from fedloom.core.errors import StateError, TransportError
+from fedloom.core.records import Failure, FailureKind, Instruction, InstructionKind
 from fedloom.orchestration import CloseReason, RoundRecord
 from fedloom.pki import provision
 from fedloom.plan import load_plan
-from fedloom.records import Failure, FailureKind, Instruction, InstructionKind
 from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
 

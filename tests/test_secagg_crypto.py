@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.errors import AggregationError
+from fedloom.core.errors import AggregationError
 from fedloom.privacy import masking, shamir
 
 # --- Shamir -----------------------------------------------------------------------------

@@ -22,7 +22,9 @@ import pytest
 from conftest import wait_until
 from grpcnet import GrpcTestTransport
 
-from fedloom.errors import QuorumError
+from fedloom.core.errors import QuorumError
+from fedloom.core.records import CloseReason, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.pki import server_credentials, site_credentials
 from fedloom.pki.common import load_cert, load_private_key
 from fedloom.privacy import masking, signing
@@ -31,9 +33,7 @@ from fedloom.privacy.identity import SimulatedAuthority, SiteIdentity
 from fedloom.privacy.secagg import KEYS, SHARES
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.transport.messages import PhaseMessage
-from fedloom.weights import Weights
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
@@ -436,11 +436,11 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     round); shares without a signature over the key set are refused too."""
     import threading
 
-    from fedloom.clock import ManualClock
-    from fedloom.errors import UpdateRejected
+    from fedloom.core.clock import ManualClock
+    from fedloom.core.errors import UpdateRejected
+    from fedloom.core.weights import specs_of
     from fedloom.privacy.secagg import dumps
     from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
-    from fedloom.weights import specs_of
 
     round_ = SecAggRound(
         task_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
@@ -526,7 +526,7 @@ def test_the_signed_messages_are_domain_separated_and_refuse_bad_input() -> None
 
 
 def test_a_sites_identity_is_its_own_certificate_and_key(tmp_path: Path) -> None:
-    from fedloom.errors import CertificateError
+    from fedloom.core.errors import CertificateError
     from fedloom.pki import provision
     from fedloom.pki.credentials import Credentials
 

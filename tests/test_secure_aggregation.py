@@ -15,15 +15,15 @@ import pytest
 from conftest import wait_until
 from scipy import stats
 
-from fedloom.errors import FaultInjected, QuorumError
+from fedloom.core.errors import FaultInjected, QuorumError
+from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.quantize import encode, fractional_bits
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.transport import InProcessTransport
 from fedloom.transport.messages import Chunk, Receipt, UpdateHeader
-from fedloom.weights import Weights
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
@@ -107,7 +107,7 @@ def run_federation(
         max_samples=100,
     )
     for site in SITES:
-        from fedloom.clock import FaultPoints
+        from fedloom.core.clock import FaultPoints
 
         faults = FaultPoints()
         if crash_before_unmask and site in crash_before_unmask:
@@ -239,7 +239,7 @@ def test_too_many_dropouts_to_unmask_fail_the_attempt_and_reveal_nothing(
 
 
 def test_secure_aggregation_refuses_a_strategy_that_needs_each_update() -> None:
-    from fedloom.errors import PlanError
+    from fedloom.core.errors import PlanError
     from fedloom.plan import validate_plan
 
     with pytest.raises(PlanError, match="needs each site's update") as err:
@@ -250,7 +250,7 @@ def test_secure_aggregation_refuses_a_strategy_that_needs_each_update() -> None:
 
 
 def test_fixed_point_bits_that_cannot_hold_the_sum_are_refused_with_the_fix() -> None:
-    from fedloom.errors import PlanError
+    from fedloom.core.errors import PlanError
     from fedloom.plan import validate_plan
 
     with pytest.raises(PlanError, match="use bits: 64") as err:
@@ -343,9 +343,9 @@ def test_a_sum_the_sites_could_not_have_sent_is_refused_not_published(
 def secagg_round(**kw: Any) -> Any:
     import threading
 
-    from fedloom.clock import ManualClock
+    from fedloom.core.clock import ManualClock
+    from fedloom.core.weights import specs_of
     from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
-    from fedloom.weights import specs_of
 
     params = SecAggParameters(
         bits=32, frac=16, threshold=2 / 3, neighbours=None, key_seconds=60.0, clip_range=1.0
@@ -365,7 +365,7 @@ def secagg_round(**kw: Any) -> Any:
 
 
 def test_malformed_or_stale_secure_aggregation_messages_are_refused_one_site_at_a_time() -> None:
-    from fedloom.errors import UpdateRejected
+    from fedloom.core.errors import UpdateRejected
     from fedloom.privacy.secagg import KEYS, REVEAL, UNMASK, dumps
 
     round_ = secagg_round()

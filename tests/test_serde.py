@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.errors import TransportError, UpdateRejected
-from fedloom.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.errors import TransportError, UpdateRejected
+from fedloom.core.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
 from fedloom.transport import (
     Chunk,
     FailureReport,
@@ -27,7 +28,6 @@ from fedloom.transport import (
     iter_chunks,
     serde,
 )
-from fedloom.weights import TensorSpec, Weights, specs_of, weights_equal
 
 PROPERTY = settings(max_examples=60, deadline=None)
 

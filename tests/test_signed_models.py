@@ -16,17 +16,17 @@ from grpcnet import GrpcTestTransport
 
 from fedloom.collaborator import Collaborator
 from fedloom.compression.codecs import ModelCodec, decode_model, encode_model
-from fedloom.errors import FedloomError, ModelRejected, QuorumError
+from fedloom.core.errors import FedloomError, ModelRejected, QuorumError
+from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind
+from fedloom.core.weights import Weights, specs_of
 from fedloom.orchestration import Aggregator
 from fedloom.pki import provision, server_credentials, site_credentials
 from fedloom.pki.credentials import Credentials
 from fedloom.privacy.final_model import check_final_model, keep_final_model
 from fedloom.privacy.published import model_checker, model_statement, signer_from_pem
-from fedloom.records import CloseReason, FailureKind, Instruction, InstructionKind
 from fedloom.store import load_weights
 from fedloom.strategies import FedAvg
 from fedloom.transport.messages import Chunk, ModelHeader, ModelStream
-from fedloom.weights import Weights, specs_of
 
 SITES = ("site-a", "site-b", "site-c")
 
@@ -124,7 +124,7 @@ def test_the_check_refuses_unsigned_replayed_and_altered_models(tmp_path: Path) 
     sign = signer_from_pem(key)
     weights = make_tiny_weights()
     task = Instruction(round=3, kind=InstructionKind.TRAIN, task_id="run/3.1")
-    from fedloom.weights import specs_of
+    from fedloom.core.weights import specs_of
 
     header = ModelHeader(
         3, specs_of(weights), "run/3.1", sign(model_statement("run/3.1", 3, weights))

@@ -18,8 +18,8 @@ from fedloom import (
     load_plan,
     simulate,
 )
+from fedloom.core.weights import weights_equal
 from fedloom.store import load_weights
-from fedloom.weights import weights_equal
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ from cryptography.x509.oid import NameOID
 from workspaces import make_workspace, run_cli
 
 from fedloom import PlanError
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
+from fedloom.core.site_name import MAX_SITE_NAME, site_name_problem
 from fedloom.pki.authority import init_ca
 from fedloom.pki.common import site_state_dir
 from fedloom.pki.issued import sign_request
 from fedloom.plan import validate_plan
-from fedloom.site_name import MAX_SITE_NAME, site_name_problem
 
 GOOD = ["site-01", "a", "7", "Hospital_A", "lab.eu-west", "a..b", "x" * MAX_SITE_NAME]
 BAD = [

@@ -20,7 +20,9 @@ from test_deploy import finish, kill_leftovers, rows_by_round, start_aggregator,
 from workspaces import make_workspace, run_cli
 
 from fedloom.collaborator import withdraw
-from fedloom.errors import QuorumError
+from fedloom.core.errors import QuorumError
+from fedloom.core.records import Failure, FailureKind, Instruction, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.orchestration import (
     CloseReason,
     Resume,
@@ -29,10 +31,8 @@ from fedloom.orchestration import (
     SiteWithdrew,
 )
 from fedloom.pki import provision
-from fedloom.records import Failure, FailureKind, Instruction, SiteAnswer
 from fedloom.store.status import read_status
 from fedloom.transport.messages import FailureReport
-from fedloom.weights import Weights
 
 SITES = ("site-01", "site-02", "site-03")
 

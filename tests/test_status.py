@@ -20,9 +20,18 @@ from typer.testing import CliRunner
 from workspaces import heavy_imports, imported_modules
 
 from fedloom.cli.main import app
-from fedloom.clock import ManualClock
 from fedloom.collaborator import Collaborator
-from fedloom.errors import StateError, TaskError
+from fedloom.core.clock import ManualClock
+from fedloom.core.errors import StateError, TaskError
+from fedloom.core.records import (
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    SiteAnswer,
+    SiteResult,
+)
+from fedloom.core.weights import Weights
 from fedloom.orchestration import (
     Aggregator,
     CloseReason,
@@ -31,14 +40,6 @@ from fedloom.orchestration import (
     finished_rounds,
 )
 from fedloom.plan import Plan
-from fedloom.records import (
-    Failure,
-    FailureKind,
-    Instruction,
-    InstructionKind,
-    SiteAnswer,
-    SiteResult,
-)
 from fedloom.report import RunRecorder
 from fedloom.store.database import transaction
 from fedloom.store.locks import lock_state, running_pid
@@ -47,7 +48,6 @@ from fedloom.store.status import read_status
 from fedloom.strategies import FedAvg
 from fedloom.strategies.state import StrategyState
 from fedloom.transport import InProcessTransport
-from fedloom.weights import Weights
 
 SITES = ("site-a", "site-b", "site-c")
 PLAN = Plan(name="status-test", sites=list(SITES), rounds=3)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedloom.errors import AggregationError, PlanError
-from fedloom.records import MeanSummary, SiteResult, SiteUpdate, UpdateSet
+from fedloom.core.errors import AggregationError, PlanError
+from fedloom.core.records import MeanSummary, SiteResult, SiteUpdate, UpdateSet
+from fedloom.core.weights import copy_weights, weights_equal
 from fedloom.store import load_state, save_state
 from fedloom.strategies import (
     STRATEGIES,
@@ -27,7 +28,6 @@ from fedloom.strategies import (
     TrimmedMean,
     build_strategy,
 )
-from fedloom.weights import copy_weights, weights_equal
 
 SITES = ("a", "b", "c", "d", "e")
 

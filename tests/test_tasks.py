@@ -18,10 +18,10 @@ from fedloom import (
     TrainSettings,
     WorkspaceError,
 )
+from fedloom.core.weights import subtract
 from fedloom.tasks import TorchTask
 from fedloom.tasks.loader import load_task
 from fedloom.tasks.torch_task import numpy_to_tensor, tensor_to_numpy
-from fedloom.weights import subtract
 
 
 def _blobs(n: int = 200, seed: int = 0) -> SiteData:

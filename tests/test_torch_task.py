@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from fedloom import SiteContext, SiteData, TaskError, TrainSettings
-from fedloom.errors import WorkspaceError
-from fedloom.records import DPSGDSettings, LoopSettings
+from fedloom.core.errors import WorkspaceError
+from fedloom.core.records import DPSGDSettings, LoopSettings
+from fedloom.core.weights import Weights
 from fedloom.tasks import Metrics, TorchTask
 from fedloom.tasks.base import metrics_of
 from fedloom.tasks.metrics import mae, r2
 from fedloom.tasks.schedules import factor
-from fedloom.weights import Weights
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 6)).astype(np.float32)

@@ -19,8 +19,9 @@ import pytest
 from conftest import task_id
 from grpcnet import GrpcTestTransport
 
-from fedloom.errors import TransportError
-from fedloom.records import CloseReason, FailureKind, InstructionKind
+from fedloom.core.errors import TransportError
+from fedloom.core.records import CloseReason, FailureKind, InstructionKind
+from fedloom.core.weights import Weights, nbytes, specs_of, weights_equal
 from fedloom.transport import (
     Chunk,
     FailureReport,
@@ -28,7 +29,6 @@ from fedloom.transport import (
     UpdateHeader,
     iter_chunks,
 )
-from fedloom.weights import Weights, nbytes, specs_of, weights_equal
 
 TRANSPORTS: dict[str, Callable[[Any], Any]] = {
     "inprocess": lambda service: InProcessTransport(service, roundtrip=False),
@@ -305,7 +305,7 @@ def test_a_site_without_a_phase_fails_the_round_with_a_reason(
 def test_sites_hear_whether_the_federation_completed(
     make_federation: Any, tiny_weights: Weights, shift_runner: Any, transport_factory: Any
 ) -> None:
-    from fedloom.errors import QuorumError
+    from fedloom.core.errors import QuorumError
 
     fed = make_federation(tiny_weights, transport=transport_factory, rounds=1)
     fed.start()
@@ -327,7 +327,7 @@ def test_sites_hear_whether_the_federation_completed(
 def test_sites_hear_that_the_federation_was_cancelled(
     make_federation: Any, tiny_weights: Weights, transport_factory: Any
 ) -> None:
-    from fedloom.errors import Cancelled
+    from fedloom.core.errors import Cancelled
 
     fed = make_federation(tiny_weights, transport=transport_factory, rounds=2)
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts fast)
     from fedloom.accumulate import FRACTION_BITS, MeanAccumulator, UpdateBuffer
-    from fedloom.clock import FaultPoints, ManualClock, SystemClock
     from fedloom.collaborator import Collaborator
-    from fedloom.errors import (
+    from fedloom.core.clock import FaultPoints, ManualClock, SystemClock
+    from fedloom.core.errors import (
         AggregationError,
         FaultInjected,
         FedloomError,
@@ -24,9 +24,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
         UpdateRejected,
         WorkspaceError,
     )
-    from fedloom.orchestration import Aggregator, FederationConfig
-    from fedloom.plan import Plan, load_plan, plan_hash
-    from fedloom.records import (
+    from fedloom.core.records import (
         CloseReason,
         EvalOutput,
         Failure,
@@ -42,12 +40,14 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
         TrainSettings,
         UpdateSet,
     )
+    from fedloom.core.weights import TensorSpec, Weights
+    from fedloom.orchestration import Aggregator, FederationConfig
+    from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.runtime.simulation import SimulationOptions, SimulationResult, simulate
     from fedloom.strategies import STRATEGIES, build_strategy
     from fedloom.strategies.state import StrategyState
     from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task
     from fedloom.transport import InProcessTransport
-    from fedloom.weights import TensorSpec, Weights
     from fedloom.workspace import TEMPLATES, create_workspace
 
 __version__ = "0.1.0"
@@ -56,53 +56,53 @@ __version__ = "0.1.0"
 # name is used, so the command line and the worker processes start in a fraction of the
 # time
 _PUBLIC = {
-    "AggregationError": "fedloom.errors",
+    "AggregationError": "fedloom.core.errors",
     "Aggregator": "fedloom.orchestration",
-    "CloseReason": "fedloom.records",
+    "CloseReason": "fedloom.core.records",
     "Collaborator": "fedloom.collaborator",
-    "EvalOutput": "fedloom.records",
+    "EvalOutput": "fedloom.core.records",
     "FRACTION_BITS": "fedloom.accumulate",
-    "Failure": "fedloom.records",
-    "FailureKind": "fedloom.records",
-    "FaultInjected": "fedloom.errors",
-    "FaultPoints": "fedloom.clock",
+    "Failure": "fedloom.core.records",
+    "FailureKind": "fedloom.core.records",
+    "FaultInjected": "fedloom.core.errors",
+    "FaultPoints": "fedloom.core.clock",
     "FederationConfig": "fedloom.orchestration",
-    "FedloomError": "fedloom.errors",
+    "FedloomError": "fedloom.core.errors",
     "InProcessTransport": "fedloom.transport",
-    "Instruction": "fedloom.records",
-    "InstructionKind": "fedloom.records",
-    "ManualClock": "fedloom.clock",
+    "Instruction": "fedloom.core.records",
+    "InstructionKind": "fedloom.core.records",
+    "ManualClock": "fedloom.core.clock",
     "MeanAccumulator": "fedloom.accumulate",
-    "MeanSummary": "fedloom.records",
+    "MeanSummary": "fedloom.core.records",
     "NumpyTask": "fedloom.tasks",
     "Plan": "fedloom.plan",
-    "PlanError": "fedloom.errors",
-    "QuorumError": "fedloom.errors",
-    "RoundRecord": "fedloom.records",
+    "PlanError": "fedloom.core.errors",
+    "QuorumError": "fedloom.core.errors",
+    "RoundRecord": "fedloom.core.records",
     "STRATEGIES": "fedloom.strategies",
     "SimulationOptions": "fedloom.runtime.simulation",
     "SimulationResult": "fedloom.runtime.simulation",
-    "SiteAnswer": "fedloom.records",
+    "SiteAnswer": "fedloom.core.records",
     "SiteContext": "fedloom.tasks",
     "SiteData": "fedloom.tasks",
-    "SiteResult": "fedloom.records",
-    "SiteUpdate": "fedloom.records",
+    "SiteResult": "fedloom.core.records",
+    "SiteUpdate": "fedloom.core.records",
     "SoftmaxRegression": "fedloom.tasks",
-    "StateError": "fedloom.errors",
+    "StateError": "fedloom.core.errors",
     "StrategyState": "fedloom.strategies.state",
-    "SystemClock": "fedloom.clock",
+    "SystemClock": "fedloom.core.clock",
     "TEMPLATES": "fedloom.workspace",
     "Task": "fedloom.tasks",
-    "TaskError": "fedloom.errors",
-    "TensorSpec": "fedloom.weights",
-    "TrainOutput": "fedloom.records",
-    "TrainSettings": "fedloom.records",
-    "TransportError": "fedloom.errors",
+    "TaskError": "fedloom.core.errors",
+    "TensorSpec": "fedloom.core.weights",
+    "TrainOutput": "fedloom.core.records",
+    "TrainSettings": "fedloom.core.records",
+    "TransportError": "fedloom.core.errors",
     "UpdateBuffer": "fedloom.accumulate",
-    "UpdateRejected": "fedloom.errors",
-    "UpdateSet": "fedloom.records",
-    "Weights": "fedloom.weights",
-    "WorkspaceError": "fedloom.errors",
+    "UpdateRejected": "fedloom.core.errors",
+    "UpdateSet": "fedloom.core.records",
+    "Weights": "fedloom.core.weights",
+    "WorkspaceError": "fedloom.core.errors",
     "build_strategy": "fedloom.strategies",
     "create_workspace": "fedloom.workspace",
     "load_plan": "fedloom.plan",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedloom.rng import generator
-from fedloom.weights import Weights, is_float
+from fedloom.core.rng import generator
+from fedloom.core.weights import Weights, is_float
 
 
 class AttackKind(enum.Enum):

@@ -14,14 +14,15 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-from fedloom.clock import FaultPoints
 from fedloom.compression.site import SiteCompression
-from fedloom.errors import FedloomError, TaskError, UpdateRejected
+from fedloom.core.clock import FaultPoints
+from fedloom.core.errors import FedloomError, TaskError, UpdateRejected
+from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
+from fedloom.core.sanitize import MAX_SAMPLES_CLAIMED, checked_numbers, shorten
+from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
 from fedloom.privacy.audit import Receipt as AuditReceipt
 from fedloom.privacy.site import SitePrivacy
-from fedloom.records import Instruction, InstructionKind, SiteAnswer
-from fedloom.sanitize import MAX_SAMPLES_CLAIMED, checked_numbers, shorten
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
@@ -33,7 +34,6 @@ from fedloom.transport.messages import (
     assemble,
     iter_chunks,
 )
-from fedloom.weights import Weights, specs_of
 
 log = logging.getLogger("fedloom.collaborator")
 
@@ -51,7 +51,7 @@ class SitePhase(Protocol):
 
 ModelCheck = Callable[[Instruction, ModelHeader, Weights], None]
 """Checks a downloaded global model before the task sees it (its signature); raises
-:class:`~fedloom.errors.ModelRejected` to refuse it."""
+:class:`~fedloom.core.errors.ModelRejected` to refuse it."""
 
 KeepModel = Callable[[ModelHeader, Weights], None]
 """Keeps the final global model (its header as it arrived, its weights decoded) once it

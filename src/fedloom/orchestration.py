@@ -20,7 +20,6 @@ from typing import Any, Protocol
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
-from fedloom.clock import Clock, FaultPoints, SystemClock
 from fedloom.compression.codecs import (
     Codec,
     Compression,
@@ -29,7 +28,8 @@ from fedloom.compression.codecs import (
     reserved_name_problem,
 )
 from fedloom.compression.stream import UpdateDecoder
-from fedloom.errors import (
+from fedloom.core.clock import Clock, FaultPoints, SystemClock
+from fedloom.core.errors import (
     AggregationError,
     Cancelled,
     QuorumError,
@@ -37,11 +37,7 @@ from fedloom.errors import (
     TransportError,
     UpdateRejected,
 )
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
-from fedloom.privacy.published import model_statement
-from fedloom.privacy.secagg_server import SecAggRound
-from fedloom.privacy.signing import receipt_message
-from fedloom.records import (
+from fedloom.core.records import (
     CloseReason,
     Failure,
     FailureKind,
@@ -54,8 +50,13 @@ from fedloom.records import (
     TrainSettings,
     finished_rounds,
 )
-from fedloom.rng import select_sites
-from fedloom.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
+from fedloom.core.rng import select_sites
+from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
+from fedloom.core.weights import TensorSpec, Weights, specs_of
+from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
+from fedloom.privacy.published import model_statement
+from fedloom.privacy.secagg_server import SecAggRound
+from fedloom.privacy.signing import receipt_message
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.transport.base import Cancellation
@@ -71,7 +72,6 @@ from fedloom.transport.messages import (
     UpdateHeader,
     iter_chunks,
 )
-from fedloom.weights import TensorSpec, Weights, specs_of
 
 Signer = Callable[[bytes], bytes]
 """Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
@@ -757,8 +757,8 @@ class Aggregator:
 
         A stale report (another round or task, or a site already settled) changes
         nothing and is looked at no further. The reason is kept as
-        :func:`~fedloom.sanitize.printable` makes it: control characters escaped, at
-        most :data:`~fedloom.sanitize.MAX_REASON_CHARS` characters.
+        :func:`~fedloom.core.sanitize.printable` makes it: control characters escaped, at
+        most :data:`~fedloom.core.sanitize.MAX_REASON_CHARS` characters.
 
         A withdrawal (``report.withdrawn``) is never stale: see :meth:`withdraw`; True."""
         self._check_site(site)

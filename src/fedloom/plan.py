@@ -21,13 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedloom.compression.settings import CompressionPlan, compression_problems
+from fedloom.core.errors import PlanError, WorkspaceError
+from fedloom.core.records import Accountant, TrainSettings
+from fedloom.core.site_name import roster_of, site_name_problem
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.data.partition import parse_partition
 from fedloom.docpages import doc_ref
-from fedloom.errors import PlanError, WorkspaceError
 from fedloom.privacy.settings import PrivacyPlan, privacy_problems
-from fedloom.records import Accountant, TrainSettings
-from fedloom.site_name import roster_of, site_name_problem
 from fedloom.workspace import WorkspaceCode
 
 if TYPE_CHECKING:

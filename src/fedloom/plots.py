@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedloom.records import RoundRecord
+from fedloom.core.records import RoundRecord
 
 MAX_SITE_LINES = 30
 

@@ -16,11 +16,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from fedloom.errors import DiskError, WorkspaceError, disk_error, naming
+from fedloom.core.errors import DiskError, WorkspaceError, disk_error, naming
+from fedloom.core.records import (
+    Accountant,
+    FailureKind,
+    InstructionKind,
+    RoundRecord,
+    finished_rounds,
+)
 from fedloom.figures import metric_names, plot_file, worst_value
 from fedloom.orchestration import Event, RoundClosed
 from fedloom.plan import Plan
-from fedloom.records import Accountant, FailureKind, InstructionKind, RoundRecord, finished_rounds
 from fedloom.runtime.simulation import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from fedloom.errors import WorkspaceError
+from fedloom.core.errors import WorkspaceError
 
 TEMPLATES = (
     "digits",

@@ -23,7 +23,7 @@ from fedloom.accumulate.buffer import UpdateBuffer
 from fedloom.accumulate.contribution import Contribution
 from fedloom.accumulate.limbs import FRACTION_BITS, SINGLE_LIMB_FRACTION_BITS
 from fedloom.accumulate.mean import MeanAccumulator
-from fedloom.weights import TensorSpec
+from fedloom.core.weights import TensorSpec
 
 Accumulator = MeanAccumulator | UpdateBuffer
 

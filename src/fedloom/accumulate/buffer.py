@@ -18,9 +18,9 @@ from fedloom.accumulate.contribution import (
     _check_weight,
     _stream_arrays,
 )
-from fedloom.errors import UpdateRejected
-from fedloom.records import SiteResult, SiteUpdate, UpdateSet
-from fedloom.weights import TensorSpec, Weights, check_compatible, check_finite
+from fedloom.core.errors import UpdateRejected
+from fedloom.core.records import SiteResult, SiteUpdate, UpdateSet
+from fedloom.core.weights import TensorSpec, Weights, check_compatible, check_finite
 
 
 class UpdateBuffer:

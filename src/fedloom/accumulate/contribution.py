@@ -22,8 +22,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from fedloom.errors import FedloomError, UpdateRejected
-from fedloom.weights import TensorSpec, dtype_from_name
+from fedloom.core.errors import FedloomError, UpdateRejected
+from fedloom.core.weights import TensorSpec, dtype_from_name
 
 _MAX_WEIGHT = 2**53  # exact as a float64
 _PIECE_BYTES = 4 * 1024 * 1024  # chunking of fold() and of a rollback's re-reads

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedloom.errors import UpdateRejected
-from fedloom.weights import TensorSpec, check_finite, dtype_from_name, is_float
+from fedloom.core.errors import UpdateRejected
+from fedloom.core.weights import TensorSpec, check_finite, dtype_from_name, is_float
 
 _HIGH_BITS = 24  # fractional bits of the high limb
 _LOW_BITS = 40  # further fractional bits held by the low limb

@@ -25,8 +25,8 @@ from fedloom.accumulate.contribution import (
     _check_weight,
 )
 from fedloom.accumulate.mean import _MeanContribution
-from fedloom.errors import AggregationError, UpdateRejected
-from fedloom.weights import TensorSpec
+from fedloom.core.errors import AggregationError, UpdateRejected
+from fedloom.core.weights import TensorSpec
 
 
 class MaskedSumAccumulator(FoldedSites):

@@ -34,9 +34,9 @@ from fedloom.accumulate.contribution import (
 )
 from fedloom.accumulate.limbs import _decode, _encode, _limb_count, check_range, fold_float32
 from fedloom.accumulate.spool import Spool
-from fedloom.errors import AggregationError, UpdateRejected
-from fedloom.records import MeanSummary, SiteResult
-from fedloom.weights import TensorSpec, Weights, check_compatible
+from fedloom.core.errors import AggregationError, UpdateRejected
+from fedloom.core.records import MeanSummary, SiteResult
+from fedloom.core.weights import TensorSpec, Weights, check_compatible
 
 _SPOOL_BYTES = 64 * 1024 * 1024  # a rollback spool moves from memory to disk beyond this
 

@@ -15,7 +15,7 @@ import typer
 from rich.table import Column, Table
 
 from fedloom.cli.common import console, count, friendly, human_bytes, site_name
-from fedloom.errors import AuditError, CertificateError
+from fedloom.core.errors import AuditError, CertificateError
 
 # cryptography and the audit log's modules are imported by each command as it runs:
 # `fedloom --help` stays light.

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedloom.errors import FedloomError, disk_error
-from fedloom.site_name import site_name_problem
+from fedloom.core.errors import FedloomError, disk_error
+from fedloom.core.site_name import site_name_problem
 
 UNWRAPPED = 10_000
 """The width of a console that is not a terminal, where COLUMNS does not say one."""
@@ -44,7 +44,7 @@ def warn(message: str) -> None:
 def friendly(command: F) -> F:
     """fedloom's errors become a message and the error's exit code, never a traceback;
     Ctrl-C exits 130. An OSError from the environment (a read-only file system, a
-    permission refused, a full disk) becomes a :class:`~fedloom.errors.DiskError` naming
+    permission refused, a full disk) becomes a :class:`~fedloom.core.errors.DiskError` naming
     the path: exit code 14."""
 
     @functools.wraps(command)

@@ -36,7 +36,7 @@ from fedloom.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from fedloom.records import RoundRecord
+    from fedloom.core.records import RoundRecord
     from fedloom.runtime.server import OpenedRun
     from fedloom.runtime.site import PolicyFiles
 
@@ -108,7 +108,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def _cancel(signum: int, frame: Any) -> None:
-    from fedloom.errors import Cancelled
+    from fedloom.core.errors import Cancelled
     from fedloom.runtime.control import CANCEL_NOTE
 
     raise Cancelled(CANCEL_NOTE)
@@ -183,8 +183,8 @@ def aggregator_start(
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import fresh_run_dir, print_results
-    from fedloom.clock import kill_fault
-    from fedloom.errors import Cancelled
+    from fedloom.core.clock import kill_fault
+    from fedloom.core.errors import Cancelled
     from fedloom.orchestration import Event, SiteRejoined, SiteWithdrew
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
@@ -460,7 +460,7 @@ def collaborator_start(
     Logs to STATE/collaborator.log; the task keeps its own files in STATE/task. A site
     whose data does not fit the model tells the aggregator it withdraws, and exits (3).
     """
-    from fedloom.clock import kill_fault
+    from fedloom.core.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
     from fedloom.runtime.site import SiteOptions, SiteProgress, participate, site_policy_files

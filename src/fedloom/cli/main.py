@@ -33,7 +33,7 @@ from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
 from fedloom.cli.status import status
-from fedloom.errors import PlanError
+from fedloom.core.errors import PlanError
 from fedloom.workspace import TEMPLATES, check_target, create_workspace
 
 # Only what the commands' signatures need is imported here; each command imports the

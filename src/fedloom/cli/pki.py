@@ -16,7 +16,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from fedloom.cli.common import console, friendly, site_name, warn
-from fedloom.errors import CertificateError, FedloomError
+from fedloom.core.errors import CertificateError, FedloomError
 
 # The PKI (cryptography) and the plan (pydantic) are imported by each command as it
 # runs: `fedloom --help` stays light.

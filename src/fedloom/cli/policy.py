@@ -22,8 +22,8 @@ import yaml
 from rich.markup import escape
 
 from fedloom.cli.common import Overrides, WorkspaceArg, console, count, friendly, site_name
+from fedloom.core.errors import PolicyError
 from fedloom.docpages import doc_ref
-from fedloom.errors import PolicyError
 
 # The plan and the policy (pydantic) are imported by each command as it runs: `fedloom
 # --help` stays light.

@@ -12,7 +12,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from fedloom.cli.common import console, errors
-from fedloom.errors import FedloomError, TaskFailed, WorkspaceError
+from fedloom.core.errors import FedloomError, TaskFailed, WorkspaceError
 from fedloom.figures import metric_names, worst_first
 from fedloom.report import final_site_metrics
 from fedloom.tasks.base import Metrics

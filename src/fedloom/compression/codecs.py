@@ -1,6 +1,6 @@
 """The codecs, as pure functions over weights.
 
-An encoded update is still :data:`~fedloom.weights.Weights`: tensor names to numpy
+An encoded update is still :data:`~fedloom.core.weights.Weights`: tensor names to numpy
 arrays, so it travels through every transport (in process, the wire format, gRPC in
 chunks) and the audit log as any update does. Each tensor of the model becomes one or
 more *parts*, named after it:
@@ -20,7 +20,7 @@ zstd      ``w@zstd`` uint8: the tensor's bytes, byte-shuffled, in one zstd frame
 :func:`parts_of` says which parts a model tensor has under a codec, so a receiver checks
 what an update announces (:func:`check_encoded`) before it takes a byte, and decodes it
 back to the model's dtype and shape (:func:`decode_tensor`), refusing anything that is
-not a valid encoding (:class:`~fedloom.errors.UpdateRejected`, with the reason).
+not a valid encoding (:class:`~fedloom.core.errors.UpdateRejected`, with the reason).
 
 int8 rounds stochastically, ``q = floor(x / step + u)`` with ``u`` uniform in [0, 1), so
 ``E[decode(encode(x))] = x`` and every value is off by less than its block's step
@@ -40,8 +40,15 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-from fedloom.errors import ModelRejected, TaskError, UpdateRejected
-from fedloom.weights import TensorSpec, Weights, dtype_from_name, dtype_name, is_float, specs_of
+from fedloom.core.errors import ModelRejected, TaskError, UpdateRejected
+from fedloom.core.weights import (
+    TensorSpec,
+    Weights,
+    dtype_from_name,
+    dtype_name,
+    is_float,
+    specs_of,
+)
 
 SEPARATOR = "@"
 """Joins a tensor's name and the name of one of its parts: ``w@scale``."""

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedloom.weights import Weights, is_float
+from fedloom.core.weights import Weights, is_float
 
 
 def carry(update: Mapping[str, np.ndarray], residual: Mapping[str, np.ndarray]) -> Weights:

@@ -26,8 +26,8 @@ from fedloom.compression.codecs import (
     encode,
 )
 from fedloom.compression.feedback import ErrorFeedback, carry, remainder
-from fedloom.rng import generator
-from fedloom.weights import Weights, specs_of
+from fedloom.core.rng import generator
+from fedloom.core.weights import Weights, specs_of
 
 if TYPE_CHECKING:
     from fedloom.plan import Plan

@@ -21,12 +21,12 @@ import numpy as np
 
 from fedloom.accumulate.contribution import _PIECE_BYTES, Contribution
 from fedloom.compression.codecs import Compression, check_encoded, decode_tensor
-from fedloom.weights import TensorSpec
+from fedloom.core.weights import TensorSpec
 
 
 class UpdateDecoder:
     """What an update announced (``sent``), checked to be the encoding of ``model``;
-    :class:`~fedloom.errors.UpdateRejected` otherwise."""
+    :class:`~fedloom.core.errors.UpdateRejected` otherwise."""
 
     def __init__(
         self, sent: Sequence[TensorSpec], model: Sequence[TensorSpec], compression: Compression

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from fedloom.errors import PlanError
-from fedloom.rng import generator
+from fedloom.core.errors import PlanError
+from fedloom.core.rng import generator
 
 Features = npt.NDArray[np.float32]
 Labels = npt.NDArray[np.int64]

@@ -1,7 +1,7 @@
 """Seeded partitioners that split one dataset into realistic non-IID sites.
 
 Each partitioner is a pure function of its inputs and a ``numpy.random.Generator`` (take
-one from :func:`fedloom.rng.generator`). It returns one array of int64 indices per site,
+one from :func:`fedloom.core.rng.generator`). It returns one array of int64 indices per site,
 each sorted ascending; the arrays are disjoint and together cover every index once.
 Bad arguments raise ``ValueError``, which the plan validator turns into a plan problem.
 """

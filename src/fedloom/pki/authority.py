@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki.common import (
     CA_CERT,
     CA_KEY,

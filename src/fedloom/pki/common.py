@@ -2,7 +2,7 @@
 loading and atomic file writes.
 
 Every problem with a key, certificate, signing request or revocation list becomes a
-:class:`~fedloom.errors.CertificateError` that says what was wrong and what to do.
+:class:`~fedloom.core.errors.CertificateError` that says what was wrong and what to do.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedloom.errors import CertificateError, FedloomError
-from fedloom.site_name import site_name_problem
+from fedloom.core.errors import CertificateError, FedloomError
+from fedloom.core.site_name import site_name_problem
 
 PKI_DIR = "pki"
 """The CA's folder in a workspace (WORKSPACE/pki)."""
@@ -81,7 +81,7 @@ def now() -> dt.datetime:
 
 
 def check_name(name: str) -> str:
-    """``name`` if it can name a site (and a file): the rule of :mod:`fedloom.site_name`."""
+    """``name`` if it can name a site (and a file): the rule of :mod:`fedloom.core.site_name`."""
     problem = site_name_problem(name)
     if problem is not None:
         raise CertificateError(

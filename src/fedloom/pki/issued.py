@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki.authority import INIT_HINT, check_days, crl_pem, load_ca, sign_leaf
 from fedloom.pki.common import (
     CRL_FILE,

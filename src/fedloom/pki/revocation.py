@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki.common import load_cert, now, read_file
 
 _CRL_HINT = (
@@ -84,7 +84,7 @@ class RevocationList:
     :meth:`is_revoked` re-reads the file when its size, modification time or inode
     changed, so a revocation written while the aggregator runs applies at its next
     check. Safe to call from many threads. A file that becomes unreadable or is not
-    signed by the CA raises :class:`~fedloom.errors.CertificateError` from
+    signed by the CA raises :class:`~fedloom.core.errors.CertificateError` from
     :meth:`is_revoked` (the caller refuses the connection) until it is fixed.
     """
 

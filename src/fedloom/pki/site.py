@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki.common import (
     SITE_CA,
     SITE_CERT,

@@ -1,11 +1,11 @@
 """Accountants: how the noise a federation released becomes (epsilon, delta), as pure
 functions. The plan's ``privacy.accountant`` picks one, for every epsilon of the run:
 
-- :attr:`~fedloom.records.Accountant.RDP`: Rényi DP (Mironov, 2017), composed
+- :attr:`~fedloom.core.records.Accountant.RDP`: Rényi DP (Mironov, 2017), composed
   additively and converted to (epsilon, delta). An upper bound, a few percent to tens of
   percent above the truth; the default, since plans written before the choice existed
   keep the epsilons (and so the budget stops) they were approved with.
-- :attr:`~fedloom.records.Accountant.PLD`: privacy loss distributions (Koskela et al.,
+- :attr:`~fedloom.core.records.Accountant.PLD`: privacy loss distributions (Koskela et al.,
   2020; Doroshenko et al., 2022), which compose exactly.
 
 DP-FedAvg releases Gaussian mechanisms without sampling (which sites take part is
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from fedloom.records import Accountant
+from fedloom.core.records import Accountant
 
 
 def label(accountant: Accountant) -> str:

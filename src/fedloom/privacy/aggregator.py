@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from cryptography import x509
 
-from fedloom.clock import Clock
+from fedloom.core.clock import Clock
+from fedloom.core.records import MeanSummary
+from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
 from fedloom.privacy.secagg import PHASES
 from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
-from fedloom.records import MeanSummary
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import TensorSpec, Weights
 
 if TYPE_CHECKING:
     from fedloom.plan import Plan

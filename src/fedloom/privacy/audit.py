@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedloom.errors import AuditError
+from fedloom.core.errors import AuditError
 
 AUDIT_LOG = "audit.jsonl"
 """The log's file name in a site's state folder."""

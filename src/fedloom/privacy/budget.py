@@ -18,11 +18,11 @@ import json
 import threading
 from pathlib import Path
 
-from fedloom.errors import PolicyError
+from fedloom.core.errors import PolicyError
+from fedloom.core.records import Accountant
 from fedloom.pki.common import write_atomic
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
-from fedloom.records import Accountant
 
 SPENT_FILE = "privacy-spent.json"
 

@@ -34,9 +34,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from fedloom.core.records import Accountant
+from fedloom.core.weights import Weights
 from fedloom.privacy.accounting import combined_multiplier, gaussian_epsilon
-from fedloom.records import Accountant
-from fedloom.weights import Weights
 
 UNCLIPPED = "fedloom.unclipped"  # the extra tensor holding a site's "within the bound" bit
 # how far one site moves the count of unclipped updates between neighbours: its bit can

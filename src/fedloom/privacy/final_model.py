@@ -23,13 +23,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedloom.compression.codecs import ModelCodec, encode_model
-from fedloom.errors import AuditError, StateError
+from fedloom.core.errors import AuditError, StateError
+from fedloom.core.weights import Weights
 from fedloom.pki.common import load_cert
 from fedloom.privacy.published import model_statement
 from fedloom.privacy.signing import verify
 from fedloom.store.checkpoint import load_weights, read_metadata, save_weights
 from fedloom.transport.messages import ModelHeader
-from fedloom.weights import Weights
 
 FINAL_DIR = "final"  # STATE/final: the final models this site kept, one per run
 _PREFIX = "fedloom.final."

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.errors import CertificateError
+from fedloom.core.errors import CertificateError
 from fedloom.pki.authority import sign_leaf
 from fedloom.pki.common import (
     CLOCK_SKEW,

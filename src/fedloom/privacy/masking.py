@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedloom.errors import AggregationError
+from fedloom.core.errors import AggregationError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -22,8 +22,8 @@ import pydantic
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from fedloom.core.errors import PolicyError
 from fedloom.docpages import doc_ref
-from fedloom.errors import PolicyError
 from fedloom.plan import Plan, _describe, _StrictLoader
 from fedloom.privacy.settings import NoisePlacement
 

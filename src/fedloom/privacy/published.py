@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedloom.errors import CertificateError, ModelRejected
+from fedloom.core.errors import CertificateError, ModelRejected
+from fedloom.core.records import Instruction
+from fedloom.core.weights import TensorSpec, Weights, specs_of
 from fedloom.privacy.signing import model_message, sign, verify
-from fedloom.records import Instruction
 from fedloom.transport.messages import ModelHeader, iter_chunks
-from fedloom.weights import TensorSpec, Weights, specs_of
 
 
 def specs_digest(specs: tuple[TensorSpec, ...]) -> bytes:

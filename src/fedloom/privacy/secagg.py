@@ -58,11 +58,11 @@ from typing import Any, NoReturn
 import numpy as np
 from cryptography import x509
 
-from fedloom.errors import AggregationError, CertificateError
+from fedloom.core.errors import AggregationError, CertificateError
+from fedloom.core.weights import Weights
 from fedloom.privacy import masking, shamir, signing
 from fedloom.privacy.identity import SiteIdentity, peer_certificate, verified
 from fedloom.privacy.quantize import encode
-from fedloom.weights import Weights
 
 log = logging.getLogger("fedloom.collaborator")
 

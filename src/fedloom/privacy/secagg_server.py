@@ -28,8 +28,10 @@ import numpy as np
 from cryptography import x509
 
 from fedloom.accumulate.masked import MaskedSumAccumulator
-from fedloom.clock import Clock
-from fedloom.errors import AggregationError, CertificateError, UpdateRejected
+from fedloom.core.clock import Clock
+from fedloom.core.errors import AggregationError, CertificateError, UpdateRejected
+from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
+from fedloom.core.weights import TensorSpec
 from fedloom.pki.common import common_name, load_cert
 from fedloom.privacy import masking, shamir, signing
 from fedloom.privacy.identity import peer_certificate
@@ -45,8 +47,6 @@ from fedloom.privacy.secagg import (
     stream_offsets,
     threshold_of,
 )
-from fedloom.sanitize import MAX_TEXT_CHARS, printable
-from fedloom.weights import TensorSpec
 
 
 class Step(enum.Enum):

@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedloom.core.records import Accountant
 from fedloom.privacy.quantize import fractional_bits, range_problem
-from fedloom.records import Accountant
 
 Probability = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 # caps (docs/plan.md): far beyond any sensible setting, well inside what the arithmetic

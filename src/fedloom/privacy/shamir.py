@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from fedloom.errors import AggregationError
+from fedloom.core.errors import AggregationError
 
 PRIME = 2**521 - 1  # a Mersenne prime: every 64-byte secret (plus its prefix) fits below
 SHARE_BYTES = 66  # ceil(521 / 8): a share's value, big-endian

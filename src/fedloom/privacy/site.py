@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedloom.errors import AggregationError, TaskError
+from fedloom.core.errors import AggregationError, TaskError
+from fedloom.core.records import Instruction, InstructionKind
+from fedloom.core.weights import Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.budget import SiteBudget
 from fedloom.privacy.identity import SiteIdentity, simulated_identity
 from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
-from fedloom.records import Instruction, InstructionKind
-from fedloom.weights import Weights
 
 if TYPE_CHECKING:
     from fedloom.plan import Plan

@@ -4,7 +4,7 @@ process, on its machine.
 A plain stop is Ctrl-C by another hand (SIGTERM): the run is interrupted, resumes when
 the aggregator is started again, and its sites wait for it. A cancel
 (:data:`CANCEL_SIGNAL`, which the aggregator turns into
-:class:`~fedloom.errors.Cancelled`) ends the federation for good: the run is recorded
+:class:`~fedloom.core.errors.Cancelled`) ends the federation for good: the run is recorded
 as cancelled and never resumed, and the sites that ask for work are told so and stop.
 Either way the command returns once the aggregator has exited (its state lock is
 free), and says how the run was left.
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedloom.errors import StateError
+from fedloom.core.errors import StateError
 from fedloom.store.database import ENDED
 from fedloom.store.locks import lock_state, running_pid, wait_released
 from fedloom.store.runs import RunStore

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from fedloom.errors import DeviceError
+from fedloom.core.errors import DeviceError
 
 
 def resolve_device(name: str) -> str:

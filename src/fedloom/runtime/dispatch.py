@@ -17,11 +17,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedloom.errors import TaskError
-from fedloom.records import Instruction, SiteAnswer
+from fedloom.core.errors import TaskError
+from fedloom.core.records import Instruction, SiteAnswer
+from fedloom.core.weights import Weights
 from fedloom.runtime.worker import Worker, WorkerDied, answers_from_batch_reply
 from fedloom.transport import serde
-from fedloom.weights import Weights
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
-from fedloom.errors import TaskError
-from fedloom.records import (
+from fedloom.core.errors import TaskError
+from fedloom.core.records import (
     DPSGDSettings,
     EvalOutput,
     Instruction,
@@ -26,11 +26,11 @@ from fedloom.records import (
     SiteAnswer,
     TrainOutput,
 )
-from fedloom.rng import generator, int_seed, select_sites
+from fedloom.core.rng import generator, int_seed, select_sites
+from fedloom.core.weights import Weights, check_compatible, read_only, specs_of, subtract
 from fedloom.store.checkpoint import load_weights, save_weights
 from fedloom.tasks.base import AnySiteData, SiteContext, SiteData, Task
 from fedloom.tasks.dp_sgd import require_no_dp_sgd
-from fedloom.weights import Weights, check_compatible, read_only, specs_of, subtract
 
 if TYPE_CHECKING:
     from fedloom.plan import Plan

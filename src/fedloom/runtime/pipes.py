@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.weights import Weights, dtype_from_name, dtype_name
+from fedloom.core.weights import Weights, dtype_from_name, dtype_name
 
 Header = dict[str, Any]
 

@@ -25,7 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fedloom.errors import FedloomError, PlanError, TransportError, WorkspaceError
+from fedloom.core.errors import FedloomError, PlanError, TransportError, WorkspaceError
+from fedloom.core.weights import Weights
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.runtime import pipes
 from fedloom.runtime.worker import (
@@ -38,7 +39,6 @@ from fedloom.runtime.worker import (
     raise_reply_error,
     request_timeout,
 )
-from fedloom.weights import Weights
 
 INSTALL_HINT = "pip install 'fedloom[ray]'"
 CONNECT_SECONDS = 10.0  # to find the head's port open before handing over to Ray

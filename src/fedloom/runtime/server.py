@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from fedloom.clock import FaultPoints
-from fedloom.errors import Cancelled, StateError, TaskError, WorkspaceError
+from fedloom.core.clock import FaultPoints
+from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
+from fedloom.core.records import InstructionKind
+from fedloom.core.weights import Weights
 from fedloom.orchestration import (
     Aggregator,
     CloseReason,
@@ -39,7 +41,6 @@ from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
-from fedloom.records import InstructionKind
 from fedloom.runtime.executor import outside_rounds
 from fedloom.runtime.simulation import SimulationResult, federation_config
 from fedloom.runtime.sitedata import DataSource
@@ -54,7 +55,6 @@ from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.inprocess import TrafficCounter
-from fedloom.weights import Weights
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.aggregator")
@@ -343,7 +343,7 @@ def serve(
     """Run (or resume) the plan's federation with real collaborators; returns when it is
     done. The run's status in the state is ``running`` meanwhile, and set on the way
     out: completed (once the last round closed and ``on_finished`` wrote the results),
-    interrupted (Ctrl-C, SIGTERM), cancelled (:class:`~fedloom.errors.Cancelled`) or
+    interrupted (Ctrl-C, SIGTERM), cancelled (:class:`~fedloom.core.errors.Cancelled`) or
     failed. A run that fails before it opened a round
     (the port taken, the task not loading) is removed from the state instead
     (``opened.forgotten``): the next start has nothing to resume, and begins afresh."""

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
-from fedloom.clock import Clock, FaultPoints
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
+from fedloom.core.clock import Clock, FaultPoints
+from fedloom.core.errors import PlanError, TaskError, TaskFailed, WorkspaceError
+from fedloom.core.records import Instruction, SiteAnswer
+from fedloom.core.weights import Weights, nbytes
 from fedloom.data.datasets import REGRESSION_DATASETS
-from fedloom.errors import PlanError, TaskError, TaskFailed, WorkspaceError
 from fedloom.figures import metrics_from_json
 from fedloom.orchestration import (
     Aggregator,
@@ -40,7 +42,6 @@ from fedloom.orchestration import (
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
-from fedloom.records import Instruction, SiteAnswer
 from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
 from fedloom.runtime.worker import (
@@ -56,7 +57,6 @@ from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
-from fedloom.weights import Weights, nbytes
 
 log = logging.getLogger("fedloom.simulation")
 

@@ -30,11 +30,10 @@ import numpy as np
 from cryptography import x509
 from cryptography.x509 import Certificate
 
-from fedloom.clock import FaultPoints
 from fedloom.collaborator import Collaborator, withdraw
 from fedloom.compression.site import site_compression
-from fedloom.data import train_val_split
-from fedloom.errors import (
+from fedloom.core.clock import FaultPoints
+from fedloom.core.errors import (
     AccessDenied,
     AggregatorLost,
     DataError,
@@ -45,6 +44,10 @@ from fedloom.errors import (
     StateError,
     TransportError,
 )
+from fedloom.core.records import Instruction, SiteAnswer
+from fedloom.core.rng import generator, int_seed
+from fedloom.core.weights import Weights, read_only
+from fedloom.data import train_val_split
 from fedloom.pki import site_credentials
 from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
 from fedloom.pki.credentials import Credentials
@@ -66,8 +69,6 @@ from fedloom.privacy.policy import (
 from fedloom.privacy.published import model_checker
 from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
-from fedloom.records import Instruction, SiteAnswer
-from fedloom.rng import generator, int_seed
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
 from fedloom.runtime.tracebacks import one_line, task_traceback
@@ -86,7 +87,6 @@ from fedloom.tasks.base import (
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat, ModelHeader
-from fedloom.weights import Weights, read_only
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")

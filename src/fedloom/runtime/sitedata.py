@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from fedloom.core.errors import PlanError, TaskError, WorkspaceError
+from fedloom.core.rng import generator, int_seed
 from fedloom.data import (
     load_dataset,
     parse_partition,
@@ -23,9 +25,7 @@ from fedloom.data import (
     train_val_split,
 )
 from fedloom.data.datasets import SYNTHETIC_CLASSES
-from fedloom.errors import PlanError, TaskError, WorkspaceError
 from fedloom.plan import PLAN_FILE, Plan
-from fedloom.rng import generator, int_seed
 from fedloom.tasks.base import (
     AnySiteData,
     Classifier,

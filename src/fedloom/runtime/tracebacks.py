@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from types import TracebackType
 
-from fedloom.sanitize import printable, shorten
+from fedloom.core.sanitize import printable, shorten
 
 MAX_FRAMES = 50
 """Frames of each exception of the chain kept (the innermost ones, where it raised)."""
@@ -32,7 +32,7 @@ _FEDLOOM = str(Path(__file__).resolve().parents[1]) + os.sep
 def task_traceback(err: BaseException) -> str:
     """``err``'s traceback as text: fedloom's own frames above the first frame of the
     user's code left out, at most :data:`MAX_FRAMES` frames per exception, each line
-    :func:`~fedloom.sanitize.printable` (control characters escaped) and cut at
+    :func:`~fedloom.core.sanitize.printable` (control characters escaped) and cut at
     :data:`MAX_LINE_CHARS`, the whole cut to :data:`MAX_TRACEBACK_CHARS` (keeping its
     beginning and its end)."""
     lines = traceback.format_exception(

@@ -14,8 +14,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from fedloom.errors import FederationCancelled
-from fedloom.records import Instruction
+from fedloom.core.errors import FederationCancelled
+from fedloom.core.records import Instruction
 
 log = logging.getLogger("fedloom.collaborator")
 

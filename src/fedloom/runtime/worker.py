@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.attacks import Attack, AttackKind
-from fedloom.errors import (
+from fedloom.core.errors import (
     DeviceError,
     FedloomError,
     PlanError,
@@ -31,9 +31,10 @@ from fedloom.errors import (
     TaskFailed,
     WorkspaceError,
 )
+from fedloom.core.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
+from fedloom.core.weights import Weights, copy_weights, read_only
 from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
-from fedloom.records import DPSGDSettings, EvalOutput, Instruction, SiteAnswer
 from fedloom.runtime import pipes
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
@@ -43,7 +44,6 @@ from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport import serde
-from fedloom.weights import Weights, copy_weights, read_only
 from fedloom.workspace import WorkspaceCode
 
 Reply = tuple[dict[str, Any], Weights | None]

@@ -19,9 +19,9 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy as st
 
-from fedloom.errors import StateError, naming
+from fedloom.core.errors import StateError, naming
+from fedloom.core.weights import Weights
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights
 
 _ORDER_KEY = "fedloom.order"
 _SCALARS_KEY = "fedloom.scalars"

@@ -15,8 +15,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from fedloom.errors import DiskError, StateError, disk_error
-from fedloom.records import CloseReason, InstructionKind, RoundRecord
+from fedloom.core.errors import DiskError, StateError, disk_error
+from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
 
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
@@ -24,7 +24,7 @@ SCHEMA_VERSION = 1
 # the statuses of a run that is over: never resumed (a cancelled one may have rounds left)
 ENDED = frozenset({"completed", "cancelled"})
 # an attempt whose checkpoint a restart may resume from: a training round aggregated
-# (fedloom.records.finished_rounds counts them), not superseded
+# (fedloom.core.records.finished_rounds counts them), not superseded
 CHECKPOINTED = "kind = 'train' AND checkpoint IS NOT NULL AND superseded = 0"
 WITHDREW = "withdrew"  # an event's kind: the site withdrew (detail: why)
 REJOINED = "rejoined"  # a withdrawn site said Hello again
@@ -291,11 +291,11 @@ def withdrawn_sites(conn: sqlite3.Connection, run_key: int) -> dict[str, str]:
 
 def closed_attempts(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]:
     """Every closed attempt of the run that still counts (not superseded), in order:
-    what :func:`~fedloom.records.finished_rounds` counts, for a resumed run and
+    what :func:`~fedloom.core.records.finished_rounds` counts, for a resumed run and
     for ``fedloom status`` alike. The records hold no per-site results or failures
     (:func:`fedloom.store.runs.read_history` adds them). An attempt rebuilt from its
     checkpoint, whose close reason was lost with the database, closed as
-    :attr:`~fedloom.records.CloseReason.REBUILT`."""
+    :attr:`~fedloom.core.records.CloseReason.REBUILT`."""
     return [
         RoundRecord(
             round=rnd,

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from fedloom.errors import StateError, naming
+from fedloom.core.errors import StateError, naming
 
 LOCK_FILE = "aggregator.lock"
 

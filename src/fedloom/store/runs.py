@@ -28,8 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedloom.clock import FaultPoints
-from fedloom.errors import Cancelled, StateError
+from fedloom.core.clock import FaultPoints
+from fedloom.core.errors import Cancelled, StateError
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    RoundRecord,
+    SiteResult,
+)
 from fedloom.orchestration import (
     Event,
     Resume,
@@ -39,14 +47,6 @@ from fedloom.orchestration import (
     SiteRejoined,
     SiteWithdrew,
     UploadBroke,
-)
-from fedloom.records import (
-    CloseReason,
-    Failure,
-    FailureKind,
-    Instruction,
-    RoundRecord,
-    SiteResult,
 )
 from fedloom.store.checkpoint import load_state, read_metadata, save_state
 from fedloom.store.database import (

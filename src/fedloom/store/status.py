@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedloom.errors import StateError
-from fedloom.records import (
+from fedloom.core.errors import StateError
+from fedloom.core.records import (
     CloseReason,
     InstructionKind,
     RoundRecord,
@@ -24,8 +24,8 @@ from fedloom.records import (
     finished_rounds,
     weighted_metrics,
 )
-from fedloom.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
-from fedloom.site_name import roster_of
+from fedloom.core.sanitize import MAX_METRICS, MAX_NAME_CHARS, printable
+from fedloom.core.site_name import roster_of
 from fedloom.store.database import (
     ENDED,
     closed_attempts,
@@ -265,7 +265,7 @@ def _closed_attempt(conn: sqlite3.Connection, key: int, record: RoundRecord) -> 
 
 def _stored_metrics(text: Any) -> dict[str, Any]:
     """A result row's metrics. A row the aggregator stored before it checked what sites
-    report (:mod:`fedloom.sanitize`) may hold anything: what is not a JSON object counts
+    report (:mod:`fedloom.core.sanitize`) may hold anything: what is not a JSON object counts
     as no metrics; :func:`weighted_metrics` leaves out what is not a finite number."""
     try:
         metrics = json.loads(text)

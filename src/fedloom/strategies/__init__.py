@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pydantic
 
-from fedloom.errors import PlanError
+from fedloom.core.errors import PlanError
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi

@@ -3,7 +3,7 @@
 No I/O, no logging, no config objects. Every function reads its inputs as float64,
 returns new float64 arrays and never modifies what it was given. Strategies call these
 and cast the result back to the global model's dtypes with
-:func:`fedloom.weights.apply_delta`.
+:func:`fedloom.core.weights.apply_delta`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedloom.errors import AggregationError
-from fedloom.weights import Weights
+from fedloom.core.errors import AggregationError
+from fedloom.core.weights import Weights
 
 
 def check_same_layout(

@@ -2,8 +2,8 @@
 
 A strategy never runs the loop. The orchestration layer selects sites, streams the
 updates into an accumulator and then calls :meth:`Strategy.aggregate` with what was
-folded: a :class:`~fedloom.records.MeanSummary` for mean-based strategies, or an
-:class:`~fedloom.records.UpdateSet` for robust ones that declare ``needs_updates``.
+folded: a :class:`~fedloom.core.records.MeanSummary` for mean-based strategies, or an
+:class:`~fedloom.core.records.UpdateSet` for robust ones that declare ``needs_updates``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
-from fedloom.records import Failure, Summary
+from fedloom.core.records import Failure, Summary
+from fedloom.core.weights import Weights
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights
 
 
 class Strategy(Protocol):
@@ -29,7 +29,7 @@ class Strategy(Protocol):
 
     def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
         """Configuration sent to every site for ``round``. A key named like a
-        :class:`~fedloom.records.TrainSettings` field overrides that training setting for
+        :class:`~fedloom.core.records.TrainSettings` field overrides that training setting for
         the round (FedProx sets ``proximal_mu``); other keys reach the task as config."""
         ...
 

@@ -1,6 +1,6 @@
 """Mean-based strategies: FedAvg, FedAvgM and FedProx.
 
-They receive a :class:`~fedloom.records.MeanSummary` whose ``mean_delta`` is already
+They receive a :class:`~fedloom.core.records.MeanSummary` whose ``mean_delta`` is already
 the sample-weighted mean of the sites' updates, so the server only decides how far to
 move along it.
 """
@@ -14,11 +14,11 @@ from typing import Annotated, Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from fedloom.errors import AggregationError, StateError
-from fedloom.records import Failure, MeanSummary, Summary
+from fedloom.core.errors import AggregationError, StateError
+from fedloom.core.records import Failure, MeanSummary, Summary
+from fedloom.core.weights import Weights, apply_delta, copy_weights
 from fedloom.strategies.aggregate import check_same_layout, fedavgm_step
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights, apply_delta, copy_weights
 
 
 def mean_delta_of(

@@ -2,7 +2,7 @@
 GeometricMedian (RFA), which needs no count of bad sites.
 
 They declare ``needs_updates = True``, so the aggregator buffers every site's update and
-passes an :class:`~fedloom.records.UpdateSet`. Median and TrimmedMean ignore sample
+passes an :class:`~fedloom.core.records.UpdateSet`. Median and TrimmedMean ignore sample
 counts (a site could lie about them); so does GeometricMedian unless told otherwise;
 MultiKrum weights the updates it selects by their
 ``num_samples``, which the plan caps.
@@ -17,8 +17,9 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from fedloom.errors import AggregationError
-from fedloom.records import SiteUpdate, Summary, UpdateSet
+from fedloom.core.errors import AggregationError
+from fedloom.core.records import SiteUpdate, Summary, UpdateSet
+from fedloom.core.weights import Weights
 from fedloom.strategies.aggregate import (
     check_same_layout,
     coordinate_median,
@@ -31,7 +32,6 @@ from fedloom.strategies.aggregate import (
 )
 from fedloom.strategies.fedavg import _DeltaStrategy
 from fedloom.strategies.state import StrategyState
-from fedloom.weights import Weights
 
 
 def updates_of(

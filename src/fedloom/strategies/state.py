@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fedloom.weights import Weights
+from fedloom.core.weights import Weights
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedloom.records import DPSGDSettings, EvalOutput, LoopSettings, TrainOutput, TrainSettings
-from fedloom.weights import Weights
+from fedloom.core.records import DPSGDSettings, EvalOutput, LoopSettings, TrainOutput, TrainSettings
+from fedloom.core.weights import Weights
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ def _length(data: Any) -> int:
 def as_site_data(value: object, where: str) -> AnySiteData:
     """What a task's data function returned, as site data: a :class:`SiteData`, a
     :class:`SiteDatasets`, or a ``(train, val)`` pair of datasets."""
-    from fedloom.errors import TaskError
+    from fedloom.core.errors import TaskError
 
     if isinstance(value, SiteData | SiteDatasets):
         return value
@@ -266,6 +266,6 @@ def metrics_of(task: object) -> Metrics:
 class ChecksData(Protocol):
     """A task that can tell, before any round, whether a site's data fits it (the
     targets its loss needs, the shape its model takes). ``check_data`` raises
-    :class:`~fedloom.errors.TaskError` naming the mismatch and the fix."""
+    :class:`~fedloom.core.errors.TaskError` naming the mismatch and the fix."""
 
     def check_data(self, weights: Weights, data: Any, context: SiteContext) -> None: ...

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import warnings
 
-from fedloom.errors import TaskError
-from fedloom.records import Accountant, DPSGDSettings, TrainSettings
+from fedloom.core.errors import TaskError
+from fedloom.core.records import Accountant, DPSGDSettings, TrainSettings
 from fedloom.tasks.base import SiteContext
 
 # the width of the bins in which the PLD of a sampled Gaussian is discretised

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
-from fedloom.errors import TaskError
+from fedloom.core.errors import TaskError
 from fedloom.pki.common import write_atomic
 
 KEPT_FILE = "kept.safetensors"  # in the site's state folder

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from fedloom.core.errors import WorkspaceError
 from fedloom.docpages import doc_ref
-from fedloom.errors import WorkspaceError
 from fedloom.tasks.base import Task
 from fedloom.workspace import SKIPPED_DIRS, WorkspaceCode
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedloom.errors import TaskError
-from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.errors import TaskError
+from fedloom.core.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.weights import Weights
 from fedloom.tasks.base import SiteContext, SiteData, Split
-from fedloom.weights import Weights
 
 InitFn = Callable[[int], Weights]
 TrainFn = Callable[[Weights, SiteData, TrainSettings, np.random.Generator], Weights]

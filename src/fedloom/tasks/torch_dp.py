@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedloom.errors import TaskError
-from fedloom.records import DPSGDSettings, TrainSettings
+from fedloom.core.errors import TaskError
+from fedloom.core.records import DPSGDSettings, TrainSettings
 from fedloom.tasks import dp_sgd
 from fedloom.tasks.base import SiteContext
 

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedloom.errors import TaskError, WorkspaceError
-from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.errors import TaskError, WorkspaceError
+from fedloom.core.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.weights import Weights
 from fedloom.tasks.base import (
     CLASSIFICATION,
     AnySiteData,
@@ -49,7 +50,6 @@ from fedloom.tasks.base import (
 )
 from fedloom.tasks.kept_state import KEPT_FILE, save_kept
 from fedloom.tasks.torch_task import built_model, load_weights_into, state_to_weights
-from fedloom.weights import Weights
 
 ModelFn = Callable[[], nn.Module]
 TrainFn = Callable[[nn.Module, Any, SiteContext], Mapping[str, float] | None]

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedloom.errors import TaskError, WorkspaceError
-from fedloom.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.errors import TaskError, WorkspaceError
+from fedloom.core.records import EvalOutput, TrainOutput, TrainSettings
+from fedloom.core.weights import Weights
 from fedloom.tasks import metrics as ready
 from fedloom.tasks.base import Metrics, SiteContext, SiteData, Split
 from fedloom.tasks.numpy_task import arrays_of, require_arrays
 from fedloom.tasks.schedules import learning_rate
-from fedloom.weights import Weights
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]

@@ -15,9 +15,9 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from fedloom.core.rng import generator
 from fedloom.data import parse_partition, partition
 from fedloom.plan import load_plan
-from fedloom.rng import generator
 
 PARTITION = "dirichlet:0.5"
 TEST_FRACTION = 0.2

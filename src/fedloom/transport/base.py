@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from fedloom.records import Instruction
+from fedloom.core.records import Instruction
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from fedloom.records import Instruction
+from fedloom.core.records import Instruction
 from fedloom.transport import serde
 from fedloom.transport.base import AggregatorService
 from fedloom.transport.messages import (

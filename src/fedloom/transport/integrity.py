@@ -12,9 +12,9 @@ import threading
 import zlib
 from collections.abc import Iterable, Iterator
 
-from fedloom.errors import UpdateRejected
+from fedloom.core.errors import UpdateRejected
+from fedloom.core.weights import TensorSpec
 from fedloom.transport.messages import Chunk
-from fedloom.weights import TensorSpec
 
 
 def stamp(

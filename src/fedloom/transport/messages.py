@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedloom.weights import TensorSpec, Weights, dtype_from_name
+from fedloom.core.weights import TensorSpec, Weights, dtype_from_name
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -157,10 +157,10 @@ def assemble(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Weights:
 
     A tensor whose chunks are consecutive slices of one buffer (what the in-process
     transport hands over) becomes a read-only view of that buffer, with no copy; any
-    other is copied together. Raises :class:`~fedloom.errors.UpdateRejected` on a
+    other is copied together. Raises :class:`~fedloom.core.errors.UpdateRejected` on a
     truncated, overlong or out-of-order stream.
     """
-    from fedloom.errors import UpdateRejected
+    from fedloom.core.errors import UpdateRejected
 
     parts: list[list[memoryview]] = [[] for _ in specs]
     filled = [0] * len(specs)

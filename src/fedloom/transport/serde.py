@@ -2,7 +2,7 @@
 
 Paired ``x_to_proto`` / ``x_from_proto`` functions, and ``encode`` / ``decode`` for
 whole messages. Decoding is strict: a garbled message raises
-:class:`~fedloom.errors.TransportError` naming what was wrong.
+:class:`~fedloom.core.errors.TransportError` naming what was wrong.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from fedloom.errors import TransportError, UpdateRejected
-from fedloom.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.errors import TransportError, UpdateRejected
+from fedloom.core.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.weights import TensorSpec, dtype_from_name, dtype_name
 from fedloom.transport import chunkwire
 from fedloom.transport.messages import (
     Chunk,
@@ -29,7 +30,6 @@ from fedloom.transport.messages import (
     Welcome,
 )
 from fedloom.transport.proto import fedloom_pb2 as pb
-from fedloom.weights import TensorSpec, dtype_from_name, dtype_name
 
 _KIND_TO_PROTO = {
     InstructionKind.TRAIN: pb.INSTRUCTION_KIND_TRAIN,

@@ -4,9 +4,9 @@ Every call has a deadline. A lost aggregator is retried with exponential backoff
 full jitter for the calls that are safe to repeat (asking for work, downloading,
 heartbeats, failure reports); an upload that breaks off is not repeated, since the
 aggregator has already recorded it as failed. ``grpc.RpcError`` becomes fedloom's
-own errors here and nowhere else: :class:`~fedloom.errors.AccessDenied` when the
-aggregator refused this site (the collaborator should stop), :class:`~fedloom.errors.
-UpdateRejected` for a round that is no longer open, :class:`~fedloom.errors.
+own errors here and nowhere else: :class:`~fedloom.core.errors.AccessDenied` when the
+aggregator refused this site (the collaborator should stop), :class:`~fedloom.core.errors.
+UpdateRejected` for a round that is no longer open, :class:`~fedloom.core.errors.
 TransportError` for the rest.
 """
 
@@ -23,15 +23,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedloom.errors import (
+from fedloom.core.errors import (
     AccessDenied,
     AggregatorLost,
     FedloomError,
     TransportError,
     UpdateRejected,
 )
+from fedloom.core.records import Instruction
 from fedloom.pki import Credentials
-from fedloom.records import Instruction
 from fedloom.transport import integrity, serde
 from fedloom.transport.grpc.wire import PROTOCOL_VERSION, SESSION_HEADER, channel_options, path
 from fedloom.transport.messages import (

@@ -23,11 +23,11 @@ from typing import Any, NoReturn
 
 import grpc
 
-from fedloom.errors import CertificateError, FedloomError, TransportError, UpdateRejected
+from fedloom.core.errors import CertificateError, FedloomError, TransportError, UpdateRejected
+from fedloom.core.records import InstructionKind
+from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.pki import Credentials, RevocationList, peer_identity
 from fedloom.pki.common import check_peer_chain, load_cert
-from fedloom.records import InstructionKind
-from fedloom.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.transport import integrity, serde
 from fedloom.transport.base import AggregatorService, Cancellation
 from fedloom.transport.grpc.wire import (

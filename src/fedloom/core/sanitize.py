@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedloom.errors import UpdateRejected
+from fedloom.core.errors import UpdateRejected
 
 MAX_METRICS = 256
 """Metrics one answer may carry."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from fedloom.errors import UpdateRejected
+from fedloom.core.errors import UpdateRejected
 
 Weights = dict[str, np.ndarray]
 """Model weights or an update: tensor name -> array, in the model's own order."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy stays unimported for `fedloom status`, which reads records
-    from fedloom.weights import Weights
+    from fedloom.core.weights import Weights
 
 Metrics = Mapping[str, float]
 JSON = Any  # a value that json.dumps accepts
@@ -183,7 +183,7 @@ def weighted_metrics(results: Iterable[SiteResult]) -> dict[str, float]:
     its sample count; 0 counts as 1).
 
     Never raises: what the aggregator accepted is checked already
-    (:mod:`fedloom.sanitize`), but a row stored before those checks may not be. A site
+    (:mod:`fedloom.core.sanitize`), but a row stored before those checks may not be. A site
     whose weight is not a finite, non-negative number is left out, and so is a value
     that is not a finite number, or a mean that is not one."""
     totals: dict[str, float] = {}
