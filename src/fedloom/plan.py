@@ -330,7 +330,7 @@ class _StrictLoader(yaml.SafeLoader):
     _depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise RefusedYAML(
                 None,
@@ -348,7 +348,7 @@ class _StrictLoader(yaml.SafeLoader):
             )
         self._depth += 1
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -361,7 +361,7 @@ def _bounded_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
             f"a number of {len(node.value)} characters is longer than any setting takes",
             node.start_mark,
         )
-    return loader.construct_yaml_int(node)  # type: ignore[no-any-return]
+    return loader.construct_yaml_int(node)
 
 
 def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -378,9 +378,9 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _mapping_without_duplicates,  # type: ignore[arg-type]
+    _mapping_without_duplicates,
 )
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)  # type: ignore[arg-type]
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 
 
 def _where(err: yaml.MarkedYAMLError) -> str:

@@ -287,9 +287,10 @@ def int8_steps(flat: np.ndarray) -> np.ndarray:
     ratio = np.divide(peak, wide, out=np.full_like(peak, np.inf), where=wide > 0)
     short = (peak > 0) & (ratio > INT8_LEVELS)  # rounded down, or to zero
     step = np.where(short, np.nextafter(step, np.float32(np.inf)), step).astype(np.float32)
+    checked: np.ndarray = step
     if not np.isfinite(step).all():
         raise TaskError("the update holds values beyond float32's range: it cannot travel as int8")
-    return step
+    return checked
 
 
 def topk_encode(values: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:

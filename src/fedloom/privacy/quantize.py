@@ -112,7 +112,7 @@ def _exact_in_float64(dtype: np.dtype, weight: float) -> bool:
     bits = _SIGNIFICAND_BITS.get(dtype)
     if bits is None or not float(weight).is_integer():
         return False
-    return 0 <= weight < 2 ** (53 - bits)
+    return bool(0 <= weight < 2 ** (53 - bits))
 
 
 def _split(a: np.ndarray | float) -> tuple[np.ndarray | float, np.ndarray | float]:

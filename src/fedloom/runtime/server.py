@@ -25,15 +25,13 @@ from typing import IO
 
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
-from fedloom.core.records import InstructionKind
+from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
 from fedloom.core.weights import Weights
 from fedloom.orchestration import (
     Aggregator,
-    CloseReason,
     Event,
     Resume,
     RoundClosed,
-    RoundRecord,
 )
 from fedloom.orchestration import _with_spent as with_spent
 from fedloom.pki import RevocationList, server_credentials

@@ -28,7 +28,7 @@ from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.core.clock import Clock, FaultPoints
 from fedloom.core.errors import PlanError, TaskError, TaskFailed, WorkspaceError
-from fedloom.core.records import Instruction, SiteAnswer
+from fedloom.core.records import Instruction, RoundRecord, SiteAnswer
 from fedloom.core.weights import Weights, nbytes
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.figures import metrics_from_json
@@ -37,7 +37,6 @@ from fedloom.orchestration import (
     Event,
     FederationConfig,
     RoundOpened,
-    RoundRecord,
 )
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy

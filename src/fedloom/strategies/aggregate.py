@@ -182,7 +182,8 @@ def _distances(x: np.ndarray, z: np.ndarray) -> np.ndarray:
     """The L2 distance of every row of ``x`` to ``z``, row by row (each one an exact
     function of its own row, so permuting the rows permutes the distances)."""
     diff = x - z
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    distances: np.ndarray = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    return distances
 
 
 _COINCIDENT = 1e-9

@@ -117,7 +117,7 @@ def train_dp_sgd(
                 with warnings.catch_warnings():
                     # Opacus's hooks on the first layer, whose input needs no gradient
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
+                    loss.backward()  # type: ignore[no-untyped-call]
             else:  # an empty batch still releases noise: the accountant counts the step
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]

@@ -252,7 +252,7 @@ class TorchTask:
                 group = min(accumulate, num_batches - (i // accumulate) * accumulate)
                 if group > 1:
                     loss = loss / group
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 if (i + 1) % accumulate == 0 or i + 1 == num_batches:
                     if clip > 0:
                         nn.utils.clip_grad_norm_(params, clip)

@@ -224,7 +224,8 @@ def _one_buffer(parts: list[memoryview]) -> np.ndarray | None:
     first = start - _address(memoryview(whole))
     if first < 0 or first + (at - start) > whole.size:
         return None
-    return whole[first : first + (at - start)]
+    found: np.ndarray = whole[first : first + (at - start)]
+    return found
 
 
 def _address(view: memoryview) -> int:

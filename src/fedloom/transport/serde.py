@@ -8,7 +8,7 @@ whole messages. Decoding is strict: a garbled message raises
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf.message import DecodeError, Message
 
@@ -317,14 +317,17 @@ def decode_download_item(data: bytes) -> ModelHeader | Chunk:
     item = _decode_stream_item(pb.DownloadMessage, data)
     if isinstance(item, StreamEnd):
         raise TransportError("a download carries no StreamEnd")
-    return item
+    return cast(ModelHeader | Chunk, item)  # its envelope's header is a ModelHeader
 
 
 def decode_upload_item(data: bytes) -> UpdateHeader | Chunk | StreamEnd:
-    return _decode_stream_item(pb.UploadMessage, data)
+    item = _decode_stream_item(pb.UploadMessage, data)
+    return cast(UpdateHeader | Chunk | StreamEnd, item)  # its header is an UpdateHeader
 
 
-def _decode_stream_item(envelope: type[Message], data: bytes) -> Any:
+def _decode_stream_item(
+    envelope: type[Message], data: bytes
+) -> ModelHeader | UpdateHeader | Chunk | StreamEnd:
     """A chunk through the hand-written hot path, anything else through protobuf."""
     chunk = chunkwire.read_chunk(data)
     if chunk is not None:

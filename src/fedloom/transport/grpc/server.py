@@ -650,7 +650,8 @@ class GrpcServer:
 
     def start(self) -> int:
         self._server.start()
-        return self.port
+        port: int = self.port
+        return port
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._server.stop(grace).wait()
