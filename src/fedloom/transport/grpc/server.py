@@ -1,12 +1,11 @@
 """The aggregator's gRPC server: mutual TLS, identity from the certificate, thin handlers.
 
-Every call passes :class:`~fedloom.transport.grpc.gatekeeper.Gatekeeper` first (a server interceptor): the peer's
-certificate must be signed by the federation's CA (TLS checked that), not revoked,
-name a site of the plan, and have said :class:`~fedloom.transport.Hello` with the same
-plan hash and protocol version. The handlers then only translate bytes to domain
-messages and call the :class:`~fedloom.transport.AggregatorService`. What a collaborator
-sends can fail its own upload, never the server.
-"""
+Every call passes :class:`~fedloom.transport.grpc.gatekeeper.Gatekeeper` first (a server
+interceptor): the peer's certificate must be signed by the federation's CA (TLS checked
+that), not revoked, name a site of the plan, and have said :class:`~fedloom.transport.Hello`
+with the same plan hash and protocol version. The handlers then only translate bytes to
+domain messages and call the :class:`~fedloom.transport.AggregatorService`. What a
+collaborator sends can fail its own upload, never the server."""
 
 from __future__ import annotations
 
