@@ -52,17 +52,16 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
-from cryptography import x509
 
-from fedloom.core.errors import AggregationError, CertificateError
+from fedloom.core.errors import AggregationError
 from fedloom.core.weights import Weights
 from fedloom.privacy import masking, shamir, signing
-from fedloom.privacy.identity import SiteIdentity, peer_certificate, verified
+from fedloom.privacy.identity import SiteIdentity
 from fedloom.privacy.quantize import encode
+from fedloom.privacy.secagg_checks import Attempt, check_completed, check_key_set
 
 log = logging.getLogger("fedloom.collaborator")
 
@@ -120,13 +119,6 @@ def key_set_digest(task_id: str, key_set: Mapping[str, Mapping[str, bytes]]) -> 
     return hashlib.sha256(canonical).digest()
 
 
-def _refuse(problems: list[str], *, step: str = "key set") -> NoReturn:
-    raise AggregationError(
-        f"secure aggregation: the {step} fails its checks, so this site sends no masked "
-        "update this round: " + "; ".join(problems)
-    )
-
-
 def stream_offsets(sizes: list[int]) -> list[int]:
     """Where each tensor starts in the one stream of masked values."""
     offsets, at = [], 0
@@ -134,18 +126,6 @@ def stream_offsets(sizes: list[int]) -> list[int]:
         offsets.append(at)
         at += size
     return offsets
-
-
-@dataclass
-class _Attempt:
-    task_id: str
-    mask_keys: masking.KeyPair
-    share_keys: masking.KeyPair
-    seed: bytes  # b_i
-    key_set: dict[str, dict[str, bytes]] = field(default_factory=dict)  # site -> {"c","s"}
-    neighbours: tuple[str, ...] = ()
-    completed: tuple[str, ...] = ()  # sites that sent their shares (the mask set)
-    held: dict[str, tuple[int, bytes, bytes]] = field(default_factory=dict)  # from -> (x, b, s)
 
 
 class SecureAggregationSite:
@@ -172,7 +152,7 @@ class SecureAggregationSite:
         self.threshold = threshold
         self.neighbours = neighbours
         self.min_sites = max(2, min_sites)
-        self._attempt: _Attempt | None = None
+        self._attempt: Attempt | None = None
 
     def prepare(self, task_id: str, exchange: Exchange) -> None:
         """Steps 1 and 2: agree keys with the round's sites and hand out shares.
@@ -181,7 +161,7 @@ class SecureAggregationSite:
         the share step's answer is not what honest parties would send: then this site
         sends no masked update in this attempt."""
         mask_keys, share_keys = masking.new_key_pair(), masking.new_key_pair()
-        attempt = _Attempt(task_id, mask_keys, share_keys, secrets.token_bytes(32))
+        attempt = Attempt(task_id, mask_keys, share_keys, secrets.token_bytes(32))
         advert = signing.secagg_keys_message(
             task_id, self.site, share_keys.public, mask_keys.public
         )
@@ -200,7 +180,17 @@ class SecureAggregationSite:
             ),
             "key set",
         )
-        attempt.key_set, certificates = self._check_key_set(task_id, reply, attempt)
+        attempt.key_set, certificates = check_key_set(
+            task_id,
+            reply,
+            attempt,
+            site=self.site,
+            roster=self.roster,
+            identity=self.identity,
+            threshold=self.threshold,
+            neighbours=self.neighbours,
+            min_sites=self.min_sites,
+        )
         members = sorted(attempt.key_set)
         graph = masking.neighbours(members, self.neighbours)
         attempt.neighbours = graph[self.site]
@@ -232,8 +222,14 @@ class SecureAggregationSite:
             outgoing[other] = blob.hex()
         signed = self.identity.sign(key_set_message).hex()
         reply = loads(exchange(SHARES, dumps({"to": outgoing, "key_set": signed})), "shares")
-        attempt.completed = self._check_completed(
-            reply, attempt, certificates, key_set_message, threshold
+        attempt.completed = check_completed(
+            reply,
+            attempt,
+            certificates,
+            key_set_message,
+            threshold,
+            site=self.site,
+            min_sites=self.min_sites,
         )
         inbox = reply.get("from")
         for sender, blob in sorted(inbox.items() if isinstance(inbox, dict) else ()):
@@ -261,131 +257,6 @@ class SecureAggregationSite:
                 # still masks with it (its mask key is agreed, not shared)
                 log.warning("secure aggregation: the share from %s is unusable: %s", sender, err)
         self._attempt = attempt
-
-    def _check_key_set(
-        self, task_id: str, reply: Mapping[str, Any], attempt: _Attempt
-    ) -> tuple[dict[str, dict[str, bytes]], dict[str, x509.Certificate]]:
-        """The key set in the aggregator's reply to step 1, and the certificate of each
-        other site in it, once every check passed; else :class:`AggregationError`
-        naming each one that failed."""
-        problems: list[str] = []
-        if reply.get("threshold") != self.threshold or reply.get("neighbours") != self.neighbours:
-            problems.append(
-                f"the aggregator asks for threshold {reply.get('threshold')!r} and "
-                f"neighbours {reply.get('neighbours')!r}, this site's plan says "
-                f"{self.threshold!r} and {self.neighbours!r}"
-            )
-        listed = reply.get("sites")
-        if not isinstance(listed, list):
-            _refuse(["the key set is not a list of signed key advertisements", *problems])
-        key_set: dict[str, dict[str, bytes]] = {}
-        certificates: dict[str, x509.Certificate] = {}
-        seen: set[str] = set()
-        for entry in listed:
-            name = entry.get("site") if isinstance(entry, dict) else None
-            if not isinstance(name, str):
-                problems.append("an entry of the key set names no site")
-                continue
-            if name in seen:
-                problems.append(f"{name!r} appears more than once")
-                key_set.pop(name, None)
-                continue
-            seen.add(name)
-            if self.roster is not None and name not in self.roster:
-                problems.append(f"{name!r} is not one of the plan's sites")
-                continue
-            try:
-                c, s = bytes.fromhex(entry["c"]), bytes.fromhex(entry["s"])
-                signature = bytes.fromhex(entry["signature"])
-                pem = entry["certificate"]
-                message = signing.secagg_keys_message(task_id, name, c, s)
-                if not isinstance(pem, str):
-                    raise TypeError("the certificate is not PEM text")
-            except (KeyError, TypeError, ValueError) as err:
-                problems.append(f"the entry of {name!r} is malformed ({err})")
-                continue
-            if name == self.site:
-                if (c, s) != (attempt.share_keys.public, attempt.mask_keys.public):
-                    problems.append(f"this site's own keys ({name!r}) are not as it sent them")
-                else:
-                    key_set[name] = {"c": c, "s": s}
-                continue
-            try:
-                cert = peer_certificate(name, pem, self.identity.ca)
-            except CertificateError as err:
-                problems.append(f"the certificate given for {name!r} is refused: {err.message}")
-                continue
-            if not verified(cert, message, signature):
-                problems.append(
-                    f"the keys given for {name!r} do not carry its signature (replaced or forged)"
-                )
-                continue
-            key_set[name] = {"c": c, "s": s}
-            certificates[name] = cert
-        if self.site not in seen:
-            problems.append(f"this site ({self.site!r}) is left out")
-        if not problems and len(key_set) < self.min_sites:
-            problems.append(
-                f"it holds {len(key_set)} site(s), fewer than the {self.min_sites} this "
-                "site's plan needs for a round"
-            )
-        if problems:
-            _refuse(problems)
-        return key_set, certificates
-
-    def _check_completed(
-        self,
-        reply: Mapping[str, Any],
-        attempt: _Attempt,
-        certificates: Mapping[str, x509.Certificate],
-        key_set_message: bytes,
-        threshold: int,
-    ) -> tuple[str, ...]:
-        """The sites that completed step 2 (the mask set), once the consistency check
-        passed: each of them signed the very key set this site saw. Else
-        :class:`AggregationError` naming each site that did not."""
-        listed, signatures = reply.get("sites"), reply.get("key_set")
-        if not isinstance(listed, list) or not isinstance(signatures, dict):
-            _refuse(["the share step's answer lacks the sites' signatures over the key set"])
-        problems: list[str] = []
-        completed = sorted({str(name) for name in listed})
-        if len(completed) != len(listed):
-            problems.append("the sites that sent their shares are listed with repeats")
-        outside = [name for name in completed if name not in attempt.key_set]
-        if outside:
-            problems.append(f"sites outside the key set are said to have sent shares: {outside}")
-        if self.site not in completed:
-            problems.append("this site is not listed among those that sent their shares")
-        for name in completed:
-            if name == self.site or name not in certificates:
-                continue
-            signature = signatures.get(name)
-            try:
-                valid = isinstance(signature, str) and verified(
-                    certificates[name], key_set_message, bytes.fromhex(signature)
-                )
-            except ValueError:
-                valid = False
-            if not valid:
-                problems.append(
-                    f"{name!r} did not sign the key set this site saw (the aggregator "
-                    "showed it another, or forged its signature)"
-                )
-        masking_with = [n for n in attempt.neighbours if n in completed]
-        if not problems and attempt.neighbours and len(masking_with) < threshold:
-            problems.append(
-                f"only {len(masking_with)} of this site's {len(attempt.neighbours)} "
-                f"neighbours sent their shares, fewer than the {threshold} that must "
-                "reveal them to unmask the sum"
-            )
-        if not problems and len(completed) < self.min_sites:
-            problems.append(
-                f"only {len(completed)} site(s) sent their shares, fewer than the "
-                f"{self.min_sites} this site's plan needs for a round"
-            )
-        if problems:
-            _refuse(problems, step="share step")
-        return tuple(completed)
 
     def mask(
         self,
@@ -450,7 +321,7 @@ class SecureAggregationSite:
         exchange(REVEAL, dumps(reveal))
         self._attempt = None
 
-    def _current(self, task_id: str) -> _Attempt:
+    def _current(self, task_id: str) -> Attempt:
         attempt = self._attempt
         if attempt is None or attempt.task_id != task_id:
             raise AggregationError(
