@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 
 from fedloom.cli.audit import audit_app
+from fedloom.cli.collaborator import collaborator_app
 from fedloom.cli.common import (
     Overrides,
     QuietOption,
@@ -28,7 +29,7 @@ from fedloom.cli.common import (
     errors,
     friendly,
 )
-from fedloom.cli.deploy import aggregator_app, collaborator_app, run_log
+from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app

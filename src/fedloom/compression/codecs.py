@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-import zstandard
 
+from fedloom.compression.zstd_frames import ZSTD_LEVEL, zstd_bound, zstd_decode, zstd_encode
 from fedloom.core.errors import ModelRejected, TaskError, UpdateRejected
 from fedloom.core.weights import (
     TensorSpec,
@@ -56,7 +56,6 @@ INT8_BLOCK = 1024
 """Values sharing one int8 scale (its float32 costs 4 bytes per 1,024)."""
 INT8_LEVELS = 127
 """int8 codes run from -127 to 127; -128 is never sent (and refused)."""
-ZSTD_LEVEL = 3
 
 _WIDE = frozenset({"float32", "float64"})  # what the casts narrow
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -143,7 +142,7 @@ def parts_of(spec: TensorSpec, compression: Compression) -> tuple[Part, ...]:
     codec, name, size = compression.update, spec.name, spec.size
     same = (Part(name, spec.dtype, spec.shape),)
     if codec is Codec.ZSTD:
-        return (Part(_part(name, "zstd"), "uint8", None, _zstd_bound(spec.nbytes)),)
+        return (Part(_part(name, "zstd"), "uint8", None, zstd_bound(spec.nbytes)),)
     floating = is_float(dtype_from_name(spec.dtype))
     if codec is Codec.NONE or not floating:
         return same
@@ -236,7 +235,7 @@ def encode_tensor(
     if tuple(x.shape) != spec.shape:
         raise TaskError(f"the update's tensor {name!r} has shape {x.shape}, not {spec.shape}")
     if codec is Codec.ZSTD:
-        return {_part(name, "zstd"): _zstd_encode(x.astype(dtype, copy=False))}
+        return {_part(name, "zstd"): zstd_encode(x.astype(dtype, copy=False))}
     floating = is_float(dtype)
     if codec is Codec.NONE or not floating:
         return {name: x.astype(dtype, copy=False)}
@@ -307,21 +306,6 @@ def topk_encode(values: np.ndarray, fraction: float) -> tuple[np.ndarray, np.nda
     return idx.astype(_index_dtype(size)), flat[idx]
 
 
-def _zstd_encode(values: np.ndarray) -> np.ndarray:
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
-    return np.frombuffer(compressor.compress(_shuffle(values)), dtype=np.uint8)
-
-
-def _shuffle(values: np.ndarray) -> bytes:
-    """The bytes grouped by their place in a value (all first bytes, then all second …):
-    float bytes of like significance sit together, which zstd compresses far better."""
-    flat = np.ascontiguousarray(values).reshape(-1)
-    raw = flat.view(np.uint8)
-    if flat.dtype.itemsize == 1:
-        return raw.tobytes()
-    return raw.reshape(-1, flat.dtype.itemsize).T.tobytes()
-
-
 # ------------------------------------------------------------------ decoding
 
 
@@ -347,7 +331,7 @@ def decode_tensor(
     codec, name = compression.update, spec.name
     dtype = dtype_from_name(spec.dtype)
     if codec is Codec.ZSTD:
-        return _zstd_decode(spec, parts[0])
+        return zstd_decode(spec, parts[0])
     if len(parts) == 1:  # travelled as it is, or cast
         return np.asarray(parts[0]).astype(dtype).reshape(spec.shape)
     if codec is Codec.INT8:
@@ -372,28 +356,6 @@ def decode_tensor(
     dense = np.zeros(spec.size, dtype=dtype)
     dense[idx.astype(np.int64)] = val
     return dense.reshape(spec.shape)
-
-
-def _zstd_decode(spec: TensorSpec, frame: np.ndarray) -> np.ndarray:
-    data = np.ascontiguousarray(frame, dtype=np.uint8).tobytes()
-    where = f"tensor {spec.name!r}: its zstd frame"
-    try:
-        size = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as err:
-        raise UpdateRejected(f"{where} is not a zstd frame ({err})") from err
-    if size != spec.nbytes:  # checked before anything is allocated
-        raise UpdateRejected(f"{where} holds {size} bytes, the tensor {spec.nbytes}")
-    reader = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        raw = reader.decompress(data)
-    except zstandard.ZstdError as err:
-        raise UpdateRejected(f"{where} does not decompress ({err})") from err
-    if not reader.eof or reader.unused_data or len(raw) != spec.nbytes:
-        raise UpdateRejected(f"{where} is cut short or followed by other bytes")
-    dtype = dtype_from_name(spec.dtype)
-    if dtype.itemsize > 1:
-        raw = np.frombuffer(raw, dtype=np.uint8).reshape(dtype.itemsize, -1).T.tobytes()
-    return np.frombuffer(raw, dtype=dtype).reshape(spec.shape)
 
 
 # ------------------------------------------------------------------ the model
@@ -446,8 +408,3 @@ def _part(name: str, part: str) -> str:
 
 def _index_dtype(size: int) -> np.dtype:
     return np.dtype(np.uint32 if size <= 2**32 else np.uint64)
-
-
-def _zstd_bound(nbytes: int) -> int:
-    """More than zstd's worst case for ``nbytes`` (ZSTD_compressBound plus room)."""
-    return nbytes + (nbytes >> 8) + 1024

@@ -20,7 +20,8 @@ from typing import Any
 from fedloom.core.errors import TaskError
 from fedloom.core.records import Instruction, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.runtime.worker import Worker, WorkerDied, answers_from_batch_reply
+from fedloom.runtime.replies import WorkerDied, answers_from_batch_reply
+from fedloom.runtime.worker import Worker
 from fedloom.transport import serde
 
 

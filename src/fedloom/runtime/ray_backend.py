@@ -29,16 +29,15 @@ from fedloom.core.errors import FedloomError, PlanError, TransportError, Workspa
 from fedloom.core.weights import Weights
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.runtime import pipes
-from fedloom.runtime.worker import (
+from fedloom.runtime.replies import (
     Reply,
-    SiteWorker,
-    Worker,
     WorkerDied,
-    _error_reply,
+    error_reply,
     no_answer,
     raise_reply_error,
     request_timeout,
 )
+from fedloom.runtime.worker import SiteWorker, Worker
 
 INSTALL_HINT = "pip install 'fedloom[ray]'"
 CONNECT_SECONDS = 10.0  # to find the head's port open before handing over to Ray
@@ -110,7 +109,7 @@ class SiteActor:
             self._ready = pipes.pack({"ok": True, "version": _version(), "plan_hash": digest})
         except Exception as err:  # reported by ready(), so the driver can say why
             self._worker = None
-            self._ready = pipes.pack(_error_reply(err))
+            self._ready = pipes.pack(error_reply(err))
 
     def ready(self) -> bytes:
         return self._ready
@@ -122,7 +121,7 @@ class SiteActor:
             header, weights = pipes.unpack(request)
             reply, out = self._worker.handle(header, weights)
         except Exception as err:
-            reply, out = _error_reply(err), None
+            reply, out = error_reply(err), None
         return pipes.pack(reply, out)
 
 

@@ -43,13 +43,13 @@ from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
 from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
+from fedloom.runtime.replies import raise_reply_error
 from fedloom.runtime.worker import (
     LocalWorker,
     Placement,
     ProcessWorker,
     Worker,
     attack_to_json,
-    raise_reply_error,
 )
 from fedloom.strategies import build_strategy
 from fedloom.strategies.base import Strategy

@@ -8,6 +8,7 @@ can still be recovered from it stays on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -16,7 +17,14 @@ import sqlite3
 from pathlib import Path
 
 from fedloom.core.errors import DiskError, StateError, disk_error
-from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    InstructionKind,
+    RoundRecord,
+    SiteResult,
+)
 
 DB_FILE = "state.db"
 SCHEMA_VERSION = 1
@@ -293,7 +301,7 @@ def closed_attempts(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]
     """Every closed attempt of the run that still counts (not superseded), in order:
     what :func:`~fedloom.core.records.finished_rounds` counts, for a resumed run and
     for ``fedloom status`` alike. The records hold no per-site results or failures
-    (:func:`fedloom.store.runs.read_history` adds them). An attempt rebuilt from its
+    (:func:`read_history` adds them). An attempt rebuilt from its
     checkpoint, whose close reason was lost with the database, closed as
     :attr:`~fedloom.core.records.CloseReason.REBUILT`."""
     return [
@@ -312,3 +320,41 @@ def closed_attempts(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]
             (run_key,),
         )
     ]
+
+
+def read_history(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]:
+    """:func:`closed_attempts`, each with its sites' results and failures."""
+    results: dict[tuple[int, int], list[SiteResult]] = {}
+    for rnd, attempt, site, n, claimed, metrics in conn.execute(
+        "SELECT round, attempt, site, num_samples, claimed_samples, metrics FROM results "
+        "WHERE run = ? ORDER BY site",
+        (run_key,),
+    ):
+        results.setdefault((rnd, attempt), []).append(
+            SiteResult(site, rnd, n, claimed, json.loads(metrics))
+        )
+    failures: dict[tuple[int, int], list[Failure]] = {}
+    for rnd, attempt, site, kind, reason in conn.execute(
+        "SELECT round, attempt, site, kind, reason FROM failures WHERE run = ? ORDER BY site",
+        (run_key,),
+    ):
+        failures.setdefault((rnd, attempt), []).append(
+            Failure(site, rnd, FailureKind(kind), reason)
+        )
+    return [
+        dataclasses.replace(
+            r,
+            results=tuple(results.get((r.round, r.attempt), ())),
+            failures=tuple(failures.get((r.round, r.attempt), ())),
+        )
+        for r in closed_attempts(conn, run_key)
+    ]
+
+
+def stored_path(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` where it lies inside it (the state survives the
+    workspace being moved or restored elsewhere), else absolute."""
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())

@@ -14,13 +14,11 @@ over it) and falls back to the previous good round, down to the plan's initial m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import logging
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,11 +30,8 @@ from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError
 from fedloom.core.records import (
     CloseReason,
-    Failure,
-    FailureKind,
     Instruction,
     RoundRecord,
-    SiteResult,
 )
 from fedloom.orchestration import (
     Event,
@@ -48,21 +43,22 @@ from fedloom.orchestration import (
     SiteWithdrew,
     UploadBroke,
 )
-from fedloom.store.checkpoint import load_state, read_metadata, save_state
+from fedloom.store.checkpoint import load_state, save_state
 from fedloom.store.database import (
     CHECKPOINTED,
     REJOINED,
     WITHDREW,
-    closed_attempts,
     open_database,
+    read_history,
+    stored_path,
     transaction,
     withdrawn_sites,
 )
+from fedloom.store.rebuild import CHECKPOINTS, rebuild_from_checkpoints
 from fedloom.strategies.state import StrategyState
 
 log = logging.getLogger("fedloom.aggregator")
 
-CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 3
 
 
@@ -105,7 +101,8 @@ class RunStore:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.conn, self.notes = open_database(state_dir)
         if self.notes:  # the database was damaged: what the checkpoints say is rebuilt
-            self._rebuild_from_checkpoints()
+            with self._lock:
+                self.notes += rebuild_from_checkpoints(self.conn, state_dir)
 
     def close(self) -> None:
         with self._lock:
@@ -142,7 +139,7 @@ class RunStore:
                 (
                     run_id,
                     name,
-                    _relative(run_dir, self.workspace),
+                    stored_path(run_dir, self.workspace),
                     plan_hash,
                     plan_json,
                     time.time(),
@@ -292,57 +289,6 @@ class RunStore:
         except Exception as err:  # noqa: BLE001 - old checkpoints stay; the next prune retries
             log.warning("could not delete old checkpoints: %s", err)
 
-    def _rebuild_from_checkpoints(self) -> None:
-        """After the database was moved aside: one run per checkpoint folder, with one
-        finished round per readable checkpoint (no per-site records survive)."""
-        root = self.state_dir / CHECKPOINTS
-        folders = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for folder in folders:
-            found = []
-            for path in folder.glob("round-*.safetensors"):
-                try:
-                    meta = read_metadata(path)
-                    found.append((int(meta["fedloom.round"]), path, meta))
-                except (StateError, KeyError, ValueError):
-                    continue
-            if not found:
-                continue
-            found.sort(key=lambda f: f[0])  # by round, not by name (round-10000 < round-9999)
-            newest, meta = found[-1][0], found[-1][2]
-            # training that reached the plan's last round is not resumed (it had finished)
-            trained = "fedloom.rounds" in meta and newest >= int(meta["fedloom.rounds"])
-            with self._lock, transaction(self.conn):
-                cur = self.conn.execute(
-                    "INSERT INTO runs (run_id, name, run_dir, plan_hash, plan_json, started, "
-                    "status, error, rebuilt) VALUES (?, ?, ?, ?, '{}', ?, ?, ?, 1)",
-                    (
-                        folder.name,
-                        meta.get("fedloom.run_name", folder.name),
-                        meta.get("fedloom.run_dir")
-                        or f"runs/{meta.get('fedloom.run_name', folder.name)}",
-                        meta.get("fedloom.plan_hash", ""),
-                        folder.stat().st_mtime,
-                        "completed" if trained else "interrupted",
-                        "rebuilt from its checkpoints: the state database was damaged",
-                    ),
-                )
-                for rnd, path, _ in found:
-                    self.conn.execute(
-                        "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, "
-                        "opened, closed, checkpoint) VALUES (?, ?, 1, 'train', '', '[]', ?, ?, ?)",
-                        (
-                            cur.lastrowid,
-                            rnd,
-                            path.stat().st_mtime,
-                            path.stat().st_mtime,
-                            _relative(path, self.state_dir),
-                        ),
-                    )
-            self.notes.append(
-                f"run {folder.name}: {len(found)} checkpoint(s) found, up to round {newest}"
-                + (" (its training had finished)" if trained else "")
-            )
-
 
 class RunJournal:
     """The round loop's :class:`~fedloom.orchestration.Journal` for one run."""
@@ -390,13 +336,13 @@ class RunJournal:
                     "fedloom.round": str(record.round),
                     "fedloom.run": self.run.run_id,
                     "fedloom.run_name": self.run.name,
-                    "fedloom.run_dir": _relative(self.run.run_dir, s.workspace),
+                    "fedloom.run_dir": stored_path(self.run.run_dir, s.workspace),
                     "fedloom.plan_hash": self.run.plan_hash,
                     **({} if self._rounds is None else {"fedloom.rounds": str(self._rounds)}),
                 },
                 before_rename=lambda tmp: s.faults.hit("state.written", round=record.round),
             )
-            checkpoint = _relative(path, s.state_dir)
+            checkpoint = stored_path(path, s.state_dir)
         sent, received = self._traffic()
         elapsed = self._base[0] + time.perf_counter() - self._started
         with s._lock, transaction(s.conn):
@@ -427,35 +373,6 @@ class RunJournal:
             s._prune(self.run)
 
 
-def read_history(conn: sqlite3.Connection, run_key: int) -> list[RoundRecord]:
-    """:func:`closed_attempts`, each with its sites' results and failures."""
-    results: dict[tuple[int, int], list[SiteResult]] = {}
-    for rnd, attempt, site, n, claimed, metrics in conn.execute(
-        "SELECT round, attempt, site, num_samples, claimed_samples, metrics FROM results "
-        "WHERE run = ? ORDER BY site",
-        (run_key,),
-    ):
-        results.setdefault((rnd, attempt), []).append(
-            SiteResult(site, rnd, n, claimed, json.loads(metrics))
-        )
-    failures: dict[tuple[int, int], list[Failure]] = {}
-    for rnd, attempt, site, kind, reason in conn.execute(
-        "SELECT round, attempt, site, kind, reason FROM failures WHERE run = ? ORDER BY site",
-        (run_key,),
-    ):
-        failures.setdefault((rnd, attempt), []).append(
-            Failure(site, rnd, FailureKind(kind), reason)
-        )
-    return [
-        dataclasses.replace(
-            r,
-            results=tuple(results.get((r.round, r.attempt), ())),
-            failures=tuple(failures.get((r.round, r.attempt), ())),
-        )
-        for r in closed_attempts(conn, run_key)
-    ]
-
-
 EventRow = tuple[float, str, int | None, str | None, str]  # at, kind, round, site, detail
 
 
@@ -482,15 +399,6 @@ def event_row(event: Event) -> EventRow:
 _RUN_COLUMNS = (
     "id, run_id, name, run_dir, plan_hash, status, elapsed, bytes_sent, bytes_received, rebuilt"
 )
-
-
-def _relative(path: Path, base: Path) -> str:
-    """``path`` relative to ``base`` where it lies inside it (the state survives the
-    workspace being moved or restored elsewhere), else absolute."""
-    try:
-        return Path(path).resolve().relative_to(base.resolve()).as_posix()
-    except ValueError:
-        return str(Path(path).resolve())
 
 
 def _refuse_unless_damage(path: Path, err: StateError) -> None:
