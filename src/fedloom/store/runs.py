@@ -30,15 +30,7 @@ from typing import Any
 
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError
-from fedloom.core.records import (
-    CloseReason,
-    Failure,
-    FailureKind,
-    Instruction,
-    RoundRecord,
-    SiteResult,
-)
-from fedloom.orchestration import (
+from fedloom.core.events import (
     Event,
     Resume,
     RoundClosed,
@@ -47,6 +39,14 @@ from fedloom.orchestration import (
     SiteRejoined,
     SiteWithdrew,
     UploadBroke,
+)
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    RoundRecord,
+    SiteResult,
 )
 from fedloom.store.checkpoint import load_state, read_metadata, save_state
 from fedloom.store.database import (
@@ -345,7 +345,7 @@ class RunStore:
 
 
 class RunJournal:
-    """The round loop's :class:`~fedloom.orchestration.Journal` for one run."""
+    """The round loop's :class:`~fedloom.core.events.Journal` for one run."""
 
     def __init__(
         self,

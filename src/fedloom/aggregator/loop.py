@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
 from fedloom.accumulate.limbs import EXPLODED
@@ -36,6 +36,18 @@ from fedloom.core.errors import (
     TaskError,
     TransportError,
     UpdateRejected,
+)
+from fedloom.core.events import (
+    EventSink,
+    Journal,
+    Resume,
+    RoundClosed,
+    RoundOpened,
+    SiteAnswered,
+    SiteJoined,
+    SiteRejoined,
+    SiteWithdrew,
+    UploadBroke,
 )
 from fedloom.core.records import (
     CloseReason,
@@ -77,71 +89,6 @@ Signer = Callable[[bytes], bytes]
 """Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
 
 
-@dataclass(frozen=True)
-class RoundOpened:
-    round: int
-    kind: InstructionKind
-    selected: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SiteAnswered:
-    round: int
-    site: str
-    accepted: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class RoundClosed:
-    record: RoundRecord
-
-
-@dataclass(frozen=True)
-class UploadBroke:
-    """A site's upload stream broke off and was rolled back; the site stays asked for
-    the round and may send its update again before the deadline."""
-
-    round: int
-    site: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SiteJoined:
-    """The aggregator heard from ``site`` for the first time (since it started)."""
-
-    site: str
-
-
-@dataclass(frozen=True)
-class SiteWithdrew:
-    """``site`` withdrew from the federation, saying why (its data does not fit the
-    model …): rounds that select it count it as failed at once, without waiting for it,
-    until it says Hello again."""
-
-    site: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SiteRejoined:
-    """A withdrawn ``site`` said Hello again (started anew): rounds wait for it again."""
-
-    site: str
-
-
-Event = (
-    RoundOpened
-    | SiteAnswered
-    | RoundClosed
-    | UploadBroke
-    | SiteJoined
-    | SiteWithdrew
-    | SiteRejoined
-)
-EventSink = Callable[[Event], None]
-
 PhaseHandler = Callable[[str, int, bytes], bytes]
 """``handler(site, round, payload) -> reply`` for one phase of a multi-phase round. The
 site's identity comes from the transport; the handler may block (a barrier until every
@@ -168,33 +115,6 @@ class FederationConfig:
     dead_after: float | None = None
     # how updates and the global model travel (the plan's compression section)
     compression: Compression = field(default_factory=Compression)
-
-
-class Journal(Protocol):
-    """Where the round loop records what it does, durably (:mod:`fedloom.store`)."""
-
-    def opened(self, task: Instruction, attempt: int, selected: tuple[str, ...]) -> None:
-        """An attempt at a round opened; written before any site hears of it."""
-        ...
-
-    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
-        """An attempt closed. ``state`` is the strategy state after a training round
-        that aggregated (the round is finished once this returns), None otherwise."""
-        ...
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a restarted aggregator picks up: the state after round ``next_round - 1``,
-    the history so far and how many attempts each round already had (so the task ids of
-    a rerun round are new)."""
-
-    state: StrategyState
-    next_round: int
-    history: tuple[RoundRecord, ...] = ()
-    attempts: Mapping[int, int] = field(default_factory=dict)
-    # the sites that had withdrawn, and why: still not waited for after the restart
-    withdrawn: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
