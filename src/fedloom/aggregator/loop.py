@@ -10,19 +10,27 @@ condition, and the deadline comes from an injectable clock.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
-from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.aggregator.attempt import (
+    EXPLODED_HINT,
+    QUORUM_HINT,
+    Attempt,
+    check_task,
+    close_reason_of,
+    exploded_note,
+    failure_causes,
+    needed_answers,
+    withdrawn_reason,
+)
+from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
 from fedloom.compression.codecs import (
     Codec,
-    Compression,
     ModelCodec,
     encode_model,
     reserved_name_problem,
@@ -64,7 +72,7 @@ from fedloom.core.records import (
 )
 from fedloom.core.rng import select_sites
 from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
-from fedloom.core.weights import TensorSpec, Weights, specs_of
+from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
@@ -84,80 +92,6 @@ from fedloom.transport.messages import (
     UpdateHeader,
     iter_chunks,
 )
-
-Signer = Callable[[bytes], bytes]
-"""Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
-
-
-PhaseHandler = Callable[[str, int, bytes], bytes]
-"""``handler(site, round, payload) -> reply`` for one phase of a multi-phase round. The
-site's identity comes from the transport; the handler may block (a barrier until every
-selected site has spoken), so it must honour the round's deadline itself."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class FederationConfig:
-    """What the round loop needs from the plan."""
-
-    roster: tuple[str, ...]
-    rounds: int
-    sites_per_round: int
-    min_fraction: float
-    round_deadline: float  # seconds
-    max_retries: int = 2
-    max_samples: int = 100_000
-    seed: int = 0
-    settings: TrainSettings = field(default_factory=TrainSettings)
-    final_evaluation: bool = True
-    run_id: str = "run"  # names the run in task ids (RUN/ROUND.ATTEMPT)
-    # a site silent (no heartbeat, no call) this long is dropped from the round; None: only
-    # the round's deadline drops it (the in-process simulation has no heartbeats)
-    dead_after: float | None = None
-    # how updates and the global model travel (the plan's compression section)
-    compression: Compression = field(default_factory=Compression)
-
-
-@dataclass
-class _OpenRound:
-    task: Instruction
-    selected: tuple[str, ...]
-    weights: Weights
-    accumulator: Accumulator | MaskedSumAccumulator | None
-    deadline: float
-    pending: set[str]
-    expected: tuple[TensorSpec, ...] = ()  # what an update must announce
-    results: dict[str, SiteResult] = field(default_factory=dict)
-    failures: dict[str, Failure] = field(default_factory=dict)
-    # sites streaming an answer, with the contribution it is folded into once it begins
-    uploading: dict[str, Contribution | None] = field(default_factory=dict)
-    received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
-    broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
-    attempt: int = 1
-    secagg: SecAggRound | None = None
-    signature: bytes | None = None  # the published model's, made on first download
-    published: Weights | None = None  # the model as it travels, under a model codec
-    sign_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def round(self) -> int:
-        return self.task.round
-
-    @property
-    def kind(self) -> InstructionKind:
-        return self.task.kind
-
-    def record(self, close_reason: CloseReason) -> RoundRecord:
-        """What the attempt did so far, closed for ``close_reason`` (the caller holds
-        the aggregator's lock)."""
-        return RoundRecord(
-            round=self.round,
-            kind=self.kind,
-            selected=self.selected,
-            results=tuple(self.results[s] for s in sorted(self.results)),
-            failures=tuple(self.failures[s] for s in sorted(self.failures)),
-            close_reason=close_reason,
-            attempt=self.attempt,
-        )
 
 
 class Aggregator:
@@ -204,7 +138,7 @@ class Aggregator:
         self.faults = faults or FaultPoints()
         self._on_event = on_event or (lambda event: None)
         self._cond = threading.Condition()
-        self._open: _OpenRound | None = None
+        self._open: Attempt | None = None
         self._finished = False
         self._completed = False  # run() went through every round
         self._cancelled = False  # run() was cancelled (Cancelled): the run never resumes
@@ -215,7 +149,7 @@ class Aggregator:
         # sites that withdrew (why), not waited for until they say Hello again
         self.withdrawn: dict[str, str] = dict(resume.withdrawn) if resume is not None else {}
         self._spool_dir = spool_dir
-        self._running: _OpenRound | None = None  # the attempt under way, open or closing
+        self._running: Attempt | None = None  # the attempt under way, open or closing
         self._privacy = privacy
         self._signer = signer
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
@@ -287,7 +221,7 @@ class Aggregator:
             phases=tuple(self._phases) + (privacy.phases if privacy else ()),
             privacy=privacy.instruction(self.state) if privacy else {},
         )
-        needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
+        needed = max(needed_answers(len(selected), cfg.min_fraction), self.strategy.min_updates())
         failed: list[Failure] = []
         for _ in range(cfg.max_retries + 1):
             record, opened = self._run_phase(task, selected, needed=needed)
@@ -300,12 +234,12 @@ class Aggregator:
             failed += record.failures
             self._closed(record, None)  # a failed attempt is history too
         else:
-            exploded = _exploded(failed)
+            exploded = exploded_note(failed)
             raise QuorumError(
                 f"round {rnd}: {exploded}{len(record.results)} of {len(selected)} sites "
                 f"answered (attempt {record.attempt}); the round needs {needed}."
-                f"{_causes(record.failures)}",
-                hint=_EXPLODED_HINT if exploded else _QUORUM_HINT,
+                f"{failure_causes(record.failures)}",
+                hint=EXPLODED_HINT if exploded else QUORUM_HINT,
             )
         ledger = None
         if privacy is not None and isinstance(summary, MeanSummary):
@@ -321,7 +255,7 @@ class Aggregator:
         return record
 
     def _summarize(
-        self, record: RoundRecord, opened: _OpenRound
+        self, record: RoundRecord, opened: Attempt
     ) -> tuple[RoundRecord, Summary | None]:
         """What the round's accumulator folded; under secure aggregation the unmasked
         sum. A sum that cannot be unmasked fails the attempt (no quorum): its record
@@ -377,7 +311,7 @@ class Aggregator:
 
     def _run_phase(
         self, task: Instruction, selected: tuple[str, ...], *, needed: int
-    ) -> tuple[RoundRecord, _OpenRound]:
+    ) -> tuple[RoundRecord, Attempt]:
         cfg = self.config
         attempt = self._attempts.get(task.round, 0) + 1
         self._attempts[task.round] = attempt
@@ -411,7 +345,7 @@ class Aggregator:
         if self._journal is not None:
             self._journal.opened(task, attempt, selected)  # before any site can hear of it
         with self._cond:
-            opened = _OpenRound(
+            opened = Attempt(
                 task=task,
                 selected=selected,
                 weights=weights,
@@ -457,7 +391,7 @@ class Aggregator:
                     why += f" (its last upload broke off: {opened.broke[site]})"
                 opened.failures[site] = Failure(site, task.round, why_closed[0], why)
             opened.pending.clear()  # a late answer changes nothing now
-            record = opened.record(_close_reason(opened, needed))
+            record = opened.record(close_reason_of(opened, needed))
         # Updates still streaming are rolled back now, not waited for: each abort waits
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
@@ -466,7 +400,7 @@ class Aggregator:
             secagg.abandon("the round closed without its quorum")
         return record, opened
 
-    def _settle_withdrawn(self, opened: _OpenRound) -> list[Failure]:
+    def _settle_withdrawn(self, opened: Attempt) -> list[Failure]:
         """Settle the selected sites that withdrew as failed, before the attempt opens
         (the caller holds the lock): nobody waits for them, and the quorum rule decides
         whether the others are enough."""
@@ -490,7 +424,7 @@ class Aggregator:
         if self._record(opened, site, failure=failure):
             self._on_event(SiteAnswered(opened.round, site, False, reason))
 
-    def _drop_silent(self, opened: _OpenRound, now: float) -> float | None:
+    def _drop_silent(self, opened: Attempt, now: float) -> float | None:
         """Settle the pending sites silent for ``dead_after`` as disconnected (the caller
         holds the lock); return when the next one would be, or None if any was dropped.
 
@@ -605,7 +539,7 @@ class Aggregator:
         header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
         return ModelStream(header, chunks)
 
-    def _published(self, opened: _OpenRound, weights: Weights) -> Weights:
+    def _published(self, opened: Attempt, weights: Weights) -> Weights:
         """The attempt's model as it travels: cast once under a model codec."""
         codec = self.config.compression.model
         if codec is ModelCodec.NONE:
@@ -615,7 +549,7 @@ class Aggregator:
                 opened.published = encode_model(weights, codec)
             return opened.published
 
-    def _model_signature(self, opened: _OpenRound, published: Weights) -> bytes:
+    def _model_signature(self, opened: Attempt, published: Weights) -> bytes:
         """The signature over the attempt's model as it travels, made once (outside the
         round's lock: hashing a large model takes a while)."""
         if self._signer is None:
@@ -637,7 +571,7 @@ class Aggregator:
             self._saw(site)
             try:
                 opened = self._require_open(site, header.round)
-                _check_task(header.task_id, opened)
+                check_task(header.task_id, opened)
                 if site in opened.uploading:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
                 opened.uploading[site] = None
@@ -763,7 +697,7 @@ class Aggregator:
     # ------------------------------------------------------------------ helpers
 
     def _receive(
-        self, site: str, opened: _OpenRound, header: UpdateHeader, chunks: Iterable[Chunk]
+        self, site: str, opened: Attempt, header: UpdateHeader, chunks: Iterable[Chunk]
     ) -> SiteResult | None:
         """Check, fold and record ``site``'s answer; None if the round had already
         settled it."""
@@ -802,7 +736,7 @@ class Aggregator:
             raise
         return result
 
-    def _decoder(self, header: UpdateHeader, opened: _OpenRound) -> UpdateDecoder | None:
+    def _decoder(self, header: UpdateHeader, opened: Attempt) -> UpdateDecoder | None:
         """Refuse an update that does not announce the model's tensors, or, under an
         update codec, their encoding; for the latter, the decoder that the update
         streams through before the accumulator checks and folds it."""
@@ -815,7 +749,7 @@ class Aggregator:
 
     def _fold_stream(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         result: SiteResult,
         contribution: Contribution,
         chunks: Iterable[Chunk],
@@ -848,7 +782,7 @@ class Aggregator:
 
     def _settle(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         site: str,
         *,
         result: SiteResult | None = None,
@@ -866,7 +800,7 @@ class Aggregator:
 
     def _record(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         site: str,
         *,
         result: SiteResult | None = None,
@@ -883,7 +817,7 @@ class Aggregator:
             opened.failures[site] = failure
         return True
 
-    def _require_open(self, site: str, round: int) -> _OpenRound:
+    def _require_open(self, site: str, round: int) -> Attempt:
         opened = self._open
         if opened is None or opened.round != round:
             current = "none" if opened is None else str(opened.round)
@@ -909,11 +843,6 @@ class Aggregator:
             )
 
 
-def withdrawn_reason(reason: str) -> str:
-    """The failure recorded for a withdrawn site in a round that selects it."""
-    return f"withdrew from the federation: {reason}"
-
-
 def _with_spent(
     history: list[RoundRecord], spent: list[dict[str, float | str]]
 ) -> list[RoundRecord]:
@@ -925,58 +854,6 @@ def _with_spent(
     return out
 
 
-def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
-    """The distinct reasons sites failed, most frequent first."""
-    counts: dict[str, list[str]] = {}
-    timeouts: set[str] = set()
-    for f in failures:
-        counts.setdefault(f.reason, []).append(f.site)
-        if f.kind in (FailureKind.TIMEOUT, FailureKind.CANCELLED):
-            timeouts.add(f.reason)
-    if not counts:
-        return ""
-    ranked = sorted(counts.items(), key=lambda kv: (kv[0] in timeouts, -len(kv[1]), kv[0]))
-    ranked = ranked[:limit]
-    lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
-    return " Why:" + "".join(lines)
-
-
-_QUORUM_HINT = "fix what the sites report, or lower deadline.min_fraction"
-_EXPLODED_HINT = (
-    "a model that diverges makes every update grow: a mean strategy (fedavg …) follows any "
-    "site whose update is far off, and sites attacking the federation make it diverge; use "
-    "a robust strategy (strategy.name=filtered-mean), lower training.lr, or check the sites"
-)
-
-
-def _exploded(failures: Iterable[Failure]) -> str:
-    """``"the updates of site-a, site-b exploded ... "`` when some of ``failures`` (of
-    every attempt of a round) refused an update too large to add up, else ``""``."""
-    sites = sorted(
-        {
-            f.site
-            for f in failures
-            if f.kind is FailureKind.REJECTED and f.reason.startswith(EXPLODED)
-        }
-    )
-    if not sites:
-        return ""
-    if len(sites) == 1:
-        return f"the update of {sites[0]} exploded (too large to add up) and was refused; "
-    return f"the updates of {', '.join(sites)} exploded (too large to add up) and were refused; "
-
-
-def _check_task(task_id: str, opened: _OpenRound) -> None:
-    """Refuse an answer to another opening of the round as stale."""
-    if task_id != opened.task.task_id:
-        raise UpdateRejected(
-            f"stale update: it answers task {printable(task_id, MAX_TEXT_CHARS) or '(none)'}, "
-            f"but round {opened.round} "
-            f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
-            "aggregator restarted); the site fetches the task again"
-        )
-
-
 def _closed_while_streaming(round: int) -> str:
     return f"round {round} closed while the update streamed"
 
@@ -985,20 +862,6 @@ def _abort_reason(err: BaseException) -> str:
     if isinstance(err, UpdateRejected):
         return err.message
     return f"upload broke off: {type(err).__name__}: {err}"
-
-
-def _needed(selected: int, min_fraction: float) -> int:
-    return max(1, math.ceil(selected * min_fraction - 1e-9)) if selected else 0
-
-
-def _close_reason(opened: _OpenRound, needed: int) -> CloseReason:
-    answered = len(opened.results)
-    if answered == len(opened.selected):
-        return CloseReason.ALL_ANSWERED
-    if answered < needed:
-        return CloseReason.NO_QUORUM
-    timed_out = any(f.kind is FailureKind.TIMEOUT for f in opened.failures.values())
-    return CloseReason.DEADLINE_QUORUM if timed_out else CloseReason.QUORUM
 
 
 def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
