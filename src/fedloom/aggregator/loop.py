@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from fedloom.aggregator.attempt import (
     withdrawn_reason,
 )
 from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
+from fedloom.aggregator.ingest import abort_reason, closed_while_streaming, spec_mismatch
+from fedloom.aggregator.publish import model_signature, published, sending
 from fedloom.compression.codecs import (
     Codec,
-    ModelCodec,
-    encode_model,
     reserved_name_problem,
 )
 from fedloom.compression.stream import UpdateDecoder
@@ -74,7 +74,6 @@ from fedloom.core.rng import select_sites
 from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
 from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
-from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
 from fedloom.privacy.signing import receipt_message
 from fedloom.strategies.base import Strategy
@@ -395,7 +394,7 @@ class Aggregator:
         # Updates still streaming are rolled back now, not waited for: each abort waits
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
-            contribution.abort(_closed_while_streaming(task.round))
+            contribution.abort(closed_while_streaming(task.round))
         if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
             secagg.abandon("the round closed without its quorum")
         return record, opened
@@ -533,37 +532,11 @@ class Aggregator:
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
-        weights = self._published(opened, weights)
-        signature = self._model_signature(opened, weights)
-        chunks = self._sending(round, site, iter_chunks(weights))
+        weights = published(opened, weights, self.config.compression.model)
+        signature = model_signature(opened, weights, self._signer)
+        chunks = sending(self.faults, round, site, iter_chunks(weights))
         header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
         return ModelStream(header, chunks)
-
-    def _published(self, opened: Attempt, weights: Weights) -> Weights:
-        """The attempt's model as it travels: cast once under a model codec."""
-        codec = self.config.compression.model
-        if codec is ModelCodec.NONE:
-            return weights
-        with opened.sign_lock:
-            if opened.published is None:
-                opened.published = encode_model(weights, codec)
-            return opened.published
-
-    def _model_signature(self, opened: Attempt, published: Weights) -> bytes:
-        """The signature over the attempt's model as it travels, made once (outside the
-        round's lock: hashing a large model takes a while)."""
-        if self._signer is None:
-            return b""
-        with opened.sign_lock:
-            if opened.signature is None:
-                statement = model_statement(opened.task.task_id, opened.round, published)
-                opened.signature = self._signer(statement)
-            return opened.signature
-
-    def _sending(self, round: int, site: str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-        for index, chunk in enumerate(chunks):
-            self.faults.hit("download.chunk", round=round, site=site, index=index)
-            yield chunk
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
         self._check_site(site)
@@ -724,7 +697,7 @@ class Aggregator:
         assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
         with self._cond:
             if self._open is not opened:
-                raise UpdateRejected(_closed_while_streaming(opened.round))
+                raise UpdateRejected(closed_while_streaming(opened.round))
             contribution = opened.accumulator.begin(site, weight)
             if decoder is not None:  # the accumulator takes the update decoded
                 contribution = decoder.wrap(contribution)
@@ -732,7 +705,7 @@ class Aggregator:
         try:
             self._fold_stream(opened, result, contribution, chunks)
         except BaseException as err:
-            contribution.abort(_abort_reason(err))  # outside the lock: may re-read a spool
+            contribution.abort(abort_reason(err))  # outside the lock: may re-read a spool
             raise
         return result
 
@@ -743,7 +716,7 @@ class Aggregator:
         compression = self.config.compression
         if compression.update is Codec.NONE:
             if tuple(header.tensors) != opened.expected:
-                raise UpdateRejected(_spec_mismatch(header.tensors, opened.expected))
+                raise UpdateRejected(spec_mismatch(header.tensors, opened.expected))
             return None
         return UpdateDecoder(header.tensors, opened.expected, compression)
 
@@ -774,7 +747,7 @@ class Aggregator:
         contribution.check_complete()  # the caller rolls back, outside the lock
         with self._cond:  # the close sets _open under this lock before it reads the sum
             if self._open is not opened:
-                raise UpdateRejected(_closed_while_streaming(opened.round))
+                raise UpdateRejected(closed_while_streaming(opened.round))
             if site not in opened.pending:  # settled meanwhile (the site reported a failure)
                 raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
             contribution.finish()
@@ -852,27 +825,3 @@ def _with_spent(
         privacy = next(left, None) if record.aggregated else None
         out.append(record if privacy is None else dataclasses.replace(record, privacy=privacy))
     return out
-
-
-def _closed_while_streaming(round: int) -> str:
-    return f"round {round} closed while the update streamed"
-
-
-def _abort_reason(err: BaseException) -> str:
-    if isinstance(err, UpdateRejected):
-        return err.message
-    return f"upload broke off: {type(err).__name__}: {err}"
-
-
-def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
-    got_l, exp_l = list(got), list(expected)
-    if len(got_l) != len(exp_l):
-        return f"update has {len(got_l)} tensors, the global model {len(exp_l)}"
-    for g, e in zip(got_l, exp_l, strict=True):
-        if g != e:
-            return (
-                f"tensor '{printable(g.name, MAX_TEXT_CHARS)}' {printable(g.dtype, 40)}"
-                f"{printable(list(g.shape), MAX_TEXT_CHARS)} does not match the global "
-                f"model's {e.name!r} {e.dtype}{list(e.shape)}"
-            )
-    return "tensor specs differ from the global model"
