@@ -114,7 +114,7 @@ def make_workspace(ws: Path, w: Workload) -> None:
 
 
 def run_inprocess(ws: Path, w: Workload, overrides: list[str]) -> dict[str, Any]:
-    from fedloom.orchestration import RoundClosed, RoundOpened
+    from fedloom.core.events import RoundClosed, RoundOpened
     from fedloom.plan import load_plan
     from fedloom.report import RunRecorder
     from fedloom.runtime.simulation import SimulationOptions, simulate

@@ -34,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from fedloom.aggregator import Aggregator, FederationConfig
 from fedloom.collaborator import Collaborator
+from fedloom.core.events import RoundClosed, RoundOpened
 from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.orchestration import Aggregator, FederationConfig, RoundClosed, RoundOpened
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy

@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny model, a deterministic site runner, and a harness that runs a
-real :class:`~fedloom.orchestration.Aggregator` in a thread.
+real :class:`~fedloom.aggregator.Aggregator` in a thread.
 
 Time in the harness is a :class:`~fedloom.core.clock.ManualClock`: deadlines pass only when a
 test advances it, so nothing sleeps. Every wait on another thread has a real timeout
@@ -20,21 +20,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedloom.aggregator import Aggregator, FederationConfig, PhaseHandler
 from fedloom.collaborator import Collaborator, SitePhase
 from fedloom.core.clock import FaultPoints, ManualClock
+from fedloom.core.events import Event, Journal, Resume, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.orchestration import (
-    Aggregator,
-    Event,
-    FederationConfig,
-    Journal,
-    PhaseHandler,
-    Resume,
-    RoundClosed,
-    RoundOpened,
-    SiteAnswered,
-)
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.site import SitePrivacy
 from fedloom.strategies import FedAvg, Strategy

@@ -22,6 +22,7 @@ from workspaces import make_workspace, run_cli
 from fedloom.cli.main import app
 from fedloom.cli.progress import RoundProgress
 from fedloom.core.errors import PlanError, PolicyError
+from fedloom.core.events import RoundClosed
 from fedloom.core.records import (
     Accountant,
     DPSGDSettings,
@@ -32,7 +33,6 @@ from fedloom.core.records import (
     SiteResult,
     TrainSettings,
 )
-from fedloom.orchestration import RoundClosed
 from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy

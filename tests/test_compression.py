@@ -21,6 +21,7 @@ from hypothesis.extra import numpy as hnp
 from workspaces import make_workspace, run_cli
 
 from fedloom import PlanError, SimulationOptions, load_plan, simulate
+from fedloom.aggregator import Aggregator
 from fedloom.collaborator import Collaborator
 from fedloom.compression import (
     Codec,
@@ -38,7 +39,6 @@ from fedloom.compression.codecs import INT8_BLOCK, int8_steps, topk_count
 from fedloom.core.errors import FedloomError, ModelRejected, TaskError, UpdateRejected
 from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import TensorSpec, Weights, dtype_from_name, specs_of, weights_equal
-from fedloom.orchestration import Aggregator
 from fedloom.pki import server_credentials
 from fedloom.plan import validate_plan
 from fedloom.privacy.audit import AuditLog, read_records

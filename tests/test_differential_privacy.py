@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from workspaces import make_workspace, run_cli
 
+from fedloom.core.events import Resume
 from fedloom.core.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.orchestration import Resume
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
 from fedloom.privacy.settings import (

@@ -20,19 +20,20 @@ from conftest import SpoolWatch, task_id
 
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
+from fedloom.aggregator import Aggregator
 from fedloom.collaborator import Collaborator
 from fedloom.core.errors import FaultInjected, QuorumError, TransportError
-from fedloom.core.records import Failure, FailureKind, Instruction, InstructionKind, SiteAnswer
+from fedloom.core.events import RoundClosed, RoundOpened, SiteAnswered, UploadBroke
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    SiteAnswer,
+)
 from fedloom.core.rng import select_sites
 from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
-from fedloom.orchestration import (
-    Aggregator,
-    CloseReason,
-    RoundClosed,
-    RoundOpened,
-    SiteAnswered,
-    UploadBroke,
-)
 from fedloom.strategies import FedAvg
 from fedloom.transport import (
     Chunk,

@@ -17,8 +17,14 @@ import pytest
 from workspaces import FEDLOOM, make_workspace, write_training_twist
 
 from fedloom.core.errors import StateError, TransportError
-from fedloom.core.records import Failure, FailureKind, Instruction, InstructionKind
-from fedloom.orchestration import CloseReason, RoundRecord
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    RoundRecord,
+)
 from fedloom.pki import provision
 from fedloom.plan import load_plan
 from fedloom.store.runs import RunStore

@@ -1,7 +1,7 @@
 """Secure aggregation against an aggregator that lies about keys, over real gRPC with
 mutual TLS and certificates from fedloom's own PKI.
 
-The test plays the aggregator: a real :class:`~fedloom.orchestration.Aggregator`
+The test plays the aggregator: a real :class:`~fedloom.aggregator.Aggregator`
 behind a :class:`Liar` that rewrites the secure-aggregation messages it relays. Each
 site signs its keys with its own certificate's key and signs the key set it saw; each
 one checks the others' signatures (against certificates chained to the federation's

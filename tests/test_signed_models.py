@@ -14,12 +14,12 @@ from conftest import ShiftRunner, federation_config, make_tiny_weights
 from cryptography import x509
 from grpcnet import GrpcTestTransport
 
+from fedloom.aggregator import Aggregator
 from fedloom.collaborator import Collaborator
 from fedloom.compression.codecs import ModelCodec, decode_model, encode_model
 from fedloom.core.errors import FedloomError, ModelRejected, QuorumError
 from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind
 from fedloom.core.weights import Weights, specs_of
-from fedloom.orchestration import Aggregator
 from fedloom.pki import provision, server_credentials, site_credentials
 from fedloom.pki.credentials import Credentials
 from fedloom.privacy.final_model import check_final_model, keep_final_model

@@ -21,15 +21,9 @@ from workspaces import make_workspace, run_cli
 
 from fedloom.collaborator import withdraw
 from fedloom.core.errors import QuorumError
-from fedloom.core.records import Failure, FailureKind, Instruction, SiteAnswer
+from fedloom.core.events import Resume, SiteAnswered, SiteRejoined, SiteWithdrew
+from fedloom.core.records import CloseReason, Failure, FailureKind, Instruction, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.orchestration import (
-    CloseReason,
-    Resume,
-    SiteAnswered,
-    SiteRejoined,
-    SiteWithdrew,
-)
 from fedloom.pki import provision
 from fedloom.store.status import read_status
 from fedloom.transport.messages import FailureReport

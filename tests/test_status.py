@@ -19,26 +19,24 @@ from conftest import EventLog, ShiftRunner, Worker, federation_config, make_tiny
 from typer.testing import CliRunner
 from workspaces import heavy_imports, imported_modules
 
+from fedloom.aggregator import Aggregator
 from fedloom.cli.main import app
 from fedloom.collaborator import Collaborator
 from fedloom.core.clock import ManualClock
 from fedloom.core.errors import StateError, TaskError
+from fedloom.core.events import RoundClosed
 from fedloom.core.records import (
+    CloseReason,
     Failure,
     FailureKind,
     Instruction,
     InstructionKind,
+    RoundRecord,
     SiteAnswer,
     SiteResult,
-)
-from fedloom.core.weights import Weights
-from fedloom.orchestration import (
-    Aggregator,
-    CloseReason,
-    RoundClosed,
-    RoundRecord,
     finished_rounds,
 )
+from fedloom.core.weights import Weights
 from fedloom.plan import Plan
 from fedloom.report import RunRecorder
 from fedloom.store.database import transaction

@@ -1,6 +1,6 @@
 """The transport contract: one suite, run against every transport.
 
-Each test drives a real :class:`~fedloom.orchestration.Aggregator` and real
+Each test drives a real :class:`~fedloom.aggregator.Aggregator` and real
 :class:`~fedloom.collaborator.Collaborator` threads through ``transport_factory``. A
 transport joins the suite by adding an entry to :data:`TRANSPORTS`: a callable that takes
 the aggregator's service and returns an object with ``connect(site) -> Connection`` and a

@@ -46,7 +46,7 @@ HEAVY_MODULES = (
     "google.protobuf",
     "safetensors",
     "fedloom.plan",
-    "fedloom.orchestration",
+    "fedloom.aggregator",
 )
 
 

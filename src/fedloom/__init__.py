@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts fast)
     from fedloom.accumulate import FRACTION_BITS, MeanAccumulator, UpdateBuffer
+    from fedloom.aggregator import Aggregator, FederationConfig
     from fedloom.collaborator import Collaborator
     from fedloom.core.clock import FaultPoints, ManualClock, SystemClock
     from fedloom.core.errors import (
@@ -41,7 +42,6 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
         UpdateSet,
     )
     from fedloom.core.weights import TensorSpec, Weights
-    from fedloom.orchestration import Aggregator, FederationConfig
     from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.runtime.simulation import SimulationOptions, SimulationResult, simulate
     from fedloom.strategies import STRATEGIES, build_strategy
@@ -57,7 +57,7 @@ __version__ = "0.1.0"
 # time
 _PUBLIC = {
     "AggregationError": "fedloom.core.errors",
-    "Aggregator": "fedloom.orchestration",
+    "Aggregator": "fedloom.aggregator",
     "CloseReason": "fedloom.core.records",
     "Collaborator": "fedloom.collaborator",
     "EvalOutput": "fedloom.core.records",
@@ -66,7 +66,7 @@ _PUBLIC = {
     "FailureKind": "fedloom.core.records",
     "FaultInjected": "fedloom.core.errors",
     "FaultPoints": "fedloom.core.clock",
-    "FederationConfig": "fedloom.orchestration",
+    "FederationConfig": "fedloom.aggregator",
     "FedloomError": "fedloom.core.errors",
     "InProcessTransport": "fedloom.transport",
     "Instruction": "fedloom.core.records",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedloom.core.errors import DiskError, WorkspaceError, disk_error, naming
+from fedloom.core.events import Event, RoundClosed
 from fedloom.core.records import (
     Accountant,
     FailureKind,
@@ -25,7 +26,6 @@ from fedloom.core.records import (
     finished_rounds,
 )
 from fedloom.figures import metric_names, plot_file, worst_value
-from fedloom.orchestration import Event, RoundClosed
 from fedloom.plan import Plan
 from fedloom.runtime.simulation import SimulationResult, SiteFailed
 from fedloom.store import save_weights

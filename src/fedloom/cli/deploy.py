@@ -183,7 +183,7 @@ def aggregator_start(
     from fedloom.cli.results import fresh_run_dir, print_results
     from fedloom.core.clock import kill_fault
     from fedloom.core.errors import Cancelled
-    from fedloom.orchestration import Event, SiteRejoined, SiteWithdrew
+    from fedloom.core.events import Event, SiteRejoined, SiteWithdrew
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash

@@ -247,7 +247,7 @@ def simulate(
     """
     from fedloom.cli.progress import RoundProgress
     from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
-    from fedloom.orchestration import Event
+    from fedloom.core.events import Event
     from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.runtime.simulation import SimulationOptions, SiteFailed, make_attack

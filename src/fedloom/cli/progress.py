@@ -16,8 +16,8 @@ from rich.progress import (
 )
 
 from fedloom.cli.common import human_bytes
+from fedloom.core.events import Event, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.core.records import CloseReason
-from fedloom.orchestration import Event, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import TrafficCounter
 

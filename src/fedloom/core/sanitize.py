@@ -5,7 +5,7 @@ or on purpose. Two things live here, both pure:
 
 - :func:`checked_numbers`: every number a site's answer carries (its sample count and
   its metrics) is checked where the answer enters the aggregator (both transports call
-  :meth:`fedloom.orchestration.Aggregator.upload`), before anything averages, stores or
+  :meth:`fedloom.aggregator.Aggregator.upload`), before anything averages, stores or
   prints it. A refusal names what was wrong; the aggregator records it as that site's
   failure and the federation carries on.
 - :func:`printable`: the one helper that makes text a site chose (failure reasons,

@@ -1,6 +1,6 @@
 """The aggregator's side of the plan's privacy: budget, noise, clipping bound, masks.
 
-:class:`AggregatorPrivacy` is what the round loop (:mod:`fedloom.orchestration`) asks
+:class:`AggregatorPrivacy` is what the round loop (:mod:`fedloom.aggregator`) asks
 before, during and after each round. Its state (the clipping bound, the noise each round
 really had, the epsilon spent) lives in the strategy state's scalars under
 ``"privacy"``, so it is checkpointed with every round and a resumed run continues the

@@ -3,7 +3,7 @@
 :func:`open_run` takes the workspace's state (``WORKSPACE/aggregator/``) for this
 process and decides where to start: the latest unfinished run resumes from its last
 finished round, otherwise a new run begins. :func:`serve` builds the
-:class:`~fedloom.orchestration.Aggregator` from the plan, serves it with mutual TLS on
+:class:`~fedloom.aggregator.Aggregator` from the plan, serves it with mutual TLS on
 the workspace's PKI, records every round durably, publishes its live state for
 ``fedloom status``, keeps the server up until the connected sites have been told the
 federation finished, and returns what happened. Sites connect to it; it never connects
@@ -23,17 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from fedloom.aggregator import Aggregator
+from fedloom.aggregator.loop import _with_spent as with_spent
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
+from fedloom.core.events import Event, Resume, RoundClosed
 from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
 from fedloom.core.weights import Weights
-from fedloom.orchestration import (
-    Aggregator,
-    Event,
-    Resume,
-    RoundClosed,
-)
-from fedloom.orchestration import _with_spent as with_spent
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_hash, validate_plan

@@ -23,21 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedloom.aggregator import Aggregator, FederationConfig
 from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.core.clock import Clock, FaultPoints
 from fedloom.core.errors import PlanError, TaskError, TaskFailed, WorkspaceError
+from fedloom.core.events import Event, RoundOpened
 from fedloom.core.records import Instruction, RoundRecord, SiteAnswer
 from fedloom.core.weights import Weights, nbytes
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.figures import metrics_from_json
-from fedloom.orchestration import (
-    Aggregator,
-    Event,
-    FederationConfig,
-    RoundOpened,
-)
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy

@@ -28,12 +28,7 @@ from typing import Any
 
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError
-from fedloom.core.records import (
-    CloseReason,
-    Instruction,
-    RoundRecord,
-)
-from fedloom.orchestration import (
+from fedloom.core.events import (
     Event,
     Resume,
     RoundClosed,
@@ -42,6 +37,11 @@ from fedloom.orchestration import (
     SiteRejoined,
     SiteWithdrew,
     UploadBroke,
+)
+from fedloom.core.records import (
+    CloseReason,
+    Instruction,
+    RoundRecord,
 )
 from fedloom.store.checkpoint import load_state, save_state
 from fedloom.store.database import (
@@ -291,7 +291,7 @@ class RunStore:
 
 
 class RunJournal:
-    """The round loop's :class:`~fedloom.orchestration.Journal` for one run."""
+    """The round loop's :class:`~fedloom.core.events.Journal` for one run."""
 
     def __init__(
         self,

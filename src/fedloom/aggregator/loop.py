@@ -10,21 +10,29 @@ condition, and the deadline comes from an injectable clock.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fedloom.accumulate import Accumulator, Contribution, make_accumulator
-from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.aggregator.attempt import (
+    EXPLODED_HINT,
+    QUORUM_HINT,
+    Attempt,
+    check_task,
+    close_reason_of,
+    exploded_note,
+    failure_causes,
+    needed_answers,
+    withdrawn_reason,
+)
+from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
+from fedloom.aggregator.ingest import abort_reason, closed_while_streaming, spec_mismatch
+from fedloom.aggregator.publish import model_signature, published, sending
 from fedloom.compression.codecs import (
     Codec,
-    Compression,
-    ModelCodec,
-    encode_model,
     reserved_name_problem,
 )
 from fedloom.compression.stream import UpdateDecoder
@@ -36,6 +44,18 @@ from fedloom.core.errors import (
     TaskError,
     TransportError,
     UpdateRejected,
+)
+from fedloom.core.events import (
+    EventSink,
+    Journal,
+    Resume,
+    RoundClosed,
+    RoundOpened,
+    SiteAnswered,
+    SiteJoined,
+    SiteRejoined,
+    SiteWithdrew,
+    UploadBroke,
 )
 from fedloom.core.records import (
     CloseReason,
@@ -52,9 +72,8 @@ from fedloom.core.records import (
 )
 from fedloom.core.rng import select_sites
 from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
-from fedloom.core.weights import TensorSpec, Weights, specs_of
+from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
-from fedloom.privacy.published import model_statement
 from fedloom.privacy.secagg_server import SecAggRound
 from fedloom.privacy.signing import receipt_message
 from fedloom.strategies.base import Strategy
@@ -72,172 +91,6 @@ from fedloom.transport.messages import (
     UpdateHeader,
     iter_chunks,
 )
-
-Signer = Callable[[bytes], bytes]
-"""Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
-
-
-@dataclass(frozen=True)
-class RoundOpened:
-    round: int
-    kind: InstructionKind
-    selected: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class SiteAnswered:
-    round: int
-    site: str
-    accepted: bool
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class RoundClosed:
-    record: RoundRecord
-
-
-@dataclass(frozen=True)
-class UploadBroke:
-    """A site's upload stream broke off and was rolled back; the site stays asked for
-    the round and may send its update again before the deadline."""
-
-    round: int
-    site: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SiteJoined:
-    """The aggregator heard from ``site`` for the first time (since it started)."""
-
-    site: str
-
-
-@dataclass(frozen=True)
-class SiteWithdrew:
-    """``site`` withdrew from the federation, saying why (its data does not fit the
-    model …): rounds that select it count it as failed at once, without waiting for it,
-    until it says Hello again."""
-
-    site: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SiteRejoined:
-    """A withdrawn ``site`` said Hello again (started anew): rounds wait for it again."""
-
-    site: str
-
-
-Event = (
-    RoundOpened
-    | SiteAnswered
-    | RoundClosed
-    | UploadBroke
-    | SiteJoined
-    | SiteWithdrew
-    | SiteRejoined
-)
-EventSink = Callable[[Event], None]
-
-PhaseHandler = Callable[[str, int, bytes], bytes]
-"""``handler(site, round, payload) -> reply`` for one phase of a multi-phase round. The
-site's identity comes from the transport; the handler may block (a barrier until every
-selected site has spoken), so it must honour the round's deadline itself."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class FederationConfig:
-    """What the round loop needs from the plan."""
-
-    roster: tuple[str, ...]
-    rounds: int
-    sites_per_round: int
-    min_fraction: float
-    round_deadline: float  # seconds
-    max_retries: int = 2
-    max_samples: int = 100_000
-    seed: int = 0
-    settings: TrainSettings = field(default_factory=TrainSettings)
-    final_evaluation: bool = True
-    run_id: str = "run"  # names the run in task ids (RUN/ROUND.ATTEMPT)
-    # a site silent (no heartbeat, no call) this long is dropped from the round; None: only
-    # the round's deadline drops it (the in-process simulation has no heartbeats)
-    dead_after: float | None = None
-    # how updates and the global model travel (the plan's compression section)
-    compression: Compression = field(default_factory=Compression)
-
-
-class Journal(Protocol):
-    """Where the round loop records what it does, durably (:mod:`fedloom.store`)."""
-
-    def opened(self, task: Instruction, attempt: int, selected: tuple[str, ...]) -> None:
-        """An attempt at a round opened; written before any site hears of it."""
-        ...
-
-    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
-        """An attempt closed. ``state`` is the strategy state after a training round
-        that aggregated (the round is finished once this returns), None otherwise."""
-        ...
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a restarted aggregator picks up: the state after round ``next_round - 1``,
-    the history so far and how many attempts each round already had (so the task ids of
-    a rerun round are new)."""
-
-    state: StrategyState
-    next_round: int
-    history: tuple[RoundRecord, ...] = ()
-    attempts: Mapping[int, int] = field(default_factory=dict)
-    # the sites that had withdrawn, and why: still not waited for after the restart
-    withdrawn: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _OpenRound:
-    task: Instruction
-    selected: tuple[str, ...]
-    weights: Weights
-    accumulator: Accumulator | MaskedSumAccumulator | None
-    deadline: float
-    pending: set[str]
-    expected: tuple[TensorSpec, ...] = ()  # what an update must announce
-    results: dict[str, SiteResult] = field(default_factory=dict)
-    failures: dict[str, Failure] = field(default_factory=dict)
-    # sites streaming an answer, with the contribution it is folded into once it begins
-    uploading: dict[str, Contribution | None] = field(default_factory=dict)
-    received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
-    broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
-    attempt: int = 1
-    secagg: SecAggRound | None = None
-    signature: bytes | None = None  # the published model's, made on first download
-    published: Weights | None = None  # the model as it travels, under a model codec
-    sign_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def round(self) -> int:
-        return self.task.round
-
-    @property
-    def kind(self) -> InstructionKind:
-        return self.task.kind
-
-    def record(self, close_reason: CloseReason) -> RoundRecord:
-        """What the attempt did so far, closed for ``close_reason`` (the caller holds
-        the aggregator's lock)."""
-        return RoundRecord(
-            round=self.round,
-            kind=self.kind,
-            selected=self.selected,
-            results=tuple(self.results[s] for s in sorted(self.results)),
-            failures=tuple(self.failures[s] for s in sorted(self.failures)),
-            close_reason=close_reason,
-            attempt=self.attempt,
-        )
 
 
 class Aggregator:
@@ -284,7 +137,7 @@ class Aggregator:
         self.faults = faults or FaultPoints()
         self._on_event = on_event or (lambda event: None)
         self._cond = threading.Condition()
-        self._open: _OpenRound | None = None
+        self._open: Attempt | None = None
         self._finished = False
         self._completed = False  # run() went through every round
         self._cancelled = False  # run() was cancelled (Cancelled): the run never resumes
@@ -295,7 +148,7 @@ class Aggregator:
         # sites that withdrew (why), not waited for until they say Hello again
         self.withdrawn: dict[str, str] = dict(resume.withdrawn) if resume is not None else {}
         self._spool_dir = spool_dir
-        self._running: _OpenRound | None = None  # the attempt under way, open or closing
+        self._running: Attempt | None = None  # the attempt under way, open or closing
         self._privacy = privacy
         self._signer = signer
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
@@ -367,7 +220,7 @@ class Aggregator:
             phases=tuple(self._phases) + (privacy.phases if privacy else ()),
             privacy=privacy.instruction(self.state) if privacy else {},
         )
-        needed = max(_needed(len(selected), cfg.min_fraction), self.strategy.min_updates())
+        needed = max(needed_answers(len(selected), cfg.min_fraction), self.strategy.min_updates())
         failed: list[Failure] = []
         for _ in range(cfg.max_retries + 1):
             record, opened = self._run_phase(task, selected, needed=needed)
@@ -380,12 +233,12 @@ class Aggregator:
             failed += record.failures
             self._closed(record, None)  # a failed attempt is history too
         else:
-            exploded = _exploded(failed)
+            exploded = exploded_note(failed)
             raise QuorumError(
                 f"round {rnd}: {exploded}{len(record.results)} of {len(selected)} sites "
                 f"answered (attempt {record.attempt}); the round needs {needed}."
-                f"{_causes(record.failures)}",
-                hint=_EXPLODED_HINT if exploded else _QUORUM_HINT,
+                f"{failure_causes(record.failures)}",
+                hint=EXPLODED_HINT if exploded else QUORUM_HINT,
             )
         ledger = None
         if privacy is not None and isinstance(summary, MeanSummary):
@@ -401,7 +254,7 @@ class Aggregator:
         return record
 
     def _summarize(
-        self, record: RoundRecord, opened: _OpenRound
+        self, record: RoundRecord, opened: Attempt
     ) -> tuple[RoundRecord, Summary | None]:
         """What the round's accumulator folded; under secure aggregation the unmasked
         sum. A sum that cannot be unmasked fails the attempt (no quorum): its record
@@ -457,7 +310,7 @@ class Aggregator:
 
     def _run_phase(
         self, task: Instruction, selected: tuple[str, ...], *, needed: int
-    ) -> tuple[RoundRecord, _OpenRound]:
+    ) -> tuple[RoundRecord, Attempt]:
         cfg = self.config
         attempt = self._attempts.get(task.round, 0) + 1
         self._attempts[task.round] = attempt
@@ -491,7 +344,7 @@ class Aggregator:
         if self._journal is not None:
             self._journal.opened(task, attempt, selected)  # before any site can hear of it
         with self._cond:
-            opened = _OpenRound(
+            opened = Attempt(
                 task=task,
                 selected=selected,
                 weights=weights,
@@ -537,16 +390,16 @@ class Aggregator:
                     why += f" (its last upload broke off: {opened.broke[site]})"
                 opened.failures[site] = Failure(site, task.round, why_closed[0], why)
             opened.pending.clear()  # a late answer changes nothing now
-            record = opened.record(_close_reason(opened, needed))
+            record = opened.record(close_reason_of(opened, needed))
         # Updates still streaming are rolled back now, not waited for: each abort waits
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
-            contribution.abort(_closed_while_streaming(task.round))
+            contribution.abort(closed_while_streaming(task.round))
         if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
             secagg.abandon("the round closed without its quorum")
         return record, opened
 
-    def _settle_withdrawn(self, opened: _OpenRound) -> list[Failure]:
+    def _settle_withdrawn(self, opened: Attempt) -> list[Failure]:
         """Settle the selected sites that withdrew as failed, before the attempt opens
         (the caller holds the lock): nobody waits for them, and the quorum rule decides
         whether the others are enough."""
@@ -570,7 +423,7 @@ class Aggregator:
         if self._record(opened, site, failure=failure):
             self._on_event(SiteAnswered(opened.round, site, False, reason))
 
-    def _drop_silent(self, opened: _OpenRound, now: float) -> float | None:
+    def _drop_silent(self, opened: Attempt, now: float) -> float | None:
         """Settle the pending sites silent for ``dead_after`` as disconnected (the caller
         holds the lock); return when the next one would be, or None if any was dropped.
 
@@ -679,37 +532,11 @@ class Aggregator:
             opened = self._require_open(site, round)
             weights = opened.weights
         self.faults.hit("download.started", round=round, site=site)
-        weights = self._published(opened, weights)
-        signature = self._model_signature(opened, weights)
-        chunks = self._sending(round, site, iter_chunks(weights))
+        weights = published(opened, weights, self.config.compression.model)
+        signature = model_signature(opened, weights, self._signer)
+        chunks = sending(self.faults, round, site, iter_chunks(weights))
         header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
         return ModelStream(header, chunks)
-
-    def _published(self, opened: _OpenRound, weights: Weights) -> Weights:
-        """The attempt's model as it travels: cast once under a model codec."""
-        codec = self.config.compression.model
-        if codec is ModelCodec.NONE:
-            return weights
-        with opened.sign_lock:
-            if opened.published is None:
-                opened.published = encode_model(weights, codec)
-            return opened.published
-
-    def _model_signature(self, opened: _OpenRound, published: Weights) -> bytes:
-        """The signature over the attempt's model as it travels, made once (outside the
-        round's lock: hashing a large model takes a while)."""
-        if self._signer is None:
-            return b""
-        with opened.sign_lock:
-            if opened.signature is None:
-                statement = model_statement(opened.task.task_id, opened.round, published)
-                opened.signature = self._signer(statement)
-            return opened.signature
-
-    def _sending(self, round: int, site: str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-        for index, chunk in enumerate(chunks):
-            self.faults.hit("download.chunk", round=round, site=site, index=index)
-            yield chunk
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
         self._check_site(site)
@@ -717,7 +544,7 @@ class Aggregator:
             self._saw(site)
             try:
                 opened = self._require_open(site, header.round)
-                _check_task(header.task_id, opened)
+                check_task(header.task_id, opened)
                 if site in opened.uploading:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
                 opened.uploading[site] = None
@@ -843,7 +670,7 @@ class Aggregator:
     # ------------------------------------------------------------------ helpers
 
     def _receive(
-        self, site: str, opened: _OpenRound, header: UpdateHeader, chunks: Iterable[Chunk]
+        self, site: str, opened: Attempt, header: UpdateHeader, chunks: Iterable[Chunk]
     ) -> SiteResult | None:
         """Check, fold and record ``site``'s answer; None if the round had already
         settled it."""
@@ -870,7 +697,7 @@ class Aggregator:
         assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
         with self._cond:
             if self._open is not opened:
-                raise UpdateRejected(_closed_while_streaming(opened.round))
+                raise UpdateRejected(closed_while_streaming(opened.round))
             contribution = opened.accumulator.begin(site, weight)
             if decoder is not None:  # the accumulator takes the update decoded
                 contribution = decoder.wrap(contribution)
@@ -878,24 +705,24 @@ class Aggregator:
         try:
             self._fold_stream(opened, result, contribution, chunks)
         except BaseException as err:
-            contribution.abort(_abort_reason(err))  # outside the lock: may re-read a spool
+            contribution.abort(abort_reason(err))  # outside the lock: may re-read a spool
             raise
         return result
 
-    def _decoder(self, header: UpdateHeader, opened: _OpenRound) -> UpdateDecoder | None:
+    def _decoder(self, header: UpdateHeader, opened: Attempt) -> UpdateDecoder | None:
         """Refuse an update that does not announce the model's tensors, or, under an
         update codec, their encoding; for the latter, the decoder that the update
         streams through before the accumulator checks and folds it."""
         compression = self.config.compression
         if compression.update is Codec.NONE:
             if tuple(header.tensors) != opened.expected:
-                raise UpdateRejected(_spec_mismatch(header.tensors, opened.expected))
+                raise UpdateRejected(spec_mismatch(header.tensors, opened.expected))
             return None
         return UpdateDecoder(header.tensors, opened.expected, compression)
 
     def _fold_stream(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         result: SiteResult,
         contribution: Contribution,
         chunks: Iterable[Chunk],
@@ -920,7 +747,7 @@ class Aggregator:
         contribution.check_complete()  # the caller rolls back, outside the lock
         with self._cond:  # the close sets _open under this lock before it reads the sum
             if self._open is not opened:
-                raise UpdateRejected(_closed_while_streaming(opened.round))
+                raise UpdateRejected(closed_while_streaming(opened.round))
             if site not in opened.pending:  # settled meanwhile (the site reported a failure)
                 raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
             contribution.finish()
@@ -928,7 +755,7 @@ class Aggregator:
 
     def _settle(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         site: str,
         *,
         result: SiteResult | None = None,
@@ -946,7 +773,7 @@ class Aggregator:
 
     def _record(
         self,
-        opened: _OpenRound,
+        opened: Attempt,
         site: str,
         *,
         result: SiteResult | None = None,
@@ -963,7 +790,7 @@ class Aggregator:
             opened.failures[site] = failure
         return True
 
-    def _require_open(self, site: str, round: int) -> _OpenRound:
+    def _require_open(self, site: str, round: int) -> Attempt:
         opened = self._open
         if opened is None or opened.round != round:
             current = "none" if opened is None else str(opened.round)
@@ -989,11 +816,6 @@ class Aggregator:
             )
 
 
-def withdrawn_reason(reason: str) -> str:
-    """The failure recorded for a withdrawn site in a round that selects it."""
-    return f"withdrew from the federation: {reason}"
-
-
 def _with_spent(
     history: list[RoundRecord], spent: list[dict[str, float | str]]
 ) -> list[RoundRecord]:
@@ -1003,93 +825,3 @@ def _with_spent(
         privacy = next(left, None) if record.aggregated else None
         out.append(record if privacy is None else dataclasses.replace(record, privacy=privacy))
     return out
-
-
-def _causes(failures: Iterable[Failure], limit: int = 3) -> str:
-    """The distinct reasons sites failed, most frequent first."""
-    counts: dict[str, list[str]] = {}
-    timeouts: set[str] = set()
-    for f in failures:
-        counts.setdefault(f.reason, []).append(f.site)
-        if f.kind in (FailureKind.TIMEOUT, FailureKind.CANCELLED):
-            timeouts.add(f.reason)
-    if not counts:
-        return ""
-    ranked = sorted(counts.items(), key=lambda kv: (kv[0] in timeouts, -len(kv[1]), kv[0]))
-    ranked = ranked[:limit]
-    lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
-    return " Why:" + "".join(lines)
-
-
-_QUORUM_HINT = "fix what the sites report, or lower deadline.min_fraction"
-_EXPLODED_HINT = (
-    "a model that diverges makes every update grow: a mean strategy (fedavg …) follows any "
-    "site whose update is far off, and sites attacking the federation make it diverge; use "
-    "a robust strategy (strategy.name=filtered-mean), lower training.lr, or check the sites"
-)
-
-
-def _exploded(failures: Iterable[Failure]) -> str:
-    """``"the updates of site-a, site-b exploded ... "`` when some of ``failures`` (of
-    every attempt of a round) refused an update too large to add up, else ``""``."""
-    sites = sorted(
-        {
-            f.site
-            for f in failures
-            if f.kind is FailureKind.REJECTED and f.reason.startswith(EXPLODED)
-        }
-    )
-    if not sites:
-        return ""
-    if len(sites) == 1:
-        return f"the update of {sites[0]} exploded (too large to add up) and was refused; "
-    return f"the updates of {', '.join(sites)} exploded (too large to add up) and were refused; "
-
-
-def _check_task(task_id: str, opened: _OpenRound) -> None:
-    """Refuse an answer to another opening of the round as stale."""
-    if task_id != opened.task.task_id:
-        raise UpdateRejected(
-            f"stale update: it answers task {printable(task_id, MAX_TEXT_CHARS) or '(none)'}, "
-            f"but round {opened.round} "
-            f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
-            "aggregator restarted); the site fetches the task again"
-        )
-
-
-def _closed_while_streaming(round: int) -> str:
-    return f"round {round} closed while the update streamed"
-
-
-def _abort_reason(err: BaseException) -> str:
-    if isinstance(err, UpdateRejected):
-        return err.message
-    return f"upload broke off: {type(err).__name__}: {err}"
-
-
-def _needed(selected: int, min_fraction: float) -> int:
-    return max(1, math.ceil(selected * min_fraction - 1e-9)) if selected else 0
-
-
-def _close_reason(opened: _OpenRound, needed: int) -> CloseReason:
-    answered = len(opened.results)
-    if answered == len(opened.selected):
-        return CloseReason.ALL_ANSWERED
-    if answered < needed:
-        return CloseReason.NO_QUORUM
-    timed_out = any(f.kind is FailureKind.TIMEOUT for f in opened.failures.values())
-    return CloseReason.DEADLINE_QUORUM if timed_out else CloseReason.QUORUM
-
-
-def _spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
-    got_l, exp_l = list(got), list(expected)
-    if len(got_l) != len(exp_l):
-        return f"update has {len(got_l)} tensors, the global model {len(exp_l)}"
-    for g, e in zip(got_l, exp_l, strict=True):
-        if g != e:
-            return (
-                f"tensor '{printable(g.name, MAX_TEXT_CHARS)}' {printable(g.dtype, 40)}"
-                f"{printable(list(g.shape), MAX_TEXT_CHARS)} does not match the global "
-                f"model's {e.name!r} {e.dtype}{list(e.shape)}"
-            )
-    return "tensor specs differ from the global model"

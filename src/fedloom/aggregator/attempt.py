@@ -1,0 +1,143 @@
+"""One attempt at a round, and the rules that close it: the quorum, the close reason,
+and the causes a missed quorum reports."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fedloom.accumulate import Accumulator, Contribution
+from fedloom.accumulate.limbs import EXPLODED
+from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.core.errors import UpdateRejected
+from fedloom.core.records import (
+    CloseReason,
+    Failure,
+    FailureKind,
+    Instruction,
+    InstructionKind,
+    RoundRecord,
+    SiteResult,
+)
+from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
+from fedloom.core.weights import TensorSpec, Weights
+from fedloom.privacy.secagg_server import SecAggRound
+
+
+@dataclass
+class Attempt:
+    """One try at a round: who is asked, who answered, why it closed. A round may take
+    several (a missed quorum, a restart); each has its own task id."""
+
+    task: Instruction
+    selected: tuple[str, ...]
+    weights: Weights
+    accumulator: Accumulator | MaskedSumAccumulator | None
+    deadline: float
+    pending: set[str]
+    expected: tuple[TensorSpec, ...] = ()  # what an update must announce
+    results: dict[str, SiteResult] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    # sites streaming an answer, with the contribution it is folded into once it begins
+    uploading: dict[str, Contribution | None] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)  # bytes of the stream so far
+    broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
+    attempt: int = 1
+    secagg: SecAggRound | None = None
+    signature: bytes | None = None  # the published model's, made on first download
+    published: Weights | None = None  # the model as it travels, under a model codec
+    sign_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def round(self) -> int:
+        return self.task.round
+
+    @property
+    def kind(self) -> InstructionKind:
+        return self.task.kind
+
+    def record(self, close_reason: CloseReason) -> RoundRecord:
+        """What the attempt did so far, closed for ``close_reason`` (the caller holds
+        the aggregator's lock)."""
+        return RoundRecord(
+            round=self.round,
+            kind=self.kind,
+            selected=self.selected,
+            results=tuple(self.results[s] for s in sorted(self.results)),
+            failures=tuple(self.failures[s] for s in sorted(self.failures)),
+            close_reason=close_reason,
+            attempt=self.attempt,
+        )
+
+
+def needed_answers(selected: int, min_fraction: float) -> int:
+    return max(1, math.ceil(selected * min_fraction - 1e-9)) if selected else 0
+
+
+def close_reason_of(opened: Attempt, needed: int) -> CloseReason:
+    answered = len(opened.results)
+    if answered == len(opened.selected):
+        return CloseReason.ALL_ANSWERED
+    if answered < needed:
+        return CloseReason.NO_QUORUM
+    timed_out = any(f.kind is FailureKind.TIMEOUT for f in opened.failures.values())
+    return CloseReason.DEADLINE_QUORUM if timed_out else CloseReason.QUORUM
+
+
+def withdrawn_reason(reason: str) -> str:
+    """The failure recorded for a withdrawn site in a round that selects it."""
+    return f"withdrew from the federation: {reason}"
+
+
+def failure_causes(failures: Iterable[Failure], limit: int = 3) -> str:
+    """The distinct reasons sites failed, most frequent first."""
+    counts: dict[str, list[str]] = {}
+    timeouts: set[str] = set()
+    for f in failures:
+        counts.setdefault(f.reason, []).append(f.site)
+        if f.kind in (FailureKind.TIMEOUT, FailureKind.CANCELLED):
+            timeouts.add(f.reason)
+    if not counts:
+        return ""
+    ranked = sorted(counts.items(), key=lambda kv: (kv[0] in timeouts, -len(kv[1]), kv[0]))
+    ranked = ranked[:limit]
+    lines = [f"\n  {len(sites)} site(s), e.g. {sites[0]}: {reason}" for reason, sites in ranked]
+    return " Why:" + "".join(lines)
+
+
+QUORUM_HINT = "fix what the sites report, or lower deadline.min_fraction"
+EXPLODED_HINT = (
+    "a model that diverges makes every update grow: a mean strategy (fedavg …) follows any "
+    "site whose update is far off, and sites attacking the federation make it diverge; use "
+    "a robust strategy (strategy.name=filtered-mean), lower training.lr, or check the sites"
+)
+
+
+def exploded_note(failures: Iterable[Failure]) -> str:
+    """``"the updates of site-a, site-b exploded ... "`` when some of ``failures`` (of
+    every attempt of a round) refused an update too large to add up, else ``""``."""
+    sites = sorted(
+        {
+            f.site
+            for f in failures
+            if f.kind is FailureKind.REJECTED and f.reason.startswith(EXPLODED)
+        }
+    )
+    if not sites:
+        return ""
+    if len(sites) == 1:
+        return f"the update of {sites[0]} exploded (too large to add up) and was refused; "
+    return f"the updates of {', '.join(sites)} exploded (too large to add up) and were refused; "
+
+
+def check_task(task_id: str, opened: Attempt) -> None:
+    """Refuse an answer to another opening of the round as stale."""
+    if task_id != opened.task.task_id:
+        raise UpdateRejected(
+            f"stale update: it answers task {printable(task_id, MAX_TEXT_CHARS) or '(none)'}, "
+            f"but round {opened.round} "
+            f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
+            "aggregator restarted); the site fetches the task again"
+        )
