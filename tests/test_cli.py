@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from workspaces import HEAVY_MODULES, heavy_imports, imported_modules, run_cli
 
-from fedloom import TEMPLATES, load_plan
+from fedloom import load_plan
+from fedloom.workspace import TEMPLATES
 
 
 @pytest.mark.parametrize("template", TEMPLATES)

@@ -10,14 +10,12 @@ import pytest
 from workspaces import make_workspace, run_cli, write_training_twist
 
 from fedloom import (
-    CloseReason,
-    FailureKind,
-    InstructionKind,
     QuorumError,
     SimulationOptions,
     load_plan,
     simulate,
 )
+from fedloom.core.records import CloseReason, FailureKind, InstructionKind
 from fedloom.core.weights import weights_equal
 from fedloom.store import load_weights
 

@@ -1,6 +1,9 @@
 """fedloom: federated learning across organisations. The model travels; the data stays.
 
-The names below are the public Python API; everything else is internal and may change.
+The names below are the public Python API: tasks, plan loading, ``simulate``, the
+``Strategy`` protocol and the strategy registry, results and the errors a user meets.
+Everything else (the round loop, accumulators, transports, clocks) is internal, may
+change, and is imported from its own module.
 """
 
 from __future__ import annotations
@@ -9,71 +12,33 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts fast)
-    from fedloom.accumulate import FRACTION_BITS, MeanAccumulator, UpdateBuffer
-    from fedloom.aggregator import Aggregator, FederationConfig
-    from fedloom.collaborator import Collaborator
-    from fedloom.core.clock import FaultPoints, ManualClock, SystemClock
     from fedloom.core.errors import (
         AggregationError,
-        FaultInjected,
         FedloomError,
         PlanError,
         QuorumError,
-        StateError,
         TaskError,
-        TransportError,
-        UpdateRejected,
         WorkspaceError,
     )
-    from fedloom.core.records import (
-        CloseReason,
-        EvalOutput,
-        Failure,
-        FailureKind,
-        Instruction,
-        InstructionKind,
-        MeanSummary,
-        RoundRecord,
-        SiteAnswer,
-        SiteResult,
-        SiteUpdate,
-        TrainOutput,
-        TrainSettings,
-        UpdateSet,
-    )
-    from fedloom.core.weights import TensorSpec, Weights
+    from fedloom.core.records import EvalOutput, RoundRecord, TrainOutput, TrainSettings
+    from fedloom.core.weights import Weights
     from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.runtime.simulation import SimulationOptions, SimulationResult, simulate
     from fedloom.strategies import STRATEGIES, build_strategy
+    from fedloom.strategies.base import Strategy
     from fedloom.strategies.state import StrategyState
-    from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task
-    from fedloom.transport import InProcessTransport
-    from fedloom.workspace import TEMPLATES, create_workspace
+    from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task, TorchTask
+    from fedloom.workspace import create_workspace
 
 __version__ = "0.1.0"
 
 # where each public name lives: ``import fedloom`` loads none of these modules until a
-# name is used, so the command line and the worker processes start in a fraction of the
-# time
+# name is used (``TorchTask`` imports torch only then), so the command line and the
+# worker processes start in a fraction of the time
 _PUBLIC = {
     "AggregationError": "fedloom.core.errors",
-    "Aggregator": "fedloom.aggregator",
-    "CloseReason": "fedloom.core.records",
-    "Collaborator": "fedloom.collaborator",
     "EvalOutput": "fedloom.core.records",
-    "FRACTION_BITS": "fedloom.accumulate",
-    "Failure": "fedloom.core.records",
-    "FailureKind": "fedloom.core.records",
-    "FaultInjected": "fedloom.core.errors",
-    "FaultPoints": "fedloom.core.clock",
-    "FederationConfig": "fedloom.aggregator",
     "FedloomError": "fedloom.core.errors",
-    "InProcessTransport": "fedloom.transport",
-    "Instruction": "fedloom.core.records",
-    "InstructionKind": "fedloom.core.records",
-    "ManualClock": "fedloom.core.clock",
-    "MeanAccumulator": "fedloom.accumulate",
-    "MeanSummary": "fedloom.core.records",
     "NumpyTask": "fedloom.tasks",
     "Plan": "fedloom.plan",
     "PlanError": "fedloom.core.errors",
@@ -82,25 +47,16 @@ _PUBLIC = {
     "STRATEGIES": "fedloom.strategies",
     "SimulationOptions": "fedloom.runtime.simulation",
     "SimulationResult": "fedloom.runtime.simulation",
-    "SiteAnswer": "fedloom.core.records",
     "SiteContext": "fedloom.tasks",
     "SiteData": "fedloom.tasks",
-    "SiteResult": "fedloom.core.records",
-    "SiteUpdate": "fedloom.core.records",
     "SoftmaxRegression": "fedloom.tasks",
-    "StateError": "fedloom.core.errors",
+    "Strategy": "fedloom.strategies.base",
     "StrategyState": "fedloom.strategies.state",
-    "SystemClock": "fedloom.core.clock",
-    "TEMPLATES": "fedloom.workspace",
     "Task": "fedloom.tasks",
     "TaskError": "fedloom.core.errors",
-    "TensorSpec": "fedloom.core.weights",
+    "TorchTask": "fedloom.tasks",
     "TrainOutput": "fedloom.core.records",
     "TrainSettings": "fedloom.core.records",
-    "TransportError": "fedloom.core.errors",
-    "UpdateBuffer": "fedloom.accumulate",
-    "UpdateRejected": "fedloom.core.errors",
-    "UpdateSet": "fedloom.core.records",
     "Weights": "fedloom.core.weights",
     "WorkspaceError": "fedloom.core.errors",
     "build_strategy": "fedloom.strategies",
@@ -125,26 +81,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "FRACTION_BITS",
     "STRATEGIES",
-    "TEMPLATES",
     "AggregationError",
-    "Aggregator",
-    "CloseReason",
-    "Collaborator",
     "EvalOutput",
-    "Failure",
-    "FailureKind",
-    "FaultInjected",
-    "FaultPoints",
-    "FederationConfig",
     "FedloomError",
-    "InProcessTransport",
-    "Instruction",
-    "InstructionKind",
-    "ManualClock",
-    "MeanAccumulator",
-    "MeanSummary",
     "NumpyTask",
     "Plan",
     "PlanError",
@@ -152,24 +92,16 @@ __all__ = [
     "RoundRecord",
     "SimulationOptions",
     "SimulationResult",
-    "SiteAnswer",
     "SiteContext",
     "SiteData",
-    "SiteResult",
-    "SiteUpdate",
     "SoftmaxRegression",
-    "StateError",
+    "Strategy",
     "StrategyState",
-    "SystemClock",
     "Task",
     "TaskError",
-    "TensorSpec",
+    "TorchTask",
     "TrainOutput",
     "TrainSettings",
-    "TransportError",
-    "UpdateBuffer",
-    "UpdateRejected",
-    "UpdateSet",
     "Weights",
     "WorkspaceError",
     "__version__",
