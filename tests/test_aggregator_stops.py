@@ -42,6 +42,8 @@ import pathlib
 
 from fedloom.tasks import SoftmaxRegression
 
+pytestmark = pytest.mark.process
+
 
 class Held(SoftmaxRegression):
     def train(self, weights, data, settings, context):

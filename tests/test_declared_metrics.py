@@ -29,6 +29,8 @@ REGRESSION_TASK = """
 import numpy as np
 from fedloom.tasks import Metrics, NumpyTask, SiteData
 
+pytestmark = pytest.mark.process
+
 TRUE_W = np.array([1.5, -2.0, 0.5, 1.0])
 
 

@@ -291,6 +291,8 @@ from pathlib import Path
 
 from fedloom.tasks import SoftmaxRegression
 
+pytestmark = pytest.mark.process
+
 
 class Blocked(SoftmaxRegression):
     def train(self, weights, data, settings, context):

@@ -22,6 +22,8 @@ def _hook(event, args):
 
 sys.addaudithook(_hook)
 import pickle
+
+pytestmark = pytest.mark.process
 pickle.loads = _refuse
 pickle.load = _refuse
 

@@ -96,6 +96,8 @@ from PIL import Image
 from torch import nn
 from fedloom.tasks import TorchLoop
 
+pytestmark = pytest.mark.server
+
 
 class Folder(torch.utils.data.Dataset):
     def __init__(self, root):
