@@ -23,6 +23,8 @@ from fedloom.store import load_weights, save_weights
 from fedloom.store.checkpoint import read_metadata
 from fedloom.store.status import read_status
 
+pytestmark = pytest.mark.process
+
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 
 
@@ -290,8 +292,6 @@ import threading
 from pathlib import Path
 
 from fedloom.tasks import SoftmaxRegression
-
-pytestmark = pytest.mark.process
 
 
 class Blocked(SoftmaxRegression):

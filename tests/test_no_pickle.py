@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from workspaces import FEDLOOM, REPO, make_workspace
+
+pytestmark = pytest.mark.process
 
 GUARD = """
 import os, sys
@@ -22,8 +25,6 @@ def _hook(event, args):
 
 sys.addaudithook(_hook)
 import pickle
-
-pytestmark = pytest.mark.process
 pickle.loads = _refuse
 pickle.load = _refuse
 

@@ -34,6 +34,8 @@ from fedloom.pki import provision
 from fedloom.store.status import read_status
 from fedloom.transport.messages import FailureReport
 
+pytestmark = pytest.mark.server
+
 SITES = ("site-01", "site-02", "site-03")
 
 # ---------------------------------------------------------- real processes, gRPC
@@ -95,8 +97,6 @@ import torch
 from PIL import Image
 from torch import nn
 from fedloom.tasks import TorchLoop
-
-pytestmark = pytest.mark.server
 
 
 class Folder(torch.utils.data.Dataset):
