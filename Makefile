@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run the digits federation (8 sites)
 #   make test   set up (with dev tools) and run ruff, mypy and the whole test suite
+#   make test-fast  units and the contract suite only (no process or server tests), for the
+#                   edit-test loop; make test still runs everything
 #   make test-gpu  the GPU tests alone (marked gpu; skipped by make test without CUDA)
 #   make bench  fedloom against the plain loop, Flower and OpenFL (each peer in its own
 #               environment under bench/), writes bench/results/ and docs/benchmarks.md
@@ -9,7 +11,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test test-gpu lint typecheck pytest proto clean bench
+.PHONY: demo test test-fast test-gpu lint typecheck pytest proto clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +46,10 @@ PYTEST_WORKERS ?= 2
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# The edit-test loop: tests marked process or server are left out (pyproject.toml).
+test-fast: $(VENV)/.dev
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not process and not server"
 
 # On a machine with a CUDA GPU (and torch built for it): tests/test_gpu.py's gpu tests.
 test-gpu: $(VENV)/.dev

@@ -34,6 +34,8 @@ from fedloom.pki import provision
 from fedloom.runtime import launcher
 from fedloom.transport.grpc.client import wait_reason
 
+pytestmark = pytest.mark.process
+
 # site-03 trains round 3 only once the test lets it (its first try): the round stays
 # open, with the other sites waiting for work, while the aggregator is interrupted
 HELD_TASK = """

@@ -46,6 +46,8 @@ from fedloom.privacy.published import model_checker, signer_from_pem
 from fedloom.strategies import FedAvg
 from fedloom.transport import UpdateHeader, iter_chunks
 
+pytestmark = pytest.mark.server
+
 PROPERTY = settings(max_examples=60, deadline=None)
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 

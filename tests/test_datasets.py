@@ -24,6 +24,8 @@ from fedloom.data import (
     synthetic_test_set,
 )
 
+pytestmark = pytest.mark.process
+
 # name: (pooled samples, features, classes)
 SHAPES = {
     "breast_cancer": (569, 30, 2),

@@ -15,7 +15,7 @@ from workspaces import FEDLOOM, make_workspace, run_cli, write_training_twist
 
 from fedloom.runtime.tracebacks import MAX_TRACEBACK_CHARS, task_traceback
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 RAISES = "if context.site == 'site-02': raise ValueError(f'site-02 broke in round {context.round}')"
 TASK_LINE = 'task.py", line 5, in train'

@@ -23,6 +23,8 @@ from fedloom.report import final_site_metrics, summary
 from fedloom.runtime.simulation import simulate
 from fedloom.tasks import Metrics
 
+pytestmark = pytest.mark.process
+
 # A linear regression in NumPy on generated data: three sites whose features are shifted
 # and whose targets are noisier from one site to the next.
 REGRESSION_TASK = """

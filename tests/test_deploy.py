@@ -23,6 +23,8 @@ from fedloom.store import load_weights, save_weights
 from fedloom.store.checkpoint import read_metadata
 from fedloom.store.status import read_status
 
+pytestmark = pytest.mark.process
+
 ENV = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
 
 

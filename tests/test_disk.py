@@ -22,6 +22,8 @@ from fedloom.pki import provision
 from fedloom.runtime import launcher
 from fedloom.store import load_weights
 
+pytestmark = pytest.mark.process
+
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 SITES = ("site-01", "site-02")
 PLAN = ("sites=2", "rounds=2", "deadline.round_seconds=300", "deadline.min_fraction=1.0")

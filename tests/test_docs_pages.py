@@ -21,6 +21,8 @@ from fedloom.cli.main import app
 from fedloom.docpages import page_names, read_page, section_of
 from fedloom.tasks.loader import load_task
 
+pytestmark = pytest.mark.process
+
 SRC = REPO / "src" / "fedloom"
 _REF = re.compile(r"""doc_ref\(\s*["']([^"']+)["'](?:\s*,\s*["']([^"']+)["'])?""")
 

@@ -33,6 +33,8 @@ from fedloom.strategies import FedAdam, FedAvg, Strategy
 from fedloom.strategies.state import StrategyState
 from fedloom.transport import UpdateHeader, iter_chunks
 
+pytestmark = pytest.mark.process
+
 SITES = ("site-a", "site-b", "site-c")
 
 

@@ -34,6 +34,8 @@ from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
 from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path
 
+pytestmark = pytest.mark.server
+
 SITES = ("site-a", "site-b", "site-c")
 SAMPLES = (10, 30, 60)
 

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_deploy import ENV, finish, kill_leftovers, rows_by_round, start_aggregator, start_site
 from workspaces import make_workspace, run_cli
 
 from fedloom.pki import provision
+
+pytestmark = pytest.mark.process
 
 HOSTILE = Path(__file__).with_name("hostile_site.py")
 SITES = ("site-01", "site-02", "site-03")

@@ -37,6 +37,8 @@ from fedloom.pki import (
     site_credentials,
 )
 
+pytestmark = pytest.mark.server
+
 FINGERPRINT = re.compile(r"SHA256(:[0-9A-F]{2}){32}")
 
 

@@ -10,6 +10,8 @@ from workspaces import make_workspace, run_cli
 from fedloom import PlanError, load_plan, plan_hash
 from fedloom.plan import apply_overrides, validate_plan
 
+pytestmark = pytest.mark.process
+
 THREE_MISTAKES = """\
 version: 1
 rounds: 0

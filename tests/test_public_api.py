@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
+import pytest
+
 import fedloom
+
+pytestmark = pytest.mark.process
 
 EXPECTED = {
     "STRATEGIES", "AggregationError", "EvalOutput", "FedloomError", "NumpyTask", "Plan",

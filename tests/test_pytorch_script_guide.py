@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from workspaces import REPO, run_cli
 
+pytestmark = pytest.mark.process
+
 EXAMPLE = REPO / "docs" / "examples" / "pytorch-script"
 GUIDE = REPO / "docs" / "guide-pytorch-script.md"
 MAX_CHANGED = 15

@@ -32,6 +32,8 @@ from workspaces import FEDLOOM, REPO, make_workspace, run_cli, write_training_tw
 
 from fedloom.runtime import pipes
 
+pytestmark = pytest.mark.process
+
 RAY = Path(sys.executable).parent / "ray"
 HEAD_START = 120.0  # seconds for `ray start --head` to say it has started
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 from workspaces import FEDLOOM, make_workspace
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 LIMIT_BYTES = 2 * 1024**3
 

@@ -30,6 +30,8 @@ from fedloom.plan import load_plan
 from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
 
+pytestmark = pytest.mark.process
+
 # what a user's shell would hand fedloom: no COLUMNS (a pipe is then 80 columns to rich),
 # no GRPC_VERBOSITY, no colours (the text is compared)
 ENV = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "GRPC_VERBOSITY")}

@@ -35,6 +35,8 @@ from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport.messages import PhaseMessage
 
+pytestmark = pytest.mark.server
+
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
 REFUSED = "so this site sends no masked update this round"

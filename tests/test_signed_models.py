@@ -28,6 +28,8 @@ from fedloom.store import load_weights
 from fedloom.strategies import FedAvg
 from fedloom.transport.messages import Chunk, ModelHeader, ModelStream
 
+pytestmark = pytest.mark.server
+
 SITES = ("site-a", "site-b", "site-c")
 
 

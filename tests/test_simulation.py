@@ -19,7 +19,7 @@ from fedloom.core.records import CloseReason, FailureKind, InstructionKind
 from fedloom.core.weights import weights_equal
 from fedloom.store import load_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def test_numpy_breast_cancer_federation_learns_without_torch(tmp_path: Path) -> None:

@@ -28,6 +28,8 @@ from fedloom.pki import provision
 from fedloom.store.status import read_status
 from fedloom.transport.messages import FailureReport
 
+pytestmark = pytest.mark.server
+
 SITES = ("site-01", "site-02", "site-03")
 
 # ---------------------------------------------------------- real processes, gRPC

@@ -18,6 +18,8 @@ from fedloom.runtime import launcher
 from fedloom.runtime.sitedata import data_problems
 from fedloom.tasks.base import SiteData
 
+pytestmark = pytest.mark.process
+
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 ROWS, FEATURES = 40, 30  # breast-cancer: 30 features, 2 classes
 

@@ -40,7 +40,12 @@ SITES = ("site-a", "site-b", "site-c")
 SAMPLES = (10, 30, 60)
 
 
-@pytest.fixture(params=list(TRANSPORTS))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.server] if name == "grpc" else [])
+        for name in TRANSPORTS
+    ]
+)
 def transport_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[Any], Any]]:
     made: list[Any] = []
 
