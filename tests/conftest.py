@@ -19,6 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiers import (  # noqa: F401 - the tier guard's fixture and hooks, for every test
+    _watch_processes_and_servers,
+    pytest_runtest_protocol,
+    pytest_runtest_teardown,
+)
 
 from fedloom.aggregator import Aggregator, FederationConfig, PhaseHandler
 from fedloom.collaborator import Collaborator, SitePhase

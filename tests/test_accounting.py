@@ -321,6 +321,7 @@ def test_the_accountant_is_a_plan_option_that_keeps_old_plan_hashes(tmp_path: Pa
     assert "privacy.accountant" in str(err.value) and "'pld'" in str(err.value)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_simulation_with_pld_names_the_accountant_in_summary_and_metrics(
     tmp_path: Path,

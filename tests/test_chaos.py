@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from chaos import (
     AGGREGATOR_FAULTS,
     ROUNDS,
@@ -16,6 +17,8 @@ from chaos import (
     run_chaos,
     run_reference,
 )
+
+pytestmark = pytest.mark.process
 
 
 def test_killed_and_restarted_processes_end_bit_identical_to_an_uninterrupted_run(

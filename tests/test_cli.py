@@ -10,6 +10,8 @@ from workspaces import HEAVY_MODULES, heavy_imports, imported_modules, run_cli
 from fedloom import load_plan
 from fedloom.workspace import TEMPLATES
 
+pytestmark = pytest.mark.process
+
 
 @pytest.mark.parametrize("template", TEMPLATES)
 def test_init_writes_a_workspace_whose_plan_validates(tmp_path: Path, template: str) -> None:

@@ -231,6 +231,7 @@ def test_plans_that_cannot_be_private_are_refused_with_the_fix() -> None:
 # ---------------------------------------------------------- end to end (CLI)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_dp_simulation_reports_epsilon_per_round_in_metrics_and_summary(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
@@ -250,6 +251,7 @@ def test_a_dp_simulation_reports_epsilon_per_round_in_metrics_and_summary(tmp_pa
     assert [by_round[r] for r in (1, 2, 3, 4)] == pytest.approx(want)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_code(
     tmp_path: Path,
@@ -311,6 +313,7 @@ def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_no
     assert privacy.stop_reason(StrategyState(weights={}, scalars={})) is None
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_sample_level_dp_sgd_reports_each_sites_own_epsilon(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "digits")  # a torch task

@@ -116,6 +116,7 @@ def test_device_auto_runs_the_same_plan_unchanged_on_this_machine(tmp_path) -> N
     assert finals[0] == finals[1]
 
 
+@pytest.mark.process
 def test_a_device_this_machine_lacks_is_refused_with_exit_3(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The first CUDA device past the machine's last (cuda:0 where there is none)."""
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0

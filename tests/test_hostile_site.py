@@ -240,6 +240,7 @@ BAD_NUMBERS = [
 ]
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("wire", ["grpc", "in-process"])
 @pytest.mark.parametrize(
     ("num_samples", "metrics", "reason"),
@@ -283,6 +284,7 @@ def test_a_bad_number_fails_the_site_with_a_clear_reason_and_the_round_goes_on(
     assert all("\n" not in line and len(line) < 5000 for line in aggregator_records())
 
 
+@pytest.mark.server
 def test_an_audit_hash_the_receipt_cannot_sign_is_refused_before_the_update_is_taken(
     one_round: Any, shift_runner: Any, tiny_weights: Weights
 ) -> None:
@@ -303,6 +305,7 @@ def test_an_audit_hash_the_receipt_cannot_sign_is_refused_before_the_update_is_t
     assert [(f.site, f.kind) for f in record.failures] == [("site-c", FailureKind.REJECTED)]
 
 
+@pytest.mark.server
 def test_an_evaluation_that_cancels_the_others_weight_is_refused(
     make_grpc_federation: Any, shift_runner: Any
 ) -> None:
@@ -319,6 +322,7 @@ def test_an_evaluation_that_cancels_the_others_weight_is_refused(
     assert evaluation.metrics == {"loss": (10 * 0.0 + 30 * 1.0) / 40}
 
 
+@pytest.mark.server
 def test_half_a_million_metric_keys_are_refused_before_they_are_decoded(
     one_round: Any, shift_runner: Any, tiny_weights: Weights
 ) -> None:
@@ -341,6 +345,7 @@ def test_half_a_million_metric_keys_are_refused_before_they_are_decoded(
 # ---------------------------------------------- failure reasons: size, lines, staleness
 
 
+@pytest.mark.server
 def test_a_stale_failure_report_is_dropped_before_it_is_logged(
     one_round: Any, shift_runner: Any, aggregator_records: Callable[[], list[str]]
 ) -> None:
@@ -358,6 +363,7 @@ def test_a_stale_failure_report_is_dropped_before_it_is_logged(
     assert record.close_reason is CloseReason.ALL_ANSWERED  # site-c still answered
 
 
+@pytest.mark.server
 def test_a_newline_in_a_failure_reason_cannot_forge_a_log_line(
     one_round: Any, shift_runner: Any, aggregator_records: Callable[[], list[str]]
 ) -> None:
@@ -377,6 +383,7 @@ def test_a_newline_in_a_failure_reason_cannot_forge_a_log_line(
     assert reported == f"round 1: site-c reports a failure: {failure.reason}"
 
 
+@pytest.mark.server
 def test_a_huge_failure_reason_is_cut_or_refused_whole_never_logged_whole(
     one_round: Any, shift_runner: Any, aggregator_records: Callable[[], list[str]]
 ) -> None:
@@ -476,6 +483,7 @@ def next_task(conn: GrpcConnection, round: int) -> Instruction:
     pytest.fail(f"round {round} never came")
 
 
+@pytest.mark.process
 def test_a_hostile_site_cannot_stop_a_real_federation_nor_forge_its_log(tmp_path: Path) -> None:
     """The aggregator and two honest sites as their own OS processes; site-03 is this
     test, holding site-03's real certificate. It answers round 1 with ``val_samples``

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from workspaces import run_cli
 
+pytestmark = pytest.mark.process
+
 TINY = ("--rounds", "2", "--sites", "2", "--quiet")  # site-01 and site-02 of the four
 
 

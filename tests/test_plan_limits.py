@@ -168,6 +168,7 @@ def test_every_numeric_setting_has_a_cap(path: str, cap: Any) -> None:
         validate_plan(_raw(path, cap))  # the cap itself is allowed
 
 
+@pytest.mark.process
 def test_plan_show_answers_at_once_on_an_alias_bomb_and_ten_million_sites(
     tmp_path: Path,
 ) -> None:
@@ -181,6 +182,7 @@ def test_plan_show_answers_at_once_on_an_alias_bomb_and_ten_million_sites(
     assert "sites: at most 10000 sites (got 10000000)" in proc.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", [("simulate",), ("aggregator", "start")])
 def test_an_infinite_deadline_is_a_plan_error_not_a_traceback(
     tmp_path: Path, command: tuple[str, ...]

@@ -495,6 +495,7 @@ def test_overrides_change_the_plan_that_is_checked(tmp_path: Path) -> None:
 # ----------------------------------------------------------------- one place for a site's policy
 
 
+@pytest.mark.process
 def test_init_check_and_the_collaborator_use_the_same_policy_file(tmp_path: Path) -> None:
     """Real processes, as a data owner runs them: the policy `init` writes is the one
     `check` reads and the collaborator enforces, and each says which file it is."""
@@ -518,6 +519,7 @@ def test_init_check_and_the_collaborator_use_the_same_policy_file(tmp_path: Path
     assert f"warning: {stray} is not read: this site's policy is {own}" in start.stderr
 
 
+@pytest.mark.process
 def test_a_collaborator_without_a_policy_says_so_on_its_screen(tmp_path: Path) -> None:
     ws = workspace(tmp_path)
     stray = policy_file(tmp_path, "max_rounds: 1\n")  # where `policy init` used to write it

@@ -14,7 +14,7 @@ from workspaces import make_workspace, run_cli
 SITES = ("site-01", "site-02", "site-03", "site-04")
 ALLOWED = ("global_accuracy", "global_loss", "val_samples")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def write_policies(ws: Path) -> None:

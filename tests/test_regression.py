@@ -61,6 +61,7 @@ def test_the_regression_template_reports_r2_and_mae(tmp_path: Path) -> None:
     assert metrics["r2"] > 0  # better than predicting the mean, even after two rounds
 
 
+@pytest.mark.process
 def test_simulate_refuses_cross_entropy_on_float_targets_before_round_1(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "regression")
     (ws / "task.py").write_text(CROSS_ENTROPY_TASK)

@@ -329,6 +329,7 @@ def test_plan_warns_that_half_the_sites_are_too_many(tmp_path: Path) -> None:
     assert attack_warnings(plan, 2) == ()
 
 
+@pytest.mark.process
 def test_plan_show_and_simulate_print_the_warning(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     shown = run_cli("plan", "show", str(ws), "sites=10", "strategy.name=krum", "--attackers", "3")

@@ -41,6 +41,7 @@ def cases(folder: Path) -> list[Path]:
     return sorted(folder.glob("case-*.npz"))
 
 
+@pytest.mark.process
 def test_init_writes_one_file_per_case_for_every_site_and_the_test_set(workspace: Path) -> None:
     for site, (_, n) in SITES.items():
         assert len(cases(workspace / "data" / site)) == n
@@ -69,6 +70,7 @@ def test_the_generator_is_deterministic_and_its_masks_binary_and_not_empty(
             assert set(np.unique(x["mask"])) == {0, 1}
 
 
+@pytest.mark.process  # the workspace fixture runs `fedloom init`
 def test_the_sites_scanners_differ_in_intensity(workspace: Path) -> None:
     stats = {}
     for site in SITES:
@@ -79,6 +81,7 @@ def test_the_sites_scanners_differ_in_intensity(workspace: Path) -> None:
     assert stats["hospital-b"][1] > 1.5 * stats["hospital-c"][1]
 
 
+@pytest.mark.process  # the workspace fixture runs `fedloom init`
 def test_a_tiny_federation_and_its_baseline_report_dice_and_iou(workspace: Path) -> None:
     plan = load_plan(workspace, TINY)
     result = simulate(workspace, plan, SimulationOptions(workers=0, baseline=True))

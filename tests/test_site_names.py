@@ -73,6 +73,7 @@ def _tree(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "args",
     [

@@ -429,6 +429,7 @@ def test_the_cli_prints_tables_and_the_same_numbers_as_json(
     assert json.loads(as_json.stdout) == read_status(workspace / "aggregator")
 
 
+@pytest.mark.process
 def test_status_starts_without_importing_the_heavy_modules(
     workspace: Path, store: RunStore
 ) -> None:

@@ -113,6 +113,7 @@ def test_a_folder_of_modules_without_init_is_imported_from_its_source(tmp_path: 
     assert load_task(ws).init_weights(0)["weight"].shape == (30, 2)  # type: ignore[index]
 
 
+@pytest.mark.process
 def test_simulate_runs_the_task_source_not_a_planted_cache(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     marker = tmp_path / "ran"
@@ -122,6 +123,7 @@ def test_simulate_runs_the_task_source_not_a_planted_cache(tmp_path: Path) -> No
     assert not marker.exists()
 
 
+@pytest.mark.process
 def test_collaborator_start_runs_the_task_source_not_a_planted_cache(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     provision(ws, ["site-01", "site-02"])

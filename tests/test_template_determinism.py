@@ -16,7 +16,7 @@ from fedloom import SimulationOptions, load_plan, simulate
 from fedloom.store import save_weights
 from fedloom.workspace import TEMPLATES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 # Each run is kept tiny: two rounds, one epoch. A template too slow even so gets its own
 # overrides here (plan keys, as on the command line).
