@@ -74,6 +74,7 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "run_name": run_name,
         "status": "completed",
         **_plan_fields(result.plan, result.plan_hash),
+        **({"strategy": result.strategy} if result.strategy else {}),
         "rounds_finished": finished,
         **metric_fields(result),
         "wall_seconds": result.wall_seconds,

@@ -47,7 +47,7 @@ from fedloom.runtime.worker import (
     Worker,
     attack_to_json,
 )
-from fedloom.strategies import build_strategy
+from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import CLASSIFICATION, Metrics
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
@@ -85,6 +85,9 @@ class SimulationResult:
     stopped_early: str | None = None  # why training ended before the plan's rounds
     # the task's declared metrics (None: unknown, the task not loaded)
     metrics: Metrics | None = CLASSIFICATION
+    # the name of the strategy that aggregated when it is not the plan's (simulate's
+    # ``strategy`` argument); None: the plan's
+    strategy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,15 @@ def simulate(
     clock: Clock | None = None,
     faults: FaultPoints | None = None,
     on_metrics: MetricsSink | None = None,
+    strategy: Strategy | None = None,
 ) -> SimulationResult:
     """Run the plan's federation on this machine and return what happened.
+
+    ``strategy`` is an object of the user's own that follows the
+    :class:`~fedloom.strategies.Strategy` protocol (it may subclass or wrap a built-in
+    one); it aggregates instead of the plan's ``strategy`` section, and what its
+    ``configure`` returns is what the sites are told. It runs at the aggregator only: the
+    worker processes load the task, never the strategy.
 
     A site whose local work fails is logged (``fedloom.simulation``, with the task's
     traceback) and handed to ``on_failure`` before the aggregator hears of it; the
@@ -167,7 +177,11 @@ def simulate(
     ws = Path(workspace).resolve()
     digest = plan_hash(plan, ws)
     attack = make_attack(plan, options)
-    strategy = build_strategy(plan.strategy.name, plan.strategy_params)
+    custom = strategy is not None
+    if strategy is None:
+        strategy = build_strategy(plan.strategy.name, plan.strategy_params)
+    else:
+        check_strategy(strategy)
     plan_json = json.dumps(plan.model_dump(mode="json"))
     attack_json = json.dumps(attack_to_json(attack))
     scratch = None
@@ -175,7 +189,7 @@ def simulate(
         scratch = tempfile.TemporaryDirectory(prefix="fedloom-sites-")
         options = dataclasses.replace(options, state_root=Path(scratch.name))
     try:
-        return _simulate(
+        result = _simulate(
             ws,
             plan,
             options,
@@ -190,6 +204,7 @@ def simulate(
             faults,
             on_metrics,
         )
+        return dataclasses.replace(result, strategy=strategy.name) if custom else result
     finally:
         if scratch is not None:
             scratch.cleanup()

@@ -108,3 +108,18 @@ __all__ = [
     "parameter_defaults",
     "parameters_of",
 ]
+
+
+_PROTOCOL = ("name", "needs_updates", "init", "configure", "min_updates", "tolerated", "aggregate")
+
+
+def check_strategy(strategy: object) -> None:
+    """Refuse, before any site is started, an object that lacks a part of the
+    :class:`Strategy` protocol (a user's own strategy handed to ``simulate``)."""
+    missing = [part for part in _PROTOCOL if not hasattr(strategy, part)]
+    if missing:
+        raise TypeError(
+            f"{type(strategy).__name__} is not a fedloom strategy: it lacks "
+            f"{', '.join(missing)} (see fedloom.Strategy; subclassing a built-in strategy "
+            "such as fedloom.strategies.FedAvg gives them all)"
+        )
