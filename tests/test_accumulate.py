@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from fedloom.accumulate import MeanAccumulator, UpdateBuffer, make_accumulator
 from fedloom.accumulate import mean as mean_module
-from fedloom.accumulate.limbs import _encode
+from fedloom.accumulate.limbs import encode_limbs
 from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.records import MeanSummary
 from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
@@ -525,13 +525,13 @@ def test_summary_frees_each_tensors_limbs_once_its_mean_is_decoded(
     held = [weakref.ref(array) for array in arrays_in(acc)]
     assert len(held) == 7  # one limb per tensor, two for the float64 one ("d")
     alive: list[int] = []
-    decode = mean_module._decode
+    decode = mean_module.decode_limbs
 
     def watched(spec: TensorSpec, limbs: tuple[np.ndarray, ...]) -> np.ndarray:
         alive.append(sum(ref() is not None for ref in held))
         return decode(spec, limbs)
 
-    monkeypatch.setattr(mean_module, "_decode", watched)
+    monkeypatch.setattr(mean_module, "decode_limbs", watched)
     acc.summary(1, ())
     # when a tensor is decoded, only its limbs and those of the tensors after it live
     assert alive == [7, 6, 4, 3, 2, 1]
@@ -753,12 +753,12 @@ def test_encode_gives_the_limbs_of_the_reference_bit_for_bit(dtype: str, limb_co
             [0.0, -0.0, 1.0, -1.0, 2.0**-30, -(2.0**-30), edge, -edge],
         ]
     ).astype(native)
-    got = _encode("w", limb_count, values, weight, max_sites)
+    got = encode_limbs("w", limb_count, values, weight, max_sites)
     want = reference_encode("w", limb_count, values, weight, max_sites)
     assert len(got) == len(want) == limb_count
     for g, w in zip(got, want, strict=True):
         assert g.dtype == np.int64 and g.tobytes() == w.tobytes()
-    assert _encode("w", limb_count, values[:0], weight, max_sites)[0].size == 0
+    assert encode_limbs("w", limb_count, values[:0], weight, max_sites)[0].size == 0
 
 
 ENCODE_REFUSED = {
@@ -782,5 +782,5 @@ def test_encode_says_whether_a_value_is_nan_or_inf_or_out_of_range(case: str) ->
     array = np.array(values, dtype=np.float64).astype(native)
     limb_count = 2 if dtype == "float64" else 1
     with pytest.raises(UpdateRejected) as info, np.errstate(over="ignore"):
-        _encode("w", limb_count, array, weight, 2)
+        encode_limbs("w", limb_count, array, weight, 2)
     assert words in info.value.message

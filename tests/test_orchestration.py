@@ -735,13 +735,13 @@ def test_an_incomplete_stream_is_rolled_back_outside_the_aggregators_lock(
 ) -> None:
     fed = one_round(make_federation)
     lock_held: list[bool] = []
-    undo = mean_module._MeanContribution._undo
+    undo = mean_module.MeanContribution._undo
 
     def watched(self: Any) -> None:  # a rollback may re-read GiBs: never under the lock
         lock_held.append(fed.aggregator._cond._is_owned())
         undo(self)
 
-    monkeypatch.setattr(mean_module._MeanContribution, "_undo", watched)
+    monkeypatch.setattr(mean_module.MeanContribution, "_undo", watched)
     delta = _with("w", (0, 0), 9.0)
     truncated = list(iter_chunks(delta, 8))[:-1]  # all but 'steps'
     receipt = send(fed.connect("site-a"), 1, delta, chunks=truncated)

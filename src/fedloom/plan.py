@@ -319,10 +319,10 @@ _LATER_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 class RefusedYAML(yaml.MarkedYAMLError):
-    """Valid YAML that a plan may not use (see :class:`_StrictLoader`)."""
+    """Valid YAML that a plan may not use (see :class:`StrictLoader`)."""
 
 
-class _StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """yaml's safe loader, refusing a key written twice in one mapping; anchors and
     aliases (a few hundred bytes of them expand to gigabytes, the "billion laughs");
     nesting deeper than :data:`MAX_NESTING`; and numbers longer than any setting."""
@@ -353,7 +353,7 @@ class _StrictLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def _bounded_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+def _bounded_int(loader: StrictLoader, node: yaml.ScalarNode) -> int:
     if len(node.value) > 40:  # more digits than any setting takes
         raise RefusedYAML(
             None,
@@ -364,7 +364,7 @@ def _bounded_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
     return loader.construct_yaml_int(node)
 
 
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
@@ -376,11 +376,11 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
     return loader.construct_mapping(node)
 
 
-_StrictLoader.add_constructor(
+StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
     _mapping_without_duplicates,
 )
-_StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:int", _bounded_int)
 
 
 def _where(err: yaml.MarkedYAMLError) -> str:
@@ -406,7 +406,7 @@ def read_plan_file(workspace: Path) -> dict[str, Any]:
             source=str(path),
         )
     try:
-        raw = yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506
+        raw = yaml.load(data.decode("utf-8"), Loader=StrictLoader)  # noqa: S506
     except UnicodeDecodeError as err:
         raise PlanError(
             [f"not UTF-8 text ({err.reason} at byte {err.start})"], source=str(path)
@@ -436,7 +436,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[list[str], Any]]:
             problems.append(f"override {_shown(item)}: a key at most {MAX_NESTING} deep")
             continue
         try:
-            value = yaml.load(text, Loader=_StrictLoader) if text.strip() else ""  # noqa: S506
+            value = yaml.load(text, Loader=StrictLoader) if text.strip() else ""  # noqa: S506
         except RefusedYAML as err:
             problems.append(f"override {_shown(item)}: {err.problem}")
             continue
@@ -477,7 +477,7 @@ def validate_plan(raw: Mapping[str, Any], *, source: str = PLAN_FILE) -> Plan:
     try:
         plan = Plan.model_validate(raw)
     except pydantic.ValidationError as err:
-        problems.extend(_describe(e) for e in err.errors())
+        problems.extend(describe_error(e) for e in err.errors())
     strategy_raw = raw.get("strategy") if isinstance(raw, Mapping) else {}
     strategy_problems, strategy = _check_strategy(
         strategy_raw if isinstance(strategy_raw, Mapping) else {}
@@ -543,7 +543,7 @@ def _check_strategy(strategy: Mapping[str, Any]) -> tuple[list[str], Strategy | 
             {k: v for k, v in params.items() if k in known}
         )
     except pydantic.ValidationError as err:
-        problems += [_describe(e, prefix=("strategy",), strategy=name) for e in err.errors()]
+        problems += [describe_error(e, prefix=("strategy",), strategy=name) for e in err.errors()]
         return problems, None
     return problems, (None if problems else built)
 
@@ -678,7 +678,7 @@ def _did_you_mean(key: str, known: Sequence[str]) -> str:
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
-def _describe(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:
+def describe_error(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:
     loc = [str(p) for p in (*prefix, *error["loc"]) if not str(p).startswith("function-")]
     # unions report each branch (int, list[str]); keep the path readable
     loc = [p for p in loc if p not in {"int", "list[str]", "constrained-int"}]

@@ -14,9 +14,9 @@ import numpy as np
 
 from fedloom.accumulate.contribution import (
     Contribution,
-    _check_new,
-    _check_weight,
-    _stream_arrays,
+    check_new,
+    check_weight,
+    stream_arrays,
 )
 from fedloom.core.errors import UpdateRejected
 from fedloom.core.records import SiteResult, SiteUpdate, UpdateSet
@@ -44,15 +44,15 @@ class UpdateBuffer:
 
     def begin(self, site: str, weight: int) -> Contribution:
         """Start receiving ``site``'s update of aggregation weight ``weight``."""
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         with self._lock:
-            _check_new(site, set(self._updates), self._streaming)
+            check_new(site, set(self._updates), self._streaming)
             self._streaming.add(site)
         return _BufferContribution(self, site, weight)
 
     def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
         check_compatible(delta, self.specs)
-        _stream_arrays(self.begin(site, weight), delta.values())
+        stream_arrays(self.begin(site, weight), delta.values())
 
     def summary(self, round: int, results: tuple[SiteResult, ...]) -> UpdateSet:
         with self._lock:

@@ -26,7 +26,7 @@ from fedloom.core.errors import FedloomError, UpdateRejected
 from fedloom.core.weights import TensorSpec, dtype_from_name
 
 _MAX_WEIGHT = 2**53  # exact as a float64
-_PIECE_BYTES = 4 * 1024 * 1024  # chunking of fold() and of a rollback's re-reads
+PIECE_BYTES = 4 * 1024 * 1024  # chunking of fold() and of a rollback's re-reads
 
 
 class Contribution:
@@ -140,7 +140,7 @@ class Contribution:
         raise NotImplementedError
 
 
-def _stream_arrays(contribution: Contribution, arrays: Iterable[np.ndarray]) -> None:
+def stream_arrays(contribution: Contribution, arrays: Iterable[np.ndarray]) -> None:
     """Stream whole arrays through ``contribution`` as zero-copy chunks, then finish."""
     try:
         for index, (spec, array) in enumerate(zip(contribution.specs, arrays, strict=True)):
@@ -148,15 +148,15 @@ def _stream_arrays(contribution: Contribution, arrays: Iterable[np.ndarray]) -> 
             raw = flat.view(np.uint8).data
             if not len(raw):
                 contribution.add(index, 0, b"")
-            for start in range(0, len(raw), _PIECE_BYTES):
-                contribution.add(index, start, raw[start : start + _PIECE_BYTES])
+            for start in range(0, len(raw), PIECE_BYTES):
+                contribution.add(index, start, raw[start : start + PIECE_BYTES])
         contribution.finish()
     except BaseException as err:
         contribution.abort(_reason(err))
         raise
 
 
-def _check_weight(weight: int) -> int:
+def check_weight(weight: int) -> int:
     if weight <= 0:
         raise UpdateRejected(f"aggregation weight must be positive, got {weight}")
     if weight > _MAX_WEIGHT:
@@ -164,7 +164,7 @@ def _check_weight(weight: int) -> int:
     return int(weight)
 
 
-def _check_new(site: str, folded: set[str], streaming: set[str]) -> None:
+def check_new(site: str, folded: set[str], streaming: set[str]) -> None:
     if site in folded:
         raise UpdateRejected(f"site {site!r} already sent an update for this round")
     if site in streaming:

@@ -58,7 +58,7 @@ _SINGLE = float(2**SINGLE_LIMB_FRACTION_BITS)
 _RANGE = 2**62  # the sum of max_sites values below RANGE / max_sites fits an int64
 
 
-def _encode(
+def encode_limbs(
     name: str, limb_count: int, values: np.ndarray, weight: int, max_sites: int
 ) -> tuple[np.ndarray, ...]:
     """The ``limb_count`` limbs of ``weight * values`` (of tensor ``name``); refuses
@@ -92,7 +92,7 @@ _BLOCK = 1 << 15  # elements per step of fold(): its float64 and int64 buffers s
 
 
 def check_range(name: str, values: np.ndarray, weight: int, max_sites: int) -> None:
-    """Refuse what :func:`_encode` would refuse for float32 ``values`` (non-finite, or
+    """Refuse what :func:`encode_limbs` would refuse for float32 ``values`` (non-finite, or
     out of the one-limb range), reading them once; folds nothing.
 
     The largest ``|weight * value|`` is that of the largest ``|value|``: the product by
@@ -108,10 +108,10 @@ def check_range(name: str, values: np.ndarray, weight: int, max_sites: int) -> N
 
 def fold_float32(total: np.ndarray, values: np.ndarray, weight: int, sign: int) -> None:
     """``total += sign * rint(weight * values * 2**32)`` for float32 ``values``
-    already passed by :func:`check_range`: the integers :func:`_encode` makes, added in
+    already passed by :func:`check_range`: the integers :func:`encode_limbs` makes, added in
     blocks small enough to stay in the processor's cache (about 4x faster than encoding
     a whole chunk first). ``weight * 2**32`` is exact and scaling by a power of two
-    commutes with rounding, so the one product is the two products of ``_encode``."""
+    commutes with rounding, so the one product is the two products of ``encode_limbs``."""
     scale = float(weight) * _SINGLE
     if values.size <= _BLOCK:  # one block: no buffers to set up
         f = np.multiply(values, scale, dtype=np.float64)
@@ -136,7 +136,7 @@ def fold_float32(total: np.ndarray, values: np.ndarray, weight: int, sign: int) 
             window -= q
 
 
-def _limb_count(spec: TensorSpec) -> int:
+def count_limbs(spec: TensorSpec) -> int:
     return 2 if dtype_from_name(spec.dtype) == np.float64 else 1
 
 
@@ -154,7 +154,7 @@ def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hi.astype(np.int64), x.astype(np.int64)
 
 
-def _decode(spec: TensorSpec, limbs: tuple[np.ndarray, ...]) -> np.ndarray:
+def decode_limbs(spec: TensorSpec, limbs: tuple[np.ndarray, ...]) -> np.ndarray:
     """The float64 value of the limb sums of one tensor (flat, a new array).
 
     Computed in place, with no whole-tensor temporary beyond the result: the same

@@ -21,10 +21,10 @@ import numpy as np
 from fedloom.accumulate.contribution import (
     Contribution,
     FoldedSites,
-    _check_new,
-    _check_weight,
+    check_new,
+    check_weight,
 )
-from fedloom.accumulate.mean import _MeanContribution
+from fedloom.accumulate.mean import MeanContribution
 from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.weights import TensorSpec
 
@@ -52,14 +52,14 @@ class MaskedSumAccumulator(FoldedSites):
         self._read = False
 
     def begin(self, site: str, weight: int) -> Contribution:
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         self._admit(site)  # UpdateRejected if the site has no masks agreed for this round
         with self._lock:
             if self._read:
                 raise UpdateRejected(f"the masked sum was already read: {site!r} came too late")
-            _check_new(site, self._sites, self._streaming)
+            check_new(site, self._sites, self._streaming)
             self._streaming.add(site)
-        return _MeanContribution(self, site, weight)  # type: ignore[arg-type]
+        return MeanContribution(self, site, weight)  # type: ignore[arg-type]
 
     def sums(self) -> list[np.ndarray]:
         """The sums, tensor by tensor (flat); read once, after every stream ended."""
@@ -69,7 +69,7 @@ class MaskedSumAccumulator(FoldedSites):
             self._read = True
             return self._sums
 
-    # the interface _MeanContribution folds through
+    # the interface MeanContribution folds through
     def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
         return None  # any value is a value modulo 2**bits: the unmasking checks the sum
 

@@ -25,14 +25,20 @@ from pathlib import Path
 import numpy as np
 
 from fedloom.accumulate.contribution import (
-    _PIECE_BYTES,
+    PIECE_BYTES,
     Contribution,
     FoldedSites,
-    _check_new,
-    _check_weight,
-    _stream_arrays,
+    check_new,
+    check_weight,
+    stream_arrays,
 )
-from fedloom.accumulate.limbs import _decode, _encode, _limb_count, check_range, fold_float32
+from fedloom.accumulate.limbs import (
+    check_range,
+    count_limbs,
+    decode_limbs,
+    encode_limbs,
+    fold_float32,
+)
 from fedloom.accumulate.spool import Spool
 from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.records import MeanSummary, SiteResult
@@ -63,7 +69,7 @@ class MeanAccumulator(FoldedSites):
         self.specs = specs
         self._max_sites = max(1, max_sites)
         self._spool_dir = spool_dir
-        self._layout = tuple(_limb_count(s) for s in specs)
+        self._layout = tuple(count_limbs(s) for s in specs)
         self._limbs = [
             tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
             for s, n in zip(specs, self._layout, strict=True)
@@ -74,25 +80,25 @@ class MeanAccumulator(FoldedSites):
     def begin(self, site: str, weight: int) -> Contribution:
         """Start folding ``site``'s update of aggregation weight ``weight``; refused
         (:class:`UpdateRejected`) once :meth:`summary` has consumed the sums."""
-        weight = _check_weight(weight)
+        weight = check_weight(weight)
         with self._lock:
             if self._summarised is not None:
                 raise UpdateRejected(
                     f"the mean of round {self._summarised} was already read: "
                     f"the update of site {site!r} came too late"
                 )
-            _check_new(site, self._sites, self._streaming)
+            check_new(site, self._sites, self._streaming)
             if len(self._sites) + len(self._streaming) >= self._max_sites:
                 raise UpdateRejected(f"more than {self._max_sites} updates in one round")
             self._streaming.add(site)
-        return _MeanContribution(self, site, weight)
+        return MeanContribution(self, site, weight)
 
     def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
         """Add ``weight * delta`` whole. Raises :class:`UpdateRejected` and changes
         nothing if the update is malformed, non-finite, too large, or ``site`` already
         folded."""
         check_compatible(delta, self.specs)
-        _stream_arrays(self.begin(site, weight), delta.values())
+        stream_arrays(self.begin(site, weight), delta.values())
 
     def summary(self, round: int, results: tuple[SiteResult, ...]) -> MeanSummary:
         """The weighted mean of everything folded. Consumes the accumulator.
@@ -121,7 +127,7 @@ class MeanAccumulator(FoldedSites):
             mean: Weights = {}
             for index, spec in enumerate(self.specs):
                 limbs, self._limbs[index] = self._limbs[index], ()
-                value = _decode(spec, limbs) if weight else np.zeros(spec.size)
+                value = decode_limbs(spec, limbs) if weight else np.zeros(spec.size)
                 del limbs  # the last reference: this tensor's sums are freed here
                 if weight:
                     value /= weight
@@ -155,7 +161,7 @@ class MeanAccumulator(FoldedSites):
         if self._layout[tensor] == 1 and values.dtype == np.float32:
             check_range(spec.name, values, weight, self._max_sites)
         else:  # the other layouts: the encoding itself checks
-            _encode(spec.name, self._layout[tensor], values, weight, self._max_sites)
+            encode_limbs(spec.name, self._layout[tensor], values, weight, self._max_sites)
 
     def _fold(self, tensor: int, start: int, values: np.ndarray, weight: int, sign: int) -> None:
         """Add (``sign`` +1) or remove (-1) ``weight * values`` at element ``start`` of
@@ -166,7 +172,7 @@ class MeanAccumulator(FoldedSites):
             if count == 1 and values.dtype == np.float32:
                 fold_float32(sums[0][start : start + values.size], values, weight, sign)
                 return
-            limbs = _encode(spec.name, count, values, weight, self._max_sites)
+            limbs = encode_limbs(spec.name, count, values, weight, self._max_sites)
             for total, part in zip(sums, limbs, strict=True):
                 window = total[start : start + part.size]
                 if sign > 0:
@@ -175,7 +181,7 @@ class MeanAccumulator(FoldedSites):
                     window -= part
 
 
-class _MeanContribution(Contribution):
+class MeanContribution(Contribution):
     """Folds each chunk into the accumulator's sums, and spools its bytes for abort."""
 
     def __init__(self, accumulator: MeanAccumulator, site: str, weight: int) -> None:
@@ -201,7 +207,7 @@ class _MeanContribution(Contribution):
         try:
             for tensor, start, piece in reversed(self._segments):
                 dtype = self._dtypes[tensor]
-                for at, data in self._spool.read(piece, _PIECE_BYTES):
+                for at, data in self._spool.read(piece, PIECE_BYTES):
                     values = np.frombuffer(data, dtype=dtype)
                     element = start + at // dtype.itemsize
                     self._accumulator._fold(tensor, element, values, self.weight, -1)

@@ -131,7 +131,7 @@ class Aggregator:
             self._next_round = resume.next_round
             self._attempts = dict(resume.attempts)
             if privacy is not None:  # what each finished round spent, from the state
-                self.history = _with_spent(self.history, spent_by_round(self.state, privacy))
+                self.history = with_spent(self.history, spent_by_round(self.state, privacy))
         self._journal = journal
         self.clock = clock or SystemClock()
         self.faults = faults or FaultPoints()
@@ -816,7 +816,7 @@ class Aggregator:
             )
 
 
-def _with_spent(
+def with_spent(
     history: list[RoundRecord], spent: list[dict[str, float | str]]
 ) -> list[RoundRecord]:
     """``history`` with each finished training round given what it had spent."""

@@ -161,7 +161,7 @@ def init(
 ) -> None:
     """Write a starting policy: it approves the plan as it is now, and takes the plan's
     privacy settings as its minimums. Review and tighten it before use."""
-    from fedloom.plan import _StrictLoader, load_plan, plan_hash
+    from fedloom.plan import StrictLoader, load_plan, plan_hash
     from fedloom.privacy.policy import validate_policy
 
     """Write a starting policy where the site's collaborator reads it: it approves the
@@ -178,7 +178,7 @@ def init(
             f"`fedloom policy approve {workspace} {naming}`",
         )
     text = starting_policy(plan, digest, workspace)
-    validate_policy(yaml.load(text, Loader=_StrictLoader), source=str(path))  # noqa: S506
+    validate_policy(yaml.load(text, Loader=StrictLoader), source=str(path))  # noqa: S506
     write_policy(path, text)
     console.print(f"Wrote {escape(str(path))}. It approves the plan as it is now:", highlight=False)
     console.print(f"plan hash {digest}", highlight=False)

@@ -197,11 +197,11 @@ def approve_plan(path: Path, policy: Policy, digest: str, note: str) -> bool:
 
 
 def _reads_as(text: str, wanted: Policy) -> bool:
-    from fedloom.plan import _StrictLoader
+    from fedloom.plan import StrictLoader
     from fedloom.privacy.policy import validate_policy
 
     try:
-        read = validate_policy(yaml.load(text, Loader=_StrictLoader))  # noqa: S506
+        read = validate_policy(yaml.load(text, Loader=StrictLoader))  # noqa: S506
     except (yaml.YAMLError, PolicyError):
         return False
     return read.model_dump() == wanted.model_dump()

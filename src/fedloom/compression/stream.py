@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedloom.accumulate.contribution import _PIECE_BYTES, Contribution
+from fedloom.accumulate.contribution import PIECE_BYTES, Contribution
 from fedloom.compression.codecs import Compression, check_encoded, decode_tensor
 from fedloom.core.weights import TensorSpec
 
@@ -87,8 +87,8 @@ class DecodingContribution(Contribution):
         raw = np.ascontiguousarray(decoded).reshape(-1).view(np.uint8).data
         if not len(raw):
             self._inner.add(group, 0, b"")
-        for start in range(0, len(raw), _PIECE_BYTES):
-            self._inner.add(group, start, raw[start : start + _PIECE_BYTES])
+        for start in range(0, len(raw), PIECE_BYTES):
+            self._inner.add(group, start, raw[start : start + PIECE_BYTES])
 
     def _commit(self) -> None:
         self._inner.finish()

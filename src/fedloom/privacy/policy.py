@@ -24,7 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fedloom.core.errors import PolicyError
 from fedloom.docpages import doc_ref
-from fedloom.plan import Plan, _describe, _StrictLoader
+from fedloom.plan import Plan, StrictLoader, describe_error
 from fedloom.privacy.settings import NoisePlacement
 
 POLICY_FILE = "policy.yaml"
@@ -133,7 +133,7 @@ def load_policy(path: Path) -> Policy:
             f"`fedloom policy init WORKSPACE --out {path}`"
         )
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)  # noqa: S506
     except UnicodeDecodeError as err:
         raise _invalid(path, [f"not UTF-8 text ({err.reason} at byte {err.start})"]) from err
     except yaml.YAMLError as err:
@@ -160,7 +160,7 @@ def _problem(error: Any) -> str:
         path = ".".join(str(p) for p in error["loc"])
         return f"{path}: must be a list (got {error.get('input')!r})"
     if error["type"] != "extra_forbidden":
-        return _describe(error)
+        return describe_error(error)
     loc = tuple(str(p) for p in error["loc"])
     section = _SECTIONS.get(loc[:-1])
     takes = "" if section is None else f"; this section takes {', '.join(section.model_fields)}"

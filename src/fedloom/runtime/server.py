@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from fedloom.aggregator import Aggregator
-from fedloom.aggregator.loop import _with_spent as with_spent
+from fedloom.aggregator.loop import with_spent
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
 from fedloom.core.events import Event, Resume, RoundClosed

@@ -71,7 +71,7 @@ def moved(state: StrategyState, step: Weights, **groups: Weights) -> tuple[Strat
 
 
 @dataclass(frozen=True, kw_only=True)
-class _DeltaStrategy:
+class DeltaStrategy:
     """What every built-in strategy shares. ``init`` keeps a copy of the model and a step
     count of 0, ``configure`` sends nothing, and ``aggregate`` leaves the state as it is
     when :meth:`_delta` finds no update, else hands the round's update to :meth:`_advance`.
@@ -110,7 +110,7 @@ class _DeltaStrategy:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _MeanStrategy(_DeltaStrategy):
+class MeanStrategy(DeltaStrategy):
     """A strategy fed the sample-weighted mean of the updates (a :class:`MeanSummary`)."""
 
     def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
@@ -118,7 +118,7 @@ class _MeanStrategy(_DeltaStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvg(_MeanStrategy):
+class FedAvg(MeanStrategy):
     """Federated averaging (McMahan et al., 2017): the new model is the old one plus the
     sample-weighted mean of the updates."""
 
@@ -127,7 +127,7 @@ class FedAvg(_MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedProx(_MeanStrategy):
+class FedProx(MeanStrategy):
     """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term
     ``(proximal_mu / 2) * ||w - w_global||**2`` to their local loss."""
 
@@ -141,7 +141,7 @@ class FedProx(_MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvgM(_MeanStrategy):
+class FedAvgM(MeanStrategy):
     """FedAvg with server momentum (Hsu et al., 2019).
 
     ``m = momentum * m + mean_delta`` and the model moves by ``server_lr * m``. The

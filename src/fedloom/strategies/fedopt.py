@@ -28,7 +28,7 @@ from fedloom.strategies.aggregate import (
     initial_moments,
     yogi_moments,
 )
-from fedloom.strategies.fedavg import _MeanStrategy, moved, state_group
+from fedloom.strategies.fedavg import MeanStrategy, moved, state_group
 from fedloom.strategies.state import StrategyState
 
 LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
@@ -37,7 +37,7 @@ Tau = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, kw_only=True)
-class _AdaptiveStrategy(_MeanStrategy):
+class _AdaptiveStrategy(MeanStrategy):
     """Reddi et al.'s Algorithm 2; a subclass only says how :meth:`_moments` update."""
 
     if TYPE_CHECKING:  # fields of every subclass, declared there to keep their order

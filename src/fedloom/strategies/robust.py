@@ -30,7 +30,7 @@ from fedloom.strategies.aggregate import (
     trimmed_mean,
     weighted_mean,
 )
-from fedloom.strategies.fedavg import _DeltaStrategy
+from fedloom.strategies.fedavg import DeltaStrategy
 from fedloom.strategies.state import StrategyState
 
 
@@ -62,7 +62,7 @@ def updates_of(
 
 
 @dataclass(frozen=True, kw_only=True)
-class _RobustStrategy(_DeltaStrategy):
+class _RobustStrategy(DeltaStrategy):
     """A strategy fed every site's update (an :class:`UpdateSet`); a subclass only says
     how :meth:`_combine` makes them one."""
 
