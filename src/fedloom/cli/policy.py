@@ -161,7 +161,8 @@ def init(
 ) -> None:
     """Write a starting policy: it approves the plan as it is now, and takes the plan's
     privacy settings as its minimums. Review and tighten it before use."""
-    from fedloom.plan import StrictLoader, load_plan, plan_hash
+    from fedloom.core.strict_yaml import StrictLoader
+    from fedloom.plan import load_plan, plan_hash
     from fedloom.privacy.policy import validate_policy
 
     """Write a starting policy where the site's collaborator reads it: it approves the

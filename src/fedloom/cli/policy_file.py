@@ -197,7 +197,7 @@ def approve_plan(path: Path, policy: Policy, digest: str, note: str) -> bool:
 
 
 def _reads_as(text: str, wanted: Policy) -> bool:
-    from fedloom.plan import StrictLoader
+    from fedloom.core.strict_yaml import StrictLoader
     from fedloom.privacy.policy import validate_policy
 
     try:

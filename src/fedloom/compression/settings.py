@@ -8,12 +8,14 @@ DP-FedAvg, each with the reason and what to set instead.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedloom.compression.codecs import Codec, Compression, ModelCodec
-from fedloom.privacy.settings import PrivacyPlan
+
+if TYPE_CHECKING:  # the plan holds both sections; this module needs privacy's only as a type
+    from fedloom.privacy.settings import PrivacyPlan
 
 
 class CompressionPlan(BaseModel):

@@ -16,16 +16,20 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fedloom.core.errors import PolicyError
+from fedloom.core.strict_yaml import StrictLoader
+from fedloom.core.validation import describe_error
 from fedloom.docpages import doc_ref
-from fedloom.plan import Plan, StrictLoader, describe_error
 from fedloom.privacy.settings import NoisePlacement
+
+if TYPE_CHECKING:
+    from fedloom.plan import Plan
 
 POLICY_FILE = "policy.yaml"
 
