@@ -25,7 +25,7 @@ from typing import Any
 
 from fedloom.plan import load_plan
 from fedloom.runtime.simulation import SimulationOptions, simulate
-from fedloom.workspace import create_workspace
+from fedloom.templates import create_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 CODECS: list[tuple[str, list[str]]] = [

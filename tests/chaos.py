@@ -33,7 +33,7 @@ from workspaces import PADDED_TASK
 from fedloom.pki import provision
 from fedloom.runtime import launcher
 from fedloom.store import load_weights
-from fedloom.workspace import create_workspace
+from fedloom.templates import create_workspace
 
 SITES = ("site-01", "site-02", "site-03")
 ROUNDS = 10

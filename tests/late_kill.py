@@ -24,7 +24,7 @@ from chaos import ENV, free_port
 
 from fedloom.pki import provision
 from fedloom.runtime import launcher
-from fedloom.workspace import create_workspace
+from fedloom.templates import create_workspace
 
 PLAN = ["sites=2", "rounds=2", "deadline.round_seconds=300"]
 SITES = ("site-01", "site-02")

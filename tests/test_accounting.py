@@ -33,6 +33,7 @@ from fedloom.core.records import (
     SiteResult,
     TrainSettings,
 )
+from fedloom.core.state import StrategyState
 from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
@@ -42,7 +43,6 @@ from fedloom.privacy.site import SitePrivacy
 from fedloom.runtime.executor import dp_sgd_of
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import RunStore
-from fedloom.strategies.state import StrategyState
 from fedloom.tasks import dp_sgd
 from fedloom.transport.inprocess import TrafficCounter
 

@@ -8,7 +8,7 @@ import pytest
 from workspaces import HEAVY_MODULES, heavy_imports, imported_modules, run_cli
 
 from fedloom import load_plan
-from fedloom.workspace import TEMPLATES
+from fedloom.templates import TEMPLATES
 
 pytestmark = pytest.mark.process
 

@@ -286,8 +286,8 @@ def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_cod
 
 def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_noise() -> None:
     from fedloom.core.errors import PlanError
+    from fedloom.core.state import StrategyState
     from fedloom.plan import validate_plan
-    from fedloom.strategies.state import StrategyState
 
     dp = {"noise_multiplier": 1.0, "clip": 0.5, "noise": "distributed"}
     plan = validate_plan({"sites": 4, "privacy": {"dp": dp, "secure_aggregation": True}})

@@ -22,6 +22,7 @@ from workspaces import make_workspace
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import FaultInjected, StateError
 from fedloom.core.records import CloseReason
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, specs_of, weights_equal
 from fedloom.pki import provision
 from fedloom.plan import load_plan
@@ -30,7 +31,6 @@ from fedloom.runtime.server import open_run
 from fedloom.store import load_state, load_weights, save_state
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy
-from fedloom.strategies.state import StrategyState
 from fedloom.transport import UpdateHeader, iter_chunks
 
 pytestmark = pytest.mark.process

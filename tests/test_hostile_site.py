@@ -56,6 +56,7 @@ from fedloom.core.sanitize import (
     printable,
     shorten,
 )
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, specs_of
 from fedloom.pki import provision, site_credentials
 from fedloom.plan import Plan, load_plan, plan_hash
@@ -63,7 +64,6 @@ from fedloom.runtime.sitedata import DataSource
 from fedloom.store.database import transaction
 from fedloom.store.runs import RunStore
 from fedloom.store.status import read_status
-from fedloom.strategies.state import StrategyState
 from fedloom.tasks.loader import load_task
 from fedloom.transport import FailureReport, InProcessTransport, UpdateHeader, iter_chunks
 from fedloom.transport.grpc import ClientSettings, GrpcConnection

@@ -23,7 +23,7 @@ from fedloom.privacy.policy import (
     policy_refusal,
     policy_warnings,
 )
-from fedloom.workspace import create_workspace
+from fedloom.templates import create_workspace
 
 STRICT = """\
 version: 1

@@ -36,6 +36,7 @@ from fedloom.core.records import (
     SiteResult,
     finished_rounds,
 )
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 from fedloom.plan import Plan
 from fedloom.report import RunRecorder
@@ -44,7 +45,6 @@ from fedloom.store.locks import lock_state, running_pid
 from fedloom.store.runs import RunInfo, RunJournal, RunStore
 from fedloom.store.status import read_status
 from fedloom.strategies import FedAvg
-from fedloom.strategies.state import StrategyState
 from fedloom.transport import InProcessTransport
 
 SITES = ("site-a", "site-b", "site-c")

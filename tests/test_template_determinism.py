@@ -14,7 +14,7 @@ from workspaces import make_workspace
 
 from fedloom import SimulationOptions, load_plan, simulate
 from fedloom.store import save_weights
-from fedloom.workspace import TEMPLATES
+from fedloom.templates import TEMPLATES
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 

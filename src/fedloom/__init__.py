@@ -21,16 +21,17 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
         WorkspaceError,
     )
     from fedloom.core.records import EvalOutput, RoundRecord, TrainOutput, TrainSettings
+    from fedloom.core.state import StrategyState
     from fedloom.core.weights import Weights
     from fedloom.plan import Plan, load_plan, plan_hash
-    from fedloom.runtime.simulation import SimulationOptions, SimulationResult, simulate
+    from fedloom.results import SimulationResult
+    from fedloom.runtime.simulation import SimulationOptions, simulate
     from fedloom.strategies import STRATEGIES, build_strategy
     from fedloom.strategies.base import Strategy
-    from fedloom.strategies.state import StrategyState
     from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task, TorchTask
-    from fedloom.workspace import create_workspace
+    from fedloom.templates import create_workspace
 
-__version__ = "0.1.0"
+from fedloom.core.version import __version__  # noqa: E402 - after the lazy table's imports
 
 # where each public name lives: ``import fedloom`` loads none of these modules until a
 # name is used (``TorchTask`` imports torch only then), so the command line and the
@@ -46,12 +47,12 @@ _PUBLIC = {
     "RoundRecord": "fedloom.core.records",
     "STRATEGIES": "fedloom.strategies",
     "SimulationOptions": "fedloom.runtime.simulation",
-    "SimulationResult": "fedloom.runtime.simulation",
+    "SimulationResult": "fedloom.results",
     "SiteContext": "fedloom.tasks",
     "SiteData": "fedloom.tasks",
     "SoftmaxRegression": "fedloom.tasks",
     "Strategy": "fedloom.strategies.base",
-    "StrategyState": "fedloom.strategies.state",
+    "StrategyState": "fedloom.core.state",
     "Task": "fedloom.tasks",
     "TaskError": "fedloom.core.errors",
     "TorchTask": "fedloom.tasks",
@@ -60,7 +61,7 @@ _PUBLIC = {
     "Weights": "fedloom.core.weights",
     "WorkspaceError": "fedloom.core.errors",
     "build_strategy": "fedloom.strategies",
-    "create_workspace": "fedloom.workspace",
+    "create_workspace": "fedloom.templates",
     "load_plan": "fedloom.plan",
     "plan_hash": "fedloom.plan",
     "simulate": "fedloom.runtime.simulation",

@@ -27,7 +27,7 @@ from fedloom.core.records import (
 )
 from fedloom.figures import metric_names, plot_file, worst_value
 from fedloom.plan import Plan
-from fedloom.runtime.simulation import SimulationResult, SiteFailed
+from fedloom.results import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as
 

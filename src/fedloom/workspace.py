@@ -6,62 +6,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-
-from fedloom.core.errors import WorkspaceError
-
-TEMPLATES = (
-    "digits",
-    "breast-cancer",
-    "mnist",
-    "synthetic",
-    "regression",
-    "images-folder",
-    "segmentation",
-)
-
-
-def create_workspace(
-    directory: str | Path, template: str = "digits", *, force: bool = False, data: bool = True
-) -> Path:
-    """Copy the template ``template`` into ``directory`` and return its path; with
-    ``data``, also write the data files a template reads from disk (its data hook,
-    :func:`fedloom.templates.prepare`).
-
-    Refuses a folder that exists and is not empty unless ``force``.
-    """
-    target = Path(directory)
-    template = template.replace("_", "-")  # breast_cancer (the dataset's name) works too
-    if template not in TEMPLATES:
-        raise WorkspaceError(
-            f"unknown template {template!r}", hint=f"choose one of {', '.join(TEMPLATES)}"
-        )
-    check_target(target, force=force)
-    target.mkdir(parents=True, exist_ok=True)
-    source = resources.files("fedloom.templates").joinpath(template)
-    for item in source.iterdir():
-        if item.is_file() and not item.name.startswith("__"):
-            (target / item.name).write_bytes(item.read_bytes())
-    if data:
-        from fedloom.templates import prepare
-
-        prepare(template, target)
-    return target
-
-
-def check_target(target: Path, *, force: bool, how: str = "force=True") -> None:
-    """Refuse ``target`` for a new workspace if it exists and is not empty, unless
-    ``force``; the hint says ``how`` the caller forces it (``force=True`` from Python,
-    ``--force`` on the command line)."""
-    if target.exists() and any(target.iterdir()) and not force:
-        raise WorkspaceError(
-            f"{target} exists and is not empty",
-            hint=f"pick a new folder, or pass {how} to write the workspace into it",
-        )
-
 
 # ------------------------------------------------------------ the workspace's code
 

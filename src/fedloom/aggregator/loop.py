@@ -72,12 +72,12 @@ from fedloom.core.records import (
 )
 from fedloom.core.rng import select_sites
 from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.privacy.secagg_server import SecAggRound
 from fedloom.privacy.signing import receipt_message
 from fedloom.strategies.base import Strategy
-from fedloom.strategies.state import StrategyState
 from fedloom.transport.base import Cancellation
 from fedloom.transport.messages import (
     Chunk,

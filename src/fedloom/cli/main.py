@@ -35,7 +35,7 @@ from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
 from fedloom.cli.status import status
 from fedloom.core.errors import PlanError
-from fedloom.workspace import TEMPLATES, check_target, create_workspace
+from fedloom.templates import TEMPLATES, check_target, create_workspace
 
 # Only what the commands' signatures need is imported here; each command imports the
 # rest (pydantic's plan, numpy, cryptography, grpc, torch ...) when it runs, so that
@@ -94,7 +94,7 @@ def init(
 
 def _version(value: bool) -> None:
     if value:
-        from fedloom import __version__
+        from fedloom.core.version import __version__
 
         console.print(f"fedloom {__version__}")
         raise typer.Exit()
@@ -250,7 +250,8 @@ def simulate(
     from fedloom.core.events import Event
     from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
-    from fedloom.runtime.simulation import SimulationOptions, SiteFailed, make_attack
+    from fedloom.results import SiteFailed
+    from fedloom.runtime.simulation import SimulationOptions, make_attack
     from fedloom.runtime.simulation import simulate as run_simulation
     from fedloom.transport.inprocess import TrafficCounter
 

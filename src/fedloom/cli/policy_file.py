@@ -234,7 +234,7 @@ def _with_item(text: str, item: str) -> str:
 def write_policy(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, keeping the
     mode of the file it replaces: a crash leaves the old policy or the new one."""
-    from fedloom.pki.common import write_atomic
+    from fedloom.core.files import write_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644

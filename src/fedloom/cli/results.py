@@ -22,7 +22,7 @@ MAX_COLUMNS = 6
 
 if TYPE_CHECKING:
     from fedloom.report import RunRecorder
-    from fedloom.runtime.simulation import SimulationResult, SiteFailed
+    from fedloom.results import SimulationResult, SiteFailed
 
 RUN_LOG = "run.log"  # a simulation's log, in its run folder
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from fedloom.core.records import Instruction, InstructionKind, RoundRecord
-
-if TYPE_CHECKING:
-    # only for the types: a strategy's state is not a core value type
-    from fedloom.strategies.state import StrategyState
+from fedloom.core.state import StrategyState
 
 
 @dataclass(frozen=True)

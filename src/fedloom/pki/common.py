@@ -8,6 +8,7 @@ Every problem with a key, certificate, signing request or revocation list become
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 import stat
@@ -20,7 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fedloom.core.errors import CertificateError, FedloomError
+from fedloom.core import files
+from fedloom.core.errors import CertificateError
 from fedloom.core.site_name import site_name_problem
 
 PKI_DIR = "pki"
@@ -261,36 +263,9 @@ def make_private_dir(path: Path) -> None:
             pass
 
 
-def write_atomic(
-    path: Path,
-    data: bytes,
-    *,
-    mode: int = 0o644,
-    error: type[FedloomError] = CertificateError,
-) -> None:
-    """Write ``data`` to a temporary file next to ``path`` created with ``mode``, fsync it,
-    then rename it over ``path``: a crash leaves the old file or the new one. A failure
-    raises ``error`` (the kind of file it is: a certificate, a policy ...)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise error(
-            f"cannot write {path}: {err.strerror}",
-            hint="check that the folder exists and that you may write to it",
-        ) from err
-    if os.name == "posix":
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+write_atomic = functools.partial(files.write_atomic, error=CertificateError)
+"""``core.files.write_atomic``, whose failure is a :class:`CertificateError` unless the
+caller names another kind of file."""
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:

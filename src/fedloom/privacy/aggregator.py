@@ -21,13 +21,13 @@ from cryptography import x509
 
 from fedloom.core.clock import Clock
 from fedloom.core.records import MeanSummary
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
 from fedloom.privacy.secagg import PHASES
 from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
-from fedloom.strategies.state import StrategyState
 
 if TYPE_CHECKING:
     from fedloom.plan import Plan

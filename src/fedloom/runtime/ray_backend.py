@@ -202,7 +202,7 @@ def _check_reachable(address: str) -> None:
 
 
 def _version() -> str:
-    from fedloom import __version__
+    from fedloom.core.version import __version__
 
     return __version__
 

@@ -29,21 +29,22 @@ from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
 from fedloom.core.events import Event, Resume, RoundClosed
 from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
+from fedloom.results import SimulationResult
 from fedloom.runtime.executor import outside_rounds
-from fedloom.runtime.simulation import SimulationResult, federation_config
+from fedloom.runtime.simulation import federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.database import ENDED
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
-from fedloom.strategies.state import StrategyState
 from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task

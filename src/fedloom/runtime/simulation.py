@@ -37,6 +37,7 @@ from fedloom.figures import metrics_from_json
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
+from fedloom.results import SimulationResult, SiteFailed
 from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
 from fedloom.runtime.replies import raise_reply_error
@@ -49,7 +50,7 @@ from fedloom.runtime.worker import (
 )
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
-from fedloom.tasks.base import CLASSIFICATION, Metrics
+from fedloom.tasks.base import Metrics
 from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
 from fedloom.transport.messages import FailureReport
 
@@ -68,38 +69,6 @@ class SimulationOptions:
     # the folder of the simulated sites' state folders (the run's sites/); None: a
     # temporary folder, removed after the run
     state_root: Path | None = None
-
-
-@dataclass(frozen=True)
-class SimulationResult:
-    plan: Plan
-    plan_hash: str
-    history: tuple[RoundRecord, ...]
-    final_weights: Weights
-    test_metrics: dict[str, float]
-    centralized_metrics: dict[str, float] | None
-    wall_seconds: float
-    bytes_sent: int
-    bytes_received: int
-    attackers: tuple[str, ...]
-    stopped_early: str | None = None  # why training ended before the plan's rounds
-    # the task's declared metrics (None: unknown, the task not loaded)
-    metrics: Metrics | None = CLASSIFICATION
-    # the name of the strategy that aggregated when it is not the plan's (simulate's
-    # ``strategy`` argument); None: the plan's
-    strategy: str | None = None
-
-
-@dataclass(frozen=True)
-class SiteFailed:
-    """A simulated site's local work failed: the one-line ``reason`` the aggregator
-    records, and, when the task's own code raised, its ``traceback`` (else empty)."""
-
-    site: str
-    round: int
-    task_id: str
-    reason: str
-    traceback: str = ""
 
 
 ProgressSink = Callable[[Event, TrafficCounter], None]

@@ -20,8 +20,8 @@ import numpy as np
 import safetensors.numpy as st
 
 from fedloom.core.errors import StateError, naming
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
-from fedloom.strategies.state import StrategyState
 
 _ORDER_KEY = "fedloom.order"
 _SCALARS_KEY = "fedloom.scalars"

@@ -43,6 +43,7 @@ from fedloom.core.records import (
     Instruction,
     RoundRecord,
 )
+from fedloom.core.state import StrategyState
 from fedloom.store.checkpoint import load_state, save_state
 from fedloom.store.database import (
     CHECKPOINTED,
@@ -55,7 +56,6 @@ from fedloom.store.database import (
     withdrawn_sites,
 )
 from fedloom.store.rebuild import CHECKPOINTS, rebuild_from_checkpoints
-from fedloom.strategies.state import StrategyState
 
 log = logging.getLogger("fedloom.aggregator")
 

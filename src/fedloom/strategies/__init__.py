@@ -14,6 +14,7 @@ from typing import Any, cast
 import pydantic
 
 from fedloom.core.errors import PlanError
+from fedloom.core.state import StrategyState
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
@@ -25,7 +26,6 @@ from fedloom.strategies.robust import (
     MultiKrum,
     TrimmedMean,
 )
-from fedloom.strategies.state import StrategyState
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,

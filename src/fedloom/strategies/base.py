@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from fedloom.core.records import Failure, Summary
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
-from fedloom.strategies.state import StrategyState
 
 
 class Strategy(Protocol):

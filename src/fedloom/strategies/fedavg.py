@@ -16,9 +16,9 @@ from pydantic import Field
 
 from fedloom.core.errors import AggregationError, StateError
 from fedloom.core.records import Failure, MeanSummary, Summary
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, apply_delta, copy_weights
 from fedloom.strategies.aggregate import check_same_layout, fedavgm_step
-from fedloom.strategies.state import StrategyState
 
 
 def mean_delta_of(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import Field
 
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, copy_weights
 from fedloom.strategies.aggregate import (
     adagrad_moments,
@@ -29,7 +30,6 @@ from fedloom.strategies.aggregate import (
     yogi_moments,
 )
 from fedloom.strategies.fedavg import MeanStrategy, moved, state_group
-from fedloom.strategies.state import StrategyState
 
 LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]

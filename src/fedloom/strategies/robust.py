@@ -19,6 +19,7 @@ from pydantic import Field
 
 from fedloom.core.errors import AggregationError
 from fedloom.core.records import SiteUpdate, Summary, UpdateSet
+from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 from fedloom.strategies.aggregate import (
     check_same_layout,
@@ -31,7 +32,6 @@ from fedloom.strategies.aggregate import (
     weighted_mean,
 )
 from fedloom.strategies.fedavg import DeltaStrategy
-from fedloom.strategies.state import StrategyState
 
 
 def updates_of(

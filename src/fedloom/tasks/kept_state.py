@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from fedloom.core.errors import TaskError
-from fedloom.pki.common import write_atomic
+from fedloom.core.files import write_atomic
 
 KEPT_FILE = "kept.safetensors"  # in the site's state folder
 METADATA_KEY = "fedloom.kept"

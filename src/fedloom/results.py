@@ -1,0 +1,43 @@
+"""What a federation run gives back, simulated or deployed: the plan, every round's record,
+the final model and its metrics; and what a simulated site's failure says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedloom.core.records import RoundRecord
+from fedloom.core.weights import Weights
+from fedloom.plan import Plan
+from fedloom.tasks.base import CLASSIFICATION, Metrics
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    plan: Plan
+    plan_hash: str
+    history: tuple[RoundRecord, ...]
+    final_weights: Weights
+    test_metrics: dict[str, float]
+    centralized_metrics: dict[str, float] | None
+    wall_seconds: float
+    bytes_sent: int
+    bytes_received: int
+    attackers: tuple[str, ...]
+    stopped_early: str | None = None  # why training ended before the plan's rounds
+    # the task's declared metrics (None: unknown, the task not loaded)
+    metrics: Metrics | None = CLASSIFICATION
+    # the name of the strategy that aggregated when it is not the plan's (simulate's
+    # ``strategy`` argument); None: the plan's
+    strategy: str | None = None
+
+
+@dataclass(frozen=True)
+class SiteFailed:
+    """A simulated site's local work failed: the one-line ``reason`` the aggregator
+    records, and, when the task's own code raised, its ``traceback`` (else empty)."""
+
+    site: str
+    round: int
+    task_id: str
+    reason: str
+    traceback: str = ""
