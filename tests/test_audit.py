@@ -28,8 +28,8 @@ from fedloom.privacy.audit import (
     GENESIS,
     RECEIPTS,
     AuditLog,
+    AuditReceipt,
     PayloadHasher,
-    Receipt,
     read_records,
     record_hash,
     verify,
@@ -73,9 +73,9 @@ def write_log(state: Path, n: int = 10, key: ec.EllipticCurvePrivateKey | None =
 
 def receipt_for(
     key: ec.EllipticCurvePrivateKey, seq: int, digest: str, round: int, task_id: str
-) -> Receipt:
+) -> AuditReceipt:
     message = signing.receipt_message(SITE, task_id, digest)
-    return Receipt(seq, digest, round, task_id, signing.sign(key, message).hex())
+    return AuditReceipt(seq, digest, round, task_id, signing.sign(key, message).hex())
 
 
 def lines(path: Path) -> list[str]:
@@ -90,7 +90,7 @@ def problems(state: Path, cert: x509.Certificate | None = None) -> tuple[str, ..
     check = None
     if cert is not None:
 
-        def check(r: Receipt) -> bool:
+        def check(r: AuditReceipt) -> bool:
             message = signing.receipt_message(SITE, r.task_id, r.record_hash)
             return signing.verify(cert, message, bytes.fromhex(r.signature))
 
@@ -356,7 +356,7 @@ def test_a_receipt_for_another_site_does_not_verify(tmp_path: Path, identity) ->
     record = read_records(log.path)[1]
     message = signing.receipt_message("site-b", record["task_id"], record["hash"])
     log.add_receipt(
-        Receipt(2, record["hash"], 1, record["task_id"], signing.sign(key, message).hex())
+        AuditReceipt(2, record["hash"], 1, record["task_id"], signing.sign(key, message).hex())
     )
     assert problems(tmp_path, cert) == (
         "receipt for seq 2: the aggregator's signature does not verify",

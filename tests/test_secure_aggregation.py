@@ -23,7 +23,7 @@ from fedloom.privacy.quantize import encode, fractional_bits
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport import InProcessTransport
-from fedloom.transport.messages import Chunk, Receipt, UpdateHeader
+from fedloom.transport.messages import Chunk, UpdateHeader, UploadReceipt
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
@@ -67,7 +67,7 @@ class Observed:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._aggregator, name)
 
-    def upload(self, site: str, header: UpdateHeader, chunks: Any) -> Receipt:
+    def upload(self, site: str, header: UpdateHeader, chunks: Any) -> UploadReceipt:
         seen = self.uploads.setdefault((site, header.round), [])
 
         def watched() -> Any:

@@ -22,8 +22,8 @@ from fedloom.transport import (
     FailureReport,
     ModelHeader,
     PhaseMessage,
-    Receipt,
     UpdateHeader,
+    UploadReceipt,
     assemble,
     iter_chunks,
     serde,
@@ -139,7 +139,7 @@ def test_chunk_made_from_a_memoryview_roundtrips_as_its_bytes() -> None:
 @PROPERTY
 @given(round=U64, accepted=st.booleans(), reason=st.text(max_size=40), received=U64)
 def test_receipt_roundtrips(round: int, accepted: bool, reason: str, received: int) -> None:
-    receipt = Receipt(round, accepted, reason, received)
+    receipt = UploadReceipt(round, accepted, reason, received)
     assert roundtrip(receipt) == receipt
 
 
@@ -165,7 +165,7 @@ MESSAGE_TYPES = [
     ModelHeader,
     Chunk,
     UpdateHeader,
-    Receipt,
+    UploadReceipt,
     FailureReport,
     PhaseMessage,
 ]
@@ -188,7 +188,7 @@ BAD_UTF8 = {  # a string field holding the bytes ff fe, which are not UTF-8
     Instruction: b"\x22\x02\xff\xfe",  # config_json
     ModelHeader: b"\x12\x04\x0a\x02\xff\xfe",  # tensors[0].name
     UpdateHeader: b"\x1a\x04\x0a\x02\xff\xfe",  # a metrics key
-    Receipt: b"\x1a\x02\xff\xfe",  # reason
+    UploadReceipt: b"\x1a\x02\xff\xfe",  # reason
     FailureReport: b"\x12\x02\xff\xfe",  # reason
 }
 
@@ -238,7 +238,7 @@ def test_header_with_an_impossible_tensor_is_refused(
     "message",
     [
         UpdateHeader(1, -1, ()),
-        Receipt(-1, True),
+        UploadReceipt(-1, True),
         Chunk(-1, 0, b""),
         Chunk(2**32, 0, b""),
     ],

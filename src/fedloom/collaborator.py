@@ -20,8 +20,7 @@ from fedloom.core.errors import FedloomError, TaskError, UpdateRejected
 from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.core.sanitize import MAX_SAMPLES_CLAIMED, checked_numbers, shorten
 from fedloom.core.weights import Weights, specs_of
-from fedloom.privacy.audit import AuditLog, AuditRecord, PayloadHasher
-from fedloom.privacy.audit import Receipt as AuditReceipt
+from fedloom.privacy.audit import AuditLog, AuditReceipt, AuditRecord, PayloadHasher
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
@@ -29,8 +28,8 @@ from fedloom.transport.messages import (
     FailureReport,
     ModelHeader,
     PhaseMessage,
-    Receipt,
     UpdateHeader,
+    UploadReceipt,
     assemble,
     iter_chunks,
 )
@@ -87,7 +86,7 @@ class Collaborator:
         self.check_model = check_model
         self.compression = compression
         self.keep_final = keep_final
-        self.last_receipt: Receipt | None = None
+        self.last_receipt: UploadReceipt | None = None
         self.current: Instruction | None = None  # the instruction being worked on
         self.finished: Instruction | None = None  # the aggregator's last word
         self._last_seq = 0  # the audit record of the last upload

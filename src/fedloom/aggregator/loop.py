@@ -87,8 +87,8 @@ from fedloom.transport.messages import (
     ModelHeader,
     ModelStream,
     PhaseMessage,
-    Receipt,
     UpdateHeader,
+    UploadReceipt,
     iter_chunks,
 )
 
@@ -538,7 +538,7 @@ class Aggregator:
         header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
         return ModelStream(header, chunks)
 
-    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt:
         self._check_site(site)
         with self._cond:
             self._saw(site)
@@ -549,14 +549,14 @@ class Aggregator:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
                 opened.uploading[site] = None
             except UpdateRejected as err:
-                return Receipt(header.round, False, err.message)
+                return UploadReceipt(header.round, False, err.message)
         try:
             result = self._receive(site, opened, header, chunks)
         except UpdateRejected as err:
             reason = printable(err.message)  # it may quote what the site sent
             failure = Failure(site, header.round, FailureKind.REJECTED, reason)
             self._settle(opened, site, failure=failure)
-            return Receipt(header.round, False, reason)
+            return UploadReceipt(header.round, False, reason)
         except Exception as err:  # the stream broke off: never let it take the round down
             # What was folded is rolled back; the site stays asked for the round and may
             # send its update again (a restarted collaborator does) until the deadline,
@@ -566,18 +566,20 @@ class Aggregator:
             with self._cond:
                 opened.broke[site] = why
             self._on_event(UploadBroke(opened.round, site, reason))
-            return Receipt(header.round, False, f"{reason}; the update may be sent again")
+            return UploadReceipt(header.round, False, f"{reason}; the update may be sent again")
         finally:  # after the site is settled, so no second upload slips in between
             with self._cond:
                 opened.uploading.pop(site, None)
         if result is None:
-            return Receipt(header.round, False, f"round {header.round} closed before the update")
+            return UploadReceipt(
+                header.round, False, f"round {header.round} closed before the update"
+            )
         self._on_event(SiteAnswered(opened.round, site, True))
         signature = b""
         if self._signer is not None and header.audit_hash:
             signature = self._signer(receipt_message(site, header.task_id, header.audit_hash))
         nbytes = sum(s.nbytes for s in header.tensors)
-        return Receipt(header.round, True, "", nbytes, signature)
+        return UploadReceipt(header.round, True, "", nbytes, signature)
 
     def report_failure(self, site: str, report: FailureReport) -> bool:
         """``site`` could not do its task; True if that settled it for the open round.

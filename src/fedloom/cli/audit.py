@@ -20,7 +20,7 @@ from fedloom.core.errors import AuditError, CertificateError
 # cryptography and the audit log's modules are imported by each command as it runs:
 # `fedloom --help` stays light.
 if TYPE_CHECKING:
-    from fedloom.privacy.audit import Receipt
+    from fedloom.privacy.audit import AuditReceipt
 
 audit_app = typer.Typer(
     help="A site's audit log: what left the site, and proof that the log is intact.",
@@ -142,7 +142,7 @@ def verify_log(
         cert_pem = _aggregator_cert(cert_path, state_dir)
         cert = load_cert(cert_pem, "aggregator certificate")
 
-        def check(receipt: Receipt) -> bool:
+        def check(receipt: AuditReceipt) -> bool:
             try:
                 message = receipt_message(name, receipt.task_id, receipt.record_hash)
                 signature = bytes.fromhex(receipt.signature)

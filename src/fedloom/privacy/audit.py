@@ -6,7 +6,7 @@ of the bytes, the metrics), the privacy parameters in force, and ``prev``, the h
 the record before it; its own ``hash`` is the sha256 of its canonical JSON. Editing,
 deleting or reordering a record breaks the chain, which :func:`verify` reports line by
 line. Cutting off the newest records leaves an intact chain, so the aggregator signs a
-:class:`Receipt` for each record it receives (``STATE/receipts.jsonl``): a receipt for
+:class:`AuditReceipt` for each record it receives (``STATE/receipts.jsonl``): a receipt for
 a record the log no longer holds gives the cut away.
 """
 
@@ -90,7 +90,7 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
-class Receipt:
+class AuditReceipt:
     """The aggregator's acknowledgement of record ``seq``: ``signature`` (hex) is its
     signature over :func:`fedloom.privacy.signing.receipt_message` of the site, the
     task and ``record_hash``."""
@@ -247,7 +247,7 @@ class AuditLog:
             self._seq, self._prev = record.seq, digest
         return record
 
-    def add_receipt(self, receipt: Receipt) -> None:
+    def add_receipt(self, receipt: AuditReceipt) -> None:
         """Keep the aggregator's receipt for one of this log's records."""
         with self._lock:
             self._write(self.receipts_path, receipt.as_json())
@@ -458,10 +458,10 @@ def _check_link(
     return f"line {e.line} (seq {e.seq}): {span} missing before it: {cause}"
 
 
-def _parse_receipt(text: str) -> Receipt | None:
+def _parse_receipt(text: str) -> AuditReceipt | None:
     try:
         obj = json.loads(text)
-        receipt = Receipt(
+        receipt = AuditReceipt(
             seq=obj["seq"],
             record_hash=obj["record_hash"],
             round=obj["round"],
@@ -481,7 +481,7 @@ def _check_receipts(
     entries: list[_Entry],
     holes: list[int],
     missing: set[int],
-    check_signature: Callable[[Receipt], bool] | None,
+    check_signature: Callable[[AuditReceipt], bool] | None,
 ) -> list[str]:
     problems: list[str] = []
     by_seq: dict[int, _Entry] = {}
@@ -531,7 +531,7 @@ def _check_receipts(
 def verify(
     log_path: Path,
     receipts_path: Path,
-    check_signature: Callable[[Receipt], bool] | None = None,
+    check_signature: Callable[[AuditReceipt], bool] | None = None,
 ) -> VerifyReport:
     """Check the log's hash chain, and the log against the aggregator's receipts.
 

@@ -20,8 +20,8 @@ from fedloom.transport.messages import (
     HeartbeatReply,
     ModelStream,
     PhaseMessage,
-    Receipt,
     UpdateHeader,
+    UploadReceipt,
 )
 
 
@@ -76,7 +76,7 @@ class AggregatorService(Protocol):
         """The global model of ``round``, as a header and chunks."""
         ...
 
-    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+    def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt:
         """Receive ``site``'s answer to the current round: each chunk is checked and
         folded into the running sum as it arrives; a stream that fails part-way is rolled
         back exactly, and the receipt says why."""
@@ -114,7 +114,7 @@ class Connection(Protocol):
 
     def download(self, round: int) -> ModelStream: ...
 
-    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt: ...
+    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt: ...
 
     def report_failure(self, report: FailureReport) -> None: ...
 

@@ -22,8 +22,8 @@ from fedloom.transport.messages import (
     ModelHeader,
     ModelStream,
     PhaseMessage,
-    Receipt,
     UpdateHeader,
+    UploadReceipt,
 )
 
 M = TypeVar("M")
@@ -89,7 +89,7 @@ class InProcessConnection:
         header: ModelHeader = self._transport._pass(stream.header, down=True)
         return ModelStream(header, self._relay(stream.chunks, down=True))
 
-    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt:
         sent_header = self._transport._pass(header, down=False)
         receipt = self._transport.service.upload(
             self._site, sent_header, self._relay(iter(chunks), down=False)

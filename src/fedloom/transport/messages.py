@@ -62,7 +62,7 @@ class UpdateHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class Receipt:
+class UploadReceipt:
     """The aggregator's answer to an upload; ``signature`` signs the site's audit record
     hash (:func:`fedloom.privacy.signing.receipt_message`) when the aggregator has a key."""
 

@@ -24,9 +24,9 @@ from fedloom.transport.messages import (
     Hello,
     ModelHeader,
     PhaseMessage,
-    Receipt,
     StreamEnd,
     UpdateHeader,
+    UploadReceipt,
     Welcome,
 )
 from fedloom.transport.proto import fedloom_pb2 as pb
@@ -151,7 +151,7 @@ def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
     )
 
 
-def receipt_to_proto(r: Receipt) -> pb.Receipt:
+def receipt_to_proto(r: UploadReceipt) -> pb.Receipt:
     return pb.Receipt(
         round=r.round,
         accepted=r.accepted,
@@ -161,8 +161,8 @@ def receipt_to_proto(r: Receipt) -> pb.Receipt:
     )
 
 
-def receipt_from_proto(m: pb.Receipt) -> Receipt:
-    return Receipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature)
+def receipt_from_proto(m: pb.Receipt) -> UploadReceipt:
+    return UploadReceipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature)
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:
@@ -226,7 +226,7 @@ _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     ModelHeader: (model_header_to_proto, model_header_from_proto, pb.ModelHeader),
     Chunk: (chunk_to_proto, chunk_from_proto, pb.Chunk),
     UpdateHeader: (update_header_to_proto, update_header_from_proto, pb.UpdateHeader),
-    Receipt: (receipt_to_proto, receipt_from_proto, pb.Receipt),
+    UploadReceipt: (receipt_to_proto, receipt_from_proto, pb.Receipt),
     FailureReport: (failure_to_proto, failure_from_proto, pb.FailureReport),
     PhaseMessage: (phase_to_proto, phase_from_proto, pb.PhaseMessage),
     Hello: (hello_to_proto, hello_from_proto, pb.Hello),

@@ -43,9 +43,9 @@ from fedloom.transport.messages import (
     ModelHeader,
     ModelStream,
     PhaseMessage,
-    Receipt,
     StreamEnd,
     UpdateHeader,
+    UploadReceipt,
     Welcome,
 )
 
@@ -179,7 +179,7 @@ class GrpcConnection:
         header, responses = self._session("Download", start)
         return ModelStream(header, integrity.verified(header.tensors, _chunks(responses)))
 
-    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> Receipt:
+    def upload(self, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt:
         def messages() -> Iterator[bytes]:
             yield serde.encode_stream_item(header)
             count = 0
@@ -194,7 +194,7 @@ class GrpcConnection:
             reply = self._upload(messages(), timeout=self.settings.stream_seconds)
         except grpc.RpcError as err:
             raise self._lost_session(_translate(err, "Upload")) from None
-        return serde.decode(Receipt, reply)
+        return serde.decode(UploadReceipt, reply)
 
     def report_failure(self, report: FailureReport) -> None:
         request = serde.encode(report)

@@ -49,9 +49,9 @@ from fedloom.transport.messages import (
     Heartbeat,
     Hello,
     PhaseMessage,
-    Receipt,
     StreamEnd,
     UpdateHeader,
+    UploadReceipt,
     Welcome,
 )
 
@@ -183,11 +183,11 @@ class Handlers:
         except (StopIteration, FedloomError) as err:
             reason = f"upload must start with its header: {str(err) or 'the stream was empty'}"
             log.warning("rejected an upload from %s: %s", site, printable(reason))
-            return serde.encode(Receipt(0, False, reason))
+            return serde.encode(UploadReceipt(0, False, reason))
         if not isinstance(first, UpdateHeader):
             reason = "upload must start with its header, got a chunk"
             log.warning("rejected an upload from %s: %s", site, reason)
-            return serde.encode(Receipt(0, False, reason))
+            return serde.encode(UploadReceipt(0, False, reason))
         chunks = integrity.verified(first.tensors, _chunks(requests, self.traffic))
         receipt = self.service.upload(site, first, chunks)
         what = "update" if first.tensors else "evaluation"
