@@ -738,7 +738,7 @@ def test_an_incomplete_stream_is_rolled_back_outside_the_aggregators_lock(
     undo = mean_module.MeanContribution._undo
 
     def watched(self: Any) -> None:  # a rollback may re-read GiBs: never under the lock
-        lock_held.append(fed.aggregator._cond._is_owned())
+        lock_held.append(fed.aggregator.board.cond._is_owned())
         undo(self)
 
     monkeypatch.setattr(mean_module.MeanContribution, "_undo", watched)

@@ -3,6 +3,7 @@ and the causes a missed quorum reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Iterable
@@ -11,7 +12,8 @@ from dataclasses import dataclass, field
 from fedloom.accumulate import Accumulator, Contribution
 from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
-from fedloom.core.errors import UpdateRejected
+from fedloom.core.clock import Clock
+from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.records import (
     CloseReason,
     Failure,
@@ -20,9 +22,11 @@ from fedloom.core.records import (
     InstructionKind,
     RoundRecord,
     SiteResult,
+    Summary,
 )
 from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
-from fedloom.core.weights import TensorSpec, Weights
+from fedloom.core.weights import TensorSpec, Weights, specs_of
+from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.secagg_server import SecAggRound
 
 
@@ -141,3 +145,33 @@ def check_task(task_id: str, opened: Attempt) -> None:
             f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
             "aggregator restarted); the site fetches the task again"
         )
+
+
+def summarize(
+    record: RoundRecord, opened: Attempt, privacy: AggregatorPrivacy | None, clock: Clock
+) -> tuple[RoundRecord, Summary | None]:
+    """What the round's accumulator folded; under secure aggregation the unmasked
+    sum. A sum that cannot be unmasked fails the attempt (no quorum): its record
+    says why, and None comes back."""
+    secagg = opened.secagg
+    if secagg is None:
+        assert opened.accumulator is not None  # noqa: S101 - a TRAIN round makes one
+        assert not isinstance(opened.accumulator, MaskedSumAccumulator)  # noqa: S101
+        return record, opened.accumulator.summary(record.round, record.results)
+    assert privacy is not None  # noqa: S101 - secure aggregation is privacy's
+    try:
+        deadline = clock.now() + secagg.params.key_seconds
+        summary = privacy.unmasked_summary(
+            record.round, secagg, specs_of(opened.weights), record.results, deadline
+        )
+    except AggregationError as err:
+        secagg.abandon(err.message)
+        cancelled = tuple(
+            Failure(r.site, r.round, FailureKind.CANCELLED, err.message) for r in record.results
+        )
+        failures = tuple(sorted(record.failures + cancelled, key=lambda f: f.site))
+        failed = dataclasses.replace(
+            record, results=(), failures=failures, close_reason=CloseReason.NO_QUORUM
+        )
+        return failed, None
+    return record, summary

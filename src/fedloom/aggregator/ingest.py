@@ -1,12 +1,24 @@
-"""Upload ingestion: the reasons an update is refused or rolled back."""
+"""Upload ingestion: an update's header checked, its chunks decoded and folded, then
+committed with the site's result, or rolled back; and the reasons it can be refused."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedloom.accumulate import Contribution
+from fedloom.aggregator.attempt import Attempt
+from fedloom.aggregator.board import Board
+from fedloom.aggregator.config import FederationConfig
+from fedloom.compression.codecs import Codec, Compression
+from fedloom.compression.stream import UpdateDecoder
 from fedloom.core.errors import UpdateRejected
-from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
+from fedloom.core.records import InstructionKind, SiteResult
+from fedloom.core.sanitize import MAX_TEXT_CHARS, check_audit_hash, checked_numbers, printable
+from fedloom.transport.messages import Chunk, UpdateHeader
+
+if TYPE_CHECKING:
+    from fedloom.privacy.aggregator import AggregatorPrivacy
 
 
 def closed_while_streaming(round: int) -> str:
@@ -31,3 +43,97 @@ def spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
                 f"model's {e.name!r} {e.dtype}{list(e.shape)}"
             )
     return "tensor specs differ from the global model"
+
+
+def receive(
+    board: Board,
+    config: FederationConfig,
+    privacy: AggregatorPrivacy | None,
+    site: str,
+    opened: Attempt,
+    header: UpdateHeader,
+    chunks: Iterable[Chunk],
+) -> SiteResult | None:
+    """Check, fold and record ``site``'s answer; None if the round had already settled
+    it. A refused update raises :class:`UpdateRejected`; what was folded is rolled back."""
+    check_audit_hash(header.audit_hash)
+    training = opened.kind is not InstructionKind.EVALUATE
+    numbers = checked_numbers(
+        header.num_samples,
+        header.metrics,
+        max_samples=config.max_samples,
+        training=training,
+    )
+    capped, metrics = numbers.num_samples, numbers.metrics
+    result = SiteResult(site, opened.round, capped, numbers.claimed_samples, metrics)
+    if not training:
+        if header.tensors:
+            raise UpdateRejected("an evaluation answer carries no tensors")
+        for _ in chunks:
+            raise UpdateRejected("an evaluation answer carries no tensors")
+        with board.cond:
+            return result if board.record(opened, site, result=result) else None
+    decoder = update_decoder(config.compression, header, opened)
+    board.faults.hit("upload.receiving", round=opened.round, site=site)
+    weight = capped if privacy is None else privacy.weight(capped)
+    assert opened.accumulator is not None  # noqa: S101 - TRAIN rounds always have one
+    with board.cond:
+        if board.open is not opened:
+            raise UpdateRejected(closed_while_streaming(opened.round))
+        contribution = opened.accumulator.begin(site, weight)
+        if decoder is not None:  # the accumulator takes the update decoded
+            contribution = decoder.wrap(contribution)
+        opened.uploading[site] = contribution  # the round's close aborts it
+    try:
+        fold_stream(board, opened, result, contribution, chunks)
+    except BaseException as err:
+        contribution.abort(abort_reason(err))  # outside the lock: may re-read a spool
+        raise
+    return result
+
+
+def update_decoder(
+    compression: Compression, header: UpdateHeader, opened: Attempt
+) -> UpdateDecoder | None:
+    """Refuse an update that does not announce the model's tensors, or, under an
+    update codec, their encoding; for the latter, the decoder that the update
+    streams through before the accumulator checks and folds it."""
+    if compression.update is Codec.NONE:
+        if tuple(header.tensors) != opened.expected:
+            raise UpdateRejected(spec_mismatch(header.tensors, opened.expected))
+        return None
+    return UpdateDecoder(header.tensors, opened.expected, compression)
+
+
+def fold_stream(
+    board: Board,
+    opened: Attempt,
+    result: SiteResult,
+    contribution: Contribution,
+    chunks: Iterable[Chunk],
+) -> None:
+    """Fold each chunk as it arrives; at the end, commit the update and record the
+    site's result together, while the round is still open.
+
+    An incomplete update is refused before the lock is taken: its rollback (which
+    may re-read a spool of GiBs) must not hold up every other site's calls."""
+    site = result.site
+    for chunk in chunks:
+        contribution.add(chunk.tensor, chunk.offset, chunk.data)
+        opened.received[site] = opened.received.get(site, 0) + len(chunk.data)
+        board.saw(site)
+        board.faults.hit(
+            "upload.chunk",
+            round=opened.round,
+            site=site,
+            tensor=chunk.tensor,
+            offset=chunk.offset,
+        )
+    contribution.check_complete()  # the caller rolls back, outside the lock
+    with board.cond:  # the close sets `open` under this lock before it reads the sum
+        if board.open is not opened:
+            raise UpdateRejected(closed_while_streaming(opened.round))
+        if site not in opened.pending:  # settled meanwhile (the site reported a failure)
+            raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
+        contribution.finish()
+        board.record(opened, site, result=result)
