@@ -23,17 +23,16 @@ from fedloom.core.errors import AuditError, CertificateError
 from fedloom.pki import init_ca
 from fedloom.pki.common import site_state_dir
 from fedloom.privacy import signing
-from fedloom.privacy.audit import (
+from fedloom.privacy.audit import AuditLog, PayloadHasher
+from fedloom.privacy.audit_records import (
     AUDIT_LOG,
     GENESIS,
     RECEIPTS,
-    AuditLog,
     AuditReceipt,
-    PayloadHasher,
     read_records,
     record_hash,
-    verify,
 )
+from fedloom.privacy.audit_verify import verify
 
 SITE = "site-a"
 

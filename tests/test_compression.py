@@ -41,7 +41,8 @@ from fedloom.core.records import CloseReason, FailureKind, Instruction, Instruct
 from fedloom.core.weights import TensorSpec, Weights, dtype_from_name, specs_of, weights_equal
 from fedloom.pki import server_credentials
 from fedloom.plan import validate_plan
-from fedloom.privacy.audit import AuditLog, read_records
+from fedloom.privacy.audit import AuditLog
+from fedloom.privacy.audit_records import read_records
 from fedloom.privacy.published import model_checker, signer_from_pem
 from fedloom.strategies import FedAvg
 from fedloom.transport import UpdateHeader, iter_chunks

@@ -20,7 +20,8 @@ from fedloom.core.errors import FedloomError, TaskError, UpdateRejected
 from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
 from fedloom.core.sanitize import MAX_SAMPLES_CLAIMED, checked_numbers, shorten
 from fedloom.core.weights import Weights, specs_of
-from fedloom.privacy.audit import AuditLog, AuditReceipt, AuditRecord, PayloadHasher
+from fedloom.privacy.audit import AuditLog, PayloadHasher
+from fedloom.privacy.audit_records import AuditReceipt, AuditRecord
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (

@@ -20,7 +20,7 @@ from fedloom.core.errors import AuditError, CertificateError
 # cryptography and the audit log's modules are imported by each command as it runs:
 # `fedloom --help` stays light.
 if TYPE_CHECKING:
-    from fedloom.privacy.audit import AuditReceipt
+    from fedloom.privacy.audit_records import AuditReceipt
 
 audit_app = typer.Typer(
     help="A site's audit log: what left the site, and proof that the log is intact.",
@@ -59,7 +59,7 @@ def show(
     reordered or deleted.
     """
     from fedloom.pki.common import site_state_dir as default_state_dir
-    from fedloom.privacy.audit import AUDIT_LOG, read_records
+    from fedloom.privacy.audit_records import AUDIT_LOG, read_records
 
     log = (state or default_state_dir(workspace, name)) / AUDIT_LOG
     records = read_records(log)
@@ -128,7 +128,8 @@ def verify_log(
     """
     from fedloom.pki.common import SERVER_CERT, fingerprint, load_cert
     from fedloom.pki.common import site_state_dir as default_state_dir
-    from fedloom.privacy.audit import AUDIT_LOG, RECEIPTS, verify
+    from fedloom.privacy.audit_records import AUDIT_LOG, RECEIPTS
+    from fedloom.privacy.audit_verify import verify
     from fedloom.privacy.signing import receipt_message
     from fedloom.privacy.signing import verify as verify_signature
 

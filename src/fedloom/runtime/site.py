@@ -53,7 +53,8 @@ from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_at
 from fedloom.pki.credentials import Credentials
 from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
-from fedloom.privacy.audit import AUDIT_LOG, AuditLog
+from fedloom.privacy.audit import AuditLog
+from fedloom.privacy.audit_records import AUDIT_LOG
 from fedloom.privacy.budget import SPENT_FILE, SiteBudget
 from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
