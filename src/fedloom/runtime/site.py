@@ -54,23 +54,15 @@ from fedloom.pki.credentials import Credentials
 from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
-from fedloom.privacy.budget import SPENT_FILE, SiteBudget
 from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
-from fedloom.privacy.policy import (
-    POLICY_FILE,
-    Policy,
-    check_policy,
-    filter_metrics,
-    load_policy,
-    policy_refusal,
-    policy_warnings,
-)
+from fedloom.privacy.policy import filter_metrics
 from fedloom.privacy.published import model_checker
 from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
+from fedloom.runtime.sitepolicy import enforce_policy, site_budget, site_policy_files
 from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.runtime.waiting import WaitNotices, federation_completed
 from fedloom.store.locks import LockBusy, hold_lock
@@ -382,77 +374,6 @@ def lock_site_state(state_dir: Path) -> IO[str]:
             "one its own folder with --state (and its own certificate: one site, one "
             "collaborator)",
         ) from None
-
-
-@dataclass(frozen=True)
-class PolicyFiles:
-    """The site policy a collaborator enforces, and the ``policy.yaml`` files it found
-    where a data owner may have put one and that it does not read: a policy in the
-    wrong place must not go unnoticed."""
-
-    path: Path  # the policy it checks the plan against, or where it looked for one
-    in_use: bool  # False: there is no policy, and the site enforces only the plan
-    unused: tuple[Path, ...]
-
-
-def site_policy_files(ws: Path, name: str, state_dir: Path, given: Path | None) -> PolicyFiles:
-    """Which policy the collaborator of ``name`` reads (``given``, else
-    STATE/policy.yaml if it exists) and the ``policy.yaml`` files it leaves unread in
-    the current folder, the workspace, the site's default state folder and STATE."""
-    path = given if given is not None else state_dir / POLICY_FILE
-    places = (Path.cwd(), ws, site_state_dir(ws, name), state_dir)
-    unused: dict[Path, Path] = {}
-    for place in places:
-        found = place / POLICY_FILE
-        if found.is_file() and found.resolve() != path.resolve():
-            unused.setdefault(found.resolve(), found)
-    return PolicyFiles(path, given is not None or path.is_file(), tuple(unused.values()))
-
-
-def enforce_policy(plan: Plan, digest: str, files: PolicyFiles) -> Policy | None:
-    """The site's policy (``files.path``), after checking the plan against it:
-    :class:`PolicyError` naming every broken rule if it fails; None without one."""
-    for other in files.unused:
-        log.warning("%s is not read: this site's policy is %s", other, files.path)
-    if not files.in_use:
-        log.warning(
-            "no site policy (%s): this site enforces nothing beyond the plan; write one "
-            "with `fedloom policy init`",
-            files.path,
-        )
-        return None
-    policy = load_policy(files.path)
-    violations = check_policy(policy, plan, digest)
-    if violations:
-        raise policy_refusal(violations, source=str(files.path))
-    for warning in policy_warnings(policy):
-        log.warning("policy: %s", warning)
-    log.info("the plan (hash %s) meets the site policy %s", digest[:12], files.path)
-    return policy
-
-
-def site_budget(
-    plan: Plan, digest: str, policy: Policy | None, state_dir: Path
-) -> SiteBudget | None:
-    """This site's own count of DP updates, limited by the plan's epsilon budget or its
-    policy's max_epsilon, whichever is lower; None when neither sets a limit."""
-    dp = plan.privacy.dp
-    if dp is None:
-        return None
-    limits = [dp.epsilon_budget]
-    if policy is not None and policy.dp is not None:
-        limits.append(policy.dp.max_epsilon)
-    known = [x for x in limits if x is not None]
-    if not known:
-        return None
-    return SiteBudget(
-        state_dir / SPENT_FILE,
-        plan_hash=digest,
-        noise_multiplier=dp.noise_multiplier,
-        delta=dp.delta,
-        limit=min(known),
-        accountant=plan.privacy.accountant,
-    )
 
 
 def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:
