@@ -8,11 +8,15 @@ before the federation completed (interrupted, failed: it resumes the run when st
 again); each change of what the site waits for, and why, is said on the screen. A
 refusal (another CA, a revoked certificate, another plan) ends the process with the
 reason.
+
+Its parts: the policy and budget checked at start (:mod:`~fedloom.runtime.sitepolicy`),
+the site's own data (:mod:`~fedloom.runtime.siteload`), the link to the aggregator
+(:mod:`~fedloom.runtime.sitelink`: the work loop, heartbeats, withdrawal) and what the
+site did, as its screen shows it (:mod:`~fedloom.runtime.siteprogress`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -20,31 +24,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from cryptography import x509
-from cryptography.x509 import Certificate
-
-from fedloom.collaborator import Collaborator, withdraw
+from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.core.clock import FaultPoints
-from fedloom.core.errors import (
-    AccessDenied,
-    AggregatorLost,
-    DataError,
-    DeviceError,
-    FederationCancelled,
-    FedloomError,
-    StateError,
-    TransportError,
-)
+from fedloom.core.errors import DataError, DeviceError, FedloomError, StateError
 from fedloom.core.records import Instruction, SiteAnswer
 from fedloom.core.weights import Weights
 from fedloom.pki import site_credentials
-from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
-from fedloom.pki.credentials import Credentials
+from fedloom.pki.common import check_name, site_state_dir
 from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AUDIT_LOG, AuditLog
@@ -52,24 +43,23 @@ from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
 from fedloom.privacy.policy import filter_metrics
 from fedloom.privacy.published import model_checker
-from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
 from fedloom.runtime.executor import dp_sgd_of, execute, site_env
+from fedloom.runtime.sitelink import aggregator_certificate, heartbeats, tell_withdrawal, work
 from fedloom.runtime.siteload import load_site_data
 from fedloom.runtime.sitepolicy import enforce_policy, site_budget, site_policy_files
+from fedloom.runtime.siteprogress import Reporter, SiteProgress
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.runtime.waiting import WaitNotices, federation_completed
+from fedloom.runtime.waiting import WaitNotices
 from fedloom.store.locks import LockBusy, hold_lock
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
-from fedloom.transport.messages import Heartbeat, ModelHeader
+from fedloom.transport.messages import ModelHeader
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
 LOCK_FILE = "collaborator.lock"
 TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
-WITHDRAW_SECONDS = 60.0  # at most this long a refused site tries to tell the aggregator
-STOPPING_POLL_MAX = 2.0  # seconds between asks of an aggregator that says it stopped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,31 +75,6 @@ class SiteOptions:
     connect_seconds: float | None = None  # give up reaching the aggregator after this
     threads: int = 1  # torch threads
     policy: Path | None = None  # the data owner's policy; default: STATE/policy.yaml if any
-
-
-@dataclass
-class SiteProgress:
-    """What the collaborator did, for its progress line and its exit summary."""
-
-    # training rounds whose update the aggregator accepted (once each: a round that
-    # runs again after the aggregator's restart is asked for, and accepted, again)
-    accepted: set[int] = field(default_factory=set)
-    failed: set[int] = field(default_factory=set)  # rounds not answered, or answers refused
-    evaluated: bool = False  # the final model was evaluated here
-    final_model: Path | None = None  # where this site kept it (STATE/final/<run>.safetensors)
-    current: int = 0
-    last: str = ""
-    # the traceback of the failure ``last`` reports, when the task's own code raised;
-    # kept at the site (its log; the screen with --verbose), never sent
-    traceback: str = ""
-
-    @property
-    def rounds_done(self) -> int:
-        return len(self.accepted)
-
-    @property
-    def rounds_failed(self) -> int:
-        return len(self.failed)
 
 
 def participate(
@@ -191,12 +156,7 @@ def _participate(
         raise
     connection = GrpcConnection(credentials, settings, stop=stop, on_wait=notices)
     progress = SiteProgress()
-
-    def report(line: str, *, failed: bool = False, trace: str = "") -> None:
-        progress.last, progress.traceback = line, trace
-        (log.warning if failed else log.info)(line + (f"\n{trace}" if trace else ""))
-        if on_progress is not None:
-            on_progress(progress)
+    report = Reporter(progress, on_progress)
 
     def runner(instruction: Instruction, weights: Weights) -> SiteAnswer:
         progress.current = instruction.round
@@ -241,13 +201,13 @@ def _participate(
             f"(rounds: {welcome.rounds})"
         )
         beats = threading.Thread(
-            target=_heartbeats,
+            target=heartbeats,
             args=(connection, welcome.heartbeat_seconds, progress, stop),
             name="fedloom-heartbeat",
             daemon=True,
         )
         beats.start()
-        aggregator_cert = _aggregator_certificate(welcome.certificate, credentials, state_dir)
+        aggregator_cert = aggregator_certificate(welcome.certificate, credentials, state_dir)
         metric_filter = None
         if policy is not None:
             kept_policy = policy
@@ -289,50 +249,7 @@ def _participate(
             compression=site_compression(plan),
             keep_final=keep_final,
         )
-        stops = 0  # "stopped" answers in a row from an aggregator on its way out
-        while not stop.is_set():
-            try:
-                if not collaborator.step():
-                    last_word, collaborator.finished = collaborator.finished, None
-                    if last_word is None or federation_completed(last_word):
-                        break
-                    notices.stopped()
-                    # it answers so until it is gone (it lingers a few seconds to tell
-                    # every site); then the connection waits for it to be back
-                    delay = min(STOPPING_POLL_MAX, settings.backoff_base * 2**stops)
-                    stops += 1
-                    stop.wait(delay)  # backoff
-                    continue
-                if stops:
-                    notices(None)  # another aggregator process answers: it is back
-                stops = 0
-            except (AccessDenied, AggregatorLost, FederationCancelled):
-                raise
-            except TransportError as err:
-                working = collaborator.current  # None: it was only asking for work
-                if working is not None:
-                    progress.failed.add(working.round)
-                report(f"round {progress.current}: {err.message}", failed=working is not None)
-                continue
-            refused, collaborator.last_failure = collaborator.last_failure, None
-            if refused is not None and refused[0] not in progress.failed:
-                # reported to the aggregator already: a refused model, the policy, the budget
-                progress.failed.add(refused[0])
-                report(f"round {refused[0]}: not answered: {refused[1]}", failed=True)
-            receipt, collaborator.last_receipt = collaborator.last_receipt, None
-            if receipt is None or receipt.round != progress.current:
-                continue
-            if not receipt.accepted:
-                progress.failed.add(receipt.round)
-                report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
-            elif receipt.bytes_received:
-                progress.accepted.add(receipt.round)
-                progress.failed.discard(receipt.round)  # answered in the end (a retry)
-                report(f"round {receipt.round}: update accepted ({receipt.bytes_received} bytes)")
-            else:
-                progress.evaluated = True
-                progress.failed.discard(receipt.round)
-                report(f"round {receipt.round}: evaluation of the final model accepted")
+        work(collaborator, settings, notices, progress, report, stop)
     finally:
         stop.set()
         connection.close()
@@ -358,67 +275,3 @@ def lock_site_state(state_dir: Path) -> IO[str]:
             "one its own folder with --state (and its own certificate: one site, one "
             "collaborator)",
         ) from None
-
-
-def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:
-    """The aggregator's certificate from its Welcome, checked against the federation's
-    CA, and kept as STATE/aggregator.crt (``fedloom audit verify`` checks receipts with
-    it)."""
-    if not pem:
-        raise AccessDenied(
-            "the aggregator sent no certificate: it cannot sign its models and receipts",
-            hint="run the same fedloom version on the aggregator",
-        )
-    ca = x509.load_pem_x509_certificate(credentials.ca_pem)
-    certificate = certificate_from_pem(pem, ca)
-    path = state_dir / SERVER_CERT
-    if not path.is_file() or path.read_bytes() != pem:
-        write_atomic(path, pem)
-    return certificate
-
-
-def tell_withdrawal(
-    credentials: Credentials,
-    settings: ClientSettings,
-    err: FedloomError,
-    state_dir: Path,
-    stop: threading.Event,
-) -> bool:
-    """Say Hello, then tell the aggregator that this site withdraws because of ``err``
-    (:func:`~fedloom.collaborator.withdraw`), trying for ``--give-up-after`` seconds but
-    no longer than :data:`WITHDRAW_SECONDS`; True once it was told. A site not told
-    leaves the aggregator waiting for it each round until the deadline, as a site never
-    started would."""
-    reason = " ".join(line.strip() for line in err.message.splitlines())
-    log.error("this site cannot take part: %s", err)
-    limit = min(settings.connect_seconds or WITHDRAW_SECONDS, WITHDRAW_SECONDS)
-    connection = GrpcConnection(
-        credentials, dataclasses.replace(settings, connect_seconds=limit), stop=stop
-    )
-    try:
-        connection.open()
-        withdraw(connection, reason, audit=AuditLog(state_dir / AUDIT_LOG))
-    except FedloomError as failed:
-        log.warning(
-            "could not tell the aggregator that this site withdraws: %s; it waits for this "
-            "site each round until the round's deadline",
-            failed.message,
-        )
-        return False
-    finally:
-        connection.close()
-    log.warning("told the aggregator that this site withdraws: %s", reason)
-    return True
-
-
-def _heartbeats(
-    connection: GrpcConnection, every: float, progress: SiteProgress, stop: threading.Event
-) -> None:
-    # beats on after the aggregator says it finished: it may have stopped before the
-    # federation completed, and a restarted one hears the site again (the process
-    # stops the beats when it ends)
-    while not stop.wait(every):
-        try:
-            connection.heartbeat(Heartbeat(progress.current))
-        except Exception as err:  # noqa: BLE001 - a missed beat is logged, never fatal
-            log.debug("heartbeat: %s", err)
