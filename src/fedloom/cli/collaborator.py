@@ -104,7 +104,9 @@ def collaborator_start(
     from fedloom.core.clock import kill_fault
     from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
-    from fedloom.runtime.site import SiteOptions, SiteProgress, participate, site_policy_files
+    from fedloom.runtime.site import SiteOptions, participate
+    from fedloom.runtime.sitepolicy import site_policy_files
+    from fedloom.runtime.siteprogress import SiteProgress
 
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or site_state_dir(workspace, name)

@@ -39,7 +39,7 @@ from fedloom.cli.common import (
 if TYPE_CHECKING:
     from fedloom.core.records import RoundRecord
     from fedloom.runtime.server import OpenedRun
-    from fedloom.runtime.site import PolicyFiles
+    from fedloom.runtime.sitepolicy import PolicyFiles
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True

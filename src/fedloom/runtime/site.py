@@ -8,93 +8,59 @@ before the federation completed (interrupted, failed: it resumes the run when st
 again); each change of what the site waits for, and why, is said on the screen. A
 refusal (another CA, a revoked certificate, another plan) ends the process with the
 reason.
+
+Its parts: the policy and budget checked at start (:mod:`~fedloom.runtime.sitepolicy`),
+the site's own data (:mod:`~fedloom.runtime.siteload`), the link to the aggregator
+(:mod:`~fedloom.runtime.sitelink`: the work loop, heartbeats, withdrawal) and what the
+site did, as its screen shows it (:mod:`~fedloom.runtime.siteprogress`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-import traceback
-import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import numpy as np
-from cryptography import x509
-from cryptography.x509 import Certificate
-
-from fedloom.collaborator import Collaborator, withdraw
+from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.core.clock import FaultPoints
-from fedloom.core.errors import (
-    AccessDenied,
-    AggregatorLost,
-    DataError,
-    DeviceError,
-    FederationCancelled,
-    FedloomError,
-    PlanError,
-    StateError,
-    TransportError,
-)
+from fedloom.core.errors import DataError, DeviceError, FedloomError, StateError
 from fedloom.core.records import Instruction, SiteAnswer
-from fedloom.core.rng import generator, int_seed
-from fedloom.core.weights import Weights, read_only
-from fedloom.data import train_val_split
+from fedloom.core.weights import Weights
 from fedloom.pki import site_credentials
-from fedloom.pki.common import SERVER_CERT, check_name, site_state_dir, write_atomic
-from fedloom.pki.credentials import Credentials
+from fedloom.pki.common import check_name, site_state_dir
 from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.audit import AuditLog
 from fedloom.privacy.audit_records import AUDIT_LOG
-from fedloom.privacy.budget import SPENT_FILE, SiteBudget
 from fedloom.privacy.final_model import keep_final_model
 from fedloom.privacy.identity import SiteIdentity
-from fedloom.privacy.policy import (
-    POLICY_FILE,
-    Policy,
-    check_policy,
-    filter_metrics,
-    load_policy,
-    policy_refusal,
-    policy_warnings,
-)
+from fedloom.privacy.policy import filter_metrics
 from fedloom.privacy.published import model_checker
-from fedloom.privacy.signing import certificate_from_pem
 from fedloom.privacy.site import site_privacy
-from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
-from fedloom.runtime.sitedata import DataSource, classes_of, data_problems
+from fedloom.runtime.executor import dp_sgd_of, execute, site_env
+from fedloom.runtime.sitelink import aggregator_certificate, heartbeats, tell_withdrawal, work
+from fedloom.runtime.siteload import load_site_data
+from fedloom.runtime.sitepolicy import enforce_policy, site_budget, site_policy_files
+from fedloom.runtime.siteprogress import Reporter, SiteProgress
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.runtime.waiting import WaitNotices, federation_completed
+from fedloom.runtime.waiting import WaitNotices
 from fedloom.store.locks import LockBusy, hold_lock
-from fedloom.tasks.base import (
-    AnySiteData,
-    ChecksData,
-    LoadsData,
-    SiteContext,
-    SiteData,
-    Split,
-    Task,
-    as_site_data,
-)
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
-from fedloom.transport.messages import Heartbeat, ModelHeader
+from fedloom.transport.messages import ModelHeader
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.collaborator")
 LOCK_FILE = "collaborator.lock"
 TASK_STATE = "task"  # STATE/task: the task's own folder (optimiser state, local tensors)
-WITHDRAW_SECONDS = 60.0  # at most this long a refused site tries to tell the aggregator
-STOPPING_POLL_MAX = 2.0  # seconds between asks of an aggregator that says it stopped
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,31 +76,6 @@ class SiteOptions:
     connect_seconds: float | None = None  # give up reaching the aggregator after this
     threads: int = 1  # torch threads
     policy: Path | None = None  # the data owner's policy; default: STATE/policy.yaml if any
-
-
-@dataclass
-class SiteProgress:
-    """What the collaborator did, for its progress line and its exit summary."""
-
-    # training rounds whose update the aggregator accepted (once each: a round that
-    # runs again after the aggregator's restart is asked for, and accepted, again)
-    accepted: set[int] = field(default_factory=set)
-    failed: set[int] = field(default_factory=set)  # rounds not answered, or answers refused
-    evaluated: bool = False  # the final model was evaluated here
-    final_model: Path | None = None  # where this site kept it (STATE/final/<run>.safetensors)
-    current: int = 0
-    last: str = ""
-    # the traceback of the failure ``last`` reports, when the task's own code raised;
-    # kept at the site (its log; the screen with --verbose), never sent
-    traceback: str = ""
-
-    @property
-    def rounds_done(self) -> int:
-        return len(self.accepted)
-
-    @property
-    def rounds_failed(self) -> int:
-        return len(self.failed)
 
 
 def participate(
@@ -204,7 +145,7 @@ def _participate(
     task_state.mkdir(mode=0o700, exist_ok=True)
     try:
         env = site_env(plan, device=options.device, data_path=options.data, state_dir=task_state)
-        data, index, num_classes = _site_data(ws, plan, task, options, env)
+        data, index, num_classes = load_site_data(ws, plan, task, options.name, options.data, env)
     except (DataError, DeviceError) as err:
         # Refused alone: the aggregator hears why and stops waiting for this site.
         told = tell_withdrawal(credentials, settings, err, state_dir, stop)
@@ -216,12 +157,7 @@ def _participate(
         raise
     connection = GrpcConnection(credentials, settings, stop=stop, on_wait=notices)
     progress = SiteProgress()
-
-    def report(line: str, *, failed: bool = False, trace: str = "") -> None:
-        progress.last, progress.traceback = line, trace
-        (log.warning if failed else log.info)(line + (f"\n{trace}" if trace else ""))
-        if on_progress is not None:
-            on_progress(progress)
+    report = Reporter(progress, on_progress)
 
     def runner(instruction: Instruction, weights: Weights) -> SiteAnswer:
         progress.current = instruction.round
@@ -266,13 +202,13 @@ def _participate(
             f"(rounds: {welcome.rounds})"
         )
         beats = threading.Thread(
-            target=_heartbeats,
+            target=heartbeats,
             args=(connection, welcome.heartbeat_seconds, progress, stop),
             name="fedloom-heartbeat",
             daemon=True,
         )
         beats.start()
-        aggregator_cert = _aggregator_certificate(welcome.certificate, credentials, state_dir)
+        aggregator_cert = aggregator_certificate(welcome.certificate, credentials, state_dir)
         metric_filter = None
         if policy is not None:
             kept_policy = policy
@@ -314,50 +250,7 @@ def _participate(
             compression=site_compression(plan),
             keep_final=keep_final,
         )
-        stops = 0  # "stopped" answers in a row from an aggregator on its way out
-        while not stop.is_set():
-            try:
-                if not collaborator.step():
-                    last_word, collaborator.finished = collaborator.finished, None
-                    if last_word is None or federation_completed(last_word):
-                        break
-                    notices.stopped()
-                    # it answers so until it is gone (it lingers a few seconds to tell
-                    # every site); then the connection waits for it to be back
-                    delay = min(STOPPING_POLL_MAX, settings.backoff_base * 2**stops)
-                    stops += 1
-                    stop.wait(delay)  # backoff
-                    continue
-                if stops:
-                    notices(None)  # another aggregator process answers: it is back
-                stops = 0
-            except (AccessDenied, AggregatorLost, FederationCancelled):
-                raise
-            except TransportError as err:
-                working = collaborator.current  # None: it was only asking for work
-                if working is not None:
-                    progress.failed.add(working.round)
-                report(f"round {progress.current}: {err.message}", failed=working is not None)
-                continue
-            refused, collaborator.last_failure = collaborator.last_failure, None
-            if refused is not None and refused[0] not in progress.failed:
-                # reported to the aggregator already: a refused model, the policy, the budget
-                progress.failed.add(refused[0])
-                report(f"round {refused[0]}: not answered: {refused[1]}", failed=True)
-            receipt, collaborator.last_receipt = collaborator.last_receipt, None
-            if receipt is None or receipt.round != progress.current:
-                continue
-            if not receipt.accepted:
-                progress.failed.add(receipt.round)
-                report(f"round {receipt.round}: answer refused: {receipt.reason}", failed=True)
-            elif receipt.bytes_received:
-                progress.accepted.add(receipt.round)
-                progress.failed.discard(receipt.round)  # answered in the end (a retry)
-                report(f"round {receipt.round}: update accepted ({receipt.bytes_received} bytes)")
-            else:
-                progress.evaluated = True
-                progress.failed.discard(receipt.round)
-                report(f"round {receipt.round}: evaluation of the final model accepted")
+        work(collaborator, settings, notices, progress, report, stop)
     finally:
         stop.set()
         connection.close()
@@ -383,282 +276,3 @@ def lock_site_state(state_dir: Path) -> IO[str]:
             "one its own folder with --state (and its own certificate: one site, one "
             "collaborator)",
         ) from None
-
-
-@dataclass(frozen=True)
-class PolicyFiles:
-    """The site policy a collaborator enforces, and the ``policy.yaml`` files it found
-    where a data owner may have put one and that it does not read: a policy in the
-    wrong place must not go unnoticed."""
-
-    path: Path  # the policy it checks the plan against, or where it looked for one
-    in_use: bool  # False: there is no policy, and the site enforces only the plan
-    unused: tuple[Path, ...]
-
-
-def site_policy_files(ws: Path, name: str, state_dir: Path, given: Path | None) -> PolicyFiles:
-    """Which policy the collaborator of ``name`` reads (``given``, else
-    STATE/policy.yaml if it exists) and the ``policy.yaml`` files it leaves unread in
-    the current folder, the workspace, the site's default state folder and STATE."""
-    path = given if given is not None else state_dir / POLICY_FILE
-    places = (Path.cwd(), ws, site_state_dir(ws, name), state_dir)
-    unused: dict[Path, Path] = {}
-    for place in places:
-        found = place / POLICY_FILE
-        if found.is_file() and found.resolve() != path.resolve():
-            unused.setdefault(found.resolve(), found)
-    return PolicyFiles(path, given is not None or path.is_file(), tuple(unused.values()))
-
-
-def enforce_policy(plan: Plan, digest: str, files: PolicyFiles) -> Policy | None:
-    """The site's policy (``files.path``), after checking the plan against it:
-    :class:`PolicyError` naming every broken rule if it fails; None without one."""
-    for other in files.unused:
-        log.warning("%s is not read: this site's policy is %s", other, files.path)
-    if not files.in_use:
-        log.warning(
-            "no site policy (%s): this site enforces nothing beyond the plan; write one "
-            "with `fedloom policy init`",
-            files.path,
-        )
-        return None
-    policy = load_policy(files.path)
-    violations = check_policy(policy, plan, digest)
-    if violations:
-        raise policy_refusal(violations, source=str(files.path))
-    for warning in policy_warnings(policy):
-        log.warning("policy: %s", warning)
-    log.info("the plan (hash %s) meets the site policy %s", digest[:12], files.path)
-    return policy
-
-
-def site_budget(
-    plan: Plan, digest: str, policy: Policy | None, state_dir: Path
-) -> SiteBudget | None:
-    """This site's own count of DP updates, limited by the plan's epsilon budget or its
-    policy's max_epsilon, whichever is lower; None when neither sets a limit."""
-    dp = plan.privacy.dp
-    if dp is None:
-        return None
-    limits = [dp.epsilon_budget]
-    if policy is not None and policy.dp is not None:
-        limits.append(policy.dp.max_epsilon)
-    known = [x for x in limits if x is not None]
-    if not known:
-        return None
-    return SiteBudget(
-        state_dir / SPENT_FILE,
-        plan_hash=digest,
-        noise_multiplier=dp.noise_multiplier,
-        delta=dp.delta,
-        limit=min(known),
-        accountant=plan.privacy.accountant,
-    )
-
-
-def _aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:
-    """The aggregator's certificate from its Welcome, checked against the federation's
-    CA, and kept as STATE/aggregator.crt (``fedloom audit verify`` checks receipts with
-    it)."""
-    if not pem:
-        raise AccessDenied(
-            "the aggregator sent no certificate: it cannot sign its models and receipts",
-            hint="run the same fedloom version on the aggregator",
-        )
-    ca = x509.load_pem_x509_certificate(credentials.ca_pem)
-    certificate = certificate_from_pem(pem, ca)
-    path = state_dir / SERVER_CERT
-    if not path.is_file() or path.read_bytes() != pem:
-        write_atomic(path, pem)
-    return certificate
-
-
-def tell_withdrawal(
-    credentials: Credentials,
-    settings: ClientSettings,
-    err: FedloomError,
-    state_dir: Path,
-    stop: threading.Event,
-) -> bool:
-    """Say Hello, then tell the aggregator that this site withdraws because of ``err``
-    (:func:`~fedloom.collaborator.withdraw`), trying for ``--give-up-after`` seconds but
-    no longer than :data:`WITHDRAW_SECONDS`; True once it was told. A site not told
-    leaves the aggregator waiting for it each round until the deadline, as a site never
-    started would."""
-    reason = " ".join(line.strip() for line in err.message.splitlines())
-    log.error("this site cannot take part: %s", err)
-    limit = min(settings.connect_seconds or WITHDRAW_SECONDS, WITHDRAW_SECONDS)
-    connection = GrpcConnection(
-        credentials, dataclasses.replace(settings, connect_seconds=limit), stop=stop
-    )
-    try:
-        connection.open()
-        withdraw(connection, reason, audit=AuditLog(state_dir / AUDIT_LOG))
-    except FedloomError as failed:
-        log.warning(
-            "could not tell the aggregator that this site withdraws: %s; it waits for this "
-            "site each round until the round's deadline",
-            failed.message,
-        )
-        return False
-    finally:
-        connection.close()
-    log.warning("told the aggregator that this site withdraws: %s", reason)
-    return True
-
-
-def _heartbeats(
-    connection: GrpcConnection, every: float, progress: SiteProgress, stop: threading.Event
-) -> None:
-    # beats on after the aggregator says it finished: it may have stopped before the
-    # federation completed, and a restarted one hears the site again (the process
-    # stops the beats when it ends)
-    while not stop.wait(every):
-        try:
-            connection.heartbeat(Heartbeat(progress.current))
-        except Exception as err:  # noqa: BLE001 - a missed beat is logged, never fatal
-            log.debug("heartbeat: %s", err)
-
-
-def _site_data(
-    ws: Path, plan: Plan, task: Task, options: SiteOptions, env: SiteEnv
-) -> tuple[AnySiteData, int, int]:
-    """This site's data, its index in the roster (-1 if not in it) and the class count,
-    checked (:func:`check_site_data`) before the site joins."""
-    index = plan.roster.index(options.name) if options.name in plan.roster else -1
-    source = DataSource(plan, ws, task)
-    if options.data is not None:
-        own = None
-        if isinstance(task, LoadsData):
-            if not options.data.exists():
-                raise DataError.of(str(options.data), ["no such file or folder"], hint=DATA_HINT)
-            context = SiteContext(
-                options.name,
-                index,
-                0,
-                int_seed(plan.seed, 0, options.name, "data"),
-                data_path=options.data,
-                total_rounds=plan.rounds,
-                device=env.device,
-                state_dir=env.state_dir,
-            )
-            try:
-                own = task.load_data(context)
-            except FedloomError:
-                raise
-            except Exception as err:  # noqa: BLE001 - the task's own code, on this data
-                log.error("the task's data function failed:\n%s", traceback.format_exc())
-                why = traceback.format_exception_only(err)[-1].strip()
-                raise DataError.of(
-                    str(options.data),
-                    [f"the task's data function failed on it: {why}"],
-                    hint="fix the data or the task's data function (the traceback is in the "
-                    "collaborator's log), then start the collaborator again",
-                ) from err
-        if own is not None:
-            data = as_site_data(own, "the task's data function")
-        else:
-            data = load_site_file(options.data, plan, options.name)
-        check_site_data(data, source, str(options.data), env)
-        return data, index, source.num_classes
-    if index < 0:
-        raise PlanError(
-            [f"site {options.name!r} is not one of the plan's sites: {', '.join(plan.roster)}"],
-            source=str(ws / "federation.yaml"),
-        )
-    data = source.site_data(options.name)
-    if plan.data.dataset == "custom":  # the built-in shares are known to be good
-        check_site_data(data, source, "the data the task's load_data returned", env)
-    return data, index, source.num_classes
-
-
-DATA_HINT = (
-    "--data takes what the task's data function reads (a file or a folder), or an .npz "
-    "file (numpy.savez) with arrays x and y, or x_train, y_train, x_val, y_val"
-)
-SMOKE_ROWS = 8  # rows of the site's data the initial model is evaluated on at start
-
-
-def check_site_data(data: AnySiteData, source: DataSource, where: str, env: SiteEnv) -> None:
-    """Refuse data the site could not train on, before it joins: every problem
-    :func:`data_problems` finds in arrays, then a smoke test: the plan's initial model
-    run on one small batch of the site's data (the task's ``check_data`` when it has
-    one, else its ``evaluate`` on a few rows). Raises :class:`DataError`."""
-    problems = data_problems(data, classes_of(source)) if isinstance(data, SiteData) else []
-    task = source.task
-    if not problems:
-        context = outside_rounds(source.plan, "smoke-check", env.device)
-        try:
-            weights = read_only(task.init_weights(source.plan.seed))
-            if isinstance(task, ChecksData):
-                task.check_data(weights, data, context)
-            elif isinstance(data, SiteData):
-                rows = data.val if data.num_val else data.train
-                task.evaluate(weights, Split(rows.x[:SMOKE_ROWS], rows.y[:SMOKE_ROWS]), context)
-        except Exception as err:  # noqa: BLE001 - the task's own code, on this data
-            why = traceback.format_exception_only(err)[-1].strip()
-            shape = ""
-            if isinstance(data, SiteData):
-                shape = f" (x_train rows have shape {data.x_train.shape[1:]})"
-            problems.append(
-                f"the model does not fit it: running the initial model on one batch of it "
-                f"failed with {why}{shape}"
-            )
-    if problems:
-        raise DataError.of(
-            where,
-            problems,
-            hint=DATA_HINT + "; no data or model left this site: fix the data and start the "
-            "collaborator again (it takes part again)",
-        )
-
-
-def load_site_file(path: Path, plan: Plan, site: str) -> SiteData:
-    """A site's data from an ``.npz`` file: ``x`` and ``y`` (split into training and
-    validation by the plan's ``data.val_fraction``), or ``x_train``, ``y_train``,
-    ``x_val``, ``y_val``. Loaded with ``allow_pickle=False``."""
-    if not path.is_file():
-        raise DataError.of(
-            str(path), ["no such file" if not path.exists() else "not a file"], hint=DATA_HINT
-        )
-    if path.stat().st_size == 0:
-        raise DataError.of(str(path), ["the file is empty (0 bytes)"], hint=DATA_HINT)
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-        if magic == b"\x93NUM":
-            raise DataError.of(
-                str(path),
-                ["it is a single .npy array, not an .npz archive"],
-                hint="save the site's arrays with numpy.savez(path, x=x, y=y)",
-            )
-        if magic != b"PK\x03\x04":
-            raise DataError.of(str(path), ["it is not an .npz archive"], hint=DATA_HINT)
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        why = getattr(err, "strerror", None) or str(err) or type(err).__name__
-        raise DataError.of(str(path), [f"it cannot be read: {why}"], hint=DATA_HINT) from err
-    if {"x_train", "y_train", "x_val", "y_val"} <= arrays.keys():
-        return SiteData(arrays["x_train"], arrays["y_train"], arrays["x_val"], arrays["y_val"])
-    if {"x", "y"} <= arrays.keys():
-        x, y = arrays["x"], arrays["y"]
-        if x.ndim == 0 or y.ndim == 0 or len(x) != len(y):
-            shapes = f"x has shape {x.shape}, y {y.shape}"
-            raise DataError.of(
-                str(path),
-                [f"x and y must have one row per sample each ({shapes})"],
-                hint=DATA_HINT,
-            )
-        if len(y) == 0:
-            raise DataError.of(
-                str(path), ["x and y have 0 rows: there is nothing to train on"], hint=DATA_HINT
-            )
-        rng = generator(plan.seed, 0, site, "val-split")
-        train, val = train_val_split(np.arange(len(y)), plan.data.val_fraction, rng)
-        return SiteData(x[train], y[train], x[val], y[val])
-    raise DataError.of(
-        str(path),
-        [f"it holds {sorted(arrays)}; expected x and y, or x_train, y_train, x_val, y_val"],
-        hint=DATA_HINT,
-    )
