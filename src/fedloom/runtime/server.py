@@ -38,7 +38,7 @@ from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
 from fedloom.runtime.executor import outside_rounds
-from fedloom.runtime.simulation import federation_config
+from fedloom.runtime.federation import federation_config
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.database import ENDED
