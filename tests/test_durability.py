@@ -27,7 +27,7 @@ from fedloom.core.weights import Weights, specs_of, weights_equal
 from fedloom.pki import provision
 from fedloom.plan import load_plan
 from fedloom.runtime import launcher
-from fedloom.runtime.server import open_run
+from fedloom.runtime.resume import open_run
 from fedloom.store import load_state, load_weights, save_state
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy

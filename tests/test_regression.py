@@ -14,7 +14,9 @@ from workspaces import make_workspace, run_cli
 from fedloom import load_plan
 from fedloom.core.errors import PlanError
 from fedloom.data.datasets import REGRESSION_DATASETS, load_dataset
-from fedloom.runtime.simulation import SimulationOptions, make_attack, simulate
+from fedloom.runtime.attack_setup import make_attack
+from fedloom.runtime.simoptions import SimulationOptions
+from fedloom.runtime.simulation import simulate
 from fedloom.runtime.sitedata import data_problems
 from fedloom.tasks.base import SiteData
 

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
     from fedloom.core.weights import Weights
     from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.results import SimulationResult
-    from fedloom.runtime.simulation import SimulationOptions, simulate
+    from fedloom.runtime.simoptions import SimulationOptions
+    from fedloom.runtime.simulation import simulate
     from fedloom.strategies import STRATEGIES, build_strategy
     from fedloom.strategies.base import Strategy
     from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task, TorchTask
@@ -46,7 +47,7 @@ _PUBLIC = {
     "QuorumError": "fedloom.core.errors",
     "RoundRecord": "fedloom.core.records",
     "STRATEGIES": "fedloom.strategies",
-    "SimulationOptions": "fedloom.runtime.simulation",
+    "SimulationOptions": "fedloom.runtime.simoptions",
     "SimulationResult": "fedloom.results",
     "SiteContext": "fedloom.tasks",
     "SiteData": "fedloom.tasks",

@@ -38,7 +38,7 @@ from fedloom.cli.common import (
 
 if TYPE_CHECKING:
     from fedloom.core.records import RoundRecord
-    from fedloom.runtime.server import OpenedRun
+    from fedloom.runtime.resume import OpenedRun
     from fedloom.runtime.sitepolicy import PolicyFiles
 
 aggregator_app = typer.Typer(
@@ -189,7 +189,8 @@ def aggregator_start(
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.runtime.control import CANCEL_SIGNAL
-    from fedloom.runtime.server import ServeOptions, address_of, open_run, serve, state_dir_of
+    from fedloom.runtime.resume import open_run, state_dir_of
+    from fedloom.runtime.server import ServeOptions, address_of, serve
     from fedloom.transport.inprocess import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))

@@ -43,7 +43,7 @@ from fedloom.templates import TEMPLATES, check_target, create_workspace
 if TYPE_CHECKING:
     from fedloom.attacks import Attack
     from fedloom.plan import Plan
-    from fedloom.runtime.simulation import SimulationOptions
+    from fedloom.runtime.simoptions import SimulationOptions
 
 app = typer.Typer(
     name="fedloom",
@@ -251,7 +251,8 @@ def simulate(
     from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.results import SiteFailed
-    from fedloom.runtime.simulation import SimulationOptions, make_attack
+    from fedloom.runtime.attack_setup import make_attack
+    from fedloom.runtime.simoptions import SimulationOptions
     from fedloom.runtime.simulation import simulate as run_simulation
     from fedloom.transport.inprocess import TrafficCounter
 
@@ -400,7 +401,7 @@ def _attack_line(attack: Attack, sites: int) -> str:
 def _starting_line(plan: Plan, options: SimulationOptions) -> str | None:
     """The line said while the workers start (each loads the task, which can take
     seconds): None where the tasks run in this process."""
-    from fedloom.runtime.simulation import worker_processes
+    from fedloom.runtime.pool import worker_processes
 
     if options.backend is not None:
         return "starting Ray workers for the sites' local work"

@@ -1,10 +1,8 @@
 """The aggregator as a real server: the same round loop as the simulation, over gRPC.
 
-:func:`open_run` takes the workspace's state (``WORKSPACE/aggregator/``) for this
-process and decides where to start: the latest unfinished run resumes from its last
-finished round, otherwise a new run begins. :func:`serve` builds the
-:class:`~fedloom.aggregator.Aggregator` from the plan, serves it with mutual TLS on
-the workspace's PKI, records every round durably, publishes its live state for
+:func:`serve` builds the :class:`~fedloom.aggregator.Aggregator` from the plan, serves
+the run that :func:`~fedloom.runtime.resume.open_run` took (new or resumed) with mutual
+TLS on the workspace's PKI, records every round durably, publishes its live state for
 ``fedloom status``, keeps the server up until the connected sites have been told the
 federation finished, and returns what happened. Sites connect to it; it never connects
 to a site.
@@ -13,39 +11,29 @@ to a site.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from fedloom.aggregator import Aggregator
-from fedloom.aggregator.loop import with_spent
 from fedloom.core.clock import FaultPoints
-from fedloom.core.errors import Cancelled, StateError, TaskError, WorkspaceError
-from fedloom.core.events import Event, Resume, RoundClosed
-from fedloom.core.records import CloseReason, InstructionKind, RoundRecord
-from fedloom.core.state import StrategyState
-from fedloom.core.weights import Weights
+from fedloom.core.errors import Cancelled, WorkspaceError
+from fedloom.core.events import Event, RoundClosed
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
-from fedloom.plan import Plan, plan_hash, validate_plan
-from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
+from fedloom.plan import Plan, plan_hash
+from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
-from fedloom.runtime.executor import outside_rounds
-from fedloom.runtime.simulation import federation_config
-from fedloom.runtime.sitedata import DataSource
-from fedloom.store import save_weights
-from fedloom.store.database import ENDED
-from fedloom.store.locks import lock_state
+from fedloom.runtime.federation import federation_config
+from fedloom.runtime.finished import final_result
+from fedloom.runtime.resume import OpenedRun, state_dir_of
 from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
-from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
+from fedloom.tasks.base import Metrics, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
@@ -70,25 +58,6 @@ class ServeOptions:
         return self.dead_after if self.dead_after is not None else 3 * self.heartbeat_seconds
 
 
-@dataclass
-class OpenedRun:
-    """The workspace's state, held by this process: the run to serve and where it
-    starts (``resume`` None: from round 1)."""
-
-    store: RunStore
-    run: RunInfo
-    resume: Resume | None
-    notes: list[str] = field(default_factory=list)
-    lock: IO[str] | None = None
-    # the start failed before the run opened a round: it is no longer recorded
-    forgotten: bool = False
-
-    def close(self) -> None:
-        self.store.close()
-        if self.lock is not None:
-            self.lock.close()
-
-
 EventSink = Callable[[Event, TrafficCounter], None]
 
 STOP_LINGER = 2.0  # seconds a stopping aggregator gives waiting sites to hear it
@@ -98,229 +67,6 @@ def address_of(host: str, port: int) -> str:
     """``host:port``, with an IPv6 address in brackets (``[::1]:7171``)."""
     bare = host.strip("[]")
     return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
-
-
-def state_dir_of(workspace: Path) -> Path:
-    """The aggregator's folder in a workspace: its log, and rollback spools of updates."""
-    path = Path(workspace) / "aggregator"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def open_run(
-    workspace: str | Path,
-    plan: Plan,
-    *,
-    new_run: bool = False,
-    run_dir: Callable[[], Path],
-    run_name: str | None = None,
-    keep_checkpoints: int = 3,
-    faults: FaultPoints | None = None,
-    test_set: bool = True,
-) -> OpenedRun:
-    """Lock the workspace's aggregator state and pick the run: the latest unfinished one
-    resumes (its plan hash must match, and its name ``run_name`` if given), unless
-    ``new_run``; otherwise a new run, whose folder ``run_dir()`` names. A damaged state
-    is reported in ``notes``, never used. A run that finished (its final evaluation
-    closed) but whose process died before its results were written has them written
-    now, from its state, as the finished process would have (``test_set`` as in
-    :class:`ServeOptions`)."""
-    ws = Path(workspace).resolve()
-    state_dir = state_dir_of(ws)
-    lock = lock_state(state_dir)
-    try:
-        store = RunStore(state_dir, keep=keep_checkpoints, faults=faults)
-    except BaseException:
-        lock.close()
-        raise
-    try:
-        code = WorkspaceCode.read(ws)  # hashed here, and loaded below from these same bytes
-        digest = plan_hash(plan, code)
-        latest = store.latest_run()
-        if latest is not None and latest.status == "completed" and latest.run_dir.is_dir():
-            _complete_results(store, latest, ws, test_set=test_set)  # unless removed on purpose
-        if not new_run and latest is not None and latest.status not in ENDED:
-            if latest.plan_hash != digest:
-                raise StateError(
-                    f"run {latest.name!r} is unfinished and was started with plan hash "
-                    f"{latest.plan_hash[:16]}…; this plan's is {digest[:16]}…",
-                    hint="start it with the plan (and overrides) it began with to resume it, "
-                    "or pass --new-run to start afresh (the old run stays on disk)",
-                )
-            if run_name is not None and run_name != latest.name:
-                raise StateError(
-                    f"--run-name {run_name!r}: the unfinished run {latest.name!r} would resume",
-                    hint="leave out --run-name to resume it, or pass --new-run",
-                )
-            strategy = build_strategy(plan.strategy.name, plan.strategy_params)
-            task = load_task(code, plan.task)
-            resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
-            if not _evaluated(resume, plan):
-                return OpenedRun(store, latest, resume, store.notes, lock)
-            # it ended after its final evaluation, before it could say so: it is done
-            _complete_results(store, latest, ws, test_set=test_set, resume=resume)
-            store.mark(latest, "completed")
-            final = latest.run_dir / "final.safetensors"
-            store.notes.append(
-                f"run {latest.name!r} had finished (its final model is in {final}); "
-                "a new run starts"
-            )
-        plan_json = json.dumps(plan.model_dump(mode="json"), sort_keys=True)
-        path = run_dir()
-        run = store.new_run(path.name, path, digest, plan_json)
-        return OpenedRun(store, run, None, store.notes, lock)
-    except BaseException:
-        for note in store.notes:  # what was found before the refusal is not lost
-            log.warning("state: %s", note)
-        store.close()
-        lock.close()
-        raise
-
-
-def _evaluated(resume: Resume, plan: Plan) -> bool:
-    """Training ended (every round, or stopped early) and the final evaluation (if the
-    plan has one) closed: it opens only once training is over."""
-    if any(
-        r.kind is InstructionKind.EVALUATE and r.close_reason is not CloseReason.STOPPED
-        for r in resume.history
-    ):
-        return True
-    return resume.next_round > plan.rounds and not plan.evaluation.final
-
-
-def _results_written(run_dir: Path) -> bool:
-    """The run folder has its final model and a summary that says the run completed
-    (written last, atomically: see :meth:`RunRecorder.finish`)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (run_dir / "final.safetensors").exists() and summary.get("status") == "completed"
-
-
-def test_context(plan: Plan) -> SiteContext:
-    """The context of the aggregator's evaluation on the test set: its own best device
-    (the plan's device is the sites' business)."""
-    from fedloom.runtime.devices import resolve_device
-
-    return outside_rounds(plan, "test", resolve_device("auto"))
-
-
-def _complete_results(
-    store: RunStore, run: RunInfo, ws: Path, *, test_set: bool, resume: Resume | None = None
-) -> None:
-    """Write a finished run's results if the process that finished it died first: the
-    final model from the last checkpoint, the summary and metrics from the state
-    database, the test metrics recomputed. They are what that process would have
-    written, byte for byte (the plot aside)."""
-    if _results_written(run.run_dir):
-        return
-    plan_json = store.plan_json(run)
-    if resume is None:
-        try:
-            resume = store.resume(run, _no_initial_model)
-        except _NoFinishedRound:
-            return  # marked completed without a finished round: nothing to write
-    if run.rebuilt or not plan_json or plan_json == "{}":
-        # the database was rebuilt from the checkpoints: only the final model survives
-        save_weights(run.run_dir / "final.safetensors", resume.state.weights)
-        store.notes.append(
-            f"run {run.name!r} finished but its results were never written: its final model "
-            f"is now in {run.run_dir / 'final.safetensors'} (its per-site records were lost)"
-        )
-        return
-    from fedloom.report import RunRecorder
-
-    plan = validate_plan(json.loads(plan_json), source=f"the recorded plan of run {run.name!r}")
-    privacy = aggregator_privacy(plan)
-    history = list(resume.history)
-    if privacy is not None:
-        history = with_spent(history, spent_by_round(resume.state, privacy))
-    # the test metrics come only from the code the run approved (never from code that
-    # changed since: it is not even loaded)
-    code = WorkspaceCode.read(ws)
-    same_code = plan_hash(plan, code) == run.plan_hash
-    stopped_early = None
-    if privacy is not None and resume.next_round <= plan.rounds:  # as the run itself saw it
-        stopped_early = privacy.stop_reason(resume.state)
-    final = functools.partial(
-        _final_result,
-        plan,
-        store,
-        run,
-        ws=ws,
-        history=history,
-        weights=resume.state.weights,
-        stopped_early=stopped_early,
-    )
-    if not same_code:
-        store.notes.append(
-            f"run {run.name!r}: the code of {ws} changed since it ran, so its task was not "
-            "loaded again; its summary has no test metrics, no primary metric and no plot"
-        )
-    metrics = None  # the task's declared metrics: from the code the run approved alone
-    try:
-        task = load_task(code, plan.task) if same_code else None
-        metrics = metrics_of(task) if task is not None else None
-        result = final(task=task if test_set else None, metrics=metrics)
-    except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set
-        store.notes.append(
-            f"run {run.name!r}: the test set could not be evaluated again ({err}); "
-            "its summary has no test metrics"
-        )
-        result = final(task=None, metrics=metrics)
-    recorder = RunRecorder.reopen(run.run_dir, history)
-    recorder.finish(result)
-    store.notes.append(
-        f"run {run.name!r} finished but its results were never written: "
-        f"they are now in {run.run_dir}"
-    )
-
-
-class _NoFinishedRound(Exception):
-    pass
-
-
-def _no_initial_model() -> StrategyState:
-    raise _NoFinishedRound
-
-
-def _final_result(
-    plan: Plan,
-    store: RunStore,
-    run: RunInfo,
-    *,
-    task: Task | None,
-    metrics: Metrics | None,
-    ws: Path,
-    history: list[RoundRecord],
-    weights: Weights,
-    stopped_early: str | None,
-) -> SimulationResult:
-    """What a finished run leaves: its history, final model and test metrics (None for
-    ``task``: none), by the task's declared ``metrics`` (None: unknown), with the
-    seconds and bytes the state database recorded (those of every process that served
-    it, up to its last round's close)."""
-    test: dict[str, float] = {}
-    if task is not None and plan.data.dataset != "custom":
-        test_data = DataSource(plan, ws, task).test_set()
-        out = task.evaluate(weights, test_data, test_context(plan))
-        test = {k: float(v) for k, v in out.metrics.items()}
-    totals = store.reload(run)
-    return SimulationResult(
-        plan=plan,
-        plan_hash=run.plan_hash,
-        history=tuple(history),
-        final_weights=weights,
-        test_metrics=test,
-        centralized_metrics=None,
-        wall_seconds=totals.elapsed,
-        bytes_sent=totals.bytes_sent,
-        bytes_received=totals.bytes_received,
-        attackers=(),
-        stopped_early=stopped_early,
-        metrics=metrics,
-    )
 
 
 def serve(
@@ -462,7 +208,7 @@ def _serve(
         faults.hit("run.evaluated", round=plan.rounds + 1)
         # the results are written before the run is marked completed: a process killed
         # in between leaves a run whose next start writes them (see open_run)
-        result = _final_result(
+        result = final_result(
             plan,
             store,
             run,

@@ -12,42 +12,36 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import queue
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedloom.aggregator import Aggregator, FederationConfig
-from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
+from fedloom.aggregator import Aggregator
+from fedloom.attacks import Attack
 from fedloom.collaborator import Collaborator
 from fedloom.compression.site import site_compression
 from fedloom.core.clock import Clock, FaultPoints
-from fedloom.core.errors import PlanError, TaskError, TaskFailed, WorkspaceError
+from fedloom.core.errors import TaskError, TaskFailed, WorkspaceError
 from fedloom.core.events import Event, RoundOpened
 from fedloom.core.records import Instruction, RoundRecord, SiteAnswer
 from fedloom.core.weights import Weights, nbytes
-from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.figures import metrics_from_json
 from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
 from fedloom.results import SimulationResult, SiteFailed
+from fedloom.runtime.attack_setup import make_attack
 from fedloom.runtime.dispatch import Dispatcher, batch_size
-from fedloom.runtime.ray_backend import RayBackend, start_ray_workers
+from fedloom.runtime.federation import federation_config
+from fedloom.runtime.pool import start_workers
 from fedloom.runtime.replies import raise_reply_error
-from fedloom.runtime.worker import (
-    LocalWorker,
-    Placement,
-    ProcessWorker,
-    Worker,
-    attack_to_json,
-)
+from fedloom.runtime.simoptions import SimulationOptions
+from fedloom.runtime.worker import LocalWorker, attack_to_json
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
@@ -57,65 +51,9 @@ from fedloom.transport.messages import FailureReport
 log = logging.getLogger("fedloom.simulation")
 
 
-@dataclass(frozen=True, kw_only=True)
-class SimulationOptions:
-    workers: int | None = None  # None: one per core here, or per CPU of the Ray cluster
-    roundtrip: bool = False
-    attack: str | None = None
-    attackers: int = 0
-    baseline: bool = False
-    backend: RayBackend | None = None  # None: worker processes on this machine
-    gpus: int = 0  # pin worker i to GPU i % gpus (0: the plan's training.device)
-    # the folder of the simulated sites' state folders (the run's sites/); None: a
-    # temporary folder, removed after the run
-    state_root: Path | None = None
-
-
 ProgressSink = Callable[[Event, TrafficCounter], None]
 FailureSink = Callable[[SiteFailed], None]
 MetricsSink = Callable[[Metrics], None]
-
-
-def federation_config(plan: Plan) -> FederationConfig:
-    roster = plan.roster
-    return FederationConfig(
-        roster=roster,
-        rounds=plan.rounds,
-        sites_per_round=plan.per_round,
-        min_fraction=plan.deadline.min_fraction,
-        round_deadline=plan.deadline.round_seconds,
-        max_retries=plan.deadline.retries,
-        max_samples=plan.training.max_samples,
-        seed=plan.seed,
-        settings=plan.train_settings(),
-        final_evaluation=plan.evaluation.final,
-        compression=plan.compression.settings(),
-    )
-
-
-def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:
-    if not options.attack and options.attackers <= 0:
-        return None
-    if not options.attack or options.attackers <= 0:
-        raise PlanError(
-            ["--attack and --attackers go together: name the attack and how many sites run it"],
-            source="command line",
-        )
-    try:
-        kind, factor = parse_attack(options.attack)
-        attackers = choose_attackers(plan.roster, options.attackers, plan.seed)
-    except ValueError as err:
-        raise PlanError([f"--attack: {err}"], source="command line") from err
-    if kind is AttackKind.LABEL_FLIP and plan.data.dataset in REGRESSION_DATASETS:
-        raise PlanError(
-            [
-                f"--attack label-flip: flips class labels, but {plan.data.dataset} is a "
-                "regression dataset (its targets are numbers); use sign-flip, scale:K or "
-                "gaussian[:SIGMA]"
-            ],
-            source="command line",
-        )
-    return Attack(kind, factor, attackers)
 
 
 def simulate(
@@ -195,7 +133,7 @@ def _simulate(
     on_metrics: MetricsSink | None,
 ) -> SimulationResult:
     per_round = plan.per_round
-    workers = _start_workers(str(ws), plan_json, attack_json, options, plan, digest)
+    workers = start_workers(str(ws), plan_json, attack_json, options, plan, digest)
     try:
         init_header, initial = workers[0].call({"op": "init"})
         raise_reply_error(init_header, "the task's init_weights failed")
@@ -395,68 +333,3 @@ def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:
     header, _ = reply
     raise_reply_error(header, f"{doing} failed")
     return {k: float(v) for k, v in header["metrics"].items()}
-
-
-def worker_processes(plan: Plan, options: SimulationOptions) -> int:
-    """How many worker processes a simulation starts on this machine: one per core (or
-    ``options.workers``), never more than the sites of a round (the rest would only
-    idle); 0 with ``--workers 0`` (every task in this process) or on Ray."""
-    if options.backend is not None:
-        return 0
-    wanted = (os.cpu_count() or 1) if options.workers is None else options.workers
-    return max(0, min(wanted, plan.per_round))
-
-
-def _start_workers(
-    workspace: str,
-    plan_json: str,
-    attack_json: str,
-    options: SimulationOptions,
-    plan: Plan,
-    digest: str,
-) -> list[Worker]:
-    # a request carries a batch of sites: each gets the plan's round_seconds
-    call_timeout = plan.deadline.round_seconds  # per site: a worker multiplies it by the batch
-    if options.backend is not None:
-        return start_ray_workers(
-            options.backend,
-            workspace,
-            plan_json,
-            attack_json,
-            workers=options.workers,
-            sites_per_round=plan.per_round,
-            call_timeout=call_timeout,
-        )
-    count = worker_processes(plan, options)
-    root = str(options.state_root) if options.state_root is not None else None
-    if count <= 0:
-        device = "cuda" if options.gpus else None
-        placement = Placement(device=device, state_root=root)
-        return [LocalWorker(workspace, plan_json, attack_json, digest, placement)]
-    workers: list[Worker] = []
-    try:
-        for i in range(count):
-            placement, gpu = Placement(state_root=root), None
-            if options.gpus:  # worker i sees GPU i % gpus alone; workers sharing it split it
-                gpu = i % options.gpus
-                sharing = len(range(gpu, count, options.gpus))
-                fraction = 1.0 / sharing if sharing > 1 else None
-                placement = Placement(device="cuda", memory_fraction=fraction, state_root=root)
-            workers.append(
-                ProcessWorker(
-                    workspace,
-                    plan_json,
-                    attack_json,
-                    call_timeout=call_timeout,
-                    plan_hash=digest,
-                    placement=placement,
-                    visible_gpu=gpu,
-                )
-            )
-        for w in workers:
-            w.wait_ready()
-    except BaseException:
-        for w in workers:
-            w.close()
-        raise
-    return workers
