@@ -44,7 +44,7 @@ from fedloom.runtime.executor import dp_sgd_of
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import RunStore
 from fedloom.tasks import dp_sgd
-from fedloom.transport.inprocess import TrafficCounter
+from fedloom.transport.traffic import TrafficCounter
 
 SITES = tuple(f"site-{i:02d}" for i in range(1, 11))
 DELTA = 1e-5

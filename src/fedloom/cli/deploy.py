@@ -191,7 +191,7 @@ def aggregator_start(
     from fedloom.runtime.control import CANCEL_SIGNAL
     from fedloom.runtime.resume import open_run, state_dir_of
     from fedloom.runtime.server import ServeOptions, address_of, serve
-    from fedloom.transport.inprocess import TrafficCounter
+    from fedloom.transport.traffic import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)

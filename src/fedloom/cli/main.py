@@ -254,7 +254,7 @@ def simulate(
     from fedloom.runtime.attack_setup import make_attack
     from fedloom.runtime.simoptions import SimulationOptions
     from fedloom.runtime.simulation import simulate as run_simulation
-    from fedloom.transport.inprocess import TrafficCounter
+    from fedloom.transport.traffic import TrafficCounter
 
     flags = {
         "sites": sites,

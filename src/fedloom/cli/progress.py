@@ -19,7 +19,7 @@ from fedloom.cli.common import human_bytes
 from fedloom.core.events import Event, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.core.records import CloseReason
 from fedloom.tasks.base import CLASSIFICATION, Metrics
-from fedloom.transport.inprocess import TrafficCounter
+from fedloom.transport.traffic import TrafficCounter
 
 
 class RoundProgress:

@@ -37,7 +37,7 @@ from fedloom.tasks.base import Metrics, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
-from fedloom.transport.inprocess import TrafficCounter
+from fedloom.transport.traffic import TrafficCounter
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.aggregator")

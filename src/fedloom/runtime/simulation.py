@@ -45,8 +45,9 @@ from fedloom.runtime.worker import LocalWorker, attack_to_json
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
-from fedloom.transport.inprocess import InProcessTransport, TrafficCounter
+from fedloom.transport.inprocess import InProcessTransport
 from fedloom.transport.messages import FailureReport
+from fedloom.transport.traffic import TrafficCounter
 
 log = logging.getLogger("fedloom.simulation")
 

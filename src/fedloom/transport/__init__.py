@@ -2,7 +2,7 @@
 :mod:`fedloom.transport.grpc` (the one package that imports grpc)."""
 
 from fedloom.transport.base import AggregatorService, Connection
-from fedloom.transport.inprocess import InProcessConnection, InProcessTransport, TrafficCounter
+from fedloom.transport.inprocess import InProcessConnection, InProcessTransport
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
@@ -19,6 +19,7 @@ from fedloom.transport.messages import (
     assemble,
     iter_chunks,
 )
+from fedloom.transport.traffic import TrafficCounter
 
 __all__ = [
     "AggregatorService",

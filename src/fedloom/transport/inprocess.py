@@ -7,7 +7,6 @@ without sockets. Without it, tensors pass as zero-copy views.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -25,22 +24,9 @@ from fedloom.transport.messages import (
     UpdateHeader,
     UploadReceipt,
 )
+from fedloom.transport.traffic import TrafficCounter
 
 M = TypeVar("M")
-
-
-class TrafficCounter:
-    """Bytes moved through a transport, both directions, thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.sent = 0  # aggregator -> sites
-        self.received = 0  # sites -> aggregator
-
-    def add(self, *, sent: int = 0, received: int = 0) -> None:
-        with self._lock:
-            self.sent += sent
-            self.received += received
 
 
 class InProcessTransport:

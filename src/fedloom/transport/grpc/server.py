@@ -42,7 +42,6 @@ from fedloom.transport.grpc.wire import (
     SERVICE,
     server_options,
 )
-from fedloom.transport.inprocess import TrafficCounter
 from fedloom.transport.messages import (
     Chunk,
     FailureReport,
@@ -54,6 +53,7 @@ from fedloom.transport.messages import (
     UploadReceipt,
     Welcome,
 )
+from fedloom.transport.traffic import TrafficCounter
 
 log = logging.getLogger("fedloom.aggregator")
 
