@@ -1,6 +1,7 @@
 """The import graph of src/fedloom against the layer list in docs/architecture.md: every
 package sits in one layer, no import reaches a higher layer, no two packages import each
-other (directly or round about), and no module imports another module's private name.
+other (directly or round about), no module imports another module's private name, and
+no module is longer than 450 lines nor any class longer than 250.
 
 Imports under ``if TYPE_CHECKING:`` are left out (they never run); imports inside a
 function count like any other. The templates' own task files (folders named like
@@ -161,3 +162,19 @@ def test_no_cycle_between_packages() -> None:
 def test_no_module_imports_another_modules_private_name() -> None:
     _, private = import_graph()
     assert private == []
+
+
+def test_no_module_over_450_lines_and_no_class_over_250() -> None:
+    too_long = []
+    for path in sorted((SRC / "fedloom").rglob("*.py")):
+        if any("-" in part for part in path.relative_to(SRC).parts) or "proto" in path.parts:
+            continue  # a template's task file; protobuf's generated code
+        text = path.read_text()
+        if text.count("\n") > 450:
+            too_long.append(f"{path.relative_to(SRC)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > 250:
+                    too_long.append(f"{path.relative_to(SRC)}: class {node.name} {size} lines")
+    assert too_long == []
