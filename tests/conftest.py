@@ -10,6 +10,7 @@ ended, so a failing test never hangs the session.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -40,6 +41,14 @@ from fedloom.transport import InProcessTransport
 # paths are long (more so under pytest-xdist), so the suite's consoles are wider. A
 # subprocess inherits it.
 os.environ.setdefault("COLUMNS", "200")
+
+# A suite started from a background job (`nohup make test &`, a CI step run with `&`)
+# inherits SIGINT ignored, and so would every process a test starts: the Ctrl-C tests
+# (tests/test_aggregator_stops.py, test_deploy.py, test_debugging.py) need it delivered.
+# A handled signal is reset to its default in a child at exec, so handling it here is
+# enough; an interactive run already has this handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 WAIT = 10.0
 """Real seconds a test waits for another thread before it fails."""
