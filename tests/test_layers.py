@@ -10,6 +10,7 @@ function count like any other. The templates' own task files (folders named like
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -60,6 +61,7 @@ def runtime_imports(tree: ast.Module) -> list[ast.ImportFrom | ast.Import]:
     return found
 
 
+@functools.cache
 def import_graph() -> tuple[dict[tuple[str, str], list[str]], list[str]]:
     """Edges between packages (with the modules that make each) and private-name imports."""
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)

@@ -23,12 +23,12 @@ import pytest
 TIER_MARKERS = ("process", "server")
 """Either takes a test out of ``make test-fast``."""
 
-_current: dict[str, set[str]] = {"used": set()}
+_used: set[str] = set()  # what the test running now started
 
 
 def _noting(kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _current["used"].add(kind)
+        _used.add(kind)
         return fn(*args, **kwargs)
 
     wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
@@ -60,14 +60,14 @@ def _watch_processes_and_servers() -> Iterator[None]:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
-    _current["used"] = set()
+    _used.clear()
     yield
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     yield
-    used = sorted(_current["used"])
+    used = sorted(_used)
     if used and not any(item.get_closest_marker(k) for k in TIER_MARKERS):
         pytest.fail(
             f"{item.nodeid} starts {' and '.join('a ' + k for k in used)} but carries neither "

@@ -101,14 +101,11 @@ class Aggregator(SiteCalls):
             if privacy is not None:  # what each finished round spent, from the state
                 self.history = with_spent(self.history, spent_by_round(self.state, privacy))
         self._journal = journal
-        self.clock = clock or SystemClock()
-        self.faults = faults or FaultPoints()
-        self._on_event = on_event or (lambda event: None)
         board = Board(
             config.roster,
-            self.clock,
-            self.faults,
-            self._on_event,
+            clock or SystemClock(),
+            faults or FaultPoints(),
+            on_event or (lambda event: None),
             dict(resume.withdrawn) if resume is not None else {},
         )
         super().__init__(board, config, privacy, signer, phases or {})
@@ -188,8 +185,8 @@ class Aggregator(SiteCalls):
             record, opened = self._run_phase(task, selected, needed=needed)
             summary: Summary | None = None
             if record.close_reason is not CloseReason.NO_QUORUM:
-                self.faults.hit("round.before_aggregate", round=rnd)
-                record, summary = summarize(record, opened, self._privacy, self.clock)
+                self.board.faults.hit("round.before_aggregate", round=rnd)
+                record, summary = summarize(record, opened, self._privacy, self.board.clock)
             if summary is not None:
                 break
             failed += record.failures
@@ -205,12 +202,12 @@ class Aggregator(SiteCalls):
         ledger = None
         if privacy is not None and isinstance(summary, MeanSummary):
             summary, ledger = privacy.finish(summary, self.state)
-        self.faults.hit("round.aggregating", round=rnd)
+        self.board.faults.hit("round.aggregating", round=rnd)
         state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
         if ledger is not None:
             state = state.evolve(scalars={**state.scalars, STATE_KEY: ledger})
             record = dataclasses.replace(record, privacy=spent_after(ledger, self._privacy))
-        self.faults.hit("round.aggregated", round=rnd)
+        self.board.faults.hit("round.aggregated", round=rnd)
         self._closed(record, state)  # durable before the next round can open
         self.state = state
         return record
@@ -229,7 +226,7 @@ class Aggregator(SiteCalls):
             self._journal.closed(record, state)
         self.board.running = None
         self.history.append(record)
-        self._on_event(RoundClosed(record))
+        self.board.emit(RoundClosed(record))
 
     def _record_stop(self) -> None:
         """The loop is leaving early (interrupted, or failed) with an attempt under way:
@@ -266,7 +263,7 @@ class Aggregator(SiteCalls):
                 selected=selected,
                 weights=weights,
                 accumulator=accumulator,
-                deadline=self.clock.now() + cfg.round_deadline,
+                deadline=self.board.clock.now() + cfg.round_deadline,
                 pending=set(selected),
                 expected=expected,
                 attempt=attempt,
@@ -275,10 +272,10 @@ class Aggregator(SiteCalls):
             withdrawn = self.board.settle_withdrawn(opened)
             self.board.open = self.board.running = opened
             self.board.cond.notify_all()
-        self._on_event(RoundOpened(task.round, task.kind, selected))
+        self.board.emit(RoundOpened(task.round, task.kind, selected))
         for failure in withdrawn:
-            self._on_event(SiteAnswered(task.round, failure.site, False, failure.reason))
-        self.faults.hit("round.opened", round=task.round)
+            self.board.emit(SiteAnswered(task.round, failure.site, False, failure.reason))
+        self.board.faults.hit("round.opened", round=task.round)
         record, streaming = self.board.wait_and_close(
             opened, needed, cfg.dead_after, cfg.round_deadline
         )

@@ -110,7 +110,11 @@ __all__ = [
 ]
 
 
-_PROTOCOL = ("name", "needs_updates", "init", "configure", "min_updates", "tolerated", "aggregate")
+_PROTOCOL = (
+    *Strategy.__annotations__,
+    *(name for name, member in vars(Strategy).items() if callable(member) and name[0] != "_"),
+)
+"""The members of the :class:`Strategy` protocol, read from it."""
 
 
 def check_strategy(strategy: object) -> None:
