@@ -26,8 +26,8 @@ from tiers import (  # noqa: F401 - the tier guard's fixture and hooks, for ever
     pytest_runtest_teardown,
 )
 
-from fedloom.aggregator import Aggregator, FederationConfig, PhaseHandler
-from fedloom.collaborator import Collaborator, SitePhase
+from fedloom.aggregator import Aggregator, FederationConfig, StepHandler
+from fedloom.collaborator import Collaborator, SiteStep
 from fedloom.core.clock import FaultPoints, ManualClock
 from fedloom.core.events import Event, Journal, Resume, RoundClosed, RoundOpened, SiteAnswered
 from fedloom.core.records import Instruction, InstructionKind, SiteAnswer
@@ -209,7 +209,7 @@ class Federation:
         *,
         strategy: Strategy,
         transport: TransportFactory,
-        phases: Mapping[str, PhaseHandler] | None = None,
+        exchange_steps: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
         privacy: AggregatorPrivacy | None = None,
@@ -225,7 +225,7 @@ class Federation:
             clock=self.clock,
             faults=self.faults,
             on_event=self.log,
-            phases=phases,
+            exchange_steps=exchange_steps,
             journal=journal,
             resume=resume,
             privacy=privacy,
@@ -251,13 +251,13 @@ class Federation:
         self,
         site: str,
         runner: Callable[[Instruction, Weights], SiteAnswer],
-        phases: Mapping[str, SitePhase] | None = None,
+        exchange_steps: Mapping[str, SiteStep] | None = None,
         *,
         privacy: SitePrivacy | None = None,
         faults: FaultPoints | None = None,
     ) -> None:
         collaborator = Collaborator(
-            self.connect(site), runner, phases, privacy=privacy, faults=faults
+            self.connect(site), runner, exchange_steps, privacy=privacy, faults=faults
         )
         self.sites[site] = Worker(f"collaborator {site!r}", collaborator.run)
 
@@ -296,8 +296,8 @@ class Federation:
             pytest.fail(f"threads still running at teardown: {stuck}")
 
 
-def task_id(round: int, attempt: int = 1) -> str:
-    """The task id the aggregator gives round ``round``'s ``attempt`` in these tests."""
+def attempt_id(round: int, attempt: int = 1) -> str:
+    """The attempt id the aggregator gives round ``round``'s ``attempt`` in these tests."""
     return f"run/{round}.{attempt}"
 
 
@@ -329,7 +329,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
         *,
         strategy: Strategy | None = None,
         transport: TransportFactory = inprocess,
-        phases: Mapping[str, PhaseHandler] | None = None,
+        exchange_steps: Mapping[str, StepHandler] | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
         privacy: AggregatorPrivacy | None = None,
@@ -340,7 +340,7 @@ def make_federation() -> Iterator[Callable[..., Federation]]:
             weights,
             strategy=strategy or FedAvg(),
             transport=transport,
-            phases=phases,
+            exchange_steps=exchange_steps,
             journal=journal,
             resume=resume,
             privacy=privacy,

@@ -50,7 +50,7 @@ def main(root: Path) -> int:
 
     def task(round: int) -> Instruction:
         while True:
-            got = hostile.get_task(timeout=10)
+            got = hostile.get_instruction(timeout=10)
             if got is not None and got.round == round:
                 return got
 
@@ -62,14 +62,14 @@ def main(root: Path) -> int:
             k: np.zeros_like(v) for k, v in assemble(stream.header.tensors, stream.chunks).items()
         }
         metrics = {f"a-metric-with-a-rather-long-name-number-{i:06d}": 0.5 for i in range(500_000)}
-        header = UpdateHeader(1, 100, specs_of(delta), metrics, first.task_id)
+        header = UpdateHeader(1, 100, specs_of(delta), metrics, first.attempt_id)
         receipt = hostile.upload(header, iter_chunks(delta))
         print(f"500,000 metric keys: accepted {receipt.accepted} {receipt.reason[:140]}")
         second = task(2)
         size, start = log.stat().st_size, time.monotonic()
         for _ in range(0 if os.environ.get("HOSTILE_SKIP_60MB") else 5):
             try:
-                hostile.report_failure(FailureReport(2, "R" * 60_000_000, second.task_id))
+                hostile.report_failure(FailureReport(2, "R" * 60_000_000, second.attempt_id))
                 print("a 60 MB reason: taken")
             except Exception as err:  # noqa: BLE001 - a refusal is what is measured
                 print(f"a 60 MB reason: refused, {str(err)[:140]}")
@@ -77,10 +77,10 @@ def main(root: Path) -> int:
         print(f"the log grew by {grown} bytes in {time.monotonic() - start:.1f} s")
         size = log.stat().st_size
         reason = "out of memory\n" + FORGED + "\n" + "z" * 900_000
-        hostile.report_failure(FailureReport(2, reason, second.task_id))
+        hostile.report_failure(FailureReport(2, reason, second.attempt_id))
         grown = log.stat().st_size - size
         print(f"a 900,000-character reason with a forged line: the log grew by {grown} bytes")
-        hostile.report_failure(FailureReport(3, "no data", task(3).task_id))
+        hostile.report_failure(FailureReport(3, "no data", task(3).attempt_id))
         finish(aggregator, sites)
     finally:
         hostile.close()

@@ -35,10 +35,10 @@ def attack(port: int, state: str, session: str, stop: threading.Event, counter: 
         grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
         options=channel_options(),
     )
-    get_task = channel.unary_unary(path("GetTask"))
+    get_instruction = channel.unary_unary(path("GetInstruction"))
     an_hour = serde.encode_task_request(3600.0)
     while not stop.is_set():
-        call = get_task.future(an_hour, timeout=4000, metadata=[(SESSION_HEADER, session)])
+        call = get_instruction.future(an_hour, timeout=4000, metadata=[(SESSION_HEADER, session)])
         time.sleep(0.01)
         call.cancel()
         counter[0] += 1
@@ -80,15 +80,15 @@ def main() -> int:
     try:
         while True:
             try:
-                task = connection.get_task()
+                task = connection.get_instruction()
                 if task is None:
                     continue
                 if task.kind is InstructionKind.FINISHED:
                     break
-                if task.task_id not in declined:
-                    report = FailureReport(task.round, "this site declines", task.task_id)
+                if task.attempt_id not in declined:
+                    report = FailureReport(task.round, "this site declines", task.attempt_id)
                     connection.report_failure(report)
-                    declined.add(task.task_id)
+                    declined.add(task.attempt_id)
             except (AccessDenied, AggregatorLost):
                 raise
             except TransportError as err:  # its own share of calls is full: try again

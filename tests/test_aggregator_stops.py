@@ -242,8 +242,8 @@ def test_a_collaborator_says_on_its_screen_why_it_waits(tmp_path: Path) -> None:
             "lookup failed for agg.invalid:7171: Domain name not found]",
             "the host name does not resolve",
         ),
-        ("GetTask: Socket closed", "the connection was closed during the TLS handshake"),
-        ("GetTask: Connection reset by peer", "the connection was reset"),
+        ("GetInstruction: Socket closed", "the connection was closed during the TLS handshake"),
+        ("GetInstruction: Connection reset by peer", "the connection was reset"),
         ("Hello: last error: something new", "something new"),
     ],
 )

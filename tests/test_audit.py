@@ -57,7 +57,7 @@ def write_log(state: Path, n: int = 10, key: ec.EllipticCurvePrivateKey | None =
             payload.update(chunk)
         record = log.append(
             round=i // 2 + 1,
-            task_id=f"t{i // 2 + 1}.1",
+            attempt_id=f"t{i // 2 + 1}.1",
             kind="update" if i % 2 else "evaluation",
             tensors=[("dense.w", "float32", (10, 25)), ("dense.b", "float32", (6,))],
             sha256=payload.hexdigest,
@@ -66,15 +66,17 @@ def write_log(state: Path, n: int = 10, key: ec.EllipticCurvePrivateKey | None =
             privacy={"dp": {"clip": 1.0, "noise_multiplier": 1.1}, "secure_aggregation": True},
         )
         if key is not None:
-            log.add_receipt(receipt_for(key, record.seq, record.hash, record.round, record.task_id))
+            log.add_receipt(
+                receipt_for(key, record.seq, record.hash, record.round, record.attempt_id)
+            )
     return log
 
 
 def receipt_for(
-    key: ec.EllipticCurvePrivateKey, seq: int, digest: str, round: int, task_id: str
+    key: ec.EllipticCurvePrivateKey, seq: int, digest: str, round: int, attempt_id: str
 ) -> AuditReceipt:
-    message = signing.receipt_message(SITE, task_id, digest)
-    return AuditReceipt(seq, digest, round, task_id, signing.sign(key, message).hex())
+    message = signing.receipt_message(SITE, attempt_id, digest)
+    return AuditReceipt(seq, digest, round, attempt_id, signing.sign(key, message).hex())
 
 
 def lines(path: Path) -> list[str]:
@@ -90,7 +92,7 @@ def problems(state: Path, cert: x509.Certificate | None = None) -> tuple[str, ..
     if cert is not None:
 
         def check(r: AuditReceipt) -> bool:
-            message = signing.receipt_message(SITE, r.task_id, r.record_hash)
+            message = signing.receipt_message(SITE, r.attempt_id, r.record_hash)
             return signing.verify(cert, message, bytes.fromhex(r.signature))
 
     return verify(state / AUDIT_LOG, state / RECEIPTS, check).problems
@@ -129,7 +131,7 @@ def test_intact_log_verifies(tmp_path: Path, identity) -> None:
 def test_record_matches_what_append_returned(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "new" / "state" / AUDIT_LOG)  # folders made on first append
     record = log.append(
-        round=3, task_id="t3.1", kind="failure", sha256="ab" * 32, nbytes=0, metrics=None
+        round=3, attempt_id="t3.1", kind="failure", sha256="ab" * 32, nbytes=0, metrics=None
     )
     assert read_records(log.path) == [record.as_json()]
     assert record.seq == 1 and record.tensors == () and record.metrics == {}
@@ -139,7 +141,7 @@ def test_non_finite_metrics_are_kept_as_strings(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / AUDIT_LOG)
     log.append(
         round=1,
-        task_id="t",
+        attempt_id="t",
         kind="update",
         sha256="00" * 32,
         nbytes=1,
@@ -152,7 +154,7 @@ def test_non_finite_metrics_are_kept_as_strings(tmp_path: Path) -> None:
 def test_chain_continues_across_reopening(tmp_path: Path) -> None:
     write_log(tmp_path, n=3)
     log = AuditLog(tmp_path / AUDIT_LOG)
-    record = log.append(round=9, task_id="t9.1", kind="update", sha256="cd" * 32, nbytes=5)
+    record = log.append(round=9, attempt_id="t9.1", kind="update", sha256="cd" * 32, nbytes=5)
     records = read_records(tmp_path / AUDIT_LOG)
     assert record.seq == 4 and record.prev == records[2]["hash"]
     assert verify(tmp_path / AUDIT_LOG, tmp_path / RECEIPTS).ok
@@ -162,7 +164,7 @@ def test_a_last_record_without_its_newline_is_completed(tmp_path: Path) -> None:
     write_log(tmp_path, n=2)
     path = tmp_path / AUDIT_LOG
     path.write_bytes(path.read_bytes().rstrip(b"\n"))
-    AuditLog(path).append(round=2, task_id="t", kind="update", sha256="ee" * 32, nbytes=1)
+    AuditLog(path).append(round=2, attempt_id="t", kind="update", sha256="ee" * 32, nbytes=1)
     assert len(lines(path)) == 3 and verify(path, tmp_path / RECEIPTS).ok
 
 
@@ -171,7 +173,7 @@ def test_appends_from_threads_keep_one_chain(tmp_path: Path) -> None:
 
     def send(worker: int) -> None:
         for i in range(10):
-            log.append(round=i, task_id=f"w{worker}", kind="update", sha256="aa" * 32, nbytes=i)
+            log.append(round=i, attempt_id=f"w{worker}", kind="update", sha256="aa" * 32, nbytes=i)
 
     threads = [threading.Thread(target=send, args=(w,)) for w in range(4)]
     for t in threads:
@@ -341,7 +343,7 @@ def test_receipt_with_a_bad_signature(tmp_path: Path, identity) -> None:
     rows = [json.loads(r) for r in lines(path)]
     other = ec.generate_private_key(ec.SECP256R1())
     rows[2]["signature"] = signing.sign(
-        other, signing.receipt_message(SITE, rows[2]["task_id"], rows[2]["record_hash"])
+        other, signing.receipt_message(SITE, rows[2]["attempt_id"], rows[2]["record_hash"])
     ).hex()
     rewrite(path, [json.dumps(r) + "\n" for r in rows])
     assert problems(tmp_path, cert) == (
@@ -353,9 +355,9 @@ def test_a_receipt_for_another_site_does_not_verify(tmp_path: Path, identity) ->
     key, cert = identity
     log = write_log(tmp_path, n=2)
     record = read_records(log.path)[1]
-    message = signing.receipt_message("site-b", record["task_id"], record["hash"])
+    message = signing.receipt_message("site-b", record["attempt_id"], record["hash"])
     log.add_receipt(
-        AuditReceipt(2, record["hash"], 1, record["task_id"], signing.sign(key, message).hex())
+        AuditReceipt(2, record["hash"], 1, record["attempt_id"], signing.sign(key, message).hex())
     )
     assert problems(tmp_path, cert) == (
         "receipt for seq 2: the aggregator's signature does not verify",

@@ -442,10 +442,10 @@ def test_a_malformed_encoded_update_is_refused_for_its_site_and_the_round_goes_o
     fed.log.wait_opened(1)
     # site-c uploads by hand: an int8 encoding whose scale is NaN
     conn = fed.connect("site-c")
-    instruction = conn.get_task(1.0)
+    instruction = conn.get_instruction(1.0)
     encoded = encode(PatternRunner.delta(model(), 2, 1), compression, rng=rng())
     encoded["w@scale"] = np.full_like(encoded["w@scale"], np.nan)
-    header = UpdateHeader(1, 10, specs_of(encoded), {}, instruction.task_id)
+    header = UpdateHeader(1, 10, specs_of(encoded), {}, instruction.attempt_id)
     receipt = conn.upload(header, iter_chunks(encoded))
     assert not receipt.accepted
     assert receipt.reason == "tensor 'w': its int8 scale holds NaN, infinite or negative values"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from chaos import ENV, free_port
-from conftest import make_tiny_weights, task_id
+from conftest import attempt_id, make_tiny_weights
 from workspaces import make_workspace
 
 from fedloom.core.clock import FaultPoints
@@ -171,12 +171,15 @@ def test_an_answer_to_the_round_before_the_restart_is_refused_as_stale(
     second.log.wait_opened(1)
     delta = shift_runner.delta_like(make_tiny_weights(), 0, 1)
     conn = second.connect("site-a")
-    old = conn.upload(UpdateHeader(1, 10, specs_of(delta), {}, task_id(1, 1)), iter_chunks(delta))
+    old = conn.upload(
+        UpdateHeader(1, 10, specs_of(delta), {}, attempt_id(1, 1)), iter_chunks(delta)
+    )
     assert not old.accepted
-    assert "stale update: it answers task run/1.1, but round 1 is now task run/1.2" in old.reason
-    task = conn.get_task(timeout=0)
-    assert task is not None and task.task_id == task_id(1, 2)
-    fresh = UpdateHeader(1, 10, specs_of(delta), {}, task.task_id)
+    stale = "stale update: it answers attempt run/1.1, but round 1 is now attempt run/1.2"
+    assert stale in old.reason
+    task = conn.get_instruction(timeout=0)
+    assert task is not None and task.attempt_id == attempt_id(1, 2)
+    fresh = UpdateHeader(1, 10, specs_of(delta), {}, task.attempt_id)
     assert conn.upload(fresh, iter_chunks(delta)).accepted  # the site was not penalised
     start_sites(second, shift_runner)
     second.finish()

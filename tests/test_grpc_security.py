@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import task_id
+from conftest import attempt_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.core.errors import AccessDenied, TransportError
@@ -32,7 +32,13 @@ from fedloom.pki import (
 )
 from fedloom.transport import Chunk, Heartbeat, UpdateHeader, iter_chunks, serde
 from fedloom.transport.grpc.client import certificate_refused
-from fedloom.transport.grpc.wire import SESSION_HEADER, channel_options, path
+from fedloom.transport.grpc.wire import (
+    NO_SESSION,
+    REFUSAL_HEADER,
+    SESSION_HEADER,
+    channel_options,
+    path,
+)
 
 pytestmark = pytest.mark.server
 
@@ -140,7 +146,7 @@ def test_identity_and_plan_mismatches_are_refused_on_both_sides(
 
 def bad_upload(kind: str, round: int, weights: Weights) -> tuple[UpdateHeader, list[Chunk]]:
     delta = {k: np.ones_like(v) for k, v in weights.items()}
-    header = UpdateHeader(round, 50, specs_of(delta), {"loss": 0.1}, task_id(round))
+    header = UpdateHeader(round, 50, specs_of(delta), {"loss": 0.1}, attempt_id(round))
     chunks = list(iter_chunks(delta))
     if kind == "truncated":
         return header, chunks[:-1]
@@ -149,7 +155,7 @@ def bad_upload(kind: str, round: int, weights: Weights) -> tuple[UpdateHeader, l
         return header, list(iter_chunks(delta))
     if kind == "wrong shape":
         delta["w"] = np.ones((4, 3), np.float32)
-        return UpdateHeader(round, 50, specs_of(delta), {}, task_id(round)), list(
+        return UpdateHeader(round, 50, specs_of(delta), {}, attempt_id(round)), list(
             iter_chunks(delta)
         )
     if kind == "larger than announced":
@@ -208,7 +214,7 @@ def test_a_replayed_update_of_an_earlier_round_is_rejected(
     start_honest(fed, shift_runner)
     fed.log.wait_opened(2)
     replay = shift_runner.delta_like(tiny_weights, 1, 1)  # site-b's round-1 update
-    header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5}, task_id(1))
+    header = UpdateHeader(1, SAMPLES[1], specs_of(replay), {"loss": 0.5}, attempt_id(1))
     # site-b's own process replays it (another process would first replace its session)
     receipt = fed.transport.connect("site-b", same_process=True).upload(header, iter_chunks(replay))
     assert not receipt.accepted
@@ -236,9 +242,9 @@ def test_garbage_bytes_are_rejected_without_harm(grpc_federation: Any, shift_run
         upload = channel.stream_unary(path("Upload"))
         reply = upload(iter([b"\xff\xfe garbage \x00\x01"]), timeout=10, metadata=session)
         assert b"cannot decode UploadMessage" in reply
-        get_task = channel.unary_unary(path("GetTask"))
+        get_instruction = channel.unary_unary(path("GetInstruction"))
         with pytest.raises(grpc.RpcError) as err:
-            get_task(b"\x0f not a TaskRequest", timeout=10, metadata=session)
+            get_instruction(b"\x0f not a InstructionRequest", timeout=10, metadata=session)
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     finally:
         channel.close()
@@ -255,7 +261,7 @@ def test_a_site_not_selected_for_the_round_cannot_answer_it(
     opened = fed.log.wait_opened(1)
     (left_out,) = set(SITES) - set(opened.selected)
     delta = shift_runner.delta_like(tiny_weights, 0, 1)
-    header = UpdateHeader(1, 10, specs_of(delta), {}, task_id(1))
+    header = UpdateHeader(1, 10, specs_of(delta), {}, attempt_id(1))
     receipt = fed.transport.connect(left_out).upload(header, iter_chunks(delta))
     assert not receipt.accepted
     assert f"site {left_out!r} was not selected for round 1" in receipt.reason
@@ -273,7 +279,9 @@ def test_a_claimed_sample_count_is_capped_by_the_plan_and_recorded(
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner, ("site-a", "site-b"))
     delta = shift_runner.delta_like(tiny_weights, 2, 1)
-    header = UpdateHeader(1, 10**9, specs_of(delta), {}, task_id(1))  # "I have a billion patients"
+    header = UpdateHeader(
+        1, 10**9, specs_of(delta), {}, attempt_id(1)
+    )  # "I have a billion patients"
     assert fed.transport.connect("site-c").upload(header, iter_chunks(delta)).accepted
     (record,) = fed.finish()
     liar = next(r for r in record.results if r.site == "site-c")
@@ -290,10 +298,10 @@ def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
     fed.start()
     fed.log.wait_opened(1)
     conn = fed.transport.connect("site-a", connect_seconds=1.0)
-    assert conn.get_task(timeout=0) is not None  # in touch: round 1 is open for it
+    assert conn.get_instruction(timeout=0) is not None  # in touch: round 1 is open for it
     fed.transport.server.stop(grace=0)  # the aggregator's machine is gone
     with pytest.raises(AggregatorLost, match="cannot reach the aggregator"):
-        conn.get_task(timeout=0)
+        conn.get_instruction(timeout=0)
 
 
 def in_flight(t: GrpcTestTransport, site: str) -> int:
@@ -322,10 +330,10 @@ def test_one_site_cannot_take_every_server_thread(
     greedy.open()
     # no round is open yet: each ask for work waits at the aggregator, holding a call
     for i in range(limit):
-        fed.spawn(f"long poll {i}", greedy.get_task)
+        fed.spawn(f"long poll {i}", greedy.get_instruction)
     wait_until(lambda: in_flight(t, "site-c") == limit, "the long polls never all arrived")
     with pytest.raises(TransportError, match=f"already has {limit} calls under way"):
-        greedy.get_task(timeout=0)
+        greedy.get_instruction(timeout=0)
     assert f"site 'site-c' already has {limit} calls under way" in aggregator_log()
 
     fed.start()  # round 1 opens: the long polls get their answer and end
@@ -354,10 +362,10 @@ def test_asks_for_work_the_caller_cancels_free_their_server_thread(
     )
     threads = t.server._server._state.thread_pool._max_workers
     try:
-        get_task = channel.unary_unary(path("GetTask"))
+        get_instruction = channel.unary_unary(path("GetInstruction"))
         an_hour = serde.encode_task_request(3600.0)
         for i in range(3 * threads):  # far more calls than the server has threads
-            call = get_task.future(
+            call = get_instruction.future(
                 an_hour, timeout=4000, metadata=[(SESSION_HEADER, hostile.session_id)]
             )
             wait_until(lambda: in_flight(t, "site-c") == 1, f"call {i} never got a thread")
@@ -419,7 +427,7 @@ def test_a_second_process_on_one_identity_replaces_the_first_whose_calls_are_ref
     t = fed.transport
     first = t.connect("site-c")
     first.open()
-    waiting = fed.spawn("first's ask for work", first.get_task)  # no round open: it waits
+    waiting = fed.spawn("first's ask for work", first.get_instruction)  # no round open: it waits
     wait_until(lambda: in_flight(t, "site-c") == 1, "the first process never asked for work")
     t.connect("site-c").open()  # a second process, with the same certificate
     # the first one's wait ends at once, refused, and so is every later call of it
@@ -520,3 +528,32 @@ def test_a_site_certificate_of_another_ca_is_named_as_the_likely_cause(
     said = str(err.value)
     assert "is it running" not in said
     assert "this site's certificate" in said and "another CA" in said, said
+
+
+def test_a_call_without_a_session_is_refused_with_a_typed_code_and_the_client_says_hello_again(
+    grpc_federation: Any,
+) -> None:
+    fed = grpc_federation
+    t = fed.transport
+    creds = site_credentials(t.states["site-a"])
+    channel = grpc.secure_channel(
+        f"127.0.0.1:{t.port}",
+        grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
+        options=channel_options(),
+    )
+    try:  # a process that never said Hello: the refusal's code is data, not prose
+        heartbeat = channel.unary_unary(path("Heartbeat"))
+        beat = serde.encode(Heartbeat(0))
+        with pytest.raises(grpc.RpcError) as err:
+            heartbeat(beat, timeout=10, metadata=[(SESSION_HEADER, "never-said-hello")])
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert (REFUSAL_HEADER, NO_SESSION) in tuple(err.value.trailing_metadata())
+    finally:
+        channel.close()
+    # the client reads that code: a connection whose session the aggregator lost (as when
+    # it restarts) says Hello again and its call goes through
+    conn = t.connect("site-a")
+    first = conn.open()
+    t.server.gate.sessions.clear()  # what the aggregator's restart does to its sessions
+    assert conn.heartbeat(Heartbeat(0)).open_round == 0
+    assert "site-a" in t.server.gate.sessions and conn.welcome is not first  # a new Hello

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ShiftRunner, task_id
+from conftest import ShiftRunner, attempt_id
 from hypothesis import given
 from hypothesis import strategies as st
 from test_deploy import (
@@ -193,7 +193,7 @@ def start_honest(fed: Any, runner_cls: Any, sites: tuple[str, ...] = ("site-a", 
 def hostile_upload(fed: Any, weights: Weights, num_samples: int, metrics: dict[str, float]) -> Any:
     """site-c's answer to round 1: a valid update, with the numbers given."""
     delta = {k: np.zeros_like(v) for k, v in weights.items()}
-    header = UpdateHeader(1, num_samples, specs_of(delta), metrics, task_id(1))
+    header = UpdateHeader(1, num_samples, specs_of(delta), metrics, attempt_id(1))
     return fed.transport.connect("site-c").upload(header, iter_chunks(delta))
 
 
@@ -293,7 +293,7 @@ def test_an_audit_hash_the_receipt_cannot_sign_is_refused_before_the_update_is_t
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner)
     delta = {k: np.zeros_like(v) for k, v in tiny_weights.items()}
-    header = UpdateHeader(1, 50, specs_of(delta), {}, task_id(1), "ab\0\n" + FORGED)
+    header = UpdateHeader(1, 50, specs_of(delta), {}, attempt_id(1), "ab\0\n" + FORGED)
     receipt = fed.transport.connect("site-c").upload(header, iter_chunks(delta))
     assert not receipt.accepted
     assert receipt.reason.startswith(
@@ -313,7 +313,7 @@ def test_an_evaluation_that_cancels_the_others_weight_is_refused(
     fed.start()
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner)
-    header = UpdateHeader(1, 5, (), {"val_samples": -40.0, "loss": 7.0}, task_id(1))
+    header = UpdateHeader(1, 5, (), {"val_samples": -40.0, "loss": 7.0}, attempt_id(1))
     receipt = fed.transport.connect("site-c").upload(header, [])
     assert not receipt.accepted
     assert "metric 'val_samples' must not be negative" in receipt.reason
@@ -354,7 +354,7 @@ def test_a_stale_failure_report_is_dropped_before_it_is_logged(
     fed.log.wait_opened(1)
     hostile = fed.transport.connect("site-c")
     flood = "x" * (MAX_CONTROL_BYTES - 1000)
-    for stale in (FailureReport(7, flood, task_id(7)), FailureReport(1, flood, "run/1.9")):
+    for stale in (FailureReport(7, flood, attempt_id(7)), FailureReport(1, flood, "run/1.9")):
         hostile.report_failure(stale)
     assert sum(len(line) for line in aggregator_records()) < 10_000
     assert any("a stale failure report from site-c" in line for line in aggregator_records())
@@ -372,7 +372,7 @@ def test_a_newline_in_a_failure_reason_cannot_forge_a_log_line(
     fed.log.wait_opened(1)
     start_honest(fed, shift_runner)
     reason = "out of memory\n" + FORGED + "\r\n\x1b[2K\x1b[1A" + FORGED
-    fed.transport.connect("site-c").report_failure(FailureReport(1, reason, task_id(1)))
+    fed.transport.connect("site-c").report_failure(FailureReport(1, reason, attempt_id(1)))
     (record,) = fed.finish()
     (failure,) = record.failures
     assert failure.kind is FailureKind.ERROR
@@ -396,9 +396,9 @@ def test_a_huge_failure_reason_is_cut_or_refused_whole_never_logged_whole(
         FedloomError,
         match=f"FailureReport is 5000016 bytes; the aggregator takes at most {MAX_CONTROL_BYTES}",
     ):
-        hostile.report_failure(FailureReport(1, "y" * 5_000_000, task_id(1)))
+        hostile.report_failure(FailureReport(1, "y" * 5_000_000, attempt_id(1)))
     big = "Traceback (most recent call last):\n" + "z" * 900_000 + "\nMemoryError"
-    hostile.report_failure(FailureReport(1, big, task_id(1)))
+    hostile.report_failure(FailureReport(1, big, attempt_id(1)))
     (record,) = fed.finish()
     (failure,) = record.failures
     assert len(failure.reason) <= MAX_REASON_CHARS
@@ -432,7 +432,7 @@ def test_status_shows_a_run_whose_stored_rows_a_hostile_site_poisoned(tmp_path: 
         poisoned = (*clean, SiteResult("site-c", 2, 50, 50, {"loss": 5.0, "val_samples": -40.0}))
         failure = Failure("site-c", 1, FailureKind.ERROR, forged)
         for rnd, rows, failures in ((1, clean, (failure,)), (2, poisoned, ())):
-            task = Instruction(round=rnd, kind=InstructionKind.TRAIN, task_id=f"r/{rnd}.1")
+            task = Instruction(round=rnd, kind=InstructionKind.TRAIN, attempt_id=f"r/{rnd}.1")
             journal.opened(task, 1, SITES)
             record = RoundRecord(
                 rnd, InstructionKind.TRAIN, SITES, rows, failures, CloseReason.QUORUM
@@ -477,7 +477,7 @@ def next_task(conn: GrpcConnection, round: int) -> Instruction:
     """Ask for work until the aggregator hands out round ``round``."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        task = conn.get_task(timeout=10)
+        task = conn.get_instruction(timeout=10)
         if task is not None and task.round == round:
             return task
     pytest.fail(f"round {round} never came")
@@ -509,17 +509,17 @@ def test_a_hostile_site_cannot_stop_a_real_federation_nor_forge_its_log(tmp_path
         model = assemble(stream.header.tensors, stream.chunks)
         delta = {k: np.zeros_like(v) for k, v in model.items()}
         metrics = {"val_samples": float(-honest_val), "global_accuracy": 1.0}
-        header = UpdateHeader(1, 100, specs_of(delta), metrics, first.task_id)
+        header = UpdateHeader(1, 100, specs_of(delta), metrics, first.attempt_id)
         receipt = hostile.upload(header, iter_chunks(delta))
         assert not receipt.accepted
         assert "metric 'val_samples' must not be negative" in receipt.reason
         flood = "x" * (MAX_CONTROL_BYTES - 1000)
-        hostile.report_failure(FailureReport(1, flood, first.task_id))  # stale: settled
+        hostile.report_failure(FailureReport(1, flood, first.attempt_id))  # stale: settled
         second = next_task(hostile, 2)
         reason = "out of memory\n" + FORGED_LINE + "\n" + "z" * 900_000
-        hostile.report_failure(FailureReport(2, reason, second.task_id))
+        hostile.report_failure(FailureReport(2, reason, second.attempt_id))
         final = next_task(hostile, 3)
-        hostile.report_failure(FailureReport(3, "no data today", final.task_id))
+        hostile.report_failure(FailureReport(3, "no data today", final.attempt_id))
         finish(aggregator, sites)
     finally:
         hostile.close()

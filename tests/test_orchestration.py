@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import SpoolWatch, task_id
+from conftest import SpoolWatch, attempt_id
 
 from fedloom.accumulate import MeanAccumulator
 from fedloom.accumulate import mean as mean_module
@@ -72,7 +72,7 @@ def send(
         samples,
         specs_of(delta) if specs is None else specs,
         metrics or {},
-        task_id(round, attempt),
+        attempt_id(round, attempt),
     )
     return conn.upload(header, iter_chunks(delta, 8) if chunks is None else chunks)
 
@@ -272,7 +272,7 @@ def test_upload_by_a_site_not_selected_is_refused(make_federation: Any, shift_ru
     (outsider,) = set(SITES) - set(opened.selected)
 
     conn = fed.connect(outsider)
-    assert conn.get_task(timeout=0) is None  # nothing to do for it this round
+    assert conn.get_instruction(timeout=0) is None  # nothing to do for it this round
     receipt = send(conn, 1, _zeros())
     assert not receipt.accepted
     assert f"site {outsider!r} was not selected for round 1" in receipt.reason
@@ -393,7 +393,7 @@ def test_failure_report_is_recorded_and_a_stale_one_ignored(
 ) -> None:
     fed = one_round(make_federation)
     fed.connect("site-b").report_failure(FailureReport(7, "from another round"))
-    fed.connect("site-a").report_failure(FailureReport(1, "out of memory", task_id(1)))
+    fed.connect("site-a").report_failure(FailureReport(1, "out of memory", attempt_id(1)))
     answer(fed, shift_runner, "site-b", 1, 20)
     answer(fed, shift_runner, "site-c", 1, 30)
     (record,) = fed.finish()
@@ -507,7 +507,7 @@ def test_fault_after_aggregation_stops_the_run_at_that_round(
     for worker in fed.sites.values():  # run() told every site to stop
         worker.join()
     for site in SITES:
-        task = fed.connect(site).get_task(timeout=0)
+        task = fed.connect(site).get_instruction(timeout=0)
         assert task is not None and task.kind is InstructionKind.FINISHED
 
 
@@ -820,7 +820,7 @@ def test_stream_of_a_site_that_reported_a_failure_meanwhile_is_not_folded(
     slow = fed.spawn("slow upload", lambda: send(fed.connect("site-a"), 1, delta, chunks=stalls()))
     try:
         assert stalled.wait(WAIT)
-        fed.connect("site-a").report_failure(FailureReport(1, "out of memory", task_id(1)))
+        fed.connect("site-a").report_failure(FailureReport(1, "out of memory", attempt_id(1)))
     finally:
         release.set()
     receipt = slow.join()
@@ -849,8 +849,8 @@ def test_a_site_silent_mid_upload_is_dropped_before_the_deadline_and_rolled_back
         answer(fed, shift_runner, "site-b", 1, 20)
         answer(fed, shift_runner, "site-c", 1, 30)
         fed.clock.advance(4.0)  # b and c keep calling; a has been silent for 4 s
-        fed.connect("site-b").get_task(timeout=0)
-        fed.connect("site-c").get_task(timeout=0)
+        fed.connect("site-b").get_instruction(timeout=0)
+        fed.connect("site-c").get_instruction(timeout=0)
         fed.clock.advance(1.5)  # a: 5.5 s of silence; the deadline is 60 s away
         (record,) = fed.finish()
     finally:
@@ -887,7 +887,7 @@ def test_a_retry_gives_a_site_dropped_for_silence_its_own_dead_after_to_come_bac
     fed.start_site("site-b", shift_runner(1, 20))
     fed.start()
     fed.log.wait_opened(1)
-    assert fed.connect("site-c").get_task(timeout=0) is not None  # heard from, then silent
+    assert fed.connect("site-c").get_instruction(timeout=0) is not None  # heard from, then silent
     fed.clock.advance(5.5)  # attempt 1: site-c dropped, no quorum without it
     fed.log.wait_opened(1, attempt=2)
     # the retry opened at once; site-c's old silence does not drop it again at once

@@ -118,7 +118,7 @@ def test_piped_status_keeps_each_failure_on_one_line(tmp_path: Path) -> None:
     try:
         run = store.new_run("failed", ws / "runs" / "failed", "hash", plan.model_dump_json())
         journal = store.journal(run, lambda: (0, 0))
-        task = Instruction(round=1, kind=InstructionKind.TRAIN, task_id=f"{run.run_id}/1.1")
+        task = Instruction(round=1, kind=InstructionKind.TRAIN, attempt_id=f"{run.run_id}/1.1")
         journal.opened(task, 1, plan.roster)
         failures = (Failure("site-02", 1, FailureKind.ERROR, why),)
         record = RoundRecord(

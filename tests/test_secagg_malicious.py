@@ -33,7 +33,7 @@ from fedloom.privacy.identity import SimulatedAuthority, SiteIdentity
 from fedloom.privacy.secagg import KEYS, SHARES
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
-from fedloom.transport.messages import PhaseMessage
+from fedloom.transport.messages import ExchangeMessage
 
 pytestmark = pytest.mark.server
 
@@ -86,17 +86,19 @@ class Liar:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._aggregator, name)
 
-    def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
+    def exchange(self, site: str, message: ExchangeMessage) -> ExchangeMessage:
         payload = bytes(message.payload)
-        sent = json.loads(payload) if message.phase in (KEYS, SHARES) else {}
-        if message.phase == SHARES and self.shares_in is not None:
+        sent = json.loads(payload) if message.step in (KEYS, SHARES) else {}
+        if message.step == SHARES and self.shares_in is not None:
             payload = json.dumps(self.shares_in(site, sent, sent)).encode()
-        reply = self._aggregator.exchange(site, PhaseMessage(message.round, message.phase, payload))
-        rewrite = {KEYS: self.keys, SHARES: self.shares_out}.get(message.phase)
+        reply = self._aggregator.exchange(
+            site, ExchangeMessage(message.round, message.step, payload)
+        )
+        rewrite = {KEYS: self.keys, SHARES: self.shares_out}.get(message.step)
         if rewrite is None:
             return reply
         told = rewrite(site, sent, json.loads(bytes(reply.payload)))
-        return PhaseMessage(reply.round, reply.phase, json.dumps(told).encode())
+        return ExchangeMessage(reply.round, reply.step, json.dumps(told).encode())
 
     def report_failure(self, site: str, report: Any) -> None:
         self.reports[site] = report.reason
@@ -445,7 +447,7 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 
     round_ = SecAggRound(
-        task_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
+        attempt_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
         params=SecAggParameters(
             bits=32, frac=16, threshold=2 / 3, neighbours=None, key_seconds=60.0,
             clip_range=1.0,
@@ -475,7 +477,7 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     # an aggregator that knows the federation's CA refuses a certificate from another
     federation = SimulatedAuthority("the federation's")
     checked = SecAggRound(
-        task_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
+        attempt_id="run/1.1", round=1, selected=SITES, specs=specs_of(model()),
         params=round_.params, clock=ManualClock(), cond=threading.Condition(),
         in_round=lambda: SITES, drop=lambda site, reason: None, site_ca=federation.ca,
     )  # fmt: skip

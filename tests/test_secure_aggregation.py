@@ -351,7 +351,7 @@ def secagg_round(**kw: Any) -> Any:
         bits=32, frac=16, threshold=2 / 3, neighbours=None, key_seconds=60.0, clip_range=1.0
     )
     return SecAggRound(
-        task_id="run/1.1",
+        attempt_id="run/1.1",
         round=1,
         selected=SITES,
         specs=specs_of(model()),

@@ -15,13 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedloom.core.errors import TransportError, UpdateRejected
-from fedloom.core.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.records import Ending, Instruction, InstructionKind, TrainSettings
 from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
 from fedloom.transport import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     ModelHeader,
-    PhaseMessage,
     UpdateHeader,
     UploadReceipt,
     assemble,
@@ -74,23 +74,42 @@ def roundtrip(message: object) -> object:
     kind=st.sampled_from(list(InstructionKind)),
     settings_=train_settings,
     config=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
-    phases=st.lists(st.text(max_size=8), max_size=3).map(tuple),
+    exchange_steps=st.lists(st.text(max_size=8), max_size=3).map(tuple),
+    ending=st.sampled_from(list(Ending)),
 )
 def test_instruction_roundtrips(
     round: int,
     kind: InstructionKind,
     settings_: TrainSettings,
     config: dict,
-    phases: tuple[str, ...],
+    exchange_steps: tuple[str, ...],
+    ending: Ending,
 ) -> None:
-    task = Instruction(round=round, kind=kind, settings=settings_, config=config, phases=phases)
-    assert roundtrip(task) == task
+    instruction = Instruction(
+        round=round,
+        kind=kind,
+        settings=settings_,
+        config=config,
+        exchange_steps=exchange_steps,
+        ending=ending if kind is InstructionKind.FINISHED else None,
+    )
+    assert roundtrip(instruction) == instruction
+
+
+@pytest.mark.parametrize("kind", list(InstructionKind))
+def test_an_instruction_says_how_the_federation_ended_exactly_when_it_is_finished(
+    kind: InstructionKind,
+) -> None:
+    finished = kind is InstructionKind.FINISHED
+    wrong = Instruction(round=1, kind=kind, ending=None if finished else Ending.COMPLETED)
+    with pytest.raises(TransportError, match="a finished instruction, and only it"):
+        roundtrip(wrong)
 
 
 @PROPERTY
-@given(round=U64, phase=st.text(max_size=12), payload=st.binary(max_size=200))
-def test_phase_message_roundtrips(round: int, phase: str, payload: bytes) -> None:
-    message = PhaseMessage(round, phase, payload)
+@given(round=U64, step=st.text(max_size=12), payload=st.binary(max_size=200))
+def test_exchange_message_roundtrips(round: int, step: str, payload: bytes) -> None:
+    message = ExchangeMessage(round, step, payload)
     assert roundtrip(message) == message
 
 
@@ -167,7 +186,7 @@ MESSAGE_TYPES = [
     UpdateHeader,
     UploadReceipt,
     FailureReport,
-    PhaseMessage,
+    ExchangeMessage,
 ]
 CORRUPT = {
     "bad-wire-type": b"\xff\xff\xff\xff",

@@ -125,7 +125,7 @@ def test_the_check_refuses_unsigned_replayed_and_altered_models(tmp_path: Path) 
     cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "aggregator.crt").read_bytes())
     sign = signer_from_pem(key)
     weights = make_tiny_weights()
-    task = Instruction(round=3, kind=InstructionKind.TRAIN, task_id="run/3.1")
+    task = Instruction(round=3, kind=InstructionKind.TRAIN, attempt_id="run/3.1")
     from fedloom.core.weights import specs_of
 
     header = ModelHeader(
@@ -137,7 +137,9 @@ def test_the_check_refuses_unsigned_replayed_and_altered_models(tmp_path: Path) 
     with pytest.raises(ModelRejected, match="unsigned"):
         check(task, ModelHeader(3, specs_of(weights), "run/3.1"), weights)
     with pytest.raises(ModelRejected, match="replayed"):
-        check(Instruction(round=3, kind=InstructionKind.TRAIN, task_id="run/3.2"), header, weights)
+        check(
+            Instruction(round=3, kind=InstructionKind.TRAIN, attempt_id="run/3.2"), header, weights
+        )
     altered = {k: v.copy() for k, v in weights.items()}
     altered["b"][0] = np.nextafter(altered["b"][0], np.float32(2))  # one ulp
     with pytest.raises(ModelRejected, match="signature check"):
@@ -155,13 +157,13 @@ def keep_signed(
     credentials: Credentials,
     weights: Weights,
     codec: ModelCodec,
-    task_id: str = "4f2a9c/3.1",
+    attempt_id: str = "4f2a9c/3.1",
 ) -> Path:
     """Keep ``weights`` as a site does at the final evaluation, the model having
     travelled under ``codec`` and been signed with ``credentials``' key."""
     travelled = encode_model(weights, codec)
-    signature = signer_from_pem(credentials.key_pem)(model_statement(task_id, 3, travelled))
-    header = ModelHeader(3, specs_of(travelled), task_id, signature)
+    signature = signer_from_pem(credentials.key_pem)(model_statement(attempt_id, 3, travelled))
+    header = ModelHeader(3, specs_of(travelled), attempt_id, signature)
     return keep_final_model(
         state,
         header,
@@ -181,7 +183,7 @@ def test_a_kept_final_model_verifies_only_as_the_aggregator_signed_it(tmp_path: 
     kept = keep_signed(state, aggregator, weights, ModelCodec.NONE)
     assert kept == state / "final" / "4f2a9c.safetensors"
     info, _ = check_final_model(kept, ca_pem)
-    assert (info.task_id, info.round, info.site) == ("4f2a9c/3.1", 3, "site-a")
+    assert (info.attempt_id, info.round, info.site) == ("4f2a9c/3.1", 3, "site-a")
     # under a model codec the site keeps the model in its own dtypes, and it verifies
     narrowed = keep_signed(state, aggregator, weights, ModelCodec.FLOAT16, "5b3e1d/3.1")
     check_final_model(narrowed, ca_pem)

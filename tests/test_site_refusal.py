@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_tiny_weights, task_id
+from conftest import attempt_id, make_tiny_weights
 from test_deploy import finish, kill_leftovers, rows_by_round, start_aggregator, start_site
 from workspaces import make_workspace, run_cli
 
@@ -291,7 +291,7 @@ def test_a_failure_report_that_is_not_a_withdrawal_withdraws_nothing(
     fed.start_site("site-c", shift_runner(2, 30))
     fed.start()
     fed.log.wait_opened(1)
-    fed.connect("site-a").report_failure(FailureReport(1, "out of memory", task_id(1)))
+    fed.connect("site-a").report_failure(FailureReport(1, "out of memory", attempt_id(1)))
     fed.log.wait_opened(2)
     assert fed.aggregator.withdrawn == {}
     fed.start_site("site-a", shift_runner(0, 10))

@@ -85,7 +85,7 @@ def attempt(
     finished: StrategyState | None = None,
 ) -> None:
     """Open and close attempt ``n`` at round ``rnd``, as the round loop does."""
-    task = Instruction(round=rnd, kind=TRAIN, task_id=f"{journal.run.run_id}/{rnd}.{n}")
+    task = Instruction(round=rnd, kind=TRAIN, attempt_id=f"{journal.run.run_id}/{rnd}.{n}")
     journal.opened(task, n, SITES)
     record = RoundRecord(rnd, TRAIN, SITES, results, failures, reason, attempt=n)
     journal.closed(record, finished)
@@ -233,7 +233,7 @@ def test_a_run_left_running_by_a_killed_aggregator_says_so(
 ) -> None:
     run = new_run(store)
     journal = store.journal(run, lambda: (0, 0))
-    journal.opened(Instruction(round=1, kind=TRAIN, task_id=f"{run.run_id}/1.1"), 1, SITES)
+    journal.opened(Instruction(round=1, kind=TRAIN, attempt_id=f"{run.run_id}/1.1"), 1, SITES)
     lock_state(workspace / "aggregator").close()  # a process held it, and died
 
     status = read_status(workspace / "aggregator")
@@ -305,7 +305,7 @@ def test_a_running_aggregator_shows_the_round_under_way(workspace: Path, store: 
         assert live["pid"] == os.getpid() and 0 <= live["age_seconds"] < 60
         current = live["current"]
         assert (current["round"], current["kind"], current["attempt"]) == (1, "train", 1)
-        assert current["task_id"] == f"{run.run_id}/1.1"
+        assert current["attempt_id"] == f"{run.run_id}/1.1"
         assert current["selected"] == list(SITES) and current["answered"] == ["site-a"]
         assert current["failed"] == {"site-b": "disk full"}
         assert current["pending"] == ["site-c"] and current["uploading"] == {}
@@ -380,7 +380,7 @@ def test_status_and_the_summary_of_a_resumed_then_interrupted_run_count_the_same
     attempt(journal, 1, 1, CloseReason.ALL_ANSWERED, finished=state(1))
     attempt(journal, 2, 1, CloseReason.NO_QUORUM)
     attempt(journal, 2, 2, CloseReason.QUORUM, finished=state(2))
-    journal.opened(Instruction(round=3, kind=TRAIN, task_id=f"{run.run_id}/3.1"), 1, SITES)
+    journal.opened(Instruction(round=3, kind=TRAIN, attempt_id=f"{run.run_id}/3.1"), 1, SITES)
     # the process dies in round 3; the restart records that attempt as stopped
     resume = store.resume(run, lambda: state(0))
     assert resume.next_round == 3
@@ -390,7 +390,7 @@ def test_status_and_the_summary_of_a_resumed_then_interrupted_run_count_the_same
         (closed(3, CloseReason.ALL_ANSWERED, attempt=2), state(3)),
         (closed(4, CloseReason.STOPPED, kind=InstructionKind.EVALUATE), None),  # Ctrl-C
     ):
-        task = Instruction(round=record.round, kind=record.kind, task_id=f"{record.round}")
+        task = Instruction(round=record.round, kind=record.kind, attempt_id=f"{record.round}")
         journal.opened(task, record.attempt, SITES)
         journal.closed(record, finished)
         recorder.on_event(RoundClosed(record))

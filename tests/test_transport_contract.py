@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import task_id
+from conftest import attempt_id
 from grpcnet import GrpcTestTransport
 
 from fedloom.core.errors import TransportError
-from fedloom.core.records import CloseReason, FailureKind, InstructionKind
+from fedloom.core.records import CloseReason, Ending, FailureKind, InstructionKind
 from fedloom.core.weights import Weights, nbytes, specs_of, weights_equal
 from fedloom.transport import (
     Chunk,
@@ -62,7 +62,7 @@ def transport_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[Any]
 
 
 def upload(conn: Any, round: int, delta: Weights, samples: int) -> Any:
-    header = UpdateHeader(round, samples, specs_of(delta), {"loss": 0.5}, task_id(round))
+    header = UpdateHeader(round, samples, specs_of(delta), {"loss": 0.5}, attempt_id(round))
     return conn.upload(header, iter_chunks(delta))
 
 
@@ -151,12 +151,12 @@ def test_sites_are_told_the_federation_finished(
     # finish() joined every collaborator: each left run() on its own
     assert all(not w.thread.is_alive() for w in fed.sites.values())
     for site in SITES:
-        task = fed.connect(site).get_task(timeout=0)
+        task = fed.connect(site).get_instruction(timeout=0)
         assert task is not None
         assert task.kind is InstructionKind.FINISHED
 
 
-@pytest.mark.parametrize("call", ["get_task", "download", "upload", "report_failure"])
+@pytest.mark.parametrize("call", ["get_instruction", "download", "upload", "report_failure"])
 def test_site_outside_the_roster_is_refused(
     call: str,
     make_federation: Any,
@@ -168,7 +168,7 @@ def test_site_outside_the_roster_is_refused(
     fed.start()
     fed.log.wait_opened(1)
     calls = {
-        "get_task": lambda conn: conn.get_task(timeout=0),
+        "get_instruction": lambda conn: conn.get_instruction(timeout=0),
         "download": lambda conn: conn.download(1),
         "upload": lambda conn: upload(conn, 1, shift_runner.delta_like(tiny_weights, 0, 1), 5),
         "report_failure": lambda conn: conn.report_failure(FailureReport(1, "let me in")),
@@ -252,7 +252,7 @@ def test_rejection_reason_reaches_the_site(
 
 
 class RollCall:
-    """A toy round phase: each site says hello before training; the aggregator's handler
+    """A toy round step: each site says hello before training; the aggregator's handler
     answers with the name the transport says the site has."""
 
     def __init__(self) -> None:
@@ -275,7 +275,9 @@ def test_a_round_phase_runs_before_training_with_identity_from_the_channel(
     make_federation: Any, shift_runner: Any, tiny_weights: Weights, transport_factory: Any
 ) -> None:
     roll_call = RollCall()
-    fed = make_federation(tiny_weights, transport=transport_factory, phases={"hello": roll_call})
+    fed = make_federation(
+        tiny_weights, transport=transport_factory, exchange_steps={"hello": roll_call}
+    )
     hellos = {site: SaysHello() for site in SITES}
     for index, site in enumerate(SITES):
         fed.start_site(site, shift_runner(index, SAMPLES[index]), {"hello": hellos[site]})
@@ -293,18 +295,18 @@ def test_a_site_without_a_phase_fails_the_round_with_a_reason(
     make_federation: Any, shift_runner: Any, tiny_weights: Weights, transport_factory: Any
 ) -> None:
     fed = make_federation(
-        tiny_weights, transport=transport_factory, phases={"hello": RollCall()}, rounds=1,
+        tiny_weights, transport=transport_factory, exchange_steps={"hello": RollCall()}, rounds=1,
         min_fraction=0.5,
     )  # fmt: skip
     for index, site in enumerate(SITES):
-        phases = {} if site == "site-c" else {"hello": SaysHello()}
-        fed.start_site(site, shift_runner(index, SAMPLES[index]), phases)
+        exchange_steps = {} if site == "site-c" else {"hello": SaysHello()}
+        fed.start_site(site, shift_runner(index, SAMPLES[index]), exchange_steps)
     fed.start()
     first = fed.finish()[0]
     assert [r.site for r in first.results] == ["site-a", "site-b"]
     [failure] = first.failures
     assert failure.site == "site-c" and failure.kind is FailureKind.ERROR
-    assert "does not support the round phase 'hello'" in failure.reason
+    assert "does not support the round step 'hello'" in failure.reason
 
 
 def test_sites_hear_whether_the_federation_completed(
@@ -318,15 +320,12 @@ def test_sites_hear_whether_the_federation_completed(
     fed.pass_deadline()  # nobody answered: no quorum, no retries left
     with pytest.raises(QuorumError):
         fed.loop.join()
-    told = fed.connect("site-a").get_task(timeout=0)
+    told = fed.connect("site-a").get_instruction(timeout=0)
     assert told is not None and told.kind is InstructionKind.FINISHED
-    assert told.config == {"completed": False, "cancelled": False}  # it resumes: sites wait
+    assert told.ending is Ending.STOPPED  # it resumes: sites wait
 
     done = run_federation(make_federation, tiny_weights, shift_runner, transport_factory)
-    assert done.connect("site-a").get_task(timeout=0).config == {
-        "completed": True,
-        "cancelled": False,
-    }
+    assert done.connect("site-a").get_instruction(timeout=0).ending is Ending.COMPLETED
 
 
 def test_sites_hear_that_the_federation_was_cancelled(
@@ -343,6 +342,6 @@ def test_sites_hear_that_the_federation_was_cancelled(
     fed.start()
     with pytest.raises(Cancelled):
         fed.loop.join()
-    told = fed.connect("site-a").get_task(timeout=0)
+    told = fed.connect("site-a").get_instruction(timeout=0)
     assert told is not None and told.kind is InstructionKind.FINISHED
-    assert told.config == {"completed": False, "cancelled": True}  # over: sites stop
+    assert told.ending is Ending.CANCELLED  # over: sites stop

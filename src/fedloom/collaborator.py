@@ -26,9 +26,9 @@ from fedloom.privacy.site import SitePrivacy
 from fedloom.transport.base import Connection
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     ModelHeader,
-    PhaseMessage,
     UpdateHeader,
     UploadReceipt,
     assemble,
@@ -41,9 +41,9 @@ Runner = Callable[[Instruction, Weights], SiteAnswer]
 Exchange = Callable[[str, bytes], bytes]
 
 
-class SitePhase(Protocol):
-    """A site's side of one phase of a multi-phase round (secure aggregation's key
-    exchange …): it talks to the aggregator's handler of the same phase through
+class SiteStep(Protocol):
+    """A site's side of one step of a multi-step round (secure aggregation's key
+    exchange …): it talks to the aggregator's handler of the same step through
     ``exchange(payload) -> reply``."""
 
     def run(self, instruction: Instruction, exchange: Callable[[bytes], bytes]) -> None: ...
@@ -69,7 +69,7 @@ class Collaborator:
         self,
         connection: Connection,
         runner: Runner,
-        phases: Mapping[str, SitePhase] | None = None,
+        exchange_steps: Mapping[str, SiteStep] | None = None,
         *,
         faults: FaultPoints | None = None,
         privacy: SitePrivacy | None = None,
@@ -80,7 +80,7 @@ class Collaborator:
     ) -> None:
         self.connection = connection
         self.runner = runner
-        self.phases = dict(phases or {})
+        self.exchange_steps = dict(exchange_steps or {})
         self.faults = faults or FaultPoints()
         self.privacy = privacy
         self.audit = audit
@@ -95,7 +95,7 @@ class Collaborator:
 
     def step(self, timeout: float | None = None) -> bool:
         """Do at most one instruction. False once the federation is finished."""
-        instruction = self.connection.get_task(timeout)
+        instruction = self.connection.get_instruction(timeout)
         if instruction is None:
             return True
         if instruction.kind is InstructionKind.FINISHED:
@@ -140,7 +140,7 @@ class Collaborator:
                     seq=self._last_seq,
                     record_hash=header.audit_hash,
                     round=instruction.round,
-                    task_id=instruction.task_id,
+                    attempt_id=instruction.attempt_id,
                     signature=receipt.signature.hex(),
                 )
             )
@@ -205,17 +205,17 @@ class Collaborator:
             num_samples=answer.num_samples,
             tensors=specs,
             metrics=metrics,
-            task_id=instruction.task_id,
+            attempt_id=instruction.attempt_id,
             audit_hash=audit_hash,
         )
         return header, self._sending(instruction.round, iter_chunks(delta))
 
     def _exchange(self, instruction: Instruction) -> Callable[[str, bytes], bytes]:
-        """Send one phase message (recorded in the audit log first); return the reply."""
+        """Send one step message (recorded in the audit log first); return the reply."""
 
-        def exchange(phase: str, payload: bytes) -> bytes:
-            self._audit(instruction, f"exchange:{phase}", (payload,))
-            reply = self.connection.exchange(PhaseMessage(instruction.round, phase, payload))
+        def exchange(step: str, payload: bytes) -> bytes:
+            self._audit(instruction, f"exchange:{step}", (payload,))
+            reply = self.connection.exchange(ExchangeMessage(instruction.round, step, payload))
             return bytes(reply.payload)
 
         return exchange
@@ -236,7 +236,7 @@ class Collaborator:
             hasher.update(part)
         return self.audit.append(
             round=instruction.round,
-            task_id=instruction.task_id,
+            attempt_id=instruction.attempt_id,
             kind=kind,
             sha256=hasher.hexdigest,
             nbytes=hasher.nbytes,
@@ -256,21 +256,23 @@ class Collaborator:
             pass
 
     def _run_phases(self, instruction: Instruction) -> None:
-        for name in instruction.phases:
+        for name in instruction.exchange_steps:
             if name.startswith("secagg.") and self.privacy is not None:
                 continue  # secure aggregation's, run by self.privacy
-            phase = self.phases.get(name)
-            if phase is None:
-                raise FedloomError(f"this site does not support the round phase {name!r}")
+            step = self.exchange_steps.get(name)
+            if step is None:
+                raise FedloomError(f"this site does not support the round step {name!r}")
 
             send = self._exchange(instruction)
-            phase.run(instruction, functools.partial(send, name))
+            step.run(instruction, functools.partial(send, name))
 
     def _fail(self, instruction: Instruction, reason: str) -> None:
         self.last_failure = (instruction.round, reason)
         sent = shorten(reason)  # the aggregator keeps no more of it; a traceback's end stays
         self._audit(instruction, "failure", (sent.encode(),))
-        self.connection.report_failure(FailureReport(instruction.round, sent, instruction.task_id))
+        self.connection.report_failure(
+            FailureReport(instruction.round, sent, instruction.attempt_id)
+        )
 
 
 def withdraw(connection: Connection, reason: str, *, audit: AuditLog | None = None) -> None:
@@ -283,6 +285,6 @@ def withdraw(connection: Connection, reason: str, *, audit: AuditLog | None = No
         hasher = PayloadHasher()
         hasher.update(sent.encode())
         audit.append(
-            round=0, task_id="", kind="withdrawal", sha256=hasher.hexdigest, nbytes=hasher.nbytes
+            round=0, attempt_id="", kind="withdrawal", sha256=hasher.hexdigest, nbytes=hasher.nbytes
         )
     connection.report_failure(FailureReport(0, sent, withdrawn=True))

@@ -38,6 +38,6 @@ class SiteFailed:
 
     site: str
     round: int
-    task_id: str
+    attempt_id: str
     reason: str
     traceback: str = ""

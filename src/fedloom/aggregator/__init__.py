@@ -2,14 +2,14 @@
 and real), and the service methods transports call."""
 
 from fedloom.aggregator.attempt import Attempt, withdrawn_reason
-from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
+from fedloom.aggregator.config import FederationConfig, Signer, StepHandler
 from fedloom.aggregator.loop import Aggregator
 
 __all__ = [
     "Aggregator",
     "Attempt",
     "FederationConfig",
-    "PhaseHandler",
+    "StepHandler",
     "Signer",
     "withdrawn_reason",
 ]

@@ -33,9 +33,9 @@ from fedloom.privacy.secagg_server import SecAggRound
 @dataclass
 class Attempt:
     """One try at a round: who is asked, who answered, why it closed. A round may take
-    several (a missed quorum, a restart); each has its own task id."""
+    several (a missed quorum, a restart); each has its own attempt id."""
 
-    task: Instruction
+    instruction: Instruction
     selected: tuple[str, ...]
     weights: Weights
     accumulator: Accumulator | MaskedSumAccumulator | None
@@ -56,11 +56,11 @@ class Attempt:
 
     @property
     def round(self) -> int:
-        return self.task.round
+        return self.instruction.round
 
     @property
     def kind(self) -> InstructionKind:
-        return self.task.kind
+        return self.instruction.kind
 
     def record(self, close_reason: CloseReason) -> RoundRecord:
         """What the attempt did so far, closed for ``close_reason`` (the caller holds
@@ -136,14 +136,15 @@ def exploded_note(failures: Iterable[Failure]) -> str:
     return f"the updates of {', '.join(sites)} exploded (too large to add up) and were refused; "
 
 
-def check_task(task_id: str, opened: Attempt) -> None:
+def check_attempt(attempt_id: str, opened: Attempt) -> None:
     """Refuse an answer to another opening of the round as stale."""
-    if task_id != opened.task.task_id:
+    now = opened.instruction.attempt_id
+    if attempt_id != now:
+        answered = printable(attempt_id, MAX_TEXT_CHARS) or "(none)"
         raise UpdateRejected(
-            f"stale update: it answers task {printable(task_id, MAX_TEXT_CHARS) or '(none)'}, "
-            f"but round {opened.round} "
-            f"is now task {opened.task.task_id} (the round was reopened, e.g. after the "
-            "aggregator restarted); the site fetches the task again"
+            f"stale update: it answers attempt {answered}, but round {opened.round} is now "
+            f"attempt {now} (the round was reopened, e.g. after the aggregator restarted); "
+            "the site fetches its instruction again"
         )
 
 

@@ -19,6 +19,7 @@ from fedloom.core.clock import Clock, FaultPoints
 from fedloom.core.errors import TransportError, UpdateRejected
 from fedloom.core.events import EventSink, SiteAnswered, SiteJoined
 from fedloom.core.records import (
+    Ending,
     Failure,
     FailureKind,
     Instruction,
@@ -49,9 +50,7 @@ class Board:
         self.roster = frozenset(roster)
         self.open: Attempt | None = None  # the attempt taking answers
         self.running: Attempt | None = None  # the attempt under way, open or closing
-        self.finished = False
-        self.completed = False  # run() went through every round
-        self.cancelled = False  # run() was cancelled (Cancelled): the run never resumes
+        self.ending: Ending | None = None  # how run() ended; None while it runs
         self.interrupted = False  # interrupt(): run() raises KeyboardInterrupt
         self.last_seen: dict[str, float] = {}  # site -> clock time of its last call or beat
         # sites that withdrew (why), not waited for until they say Hello again
@@ -226,7 +225,7 @@ class Board:
 
 def round_sum(
     board: Board,
-    task: Instruction,
+    instruction: Instruction,
     selected: tuple[str, ...],
     model: tuple[TensorSpec, ...],
     privacy: AggregatorPrivacy | None,
@@ -238,10 +237,10 @@ def round_sum(
     under secure aggregation the masked sum of its round (which talks to the sites on
     ``board``), else the strategy's accumulator; nothing for an evaluation."""
     expected = privacy.upload_specs(model) if privacy is not None else model
-    if task.kind is InstructionKind.TRAIN and privacy is not None:
+    if instruction.kind is InstructionKind.TRAIN and privacy is not None:
         secagg = privacy.open_secagg(
-            task_id=task.task_id,
-            round=task.round,
+            attempt_id=instruction.attempt_id,
+            round=instruction.round,
             selected=selected,
             model=model,
             clock=board.clock,
@@ -252,7 +251,7 @@ def round_sum(
         )
         if secagg is not None:
             return secagg.accumulator, secagg, secagg.specs
-    if task.kind is InstructionKind.TRAIN:
+    if instruction.kind is InstructionKind.TRAIN:
         accumulator = make_accumulator(
             expected, needs_updates=needs_updates, max_sites=len(selected), spool_dir=spool_dir
         )

@@ -12,8 +12,8 @@ Signer = Callable[[bytes], bytes]
 """Signs a message with the aggregator's key (the federation's PKI); None: unsigned."""
 
 
-PhaseHandler = Callable[[str, int, bytes], bytes]
-"""``handler(site, round, payload) -> reply`` for one phase of a multi-phase round. The
+StepHandler = Callable[[str, int, bytes], bytes]
+"""``handler(site, round, payload) -> reply`` for one step of a multi-step round. The
 site's identity comes from the transport; the handler may block (a barrier until every
 selected site has spoken), so it must honour the round's deadline itself."""
 
@@ -32,7 +32,7 @@ class FederationConfig:
     seed: int = 0
     settings: TrainSettings = field(default_factory=TrainSettings)
     final_evaluation: bool = True
-    run_id: str = "run"  # names the run in task ids (RUN/ROUND.ATTEMPT)
+    run_id: str = "run"  # names the run in attempt ids (RUN/ROUND.ATTEMPT)
     # a site silent (no heartbeat, no call) this long is dropped from the round; None: only
     # the round's deadline drops it (the in-process simulation has no heartbeats)
     dead_after: float | None = None

@@ -1,7 +1,7 @@
 """The round loop, transport-agnostic: the same code runs simulated and real.
 
 :class:`Aggregator` is the aggregator's core. Transports call its service methods
-(:meth:`get_task`, :meth:`download`, :meth:`upload`, :meth:`report_failure`) with the
+(:meth:`get_instruction`, :meth:`download`, :meth:`upload`, :meth:`report_failure`) with the
 site identity they established; :meth:`run` drives the rounds. Nothing here sleeps
 or polls: sites waiting for work and the loop waiting for answers block on one
 condition, and the deadline comes from an injectable clock.
@@ -24,7 +24,7 @@ from fedloom.aggregator.attempt import (
     summarize,
 )
 from fedloom.aggregator.board import Board, round_sum
-from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
+from fedloom.aggregator.config import FederationConfig, Signer, StepHandler
 from fedloom.aggregator.ingest import closed_while_streaming
 from fedloom.aggregator.service import SiteCalls
 from fedloom.aggregator.status import snapshot
@@ -47,6 +47,7 @@ from fedloom.core.events import (
 )
 from fedloom.core.records import (
     CloseReason,
+    Ending,
     Failure,
     Instruction,
     InstructionKind,
@@ -80,7 +81,7 @@ class Aggregator(SiteCalls):
         clock: Clock | None = None,
         faults: FaultPoints | None = None,
         on_event: EventSink | None = None,
-        phases: Mapping[str, PhaseHandler] | None = None,
+        exchange_steps: Mapping[str, StepHandler] | None = None,
         spool_dir: Path | None = None,
         journal: Journal | None = None,
         resume: Resume | None = None,
@@ -108,7 +109,7 @@ class Aggregator(SiteCalls):
             on_event or (lambda event: None),
             dict(resume.withdrawn) if resume is not None else {},
         )
-        super().__init__(board, config, privacy, signer, phases or {})
+        super().__init__(board, config, privacy, signer, exchange_steps or {})
         self._spool_dir = spool_dir
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
         if config.compression.active:
@@ -148,9 +149,13 @@ class Aggregator(SiteCalls):
                 # Sites are told the aggregator is done, and whether the federation
                 # completed: after a failure or a stop it did not, and the run resumes
                 # when the aggregator is started again, unless it was cancelled.
-                self.board.finished = True
-                self.board.completed = completed
-                self.board.cancelled = cancelled
+                self.board.ending = (
+                    Ending.COMPLETED
+                    if completed
+                    else Ending.CANCELLED
+                    if cancelled
+                    else Ending.STOPPED
+                )
                 self.board.open = None
                 self.board.cond.notify_all()
         return self.history
@@ -171,18 +176,19 @@ class Aggregator(SiteCalls):
         extra = dict(self.strategy.configure(rnd, self.state))
         overrides = {k: extra.pop(k) for k in list(extra) if k in TrainSettings.__slots__}
         settings = dataclasses.replace(cfg.settings, **overrides)
-        task = Instruction(
+        instruction = Instruction(
             round=rnd,
             kind=InstructionKind.TRAIN,
             settings=settings,
             config=extra,
-            phases=tuple(self._phases) + (privacy.phases if privacy else ()),
+            exchange_steps=tuple(self._exchange_steps)
+            + (privacy.exchange_steps if privacy else ()),
             privacy=privacy.instruction(self.state) if privacy else {},
         )
         needed = max(needed_answers(len(selected), cfg.min_fraction), self.strategy.min_updates())
         failed: list[Failure] = []
         for _ in range(cfg.max_retries + 1):
-            record, opened = self._run_phase(task, selected, needed=needed)
+            record, opened = self._run_attempt(instruction, selected, needed=needed)
             summary: Summary | None = None
             if record.close_reason is not CloseReason.NO_QUORUM:
                 self.board.faults.hit("round.before_aggregate", round=rnd)
@@ -214,8 +220,10 @@ class Aggregator(SiteCalls):
 
     def _evaluation_round(self, rnd: int) -> RoundRecord:
         """Every site evaluates the final model; waits for all of them (or the deadline)."""
-        task = Instruction(round=rnd, kind=InstructionKind.EVALUATE, settings=self.config.settings)
-        record, _ = self._run_phase(task, tuple(sorted(self.config.roster)), needed=0)
+        instruction = Instruction(
+            round=rnd, kind=InstructionKind.EVALUATE, settings=self.config.settings
+        )
+        record, _ = self._run_attempt(instruction, tuple(sorted(self.config.roster)), needed=0)
         self._closed(record, None)
         return record
 
@@ -238,17 +246,19 @@ class Aggregator(SiteCalls):
             record = running.record(CloseReason.STOPPED)
         self._closed(record, None)
 
-    def _run_phase(
-        self, task: Instruction, selected: tuple[str, ...], *, needed: int
+    def _run_attempt(
+        self, instruction: Instruction, selected: tuple[str, ...], *, needed: int
     ) -> tuple[RoundRecord, Attempt]:
         cfg = self.config
-        attempt = self._attempts.get(task.round, 0) + 1
-        self._attempts[task.round] = attempt
-        task = dataclasses.replace(task, task_id=f"{cfg.run_id}/{task.round}.{attempt}")
+        attempt = self._attempts.get(instruction.round, 0) + 1
+        self._attempts[instruction.round] = attempt
+        instruction = dataclasses.replace(
+            instruction, attempt_id=f"{cfg.run_id}/{instruction.round}.{attempt}"
+        )
         weights = self.state.weights
         accumulator, secagg, expected = round_sum(
             self.board,
-            task,
+            instruction,
             selected,
             specs_of(weights),
             self._privacy,
@@ -256,10 +266,10 @@ class Aggregator(SiteCalls):
             spool_dir=self._spool_dir,
         )
         if self._journal is not None:
-            self._journal.opened(task, attempt, selected)  # before any site can hear of it
+            self._journal.opened(instruction, attempt, selected)  # before any site can hear of it
         with self.board.cond:
             opened = Attempt(
-                task=task,
+                instruction=instruction,
                 selected=selected,
                 weights=weights,
                 accumulator=accumulator,
@@ -272,26 +282,28 @@ class Aggregator(SiteCalls):
             withdrawn = self.board.settle_withdrawn(opened)
             self.board.open = self.board.running = opened
             self.board.cond.notify_all()
-        self.board.emit(RoundOpened(task.round, task.kind, selected))
+        self.board.emit(RoundOpened(instruction.round, instruction.kind, selected))
         for failure in withdrawn:
-            self.board.emit(SiteAnswered(task.round, failure.site, False, failure.reason))
-        self.board.faults.hit("round.opened", round=task.round)
+            self.board.emit(SiteAnswered(instruction.round, failure.site, False, failure.reason))
+        self.board.faults.hit("round.opened", round=instruction.round)
         record, streaming = self.board.wait_and_close(
             opened, needed, cfg.dead_after, cfg.round_deadline
         )
         # Updates still streaming are rolled back now, not waited for: each abort waits
         # only for a chunk being folded, never for the network.
         for contribution in streaming:
-            contribution.abort(closed_while_streaming(task.round))
+            contribution.abort(closed_while_streaming(instruction.round))
         if secagg is not None and record.close_reason is CloseReason.NO_QUORUM:
             secagg.abandon("the round closed without its quorum")
         return record, opened
 
-    def task_open(self, task_id: str) -> bool:
-        """Whether the attempt ``task_id`` is open and takes answers (a simulation drops
+    def task_open(self, attempt_id: str) -> bool:
+        """Whether the attempt ``attempt_id`` is open and takes answers (a simulation drops
         the work it queued for an attempt that has closed)."""
         with self.board.cond:
-            return self.board.open is not None and self.board.open.task.task_id == task_id
+            return (
+                self.board.open is not None and self.board.open.instruction.attempt_id == attempt_id
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """The live state, for ``fedloom status``: the round under way and who is where."""

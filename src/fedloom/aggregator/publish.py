@@ -30,7 +30,7 @@ def model_signature(opened: Attempt, published: Weights, signer: Signer | None) 
         return b""
     with opened.sign_lock:
         if opened.signature is None:
-            statement = model_statement(opened.task.task_id, opened.round, published)
+            statement = model_statement(opened.instruction.attempt_id, opened.round, published)
             opened.signature = signer(statement)
         return opened.signature
 

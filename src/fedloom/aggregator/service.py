@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from fedloom.aggregator.attempt import check_task, withdrawn_reason
+from fedloom.aggregator.attempt import check_attempt, withdrawn_reason
 from fedloom.aggregator.board import Board
-from fedloom.aggregator.config import FederationConfig, PhaseHandler, Signer
+from fedloom.aggregator.config import FederationConfig, Signer, StepHandler
 from fedloom.aggregator.ingest import receive
 from fedloom.aggregator.publish import model_signature, published, sending
 from fedloom.core.errors import UpdateRejected
@@ -25,12 +25,12 @@ from fedloom.privacy.signing import receipt_message
 from fedloom.transport.base import Cancellation
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     ModelHeader,
     ModelStream,
-    PhaseMessage,
     UpdateHeader,
     UploadReceipt,
     iter_chunks,
@@ -47,13 +47,13 @@ class SiteCalls:
         config: FederationConfig,
         privacy: AggregatorPrivacy | None,
         signer: Signer | None,
-        phases: Mapping[str, PhaseHandler],
+        exchange_steps: Mapping[str, StepHandler],
     ) -> None:
         self.board = board
         self.config = config
         self._privacy = privacy
         self._signer = signer
-        self._phases = dict(phases)
+        self._exchange_steps = dict(exchange_steps)
 
     @property
     def last_seen(self) -> dict[str, float]:
@@ -65,7 +65,7 @@ class SiteCalls:
         """Sites that withdrew (why), not waited for until they say Hello again."""
         return self.board.withdrawn
 
-    def get_task(
+    def get_instruction(
         self, site: str, timeout: float | None, cancel: Cancellation | None = None
     ) -> Instruction | None:
         board = self.board
@@ -78,15 +78,15 @@ class SiteCalls:
             while True:
                 if cancel is not None and cancel.cancelled:
                     return None
-                if board.finished:
+                if board.ending is not None:
                     return Instruction(
                         round=0,
                         kind=InstructionKind.FINISHED,
-                        config={"completed": board.completed, "cancelled": board.cancelled},
+                        ending=board.ending,
                     )
                 opened = board.open
                 if opened is not None and site in opened.pending:
-                    return opened.task
+                    return opened.instruction
                 if deadline is not None and board.clock.now() >= deadline:
                     return None
                 board.clock.wait(board.cond, deadline)
@@ -102,7 +102,7 @@ class SiteCalls:
         weights = published(opened, weights, self.config.compression.model)
         signature = model_signature(opened, weights, self._signer)
         chunks = sending(board.faults, round, site, iter_chunks(weights))
-        header = ModelHeader(round, specs_of(weights), opened.task.task_id, signature)
+        header = ModelHeader(round, specs_of(weights), opened.instruction.attempt_id, signature)
         return ModelStream(header, chunks)
 
     def upload(self, site: str, header: UpdateHeader, chunks: Iterable[Chunk]) -> UploadReceipt:
@@ -112,7 +112,7 @@ class SiteCalls:
             board.saw(site)
             try:
                 opened = board.require_open(site, header.round)
-                check_task(header.task_id, opened)
+                check_attempt(header.attempt_id, opened)
                 if site in opened.uploading:
                     raise UpdateRejected(f"site {site!r} is already uploading for this round")
                 opened.uploading[site] = None
@@ -145,14 +145,14 @@ class SiteCalls:
         board.emit(SiteAnswered(opened.round, site, True))
         signature = b""
         if self._signer is not None and header.audit_hash:
-            signature = self._signer(receipt_message(site, header.task_id, header.audit_hash))
+            signature = self._signer(receipt_message(site, header.attempt_id, header.audit_hash))
         nbytes = sum(s.nbytes for s in header.tensors)
         return UploadReceipt(header.round, True, "", nbytes, signature)
 
     def report_failure(self, site: str, report: FailureReport) -> bool:
         """``site`` could not do its task; True if that settled it for the open round.
 
-        A stale report (another round or task, or a site already settled) changes
+        A stale report (another round or attempt, or a site already settled) changes
         nothing and is looked at no further. The reason is kept as
         :func:`~fedloom.core.sanitize.printable` makes it: control characters escaped, at
         most :data:`~fedloom.core.sanitize.MAX_REASON_CHARS` characters.
@@ -169,7 +169,7 @@ class SiteCalls:
             if (
                 opened is None
                 or opened.round != report.round
-                or opened.task.task_id != report.task_id
+                or opened.instruction.attempt_id != report.attempt_id
                 or site not in opened.pending
             ):
                 return False  # a stale report changes nothing
@@ -206,32 +206,32 @@ class SiteCalls:
         if was_withdrawn:
             board.emit(SiteRejoined(site))
 
-    def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
-        """Hand ``site``'s message to the handler of its phase; return the reply.
+    def exchange(self, site: str, message: ExchangeMessage) -> ExchangeMessage:
+        """Hand ``site``'s message to the handler of its step; return the reply.
 
-        Secure aggregation's phases go to the attempt under way, which checks who may
+        Secure aggregation's exchange steps go to the attempt under way, which checks who may
         speak when (its unmasking follows the upload, when the round is closed)."""
         board = self.board
         board.check_site(site)
-        if message.phase.startswith("secagg."):
+        if message.step.startswith("secagg."):
             with board.cond:
                 board.saw(site)
                 running = board.running  # the attempt under way: open, or unmasking
                 secagg = None if running is None else running.secagg
             if secagg is None or secagg.round != message.round:
                 raise UpdateRejected(f"no secure aggregation under way for round {message.round}")
-            reply = secagg.handle(site, message.phase, bytes(message.payload))
-            return PhaseMessage(message.round, message.phase, reply)
-        handler = self._phases.get(message.phase)
+            reply = secagg.handle(site, message.step, bytes(message.payload))
+            return ExchangeMessage(message.round, message.step, reply)
+        handler = self._exchange_steps.get(message.step)
         if handler is None:
-            known = sorted(self._phases) or "none"
-            phase = printable(message.phase, MAX_TEXT_CHARS)
-            raise UpdateRejected(f"no phase '{phase}' in this federation (phases: {known})")
+            known = sorted(self._exchange_steps) or "none"
+            step = printable(message.step, MAX_TEXT_CHARS)
+            raise UpdateRejected(f"no step '{step}' in this federation (exchange steps: {known})")
         with board.cond:
             board.saw(site)
             board.require_open(site, message.round)
         reply = handler(site, message.round, bytes(message.payload))
-        return PhaseMessage(message.round, message.phase, reply)
+        return ExchangeMessage(message.round, message.step, reply)
 
     def heartbeat(self, site: str, beat: Heartbeat) -> HeartbeatReply:
         """``site`` is alive: note when, and say which round is open."""
@@ -240,4 +240,4 @@ class SiteCalls:
         with board.cond:
             board.saw(site)
             opened = board.open
-            return HeartbeatReply(0 if opened is None else opened.round, board.finished)
+            return HeartbeatReply(0 if opened is None else opened.round, board.ending is not None)

@@ -24,7 +24,7 @@ def snapshot(
                 "round": running.round,
                 "kind": running.kind.value,
                 "attempt": running.attempt,
-                "task_id": running.task.task_id,
+                "attempt_id": running.instruction.attempt_id,
                 "selected": list(running.selected),
                 "answered": sorted(running.results),
                 "failed": {s: f.reason for s, f in sorted(running.failures.items())},
@@ -35,7 +35,7 @@ def snapshot(
             if running.secagg is not None:
                 current["secure_aggregation"] = running.secagg.describe()
         return {
-            "finished": board.finished,
+            "finished": board.ending is not None,
             "rounds_done": len(finished_rounds(history)),
             "current": current,
             "seen_seconds_ago": {s: now - t for s, t in sorted(board.last_seen.items())},

@@ -145,7 +145,7 @@ def verify_log(
 
         def check(receipt: AuditReceipt) -> bool:
             try:
-                message = receipt_message(name, receipt.task_id, receipt.record_hash)
+                message = receipt_message(name, receipt.attempt_id, receipt.record_hash)
                 signature = bytes.fromhex(receipt.signature)
             except ValueError:
                 return False
@@ -212,7 +212,7 @@ def verify_model(
     info, weights = check_final_model(path, ca_pem)
     console.print(
         f"final model intact: {count(len(weights), 'tensor')}, signed by the aggregator "
-        f"({fingerprint(info.aggregator_cert)}) for task {info.task_id} (round {info.round})",
+        f"({fingerprint(info.aggregator_cert)}) for task {info.attempt_id} (round {info.round})",
         highlight=False,
         markup=False,
         soft_wrap=True,

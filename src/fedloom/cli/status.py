@@ -105,7 +105,7 @@ def _print_live(live: dict[str, Any]) -> None:
         return
     now = (
         f"now: round {current['round']} ({current['kind']}, attempt {current['attempt']}, "
-        f"task {current['task_id']})"
+        f"task {current['attempt_id']})"
     )
     if not current.get("progress_published", True):
         console.print(

@@ -97,7 +97,7 @@ class Journal(Protocol):
 @dataclass(frozen=True)
 class Resume:
     """Where a restarted aggregator picks up: the state after round ``next_round - 1``,
-    the history so far and how many attempts each round already had (so the task ids of
+    the history so far and how many attempts each round already had (so the attempt ids of
     a rerun round are new)."""
 
     state: StrategyState

@@ -24,7 +24,15 @@ class InstructionKind(enum.Enum):
 
     TRAIN = "train"  # evaluate the global model, train from it, evaluate the local model
     EVALUATE = "evaluate"  # evaluate the global model only
-    FINISHED = "finished"  # the federation is over: disconnect
+    FINISHED = "finished"  # the federation is over: disconnect (``Instruction.ending`` says how)
+
+
+class Ending(enum.Enum):
+    """How a federation ended, as its "finished" instruction tells the sites."""
+
+    COMPLETED = "completed"  # every round ran: the sites disconnect
+    STOPPED = "stopped"  # the aggregator stopped before (interrupted, failed): it resumes
+    CANCELLED = "cancelled"  # its operator cancelled it: the run never resumes
 
 
 class FailureKind(enum.Enum):
@@ -88,11 +96,12 @@ class Instruction:
     kind: InstructionKind
     settings: TrainSettings = field(default_factory=TrainSettings)
     config: Mapping[str, JSON] = field(default_factory=dict)
-    phases: tuple[str, ...] = ()  # exchanges before training (e.g. secure aggregation keys)
+    exchange_steps: tuple[str, ...] = ()  # exchanges before training (e.g. secure aggregation keys)
     # this opening of the round, RUN/ROUND.ATTEMPT: an answer to another one is stale
-    task_id: str = ""
+    attempt_id: str = ""
     # what the round's privacy needs beyond the plan (the clipping bound now, epsilon so far)
     privacy: Mapping[str, JSON] = field(default_factory=dict)
+    ending: Ending | None = None  # set on a FINISHED instruction only
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ or on purpose. Two things live here, both pure:
   prints it. A refusal names what was wrong; the aggregator records it as that site's
   failure and the federation carries on.
 - :func:`printable`: the one helper that makes text a site chose (failure reasons,
-  metric or tensor names, task ids) safe for a log line, ``fedloom status`` and the
+  metric or tensor names, attempt ids) safe for a log line, ``fedloom status`` and the
   state database: control characters escaped (a newline cannot forge a log line, an
   escape sequence cannot drive a terminal), and at most a bounded number of characters.
 
@@ -44,7 +44,7 @@ MAX_REASON_CHARS = 4096
 """Characters of a site's failure reason that are logged, stored and shown."""
 
 MAX_TEXT_CHARS = 200
-"""Characters of any other text a site chose (a task id, a tensor or phase name) where it
+"""Characters of any other text a site chose (an attempt id, a tensor or step name) where it
 appears in a message, a log line or a status."""
 
 COUNT_METRICS = frozenset({"val_samples"})

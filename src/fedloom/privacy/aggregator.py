@@ -86,7 +86,7 @@ class AggregatorPrivacy:
         )
 
     @property
-    def phases(self) -> tuple[str, ...]:
+    def exchange_steps(self) -> tuple[str, ...]:
         return PHASES if self.secagg is not None else ()
 
     @property
@@ -179,7 +179,7 @@ class AggregatorPrivacy:
     def open_secagg(
         self,
         *,
-        task_id: str,
+        attempt_id: str,
         round: int,
         selected: tuple[str, ...],
         model: tuple[TensorSpec, ...],
@@ -192,7 +192,7 @@ class AggregatorPrivacy:
         if self.secagg is None:
             return None
         return SecAggRound(
-            task_id=task_id,
+            attempt_id=attempt_id,
             round=round,
             selected=selected,
             specs=self.upload_specs(model),

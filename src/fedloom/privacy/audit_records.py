@@ -48,7 +48,7 @@ class AuditRecord:
     seq: int
     time: str
     round: int
-    task_id: str
+    attempt_id: str
     kind: str
     tensors: tuple[tuple[str, str, tuple[int, ...]], ...]
     sha256: str
@@ -64,7 +64,7 @@ class AuditRecord:
             "seq": self.seq,
             "time": self.time,
             "round": self.round,
-            "task_id": self.task_id,
+            "attempt_id": self.attempt_id,
             "kind": self.kind,
             "tensors": [
                 {"name": name, "dtype": dtype, "shape": list(shape)}
@@ -88,7 +88,7 @@ class AuditReceipt:
     seq: int
     record_hash: str
     round: int
-    task_id: str
+    attempt_id: str
     signature: str
 
     def as_json(self) -> dict[str, Any]:
@@ -96,7 +96,7 @@ class AuditReceipt:
             "seq": self.seq,
             "record_hash": self.record_hash,
             "round": self.round,
-            "task_id": self.task_id,
+            "attempt_id": self.attempt_id,
             "signature": self.signature,
         }
 
@@ -109,12 +109,18 @@ def parse_receipt(text: str) -> AuditReceipt | None:
             seq=obj["seq"],
             record_hash=obj["record_hash"],
             round=obj["round"],
-            task_id=obj["task_id"],
+            attempt_id=obj["attempt_id"],
             signature=obj["signature"],
         )
     except (ValueError, TypeError, KeyError):
         return None
-    fields = (receipt.seq, receipt.record_hash, receipt.round, receipt.task_id, receipt.signature)
+    fields = (
+        receipt.seq,
+        receipt.record_hash,
+        receipt.round,
+        receipt.attempt_id,
+        receipt.signature,
+    )
     if not all(isinstance(v, t) for v, t in zip(fields, (int, str, int, str, str), strict=True)):
         return None
     return receipt

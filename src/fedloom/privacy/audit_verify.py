@@ -41,7 +41,7 @@ class _Entry:
     hash: str
     prev: str
     round: Any
-    task_id: Any
+    attempt_id: Any
 
 
 def _span(first: int, last: int) -> str:
@@ -73,7 +73,7 @@ def _check_line(number: int, text: str, *, last: bool) -> _Entry | str:
         return (
             f"line {number} (seq {seq}): its content does not match its hash: the record was edited"
         )
-    return _Entry(number, seq, stored, prev, record.get("round"), record.get("task_id"))
+    return _Entry(number, seq, stored, prev, record.get("round"), record.get("attempt_id"))
 
 
 def _check_chain(entries: list[_Entry], holes: list[int]) -> tuple[list[tuple[int, str]], set[int]]:
@@ -196,7 +196,7 @@ def _check_receipts(
                 f"receipt for seq {seq}: the log's record {seq} has another hash: "
                 "it was edited or replaced"
             )
-        elif (record.round, record.task_id) != (receipt.round, receipt.task_id):
+        elif (record.round, record.attempt_id) != (receipt.round, receipt.attempt_id):
             problems.append(
                 f"receipt for seq {seq}: its round or task differs from record {seq}'s "
                 f"(line {record.line}): the receipt was edited"

@@ -33,7 +33,7 @@ from fedloom.transport.messages import ModelHeader
 
 FINAL_DIR = "final"  # STATE/final: the final models this site kept, one per run
 _PREFIX = "fedloom.final."
-_KEYS = ("plan_hash", "task_id", "round", "signature", "aggregator_cert", "site", "model_codec")
+_KEYS = ("plan_hash", "attempt_id", "round", "signature", "aggregator_cert", "site", "model_codec")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -42,7 +42,7 @@ class FinalModel:
     """What a kept final model's header says about it."""
 
     plan_hash: str
-    task_id: str  # the final evaluation's task: ``<run id>/<round>.<attempt>``
+    attempt_id: str  # the final evaluation's task: ``<run id>/<round>.<attempt>``
     round: int
     signature: bytes  # the aggregator's, over the model as it travelled
     aggregator_cert: bytes  # PEM
@@ -53,7 +53,7 @@ class FinalModel:
     def metadata(self) -> dict[str, str]:
         values = {
             "plan_hash": self.plan_hash,
-            "task_id": self.task_id,
+            "attempt_id": self.attempt_id,
             "round": str(self.round),
             "signature": self.signature.hex(),
             "aggregator_cert": self.aggregator_cert.decode("ascii"),
@@ -76,7 +76,7 @@ class FinalModel:
         try:
             return cls(
                 plan_hash=get["plan_hash"],
-                task_id=get["task_id"],
+                attempt_id=get["attempt_id"],
                 round=int(get["round"]),
                 signature=bytes.fromhex(get["signature"]),
                 aggregator_cert=get["aggregator_cert"].encode("ascii"),
@@ -91,10 +91,10 @@ class FinalModel:
             ) from err
 
 
-def final_model_path(state_dir: Path, task_id: str, plan_hash: str) -> Path:
+def final_model_path(state_dir: Path, attempt_id: str, plan_hash: str) -> Path:
     """``STATE/final/<run id>.safetensors``: one file per run, named by the run id the
-    task id begins with (the plan hash's start if that is no plain file name)."""
-    run = task_id.partition("/")[0]
+    attempt id begins with (the plan hash's start if that is no plain file name)."""
+    run = attempt_id.partition("/")[0]
     name = run if _SAFE_NAME.fullmatch(run) else f"plan-{plan_hash[:16]}"
     return state_dir / FINAL_DIR / f"{name}.safetensors"
 
@@ -112,10 +112,10 @@ def keep_final_model(
     """Write the final global model ``weights`` (decoded from what arrived with
     ``header``, already checked against its signature) to the site's state folder,
     atomically; returns its path. A later attempt of the same evaluation replaces it
-    (the same model, another task id)."""
+    (the same model, another attempt id)."""
     info = FinalModel(
         plan_hash=plan_hash,
-        task_id=header.task_id,
+        attempt_id=header.attempt_id,
         round=header.round,
         signature=header.signature,
         aggregator_cert=aggregator_cert,
@@ -123,7 +123,7 @@ def keep_final_model(
         model_codec=model_codec,
         saved=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
-    path = final_model_path(state_dir, header.task_id, plan_hash)
+    path = final_model_path(state_dir, header.attempt_id, plan_hash)
     save_weights(path, weights, metadata=info.metadata())
     return path
 
@@ -161,7 +161,7 @@ def check_final_model(path: Path, ca_pem: bytes) -> tuple[FinalModel, Weights]:
             hint="only the aggregator publishes global models; this file is not one",
         )
     travelled = encode_model(weights, info.model_codec)  # the bytes the signature covers
-    statement = model_statement(info.task_id, info.round, travelled)
+    statement = model_statement(info.attempt_id, info.round, travelled)
     if not verify(cert, statement, info.signature):
         raise AuditError(
             f"{path} is not the model the aggregator signed: its tensors, or its task or "

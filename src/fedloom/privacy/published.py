@@ -1,6 +1,6 @@
 """Signed global models: the aggregator signs what it publishes, sites check it.
 
-The signature covers the task id (so a model cannot be replayed into another round),
+The signature covers the attempt id (so a model cannot be replayed into another round),
 the tensor specs and every byte of every tensor, in order: what
 :func:`~fedloom.privacy.signing.model_message` binds together. A site checks it with the
 aggregator's certificate, itself checked against the federation's CA, before the task
@@ -36,9 +36,11 @@ def content_digest(weights: Weights) -> bytes:
     return h.digest()
 
 
-def model_statement(task_id: str, round: int, weights: Weights) -> bytes:
-    """What the aggregator signs for the model of ``task_id``."""
-    return model_message(task_id, round, specs_digest(specs_of(weights)), content_digest(weights))
+def model_statement(attempt_id: str, round: int, weights: Weights) -> bytes:
+    """What the aggregator signs for the model of ``attempt_id``."""
+    return model_message(
+        attempt_id, round, specs_digest(specs_of(weights)), content_digest(weights)
+    )
 
 
 def signer_from_pem(key_pem: bytes) -> Callable[[bytes], bytes]:
@@ -61,18 +63,18 @@ def model_checker(
     signed by ``certificate``'s key for the instruction's task."""
 
     def check(instruction: Instruction, header: ModelHeader, weights: Weights) -> None:
-        where = f"the global model of round {instruction.round} (task {instruction.task_id})"
+        where = f"the global model of round {instruction.round} (task {instruction.attempt_id})"
         if not header.signature:
             raise ModelRejected(
                 f"{where} is unsigned; this site loads only models the aggregator signed",
                 hint="the aggregator must run with the federation's PKI (fedloom pki init)",
             )
-        if header.task_id != instruction.task_id:
+        if header.attempt_id != instruction.attempt_id:
             raise ModelRejected(
-                f"{where} was published for task {header.task_id or '(none)'}: a replayed "
+                f"{where} was published for task {header.attempt_id or '(none)'}: a replayed "
                 "model; it was not loaded"
             )
-        statement = model_statement(instruction.task_id, instruction.round, weights)
+        statement = model_statement(instruction.attempt_id, instruction.round, weights)
         if not verify(certificate, statement, header.signature):
             raise ModelRejected(
                 f"{where} failed its signature check: its bytes are not what the "

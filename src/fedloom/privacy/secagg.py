@@ -91,25 +91,25 @@ def threshold_of(degree: int, fraction: float) -> int:
     return max(1, math.ceil(fraction * degree - 1e-9))
 
 
-def mask_context(task_id: str) -> bytes:
-    return f"{task_id}/mask".encode()
+def mask_context(attempt_id: str) -> bytes:
+    return f"{attempt_id}/mask".encode()
 
 
-def share_context(task_id: str) -> bytes:
-    return f"{task_id}/share".encode()
+def share_context(attempt_id: str) -> bytes:
+    return f"{attempt_id}/share".encode()
 
 
-def share_associated(task_id: str, sender: str, recipient: str) -> bytes:
-    return f"{task_id}\0{sender}\0{recipient}".encode()
+def share_associated(attempt_id: str, sender: str, recipient: str) -> bytes:
+    return f"{attempt_id}\0{sender}\0{recipient}".encode()
 
 
-def key_set_digest(task_id: str, key_set: Mapping[str, Mapping[str, bytes]]) -> bytes:
+def key_set_digest(attempt_id: str, key_set: Mapping[str, Mapping[str, bytes]]) -> bytes:
     """The sha256 of a key set as one site saw it: every site's name and two public keys,
     sorted by name, bound to the attempt. Two sites that saw the same key set compute the
     same digest; any site added, dropped or with other keys changes it."""
     canonical = dumps(
         {
-            "task": task_id,
+            "task": attempt_id,
             "sites": [
                 [name, key_set[name]["c"].hex(), key_set[name]["s"].hex()]
                 for name in sorted(key_set)
@@ -154,23 +154,23 @@ class SecureAggregationSite:
         self.min_sites = max(2, min_sites)
         self._attempt: Attempt | None = None
 
-    def prepare(self, task_id: str, exchange: Exchange) -> None:
+    def prepare(self, attempt_id: str, exchange: Exchange) -> None:
         """Steps 1 and 2: agree keys with the round's sites and hand out shares.
 
         Raises :class:`AggregationError` naming every failed check when the key set or
         the share step's answer is not what honest parties would send: then this site
         sends no masked update in this attempt."""
         mask_keys, share_keys = masking.new_key_pair(), masking.new_key_pair()
-        attempt = Attempt(task_id, mask_keys, share_keys, secrets.token_bytes(32))
+        attempt = Attempt(attempt_id, mask_keys, share_keys, secrets.token_bytes(32))
         advert = signing.secagg_keys_message(
-            task_id, self.site, share_keys.public, mask_keys.public
+            attempt_id, self.site, share_keys.public, mask_keys.public
         )
         reply = loads(
             exchange(
                 KEYS,
                 dumps(
                     {
-                        "task": task_id,
+                        "task": attempt_id,
                         "c": share_keys.public.hex(),
                         "s": mask_keys.public.hex(),
                         "certificate": self.identity.certificate_pem,
@@ -181,7 +181,7 @@ class SecureAggregationSite:
             "key set",
         )
         attempt.key_set, certificates = check_key_set(
-            task_id,
+            attempt_id,
             reply,
             attempt,
             site=self.site,
@@ -195,8 +195,8 @@ class SecureAggregationSite:
         graph = masking.neighbours(members, self.neighbours)
         attempt.neighbours = graph[self.site]
         threshold = threshold_of(len(attempt.neighbours), self.threshold)
-        digest = key_set_digest(task_id, attempt.key_set)
-        key_set_message = signing.secagg_key_set_message(task_id, digest)
+        digest = key_set_digest(attempt_id, attempt.key_set)
+        key_set_message = signing.secagg_key_set_message(attempt_id, digest)
         index = {name: members.index(name) + 1 for name in members}
         outgoing: dict[str, str] = {}
         b_shares = (
@@ -213,11 +213,11 @@ class SecureAggregationSite:
         for other in attempt.neighbours:
             x = index[other]
             key = masking.agree(
-                share_keys.private, attempt.key_set[other]["c"], context=share_context(task_id)
+                share_keys.private, attempt.key_set[other]["c"], context=share_context(attempt_id)
             )
             plain = dumps({"x": x, "b": b_shares[x].hex(), "s": s_shares[x].hex()})
             blob = masking.encrypt(
-                key, plain, associated=share_associated(task_id, self.site, other)
+                key, plain, associated=share_associated(attempt_id, self.site, other)
             )
             outgoing[other] = blob.hex()
         signed = self.identity.sign(key_set_message).hex()
@@ -236,14 +236,14 @@ class SecureAggregationSite:
             if sender not in attempt.neighbours:
                 continue
             key = masking.agree(
-                share_keys.private, attempt.key_set[sender]["c"], context=share_context(task_id)
+                share_keys.private, attempt.key_set[sender]["c"], context=share_context(attempt_id)
             )
             try:
                 share = loads(
                     masking.decrypt(
                         key,
                         bytes.fromhex(blob),
-                        associated=share_associated(task_id, sender, self.site),
+                        associated=share_associated(attempt_id, sender, self.site),
                     ),
                     "share",
                 )
@@ -260,7 +260,7 @@ class SecureAggregationSite:
 
     def mask(
         self,
-        task_id: str,
+        attempt_id: str,
         update: Mapping[str, np.ndarray],
         *,
         weight: float,
@@ -269,14 +269,14 @@ class SecureAggregationSite:
         bits: int,
     ) -> Weights:
         """Step 3: ``update`` encoded and masked, tensor by tensor (unsigned ints)."""
-        attempt = self._current(task_id)
+        attempt = self._current(attempt_id)
         pair_keys = [
             (
                 masking.pair_sign(self.site, other),
                 masking.agree(
                     attempt.mask_keys.private,
                     attempt.key_set[other]["s"],
-                    context=mask_context(task_id),
+                    context=mask_context(attempt_id),
                 ),
             )
             for other in attempt.neighbours
@@ -298,10 +298,10 @@ class SecureAggregationSite:
             masked[name] = total.reshape(np.shape(values))
         return masked
 
-    def unmask(self, task_id: str, exchange: Exchange) -> None:
+    def unmask(self, attempt_id: str, exchange: Exchange) -> None:
         """Step 4: reveal the shares the aggregator may have, and no others."""
-        attempt = self._current(task_id)
-        reply = loads(exchange(UNMASK, dumps({"task": task_id})), "survivor list")
+        attempt = self._current(attempt_id)
+        reply = loads(exchange(UNMASK, dumps({"task": attempt_id})), "survivor list")
         if "abandoned" in reply:
             self._attempt = None
             return
@@ -312,7 +312,7 @@ class SecureAggregationSite:
                 f"inconsistent (survivors {sorted(survivors)}, dropped {sorted(dropped)}); "
                 "no share was revealed"
             )
-        reveal: dict[str, Any] = {"task": task_id, "b": {}, "s": {}}
+        reveal: dict[str, Any] = {"task": attempt_id, "b": {}, "s": {}}
         for sender, (x, b_share, s_share) in sorted(attempt.held.items()):
             if sender in survivors:
                 reveal["b"][sender] = f"{x}:{b_share.hex()}"
@@ -321,10 +321,10 @@ class SecureAggregationSite:
         exchange(REVEAL, dumps(reveal))
         self._attempt = None
 
-    def _current(self, task_id: str) -> Attempt:
+    def _current(self, attempt_id: str) -> Attempt:
         attempt = self._attempt
-        if attempt is None or attempt.task_id != task_id:
+        if attempt is None or attempt.attempt_id != attempt_id:
             raise AggregationError(
-                f"secure aggregation: no key exchange for task {task_id} at this site"
+                f"secure aggregation: no key exchange for task {attempt_id} at this site"
             )
         return attempt

@@ -20,7 +20,7 @@ class Attempt:
     """What a site holds of one attempt at a round: its keys, its seed ``b_i``, the
     checked key set, its neighbours, the mask set and the shares it was sent."""
 
-    task_id: str
+    attempt_id: str
     mask_keys: masking.KeyPair
     share_keys: masking.KeyPair
     seed: bytes  # b_i
@@ -38,7 +38,7 @@ def refuse(problems: list[str], *, step: str = "key set") -> NoReturn:
 
 
 def check_key_set(
-    task_id: str,
+    attempt_id: str,
     reply: Mapping[str, Any],
     attempt: Attempt,
     *,
@@ -82,7 +82,7 @@ def check_key_set(
             c, s = bytes.fromhex(entry["c"]), bytes.fromhex(entry["s"])
             signature = bytes.fromhex(entry["signature"])
             pem = entry["certificate"]
-            message = signing.secagg_keys_message(task_id, name, c, s)
+            message = signing.secagg_keys_message(attempt_id, name, c, s)
             if not isinstance(pem, str):
                 raise TypeError("the certificate is not PEM text")
         except (KeyError, TypeError, ValueError) as err:

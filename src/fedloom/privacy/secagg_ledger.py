@@ -77,7 +77,7 @@ class Ledger:
         s_shares: Mapping[str, dict[int, bytes]],
         *,
         threshold: float,
-        task_id: str,
+        attempt_id: str,
         bits: int,
     ) -> list[np.ndarray]:
         """``sums`` less every mask, from the secrets the revealed shares rebuild."""
@@ -87,7 +87,13 @@ class Ledger:
             for d in self.dropped
         }
         return remove_masks(
-            sums, seeds, dropped_keys, graph=self.graph, keys=self.keys, task_id=task_id, bits=bits
+            sums,
+            seeds,
+            dropped_keys,
+            graph=self.graph,
+            keys=self.keys,
+            attempt_id=attempt_id,
+            bits=bits,
         )
 
     def needs(self, threshold: float) -> list[tuple[str, dict[int, bytes], int]]:

@@ -15,12 +15,12 @@ from fedloom.privacy import masking, signing
 from fedloom.privacy.identity import peer_certificate
 
 
-def check_task(request: Mapping[str, object], task_id: str, round: int) -> None:
-    if request.get("task") != task_id:
+def check_attempt(request: Mapping[str, object], attempt_id: str, round: int) -> None:
+    if request.get("task") != attempt_id:
         raise UpdateRejected(
             "stale secure aggregation message: it is for task "
             f"{printable(str(request.get('task')), MAX_TEXT_CHARS)}, "
-            f"round {round} is now task {task_id}"
+            f"round {round} is now task {attempt_id}"
         )
 
 
@@ -103,7 +103,7 @@ the P-256 ECDSA signatures fedloom's keys make (at most 72 bytes)."""
 
 
 def signed_advertisement(
-    task_id: str,
+    attempt_id: str,
     site: str,
     c: str,
     s: str,
@@ -131,7 +131,7 @@ def signed_advertisement(
             f"secure aggregation: the certificate {site!r} signed its keys with is refused: "
             f"{err.message}"
         ) from err
-    message = signing.secagg_keys_message(task_id, site, bytes.fromhex(c), bytes.fromhex(s))
+    message = signing.secagg_keys_message(attempt_id, site, bytes.fromhex(c), bytes.fromhex(s))
     if name != site or not signing.verify(cert, message, bytes.fromhex(signature)):
         raise UpdateRejected(
             f"secure aggregation: the keys {site!r} sent are not signed by its own "

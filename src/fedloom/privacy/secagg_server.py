@@ -45,7 +45,7 @@ from fedloom.privacy.secagg import (
 from fedloom.privacy.secagg_ledger import Ledger
 from fedloom.privacy.secagg_messages import (
     addressed_shares,
-    check_task,
+    check_attempt,
     public_key,
     revealed_shares,
     shares_message,
@@ -77,7 +77,7 @@ class SecAggRound:
     def __init__(
         self,
         *,
-        task_id: str,
+        attempt_id: str,
         round: int,
         selected: tuple[str, ...],
         specs: tuple[TensorSpec, ...],
@@ -89,7 +89,7 @@ class SecAggRound:
         spool_dir: Path | None = None,
         site_ca: x509.Certificate | None = None,  # sites' certificates must chain to it
     ) -> None:
-        self.task_id = task_id
+        self.attempt_id = attempt_id
         self.round = round
         self.selected = selected
         self.params = params
@@ -116,29 +116,29 @@ class SecAggRound:
 
     # ---------------------------------------------------------------- handlers
 
-    def handle(self, site: str, phase: str, payload: bytes) -> bytes:
-        if phase == KEYS:
+    def handle(self, site: str, step: str, payload: bytes) -> bytes:
+        if step == KEYS:
             return self._on_keys(site, loads(payload, "public keys"))
-        if phase == SHARES:
+        if step == SHARES:
             return self._on_shares(site, loads(payload, "shares"))
-        if phase == UNMASK:
+        if step == UNMASK:
             return self._on_unmask(site, loads(payload, "unmask request"))
-        if phase == REVEAL:
+        if step == REVEAL:
             return self._on_reveal(site, loads(payload, "revealed shares"))
         raise UpdateRejected(
-            f"secure aggregation has no phase {printable(repr(phase), MAX_TEXT_CHARS)}"
+            f"secure aggregation has no step {printable(repr(step), MAX_TEXT_CHARS)}"
         )
 
     def _on_keys(self, site: str, keys: dict[str, object]) -> bytes:
-        check_task(keys, self.task_id, self.round)
+        check_attempt(keys, self.attempt_id, self.round)
         c, s = public_key(keys.get("c")), public_key(keys.get("s"))
-        signed = signed_advertisement(self.task_id, site, c, s, keys, self._site_ca)
+        signed = signed_advertisement(self.attempt_id, site, c, s, keys, self._site_ca)
         with self._cond:
             self._expect(site, Step.KEYS, "its public keys")
             if site in self._book.keys:
                 raise UpdateRejected(
-                    f"secure aggregation: {site!r} already sent its keys for task "
-                    f"{self.task_id} (a second process of the site?); it sits this round out"
+                    f"secure aggregation: {site!r} already sent its keys for attempt "
+                    f"{self.attempt_id} (a second process of the site?); it sits this round out"
                 )
             self._book.keys[site] = {"c": c, "s": s}
             self._book.signed[site] = signed
@@ -165,10 +165,10 @@ class SecAggRound:
 
     def _on_unmask(self, site: str, request: dict[str, object]) -> bytes:
         with self._cond:
-            check_task(request, self.task_id, self.round)
+            check_attempt(request, self.attempt_id, self.round)
             if site not in self._book.outbox:
                 raise UpdateRejected(
-                    f"secure aggregation: {site!r} holds no shares of task {self.task_id}"
+                    f"secure aggregation: {site!r} holds no shares of attempt {self.attempt_id}"
                 )
             while self.step.value < Step.UNMASK.value and self.failure is None:
                 self._clock.wait(self._cond, None)
@@ -182,7 +182,7 @@ class SecAggRound:
 
     def _on_reveal(self, site: str, shares: dict[str, object]) -> bytes:
         with self._cond:
-            check_task(shares, self.task_id, self.round)
+            check_attempt(shares, self.attempt_id, self.round)
             if self.step is Step.DONE and site in self._book.survivors:
                 return dumps({"done": True})  # enough shares came before this site's
             if self.step is not Step.UNMASK or site not in self._book.survivors:
@@ -202,8 +202,8 @@ class SecAggRound:
         with self._cond:
             if self.step is not Step.UPLOADS or site not in self._book.outbox:
                 raise UpdateRejected(
-                    f"secure aggregation: {site!r} has no masks agreed for task "
-                    f"{self.task_id} (it missed the key exchange, or the uploads closed)"
+                    f"secure aggregation: {site!r} has no masks agreed for attempt "
+                    f"{self.attempt_id} (it missed the key exchange, or the uploads closed)"
                 )
 
     def unmask(self, weights: Mapping[str, int], deadline: float) -> list[np.ndarray]:
@@ -242,7 +242,7 @@ class SecAggRound:
             b_shares,
             s_shares,
             threshold=p.threshold,
-            task_id=self.task_id,
+            attempt_id=self.attempt_id,
             bits=p.bits,
         )
         # refuse a sum no honest sites could have sent: a coordinate beyond what sites of
@@ -271,9 +271,9 @@ class SecAggRound:
 
     def _expect(self, site: str, step: Step, what: str) -> None:
         if self.failure is not None:
-            raise UpdateRejected(f"secure aggregation of task {self.task_id}: {self.failure}")
+            raise UpdateRejected(f"secure aggregation of attempt {self.attempt_id}: {self.failure}")
         if site not in self.selected:
-            raise UpdateRejected(f"site {site!r} was not selected for task {self.task_id}")
+            raise UpdateRejected(f"site {site!r} was not selected for attempt {self.attempt_id}")
         if self.step is not step:
             raise UpdateRejected(
                 f"secure aggregation: {site!r} sent {what} too late: the step closed "
@@ -314,10 +314,10 @@ class SecAggRound:
 
     def _why_out(self, site: str, what: str) -> str:
         if self.failure is not None:
-            return f"secure aggregation of task {self.task_id}: {self.failure}"
-        return f"secure aggregation: {site!r} missed the {what} of task {self.task_id}"
+            return f"secure aggregation of attempt {self.attempt_id}: {self.failure}"
+        return f"secure aggregation: {site!r} missed the {what} of attempt {self.attempt_id}"
 
     def _fail(self, reason: str) -> AggregationError:
         self.failure = reason
         self._cond.notify_all()
-        return AggregationError(f"secure aggregation of task {self.task_id}: {reason}")
+        return AggregationError(f"secure aggregation of attempt {self.attempt_id}: {reason}")

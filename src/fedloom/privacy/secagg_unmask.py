@@ -43,7 +43,7 @@ def remove_masks(
     *,
     graph: Mapping[str, tuple[str, ...]],
     keys: Mapping[str, Mapping[str, str]],
-    task_id: str,
+    attempt_id: str,
     bits: int,
 ) -> list[np.ndarray]:
     """``sums`` less every survivor's own mask and every pairwise mask between a
@@ -55,7 +55,7 @@ def remove_masks(
                 key = masking.agree(
                     private,  # type: ignore[arg-type]
                     bytes.fromhex(keys[i]["s"]),
-                    context=mask_context(task_id),
+                    context=mask_context(attempt_id),
                 )
                 pair_keys.append((masking.pair_sign(i, d), key))
     sizes = [int(s.size) for s in sums]

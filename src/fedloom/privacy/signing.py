@@ -29,21 +29,21 @@ def _field(value: str, what: str) -> bytes:
     return value.encode("utf-8")
 
 
-def receipt_message(site: str, task_id: str, record_hash: str) -> bytes:
+def receipt_message(site: str, attempt_id: str, record_hash: str) -> bytes:
     """What the aggregator signs to acknowledge a site's audit record:
-    ``fedloom-receipt-v1 NUL site NUL task_id NUL record_hash`` (UTF-8)."""
+    ``fedloom-receipt-v1 NUL site NUL attempt_id NUL record_hash`` (UTF-8)."""
     return b"\0".join(
         (
             RECEIPT_TAG + _field(site, "site name"),
-            _field(task_id, "task id"),
+            _field(attempt_id, "attempt id"),
             _field(record_hash, "record hash"),
         )
     )
 
 
-def model_message(task_id: str, round: int, specs_digest: bytes, content_digest: bytes) -> bytes:
+def model_message(attempt_id: str, round: int, specs_digest: bytes, content_digest: bytes) -> bytes:
     """What the aggregator signs when it publishes a global model:
-    ``fedloom-model-v1 NUL task_id NUL``, the round as 8 bytes big-endian, then the
+    ``fedloom-model-v1 NUL attempt_id NUL``, the round as 8 bytes big-endian, then the
     32-byte sha256 digests of the tensor specs and of the tensor bytes."""
     if round < 0:
         raise ValueError(f"round must be >= 0, not {round}")
@@ -52,7 +52,7 @@ def model_message(task_id: str, round: int, specs_digest: bytes, content_digest:
             raise ValueError(f"the {what} digest must be {_DIGEST_SIZE} bytes, not {len(digest)}")
     return (
         MODEL_TAG
-        + _field(task_id, "task id")
+        + _field(attempt_id, "attempt id")
         + b"\0"
         + round.to_bytes(8, "big")
         + bytes(specs_digest)
@@ -60,16 +60,16 @@ def model_message(task_id: str, round: int, specs_digest: bytes, content_digest:
     )
 
 
-def secagg_keys_message(task_id: str, site: str, share_key: bytes, mask_key: bytes) -> bytes:
+def secagg_keys_message(attempt_id: str, site: str, share_key: bytes, mask_key: bytes) -> bytes:
     """What a site signs when it advertises its secure-aggregation keys for one attempt:
-    ``fedloom-secagg-keys-v1 NUL task_id NUL site NUL``, then its two 32-byte X25519
+    ``fedloom-secagg-keys-v1 NUL attempt_id NUL site NUL``, then its two 32-byte X25519
     public keys (the one shares are encrypted to, then the one masks are agreed with)."""
     for key, what in ((share_key, "share"), (mask_key, "mask")):
         if len(key) != _PUBLIC_KEY_SIZE:
             raise ValueError(f"the {what} public key must be {_PUBLIC_KEY_SIZE} bytes")
     return (
         SECAGG_KEYS_TAG
-        + _field(task_id, "task id")
+        + _field(attempt_id, "attempt id")
         + b"\0"
         + _field(site, "site name")
         + b"\0"
@@ -78,13 +78,13 @@ def secagg_keys_message(task_id: str, site: str, share_key: bytes, mask_key: byt
     )
 
 
-def secagg_key_set_message(task_id: str, key_set_digest: bytes) -> bytes:
+def secagg_key_set_message(attempt_id: str, key_set_digest: bytes) -> bytes:
     """What a site signs to say which key set it saw in one attempt:
-    ``fedloom-secagg-key-set-v1 NUL task_id NUL``, then the 32-byte digest of the key set
+    ``fedloom-secagg-key-set-v1 NUL attempt_id NUL``, then the 32-byte digest of the key set
     (:func:`fedloom.privacy.secagg.key_set_digest`)."""
     if len(key_set_digest) != _DIGEST_SIZE:
         raise ValueError(f"the key set digest must be {_DIGEST_SIZE} bytes")
-    return SECAGG_KEY_SET_TAG + _field(task_id, "task id") + b"\0" + bytes(key_set_digest)
+    return SECAGG_KEY_SET_TAG + _field(attempt_id, "attempt id") + b"\0" + bytes(key_set_digest)
 
 
 def sign(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:

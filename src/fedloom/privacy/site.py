@@ -84,13 +84,13 @@ class SitePrivacy:
 
     def prepare(self, instruction: Instruction, exchange: Exchange) -> None:
         """Secure aggregation's key exchange, when the round asks for it."""
-        if KEYS in instruction.phases:
+        if KEYS in instruction.exchange_steps:
             if self._secagg is None:
                 raise AggregationError(
                     "the aggregator asks for secure aggregation, which this site's plan "
                     "does not have: the plans differ"
                 )
-            self._secagg.prepare(instruction.task_id, exchange)
+            self._secagg.prepare(instruction.attempt_id, exchange)
         elif self._secagg is not None and instruction.kind is InstructionKind.TRAIN:
             raise AggregationError(
                 "this site's plan requires secure aggregation, but the round does not "
@@ -144,7 +144,7 @@ class SitePrivacy:
                 values[dpmath.UNCLIPPED] = values[dpmath.UNCLIPPED] * clip_range
             assert self._secagg is not None  # noqa: S101 - made with the plan's section
             tensors = self._secagg.mask(
-                instruction.task_id,
+                instruction.attempt_id,
                 values,
                 weight=self.plan.weight(num_samples, self.max_samples),
                 clip_range=clip_range,
@@ -168,8 +168,8 @@ class SitePrivacy:
 
     def complete(self, instruction: Instruction, exchange: Exchange) -> None:
         """Secure aggregation's unmasking, after the masked update was accepted."""
-        if self._secagg is not None and KEYS in instruction.phases:
-            self._secagg.unmask(instruction.task_id, exchange)
+        if self._secagg is not None and KEYS in instruction.exchange_steps:
+            self._secagg.unmask(instruction.attempt_id, exchange)
 
 
 def site_privacy(

@@ -34,7 +34,9 @@ class _Job:
 
     @property
     def key(self) -> str:  # every site given the same task gets the same model
-        return f"{self.instruction.kind.value}:{self.instruction.round}:{self.instruction.task_id}"
+        return (
+            f"{self.instruction.kind.value}:{self.instruction.round}:{self.instruction.attempt_id}"
+        )
 
 
 MAX_BATCH = 16
@@ -53,7 +55,7 @@ def batch_size(per_round: int, workers: int, model_bytes: int) -> int:
 class Dispatcher:
     """Runs sites' local work on ``workers``, up to ``batch`` sites per request.
 
-    ``open_task(task_id)`` says whether an attempt still takes answers: a site queued for
+    ``open_task(attempt_id)`` says whether an attempt still takes answers: a site queued for
     one that has closed (at its deadline, or for a retry) is failed at once instead of
     trained, so stale work never delays the next attempt. A batch whose worker died or
     hung is run again one site at a time, so only the culprit fails."""
@@ -174,7 +176,7 @@ class Dispatcher:
         for job in jobs:
             if self._aborted:
                 job.done.set_exception(WorkerDied("the simulation is shutting down"))
-            elif not self._open_task(job.instruction.task_id):
+            elif not self._open_task(job.instruction.attempt_id):
                 job.done.set_exception(
                     TaskError(f"round {job.instruction.round} closed before its turn came")
                 )

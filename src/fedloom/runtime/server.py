@@ -165,7 +165,7 @@ def _serve(
     resume = opened.resume
     config = dataclasses.replace(
         federation_config(plan),
-        # a run rebuilt from its checkpoints lost its attempt numbers: its task ids differ
+        # a run rebuilt from its checkpoints lost its attempt numbers: its attempt ids differ
         # from every earlier one, so no answer sent before the rebuild can match
         run_id=run.run_id + ("r" if run.rebuilt else ""),
         dead_after=options.silence_limit,

@@ -215,7 +215,7 @@ def _simulate(
             try:
                 return work(site, instruction, weights)
             except Exception as err:
-                if aggregator.task_open(instruction.task_id):  # else nobody hears of it
+                if aggregator.task_open(instruction.attempt_id):  # else nobody hears of it
                     _failed(site, instruction, err, on_failure)
                 raise
 
@@ -232,7 +232,7 @@ def _simulate(
                 if collaborator.current is not None:
                     reason = f"{type(err).__name__}: {err}"
                     current = collaborator.current
-                    report = FailureReport(current.round, reason, current.task_id)
+                    report = FailureReport(current.round, reason, current.attempt_id)
                     collaborator.connection.report_failure(report)
 
         started = time.perf_counter()
@@ -291,7 +291,7 @@ def _failed(
     """Log a site's failed work (with the task's traceback) and hand it on."""
     reason = err.message if isinstance(err, TaskError) else f"{type(err).__name__}: {err}"
     trace = err.traceback if isinstance(err, TaskFailed) else ""
-    failed = SiteFailed(site, instruction.round, instruction.task_id, reason, trace)
+    failed = SiteFailed(site, instruction.round, instruction.attempt_id, reason, trace)
     if trace:
         log.warning("%s, round %d: the task failed: %s\n%s", site, failed.round, reason, trace)
     else:

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 
 from fedloom.core.errors import FederationCancelled
-from fedloom.core.records import Instruction
+from fedloom.core.records import Ending, Instruction
 
 log = logging.getLogger("fedloom.collaborator")
 
@@ -25,14 +25,14 @@ def federation_completed(finished: Instruction) -> bool:
     that the aggregator stopped before (False: interrupted, failed; started again, it
     resumes the run, so the site waits for it). Raises :class:`FederationCancelled`
     when its operator cancelled the federation."""
-    if finished.config.get("cancelled", False):
+    if finished.ending is Ending.CANCELLED:
         raise FederationCancelled(
             "the aggregator's operator cancelled the federation (`fedloom aggregator stop "
             "--cancel`): its run will not resume",
             hint="nothing to do here: this site's audit log keeps what it sent; start the "
             "collaborator again to take part in a new run",
         )
-    return bool(finished.config.get("completed", True))
+    return finished.ending is Ending.COMPLETED
 
 
 # WaitNotices' reason for an aggregator that said it stopped (never one of wait_reason's)

@@ -40,7 +40,7 @@ REJOINED = "rejoined"  # a withdrawn site said Hello again
 _SCHEMA = """
 CREATE TABLE runs (
     id INTEGER PRIMARY KEY,
-    run_id TEXT NOT NULL UNIQUE,        -- names the run in task ids
+    run_id TEXT NOT NULL UNIQUE,        -- names the run in attempt ids
     name TEXT NOT NULL,                 -- the run folder's name
     run_dir TEXT NOT NULL,
     plan_hash TEXT NOT NULL,
@@ -59,7 +59,7 @@ CREATE TABLE attempts (
     round INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
     kind TEXT NOT NULL,                 -- train, evaluate
-    task_id TEXT NOT NULL,
+    attempt_id TEXT NOT NULL,
     selected TEXT NOT NULL,             -- JSON list of sites
     opened REAL NOT NULL,
     closed REAL,                        -- NULL while open (or if the process died)

@@ -50,7 +50,7 @@ def rebuild_from_checkpoints(conn: sqlite3.Connection, state_dir: Path) -> list[
             )
             for rnd, path, _ in found:
                 conn.execute(
-                    "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, "
+                    "INSERT INTO attempts (run, round, attempt, kind, attempt_id, selected, "
                     "opened, closed, checkpoint) VALUES (?, ?, 1, 'train', '', '[]', ?, ?, ?)",
                     (
                         cur.lastrowid,

@@ -311,14 +311,14 @@ class RunJournal:
         s = self.store
         with s._lock, transaction(s.conn):
             s.conn.execute(
-                "INSERT INTO attempts (run, round, attempt, kind, task_id, selected, opened) "
+                "INSERT INTO attempts (run, round, attempt, kind, attempt_id, selected, opened) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     self.run.key,
                     task.round,
                     attempt,
                     task.kind.value,
-                    task.task_id,
+                    task.attempt_id,
                     json.dumps(list(selected)),
                     time.time(),
                 ),

@@ -160,14 +160,14 @@ def _current(
     second, where that snapshot is of the same attempt; rounds can be faster than that,
     and then the progress is not published yet (``progress_published`` False)."""
     row = conn.execute(
-        "SELECT round, attempt, kind, task_id, selected FROM attempts "
+        "SELECT round, attempt, kind, attempt_id, selected FROM attempts "
         "WHERE run = ? AND closed IS NULL ORDER BY opened DESC, round DESC, attempt DESC",
         (key,),
     ).fetchone()
     if row is None:
         return None
-    rnd, attempt, kind, task_id, selected = row
-    if published is not None and published.get("task_id") == task_id:
+    rnd, attempt, kind, attempt_id, selected = row
+    if published is not None and published.get("attempt_id") == attempt_id:
         return {
             **published,
             "seconds_left": max(0.0, published["seconds_left"] - age),
@@ -178,7 +178,7 @@ def _current(
         "round": rnd,
         "kind": kind,
         "attempt": attempt,
-        "task_id": task_id,
+        "attempt_id": attempt_id,
         "selected": json.loads(selected),
         "answered": [],
         "failed": {},

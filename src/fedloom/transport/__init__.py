@@ -5,13 +5,13 @@ from fedloom.transport.base import AggregatorService, Connection
 from fedloom.transport.inprocess import InProcessConnection, InProcessTransport
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     Hello,
     ModelHeader,
     ModelStream,
-    PhaseMessage,
     StreamEnd,
     UpdateHeader,
     UploadReceipt,
@@ -33,7 +33,7 @@ __all__ = [
     "InProcessTransport",
     "ModelHeader",
     "ModelStream",
-    "PhaseMessage",
+    "ExchangeMessage",
     "UploadReceipt",
     "StreamEnd",
     "TrafficCounter",

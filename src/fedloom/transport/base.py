@@ -15,11 +15,11 @@ from typing import Protocol
 from fedloom.core.records import Instruction
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     ModelStream,
-    PhaseMessage,
     UpdateHeader,
     UploadReceipt,
 )
@@ -65,7 +65,7 @@ class Cancellation:
 class AggregatorService(Protocol):
     """What the aggregator offers to sites. Implemented by the orchestration layer."""
 
-    def get_task(
+    def get_instruction(
         self, site: str, timeout: float | None, cancel: Cancellation | None = None
     ) -> Instruction | None:
         """Block until ``site`` has work (or ``timeout`` passes, or ``cancel`` is
@@ -94,8 +94,8 @@ class AggregatorService(Protocol):
         withdrawal it made earlier no longer holds."""
         ...
 
-    def exchange(self, site: str, message: PhaseMessage) -> PhaseMessage:
-        """One step of a multi-phase round (secure aggregation's key exchange …)."""
+    def exchange(self, site: str, message: ExchangeMessage) -> ExchangeMessage:
+        """One step of a multi-step round (secure aggregation's key exchange …)."""
         ...
 
     def heartbeat(self, site: str, beat: Heartbeat) -> HeartbeatReply:
@@ -110,7 +110,7 @@ class Connection(Protocol):
     @property
     def site(self) -> str: ...
 
-    def get_task(self, timeout: float | None = None) -> Instruction | None: ...
+    def get_instruction(self, timeout: float | None = None) -> Instruction | None: ...
 
     def download(self, round: int) -> ModelStream: ...
 
@@ -118,7 +118,7 @@ class Connection(Protocol):
 
     def report_failure(self, report: FailureReport) -> None: ...
 
-    def exchange(self, message: PhaseMessage) -> PhaseMessage: ...
+    def exchange(self, message: ExchangeMessage) -> ExchangeMessage: ...
 
     def heartbeat(self, beat: Heartbeat) -> HeartbeatReply: ...
 

@@ -15,12 +15,12 @@ from fedloom.transport import serde
 from fedloom.transport.base import AggregatorService
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     ModelHeader,
     ModelStream,
-    PhaseMessage,
     UpdateHeader,
     UploadReceipt,
 )
@@ -66,9 +66,9 @@ class InProcessConnection:
     def site(self) -> str:
         return self._site
 
-    def get_task(self, timeout: float | None = None) -> Instruction | None:
-        task = self._transport.service.get_task(self._site, timeout)
-        return None if task is None else self._transport._pass(task, down=True)
+    def get_instruction(self, timeout: float | None = None) -> Instruction | None:
+        instruction = self._transport.service.get_instruction(self._site, timeout)
+        return None if instruction is None else self._transport._pass(instruction, down=True)
 
     def download(self, round: int) -> ModelStream:
         stream = self._transport.service.download(self._site, round)
@@ -87,7 +87,7 @@ class InProcessConnection:
             self._site, self._transport._pass(report, down=False)
         )
 
-    def exchange(self, message: PhaseMessage) -> PhaseMessage:
+    def exchange(self, message: ExchangeMessage) -> ExchangeMessage:
         sent = self._transport._pass(message, down=False)
         reply = self._transport.service.exchange(self._site, sent)
         return self._transport._pass(reply, down=True)

@@ -43,7 +43,7 @@ class ModelHeader:
 
     round: int
     tensors: tuple[TensorSpec, ...]
-    task_id: str = ""  # the task the model was published for
+    attempt_id: str = ""  # the task the model was published for
     # the aggregator's signature over the task, the specs and every byte of the model
     # (:func:`fedloom.privacy.signing.model_message`); empty when unsigned (simulation)
     signature: bytes = b""
@@ -57,7 +57,7 @@ class UpdateHeader:
     num_samples: int
     tensors: tuple[TensorSpec, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
-    task_id: str = ""  # the instruction's task id this update answers
+    attempt_id: str = ""  # the instruction's attempt id this update answers
     audit_hash: str = ""  # the hash of the site's audit record of this upload
 
 
@@ -82,18 +82,18 @@ class FailureReport:
 
     round: int
     reason: str
-    task_id: str = ""
+    attempt_id: str = ""
     withdrawn: bool = False
 
 
 @dataclass(frozen=True, slots=True)
-class PhaseMessage:
-    """One step of a multi-phase round: ``payload`` for the handler of ``phase``, or
-    that handler's reply. The payload's format belongs to the phase (secure
+class ExchangeMessage:
+    """One step of a multi-step round: ``payload`` for the handler of ``step``, or
+    that handler's reply. The payload's format belongs to the step (secure
     aggregation's keys, shares …); the transport only carries it."""
 
     round: int
-    phase: str
+    step: str
     payload: bytes
 
 

@@ -13,17 +13,17 @@ from typing import Any, TypeVar, cast
 from google.protobuf.message import DecodeError, Message
 
 from fedloom.core.errors import TransportError, UpdateRejected
-from fedloom.core.records import Instruction, InstructionKind, TrainSettings
+from fedloom.core.records import Ending, Instruction, InstructionKind, TrainSettings
 from fedloom.core.weights import TensorSpec, dtype_from_name, dtype_name
 from fedloom.transport import chunkwire
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     Hello,
     ModelHeader,
-    PhaseMessage,
     StreamEnd,
     UpdateHeader,
     UploadReceipt,
@@ -37,6 +37,13 @@ _KIND_TO_PROTO = {
     InstructionKind.FINISHED: pb.INSTRUCTION_KIND_FINISHED,
 }
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_ENDING_TO_PROTO = {
+    None: pb.ENDING_UNSPECIFIED,
+    Ending.COMPLETED: pb.ENDING_COMPLETED,
+    Ending.STOPPED: pb.ENDING_STOPPED,
+    Ending.CANCELLED: pb.ENDING_CANCELLED,
+}
+_ENDING_FROM_PROTO = {v: k for k, v in _ENDING_TO_PROTO.items()}
 
 
 def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
@@ -62,21 +69,32 @@ def settings_from_proto(m: pb.TrainSettings) -> TrainSettings:
     return TrainSettings(**{k: getattr(m, k) for k in TrainSettings.__slots__})
 
 
-def instruction_to_proto(task: Instruction) -> pb.Instruction:
+def instruction_to_proto(instruction: Instruction) -> pb.Instruction:
     return pb.Instruction(
-        round=task.round,
-        kind=_KIND_TO_PROTO[task.kind],
-        settings=settings_to_proto(task.settings),
-        config_json=json.dumps(dict(task.config), sort_keys=True),
-        phases=list(task.phases),
-        task_id=task.task_id,
-        privacy_json=json.dumps(dict(task.privacy), sort_keys=True) if task.privacy else "",
+        round=instruction.round,
+        kind=_KIND_TO_PROTO[instruction.kind],
+        settings=settings_to_proto(instruction.settings),
+        config_json=json.dumps(dict(instruction.config), sort_keys=True),
+        exchange_steps=list(instruction.exchange_steps),
+        attempt_id=instruction.attempt_id,
+        privacy_json=json.dumps(dict(instruction.privacy), sort_keys=True)
+        if instruction.privacy
+        else "",
+        ending=_ENDING_TO_PROTO[instruction.ending],
     )
 
 
 def instruction_from_proto(m: pb.Instruction) -> Instruction:
     if m.kind not in _KIND_FROM_PROTO:
-        raise TransportError(f"unknown task kind {m.kind}")
+        raise TransportError(f"unknown instruction kind {m.kind}")
+    kind = _KIND_FROM_PROTO[m.kind]
+    known = m.ending in _ENDING_FROM_PROTO
+    ending = _ENDING_FROM_PROTO.get(m.ending)
+    if not known or (ending is None) != (kind is not InstructionKind.FINISHED):
+        raise TransportError(
+            f"instruction of kind {kind.value} with ending {m.ending}: a finished "
+            "instruction, and only it, says how the federation ended"
+        )
     try:
         config = json.loads(m.config_json) if m.config_json else {}
     except ValueError as err:
@@ -93,12 +111,13 @@ def instruction_from_proto(m: pb.Instruction) -> Instruction:
         raise TransportError("instruction privacy must be a JSON object")
     return Instruction(
         round=m.round,
-        kind=_KIND_FROM_PROTO[m.kind],
+        kind=kind,
         settings=settings_from_proto(m.settings),
         config=config,
-        phases=tuple(m.phases),
-        task_id=m.task_id,
+        exchange_steps=tuple(m.exchange_steps),
+        attempt_id=m.attempt_id,
         privacy=privacy,
+        ending=ending,
     )
 
 
@@ -106,7 +125,7 @@ def model_header_to_proto(h: ModelHeader) -> pb.ModelHeader:
     return pb.ModelHeader(
         round=h.round,
         tensors=[spec_to_proto(s) for s in h.tensors],
-        task_id=h.task_id,
+        attempt_id=h.attempt_id,
         signature=h.signature,
     )
 
@@ -115,7 +134,7 @@ def model_header_from_proto(m: pb.ModelHeader) -> ModelHeader:
     return ModelHeader(
         round=m.round,
         tensors=tuple(spec_from_proto(s) for s in m.tensors),
-        task_id=m.task_id,
+        attempt_id=m.attempt_id,
         signature=m.signature,
     )
 
@@ -135,7 +154,7 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
         num_samples=h.num_samples,
         metrics={k: float(v) for k, v in h.metrics.items()},
         tensors=[spec_to_proto(s) for s in h.tensors],
-        task_id=h.task_id,
+        attempt_id=h.attempt_id,
         audit_hash=h.audit_hash,
     )
 
@@ -146,13 +165,13 @@ def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
         num_samples=m.num_samples,
         tensors=tuple(spec_from_proto(s) for s in m.tensors),
         metrics=dict(m.metrics),
-        task_id=m.task_id,
+        attempt_id=m.attempt_id,
         audit_hash=m.audit_hash,
     )
 
 
-def receipt_to_proto(r: UploadReceipt) -> pb.Receipt:
-    return pb.Receipt(
+def receipt_to_proto(r: UploadReceipt) -> pb.UploadReceipt:
+    return pb.UploadReceipt(
         round=r.round,
         accepted=r.accepted,
         reason=r.reason,
@@ -161,26 +180,26 @@ def receipt_to_proto(r: UploadReceipt) -> pb.Receipt:
     )
 
 
-def receipt_from_proto(m: pb.Receipt) -> UploadReceipt:
+def receipt_from_proto(m: pb.UploadReceipt) -> UploadReceipt:
     return UploadReceipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature)
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:
     return pb.FailureReport(
-        round=f.round, reason=f.reason, task_id=f.task_id, withdrawn=f.withdrawn
+        round=f.round, reason=f.reason, attempt_id=f.attempt_id, withdrawn=f.withdrawn
     )
 
 
 def failure_from_proto(m: pb.FailureReport) -> FailureReport:
-    return FailureReport(m.round, m.reason, m.task_id, m.withdrawn)
+    return FailureReport(m.round, m.reason, m.attempt_id, m.withdrawn)
 
 
-def phase_to_proto(m: PhaseMessage) -> pb.PhaseMessage:
-    return pb.PhaseMessage(round=m.round, phase=m.phase, payload=bytes(m.payload))
+def phase_to_proto(m: ExchangeMessage) -> pb.ExchangeMessage:
+    return pb.ExchangeMessage(round=m.round, step=m.step, payload=bytes(m.payload))
 
 
-def phase_from_proto(m: pb.PhaseMessage) -> PhaseMessage:
-    return PhaseMessage(m.round, m.phase, m.payload)
+def phase_from_proto(m: pb.ExchangeMessage) -> ExchangeMessage:
+    return ExchangeMessage(m.round, m.step, m.payload)
 
 
 def hello_to_proto(m: Hello) -> pb.Hello:
@@ -226,9 +245,9 @@ _CODECS: dict[type, tuple[Any, Any, type[Message]]] = {
     ModelHeader: (model_header_to_proto, model_header_from_proto, pb.ModelHeader),
     Chunk: (chunk_to_proto, chunk_from_proto, pb.Chunk),
     UpdateHeader: (update_header_to_proto, update_header_from_proto, pb.UpdateHeader),
-    UploadReceipt: (receipt_to_proto, receipt_from_proto, pb.Receipt),
+    UploadReceipt: (receipt_to_proto, receipt_from_proto, pb.UploadReceipt),
     FailureReport: (failure_to_proto, failure_from_proto, pb.FailureReport),
-    PhaseMessage: (phase_to_proto, phase_from_proto, pb.PhaseMessage),
+    ExchangeMessage: (phase_to_proto, phase_from_proto, pb.ExchangeMessage),
     Hello: (hello_to_proto, hello_from_proto, pb.Hello),
     Welcome: (welcome_to_proto, welcome_from_proto, pb.Welcome),
     Heartbeat: (heartbeat_to_proto, heartbeat_from_proto, pb.Heartbeat),
@@ -268,25 +287,29 @@ def _parse(proto_type: type[Message], data: bytes, what: str) -> Any:
 
 
 def encode_task_request(wait_seconds: float) -> bytes:
-    data: bytes = pb.TaskRequest(wait_seconds=wait_seconds).SerializeToString()
+    data: bytes = pb.InstructionRequest(wait_seconds=wait_seconds).SerializeToString()
     return data
 
 
 def decode_task_request(data: bytes) -> float:
-    wait = float(_parse(pb.TaskRequest, data, "TaskRequest").wait_seconds)
+    wait = float(_parse(pb.InstructionRequest, data, "InstructionRequest").wait_seconds)
     if not 0 <= wait <= 3600:
-        raise TransportError(f"TaskRequest.wait_seconds must be in [0, 3600], got {wait}")
+        raise TransportError(f"InstructionRequest.wait_seconds must be in [0, 3600], got {wait}")
     return wait
 
 
-def encode_task_reply(task: Instruction | None) -> bytes:
-    reply = pb.TaskReply() if task is None else pb.TaskReply(instruction=instruction_to_proto(task))
+def encode_instruction_reply(task: Instruction | None) -> bytes:
+    reply = (
+        pb.InstructionReply()
+        if task is None
+        else pb.InstructionReply(instruction=instruction_to_proto(task))
+    )
     data: bytes = reply.SerializeToString()
     return data
 
 
-def decode_task_reply(data: bytes) -> Instruction | None:
-    reply = _parse(pb.TaskReply, data, "TaskReply")
+def decode_instruction_reply(data: bytes) -> Instruction | None:
+    reply = _parse(pb.InstructionReply, data, "InstructionReply")
     return instruction_from_proto(reply.instruction) if reply.HasField("instruction") else None
 
 

@@ -33,16 +33,23 @@ from fedloom.core.errors import (
 from fedloom.core.records import Instruction
 from fedloom.pki import Credentials
 from fedloom.transport import integrity, serde
-from fedloom.transport.grpc.wire import PROTOCOL_VERSION, SESSION_HEADER, channel_options, path
+from fedloom.transport.grpc.wire import (
+    NO_SESSION,
+    PROTOCOL_VERSION,
+    REFUSAL_HEADER,
+    SESSION_HEADER,
+    channel_options,
+    path,
+)
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     HeartbeatReply,
     Hello,
     ModelHeader,
     ModelStream,
-    PhaseMessage,
     StreamEnd,
     UpdateHeader,
     UploadReceipt,
@@ -130,7 +137,7 @@ class GrpcConnection:
         self.session_id = session_id or secrets.token_hex(16)
         c = grpc.intercept_channel(self._channel, _SessionHeader(self.session_id))
         self._hello = c.unary_unary(path("Hello"))
-        self._get_task = c.unary_unary(path("GetTask"))
+        self._get_task = c.unary_unary(path("GetInstruction"))
         self._download = c.unary_stream(path("Download"))
         self._upload = c.stream_unary(path("Upload"))
         self._report = c.unary_unary(path("ReportFailure"))
@@ -156,14 +163,14 @@ class GrpcConnection:
 
     # ------------------------------------------------------- the Connection
 
-    def get_task(self, timeout: float | None = None) -> Instruction | None:
+    def get_instruction(self, timeout: float | None = None) -> Instruction | None:
         s = self.settings
         wait = s.wait_seconds if timeout is None else min(timeout, s.wait_seconds)
         request = serde.encode_task_request(wait)
         reply = self._session(
-            "GetTask", lambda: self._get_task(request, timeout=wait + s.call_seconds)
+            "GetInstruction", lambda: self._get_task(request, timeout=wait + s.call_seconds)
         )
-        return serde.decode_task_reply(reply)
+        return serde.decode_instruction_reply(reply)
 
     def download(self, round: int) -> ModelStream:
         request = serde.encode_download_request(round)
@@ -202,7 +209,7 @@ class GrpcConnection:
             "ReportFailure", lambda: self._report(request, timeout=self.settings.call_seconds)
         )
 
-    def exchange(self, message: PhaseMessage) -> PhaseMessage:
+    def exchange(self, message: ExchangeMessage) -> ExchangeMessage:
         request = serde.encode(message)
         if self.welcome is None:
             self.open()
@@ -210,7 +217,7 @@ class GrpcConnection:
             reply = self._exchange(request, timeout=self.settings.stream_seconds)
         except grpc.RpcError as err:
             raise self._lost_session(_translate(err, "Exchange")) from None
-        return serde.decode(PhaseMessage, reply)
+        return serde.decode(ExchangeMessage, reply)
 
     def heartbeat(self, beat: Heartbeat) -> HeartbeatReply:
         request = serde.encode(beat)
@@ -377,12 +384,18 @@ def certificate_refused(details: str) -> bool:
     return any(w in lowered for w in refused) and not any(w in lowered for w in broken)
 
 
+def _refusal(err: grpc.RpcError) -> str | None:
+    """The aggregator's refusal code in the call's trailing metadata, if it sent one."""
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    return next((str(v) for k, v in trailing or () if k == REFUSAL_HEADER), None)
+
+
 def _translate(err: grpc.RpcError, name: str) -> FedloomError:
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else None) or str(err)
     if code == grpc.StatusCode.UNAVAILABLE:
         return _Unreachable(f"{name}: {details}", handshake=certificate_refused(details))
-    if code == grpc.StatusCode.UNAUTHENTICATED and "hello" in details.lower():
+    if _refusal(err) == NO_SESSION:
         return _NoSession(f"{name}: {details}")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         return AccessDenied(f"the aggregator refused this site: {details}")

@@ -23,7 +23,7 @@ from fedloom.core.sanitize import printable
 from fedloom.pki import RevocationList, peer_identity
 from fedloom.pki.common import check_peer_chain, load_cert
 from fedloom.transport.base import Cancellation
-from fedloom.transport.grpc.wire import SESSION_HEADER
+from fedloom.transport.grpc.wire import NO_SESSION, REFUSAL_HEADER, SESSION_HEADER
 
 log = logging.getLogger("fedloom.aggregator")
 
@@ -206,7 +206,9 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
             return
         if replaced is not None:  # never "say Hello": it would take the session back
             refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
-        refuse(context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True)
+        refuse(
+            context, grpc.StatusCode.UNAUTHENTICATED, "say Hello first", quiet=True, why=NO_SESSION
+        )
 
     def _hold(self, context: grpc.ServicerContext, site: str) -> None:
         """Count the call against its site: one site cannot take more than its share of
@@ -328,10 +330,14 @@ def refuse(
     *,
     hint: str | None = None,
     quiet: bool = False,
+    why: str | None = None,
 ) -> NoReturn:
-    """End the call with ``code`` and ``message`` (logged unless ``quiet``)."""
+    """End the call with ``code`` and ``message`` (logged unless ``quiet``); ``why``, one
+    of the wire's refusal codes, travels in the trailing metadata for the client to act on."""
     text = message if hint is None else f"{message} ({hint})"
     if not quiet:
         log.warning("refused %s: %s", context.peer(), printable(text))
+    if why is not None:
+        context.set_trailing_metadata(((REFUSAL_HEADER, why),))
     context.abort(code, text)
     raise RuntimeError("grpc's abort returned")  # it raises; this keeps the types honest

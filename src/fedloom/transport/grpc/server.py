@@ -44,10 +44,10 @@ from fedloom.transport.grpc.wire import (
 )
 from fedloom.transport.messages import (
     Chunk,
+    ExchangeMessage,
     FailureReport,
     Heartbeat,
     Hello,
-    PhaseMessage,
     StreamEnd,
     UpdateHeader,
     UploadReceipt,
@@ -126,9 +126,9 @@ class Handlers:
         )
         return serde.encode(welcome)
 
-    def get_task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def get_instruction(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
-        _check_size(context, "GetTask", request, MAX_CONTROL_BYTES)
+        _check_size(context, "GetInstruction", request, MAX_CONTROL_BYTES)
         try:
             wait = serde.decode_task_request(request)
         except TransportError as err:
@@ -147,18 +147,18 @@ class Handlers:
         if not self.gate.waiting(context, site, cancel):
             cancel.cancel()
         try:
-            task = self.service.get_task(site, wait, cancel)
+            instruction = self.service.get_instruction(site, wait, cancel)
         finally:
             answered.set()
             self.gate.done_waiting(site, cancel)
         replaced = self.gate.replaced(context, site)
         if replaced is not None:  # the work is for the process that replaced this one
             refuse(context, grpc.StatusCode.PERMISSION_DENIED, replaced.message(site), quiet=True)
-        if task is not None and task.kind is InstructionKind.FINISHED:
+        if instruction is not None and instruction.kind is InstructionKind.FINISHED:
             with self._told:
                 self.told_finished.add(site)
                 self._told.notify_all()
-        return serde.encode_task_reply(task)
+        return serde.encode_instruction_reply(instruction)
 
     def download(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         site, _ = self.gate.identify(context)
@@ -227,7 +227,7 @@ class Handlers:
 
     def exchange(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         site, _ = self.gate.identify(context)
-        message = _decode(context, PhaseMessage, request, MAX_EXCHANGE_BYTES)
+        message = _decode(context, ExchangeMessage, request, MAX_EXCHANGE_BYTES)
         try:
             return serde.encode(self.service.exchange(site, message))
         except UpdateRejected as err:
@@ -417,7 +417,7 @@ def listen_problem(address: str) -> OSError | None:
 def _method_handlers(h: Handlers) -> dict[str, grpc.RpcMethodHandler]:
     kinds: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
         "Hello": (grpc.unary_unary_rpc_method_handler, h.hello),
-        "GetTask": (grpc.unary_unary_rpc_method_handler, h.get_task),
+        "GetInstruction": (grpc.unary_unary_rpc_method_handler, h.get_instruction),
         "Download": (grpc.unary_stream_rpc_method_handler, h.download),
         "Upload": (grpc.stream_unary_rpc_method_handler, h.upload),
         "ReportFailure": (grpc.unary_unary_rpc_method_handler, h.report_failure),

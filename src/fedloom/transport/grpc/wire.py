@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 5  # 5: secure aggregation's keys and key sets are signed by the sites
+PROTOCOL_VERSION = (
+    6  # 6: one vocabulary (GetInstruction, attempt_id, ExchangeMessage), typed ending
+)
 SERVICE = "fedloom.v1.Aggregator"
 SESSION_HEADER = "fedloom-session"
 """Metadata key of the session id a collaborator process sends with every call: the
 aggregator keeps one live session per site, the process that said Hello last."""
-METHODS = ("Hello", "GetTask", "Download", "Upload", "ReportFailure", "Exchange", "Heartbeat")
+REFUSAL_HEADER = "fedloom-refusal"
+"""Trailing metadata key of why the aggregator refused a call, where the collaborator acts
+on it (not only shows it): one of :data:`NO_SESSION` …"""
+NO_SESSION = "no-session"
+"""The call came from no live session (the aggregator restarted, or the site never said
+Hello): the collaborator says Hello again and repeats the call."""
+METHODS = (
+    "Hello",
+    "GetInstruction",
+    "Download",
+    "Upload",
+    "ReportFailure",
+    "Exchange",
+    "Heartbeat",
+)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Per message; tensors travel in chunks of a few MiB, so no model comes near it."""
 
 MAX_CONTROL_BYTES = 1024 * 1024
-"""Per message that carries no tensors (Hello, GetTask, Download's request,
+"""Per message that carries no tensors (Hello, GetInstruction, Download's request,
 ReportFailure, Heartbeat): the aggregator refuses a larger one before decoding it."""
 
 MAX_HEADER_BYTES = 8 * 1024 * 1024
@@ -21,7 +37,7 @@ MAX_HEADER_BYTES = 8 * 1024 * 1024
 tensors, not for a flood of metrics."""
 
 MAX_EXCHANGE_BYTES = 16 * 1024 * 1024
-"""One step of a multi-phase round (secure aggregation's keys and shares)."""
+"""One step of a multi-step round (secure aggregation's keys and shares)."""
 
 KEEPALIVE_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000

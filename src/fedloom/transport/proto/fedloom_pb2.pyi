@@ -13,10 +13,21 @@ class InstructionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTRUCTION_KIND_TRAIN: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_EVALUATE: _ClassVar[InstructionKind]
     INSTRUCTION_KIND_FINISHED: _ClassVar[InstructionKind]
+
+class Ending(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENDING_UNSPECIFIED: _ClassVar[Ending]
+    ENDING_COMPLETED: _ClassVar[Ending]
+    ENDING_STOPPED: _ClassVar[Ending]
+    ENDING_CANCELLED: _ClassVar[Ending]
 INSTRUCTION_KIND_UNSPECIFIED: InstructionKind
 INSTRUCTION_KIND_TRAIN: InstructionKind
 INSTRUCTION_KIND_EVALUATE: InstructionKind
 INSTRUCTION_KIND_FINISHED: InstructionKind
+ENDING_UNSPECIFIED: Ending
+ENDING_COMPLETED: Ending
+ENDING_STOPPED: Ending
+ENDING_CANCELLED: Ending
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -47,34 +58,36 @@ class TrainSettings(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., evaluate: _Optional[bool] = ...) -> None: ...
 
 class Instruction(_message.Message):
-    __slots__ = ("round", "kind", "settings", "config_json", "phases", "task_id", "privacy_json")
+    __slots__ = ("round", "kind", "settings", "config_json", "exchange_steps", "attempt_id", "privacy_json", "ending")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
-    PHASES_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_JSON_FIELD_NUMBER: _ClassVar[int]
+    ENDING_FIELD_NUMBER: _ClassVar[int]
     round: int
     kind: InstructionKind
     settings: TrainSettings
     config_json: str
-    phases: _containers.RepeatedScalarFieldContainer[str]
-    task_id: str
+    exchange_steps: _containers.RepeatedScalarFieldContainer[str]
+    attempt_id: str
     privacy_json: str
-    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., phases: _Optional[_Iterable[str]] = ..., task_id: _Optional[str] = ..., privacy_json: _Optional[str] = ...) -> None: ...
+    ending: Ending
+    def __init__(self, round: _Optional[int] = ..., kind: _Optional[_Union[InstructionKind, str]] = ..., settings: _Optional[_Union[TrainSettings, _Mapping]] = ..., config_json: _Optional[str] = ..., exchange_steps: _Optional[_Iterable[str]] = ..., attempt_id: _Optional[str] = ..., privacy_json: _Optional[str] = ..., ending: _Optional[_Union[Ending, str]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("round", "tensors", "task_id", "signature")
+    __slots__ = ("round", "tensors", "attempt_id", "signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     round: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    task_id: str
+    attempt_id: str
     signature: bytes
-    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., attempt_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("tensor", "offset", "data", "checksum")
@@ -89,7 +102,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "metrics", "tensors", "task_id", "audit_hash")
+    __slots__ = ("round", "num_samples", "metrics", "tensors", "attempt_id", "audit_hash")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,17 +114,17 @@ class UpdateHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    task_id: str
+    attempt_id: str
     audit_hash: str
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., task_id: _Optional[str] = ..., audit_hash: _Optional[str] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., attempt_id: _Optional[str] = ..., audit_hash: _Optional[str] = ...) -> None: ...
 
-class Receipt(_message.Message):
+class UploadReceipt(_message.Message):
     __slots__ = ("round", "accepted", "reason", "bytes_received", "signature")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -126,26 +139,26 @@ class Receipt(_message.Message):
     def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FailureReport(_message.Message):
-    __slots__ = ("round", "reason", "task_id", "withdrawn")
+    __slots__ = ("round", "reason", "attempt_id", "withdrawn")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     round: int
     reason: str
-    task_id: str
+    attempt_id: str
     withdrawn: bool
-    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., task_id: _Optional[str] = ..., withdrawn: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., attempt_id: _Optional[str] = ..., withdrawn: _Optional[bool] = ...) -> None: ...
 
-class PhaseMessage(_message.Message):
-    __slots__ = ("round", "phase", "payload")
+class ExchangeMessage(_message.Message):
+    __slots__ = ("round", "step", "payload")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    PHASE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     round: int
-    phase: str
+    step: str
     payload: bytes
-    def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., step: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "plan_hash", "site")
@@ -171,13 +184,13 @@ class Welcome(_message.Message):
     certificate: bytes
     def __init__(self, protocol_version: _Optional[int] = ..., federation: _Optional[str] = ..., rounds: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
-class TaskRequest(_message.Message):
+class InstructionRequest(_message.Message):
     __slots__ = ("wait_seconds",)
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     wait_seconds: float
     def __init__(self, wait_seconds: _Optional[float] = ...) -> None: ...
 
-class TaskReply(_message.Message):
+class InstructionReply(_message.Message):
     __slots__ = ("instruction",)
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     instruction: Instruction
