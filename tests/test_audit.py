@@ -128,6 +128,31 @@ def test_intact_log_verifies(tmp_path: Path, identity) -> None:
         assert stat.S_IMODE((tmp_path / RECEIPTS).stat().st_mode) == 0o600
 
 
+def test_a_log_written_before_protocol_6_still_verifies(tmp_path: Path, identity) -> None:
+    """Its records and receipts name the attempt ``task_id``: the chain, the hashes and
+    the receipts' signatures all still check, and an edit in one is still found."""
+    key, cert = identity
+    write_log(tmp_path)
+    prev, old_records, old_receipts = GENESIS, [], []
+    for record in read_records(tmp_path / AUDIT_LOG):
+        old = {("task_id" if k == "attempt_id" else k): v for k, v in record.items()}
+        old["prev"] = prev
+        old["hash"] = prev = record_hash(old)
+        old_records.append(json.dumps(old) + "\n")
+        receipt = receipt_for(key, old["seq"], old["hash"], old["round"], old["task_id"])
+        legacy = {("task_id" if k == "attempt_id" else k): v for k, v in receipt.as_json().items()}
+        old_receipts.append(json.dumps(legacy) + "\n")
+    rewrite(tmp_path / AUDIT_LOG, old_records)
+    rewrite(tmp_path / RECEIPTS, old_receipts)
+    report = verify(tmp_path / AUDIT_LOG, tmp_path / RECEIPTS, None)
+    assert report.ok and (report.records, report.receipts) == (10, 10)
+    assert problems(tmp_path, cert) == ()
+    edited = old_records[:]
+    edited[3] = edited[3].replace('"task_id": "t2.1"', '"task_id": "t9.1"')
+    rewrite(tmp_path / AUDIT_LOG, edited)
+    assert "line 4 (seq 4): its content does not match its hash" in problems(tmp_path, cert)[0]
+
+
 def test_record_matches_what_append_returned(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "new" / "state" / AUDIT_LOG)  # folders made on first append
     record = log.append(

@@ -48,10 +48,10 @@ def test_killed_and_restarted_processes_end_bit_identical_to_an_uninterrupted_ru
         elif kind == "train":
             assert checkpointed, (rnd, reason)
             finished[rnd].append(reason)
-    assert dict(finished) == {r: ["all answered"] for r in range(1, ROUNDS + 1)}
+    assert dict(finished) == {r: ["all_answered"] for r in range(1, ROUNDS + 1)}
     assert stopped == [rnd for _, rnd in AGGREGATOR_FAULTS]
     evaluation = [a for a in result.attempts if a[2] == "evaluate"]
-    assert [(a[0], a[3]) for a in evaluation] == [(ROUNDS + 1, "all answered")]
+    assert [(a[0], a[3]) for a in evaluation] == [(ROUNDS + 1, "all_answered")]
 
     # the run folder tells the same story, with every site's metrics of every round
     run = ws / "runs" / "chaos"
@@ -60,6 +60,6 @@ def test_killed_and_restarted_processes_end_bit_identical_to_an_uninterrupted_ru
     ok: dict[int, set[str]] = defaultdict(set)
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if row["status"] == "ok" and row["close_reason"] == "all answered":
+        if row["status"] == "ok" and row["close_reason"] == "all_answered":
             ok[row["round"]].add(row["site"])
     assert dict(ok) == {r: set(SITES) for r in range(1, ROUNDS + 2)}

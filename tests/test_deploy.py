@@ -178,7 +178,7 @@ def test_a_site_killed_mid_upload_and_restarted_answers_the_same_round(
         assert {s: r["status"] for s, r in by_round[rnd].items()} == dict.fromkeys(
             ("site-01", "site-02", "site-03"), "ok"
         ), by_round[rnd]
-        assert {r["close_reason"] for r in by_round[rnd].values()} == {"all answered"}
+        assert {r["close_reason"] for r in by_round[rnd].values()} == {"all_answered"}
 
 
 def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
@@ -205,8 +205,8 @@ def test_a_dead_site_is_dropped_by_its_silence_long_before_the_deadline(
         assert dead["status"] == "disconnected", dead
         assert "no sign of life for" in dead["reason"], dead
         # closed once the others answered and the silence was noticed: a 600 s deadline
-        # would read "deadline, quorum met"
-        assert dead["close_reason"] == "every site settled, quorum met", dead
+        # would read "deadline_quorum"
+        assert dead["close_reason"] == "quorum", dead
         assert {by_round[rnd][s]["status"] for s in ("site-01", "site-02")} == {"ok"}
     # the state database keeps the events: who joined, who was dropped and why
     with sqlite3.connect(ws / "aggregator" / "state.db") as db:
@@ -253,14 +253,14 @@ def test_one_site_of_four_never_answering_the_others_complete_every_round_with_q
         assert missing["reason"] == "no answer before the round's deadline", missing
         assert missing["attempt"] == 1
         assert {answers[s]["status"] for s in ("site-01", "site-02", "site-03")} == {"ok"}
-        assert {r["close_reason"] for r in answers.values()} == {"deadline, quorum met"}
+        assert {r["close_reason"] for r in answers.values()} == {"deadline_quorum"}
     summary = json.loads((ws / "runs" / "three" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["failures"] == 3
     # and on the stopped workspace: its last state
     stopped = status_of(ws)
     assert stopped["run"]["status"] == "completed" and stopped["aggregator"]["running"] is False
     assert (stopped["rounds"]["finished"], stopped["rounds"]["planned"]) == (2, 2)
-    assert stopped["last_round"]["close_reason"] == "deadline, quorum met"
+    assert stopped["last_round"]["close_reason"] == "deadline_quorum"
     failures = {s["site"]: s["failures"] for s in stopped["sites"]}
     assert failures == {"site-01": 0, "site-02": 0, "site-03": 0, "site-04": 3}
 

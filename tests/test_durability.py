@@ -21,7 +21,7 @@ from workspaces import make_workspace
 
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import FaultInjected, StateError
-from fedloom.core.records import CloseReason
+from fedloom.core.records import CLOSE_REASON_TEXT, CloseReason
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, specs_of, weights_equal
 from fedloom.pki import provision
@@ -138,12 +138,12 @@ def test_a_crash_between_writing_and_renaming_the_state_resumes_bit_identical(
     run = store.latest_run()
     assert run is not None
     assert attempts(store, run) == [
-        (1, 1, "all answered", 0),
-        (2, 1, "all answered", 0),
+        (1, 1, "all_answered", 0),
+        (2, 1, "all_answered", 0),
         (3, 1, "stopped", 0),
-        (3, 2, "all answered", 0),
-        (4, 1, "all answered", 0),
-        (5, 1, "all answered", 0),  # the final evaluation
+        (3, 2, "all_answered", 0),
+        (4, 1, "all_answered", 0),
+        (5, 1, "all_answered", 0),  # the final evaluation
     ]
     history = second.aggregator.history
     assert [(r.round, r.close_reason) for r in history][2:4] == [
@@ -224,8 +224,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_last_good_round_used(
     run = store.latest_run()
     assert run is not None
     rows = attempts(store, run)
-    assert (3, 1, "all answered", 1) in rows  # superseded: its checkpoint was lost
-    assert (3, 2, "all answered", 0) in rows
+    assert (3, 1, "all_answered", 1) in rows  # superseded: its checkpoint was lost
+    assert (3, 2, "all_answered", 0) in rows
 
 
 def test_a_damaged_database_is_moved_aside_and_rebuilt_from_the_checkpoints(
@@ -245,6 +245,37 @@ def test_a_damaged_database_is_moved_aside_and_rebuilt_from_the_checkpoints(
     assert aside.read_bytes().startswith(b"this is not a database")
     run = store.latest_run()
     assert run is not None and run.status == "interrupted"
+    resumed = journaled(make_federation, shift_runner, store, FedAvg(), resume=True, **cfg)
+    resumed.finish()
+    assert weights_equal(resumed.aggregator.weights, want)
+
+
+def test_a_database_an_earlier_version_wrote_is_migrated_with_every_record_and_resumes(
+    make_federation: Any, shift_runner: Any, tmp_path: Path
+) -> None:
+    """Schema version 1 (before protocol 6) named the attempt id ``task_id`` and kept
+    close reasons in words; opening it migrates it in place, nothing moved aside."""
+    cfg = {"rounds": 3, "final_evaluation": False}
+    want = crashed(make_federation, shift_runner, tmp_path, FedAvg, 3, **cfg)
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    rows = "SELECT round, attempt, attempt_id, close_reason FROM attempts"
+    before = conn.execute(rows).fetchall()
+    conn.executescript(  # back to what version 1 wrote
+        "BEGIN; ALTER TABLE attempts RENAME COLUMN attempt_id TO task_id; "
+        + " ".join(
+            f"UPDATE attempts SET close_reason = '{text}' WHERE close_reason = '{reason.value}';"
+            for reason, text in CLOSE_REASON_TEXT.items()
+        )
+        + " PRAGMA user_version = 1; COMMIT;"
+    )
+    assert ("all answered",) in conn.execute("SELECT close_reason FROM attempts").fetchall()
+    conn.close()
+
+    store = RunStore(tmp_path)
+    assert store.notes == [] and not list(tmp_path.glob("state.db.corrupt-*"))
+    assert store.conn.execute("PRAGMA user_version").fetchone() == (2,)
+    assert store.conn.execute(rows).fetchall() == before
+    assert "all_answered" in [reason for *_, reason in before]
     resumed = journaled(make_federation, shift_runner, store, FedAvg(), resume=True, **cfg)
     resumed.finish()
     assert weights_equal(resumed.aggregator.weights, want)
@@ -417,7 +448,7 @@ def test_an_attempt_closed_twice_keeps_its_first_record(
     (finished, *_) = fed.aggregator.history
     again = dataclasses.replace(finished, close_reason=CloseReason.STOPPED)
     store.journal(run, lambda: (0, 0)).closed(again, None)
-    assert attempts(store, run)[0] == (1, 1, "all answered", 0)
+    assert attempts(store, run)[0] == (1, 1, "all_answered", 0)
     (results,) = store.conn.execute(
         "SELECT count(*) FROM results WHERE run = ? AND round = 1", (run.key,)
     ).fetchone()

@@ -173,7 +173,7 @@ def test_a_stopped_run_shows_its_rounds_metrics_and_failures(
     assert status["live"] is None  # the snapshot left behind is not shown: nobody serves
 
     last = status["last_round"]
-    assert (last["round"], last["attempt"], last["close_reason"]) == (2, 1, "all answered")
+    assert (last["round"], last["attempt"], last["close_reason"]) == (2, 1, "all_answered")
     # weights: val_samples where a site reported it (5, 15), else its samples (20)
     assert last["metrics"] == {
         "accuracy": pytest.approx((5 * 0.7 + 15 * 0.8 + 20 * 1.0) / 40),
@@ -197,9 +197,9 @@ def test_a_stopped_run_shows_its_rounds_metrics_and_failures(
     assert sites["site-c"]["last_answered"] == {"round": 2, "kind": "train"}
 
     assert [(a["round"], a["attempt"], a["close_reason"]) for a in status["recent_attempts"]] == [
-        (1, 1, "no quorum"),
-        (1, 2, "every site settled, quorum met"),
-        (2, 1, "all answered"),
+        (1, 1, "no_quorum"),
+        (1, 2, "quorum"),
+        (2, 1, "all_answered"),
         (3, 1, "stopped"),
     ]
     assert status["evaluation"] is None
@@ -323,7 +323,7 @@ def test_a_running_aggregator_shows_the_round_under_way(workspace: Path, store: 
         status = read_status(state_dir)
         assert status["rounds"]["finished"] == 1 and status["rounds"]["last_finished"] == 1
         last = status["last_round"]
-        assert last["close_reason"] == "deadline, quorum met"
+        assert last["close_reason"] == "deadline_quorum"
         assert last["metrics"] == {"loss": 1.0}  # ShiftRunner's site 0 reports loss 1.0
         sites = {s["site"]: s for s in status["sites"]}
         assert sites["site-b"]["last_failure"]["reason"] == "disk full"

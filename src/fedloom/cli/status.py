@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedloom.cli.common import WorkspaceArg, console, count, friendly, human_bytes
+from fedloom.core.records import CloseReason
+from fedloom.core.sanitize import printable
 
 
 @friendly
@@ -164,10 +166,18 @@ def _answered(answered: dict[str, Any] | None) -> str:
     return f"round {answered['round']}"
 
 
+def reason_text(reason: str | None) -> str | None:
+    """A close reason's stable id in words (an id this version does not know, as it is)."""
+    try:
+        return None if reason is None else CloseReason(reason).text
+    except ValueError:
+        return printable(reason)
+
+
 def _print_metrics(title: str, closed: dict[str, Any]) -> None:
     console.print(
         f"{title}: round {closed['round']} (attempt {closed['attempt']}), "
-        f"{closed['close_reason']}; mean of {count(closed['sites_answered'], 'site')}",
+        f"{reason_text(closed['close_reason'])}; mean of {count(closed['sites_answered'], 'site')}",
         highlight=False,
     )
     table = Table("metric", "sample-weighted mean")
@@ -183,7 +193,7 @@ def _print_attempts(attempts: list[dict[str, Any]], *, serving: bool) -> None:
         return
     table = Table("round", "attempt", "kind", "closed as", title="Latest attempts")
     for i, a in enumerate(attempts):
-        reason = a["close_reason"]
+        reason = reason_text(a["close_reason"])
         if a["closed"] is None:
             last = i == len(attempts) - 1
             reason = "open" if serving and last else "left open (the aggregator stopped)"

@@ -222,13 +222,37 @@ def _finite(value: Any) -> float | None:
 
 
 class CloseReason(enum.Enum):
-    ALL_ANSWERED = "all answered"
-    QUORUM = "every site settled, quorum met"  # some failed, enough answered
-    DEADLINE_QUORUM = "deadline, quorum met"
-    NO_QUORUM = "no quorum"
+    """Why an attempt closed. The value is a stable id (what SQLite, ``metrics.jsonl``,
+    ``summary.json`` and ``status --json`` hold); :attr:`text` says it in words."""
+
+    ALL_ANSWERED = "all_answered"
+    QUORUM = "quorum"  # every site settled: some failed, enough answered
+    DEADLINE_QUORUM = "deadline_quorum"
+    NO_QUORUM = "no_quorum"
     STOPPED = "stopped"  # the aggregator stopped (interrupted, or its process died)
     # aggregated, as its checkpoint shows; why it closed was lost with the state database
-    REBUILT = "rebuilt from its checkpoint"
+    REBUILT = "rebuilt"
+
+    @property
+    def text(self) -> str:
+        """The reason in words, for people."""
+        return CLOSE_REASON_TEXT[self]
+
+
+CLOSE_REASON_TEXT = {
+    CloseReason.ALL_ANSWERED: "all answered",
+    CloseReason.QUORUM: "every site settled, quorum met",
+    CloseReason.DEADLINE_QUORUM: "deadline, quorum met",
+    CloseReason.NO_QUORUM: "no quorum",
+    CloseReason.STOPPED: "stopped",
+    CloseReason.REBUILT: "rebuilt from its checkpoint",
+}
+
+
+def attempt_id_of(record: Mapping[str, Any]) -> Any:
+    """The attempt id a stored JSON object names; files written before protocol 6 call
+    it ``task_id``."""
+    return record["attempt_id"] if "attempt_id" in record else record.get("task_id")
 
 
 @dataclass(frozen=True)

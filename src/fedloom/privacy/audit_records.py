@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.core.errors import AuditError
+from fedloom.core.records import attempt_id_of
 
 AUDIT_LOG = "audit.jsonl"
 """The log's file name in a site's state folder."""
@@ -109,7 +110,7 @@ def parse_receipt(text: str) -> AuditReceipt | None:
             seq=obj["seq"],
             record_hash=obj["record_hash"],
             round=obj["round"],
-            attempt_id=obj["attempt_id"],
+            attempt_id=attempt_id_of(obj),
             signature=obj["signature"],
         )
     except (ValueError, TypeError, KeyError):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedloom.core.records import attempt_id_of
 from fedloom.privacy.audit_records import (
     GENESIS,
     AuditReceipt,
@@ -73,7 +74,7 @@ def _check_line(number: int, text: str, *, last: bool) -> _Entry | str:
         return (
             f"line {number} (seq {seq}): its content does not match its hash: the record was edited"
         )
-    return _Entry(number, seq, stored, prev, record.get("round"), record.get("attempt_id"))
+    return _Entry(number, seq, stored, prev, record.get("round"), attempt_id_of(record))
 
 
 def _check_chain(entries: list[_Entry], holes: list[int]) -> tuple[list[tuple[int, str]], set[int]]:

@@ -65,6 +65,8 @@ class FinalModel:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], where: str) -> FinalModel:
+        if _PREFIX + "task_id" in meta and _PREFIX + "attempt_id" not in meta:
+            meta = {**meta, _PREFIX + "attempt_id": meta[_PREFIX + "task_id"]}  # before protocol 6
         missing = [key for key in _KEYS if _PREFIX + key not in meta]
         if missing:
             raise AuditError(

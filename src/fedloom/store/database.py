@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedloom.core.errors import DiskError, StateError, disk_error
 from fedloom.core.records import (
+    CLOSE_REASON_TEXT,
     CloseReason,
     Failure,
     FailureKind,
@@ -27,7 +28,7 @@ from fedloom.core.records import (
 )
 
 DB_FILE = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: attempts.attempt_id (was task_id), close reasons as stable ids
 
 # the statuses of a run that is over: never resumed (a cancelled one may have rounds left)
 ENDED = frozenset({"completed", "cancelled"})
@@ -63,7 +64,7 @@ CREATE TABLE attempts (
     selected TEXT NOT NULL,             -- JSON list of sites
     opened REAL NOT NULL,
     closed REAL,                        -- NULL while open (or if the process died)
-    close_reason TEXT,                  -- a CloseReason value
+    close_reason TEXT,                  -- a CloseReason's stable id
     checkpoint TEXT,                    -- the state after the round, for a finished round
     superseded INTEGER NOT NULL DEFAULT 0,  -- 1: its checkpoint was lost; the round reran
     PRIMARY KEY (run, round, attempt)
@@ -224,7 +225,8 @@ _DAMAGE = ("not a database", "malformed", "corrupt", "no such table", "no such c
 
 
 def _check(path: Path) -> str | None:
-    """Why the database is damaged (it is then set aside), or None. An error that
+    """Why the database is damaged (it is then set aside), or None; one an earlier
+    version of fedloom wrote is brought to this version first. An error that
     says nothing of its contents (the disk, permissions, a lock) refuses the start
     instead: a transient problem must not cost the records."""
     try:
@@ -234,6 +236,9 @@ def _check(path: Path) -> str | None:
             if result != "ok":
                 return f"integrity check: {result}"
             (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version == 1:
+                _migrate_from_1(conn)
+                version = SCHEMA_VERSION
             if version != SCHEMA_VERSION:
                 return f"schema version {version}, expected {SCHEMA_VERSION}"
             if _columns(conn) != _expected_columns():
@@ -248,6 +253,25 @@ def _check(path: Path) -> str | None:
             hint="check the disk and the file's permissions, then start again",
         ) from err
     return None
+
+
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Bring a version-1 database (fedloom before protocol 6) to this version, keeping
+    every record: its attempts named the attempt id ``task_id`` and stored close reasons
+    as their words. One transaction: a crash leaves it as it was."""
+    if "task_id" not in _columns(conn).get("attempts", []):
+        return  # not the layout version 1 wrote: the column check that follows says so
+    steps = [
+        "ALTER TABLE attempts RENAME COLUMN task_id TO attempt_id;",
+        *(
+            f"UPDATE attempts SET close_reason = '{reason.value}' "  # noqa: S608 - our constants
+            f"WHERE close_reason = '{text}';"
+            for reason, text in CLOSE_REASON_TEXT.items()
+        ),
+        f"PRAGMA user_version = {SCHEMA_VERSION};",
+    ]
+    conn.isolation_level = None
+    conn.executescript("BEGIN; " + " ".join(steps) + " COMMIT;")
 
 
 def _columns(conn: sqlite3.Connection) -> dict[str, list[str]]:

@@ -386,7 +386,7 @@ def event_row(event: Event) -> EventRow:
         return (now, kind, event.round, event.site, event.reason)
     if isinstance(event, RoundClosed):
         r = event.record
-        return (now, "round closed", r.round, None, f"attempt {r.attempt}: {r.close_reason.value}")
+        return (now, "round closed", r.round, None, f"attempt {r.attempt}: {r.close_reason.text}")
     if isinstance(event, UploadBroke):
         return (now, "upload broke off", event.round, event.site, event.reason)
     if isinstance(event, SiteWithdrew):
