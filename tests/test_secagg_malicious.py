@@ -212,7 +212,7 @@ def substitute(resign: Callable[[str, dict[str, Any]], None] | None) -> Rewrite:
         entry = entry_of(key_set, "site-c")
         entry["c"], entry["s"] = c, s
         if resign is not None:
-            resign(sent["task"], entry)
+            resign(sent["attempt"], entry)
         return key_set
 
     return rewrite
@@ -457,7 +457,7 @@ def test_the_aggregator_refuses_keys_not_signed_by_the_sites_own_certificate() -
     )  # fmt: skip
     authority = SimulatedAuthority()
     c, s = liars_keys()
-    keys = {"task": "run/1.1", "c": c, "s": s}
+    keys = {"attempt": "run/1.1", "c": c, "s": s}
     with pytest.raises(UpdateRejected, match="must come signed"):
         round_.handle("site-a", KEYS, dumps(keys))
     b = authority.identity("site-b")

@@ -15,15 +15,16 @@ import pytest
 from conftest import wait_until
 from scipy import stats
 
-from fedloom.core.errors import FaultInjected, QuorumError
+from fedloom.core.errors import FaultInjected, QuorumError, UpdateRejected
 from fedloom.core.records import CloseReason, FailureKind, Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import Weights
 from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.quantize import encode, fractional_bits
+from fedloom.privacy.secagg import KEYS, REVEAL, UNMASK, dumps
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport import InProcessTransport
-from fedloom.transport.messages import Chunk, UpdateHeader, UploadReceipt
+from fedloom.transport.messages import Chunk, ExchangeMessage, UpdateHeader, UploadReceipt
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
@@ -365,22 +366,19 @@ def secagg_round(**kw: Any) -> Any:
 
 
 def test_malformed_or_stale_secure_aggregation_messages_are_refused_one_site_at_a_time() -> None:
-    from fedloom.core.errors import UpdateRejected
-    from fedloom.privacy.secagg import KEYS, REVEAL, UNMASK, dumps
-
     round_ = secagg_round()
     with pytest.raises(UpdateRejected, match="32 bytes, in hex"):
-        round_.handle("site-a", KEYS, dumps({"task": "run/1.1", "c": "zz" * 32, "s": "00" * 32}))
+        round_.handle("site-a", KEYS, dumps({"attempt": "run/1.1", "c": "zz" * 32, "s": "00" * 32}))
     with pytest.raises(UpdateRejected, match="unusable public key"):  # a low-order point
-        round_.handle("site-a", KEYS, dumps({"task": "run/1.1", "c": "00" * 32, "s": "00" * 32}))
+        round_.handle("site-a", KEYS, dumps({"attempt": "run/1.1", "c": "00" * 32, "s": "00" * 32}))
     with pytest.raises(UpdateRejected, match="stale"):
-        round_.handle("site-a", KEYS, dumps({"task": "run/1.0", "c": "00" * 32, "s": "00" * 32}))
+        round_.handle("site-a", KEYS, dumps({"attempt": "run/1.0", "c": "00" * 32, "s": "00" * 32}))
     with pytest.raises(UpdateRejected, match="stale"):
-        round_.handle("site-a", UNMASK, dumps({"task": "run/0.9"}))
+        round_.handle("site-a", UNMASK, dumps({"attempt": "run/0.9"}))
     with pytest.raises(UpdateRejected, match="holds no shares"):
-        round_.handle("site-a", UNMASK, dumps({"task": "run/1.1"}))  # never waits
+        round_.handle("site-a", UNMASK, dumps({"attempt": "run/1.1"}))  # never waits
     with pytest.raises(UpdateRejected, match="no unmasking under way"):
-        round_.handle("site-a", REVEAL, dumps({"task": "run/1.1", "b": {}, "s": {}}))
+        round_.handle("site-a", REVEAL, dumps({"attempt": "run/1.1", "b": {}, "s": {}}))
     assert round_.describe()["keys"] == 0  # nothing of the refused messages was kept
 
 
@@ -413,3 +411,17 @@ def test_every_mean_based_strategy_runs_on_the_unmasked_sum(
     for key in ("w", "b"):
         assert np.allclose(masked[key], plain[key], rtol=1e-5, atol=1e-6), key
     assert np.any(plain["w"])
+
+
+def test_a_step_of_secure_aggregation_outside_its_attempt_is_refused_by_name(
+    make_federation: Any,
+) -> None:
+    """The steps are registered by the attempt's secure aggregation round: once the
+    federation is over no attempt takes them, and a step nobody registered is unknown."""
+    fed, _, _ = run_federation(make_federation)
+    fed.finish()
+    service = fed.aggregator
+    with pytest.raises(UpdateRejected, match="no attempt takes step 'secagg.keys' for round 1"):
+        service.exchange("site-a", ExchangeMessage(1, KEYS, dumps({"attempt": "run/1.1"})))
+    with pytest.raises(UpdateRejected, match="no step 'secagg.other' in this federation"):
+        service.exchange("site-a", ExchangeMessage(1, "secagg.other", b"{}"))

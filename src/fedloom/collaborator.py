@@ -121,7 +121,7 @@ class Collaborator:
                 weights = self.compression.decode_model(weights)
             if self.keep_final is not None and instruction.kind is InstructionKind.EVALUATE:
                 self.keep_final(stream.header, weights)
-            self._run_phases(instruction)
+            self._run_steps(instruction)
             answer = self.runner(instruction, weights)
             header, chunks = self._answer(instruction, answer)
         except FedloomError as err:
@@ -255,9 +255,10 @@ class Collaborator:
         while self.step(poll_timeout):
             pass
 
-    def _run_phases(self, instruction: Instruction) -> None:
+    def _run_steps(self, instruction: Instruction) -> None:
+        own = self.privacy.exchange_steps if self.privacy is not None else ()
         for name in instruction.exchange_steps:
-            if name.startswith("secagg.") and self.privacy is not None:
+            if name in own:
                 continue  # secure aggregation's, run by self.privacy
             step = self.exchange_steps.get(name)
             if step is None:

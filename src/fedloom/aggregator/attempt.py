@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fedloom.accumulate import Accumulator, Contribution
@@ -27,7 +27,7 @@ from fedloom.core.records import (
 from fedloom.core.sanitize import MAX_TEXT_CHARS, printable
 from fedloom.core.weights import TensorSpec, Weights, specs_of
 from fedloom.privacy.aggregator import AggregatorPrivacy
-from fedloom.privacy.secagg_server import SecAggRound
+from fedloom.privacy.secagg_server import AttemptStep, SecAggRound
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Attempt:
     broke: dict[str, str] = field(default_factory=dict)  # why a site's last upload broke off
     attempt: int = 1
     secagg: SecAggRound | None = None
+    # the exchange steps this attempt answers (its secure aggregation round's), by name
+    steps: Mapping[str, AttemptStep] = field(default_factory=dict)
     signature: bytes | None = None  # the published model's, made on first download
     published: Weights | None = None  # the model as it travels, under a model codec
     sign_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -278,6 +278,7 @@ class Aggregator(SiteCalls):
                 expected=expected,
                 attempt=attempt,
                 secagg=secagg,
+                steps={} if secagg is None else secagg.steps,
             )
             withdrawn = self.board.settle_withdrawn(opened)
             self.board.open = self.board.running = opened

@@ -54,6 +54,7 @@ class SiteCalls:
         self._privacy = privacy
         self._signer = signer
         self._exchange_steps = dict(exchange_steps)
+        self._attempt_steps = privacy.attempt_steps if privacy is not None else ()
 
     @property
     def last_seen(self) -> dict[str, float]:
@@ -209,23 +210,24 @@ class SiteCalls:
     def exchange(self, site: str, message: ExchangeMessage) -> ExchangeMessage:
         """Hand ``site``'s message to the handler of its step; return the reply.
 
-        Secure aggregation's exchange steps go to the attempt under way, which checks who may
-        speak when (its unmasking follows the upload, when the round is closed)."""
+        A step the attempt under way registered (its secure aggregation round's) goes to
+        that attempt, which checks who may speak when (its unmasking follows the upload,
+        when the round is closed); any other to the federation's handler of that name."""
         board = self.board
         board.check_site(site)
-        if message.step.startswith("secagg."):
-            with board.cond:
-                board.saw(site)
-                running = board.running  # the attempt under way: open, or unmasking
-                secagg = None if running is None else running.secagg
-            if secagg is None or secagg.round != message.round:
-                raise UpdateRejected(f"no secure aggregation under way for round {message.round}")
-            reply = secagg.handle(site, message.step, bytes(message.payload))
-            return ExchangeMessage(message.round, message.step, reply)
+        with board.cond:
+            board.saw(site)
+            running = board.running  # the attempt under way: open, or unmasking
+            taken = None if running is None else running.steps.get(message.step)
+            under_way = running is not None and running.round == message.round
+        step = printable(message.step, MAX_TEXT_CHARS)
+        if taken is not None and under_way:
+            return ExchangeMessage(message.round, message.step, taken(site, bytes(message.payload)))
+        if message.step in self._attempt_steps:
+            raise UpdateRejected(f"no attempt takes step '{step}' for round {message.round} now")
         handler = self._exchange_steps.get(message.step)
         if handler is None:
             known = sorted(self._exchange_steps) or "none"
-            step = printable(message.step, MAX_TEXT_CHARS)
             raise UpdateRejected(f"no step '{step}' in this federation (exchange steps: {known})")
         with board.cond:
             board.saw(site)

@@ -25,7 +25,7 @@ from fedloom.core.state import StrategyState
 from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
-from fedloom.privacy.secagg import PHASES
+from fedloom.privacy.secagg import ANNOUNCED, STEPS
 from fedloom.privacy.secagg_server import SecAggParameters, SecAggRound
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 
@@ -87,7 +87,14 @@ class AggregatorPrivacy:
 
     @property
     def exchange_steps(self) -> tuple[str, ...]:
-        return PHASES if self.secagg is not None else ()
+        """The steps an instruction announces, before training."""
+        return ANNOUNCED if self.secagg is not None else ()
+
+    @property
+    def attempt_steps(self) -> tuple[str, ...]:
+        """Every step the attempts of this federation may take (each registered by the
+        attempt's secure aggregation round, answered only while it is under way)."""
+        return STEPS if self.secagg is not None else ()
 
     @property
     def adaptive(self) -> bool:

@@ -66,7 +66,8 @@ from fedloom.privacy.secagg_checks import Attempt, check_completed, check_key_se
 log = logging.getLogger("fedloom.collaborator")
 
 KEYS, SHARES, UNMASK, REVEAL = "secagg.keys", "secagg.shares", "secagg.unmask", "secagg.reveal"
-PHASES = (KEYS, SHARES)  # announced in the instruction; UNMASK and REVEAL follow the upload
+ANNOUNCED = (KEYS, SHARES)  # in the instruction's exchange steps; UNMASK, REVEAL follow the upload
+STEPS = (KEYS, SHARES, UNMASK, REVEAL)  # every exchange step a secure aggregation round takes
 
 Exchange = Callable[[str, bytes], bytes]
 
@@ -109,7 +110,7 @@ def key_set_digest(attempt_id: str, key_set: Mapping[str, Mapping[str, bytes]]) 
     same digest; any site added, dropped or with other keys changes it."""
     canonical = dumps(
         {
-            "task": attempt_id,
+            "attempt": attempt_id,
             "sites": [
                 [name, key_set[name]["c"].hex(), key_set[name]["s"].hex()]
                 for name in sorted(key_set)
@@ -170,7 +171,7 @@ class SecureAggregationSite:
                 KEYS,
                 dumps(
                     {
-                        "task": attempt_id,
+                        "attempt": attempt_id,
                         "c": share_keys.public.hex(),
                         "s": mask_keys.public.hex(),
                         "certificate": self.identity.certificate_pem,
@@ -301,7 +302,7 @@ class SecureAggregationSite:
     def unmask(self, attempt_id: str, exchange: Exchange) -> None:
         """Step 4: reveal the shares the aggregator may have, and no others."""
         attempt = self._current(attempt_id)
-        reply = loads(exchange(UNMASK, dumps({"task": attempt_id})), "survivor list")
+        reply = loads(exchange(UNMASK, dumps({"attempt": attempt_id})), "survivor list")
         if "abandoned" in reply:
             self._attempt = None
             return
@@ -312,7 +313,7 @@ class SecureAggregationSite:
                 f"inconsistent (survivors {sorted(survivors)}, dropped {sorted(dropped)}); "
                 "no share was revealed"
             )
-        reveal: dict[str, Any] = {"task": attempt_id, "b": {}, "s": {}}
+        reveal: dict[str, Any] = {"attempt": attempt_id, "b": {}, "s": {}}
         for sender, (x, b_share, s_share) in sorted(attempt.held.items()):
             if sender in survivors:
                 reveal["b"][sender] = f"{x}:{b_share.hex()}"

@@ -16,11 +16,11 @@ from fedloom.privacy.identity import peer_certificate
 
 
 def check_attempt(request: Mapping[str, object], attempt_id: str, round: int) -> None:
-    if request.get("task") != attempt_id:
+    if request.get("attempt") != attempt_id:
         raise UpdateRejected(
-            "stale secure aggregation message: it is for task "
-            f"{printable(str(request.get('task')), MAX_TEXT_CHARS)}, "
-            f"round {round} is now task {attempt_id}"
+            "stale secure aggregation message: it is for attempt "
+            f"{printable(str(request.get('attempt')), MAX_TEXT_CHARS)}, "
+            f"round {round} is now attempt {attempt_id}"
         )
 
 

@@ -19,6 +19,7 @@ the aggregator's own condition, so a site dropped by the round wakes them.
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from fedloom.privacy.secagg import (
     KEYS,
     REVEAL,
     SHARES,
+    STEPS,
     UNMASK,
     dumps,
     loads,
@@ -51,6 +53,9 @@ from fedloom.privacy.secagg_messages import (
     shares_message,
     signed_advertisement,
 )
+
+AttemptStep = Callable[[str, bytes], bytes]
+"""``step(site, payload) -> reply``: one exchange step of the attempt under way."""
 
 
 class Step(enum.Enum):
@@ -115,6 +120,14 @@ class SecAggRound:
         }
 
     # ---------------------------------------------------------------- handlers
+
+    @property
+    def steps(self) -> dict[str, AttemptStep]:
+        """The exchange steps this round answers, registered with its attempt."""
+        return {step: functools.partial(self._handle, step) for step in STEPS}
+
+    def _handle(self, step: str, site: str, payload: bytes) -> bytes:
+        return self.handle(site, step, payload)
 
     def handle(self, site: str, step: str, payload: bytes) -> bytes:
         if step == KEYS:

@@ -23,7 +23,7 @@ from fedloom.core.weights import Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.budget import SiteBudget
 from fedloom.privacy.identity import SiteIdentity, simulated_identity
-from fedloom.privacy.secagg import KEYS, Exchange, SecureAggregationSite
+from fedloom.privacy.secagg import KEYS, STEPS, Exchange, SecureAggregationSite
 from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 
 if TYPE_CHECKING:
@@ -81,6 +81,12 @@ class SitePrivacy:
             if sa is not None
             else None
         )
+
+    @property
+    def exchange_steps(self) -> tuple[str, ...]:
+        """The exchange steps this site's privacy takes itself (secure aggregation's: one
+        its plan does not allow is refused with the reason by :meth:`prepare`)."""
+        return STEPS
 
     def prepare(self, instruction: Instruction, exchange: Exchange) -> None:
         """Secure aggregation's key exchange, when the round asks for it."""
