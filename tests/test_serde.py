@@ -14,9 +14,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedloom.core.errors import TransportError, UpdateRejected
+from fedloom.core.errors import TaskError, TransportError, UpdateRejected
 from fedloom.core.records import Ending, Instruction, InstructionKind, TrainSettings
 from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
+from fedloom.runtime import pipes
+from fedloom.runtime.workerops import (
+    WorkerOp,
+    instruction_from_json,
+    instruction_to_json,
+    op_of,
+    request,
+)
 from fedloom.transport import (
     Chunk,
     ExchangeMessage,
@@ -445,3 +453,37 @@ def test_a_cut_or_garbled_chunk_envelope_never_decodes_wrongly(chunk: Chunk, cut
                 msg.chunk.offset,
                 msg.chunk.data,
             )
+
+
+@PROPERTY
+@given(
+    round=U64,
+    kind=st.sampled_from(list(InstructionKind)),
+    settings_=train_settings,
+    config=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+    ending=st.sampled_from(list(Ending)),
+)
+def test_an_instruction_crosses_to_a_worker_as_json_unchanged(
+    round: int, kind: InstructionKind, settings_: TrainSettings, config: dict, ending: Ending
+) -> None:
+    """What the simulation's workers get: a JSON object of the instruction's fields."""
+    instruction = Instruction(
+        round=round,
+        kind=kind,
+        settings=settings_,
+        config=config,
+        exchange_steps=("secagg.keys",),
+        attempt_id="run/1.1",
+        privacy={"clip": 0.5},
+        ending=ending if kind is InstructionKind.FINISHED else None,
+    )
+    header, _ = pipes.unpack(
+        pipes.pack(request(WorkerOp.RUN, sent=instruction_to_json(instruction)))
+    )
+    assert instruction_from_json(header["sent"]) == instruction
+
+
+def test_a_worker_names_a_request_it_does_not_know() -> None:
+    assert op_of(request(WorkerOp.RUN, key="k")) is WorkerOp.RUN
+    with pytest.raises(TaskError, match="unknown worker request 'train'"):
+        op_of({"op": "train"})

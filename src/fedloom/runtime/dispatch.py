@@ -15,14 +15,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedloom.core.errors import TaskError
 from fedloom.core.records import Instruction, SiteAnswer
 from fedloom.core.weights import Weights
 from fedloom.runtime.replies import WorkerDied, answers_from_batch_reply
 from fedloom.runtime.worker import Worker
-from fedloom.transport import serde
+from fedloom.runtime.workerops import WorkerOp, instruction_to_json, request
 
 
 @dataclass
@@ -195,10 +194,10 @@ class Dispatcher:
     def _call(
         worker: Worker, jobs: list[_Job], weights: Weights | None
     ) -> list[SiteAnswer | BaseException]:
-        header: dict[str, Any] = {
-            "op": "run",
-            "key": jobs[0].key,
-            "sites": [j.site for j in jobs],
-            "instructions": [serde.encode(j.instruction).hex() for j in jobs],
-        }
+        header = request(
+            WorkerOp.RUN,
+            key=jobs[0].key,
+            sites=[j.site for j in jobs],
+            instructions=[instruction_to_json(j.instruction) for j in jobs],
+        )
         return answers_from_batch_reply(worker.call(header, weights), len(jobs))

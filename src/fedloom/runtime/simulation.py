@@ -42,6 +42,7 @@ from fedloom.runtime.pool import start_workers
 from fedloom.runtime.replies import raise_reply_error
 from fedloom.runtime.simoptions import SimulationOptions
 from fedloom.runtime.worker import LocalWorker, attack_to_json
+from fedloom.runtime.workerops import WorkerOp, request
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
@@ -136,7 +137,7 @@ def _simulate(
     per_round = plan.per_round
     workers = start_workers(str(ws), plan_json, attack_json, options, plan, digest)
     try:
-        init_header, initial = workers[0].call({"op": "init"})
+        init_header, initial = workers[0].call(request(WorkerOp.INIT))
         raise_reply_error(init_header, "the task's init_weights failed")
         if initial is None:
             raise TaskError("the task's init_weights returned no weights")
@@ -149,7 +150,7 @@ def _simulate(
         metrics = metrics_from_json(init_header.get("metrics"))
         if on_metrics is not None:
             on_metrics(metrics)
-        check_header, _ = workers[0].call({"op": "check", "site": plan.roster[0]}, initial)
+        check_header, _ = workers[0].call(request(WorkerOp.CHECK, site=plan.roster[0]), initial)
         raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
@@ -258,12 +259,13 @@ def _simulate(
         wall = time.perf_counter() - started
         final = aggregator.weights
         test = _metrics(
-            workers[0].call({"op": "test", "key": "final"}, final), "evaluating on the test set"
+            workers[0].call(request(WorkerOp.TEST, key="final"), final),
+            "evaluating on the test set",
         )
         central = None
         if options.baseline:
             central = _metrics(
-                workers[0].call({"op": "baseline", "key": "init"}, initial),
+                workers[0].call(request(WorkerOp.BASELINE, key="init"), initial),
                 "training the centralised baseline",
             )
         return SimulationResult(

@@ -43,10 +43,10 @@ from fedloom.runtime.replies import (
     request_timeout,
 )
 from fedloom.runtime.sitedata import DataSource
+from fedloom.runtime.workerops import WorkerOp, instruction_from_json, op_of, request
 from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
-from fedloom.transport import serde
 from fedloom.workspace import WorkspaceCode
 
 
@@ -111,8 +111,8 @@ class SiteWorker:
         self._index = {s: i for i, s in enumerate(plan.roster)}
 
     def handle(self, header: dict[str, Any], weights: Weights | None) -> Reply:
-        op = header["op"]
-        if op == "init":
+        op = op_of(header)
+        if op is WorkerOp.INIT:
             declared = metrics_to_json(metrics_of(self.task))  # for the run's figures
             reply = {"ok": True, "plan_hash": self.plan_hash, "metrics": declared}
             return reply, self.task.init_weights(self.plan.seed)
@@ -122,16 +122,16 @@ class SiteWorker:
             raise TaskError("worker has no weights for this request")
         self._cached = (header.get("key"), weights)
         weights = read_only(weights)  # the task never writes into what it was given
-        if op == "run":
+        if op is WorkerOp.RUN:
             return self._run(header, weights)
-        if op == "check":
+        if op is WorkerOp.CHECK:
             return self._check(str(header["site"]), weights)
-        if op == "test":
+        if op is WorkerOp.TEST:
             test = self.source.test_set()
             return _metrics_reply(self.task.evaluate(weights, test, self._context("test")))
-        if op == "baseline":
+        if op is WorkerOp.BASELINE:
             return self._baseline(weights)
-        raise TaskError(f"unknown worker request {op!r}")
+        raise TaskError(f"a worker is not asked to {op.value} this way")
 
     def _run(self, header: dict[str, Any], weights: Weights) -> Reply:
         """Run each site of the batch in turn from the same model; one site's failure is
@@ -139,9 +139,9 @@ class SiteWorker:
         named ``"<position in the batch>/<tensor>"``."""
         answers: list[dict[str, Any]] = []
         deltas: Weights = {}
-        for i, (site, text) in enumerate(zip(header["sites"], header["instructions"], strict=True)):
+        for i, (site, sent) in enumerate(zip(header["sites"], header["instructions"], strict=True)):
             try:
-                instruction = serde.decode(Instruction, bytes.fromhex(text))
+                instruction = instruction_from_json(sent)
                 answer = self._run_site(site, instruction, weights)
             except Exception as err:
                 answers.append(error_reply(err))
@@ -257,7 +257,7 @@ def serve(conn: Connection) -> None:
             header, weights = pipes.receive(conn)
         except (EOFError, OSError):
             return
-        if header["op"] == "stop":
+        if header.get("op") == WorkerOp.STOP.value:
             return
         try:
             reply, out = worker.handle(header, weights)
@@ -366,7 +366,7 @@ class ProcessWorker:
     def close(self) -> None:
         self._closing = True
         try:
-            pipes.send(self._conn, {"op": "stop"})
+            pipes.send(self._conn, request(WorkerOp.STOP))
         except OSError:
             pass
         try:
