@@ -19,7 +19,6 @@ the aggregator's own condition, so a site dropped by the round wakes them.
 from __future__ import annotations
 
 import enum
-import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -111,23 +110,15 @@ class SecAggRound:
         self.accumulator = MaskedSumAccumulator(self.specs, admit=self._admit, spool_dir=spool_dir)
 
     def describe(self) -> dict[str, object]:
-        """Where the secure aggregation stands, for ``fedloom status`` (the caller holds
-        the condition)."""
-        return {
-            "step": self.step.name.lower(),
-            **self._book.counts(),
-            "failure": self.failure,
-        }
+        """Where it stands, for ``fedloom status`` (the caller holds the condition)."""
+        return {"step": self.step.name.lower(), **self._book.counts(), "failure": self.failure}
 
     # ---------------------------------------------------------------- handlers
 
     @property
     def steps(self) -> dict[str, AttemptStep]:
         """The exchange steps this round answers, registered with its attempt."""
-        return {step: functools.partial(self._handle, step) for step in STEPS}
-
-    def _handle(self, step: str, site: str, payload: bytes) -> bytes:
-        return self.handle(site, step, payload)
+        return {step: _taking(self, step) for step in STEPS}
 
     def handle(self, site: str, step: str, payload: bytes) -> bytes:
         if step == KEYS:
@@ -334,3 +325,8 @@ class SecAggRound:
         self.failure = reason
         self._cond.notify_all()
         return AggregationError(f"secure aggregation of attempt {self.attempt_id}: {reason}")
+
+
+def _taking(secagg: SecAggRound, step: str) -> AttemptStep:
+    """``secagg``'s handler of ``step``, as an exchange step of its attempt."""
+    return lambda site, payload: secagg.handle(site, step, payload)
