@@ -4,9 +4,9 @@ refused before any site starts."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ from workspaces import make_workspace
 from fedloom import SimulationOptions, Strategy, StrategyState, Weights, load_plan, simulate
 from fedloom.core.records import Failure, Summary
 from fedloom.report import summary
-from fedloom.strategies import FedAvg
+from fedloom.strategies import FedAvg, RoundConfig, TrainSettings
 
 
 class CountingMean:
@@ -33,9 +33,9 @@ class CountingMean:
     def init(self, weights: Weights) -> StrategyState:
         return self.inner.init(weights)
 
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
+    def configure(self, round: int, state: StrategyState, settings: TrainSettings) -> RoundConfig:
         self.configured.append(round)
-        return self.inner.configure(round, state)
+        return self.inner.configure(round, state, settings)
 
     def min_updates(self) -> int:
         return self.inner.min_updates()

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedloom.core.errors import AggregationError, PlanError
-from fedloom.core.records import MeanSummary, SiteResult, SiteUpdate, UpdateSet
+from fedloom.core.records import (
+    MeanSummary,
+    RoundConfig,
+    SiteResult,
+    SiteUpdate,
+    TrainSettings,
+    UpdateSet,
+)
 from fedloom.core.weights import copy_weights, weights_equal
 from fedloom.store import load_state, save_state
 from fedloom.strategies import (
@@ -321,12 +329,12 @@ def test_integer_tensors_are_rounded() -> None:
 
 
 def test_configure() -> None:
-    state = StrategyState(weights=model())
-    assert FedProx().configure(1, state) == {"proximal_mu": 0.01}
-    assert FedProx(proximal_mu=0.5).configure(3, state) == {"proximal_mu": 0.5}
+    state, plan = StrategyState(weights=model()), TrainSettings(epochs=3, lr=0.2)
+    assert FedProx().configure(1, state, plan) == RoundConfig(replace(plan, proximal_mu=0.01))
+    assert FedProx(proximal_mu=0.5).configure(3, state, plan).settings.proximal_mu == 0.5
     for strategy in ALL:
         if strategy.name != "fedprox":
-            assert strategy.configure(1, state) == {}
+            assert strategy.configure(1, state, plan) == RoundConfig(plan)
 
 
 # ---------------------------------------------------------------- build_strategy

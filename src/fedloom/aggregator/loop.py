@@ -54,7 +54,6 @@ from fedloom.core.records import (
     MeanSummary,
     RoundRecord,
     Summary,
-    TrainSettings,
 )
 from fedloom.core.rng import select_sites
 from fedloom.core.state import StrategyState
@@ -173,14 +172,12 @@ class Aggregator(SiteCalls):
         cfg = self.config
         privacy = self._privacy
         selected = tuple(select_sites(list(cfg.roster), cfg.sites_per_round, cfg.seed, rnd))
-        extra = dict(self.strategy.configure(rnd, self.state))
-        overrides = {k: extra.pop(k) for k in list(extra) if k in TrainSettings.__slots__}
-        settings = dataclasses.replace(cfg.settings, **overrides)
+        asked = self.strategy.configure(rnd, self.state, cfg.settings)
         instruction = Instruction(
             round=rnd,
             kind=InstructionKind.TRAIN,
-            settings=settings,
-            config=extra,
+            settings=asked.settings,
+            config=asked.options,
             exchange_steps=tuple(self._exchange_steps)
             + (privacy.exchange_steps if privacy else ()),
             privacy=privacy.instruction(self.state) if privacy else {},

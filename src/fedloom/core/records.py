@@ -58,6 +58,15 @@ class TrainSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RoundConfig:
+    """What a strategy asks of one round's sites (``Strategy.configure``): the round's
+    training settings, and options for the task (``SiteContext.options``)."""
+
+    settings: TrainSettings
+    options: Mapping[str, JSON] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class LoopSettings:
     """The plan's settings of the built-in training loop that stay at the site (never
     on the wire: every site reads them from the plan it approved)."""

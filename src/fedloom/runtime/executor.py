@@ -168,7 +168,7 @@ def execute(
         instruction.round,
         int_seed(plan_seed, instruction.round, site, "train"),
         data_path=env.data_path,
-        options=dict(instruction.config),  # the strategy's configure() keys for this round
+        options=dict(instruction.config),  # the strategy's options for this round
         dp_sgd=dp_sgd,
         rounds_selected=rounds_selected,
         total_rounds=env.total_rounds,

@@ -14,6 +14,7 @@ from typing import Any, cast
 import pydantic
 
 from fedloom.core.errors import PlanError
+from fedloom.core.records import RoundConfig, TrainSettings
 from fedloom.core.state import StrategyState
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
@@ -100,9 +101,11 @@ __all__ = [
     "Krum",
     "Median",
     "MultiKrum",
+    "RoundConfig",
     "STRATEGIES",
     "Strategy",
     "StrategyState",
+    "TrainSettings",
     "TrimmedMean",
     "build_strategy",
     "parameter_defaults",

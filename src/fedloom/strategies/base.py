@@ -8,10 +8,10 @@ folded: a :class:`~fedloom.core.records.MeanSummary` for mean-based strategies, 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from collections.abc import Sequence
+from typing import ClassVar, Protocol
 
-from fedloom.core.records import Failure, Summary
+from fedloom.core.records import Failure, RoundConfig, Summary, TrainSettings
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 
@@ -27,10 +27,10 @@ class Strategy(Protocol):
         """The state before round 1, holding the initial global model."""
         ...
 
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        """Configuration sent to every site for ``round``. A key named like a
-        :class:`~fedloom.core.records.TrainSettings` field overrides that training setting for
-        the round (FedProx sets ``proximal_mu``); other keys reach the task as config."""
+    def configure(self, round: int, state: StrategyState, settings: TrainSettings) -> RoundConfig:
+        """What every site is asked for ``round``, from the plan's training ``settings``:
+        the settings for the round (FedProx sets ``proximal_mu``) and options for the
+        task."""
         ...
 
     def min_updates(self) -> int:

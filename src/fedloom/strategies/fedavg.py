@@ -7,7 +7,8 @@ move along it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -15,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from fedloom.core.errors import AggregationError, StateError
-from fedloom.core.records import Failure, MeanSummary, Summary
+from fedloom.core.records import Failure, MeanSummary, RoundConfig, Summary, TrainSettings
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, apply_delta, copy_weights
 from fedloom.strategies.aggregate import check_same_layout, fedavgm_step
@@ -83,8 +84,8 @@ class DeltaStrategy:
     def init(self, weights: Weights) -> StrategyState:
         return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
 
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {}
+    def configure(self, round: int, state: StrategyState, settings: TrainSettings) -> RoundConfig:
+        return RoundConfig(settings)
 
     def min_updates(self) -> int:
         return 1
@@ -136,8 +137,8 @@ class FedProx(MeanStrategy):
 
     proximal_mu: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.01
 
-    def configure(self, round: int, state: StrategyState) -> Mapping[str, Any]:
-        return {"proximal_mu": self.proximal_mu}
+    def configure(self, round: int, state: StrategyState, settings: TrainSettings) -> RoundConfig:
+        return RoundConfig(dataclasses.replace(settings, proximal_mu=self.proximal_mu))
 
 
 @dataclass(frozen=True, kw_only=True)
