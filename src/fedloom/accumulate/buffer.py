@@ -42,17 +42,17 @@ class UpdateBuffer:
     def total_weight(self) -> int:
         return sum(u.num_samples for u in self._updates.values())
 
-    def begin(self, site: str, weight: int) -> Contribution:
-        """Start receiving ``site``'s update of aggregation weight ``weight``."""
-        weight = check_weight(weight)
+    def begin(self, site: str, sample_weight: int) -> Contribution:
+        """Start receiving ``site``'s update of aggregation weight ``sample_weight``."""
+        sample_weight = check_weight(sample_weight)
         with self._lock:
             check_new(site, set(self._updates), self._streaming)
             self._streaming.add(site)
-        return _BufferContribution(self, site, weight)
+        return _BufferContribution(self, site, sample_weight)
 
-    def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
+    def fold(self, site: str, sample_weight: int, delta: Mapping[str, np.ndarray]) -> None:
         check_compatible(delta, self.specs)
-        stream_arrays(self.begin(site, weight), delta.values())
+        stream_arrays(self.begin(site, sample_weight), delta.values())
 
     def summary(self, round: int, results: tuple[SiteResult, ...]) -> UpdateSet:
         with self._lock:
@@ -90,7 +90,7 @@ class _BufferContribution(Contribution):
         delta: Weights = {}
         for spec, dtype, data in zip(self.specs, self._dtypes, self._data, strict=True):
             delta[spec.name] = np.frombuffer(data or bytearray(), dtype=dtype).reshape(spec.shape)
-        self._buffer._commit(SiteUpdate(self.site, self.weight, delta))
+        self._buffer._commit(SiteUpdate(self.site, self.sample_weight, delta))
         self._data = []
 
     def _undo(self) -> None:

@@ -45,9 +45,9 @@ class Contribution:
     that a rollback (re-reading the spool) must not hold.
     """
 
-    def __init__(self, specs: tuple[TensorSpec, ...], site: str, weight: int) -> None:
+    def __init__(self, specs: tuple[TensorSpec, ...], site: str, sample_weight: int) -> None:
         self.site = site
-        self.weight = weight
+        self.sample_weight = sample_weight
         self.specs = specs
         self._dtypes = [dtype_from_name(s.dtype) for s in specs]
         self._received = [0] * len(specs)

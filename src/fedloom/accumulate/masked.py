@@ -51,15 +51,15 @@ class MaskedSumAccumulator(FoldedSites):
         super().__init__()  # the sites' bookkeeping; the masked values are already weighted
         self._read = False
 
-    def begin(self, site: str, weight: int) -> Contribution:
-        weight = check_weight(weight)
+    def begin(self, site: str, sample_weight: int) -> Contribution:
+        sample_weight = check_weight(sample_weight)
         self._admit(site)  # UpdateRejected if the site has no masks agreed for this round
         with self._lock:
             if self._read:
                 raise UpdateRejected(f"the masked sum was already read: {site!r} came too late")
             check_new(site, self._sites, self._streaming)
             self._streaming.add(site)
-        return MeanContribution(self, site, weight)  # type: ignore[arg-type]
+        return MeanContribution(self, site, sample_weight)  # type: ignore[arg-type]
 
     def sums(self) -> list[np.ndarray]:
         """The sums, tensor by tensor (flat); read once, after every stream ended."""

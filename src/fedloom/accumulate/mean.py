@@ -77,10 +77,10 @@ class MeanAccumulator(FoldedSites):
         super().__init__()
         self._summarised: int | None = None  # the round summary() was read for
 
-    def begin(self, site: str, weight: int) -> Contribution:
-        """Start folding ``site``'s update of aggregation weight ``weight``; refused
+    def begin(self, site: str, sample_weight: int) -> Contribution:
+        """Start folding ``site``'s update of aggregation weight ``sample_weight``; refused
         (:class:`UpdateRejected`) once :meth:`summary` has consumed the sums."""
-        weight = check_weight(weight)
+        sample_weight = check_weight(sample_weight)
         with self._lock:
             if self._summarised is not None:
                 raise UpdateRejected(
@@ -91,14 +91,14 @@ class MeanAccumulator(FoldedSites):
             if len(self._sites) + len(self._streaming) >= self._max_sites:
                 raise UpdateRejected(f"more than {self._max_sites} updates in one round")
             self._streaming.add(site)
-        return MeanContribution(self, site, weight)
+        return MeanContribution(self, site, sample_weight)
 
-    def fold(self, site: str, weight: int, delta: Mapping[str, np.ndarray]) -> None:
-        """Add ``weight * delta`` whole. Raises :class:`UpdateRejected` and changes
+    def fold(self, site: str, sample_weight: int, delta: Mapping[str, np.ndarray]) -> None:
+        """Add ``sample_weight * delta`` whole. Raises :class:`UpdateRejected` and changes
         nothing if the update is malformed, non-finite, too large, or ``site`` already
         folded."""
         check_compatible(delta, self.specs)
-        stream_arrays(self.begin(site, weight), delta.values())
+        stream_arrays(self.begin(site, sample_weight), delta.values())
 
     def summary(self, round: int, results: tuple[SiteResult, ...]) -> MeanSummary:
         """The weighted mean of everything folded. Consumes the accumulator.
@@ -193,14 +193,14 @@ class MeanContribution(Contribution):
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
         if not len(raw):
             return
-        self._accumulator._check_range(tensor, values, self.weight)  # before any change
+        self._accumulator._check_range(tensor, values, self.sample_weight)  # before any change
         piece = self._spool.add(raw)
         start = offset // values.itemsize
-        self._accumulator._fold(tensor, start, values, self.weight, +1)
+        self._accumulator._fold(tensor, start, values, self.sample_weight, +1)
         self._segments.append((tensor, start, piece))
 
     def _commit(self) -> None:
-        self._accumulator._commit(self.site, self.weight)
+        self._accumulator._commit(self.site, self.sample_weight)
         self._spool.close()
 
     def _undo(self) -> None:
@@ -210,7 +210,7 @@ class MeanContribution(Contribution):
                 for at, data in self._spool.read(piece, PIECE_BYTES):
                     values = np.frombuffer(data, dtype=dtype)
                     element = start + at // dtype.itemsize
-                    self._accumulator._fold(tensor, element, values, self.weight, -1)
+                    self._accumulator._fold(tensor, element, values, self.sample_weight, -1)
             self._segments.clear()
         finally:
             self._spool.close()

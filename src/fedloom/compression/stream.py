@@ -46,7 +46,7 @@ class DecodingContribution(Contribution):
     into ``inner``. Aborting it aborts ``inner``; finishing it finishes ``inner``."""
 
     def __init__(self, decoder: UpdateDecoder, inner: Contribution) -> None:
-        super().__init__(decoder.sent, inner.site, inner.weight)
+        super().__init__(decoder.sent, inner.site, inner.sample_weight)
         self._decoder = decoder
         self._inner = inner
         self._group: list[int] = []  # sent tensor -> model tensor
