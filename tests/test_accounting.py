@@ -33,10 +33,9 @@ from fedloom.core.records import (
     SiteResult,
     TrainSettings,
 )
-from fedloom.core.state import StrategyState
 from fedloom.plan import Plan, plan_hash, validate_plan
 from fedloom.privacy import dp as dpmath
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.budget import SiteBudget
 from fedloom.privacy.settings import AdaptiveClipPlan, DPPlan, PrivacyPlan
 from fedloom.privacy.site import SitePrivacy
@@ -86,12 +85,11 @@ def released(update_std: float, count_std: float, rounds: int) -> dp_event.DpEve
 
 
 def ledger_after(privacy: AggregatorPrivacy, rounds: int) -> dict[str, Any]:
-    state = StrategyState(weights={}, scalars={})
+    ledger = None
     for _ in range(rounds):
-        _, ledger = privacy.finish(summary(10, 4, 0.5), state)
+        _, ledger = privacy.finish(summary(10, 4, 0.5), ledger)
         assert ledger is not None
-        state = StrategyState(weights={}, scalars={STATE_KEY: ledger})
-    return privacy.ledger(state)
+    return privacy.ledger(ledger)
 
 
 # ------------------------------------------------- point 1: adaptive clipping
@@ -101,8 +99,7 @@ def test_adaptive_clipping_adds_the_noise_the_split_says() -> None:
     """What the aggregator really adds: measured, not read from its attributes."""
     privacy = AggregatorPrivacy(adaptive_plan(), per_round=10, max_samples=100)
     m = 10
-    empty = StrategyState(weights={}, scalars={})
-    noised, ledger = privacy.finish(summary(m, 200_000, 0.5), empty)
+    noised, ledger = privacy.finish(summary(m, 200_000, 0.5), None)
     # noise on the mean: update_std / m, so on the sum update_std = z_u * clip
     update_std = float(np.std(noised.mean_delta["w"])) * m
     assert update_std == pytest.approx(privacy.update_multiplier * CLIP, rel=0.01)
@@ -110,7 +107,7 @@ def test_adaptive_clipping_adds_the_noise_the_split_says() -> None:
     # the count's noise, read back from the bound's geometric step
     counts = []
     for _ in range(600):
-        _, ledger = privacy.finish(summary(m, 1, 0.5), empty)
+        _, ledger = privacy.finish(summary(m, 1, 0.5), None)
         assert ledger is not None
         step = math.log(ledger["clip"] / CLIP) / -0.2  # lr * (fraction - target)
         counts.append(step * m)  # (0.5 + noise / m - 0.5) * m

@@ -17,7 +17,7 @@ from fedloom.core.events import Resume
 from fedloom.core.records import CloseReason, Instruction, InstructionKind, SiteAnswer
 from fedloom.core.weights import Weights
 from fedloom.privacy import dp as dpmath
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy
+from fedloom.privacy.aggregator import AggregatorPrivacy
 from fedloom.privacy.settings import (
     AdaptiveClipPlan,
     DPPlan,
@@ -157,7 +157,7 @@ def test_the_budget_continues_across_a_restart(make_federation: Any) -> None:
     first = run(make_federation, plan, norm=0.5, rounds=2, final_evaluation=False)
     first.finish()
     state = first.aggregator.state
-    assert state.scalars[STATE_KEY]["noise"] == [1.0, 1.0]
+    assert state.ledger["noise"] == [1.0, 1.0]
     # a restarted aggregator resumes from that state for rounds 3 and 4
     privacy = AggregatorPrivacy(plan, per_round=len(SITES), max_samples=100)
     fed = make_federation(
@@ -192,7 +192,7 @@ def test_adaptive_clipping_moves_the_bound_towards_the_target_quantile(
     # (the noise on the count of 10 sites, std 1/10, moves it a little)
     assert clips[0] == 0.1 and all(b > a for a, b in zip(clips, clips[1:], strict=False))
     assert clips[-1] == pytest.approx(0.1 * math.exp(0.1 * 3), rel=0.25)
-    ledger = fed.aggregator.state.scalars[STATE_KEY]
+    ledger = fed.aggregator.state.ledger
     assert ledger["clips"] == clips and ledger["clip"] > clips[-1]  # the next round's
 
 
@@ -286,7 +286,6 @@ def test_a_collaborator_refuses_a_plan_its_policy_forbids_before_any_data_or_cod
 
 def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_noise() -> None:
     from fedloom.core.errors import PlanError
-    from fedloom.core.state import StrategyState
     from fedloom.plan import validate_plan
 
     dp = {"noise_multiplier": 1.0, "clip": 0.5, "noise": "distributed"}
@@ -308,9 +307,9 @@ def test_distributed_noise_fits_the_encoding_and_the_budget_assumes_the_least_no
     )
     privacy = AggregatorPrivacy(private, per_round=10, max_samples=100, min_sites=5)
     ledger = {"clip": 1.0, "noise": full, "epsilon": dpmath.epsilon(full, 1e-5)}
-    reason = privacy.stop_reason(StrategyState(weights={}, scalars={STATE_KEY: ledger}))
+    reason = privacy.stop_reason(ledger)
     assert reason is not None and "epsilon_budget" in reason  # ... but one with 5 might not
-    assert privacy.stop_reason(StrategyState(weights={}, scalars={})) is None
+    assert privacy.stop_reason(None) is None
 
 
 @pytest.mark.process
@@ -383,9 +382,34 @@ def test_the_ledger_survives_every_mean_based_strategys_state(
         )
     fed.start()
     history = fed.finish()
-    ledger = fed.aggregator.state.scalars[STATE_KEY]
+    ledger = fed.aggregator.state.ledger
     assert ledger["noise"] == [1.0, 1.0, 1.0]
     assert [r.privacy["epsilon"] for r in history] == pytest.approx(
         [dpmath.epsilon([1.0] * t, 1e-5) for t in (1, 2, 3)]
     )
-    assert fed.aggregator.state.scalars["step"] == 3  # the strategy's own scalars too
+    assert fed.aggregator.state.strategy.scalars == {"step": 3}  # the strategy's own only
+
+
+def test_the_ledger_is_checkpointed_with_the_strategy_state_and_old_checkpoints_still_load(
+    tmp_path: Path,
+) -> None:
+    from fedloom.core.state import FederationState, StrategyState
+    from fedloom.store.checkpoint import (
+        load_federation_state,
+        read_metadata,
+        save_federation_state,
+        save_state,
+    )
+
+    ledger = {"clip": 0.5, "noise": [1.0, 1.1], "epsilon": 2.25, "clips": [0.5, 0.5]}
+    strategy = StrategyState(weights=model(), scalars={"step": 2})
+    save_federation_state(tmp_path / "now.safetensors", FederationState(strategy, ledger))
+    back = load_federation_state(tmp_path / "now.safetensors")
+    assert back.ledger == ledger and back.strategy.scalars == {"step": 2}
+    assert json.loads(read_metadata(tmp_path / "now.safetensors")["fedloom.scalars"]) == {"step": 2}
+    # before the ledger had its own key, the strategy's scalars carried it as "privacy"
+    old = strategy.evolve(scalars={"step": 2, "privacy": ledger})
+    save_state(tmp_path / "old.safetensors", old)
+    back = load_federation_state(tmp_path / "old.safetensors")
+    assert back.ledger == ledger and back.strategy.scalars == {"step": 2}
+    assert load_federation_state(tmp_path / "now.safetensors").weights.keys() == model().keys()

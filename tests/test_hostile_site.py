@@ -56,7 +56,7 @@ from fedloom.core.sanitize import (
     printable,
     shorten,
 )
-from fedloom.core.state import StrategyState
+from fedloom.core.state import FederationState, StrategyState
 from fedloom.core.weights import Weights, specs_of
 from fedloom.pki import provision, site_credentials
 from fedloom.plan import Plan, load_plan, plan_hash
@@ -437,7 +437,8 @@ def test_status_shows_a_run_whose_stored_rows_a_hostile_site_poisoned(tmp_path: 
             record = RoundRecord(
                 rnd, InstructionKind.TRAIN, SITES, rows, failures, CloseReason.QUORUM
             )
-            journal.closed(record, StrategyState(weights={"w": np.zeros(3, np.float32)}))
+            kept = StrategyState(weights={"w": np.zeros(3, np.float32)})
+            journal.closed(record, FederationState(kept))
         with transaction(store.conn):  # and a row that is not even JSON
             store.conn.execute(
                 "INSERT INTO results (run, round, attempt, site, num_samples, "

@@ -23,6 +23,7 @@ from fedloom.collaborator import withdraw
 from fedloom.core.errors import QuorumError
 from fedloom.core.events import Resume, SiteAnswered, SiteRejoined, SiteWithdrew
 from fedloom.core.records import CloseReason, Failure, FailureKind, Instruction, SiteAnswer
+from fedloom.core.state import FederationState
 from fedloom.core.weights import Weights
 from fedloom.pki import provision
 from fedloom.store.status import read_status
@@ -274,7 +275,7 @@ def test_a_restarted_aggregator_still_does_not_wait_for_a_site_that_withdrew(
     from fedloom.strategies import FedAvg
 
     state = FedAvg().init(model())
-    resume = Resume(state=state, next_round=1, withdrawn={"site-a": "bad data"})
+    resume = Resume(FederationState(state), next_round=1, withdrawn={"site-a": "bad data"})
     fed = make_federation(model(), min_fraction=0.6, rounds=1, resume=resume)
     fed.start_site("site-b", shift_runner(1, 20))
     fed.start_site("site-c", shift_runner(2, 30))

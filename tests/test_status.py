@@ -36,7 +36,7 @@ from fedloom.core.records import (
     SiteResult,
     finished_rounds,
 )
-from fedloom.core.state import StrategyState
+from fedloom.core.state import FederationState, StrategyState
 from fedloom.core.weights import Weights
 from fedloom.plan import Plan
 from fedloom.report import RunRecorder
@@ -88,7 +88,7 @@ def attempt(
     task = Instruction(round=rnd, kind=TRAIN, attempt_id=f"{journal.run.run_id}/{rnd}.{n}")
     journal.opened(task, n, SITES)
     record = RoundRecord(rnd, TRAIN, SITES, results, failures, reason, attempt=n)
-    journal.closed(record, finished)
+    journal.closed(record, finished and FederationState(finished))
 
 
 def result(site: str, rnd: int, n: int, **metrics: float) -> SiteResult:
@@ -392,7 +392,7 @@ def test_status_and_the_summary_of_a_resumed_then_interrupted_run_count_the_same
     ):
         task = Instruction(round=record.round, kind=record.kind, attempt_id=f"{record.round}")
         journal.opened(task, record.attempt, SITES)
-        journal.closed(record, finished)
+        journal.closed(record, finished and FederationState(finished))
         recorder.on_event(RoundClosed(record))
     store.mark(run, "interrupted", "KeyboardInterrupt")
     recorder.fail(PLAN, "hash", KeyboardInterrupt())

@@ -56,9 +56,9 @@ from fedloom.core.records import (
     Summary,
 )
 from fedloom.core.rng import select_sites
-from fedloom.core.state import StrategyState
+from fedloom.core.state import FederationState
 from fedloom.core.weights import Weights, specs_of
-from fedloom.privacy.aggregator import STATE_KEY, AggregatorPrivacy, spent_after, spent_by_round
+from fedloom.privacy.aggregator import AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.strategies.base import Strategy
 
 
@@ -89,7 +89,7 @@ class Aggregator(SiteCalls):
     ) -> None:
         self.strategy = strategy
         if resume is None:
-            self.state: StrategyState = strategy.init(initial_weights)
+            self.state = FederationState(strategy.init(initial_weights))
             self.history: list[RoundRecord] = []
             self._next_round = 1
             self._attempts: dict[int, int] = {}
@@ -99,7 +99,8 @@ class Aggregator(SiteCalls):
             self._next_round = resume.next_round
             self._attempts = dict(resume.attempts)
             if privacy is not None:  # what each finished round spent, from the state
-                self.history = with_spent(self.history, spent_by_round(self.state, privacy))
+                spent = spent_by_round(self.state.ledger, privacy)
+                self.history = with_spent(self.history, spent)
         self._journal = journal
         board = Board(
             config.roster,
@@ -128,7 +129,7 @@ class Aggregator(SiteCalls):
         try:
             for rnd in range(self._next_round, self.config.rounds + 1):
                 if self._privacy is not None:
-                    self.stopped_early = self._privacy.stop_reason(self.state)
+                    self.stopped_early = self._privacy.stop_reason(self.state.ledger)
                     if self.stopped_early is not None:
                         break  # cleanly: the final evaluation still runs
                 self._train_round(rnd)
@@ -172,7 +173,7 @@ class Aggregator(SiteCalls):
         cfg = self.config
         privacy = self._privacy
         selected = tuple(select_sites(list(cfg.roster), cfg.sites_per_round, cfg.seed, rnd))
-        asked = self.strategy.configure(rnd, self.state, cfg.settings)
+        asked = self.strategy.configure(rnd, self.state.strategy, cfg.settings)
         instruction = Instruction(
             round=rnd,
             kind=InstructionKind.TRAIN,
@@ -180,7 +181,7 @@ class Aggregator(SiteCalls):
             config=asked.options,
             exchange_steps=tuple(self._exchange_steps)
             + (privacy.exchange_steps if privacy else ()),
-            privacy=privacy.instruction(self.state) if privacy else {},
+            privacy=privacy.instruction(self.state.ledger) if privacy else {},
         )
         needed = max(needed_answers(len(selected), cfg.min_fraction), self.strategy.min_updates())
         failed: list[Failure] = []
@@ -204,11 +205,11 @@ class Aggregator(SiteCalls):
             )
         ledger = None
         if privacy is not None and isinstance(summary, MeanSummary):
-            summary, ledger = privacy.finish(summary, self.state)
+            summary, ledger = privacy.finish(summary, self.state.ledger)
         self.board.faults.hit("round.aggregating", round=rnd)
-        state, _ = self.strategy.aggregate(rnd, self.state, summary, record.failures)
+        strategy, _ = self.strategy.aggregate(rnd, self.state.strategy, summary, record.failures)
+        state = FederationState(strategy, self.state.ledger if ledger is None else ledger)
         if ledger is not None:
-            state = state.evolve(scalars={**state.scalars, STATE_KEY: ledger})
             record = dataclasses.replace(record, privacy=spent_after(ledger, self._privacy))
         self.board.faults.hit("round.aggregated", round=rnd)
         self._closed(record, state)  # durable before the next round can open
@@ -224,7 +225,7 @@ class Aggregator(SiteCalls):
         self._closed(record, None)
         return record
 
-    def _closed(self, record: RoundRecord, state: StrategyState | None) -> None:
+    def _closed(self, record: RoundRecord, state: FederationState | None) -> None:
         """Record a closed attempt: in the journal first (with the new state, for a round
         that aggregated), then in the history and the events."""
         if self._journal is not None:
@@ -305,7 +306,7 @@ class Aggregator(SiteCalls):
 
     def snapshot(self) -> dict[str, Any]:
         """The live state, for ``fedloom status``: the round under way and who is where."""
-        spent = self._privacy.spent(self.state) if self._privacy is not None else None
+        spent = self._privacy.spent(self.state.ledger) if self._privacy is not None else None
         return snapshot(self.board, self.history, spent)
 
 

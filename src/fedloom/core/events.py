@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fedloom.core.records import Instruction, InstructionKind, RoundRecord
-from fedloom.core.state import StrategyState
+from fedloom.core.state import FederationState
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,8 @@ class Journal(Protocol):
         """An attempt at a round opened; written before any site hears of it."""
         ...
 
-    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
-        """An attempt closed. ``state`` is the strategy state after a training round
+    def closed(self, record: RoundRecord, state: FederationState | None) -> None:
+        """An attempt closed. ``state`` is the federation state after a training round
         that aggregated (the round is finished once this returns), None otherwise."""
         ...
 
@@ -100,7 +100,7 @@ class Resume:
     the history so far and how many attempts each round already had (so the attempt ids of
     a rerun round are new)."""
 
-    state: StrategyState
+    state: FederationState
     next_round: int
     history: tuple[RoundRecord, ...] = ()
     attempts: Mapping[int, int] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""A strategy's explicit, immutable state."""
+"""The federation's explicit, immutable state: the strategy's, and the privacy ledger."""
 
 from __future__ import annotations
 
@@ -25,3 +25,23 @@ class StrategyState:
 
     def evolve(self, **changes: Any) -> StrategyState:
         return replace(self, **changes)
+
+
+Ledger = Mapping[str, Any]
+"""The privacy ledger (JSON): the clipping bound, the noise each round really had, the
+epsilon spent (:mod:`fedloom.privacy.aggregator` keeps it)."""
+
+
+@dataclass(frozen=True)
+class FederationState:
+    """What the aggregator carries between rounds and checkpoints after each one, in one
+    file: the strategy's state, and the privacy ledger (None without differential
+    privacy). A strategy sees only its own part."""
+
+    strategy: StrategyState
+    ledger: Ledger | None = None
+
+    @property
+    def weights(self) -> Weights:
+        """The global model."""
+        return self.strategy.weights

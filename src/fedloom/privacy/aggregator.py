@@ -2,10 +2,10 @@
 
 :class:`AggregatorPrivacy` is what the round loop (:mod:`fedloom.aggregator`) asks
 before, during and after each round. Its state (the clipping bound, the noise each round
-really had, the epsilon spent) lives in the strategy state's scalars under
-``"privacy"``, so it is checkpointed with every round and a resumed run continues the
-same budget. Epsilon is computed by the plan's accountant
-(:mod:`fedloom.privacy.accounting`), and every figure says which one.
+really had, the epsilon spent) is the ledger of the federation state
+(:class:`~fedloom.core.state.FederationState`), checkpointed with the strategy's state
+after every round, so a resumed run continues the same budget. Epsilon is computed by
+the plan's accountant (:mod:`fedloom.privacy.accounting`), and every figure says which.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography import x509
 
 from fedloom.core.clock import Clock
 from fedloom.core.records import MeanSummary
-from fedloom.core.state import StrategyState
+from fedloom.core.state import Ledger
 from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
@@ -32,7 +32,6 @@ from fedloom.privacy.settings import NoisePlacement, PrivacyPlan
 if TYPE_CHECKING:
     from fedloom.plan import Plan
 
-STATE_KEY = "privacy"
 _NARROW = frozenset({"float32", "float16", "bfloat16"})
 
 
@@ -114,20 +113,20 @@ class AggregatorPrivacy:
 
     # ----------------------------------------------------------- before a round
 
-    def ledger(self, state: StrategyState) -> dict[str, Any]:
-        """The privacy state kept in ``state``: clip bound, noise per round, epsilon."""
-        kept = state.scalars.get(STATE_KEY)
-        if isinstance(kept, dict):
+    def ledger(self, kept: Ledger | None) -> dict[str, Any]:
+        """The ledger ``kept`` (clip bound, noise per round, epsilon), or the one before
+        round 1."""
+        if kept is not None:
             return dict(kept)
         dp = self.plan.dp
         return {"clip": dp.clip if dp else None, "noise": [], "epsilon": 0.0}
 
-    def stop_reason(self, state: StrategyState) -> str | None:
+    def stop_reason(self, kept: Ledger | None) -> str | None:
         """Why the next round must not run: it would spend more than the budget."""
         dp = self.plan.dp
         if dp is None or dp.epsilon_budget is None:
             return None
-        ledger = self.ledger(state)
+        ledger = self.ledger(kept)
         spent = list(ledger["noise"])
         after = dpmath.epsilon([*spent, self._worst_noise()], dp.delta, self.accountant)
         if after <= dp.epsilon_budget:
@@ -139,13 +138,13 @@ class AggregatorPrivacy:
             f"after {len(spent)} round(s)"
         )
 
-    def spent(self, state: StrategyState) -> dict[str, Any] | None:
+    def spent(self, kept: Ledger | None) -> dict[str, Any] | None:
         """The epsilon spent so far (at the plan's delta) and the next clipping bound,
         for ``fedloom status``; None without DP."""
         dp = self.plan.dp
         if dp is None:
             return None
-        ledger = self.ledger(state)
+        ledger = self.ledger(kept)
         return {
             "epsilon": float(ledger["epsilon"]),
             "delta": dp.delta,
@@ -164,11 +163,11 @@ class AggregatorPrivacy:
             return dp.noise_multiplier
         return dp.noise_multiplier * math.sqrt(self.min_sites / self.per_round)
 
-    def instruction(self, state: StrategyState) -> dict[str, Any]:
+    def instruction(self, kept: Ledger | None) -> dict[str, Any]:
         """What every site needs this round beyond its plan: the clipping bound now."""
         if self.plan.dp is None:
             return {}
-        ledger = self.ledger(state)
+        ledger = self.ledger(kept)
         return {"clip": ledger["clip"], "epsilon": ledger["epsilon"]}
 
     def weight(self, num_samples: int) -> int:
@@ -239,7 +238,7 @@ class AggregatorPrivacy:
         return MeanSummary(round, mean, total, results)
 
     def finish(
-        self, summary: MeanSummary, state: StrategyState
+        self, summary: MeanSummary, kept: Ledger | None
     ) -> tuple[MeanSummary, dict[str, Any] | None]:
         """The summary the strategy may see (noised, extras removed), and the privacy
         ledger after this round (None when DP is off)."""
@@ -248,7 +247,7 @@ class AggregatorPrivacy:
         unclipped = mean.pop(dpmath.UNCLIPPED, None)
         if dp is None:
             return MeanSummary(summary.round, mean, summary.total_weight, summary.results), None
-        ledger = self.ledger(state)
+        ledger = self.ledger(kept)
         m = len(summary.results)
         clip = float(ledger["clip"])
         if m == 0:
@@ -301,15 +300,13 @@ def spent_after(
     return out
 
 
-def spent_by_round(
-    state: StrategyState, privacy: AggregatorPrivacy
-) -> list[dict[str, float | str]]:
+def spent_by_round(kept: Ledger | None, privacy: AggregatorPrivacy) -> list[dict[str, float | str]]:
     """What each finished training round had spent once aggregated, in order, as
-    :func:`spent_after` said it then: recomputed from the state's ledger."""
+    :func:`spent_after` said it then: recomputed from the ledger."""
     dp = privacy.plan.dp
     if dp is None:
         return []
-    ledger = privacy.ledger(state)
+    ledger = privacy.ledger(kept)
     noise = [float(z) for z in ledger["noise"]]
     clips = [float(c) for c in ledger.get("clips", [])]
     return [

@@ -73,14 +73,14 @@ def complete_results(
     privacy = aggregator_privacy(plan)
     history = list(resume.history)
     if privacy is not None:
-        history = with_spent(history, spent_by_round(resume.state, privacy))
+        history = with_spent(history, spent_by_round(resume.state.ledger, privacy))
     # the test metrics come only from the code the run approved (never from code that
     # changed since: it is not even loaded)
     code = WorkspaceCode.read(ws)
     same_code = plan_hash(plan, code) == run.plan_hash
     stopped_early = None
     if privacy is not None and resume.next_round <= plan.rounds:  # as the run itself saw it
-        stopped_early = privacy.stop_reason(resume.state)
+        stopped_early = privacy.stop_reason(resume.state.ledger)
     final = functools.partial(
         final_result,
         plan,

@@ -20,12 +20,14 @@ import numpy as np
 import safetensors.numpy as st
 
 from fedloom.core.errors import StateError, naming
-from fedloom.core.state import StrategyState
+from fedloom.core.state import FederationState, StrategyState
 from fedloom.core.weights import Weights
 
 _ORDER_KEY = "fedloom.order"
 _SCALARS_KEY = "fedloom.scalars"
 _DIGEST_KEY = "fedloom.sha256"
+_LEDGER_KEY = "fedloom.privacy_ledger"  # the federation state's privacy ledger (JSON)
+_OLD_LEDGER = "privacy"  # the strategy scalar that held the ledger before it had its own key
 _MAX_HEADER = 100 * 1024 * 1024
 _WEIGHTS_GROUP = "weights"
 
@@ -216,10 +218,47 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise StateError(f"{path} is not a valid safetensors file (unreadable header)") from err
 
 
+def save_federation_state(
+    path: str | os.PathLike[str],
+    state: FederationState,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    before_rename: Callable[[Path], None] | None = None,
+) -> None:
+    """Write the strategy's state and the privacy ledger in one file (one rename: never
+    one without the other)."""
+    ledger = {} if state.ledger is None else {_LEDGER_KEY: json.dumps(dict(state.ledger))}
+    meta = {**dict(metadata or {}), **ledger}
+    save_state(path, state.strategy, metadata=meta, before_rename=before_rename)
+
+
+def load_federation_state(path: str | os.PathLike[str]) -> FederationState:
+    """Read what :func:`save_federation_state` wrote. A checkpoint written before the
+    ledger had its own key kept it in the strategy's scalars: it is taken from there."""
+    strategy, meta = _load_state(Path(path))
+    if _LEDGER_KEY in meta:
+        try:
+            ledger = json.loads(meta[_LEDGER_KEY])
+        except ValueError:
+            ledger = None
+        if not isinstance(ledger, dict):
+            raise StateError(f"{path} is not a fedloom federation state (its privacy ledger)")
+        return FederationState(strategy, ledger)
+    scalars = dict(strategy.scalars)
+    old = scalars.pop(_OLD_LEDGER, None)
+    if not isinstance(old, dict):
+        return FederationState(strategy)
+    return FederationState(strategy.evolve(scalars=scalars), old)
+
+
 def load_state(path: str | os.PathLike[str]) -> StrategyState:
     """Read a strategy state written by :func:`save_state`; a file whose tensors do not
     match the digest in its header is refused (:class:`StateError`)."""
-    tensors, meta = _read(Path(path))
+    return _load_state(Path(path))[0]
+
+
+def _load_state(path: Path) -> tuple[StrategyState, dict[str, str]]:
+    tensors, meta = _read(path)
     if _DIGEST_KEY in meta and tensors_digest(tensors, meta) != meta[_DIGEST_KEY]:
         raise StateError(
             f"{path} is corrupt: its tensors do not match the SHA-256 recorded in it",
@@ -235,4 +274,4 @@ def load_state(path: str | os.PathLike[str]) -> StrategyState:
     except (KeyError, ValueError) as err:
         raise StateError(f"{path} is not a fedloom strategy state ({err})") from err
     weights = groups.pop(_WEIGHTS_GROUP)
-    return StrategyState(weights=weights, arrays=groups, scalars=scalars)
+    return StrategyState(weights=weights, arrays=groups, scalars=scalars), meta

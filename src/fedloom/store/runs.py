@@ -43,8 +43,8 @@ from fedloom.core.records import (
     Instruction,
     RoundRecord,
 )
-from fedloom.core.state import StrategyState
-from fedloom.store.checkpoint import load_state, save_state
+from fedloom.core.state import FederationState, StrategyState
+from fedloom.store.checkpoint import load_federation_state, save_federation_state
 from fedloom.store.database import (
     CHECKPOINTED,
     REJOINED,
@@ -213,7 +213,7 @@ class RunStore:
         for rnd, attempt, checkpoint in rows:
             path = self.state_dir / checkpoint  # relative: the workspace may have moved
             try:
-                state = load_state(path)
+                state = load_federation_state(path)
             except StateError as err:
                 _refuse_unless_damage(path, err)
                 self._supersede(run, rnd, attempt, path, err)
@@ -235,7 +235,7 @@ class RunStore:
             ).fetchall()
         )
         return Resume(
-            state=state if state is not None else initial(),
+            state=state if state is not None else FederationState(initial()),
             next_round=done + 1,
             history=tuple(self.history(run)),
             attempts=attempts,
@@ -324,12 +324,12 @@ class RunJournal:
                 ),
             )
 
-    def closed(self, record: RoundRecord, state: StrategyState | None) -> None:
+    def closed(self, record: RoundRecord, state: FederationState | None) -> None:
         s = self.store
         checkpoint = None
         if state is not None:
             path = s._checkpoint_path(self.run, record.round)
-            save_state(
+            save_federation_state(
                 path,
                 state,
                 metadata={
