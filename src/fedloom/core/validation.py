@@ -5,6 +5,7 @@ plan and a site's policy both speak this way.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,12 @@ HINTS = {
     "list_type": "must be a list",
     "finite_number": "must be a finite number",
 }
+
+
+def did_you_mean(key: str, known: Sequence[str]) -> str:
+    """`` (did you mean `rounds`?)`` for the known key nearest to ``key``, or ``""``."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def shown(value: Any, limit: int = 60) -> str:

@@ -21,7 +21,7 @@ from fedloom.compression.settings import compression_problems
 from fedloom.core.errors import PlanError, WorkspaceError
 from fedloom.core.strict_yaml import MAX_NESTING, RefusedYAML, StrictLoader, where
 from fedloom.core.validation import shown
-from fedloom.plan.messages import describe_error, did_you_mean
+from fedloom.plan.messages import describe_error
 from fedloom.plan.schema import (
     MAX_PLAN_BYTES,
     PLAN_FILE,
@@ -172,30 +172,10 @@ def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
 
 def _check_strategy(strategy: Mapping[str, Any]) -> tuple[list[str], Strategy | None]:
     """The problems of the plan's strategy section, and the strategy if it has none."""
-    from fedloom.strategies import STRATEGIES, parameter_defaults
+    from fedloom.strategies import strategy_problems
 
     name = strategy.get("name", "fedavg")
-    if name not in STRATEGIES:
-        problem = f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"
-        return [problem], None
-    cls = STRATEGIES[name]
-    known = list(parameter_defaults(name))
-    params = {k: v for k, v in strategy.items() if k != "name"}
-    takes = ", ".join(known) if known else "no parameters"
-    problems = [
-        f"strategy.{key}: strategy {name!r} has no parameter {key!r}{did_you_mean(key, known)}; "
-        f"it takes {takes}"
-        for key in params
-        if key not in known
-    ]
-    try:
-        built = pydantic.TypeAdapter(cls).validate_python(
-            {k: v for k, v in params.items() if k in known}
-        )
-    except pydantic.ValidationError as err:
-        problems += [describe_error(e, prefix=("strategy",), strategy=name) for e in err.errors()]
-        return problems, None
-    return problems, (None if problems else built)
+    return strategy_problems(name, {k: v for k, v in strategy.items() if k != "name"})
 
 
 def load_plan(workspace: str | Path, overrides: Sequence[str] = ()) -> Plan:

@@ -3,13 +3,13 @@ where the plan's keys are described."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from fedloom.core import validation
+from fedloom.core.validation import did_you_mean
 from fedloom.docpages import doc_ref
 from fedloom.plan.schema import Plan
 
@@ -26,12 +26,6 @@ def _section_keys(path: Sequence[str]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
-
-
-def did_you_mean(key: str, known: Sequence[str]) -> str:
-    """`` (did you mean `rounds`?)`` for the known key nearest to ``key``, or ``""``."""
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def describe_error(error: Any, prefix: tuple[str, ...] = (), strategy: str | None = None) -> str:

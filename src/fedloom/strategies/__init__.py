@@ -16,6 +16,7 @@ import pydantic
 from fedloom.core.errors import PlanError
 from fedloom.core.records import RoundConfig, TrainSettings
 from fedloom.core.state import StrategyState
+from fedloom.core.validation import describe_error, did_you_mean
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
@@ -56,35 +57,38 @@ def parameters_of(strategy: Strategy) -> dict[str, Any]:
     return {f.name: getattr(strategy, f.name) for f in dataclasses.fields(cast(Any, strategy))}
 
 
-def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
-    """The strategy called ``name`` with hyper-parameters ``params``.
-
-    Raises :class:`PlanError` listing every problem: an unknown name, unknown
-    parameters, or values outside their allowed range.
-    """
+def strategy_problems(name: str, params: Mapping[str, Any]) -> tuple[list[str], Strategy | None]:
+    """Every problem with the strategy called ``name`` and its ``params`` (an unknown
+    name, unknown parameters, values outside their range), one line each naming the
+    plan's ``strategy.KEY``, and the strategy when there is none. The one validator of
+    strategy parameters: the plan's and :func:`build_strategy`'s."""
     cls = STRATEGIES.get(name)
     if cls is None:
-        known_names = ", ".join(sorted(STRATEGIES))
-        raise PlanError([f"unknown strategy {name!r}; known strategies: {known_names}"])
+        return [
+            f"strategy.name: unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}"
+        ], None
     known = list(parameter_defaults(name))
+    takes = ", ".join(known) if known else "no parameters"
     problems = [
-        f"strategy {name!r}: unknown parameter {key!r}; "
-        + (f"it takes {', '.join(known)}" if known else "it takes no parameters")
+        f"strategy.{key}: strategy {name!r} has no parameter {key!r}{did_you_mean(key, known)}; "
+        f"it takes {takes}"
         for key in params
         if key not in known
     ]
-    strategy: Strategy | None = None
     try:
-        strategy = pydantic.TypeAdapter(cls).validate_python(
+        built = pydantic.TypeAdapter(cls).validate_python(
             {key: value for key, value in params.items() if key in known}
         )
     except pydantic.ValidationError as err:
-        for error in err.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            problems.append(
-                f"strategy {name!r}: parameter {where!r}: {error['msg']} (got {error['input']!r})"
-            )
-    if problems or strategy is None:
+        return problems + [describe_error(e, ("strategy",)) for e in err.errors()], None
+    return problems, (None if problems else built)
+
+
+def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
+    """The strategy called ``name`` with hyper-parameters ``params``; a
+    :class:`PlanError` lists every problem (:func:`strategy_problems`)."""
+    problems, strategy = strategy_problems(name, params)
+    if strategy is None:
         raise PlanError(problems)
     return strategy
 
@@ -110,6 +114,7 @@ __all__ = [
     "build_strategy",
     "parameter_defaults",
     "parameters_of",
+    "strategy_problems",
 ]
 
 
