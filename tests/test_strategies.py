@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -377,3 +377,37 @@ def test_build_strategy_unknown_name() -> None:
 def test_build_strategy_range_checks(name: str, params: dict) -> None:
     with pytest.raises(PlanError, match=next(iter(params))):
         build_strategy(name, params)
+
+
+# ---------------------------------------------------------------- server optimisers
+
+
+def test_a_server_optimiser_is_pure_and_fedadam_is_fedavg_with_one() -> None:
+    """FedAvg composed with the adaptive optimiser and Adam's moments moves the model
+    bit for bit as FedAdam does; ``apply`` changes nothing it is given."""
+    import functools
+
+    from fedloom.strategies.aggregate import adam_moments
+    from fedloom.strategies.optimizers import ServerOptimizer, adaptive
+
+    @dataclass(frozen=True, kw_only=True)
+    class AdamByHand(FedAvg):
+        def optimizer(self) -> ServerOptimizer:
+            moments = functools.partial(adam_moments, beta1=0.8, beta2=0.95)
+            return adaptive(moments, server_lr=0.05, tau=1e-2)
+
+    ours, theirs = AdamByHand(), FedAdam(server_lr=0.05, beta1=0.8, beta2=0.95, tau=1e-2)
+    a, b = ours.init(model()), theirs.init(model())
+    for rnd in (1, 2, 3):
+        summary = mean_summary(rnd, round_deltas(rnd))
+        before = {g: copy_weights(arrays) for g, arrays in a.arrays.items()}
+        a, _ = ours.aggregate(rnd, a, summary, [])
+        b, _ = theirs.aggregate(rnd, b, summary, [])
+        assert weights_equal(a.weights, b.weights)
+        assert all(weights_equal(a.arrays[g], b.arrays[g]) for g in ("m", "v"))
+        assert all(not weights_equal(before[g], a.arrays[g]) for g in before)  # new arrays
+    optimizer = theirs.optimizer()
+    kept = optimizer.init(model())
+    frozen = {g: copy_weights(arrays) for g, arrays in kept.items()}
+    optimizer.apply(kept, mean_summary(1, round_deltas(1)).mean_delta)
+    assert all(weights_equal(kept[g], frozen[g]) for g in kept)

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-import numpy as np
 from pydantic import Field
 
 from fedloom.core.errors import AggregationError, StateError
 from fedloom.core.records import Failure, MeanSummary, RoundConfig, Summary, TrainSettings
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, apply_delta, copy_weights
-from fedloom.strategies.aggregate import check_same_layout, fedavgm_step
+from fedloom.strategies.aggregate import check_same_layout
+from fedloom.strategies.optimizers import PLAIN, ServerOptimizer, momentum
 
 
 def mean_delta_of(
@@ -73,16 +73,22 @@ def moved(state: StrategyState, step: Weights, **groups: Weights) -> tuple[Strat
 
 @dataclass(frozen=True, kw_only=True)
 class DeltaStrategy:
-    """What every built-in strategy shares. ``init`` keeps a copy of the model and a step
-    count of 0, ``configure`` sends nothing, and ``aggregate`` leaves the state as it is
-    when :meth:`_delta` finds no update, else hands the round's update to :meth:`_advance`.
-    """
+    """What every built-in strategy shares: ``init`` keeps a copy of the model, a step
+    count of 0 and what the server optimiser keeps; ``configure`` asks for the plan's
+    settings; ``aggregate`` leaves the state as it is when :meth:`_delta` finds no update,
+    else moves the model as :meth:`optimizer` says. A strategy is its ``_delta`` (the mean,
+    or a robust combination) composed with a server optimiser."""
 
     name: ClassVar[str]
     needs_updates: ClassVar[bool]
 
+    def optimizer(self) -> ServerOptimizer:
+        """How the model moves by the round's update: by the update itself."""
+        return PLAIN
+
     def init(self, weights: Weights) -> StrategyState:
-        return StrategyState(weights=copy_weights(weights), scalars={"step": 0})
+        groups = self.optimizer().init(weights)
+        return StrategyState(weights=copy_weights(weights), arrays=groups, scalars={"step": 0})
 
     def configure(self, round: int, state: StrategyState, settings: TrainSettings) -> RoundConfig:
         return RoundConfig(settings)
@@ -99,15 +105,14 @@ class DeltaStrategy:
         delta = self._delta(round, state, summary)
         if delta is None:
             return state, state.weights
-        return self._advance(state, delta)
+        optimizer = self.optimizer()
+        kept = {group: state_group(self.name, state, group) for group in optimizer.groups}
+        groups, step = optimizer.apply(kept, delta)
+        return moved(state, step, **groups)
 
     def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
         """The round's update, checked; None if no site answered."""
         raise NotImplementedError
-
-    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
-        """The next state and model after ``delta``: by default the model moves by it."""
-        return moved(state, delta)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,17 +161,5 @@ class FedAvgM(MeanStrategy):
     server_lr: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] = 1.0
     momentum: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.9
 
-    def init(self, weights: Weights) -> StrategyState:
-        zeros = {name: np.zeros(np.shape(a), dtype=np.float64) for name, a in weights.items()}
-        return StrategyState(
-            weights=copy_weights(weights), arrays={"momentum": zeros}, scalars={"step": 0}
-        )
-
-    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
-        momentum, step = fedavgm_step(
-            state_group(self.name, state, "momentum"),
-            delta,
-            momentum_coef=self.momentum,
-            server_lr=self.server_lr,
-        )
-        return moved(state, step, momentum=momentum)
+    def optimizer(self) -> ServerOptimizer:
+        return momentum(server_lr=self.server_lr, coef=self.momentum)

@@ -15,21 +15,15 @@ its steps every round, so it starts larger, at 0.1. Tune ``server_lr`` per task 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from fedloom.core.state import StrategyState
-from fedloom.core.weights import Weights, copy_weights
-from fedloom.strategies.aggregate import (
-    adagrad_moments,
-    adam_moments,
-    adaptive_step,
-    initial_moments,
-    yogi_moments,
-)
-from fedloom.strategies.fedavg import MeanStrategy, moved, state_group
+from fedloom.strategies.aggregate import adagrad_moments, adam_moments, yogi_moments
+from fedloom.strategies.fedavg import MeanStrategy
+from fedloom.strategies.optimizers import ServerOptimizer, adaptive
 
 LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
@@ -37,65 +31,43 @@ Tau = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, kw_only=True)
-class _AdaptiveStrategy(MeanStrategy):
-    """Reddi et al.'s Algorithm 2; a subclass only says how :meth:`_moments` update."""
+class FedAdam(MeanStrategy):
+    """FedAvg with server-side Adam: ``v = beta2 * v + (1 - beta2) * d**2``."""
 
-    if TYPE_CHECKING:  # fields of every subclass, declared there to keep their order
-        server_lr: float
-        tau: float
-
-    def init(self, weights: Weights) -> StrategyState:
-        m, v = initial_moments(weights, self.tau)
-        return StrategyState(
-            weights=copy_weights(weights), arrays={"m": m, "v": v}, scalars={"step": 0}
-        )
-
-    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
-        """``(m', v')`` after the round's mean update ``delta``."""
-        raise NotImplementedError
-
-    def _advance(self, state: StrategyState, delta: Weights) -> tuple[StrategyState, Weights]:
-        m, v = self._moments(
-            state_group(self.name, state, "m"), state_group(self.name, state, "v"), delta
-        )
-        return moved(state, adaptive_step(m, v, self.server_lr, self.tau), m=m, v=v)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _DecayingStrategy(_AdaptiveStrategy):
-    """FedAdam's and FedYogi's hyper-parameters: ``v`` moves towards ``d**2`` at ``beta2``."""
+    name: ClassVar[str] = "fedadam"
+    needs_updates: ClassVar[bool] = False
 
     server_lr: LearningRate = 0.01
     beta1: Beta = 0.9
     beta2: Beta = 0.99
     tau: Tau = 1e-3
 
-
-@dataclass(frozen=True, kw_only=True)
-class FedAdam(_DecayingStrategy):
-    """Server-side Adam: ``v = beta2 * v + (1 - beta2) * d**2``."""
-
-    name: ClassVar[str] = "fedadam"
-    needs_updates: ClassVar[bool] = False
-
-    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
-        return adam_moments(m, v, delta, beta1=self.beta1, beta2=self.beta2)
+    def optimizer(self) -> ServerOptimizer:
+        moments = functools.partial(adam_moments, beta1=self.beta1, beta2=self.beta2)
+        return adaptive(moments, server_lr=self.server_lr, tau=self.tau)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedYogi(_DecayingStrategy):
-    """Server-side Yogi: ``v = v - (1 - beta2) * d**2 * sign(v - d**2)``."""
+class FedYogi(MeanStrategy):
+    """FedAvg with server-side Yogi: ``v = v - (1 - beta2) * d**2 * sign(v - d**2)``."""
 
     name: ClassVar[str] = "fedyogi"
     needs_updates: ClassVar[bool] = False
 
-    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
-        return yogi_moments(m, v, delta, beta1=self.beta1, beta2=self.beta2)
+    server_lr: LearningRate = 0.01
+    beta1: Beta = 0.9
+    beta2: Beta = 0.99
+    tau: Tau = 1e-3
+
+    def optimizer(self) -> ServerOptimizer:
+        moments = functools.partial(yogi_moments, beta1=self.beta1, beta2=self.beta2)
+        return adaptive(moments, server_lr=self.server_lr, tau=self.tau)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdagrad(_AdaptiveStrategy):
-    """Server-side Adagrad: ``v = v + d**2``. Has no ``beta2``: nothing would read it."""
+class FedAdagrad(MeanStrategy):
+    """FedAvg with server-side Adagrad: ``v = v + d**2``. Has no ``beta2``: nothing would
+    read it."""
 
     name: ClassVar[str] = "fedadagrad"
     needs_updates: ClassVar[bool] = False
@@ -104,5 +76,6 @@ class FedAdagrad(_AdaptiveStrategy):
     beta1: Beta = 0.9
     tau: Tau = 1e-3
 
-    def _moments(self, m: Weights, v: Weights, delta: Weights) -> tuple[Weights, Weights]:
-        return adagrad_moments(m, v, delta, beta1=self.beta1)
+    def optimizer(self) -> ServerOptimizer:
+        moments = functools.partial(adagrad_moments, beta1=self.beta1)
+        return adaptive(moments, server_lr=self.server_lr, tau=self.tau)
