@@ -660,7 +660,7 @@ def test_a_spool_really_lands_in_spool_dir(tmp_path: Path, monkeypatch: pytest.M
 def test_make_accumulator_passes_spool_dir_to_the_mean(tmp_path: Path) -> None:
     specs = specs_of(update_for(0))
     mean = make_accumulator(specs, needs_updates=False, max_sites=3, spool_dir=tmp_path)
-    assert isinstance(mean, MeanAccumulator) and mean._spool_dir == tmp_path
+    assert isinstance(mean, MeanAccumulator) and mean.spool_dir == tmp_path
     assert isinstance(make_accumulator(specs, needs_updates=True, max_sites=3), UpdateBuffer)
 
 

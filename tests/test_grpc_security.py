@@ -305,8 +305,7 @@ def test_a_site_gives_up_once_the_aggregator_is_silent_for_its_limit(
 
 
 def in_flight(t: GrpcTestTransport, site: str) -> int:
-    with t.server.gate._lock:
-        return t.server.gate._in_flight.get(site, 0)
+    return t.server.gate.in_flight(site)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -341,7 +340,7 @@ def test_one_site_cannot_take_every_server_thread(
     finish_without_site_c(fed)
     for worker in fed.extra:
         worker.join()
-    wait_until(lambda: not sum(t.server.gate._in_flight.values()), "a call is still counted")
+    wait_until(lambda: not t.server.gate.in_flight(), "a call is still counted")
 
 
 def test_asks_for_work_the_caller_cancels_free_their_server_thread(
@@ -360,7 +359,7 @@ def test_asks_for_work_the_caller_cancels_free_their_server_thread(
         grpc.ssl_channel_credentials(creds.ca_pem, creds.key_pem, creds.cert_pem),
         options=channel_options(),
     )
-    threads = t.server._server._state.thread_pool._max_workers
+    threads = t.server.threads
     try:
         get_instruction = channel.unary_unary(path("GetInstruction"))
         an_hour = serde.encode_task_request(3600.0)

@@ -730,18 +730,30 @@ def test_nan_in_a_later_chunk_is_rejected_after_earlier_chunks_were_folded(
     assert weights_equal(fed.aggregator.weights, want)
 
 
+def try_lock(cond: threading.Condition) -> bool:
+    """Whether the calling thread can take ``cond``'s lock at once (released again)."""
+    if cond.acquire(blocking=False):
+        cond.release()
+        return True
+    return False
+
+
 def test_an_incomplete_stream_is_rolled_back_outside_the_aggregators_lock(
     make_federation: Any, shift_runner: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fed = one_round(make_federation)
     lock_held: list[bool] = []
-    undo = mean_module.MeanContribution._undo
+    abort = mean_module.MeanContribution.abort
 
-    def watched(self: Any) -> None:  # a rollback may re-read GiBs: never under the lock
-        lock_held.append(fed.aggregator.board.cond._is_owned())
-        undo(self)
+    def watched(self: Any, reason: str = "") -> None:  # a rollback may re-read GiBs
+        free: list[bool] = []  # whether another thread can take the aggregator's lock now
+        probe = threading.Thread(target=lambda: free.append(try_lock(fed.aggregator.board.cond)))
+        probe.start()
+        probe.join()
+        lock_held.append(not free[0])
+        abort(self, reason)
 
-    monkeypatch.setattr(mean_module.MeanContribution, "_undo", watched)
+    monkeypatch.setattr(mean_module.MeanContribution, "abort", watched)
     delta = _with("w", (0, 0), 9.0)
     truncated = list(iter_chunks(delta, 8))[:-1]  # all but 'steps'
     receipt = send(fed.connect("site-a"), 1, delta, chunks=truncated)

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from fedloom.core.chunks import chunk_problem, missing_problem
 from fedloom.core.errors import FedloomError, UpdateRejected
 from fedloom.core.weights import TensorSpec, dtype_from_name
 
@@ -100,18 +101,10 @@ class Contribution:
 
     def _check(self, tensor: int, offset: int, raw: memoryview) -> None:
         """Refuse a chunk that does not continue its tensor."""
-        if not 0 <= tensor < len(self.specs):
-            raise UpdateRejected(f"chunk for tensor #{tensor}, but only {len(self.specs)} exist")
-        spec, expected = self.specs[tensor], self._received[tensor]
-        end = offset + len(raw)
-        if offset != expected:
-            raise UpdateRejected(
-                f"tensor {spec.name!r}: chunk at byte {offset}, expected {expected}"
-            )
-        if end > spec.nbytes:
-            raise UpdateRejected(
-                f"tensor {spec.name!r} is larger than announced ({spec.nbytes} bytes)"
-            )
+        problem = chunk_problem(self.specs, self._received, tensor, offset, len(raw))
+        if problem is not None:
+            raise UpdateRejected(problem)
+        spec = self.specs[tensor]
         itemsize = self._dtypes[tensor].itemsize
         if len(raw) % itemsize:
             raise UpdateRejected(
@@ -120,11 +113,9 @@ class Contribution:
             )
 
     def _check_complete(self) -> None:
-        for spec, got in zip(self.specs, self._received, strict=True):
-            if got != spec.nbytes:
-                raise UpdateRejected(
-                    f"stream ended early: tensor {spec.name!r} has {got} of {spec.nbytes} bytes"
-                )
+        problem = missing_problem(self.specs, self._received)
+        if problem is not None:
+            raise UpdateRejected(problem)
 
     def _rollback(self, reason: str) -> None:
         self._ended = reason

@@ -68,7 +68,7 @@ class MeanAccumulator(FoldedSites):
     ) -> None:
         self.specs = specs
         self._max_sites = max(1, max_sites)
-        self._spool_dir = spool_dir
+        self.spool_dir = spool_dir  # where a rollback's spool files go
         self._layout = tuple(count_limbs(s) for s in specs)
         self._limbs = [
             tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
@@ -187,7 +187,7 @@ class MeanContribution(Contribution):
     def __init__(self, accumulator: MeanAccumulator, site: str, weight: int) -> None:
         super().__init__(accumulator.specs, site, weight)
         self._accumulator = accumulator
-        self._spool = Spool(_SPOOL_BYTES, accumulator._spool_dir)
+        self._spool = Spool(_SPOOL_BYTES, accumulator.spool_dir)
         self._segments: list[tuple[int, int, int]] = []  # tensor, element, spool piece
 
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:

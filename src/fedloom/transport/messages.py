@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedloom.core.chunks import chunk_problem, missing_problem
 from fedloom.core.weights import TensorSpec, Weights, dtype_from_name
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -165,27 +166,16 @@ def assemble(specs: tuple[TensorSpec, ...], chunks: Iterable[Chunk]) -> Weights:
     parts: list[list[memoryview]] = [[] for _ in specs]
     filled = [0] * len(specs)
     for chunk in chunks:
-        if not 0 <= chunk.tensor < len(specs):
-            raise UpdateRejected(f"chunk for tensor #{chunk.tensor}, but only {len(specs)} exist")
-        i = chunk.tensor
         data = memoryview(chunk.data).cast("B")
-        end = chunk.offset + len(data)
-        if chunk.offset != filled[i]:
-            raise UpdateRejected(
-                f"tensor {specs[i].name!r}: chunk at byte {chunk.offset}, expected {filled[i]}"
-            )
-        if end > specs[i].nbytes:
-            raise UpdateRejected(
-                f"tensor {specs[i].name!r} is larger than announced ({specs[i].nbytes} bytes)"
-            )
+        problem = chunk_problem(specs, filled, chunk.tensor, chunk.offset, len(data))
+        if problem is not None:
+            raise UpdateRejected(problem)
         if len(data):
-            parts[i].append(data)
-        filled[i] = end
-    for spec, got in zip(specs, filled, strict=True):
-        if got != spec.nbytes:
-            raise UpdateRejected(
-                f"stream ended early: tensor {spec.name!r} has {got} of {spec.nbytes} bytes"
-            )
+            parts[chunk.tensor].append(data)
+        filled[chunk.tensor] = chunk.offset + len(data)
+    problem = missing_problem(specs, filled)
+    if problem is not None:
+        raise UpdateRejected(problem)
     return {s.name: _joined(s, p) for s, p in zip(specs, parts, strict=True)}
 
 

@@ -231,6 +231,13 @@ class Gatekeeper(grpc.ServerInterceptor):  # type: ignore[misc]
             quiet=not loud,
         )
 
+    def in_flight(self, site: str | None = None) -> int:
+        """Calls under way (each holding a server thread): ``site``'s, or every site's."""
+        with self._lock:
+            if site is None:
+                return sum(self._in_flight.values())
+            return self._in_flight.get(site, 0)
+
     def _release(self, site: str) -> None:
         with self._lock:
             self._in_flight[site] -= 1

@@ -321,6 +321,7 @@ class GrpcServer:
         # Every site may fill its share, and honest sites still find a thread free: no
         # site's calls (counted until their thread is free) take more than its share.
         threads = settings.threads or settings.calls_per_site * (len(settings.roster) + 1)
+        self.threads = threads  # the server's threads, every call of every site together
         self._server = grpc.server(
             futures.ThreadPoolExecutor(threads, thread_name_prefix="fedloom-rpc"),
             interceptors=[self.gate],
