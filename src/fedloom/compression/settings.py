@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from fedloom.compression.codecs import Codec, Compression, ModelCodec
+from fedloom.core.frozen import Frozen
 
 if TYPE_CHECKING:  # the plan holds both sections; this module needs privacy's only as a type
     from fedloom.privacy.settings import PrivacyPlan
 
 
-class CompressionPlan(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class CompressionPlan(Frozen):
     update: Codec = Codec.NONE
     # the share of each tensor's values topk sends (read only with update: topk)
     topk_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.01

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedloom.compression.settings import CompressionPlan
+from fedloom.core.frozen import Frozen
 from fedloom.core.records import Accountant, TrainSettings
 from fedloom.core.site_name import roster_of, site_name_problem
 from fedloom.core.validation import shown
@@ -59,16 +60,12 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 Fraction = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class SyntheticData(_Frozen):
+class SyntheticData(Frozen):
     alpha: Annotated[float, Field(ge=0, le=MAX_SYNTHETIC, allow_inf_nan=False)] = 0.5
     beta: Annotated[float, Field(ge=0, le=MAX_SYNTHETIC, allow_inf_nan=False)] = 0.5
 
 
-class DataPlan(_Frozen):
+class DataPlan(Frozen):
     dataset: Literal[
         "digits", "breast_cancer", "wine", "mnist", "diabetes", "synthetic", "custom"
     ] = "digits"
@@ -104,7 +101,7 @@ class StrategyPlan(BaseModel):
     name: str = "fedavg"
 
 
-class TrainingPlan(_Frozen):
+class TrainingPlan(Frozen):
     epochs: Annotated[int, Field(gt=0, le=MAX_EPOCHS, strict=True)] = 1
     batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE, strict=True)] = 32
     lr: Annotated[float, Field(gt=0, le=MAX_LR, allow_inf_nan=False)] = 0.05
@@ -135,20 +132,20 @@ class TrainingPlan(_Frozen):
         return value
 
 
-class EvaluationPlan(_Frozen):
+class EvaluationPlan(Frozen):
     final: bool = True  # evaluate the final global model at every site
     # in each training round, evaluate the received global model and the locally trained
     # one on the site's validation split (false: train only; benchmarks, large runs)
     each_round: bool = True
 
 
-class DeadlinePlan(_Frozen):
+class DeadlinePlan(Frozen):
     round_seconds: Annotated[float, Field(gt=0, le=MAX_ROUND_SECONDS, allow_inf_nan=False)] = 600.0
     min_fraction: Fraction = 1.0
     retries: Annotated[int, Field(ge=0, le=MAX_RETRIES)] = 2
 
 
-class Plan(_Frozen):
+class Plan(Frozen):
     version: Literal[1] = 1
     name: str = "federation"
     task: str = "task.py"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.core.errors import AuditError
+from fedloom.core.files import fsync_dir
 from fedloom.privacy.audit_records import (
     GENESIS,
     RECEIPTS,
@@ -190,12 +191,8 @@ class AuditLog:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if created and os.name == "posix":
-                dir_fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            if created:
+                fsync_dir(path.parent)
         except OSError as err:
             raise AuditError(
                 f"cannot write the audit log {path}: {err.strerror}",

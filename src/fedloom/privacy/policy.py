@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from fedloom.core.errors import PolicyError
+from fedloom.core.frozen import Frozen
 from fedloom.core.strict_yaml import StrictLoader
 from fedloom.core.validation import describe_error
 from fedloom.docpages import doc_ref
@@ -52,11 +53,7 @@ Positive = Annotated[float, Field(gt=0, strict=True, allow_inf_nan=False)]
 Probability = Annotated[float, Field(gt=0, lt=1, strict=True, allow_inf_nan=False)]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DPRules(_Frozen):
+class DPRules(Frozen):
     """Rules on the plan's ``privacy.dp`` (user-level DP-FedAvg). The bounds apply
     whenever the plan uses DP; ``required`` says whether it must."""
 
@@ -68,7 +65,7 @@ class DPRules(_Frozen):
     distributed_noise: Flag = False  # true: the sites add the noise, never the aggregator
 
 
-class DPSGDRules(_Frozen):
+class DPSGDRules(Frozen):
     """Rules on the plan's ``privacy.dp_sgd`` (sample-level DP-SGD in training)."""
 
     required: Flag = True
@@ -76,7 +73,7 @@ class DPSGDRules(_Frozen):
     max_grad_norm: Positive | None = None
 
 
-class SecureAggregationRules(_Frozen):
+class SecureAggregationRules(Frozen):
     """Rules on the plan's ``privacy.secure_aggregation``."""
 
     required: Flag = True
@@ -86,14 +83,14 @@ class SecureAggregationRules(_Frozen):
     min_bits: Literal[32, 64] | None = None
 
 
-class MetricsRules(_Frozen):
+class MetricsRules(Frozen):
     """Which of this site's metrics may leave it."""
 
     allowed: tuple[str, ...] | None = None  # None: every metric the task reports
     sample_level: Flag = True  # false: nothing computed on this site's samples leaves it
 
 
-class Policy(_Frozen):
+class Policy(Frozen):
     """``policy.yaml``. An absent section sets no rule."""
 
     version: Literal[1] = 1

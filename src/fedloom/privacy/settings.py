@@ -24,8 +24,9 @@ import enum
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from fedloom.core.frozen import Frozen
 from fedloom.core.records import Accountant
 from fedloom.privacy.quantize import fractional_bits, range_problem
 
@@ -37,16 +38,12 @@ Bound = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(gt=0, le=604_800, allow_inf_nan=False)]  # a week
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class NoisePlacement(enum.Enum):
     CENTRAL = "central"  # the aggregator adds the noise to the sum it unmasked or folded
     DISTRIBUTED = "distributed"  # each site adds a share, hidden by secure aggregation
 
 
-class AdaptiveClipPlan(_Frozen):
+class AdaptiveClipPlan(Frozen):
     """Adaptive clipping (Andrew et al., 2021): the bound follows a quantile of the
     updates' norms, estimated privately from one noised bit per site."""
 
@@ -60,7 +57,7 @@ class AdaptiveClipPlan(_Frozen):
     )
 
 
-class DPPlan(_Frozen):
+class DPPlan(Frozen):
     """User-level DP-FedAvg (McMahan et al., 2018)."""
 
     noise_multiplier: Multiplier = 1.0
@@ -71,7 +68,7 @@ class DPPlan(_Frozen):
     noise: NoisePlacement = NoisePlacement.CENTRAL
 
 
-class SecureAggregationPlan(_Frozen):
+class SecureAggregationPlan(Frozen):
     """Secure aggregation in the spirit of SecAgg+ (Bell et al., 2020)."""
 
     bits: Literal[32, 64] = 32  # the ring of the masked fixed-point values: 2**bits
@@ -85,7 +82,7 @@ class SecureAggregationPlan(_Frozen):
     key_seconds: Seconds = 60.0  # how long the key exchange waits for the round's sites
 
 
-class DPSGDPlan(_Frozen):
+class DPSGDPlan(Frozen):
     """Sample-level DP-SGD in each site's training (Abadi et al., 2016), through Opacus."""
 
     noise_multiplier: Multiplier = 1.0
@@ -93,7 +90,7 @@ class DPSGDPlan(_Frozen):
     delta: Probability = 1e-5
 
 
-class PrivacyPlan(_Frozen):
+class PrivacyPlan(Frozen):
     dp: DPPlan | None = None
     secure_aggregation: SecureAggregationPlan | None = None
     dp_sgd: DPSGDPlan | None = None

@@ -19,7 +19,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import safetensors.numpy as st
 
-from fedloom.core.errors import StateError, naming
+from fedloom.core.errors import StateError
+from fedloom.core.files import replace_atomically
 from fedloom.core.state import FederationState, StrategyState
 from fedloom.core.weights import Weights
 
@@ -89,31 +90,9 @@ def _atomic_write(
     write: Callable[[BinaryIO], None],
     before_rename: Callable[[Path], None] | None = None,
 ) -> None:
-    made = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if made:  # a new folder's own entry must survive a power cut too
-        _fsync_dir(path.parent.parent)
+    """``path.tmp`` written, then renamed over ``path`` (a crash leaves the .tmp only)."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with naming(tmp), open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written file helps no one (a full disk)
-        raise
-    if before_rename is not None:
-        before_rename(tmp)  # a fault point: a crash here leaves only the .tmp file
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(path, write, tmp=tmp, make_folder=True, before_rename=before_rename)
 
 
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
