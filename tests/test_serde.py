@@ -7,6 +7,7 @@ protobuf classes. Hand-written byte strings are protobuf wire format, annotated.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -76,31 +77,28 @@ def roundtrip(message: object) -> object:
 # ------------------------------------------------------------------ round trips
 
 
-@PROPERTY
-@given(
+def finished_or_not(kind: InstructionKind, ending: Ending, **fields: Any) -> Instruction:
+    """An instruction of ``kind``; a finished one says how the federation ended."""
+    finished = kind is InstructionKind.FINISHED
+    return Instruction(kind=kind, ending=ending if finished else None, **fields)
+
+
+instructions = st.builds(
+    finished_or_not,
     round=U64,
     kind=st.sampled_from(list(InstructionKind)),
-    settings_=train_settings,
+    settings=train_settings,
     config=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
     exchange_steps=st.lists(st.text(max_size=8), max_size=3).map(tuple),
+    attempt_id=st.text(max_size=12),
+    privacy=st.dictionaries(st.text(max_size=6), json_values, max_size=2),
     ending=st.sampled_from(list(Ending)),
 )
-def test_instruction_roundtrips(
-    round: int,
-    kind: InstructionKind,
-    settings_: TrainSettings,
-    config: dict,
-    exchange_steps: tuple[str, ...],
-    ending: Ending,
-) -> None:
-    instruction = Instruction(
-        round=round,
-        kind=kind,
-        settings=settings_,
-        config=config,
-        exchange_steps=exchange_steps,
-        ending=ending if kind is InstructionKind.FINISHED else None,
-    )
+
+
+@PROPERTY
+@given(instruction=instructions)
+def test_instruction_roundtrips(instruction: Instruction) -> None:
     assert roundtrip(instruction) == instruction
 
 
@@ -456,27 +454,9 @@ def test_a_cut_or_garbled_chunk_envelope_never_decodes_wrongly(chunk: Chunk, cut
 
 
 @PROPERTY
-@given(
-    round=U64,
-    kind=st.sampled_from(list(InstructionKind)),
-    settings_=train_settings,
-    config=st.dictionaries(st.text(max_size=8), json_values, max_size=4),
-    ending=st.sampled_from(list(Ending)),
-)
-def test_an_instruction_crosses_to_a_worker_as_json_unchanged(
-    round: int, kind: InstructionKind, settings_: TrainSettings, config: dict, ending: Ending
-) -> None:
+@given(instruction=instructions)
+def test_an_instruction_crosses_to_a_worker_as_json_unchanged(instruction: Instruction) -> None:
     """What the simulation's workers get: a JSON object of the instruction's fields."""
-    instruction = Instruction(
-        round=round,
-        kind=kind,
-        settings=settings_,
-        config=config,
-        exchange_steps=("secagg.keys",),
-        attempt_id="run/1.1",
-        privacy={"clip": 0.5},
-        ending=ending if kind is InstructionKind.FINISHED else None,
-    )
     header, _ = pipes.unpack(
         pipes.pack(request(WorkerOp.RUN, sent=instruction_to_json(instruction)))
     )

@@ -72,7 +72,7 @@ def moved(state: StrategyState, step: Weights, **groups: Weights) -> tuple[Strat
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeltaStrategy:
+class BaseStrategy:
     """What every built-in strategy shares: ``init`` keeps a copy of the model, a step
     count of 0 and what the server optimiser keeps; ``configure`` asks for the plan's
     settings; ``aggregate`` leaves the state as it is when :meth:`_delta` finds no update,
@@ -111,20 +111,14 @@ class DeltaStrategy:
         return moved(state, step, **groups)
 
     def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
-        """The round's update, checked; None if no site answered."""
-        raise NotImplementedError
-
-
-@dataclass(frozen=True, kw_only=True)
-class MeanStrategy(DeltaStrategy):
-    """A strategy fed the sample-weighted mean of the updates (a :class:`MeanSummary`)."""
-
-    def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
+        """The round's update, checked; None if no site answered: the sample-weighted
+        mean of the updates (a :class:`MeanSummary`), unless a robust strategy says
+        otherwise."""
         return mean_delta_of(self.name, round, state, summary)
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvg(MeanStrategy):
+class FedAvg(BaseStrategy):
     """Federated averaging (McMahan et al., 2017): the new model is the old one plus the
     sample-weighted mean of the updates."""
 
@@ -133,7 +127,7 @@ class FedAvg(MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedProx(MeanStrategy):
+class FedProx(BaseStrategy):
     """FedProx (Li et al., 2020): FedAvg on the server; sites add the proximal term
     ``(proximal_mu / 2) * ||w - w_global||**2`` to their local loss."""
 
@@ -147,7 +141,7 @@ class FedProx(MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAvgM(MeanStrategy):
+class FedAvgM(BaseStrategy):
     """FedAvg with server momentum (Hsu et al., 2019).
 
     ``m = momentum * m + mean_delta`` and the model moves by ``server_lr * m``. The

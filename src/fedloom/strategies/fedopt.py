@@ -22,7 +22,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from fedloom.strategies.aggregate import adagrad_moments, adam_moments, yogi_moments
-from fedloom.strategies.fedavg import MeanStrategy
+from fedloom.strategies.fedavg import BaseStrategy
 from fedloom.strategies.optimizers import ServerOptimizer, adaptive
 
 LearningRate = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
@@ -31,7 +31,7 @@ Tau = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdam(MeanStrategy):
+class FedAdam(BaseStrategy):
     """FedAvg with server-side Adam: ``v = beta2 * v + (1 - beta2) * d**2``."""
 
     name: ClassVar[str] = "fedadam"
@@ -48,16 +48,11 @@ class FedAdam(MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedYogi(MeanStrategy):
-    """FedAvg with server-side Yogi: ``v = v - (1 - beta2) * d**2 * sign(v - d**2)``."""
+class FedYogi(FedAdam):
+    """FedAdam's parameters with Yogi's second moment:
+    ``v = v - (1 - beta2) * d**2 * sign(v - d**2)``."""
 
     name: ClassVar[str] = "fedyogi"
-    needs_updates: ClassVar[bool] = False
-
-    server_lr: LearningRate = 0.01
-    beta1: Beta = 0.9
-    beta2: Beta = 0.99
-    tau: Tau = 1e-3
 
     def optimizer(self) -> ServerOptimizer:
         moments = functools.partial(yogi_moments, beta1=self.beta1, beta2=self.beta2)
@@ -65,7 +60,7 @@ class FedYogi(MeanStrategy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedAdagrad(MeanStrategy):
+class FedAdagrad(BaseStrategy):
     """FedAvg with server-side Adagrad: ``v = v + d**2``. Has no ``beta2``: nothing would
     read it."""
 

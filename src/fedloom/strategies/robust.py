@@ -31,7 +31,7 @@ from fedloom.strategies.aggregate import (
     trimmed_mean,
     weighted_mean,
 )
-from fedloom.strategies.fedavg import DeltaStrategy
+from fedloom.strategies.fedavg import BaseStrategy
 
 
 def updates_of(
@@ -62,7 +62,7 @@ def updates_of(
 
 
 @dataclass(frozen=True, kw_only=True)
-class _RobustStrategy(DeltaStrategy):
+class _RobustStrategy(BaseStrategy):
     """A strategy fed every site's update (an :class:`UpdateSet`); a subclass only says
     how :meth:`_combine` makes them one."""
 
