@@ -289,8 +289,11 @@ def test_a_running_aggregator_shows_the_round_under_way(workspace: Path, store: 
     try:
         log.wait_opened(1)
         transport = InProcessTransport(aggregator)
-        Collaborator(transport.connect("site-a"), ShiftRunner(0, 10)).step()
-        Collaborator(transport.connect("site-b"), failing_runner).step()
+        answered = Collaborator(transport.connect("site-a"), ShiftRunner(0, 10)).step()
+        failed = Collaborator(transport.connect("site-b"), failing_runner).step()
+        assert answered.receipt is not None and answered.receipt.accepted
+        assert failed.receipt is None and failed.failure is not None
+        assert "disk full" in failed.failure and failed.instruction is not None
         clock.advance(15)
         store.write_live(run, aggregator.snapshot())
 

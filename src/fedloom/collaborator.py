@@ -12,6 +12,7 @@ import functools
 import logging
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedloom.compression.site import SiteCompression
@@ -58,6 +59,21 @@ KeepModel = Callable[[ModelHeader, Weights], None]
 passed its check, before the task evaluates it."""
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one :meth:`Collaborator.step` did."""
+
+    instruction: Instruction | None = None  # what it worked on; None: no work yet
+    receipt: UploadReceipt | None = None  # the aggregator's answer to its upload
+    failure: str | None = None  # why it did not answer (told to the aggregator)
+    finished: Instruction | None = None  # the aggregator's last word: the federation is over
+
+    @property
+    def going_on(self) -> bool:
+        """Whether the federation goes on (it did not say it is finished)."""
+        return self.finished is None
+
+
 class Collaborator:
     """A site's side of the round. ``privacy`` clips, noises and masks the update as the
     plan says; ``compression`` then encodes it (and decodes the global model); ``audit``
@@ -87,32 +103,28 @@ class Collaborator:
         self.check_model = check_model
         self.compression = compression
         self.keep_final = keep_final
-        self.last_receipt: UploadReceipt | None = None
-        self.current: Instruction | None = None  # the instruction being worked on
-        self.finished: Instruction | None = None  # the aggregator's last word
+        # the instruction of a step under way: a step that raised was working on it
+        self.current: Instruction | None = None
         self._last_seq = 0  # the audit record of the last upload
-        self.last_failure: tuple[int, str] | None = None  # (round, reason) last reported
 
-    def step(self, timeout: float | None = None) -> bool:
-        """Do at most one instruction. False once the federation is finished."""
+    def step(self, timeout: float | None = None) -> StepOutcome:
+        """Do at most one instruction, and say what came of it."""
         instruction = self.connection.get_instruction(timeout)
         if instruction is None:
-            return True
+            return StepOutcome()
         if instruction.kind is InstructionKind.FINISHED:
-            self.finished = instruction
-            return False
+            return StepOutcome(finished=instruction)
         self.current = instruction
         try:
             if self.privacy is not None:  # keys first: the others wait for this site
                 self.privacy.prepare(instruction, self._exchange(instruction))
         except FedloomError as err:
-            self._fail(instruction, err.message)
-            return True
+            return self._fail(instruction, err.message)
         try:
             stream = self.connection.download(instruction.round)
             weights = assemble(stream.header.tensors, stream.chunks)
         except UpdateRejected:
-            return True  # the round closed before we got the model: ask again
+            return StepOutcome(instruction)  # the round closed before the model came
 
         try:
             if self.check_model is not None:
@@ -125,13 +137,10 @@ class Collaborator:
             answer = self.runner(instruction, weights)
             header, chunks = self._answer(instruction, answer)
         except FedloomError as err:
-            self._fail(instruction, err.message)
-            return True
+            return self._fail(instruction, err.message)
         except Exception as err:  # the user's task code failed: report, don't die
-            self._fail(instruction, traceback.format_exception_only(err)[-1].strip())
-            return True
+            return self._fail(instruction, traceback.format_exception_only(err)[-1].strip())
         receipt = self.connection.upload(header, chunks)
-        self.last_receipt = receipt
         if self.compression is not None and answer.delta is not None:
             self.compression.settle(self.connection.site, instruction.round, receipt.accepted)
         if self.audit is not None and receipt.signature and header.audit_hash:
@@ -154,7 +163,7 @@ class Collaborator:
                 # without this site's shares the others may still unmask the sum
                 log.warning("round %d: unmasking: %s", instruction.round, err)
         self.current = None
-        return True
+        return StepOutcome(instruction, receipt=receipt)
 
     def _answer(
         self, instruction: Instruction, answer: SiteAnswer
@@ -252,7 +261,7 @@ class Collaborator:
 
     def run(self, poll_timeout: float | None = None) -> None:
         """Work until the aggregator says the federation is finished."""
-        while self.step(poll_timeout):
+        while self.step(poll_timeout).going_on:
             pass
 
     def _run_steps(self, instruction: Instruction) -> None:
@@ -267,13 +276,14 @@ class Collaborator:
             send = self._exchange(instruction)
             step.run(instruction, functools.partial(send, name))
 
-    def _fail(self, instruction: Instruction, reason: str) -> None:
-        self.last_failure = (instruction.round, reason)
+    def _fail(self, instruction: Instruction, reason: str) -> StepOutcome:
         sent = shorten(reason)  # the aggregator keeps no more of it; a traceback's end stays
         self._audit(instruction, "failure", (sent.encode(),))
         self.connection.report_failure(
             FailureReport(instruction.round, sent, instruction.attempt_id)
         )
+        self.current = None
+        return StepOutcome(instruction, failure=reason)
 
 
 def withdraw(connection: Connection, reason: str, *, audit: AuditLog | None = None) -> None:

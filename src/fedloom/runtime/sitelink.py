@@ -56,9 +56,9 @@ def work(
     stops = 0  # "stopped" answers in a row from an aggregator on its way out
     while not stop.is_set():
         try:
-            if not collaborator.step():
-                last_word, collaborator.finished = collaborator.finished, None
-                if last_word is None or federation_completed(last_word):
+            outcome = collaborator.step()
+            if outcome.finished is not None:
+                if federation_completed(outcome.finished):
                     break
                 notices.stopped()
                 # it answers so until it is gone (it lingers a few seconds to tell
@@ -78,7 +78,7 @@ def work(
                 progress.failed.add(working.round)
             report(f"round {progress.current}: {err.message}", failed=working is not None)
             continue
-        record_answers(collaborator, progress, report)
+        record_answers(outcome, progress, report)
 
 
 def aggregator_certificate(pem: bytes, credentials: Credentials, state_dir: Path) -> Certificate:

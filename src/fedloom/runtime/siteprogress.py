@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedloom.collaborator import Collaborator
+from fedloom.collaborator import StepOutcome
 
 log = logging.getLogger("fedloom.collaborator")
 
@@ -62,16 +62,16 @@ class Reporter:
             self.on_progress(progress)
 
 
-def record_answers(collaborator: Collaborator, progress: SiteProgress, report: Reporter) -> None:
-    """After one step of ``collaborator``: the round it did not answer (a refused
+def record_answers(outcome: StepOutcome, progress: SiteProgress, report: Reporter) -> None:
+    """After one step of the collaborator: the round it did not answer (a refused
     model, the policy, the budget), and the aggregator's receipt for the current
     round, each counted in ``progress`` and reported once."""
-    refused, collaborator.last_failure = collaborator.last_failure, None
-    if refused is not None and refused[0] not in progress.failed:
+    refused = outcome.instruction.round if outcome.instruction is not None else 0
+    if outcome.failure is not None and refused not in progress.failed:
         # reported to the aggregator already: a refused model, the policy, the budget
-        progress.failed.add(refused[0])
-        report(f"round {refused[0]}: not answered: {refused[1]}", failed=True)
-    receipt, collaborator.last_receipt = collaborator.last_receipt, None
+        progress.failed.add(refused)
+        report(f"round {refused}: not answered: {outcome.failure}", failed=True)
+    receipt = outcome.receipt
     if receipt is None or receipt.round != progress.current:
         return
     if not receipt.accepted:
