@@ -6,6 +6,7 @@
 #   fedadam      breast-cancer, fedadam (DP noise is drawn from the OS's secret
 #                randomness, so a DP run has no fingerprint)
 #   secagg       breast-cancer, secure aggregation
+#   attack-*     breast-cancer with a simulated attack (--attack sign-flip, label-flip)
 #   grpc-*       breast-cancer over gRPC with mutual TLS: an aggregator and three
 #                collaborators as OS processes on loopback; the aggregator's model and
 #                each site's kept final model
@@ -44,6 +45,15 @@ privacy:
 YAML
 fl simulate sa --run-name r > sa.out 2>&1 || { cat sa.out; exit 1; }
 hash secagg sa/runs/r/final.safetensors
+# simulated attacks: 2 of 3 sites send minus their update (median), or train on flipped
+# labels (fedavg)
+cp -r bc sf; cp -r bc lf
+fl simulate sf --strategy median --attack sign-flip --attackers 1 --run-name r > sf.out 2>&1 \
+  || { cat sf.out; exit 1; }
+hash attack-sign-flip sf/runs/r/final.safetensors
+fl simulate lf --attack label-flip --attackers 2 --run-name r > lf.out 2>&1 \
+  || { cat lf.out; exit 1; }
+hash attack-label-flip lf/runs/r/final.safetensors
 
 SITES="st-marys city-general north-clinic"
 mkdir dev; cp -r bc dev/fed; cd dev

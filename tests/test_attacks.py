@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,9 @@ from fedloom.attacks import (
     parse_attack,
     poison_update,
 )
+from fedloom.core.records import EvalOutput, SiteAnswer, TrainOutput
+from fedloom.runtime.attacked import AttackedTask
+from fedloom.tasks.base import SiteData
 
 DELTA = {"w": np.array([0.5, -1.0, 2.0], np.float32), "n": np.array(3, np.int64)}
 
@@ -65,3 +70,44 @@ def test_gaussian_noise_needs_a_positive_deviation() -> None:
     for bad in ("gaussian:-1", "gaussian:0"):
         with pytest.raises(ValueError, match="must be > 0"):
             parse_attack(bad)
+
+
+class Recording:
+    """A task that keeps what it was given (training data) and returns fixed weights."""
+
+    supports_dp_sgd = True
+
+    def __init__(self) -> None:
+        self.seen: list[SiteData] = []
+
+    def init_weights(self, seed: int) -> dict[str, np.ndarray]:
+        return {"w": np.zeros(3, np.float32)}
+
+    def train(self, weights: Any, data: SiteData, settings: Any, context: Any) -> TrainOutput:
+        self.seen.append(data)
+        return TrainOutput({"w": weights["w"] + 1}, len(data.y_train), {})
+
+    def evaluate(self, weights: Any, data: Any, context: Any) -> EvalOutput:
+        return EvalOutput(7, {"accuracy": 0.5})
+
+
+def test_an_attacking_site_runs_the_task_wrapped() -> None:
+    """The executor knows nothing of attacks: label-flip changes the training labels the
+    task gets (not the validation ones), the others the update the site sends."""
+    data = SiteData(np.zeros((3, 2)), np.array([0, 1, 2]), np.zeros((1, 2)), np.array([1]))
+    inner = Recording()
+    flipping = AttackedTask(inner, _attack(AttackKind.LABEL_FLIP), num_classes=3, plan_seed=0)
+    flipping.train({"w": np.zeros(3, np.float32)}, data, None, None)
+    np.testing.assert_array_equal(inner.seen[0].y_train, [2, 1, 0])
+    np.testing.assert_array_equal(inner.seen[0].y_val, [1])
+    assert flipping.supports_dp_sgd and flipping.evaluate({}, data, None).num_samples == 7
+    honest = SiteAnswer(3, {}, dict(DELTA))
+    flipped_answer = flipping.sent(honest, "site-01", 1)
+    assert all(np.array_equal(flipped_answer.delta[k], DELTA[k]) for k in DELTA)
+
+    scaling = AttackedTask(inner, _attack(AttackKind.SCALE, -10), num_classes=3, plan_seed=0)
+    scaling.train({"w": np.zeros(3, np.float32)}, data, None, None)
+    np.testing.assert_array_equal(inner.seen[1].y_train, [0, 1, 2])  # its labels as they are
+    sent = scaling.sent(honest, "site-01", 1)
+    np.testing.assert_array_equal(sent.delta["w"], np.array([-5.0, 10.0, -20.0], np.float32))
+    assert sent.num_samples == 3 and scaling.sent(SiteAnswer(3, {}, None), "s", 1).delta is None

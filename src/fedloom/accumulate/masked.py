@@ -46,7 +46,7 @@ class MaskedSumAccumulator(FoldedSites):
             raise AggregationError(f"masked updates are uint32 or uint64 tensors, got {dtypes}")
         self.specs = specs
         self._admit = admit
-        self._spool_dir = spool_dir
+        self.spool_dir = spool_dir  # where a rollback's spool files go
         self._sums = [np.zeros(s.size, dtype=s.dtype) for s in specs]
         super().__init__()  # the sites' bookkeeping; the masked values are already weighted
         self._read = False

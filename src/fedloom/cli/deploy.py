@@ -179,8 +179,7 @@ def aggregator_start(
     `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log; writes
     runs/<run-name>/ like `fedloom simulate`.
     """
-    from fedloom.cli.progress import RoundProgress
-    from fedloom.cli.results import fresh_run_dir, print_results
+    from fedloom.cli.results import fresh_run_dir, print_results, showing_run
     from fedloom.core.clock import kill_fault
     from fedloom.core.errors import Cancelled
     from fedloom.core.events import Event, SiteRejoined, SiteWithdrew
@@ -191,7 +190,6 @@ def aggregator_start(
     from fedloom.runtime.control import CANCEL_SIGNAL
     from fedloom.runtime.resume import open_run, state_dir_of
     from fedloom.runtime.server import ServeOptions, address_of, serve
-    from fedloom.transport.traffic import TrafficCounter
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
@@ -255,33 +253,31 @@ def aggregator_start(
                 os.close(announce_fd)
 
         done = 0 if resume is None else resume.next_round - 1
+
+        def say(event: Event) -> None:
+            if isinstance(event, SiteWithdrew):
+                errors.print(
+                    f"[yellow]warning:[/] site {event.site} withdrew: "
+                    f"{escape(event.reason)} (rounds no longer wait for it; it "
+                    "takes part again once it is started again)",
+                    highlight=False,
+                )
+            elif isinstance(event, SiteRejoined):
+                console.print(
+                    f"site {event.site} said Hello again: rounds wait for it again",
+                    highlight=False,
+                )
+
         try:
-            with RoundProgress(console, plan.rounds, enabled=not quiet, done=done) as progress:
-
-                def on_event(event: Event, traffic: TrafficCounter) -> None:
-                    progress(event, traffic)
-                    recorder.on_event(event)
-                    if isinstance(event, SiteWithdrew):
-                        errors.print(
-                            f"[yellow]warning:[/] site {event.site} withdrew: "
-                            f"{escape(event.reason)} (rounds no longer wait for it; it "
-                            "takes part again once it is started again)",
-                            highlight=False,
-                        )
-                    elif isinstance(event, SiteRejoined):
-                        console.print(
-                            f"site {event.site} said Hello again: rounds wait for it again",
-                            highlight=False,
-                        )
-
+            with showing_run(recorder, plan.rounds, quiet=quiet, done=done, also=say) as hooks:
                 result = serve(
                     workspace,
                     plan,
                     opened,
                     options,
-                    on_event=on_event,
+                    on_event=hooks.on_event,
                     on_listening=listening,
-                    on_metrics=progress.declared,
+                    on_metrics=hooks.on_metrics,
                     on_finished=recorder.finish,  # the results, before the run is completed
                     faults=faults,
                 )

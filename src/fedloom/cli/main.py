@@ -245,16 +245,19 @@ def simulate(
     plan.json, <primary metric>.png (accuracy.png for a classifier), run.log (with a failed
     task's traceback) and sites/ (each simulated site's state folder).
     """
-    from fedloom.cli.progress import RoundProgress
-    from fedloom.cli.results import RUN_LOG, FailureLines, fresh_run_dir, print_results
-    from fedloom.core.events import Event
+    from fedloom.cli.results import (
+        RUN_LOG,
+        FailureLines,
+        fresh_run_dir,
+        print_results,
+        showing_run,
+    )
     from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.results import SiteFailed
     from fedloom.runtime.attack_setup import make_attack
     from fedloom.runtime.simoptions import SimulationOptions
     from fedloom.runtime.simulation import simulate as run_simulation
-    from fedloom.transport.traffic import TrafficCounter
 
     flags = {
         "sites": sites,
@@ -347,11 +350,7 @@ def simulate(
         if starting:  # the bar appears once they are up (RoundProgress)
             console.print(starting, highlight=False)
         try:
-            with RoundProgress(console, plan.rounds, enabled=not quiet) as progress:
-
-                def on_event(event: Event, traffic: TrafficCounter) -> None:
-                    progress(event, traffic)
-                    recorder.on_event(event)
+            with showing_run(recorder, plan.rounds, quiet=quiet) as hooks:
 
                 def on_failure(failure: SiteFailed) -> None:
                     recorder.site_failed(failure)
@@ -361,9 +360,9 @@ def simulate(
                     workspace,
                     plan,
                     options,
-                    on_event=on_event,
+                    on_event=hooks.on_event,
                     on_failure=on_failure,
-                    on_metrics=progress.declared,
+                    on_metrics=hooks.on_metrics,
                 )
         except BaseException as err:
             recorder.fail(plan, digest, err)

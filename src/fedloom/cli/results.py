@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +24,10 @@ MAX_COLUMNS = 6
 """The most metrics the sites' table shows (summary.json and metrics.jsonl have all)."""
 
 if TYPE_CHECKING:
+    from fedloom.core.events import Event
     from fedloom.report import RunRecorder
     from fedloom.results import SimulationResult, SiteFailed
+    from fedloom.transport.traffic import TrafficCounter
 
 RUN_LOG = "run.log"  # a simulation's log, in its run folder
 
@@ -89,6 +94,41 @@ def fresh_run_dir(workspace: Path, run_name: str | None, runs_dir: Path | None) 
         )
     run_root = runs_dir or workspace / "runs"
     return run_root / (run_name or _fresh_run_name(run_root))
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Where a run's events and its task's declared metrics go (``on_event``,
+    ``on_metrics`` of ``run_simulation`` and ``serve``)."""
+
+    on_event: Callable[[Event, TrafficCounter], None]
+    on_metrics: Callable[[Metrics], None]
+
+
+@contextlib.contextmanager
+def showing_run(
+    recorder: RunRecorder,
+    rounds: int,
+    *,
+    quiet: bool,
+    done: int = 0,
+    also: Callable[[Event], None] | None = None,
+) -> Iterator[RunHooks]:
+    """One run on the terminal and in its folder, for `simulate` and `aggregator start`
+    alike: the progress bar over its ``rounds`` (``done`` of them before a resume), and
+    each event recorded in the run folder, then given to ``also``. Print the results
+    with :func:`print_results` once the run returns."""
+    from fedloom.cli.progress import RoundProgress
+
+    with RoundProgress(console, rounds, enabled=not quiet, done=done) as progress:
+
+        def on_event(event: Event, traffic: TrafficCounter) -> None:
+            progress(event, traffic)
+            recorder.on_event(event)
+            if also is not None:
+                also(event)
+
+        yield RunHooks(on_event, progress.declared)
 
 
 def print_results(recorder: RunRecorder, result: SimulationResult) -> None:

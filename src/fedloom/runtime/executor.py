@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from fedloom.attacks import Attack, AttackKind, flip_labels, poison_update
 from fedloom.core.errors import TaskError
 from fedloom.core.records import (
     DPSGDSettings,
@@ -26,10 +23,10 @@ from fedloom.core.records import (
     SiteAnswer,
     TrainOutput,
 )
-from fedloom.core.rng import generator, int_seed, select_sites
+from fedloom.core.rng import int_seed, select_sites
 from fedloom.core.weights import Weights, check_compatible, read_only, specs_of, subtract
 from fedloom.store.checkpoint import load_weights, save_weights
-from fedloom.tasks.base import AnySiteData, SiteContext, SiteData, Task
+from fedloom.tasks.base import AnySiteData, SiteContext, Task
 from fedloom.tasks.dp_sgd import require_no_dp_sgd
 
 if TYPE_CHECKING:
@@ -148,15 +145,12 @@ def execute(
     site: str,
     index: int,
     plan_seed: int,
-    num_classes: int = 0,
-    attack: Attack | None = None,
     dp_sgd: DPSGDSettings | None = None,
     rounds_selected: int = 1,
     env: SiteEnv = SiteEnv(),
 ) -> SiteAnswer:
     received = read_only(weights)  # a task that writes into them fails the same in every mode
     weights = with_local_tensors(received, env)
-    attacking = attack is not None and site in attack.attackers
     metrics: dict[str, float] = {}
     training = instruction.kind is not InstructionKind.EVALUATE
     evaluating = not training or instruction.settings.evaluate
@@ -183,14 +177,6 @@ def execute(
         if not training:
             return SiteAnswer(seen.num_samples, metrics, None)
 
-    if attacking and attack is not None and attack.kind is AttackKind.LABEL_FLIP:
-        if not isinstance(data, SiteData):
-            raise TaskError("--attack label-flip needs a site's data as arrays (SiteData)")
-        if not np.issubdtype(data.y_train.dtype, np.integer):
-            raise TaskError("--attack label-flip needs class labels, not a regression's targets")
-        data = SiteData(
-            data.x_train, flip_labels(data.y_train, num_classes), data.x_val, data.y_val
-        )
     if not getattr(task, "supports_dp_sgd", False):
         require_no_dp_sgd(context, type(task).__name__)
     out = task.train(weights, data, instruction.settings, context)
@@ -214,11 +200,7 @@ def execute(
         save_weights(env.state_dir / LOCAL_TENSORS, {n: out.weights[n] for n in kept})
     # a local tensor's update is zero: its values never leave the site
     trained = {n: (received[n] if n in kept else a) for n, a in out.weights.items()}
-    delta = subtract(trained, received)
-    if attacking and attack is not None:
-        rng = generator(plan_seed, instruction.round, site, "attack")
-        delta = poison_update(delta, attack, rng)
-    return SiteAnswer(int(out.num_samples), metrics, delta)
+    return SiteAnswer(int(out.num_samples), metrics, subtract(trained, received))
 
 
 def _evaluated(out: object) -> EvalOutput:

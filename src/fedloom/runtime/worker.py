@@ -32,6 +32,7 @@ from fedloom.core.weights import Weights, copy_weights, read_only
 from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
 from fedloom.runtime import pipes
+from fedloom.runtime.attacked import AttackedTask
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.replies import (
@@ -199,20 +200,23 @@ class SiteWorker:
         rounds_selected: int,
         env: SiteEnv,
     ) -> SiteAnswer:
-        return execute(
-            self.task,
+        attacked = None
+        if self.attack is not None and site in self.attack.attackers:
+            num_classes, seed = self.source.num_classes, self.plan.seed
+            attacked = AttackedTask(self.task, self.attack, num_classes=num_classes, plan_seed=seed)
+        answer = execute(
+            attacked or self.task,
             instruction,
             weights,
             self.source.site_data(site),
             site=site,
             index=self._index[site],
             plan_seed=self.plan.seed,
-            num_classes=self.source.num_classes,
-            attack=self.attack,
             dp_sgd=dp_sgd,
             rounds_selected=rounds_selected,
             env=env,
         )
+        return answer if attacked is None else attacked.sent(answer, site, instruction.round)
 
     def _baseline(self, weights: Weights) -> Reply:
         """Train the same model centrally on every site's training data, as long as
