@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.plan import load_plan
-from fedloom.runtime.simoptions import SimulationOptions
-from fedloom.runtime.simulation import simulate
+from fedloom.simulation.options import SimulationOptions
+from fedloom.simulation.run import simulate
 from fedloom.templates import create_workspace
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -117,8 +117,8 @@ def run_inprocess(ws: Path, w: Workload, overrides: list[str]) -> dict[str, Any]
     from fedloom.core.events import RoundClosed, RoundOpened
     from fedloom.plan import load_plan
     from fedloom.report import RunRecorder
-    from fedloom.runtime.simoptions import SimulationOptions
-    from fedloom.runtime.simulation import simulate
+    from fedloom.simulation.options import SimulationOptions
+    from fedloom.simulation.run import simulate
 
     plan = load_plan(ws, overrides)
     recorder = RunRecorder(ws / "runs" / "bench")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from fedloom.pki import provision
-from fedloom.runtime.launcher import start_aggregator, start_collaborator
+from fedloom.deployment.launcher import start_aggregator, start_collaborator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedloom import create_workspace
 from fedloom.pki import provision
-from fedloom.runtime import launcher
+from fedloom.deployment import launcher
 
 HOSTILE = Path(__file__).resolve().parents[1] / "tests" / "hostile_site.py"
 SITES = ("site-01", "site-02", "site-03")

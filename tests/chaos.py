@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from workspaces import PADDED_TASK
 
+from fedloom.deployment import launcher
 from fedloom.pki import provision
-from fedloom.runtime import launcher
 from fedloom.store import load_weights
 from fedloom.templates import create_workspace
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from chaos import ENV, free_port
 
+from fedloom.deployment import launcher
 from fedloom.pki import provision
-from fedloom.runtime import launcher
 from fedloom.templates import create_workspace
 
 PLAN = ["sites=2", "rounds=2", "deadline.round_seconds=300"]

@@ -30,8 +30,8 @@ from test_deploy import (
 )
 from workspaces import make_workspace, run_cli, write_training_twist
 
+from fedloom.deployment import launcher
 from fedloom.pki import provision
-from fedloom.runtime import launcher
 from fedloom.transport.grpc.client import wait_reason
 
 pytestmark = pytest.mark.process

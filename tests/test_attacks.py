@@ -16,7 +16,7 @@ from fedloom.attacks import (
     poison_update,
 )
 from fedloom.core.records import EvalOutput, SiteAnswer, TrainOutput
-from fedloom.runtime.attacked import AttackedTask
+from fedloom.simulation.attacked import AttackedTask
 from fedloom.tasks.base import SiteData
 
 DELTA = {"w": np.array([0.5, -1.0, 2.0], np.float32), "n": np.array(3, np.int64)}

@@ -20,7 +20,7 @@ from fedloom.figures import (
     worst_value,
 )
 from fedloom.report import final_site_metrics, summary
-from fedloom.runtime.simulation import simulate
+from fedloom.simulation.run import simulate
 from fedloom.tasks import Metrics
 
 pytestmark = pytest.mark.process

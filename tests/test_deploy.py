@@ -17,8 +17,8 @@ import pytest
 from workspaces import PADDED_TASK, make_workspace, run_cli
 
 from fedloom.core.weights import weights_equal
+from fedloom.deployment import launcher
 from fedloom.pki import provision
-from fedloom.runtime import launcher
 from fedloom.store import load_weights, save_weights
 from fedloom.store.checkpoint import read_metadata
 from fedloom.store.status import read_status

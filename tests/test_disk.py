@@ -18,8 +18,8 @@ from chaos import free_port
 from workspaces import make_workspace
 
 from fedloom.core.weights import weights_equal
+from fedloom.deployment import launcher
 from fedloom.pki import provision
-from fedloom.runtime import launcher
 from fedloom.store import load_weights
 
 pytestmark = pytest.mark.process

@@ -24,10 +24,10 @@ from fedloom.core.errors import FaultInjected, StateError
 from fedloom.core.records import CLOSE_REASON_TEXT, CloseReason
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights, specs_of, weights_equal
+from fedloom.deployment import launcher
+from fedloom.deployment.resume import open_run
 from fedloom.pki import provision
 from fedloom.plan import load_plan
-from fedloom.runtime import launcher
-from fedloom.runtime.resume import open_run
 from fedloom.store import load_state, load_weights, save_state
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import FedAdam, FedAvg, Strategy

@@ -30,7 +30,7 @@ import pytest
 from test_no_pickle import _guarded_env
 from workspaces import FEDLOOM, REPO, make_workspace, run_cli, write_training_twist
 
-from fedloom.runtime import pipes
+from fedloom.simulation import pipes
 
 pytestmark = pytest.mark.process
 
@@ -271,9 +271,9 @@ def test_only_the_ray_backend_imports_ray() -> None:
             for line in path.read_text().splitlines()
         )
     ]
-    assert importers == ["src/fedloom/runtime/ray_backend.py"]
+    assert importers == ["src/fedloom/simulation/ray_backend.py"]
     code = (
-        "import sys, fedloom, fedloom.cli.main, fedloom.runtime.ray_backend\n"
+        "import sys, fedloom, fedloom.cli.main, fedloom.simulation.ray_backend\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
     proc = subprocess.run([*FEDLOOM[:1], "-c", code], capture_output=True, text=True, timeout=60)

@@ -14,10 +14,10 @@ from workspaces import make_workspace, run_cli
 from fedloom import load_plan
 from fedloom.core.errors import PlanError
 from fedloom.data.datasets import REGRESSION_DATASETS, load_dataset
-from fedloom.runtime.attack_setup import make_attack
-from fedloom.runtime.simoptions import SimulationOptions
-from fedloom.runtime.simulation import simulate
 from fedloom.runtime.sitedata import data_problems
+from fedloom.simulation.attack_setup import make_attack
+from fedloom.simulation.options import SimulationOptions
+from fedloom.simulation.run import simulate
 from fedloom.tasks.base import SiteData
 
 CROSS_ENTROPY_TASK = """

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from fedloom.core.errors import TaskError, TransportError, UpdateRejected
 from fedloom.core.records import Ending, Instruction, InstructionKind, TrainSettings
 from fedloom.core.weights import TensorSpec, Weights, specs_of, weights_equal
-from fedloom.runtime import pipes
-from fedloom.runtime.workerops import (
+from fedloom.simulation import pipes
+from fedloom.simulation.workerops import (
     WorkerOp,
     instruction_from_json,
     instruction_to_json,

@@ -14,7 +14,7 @@ import pytest
 from chaos import free_port
 from workspaces import make_workspace
 
-from fedloom.runtime import launcher
+from fedloom.deployment import launcher
 from fedloom.runtime.sitedata import data_problems
 from fedloom.tasks.base import SiteData
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # the names below are imported on first use (fedloom starts f
     from fedloom.core.weights import Weights
     from fedloom.plan import Plan, load_plan, plan_hash
     from fedloom.results import SimulationResult
-    from fedloom.runtime.simoptions import SimulationOptions
-    from fedloom.runtime.simulation import simulate
+    from fedloom.simulation.options import SimulationOptions
+    from fedloom.simulation.run import simulate
     from fedloom.strategies import STRATEGIES, build_strategy
     from fedloom.strategies.base import Strategy
     from fedloom.tasks import NumpyTask, SiteContext, SiteData, SoftmaxRegression, Task, TorchTask
@@ -47,7 +47,7 @@ _PUBLIC = {
     "QuorumError": "fedloom.core.errors",
     "RoundRecord": "fedloom.core.records",
     "STRATEGIES": "fedloom.strategies",
-    "SimulationOptions": "fedloom.runtime.simoptions",
+    "SimulationOptions": "fedloom.simulation.options",
     "SimulationResult": "fedloom.results",
     "SiteContext": "fedloom.tasks",
     "SiteData": "fedloom.tasks",
@@ -65,7 +65,7 @@ _PUBLIC = {
     "create_workspace": "fedloom.templates",
     "load_plan": "fedloom.plan",
     "plan_hash": "fedloom.plan",
-    "simulate": "fedloom.runtime.simulation",
+    "simulate": "fedloom.simulation.run",
 }
 
 

@@ -243,7 +243,7 @@ class RunRecorder:
     def discard(self) -> None:
         """Remove the run folder's files, and the folder if that empties it: for a run
         that never opened a round, and so is not recorded (see
-        :func:`fedloom.runtime.server.serve`). Best effort: what cannot be removed
+        :func:`fedloom.deployment.server.serve`). Best effort: what cannot be removed
         stays."""
         with contextlib.suppress(OSError):
             self._metrics.close()

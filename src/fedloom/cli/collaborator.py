@@ -102,11 +102,11 @@ def collaborator_start(
     whose data does not fit the model tells the aggregator it withdraws, and exits (3).
     """
     from fedloom.core.clock import kill_fault
+    from fedloom.deployment.site import SiteOptions, participate
+    from fedloom.deployment.sitepolicy import site_policy_files
+    from fedloom.deployment.siteprogress import SiteProgress
     from fedloom.pki.common import make_private_dir, site_state_dir
     from fedloom.plan import load_plan
-    from fedloom.runtime.site import SiteOptions, participate
-    from fedloom.runtime.sitepolicy import site_policy_files
-    from fedloom.runtime.siteprogress import SiteProgress
 
     plan = load_plan(workspace, list(overrides or []))
     state_dir = state or site_state_dir(workspace, name)

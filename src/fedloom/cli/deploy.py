@@ -38,8 +38,8 @@ from fedloom.cli.common import (
 
 if TYPE_CHECKING:
     from fedloom.core.records import RoundRecord
-    from fedloom.runtime.resume import OpenedRun
-    from fedloom.runtime.sitepolicy import PolicyFiles
+    from fedloom.deployment.resume import OpenedRun
+    from fedloom.deployment.sitepolicy import PolicyFiles
 
 aggregator_app = typer.Typer(
     help="Run the federation's aggregator (a gRPC server).", no_args_is_help=True
@@ -107,7 +107,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def _cancel(signum: int, frame: Any) -> None:
     from fedloom.core.errors import Cancelled
-    from fedloom.runtime.control import CANCEL_NOTE
+    from fedloom.deployment.control import CANCEL_NOTE
 
     raise Cancelled(CANCEL_NOTE)
 
@@ -183,13 +183,13 @@ def aggregator_start(
     from fedloom.core.clock import kill_fault
     from fedloom.core.errors import Cancelled
     from fedloom.core.events import Event, SiteRejoined, SiteWithdrew
+    from fedloom.deployment.control import CANCEL_SIGNAL
+    from fedloom.deployment.resume import open_run, state_dir_of
+    from fedloom.deployment.server import ServeOptions, address_of, serve
     from fedloom.pki import RevocationList, server_credentials, server_hosts
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
-    from fedloom.runtime.control import CANCEL_SIGNAL
-    from fedloom.runtime.resume import open_run, state_dir_of
-    from fedloom.runtime.server import ServeOptions, address_of, serve
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
@@ -340,7 +340,7 @@ def aggregator_stop(
     (exit code 6). With no aggregator running, --cancel cancels the latest run if it is
     unfinished.
     """
-    from fedloom.runtime.control import stop_aggregator
+    from fedloom.deployment.control import stop_aggregator
     from fedloom.store.database import ENDED
 
     what = "cancel the federation" if cancel else "stop"

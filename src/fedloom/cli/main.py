@@ -43,7 +43,7 @@ from fedloom.templates import TEMPLATES, check_target, create_workspace
 if TYPE_CHECKING:
     from fedloom.attacks import Attack
     from fedloom.plan import Plan
-    from fedloom.runtime.simoptions import SimulationOptions
+    from fedloom.simulation.options import SimulationOptions
 
 app = typer.Typer(
     name="fedloom",
@@ -255,9 +255,9 @@ def simulate(
     from fedloom.plan import attack_warnings, load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.results import SiteFailed
-    from fedloom.runtime.attack_setup import make_attack
-    from fedloom.runtime.simoptions import SimulationOptions
-    from fedloom.runtime.simulation import simulate as run_simulation
+    from fedloom.simulation.attack_setup import make_attack
+    from fedloom.simulation.options import SimulationOptions
+    from fedloom.simulation.run import simulate as run_simulation
 
     flags = {
         "sites": sites,
@@ -272,7 +272,7 @@ def simulate(
         used = ", ".join(k for k, v in ray_flags.items() if v is not None)
         raise PlanError([f"{used}: only with --backend ray"], source="command line")
     if transport is Transport.GRPC:
-        from fedloom.runtime.launcher import run_local_grpc
+        from fedloom.deployment.launcher import run_local_grpc
 
         ignored = {
             "--workers": workers is not None,
@@ -295,7 +295,7 @@ def simulate(
         raise typer.Exit(code)
     ray = None
     if backend is Backend.RAY:
-        from fedloom.runtime.ray_backend import RayBackend, require_ray
+        from fedloom.simulation.ray_backend import RayBackend, require_ray
 
         address = ray_address or os.environ.get("RAY_ADDRESS") or None
         ray = RayBackend(address=address, workspace=ray_workspace)
@@ -400,7 +400,7 @@ def _attack_line(attack: Attack, sites: int) -> str:
 def _starting_line(plan: Plan, options: SimulationOptions) -> str | None:
     """The line said while the workers start (each loads the task, which can take
     seconds): None where the tasks run in this process."""
-    from fedloom.runtime.pool import worker_processes
+    from fedloom.simulation.pool import worker_processes
 
     if options.backend is not None:
         return "starting Ray workers for the sites' local work"

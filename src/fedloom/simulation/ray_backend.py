@@ -1,9 +1,9 @@
 """Simulated sites' local work on a Ray cluster (``fedloom simulate --backend ray``).
 
 Each :class:`RayWorker` drives one Ray actor (one CPU) that hosts a
-:class:`~fedloom.runtime.worker.SiteWorker`, as a :class:`ProcessWorker` drives a
+:class:`~fedloom.simulation.worker.SiteWorker`, as a :class:`ProcessWorker` drives a
 process. Only ``bytes`` and ``str`` cross an actor call: requests and replies are
-packed by :func:`fedloom.runtime.pipes.pack` (a JSON header and raw tensor buffers),
+packed by :func:`fedloom.simulation.pipes.pack` (a JSON header and raw tensor buffers),
 which Ray passes as plain bytes (msgpack, not pickle). Ray refers to the actor class
 by its import path, so every node needs this fedloom installed.
 
@@ -28,8 +28,8 @@ from typing import Any
 from fedloom.core.errors import FedloomError, PlanError, TransportError, WorkspaceError
 from fedloom.core.weights import Weights
 from fedloom.plan import plan_hash, validate_plan
-from fedloom.runtime import pipes
-from fedloom.runtime.replies import (
+from fedloom.simulation import pipes
+from fedloom.simulation.replies import (
     Reply,
     WorkerDied,
     error_reply,
@@ -37,7 +37,7 @@ from fedloom.runtime.replies import (
     raise_reply_error,
     request_timeout,
 )
-from fedloom.runtime.worker import SiteWorker, Worker
+from fedloom.simulation.worker import SiteWorker, Worker
 
 INSTALL_HINT = "pip install 'fedloom[ray]'"
 CONNECT_SECONDS = 10.0  # to find the head's port open before handing over to Ray

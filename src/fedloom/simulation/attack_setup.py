@@ -7,7 +7,7 @@ from fedloom.attacks import Attack, AttackKind, choose_attackers, parse_attack
 from fedloom.core.errors import PlanError
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.plan import Plan
-from fedloom.runtime.simoptions import SimulationOptions
+from fedloom.simulation.options import SimulationOptions
 
 
 def make_attack(plan: Plan, options: SimulationOptions) -> Attack | None:

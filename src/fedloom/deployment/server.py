@@ -1,7 +1,7 @@
 """The aggregator as a real server: the same round loop as the simulation, over gRPC.
 
 :func:`serve` builds the :class:`~fedloom.aggregator.Aggregator` from the plan, serves
-the run that :func:`~fedloom.runtime.resume.open_run` took (new or resumed) with mutual
+the run that :func:`~fedloom.deployment.resume.open_run` took (new or resumed) with mutual
 TLS on the workspace's PKI, records every round durably, publishes its live state for
 ``fedloom status``, keeps the server up until the connected sites have been told the
 federation finished, and returns what happened. Sites connect to it; it never connects
@@ -22,6 +22,8 @@ from fedloom.aggregator import Aggregator
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, WorkspaceError
 from fedloom.core.events import Event, RoundClosed
+from fedloom.deployment.finished import final_result
+from fedloom.deployment.resume import OpenedRun, state_dir_of
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_hash
@@ -29,8 +31,6 @@ from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
 from fedloom.runtime.federation import federation_config
-from fedloom.runtime.finished import final_result
-from fedloom.runtime.resume import OpenedRun, state_dir_of
 from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
 from fedloom.tasks.base import Metrics, metrics_of

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from fedloom.core.errors import TaskError
 from fedloom.core.records import Instruction, SiteAnswer
 from fedloom.core.weights import Weights
-from fedloom.runtime.replies import WorkerDied, answers_from_batch_reply
-from fedloom.runtime.worker import Worker
-from fedloom.runtime.workerops import WorkerOp, instruction_to_json, request
+from fedloom.simulation.replies import WorkerDied, answers_from_batch_reply
+from fedloom.simulation.worker import Worker
+from fedloom.simulation.workerops import WorkerOp, instruction_to_json, request
 
 
 @dataclass

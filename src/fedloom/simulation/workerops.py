@@ -1,5 +1,5 @@
 """What the simulation asks its workers: a typed operation and typed fields in the JSON
-header of a pipe message (:mod:`fedloom.runtime.pipes`), never pickle.
+header of a pipe message (:mod:`fedloom.simulation.pipes`), never pickle.
 
 An instruction travels as a JSON object of its fields (:func:`instruction_to_json`), the
 same in a worker process, a Ray actor and the in-process worker.

@@ -25,13 +25,13 @@ from fedloom.core.errors import (
     FedloomError,
     TransportError,
 )
+from fedloom.deployment.siteprogress import Reporter, SiteProgress, record_answers
+from fedloom.deployment.waiting import WaitNotices, federation_completed
 from fedloom.pki.common import SERVER_CERT, write_atomic
 from fedloom.pki.credentials import Credentials
 from fedloom.privacy.audit import AuditLog
 from fedloom.privacy.audit_records import AUDIT_LOG
 from fedloom.privacy.signing import certificate_from_pem
-from fedloom.runtime.siteprogress import Reporter, SiteProgress, record_answers
-from fedloom.runtime.waiting import WaitNotices, federation_completed
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import Heartbeat
 

@@ -9,10 +9,10 @@ again); each change of what the site waits for, and why, is said on the screen. 
 refusal (another CA, a revoked certificate, another plan) ends the process with the
 reason.
 
-Its parts: the policy and budget checked at start (:mod:`~fedloom.runtime.sitepolicy`),
-the site's own data (:mod:`~fedloom.runtime.siteload`), the link to the aggregator
-(:mod:`~fedloom.runtime.sitelink`: the work loop, heartbeats, withdrawal) and what the
-site did, as its screen shows it (:mod:`~fedloom.runtime.siteprogress`).
+Its parts: the policy and budget checked at start (:mod:`~fedloom.deployment.sitepolicy`),
+the site's own data (:mod:`~fedloom.deployment.siteload`), the link to the aggregator
+(:mod:`~fedloom.deployment.sitelink`: the work loop, heartbeats, withdrawal) and what the
+site did, as its screen shows it (:mod:`~fedloom.deployment.siteprogress`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import DataError, DeviceError, FedloomError, StateError
 from fedloom.core.records import Instruction, SiteAnswer
 from fedloom.core.weights import Weights
+from fedloom.deployment.sitelink import aggregator_certificate, heartbeats, tell_withdrawal, work
+from fedloom.deployment.siteload import load_site_data
+from fedloom.deployment.sitepolicy import enforce_policy, site_budget, site_policy_files
+from fedloom.deployment.siteprogress import Reporter, SiteProgress
+from fedloom.deployment.waiting import WaitNotices
 from fedloom.pki import site_credentials
 from fedloom.pki.common import check_name, site_state_dir
 from fedloom.pki.site import check_own_certificate
@@ -46,12 +51,7 @@ from fedloom.privacy.policy import filter_metrics
 from fedloom.privacy.published import model_checker
 from fedloom.privacy.site import site_privacy
 from fedloom.runtime.executor import dp_sgd_of, execute, site_env
-from fedloom.runtime.sitelink import aggregator_certificate, heartbeats, tell_withdrawal, work
-from fedloom.runtime.siteload import load_site_data
-from fedloom.runtime.sitepolicy import enforce_policy, site_budget, site_policy_files
-from fedloom.runtime.siteprogress import Reporter, SiteProgress
 from fedloom.runtime.tracebacks import one_line, task_traceback
-from fedloom.runtime.waiting import WaitNotices
 from fedloom.store.locks import LockBusy, hold_lock
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection

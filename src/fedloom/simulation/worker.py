@@ -31,11 +31,12 @@ from fedloom.core.records import DPSGDSettings, EvalOutput, Instruction, SiteAns
 from fedloom.core.weights import Weights, copy_weights, read_only
 from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
-from fedloom.runtime import pipes
-from fedloom.runtime.attacked import AttackedTask
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
-from fedloom.runtime.replies import (
+from fedloom.runtime.sitedata import DataSource
+from fedloom.simulation import pipes
+from fedloom.simulation.attacked import AttackedTask
+from fedloom.simulation.replies import (
     Reply,
     WorkerDied,
     error_reply,
@@ -43,8 +44,7 @@ from fedloom.runtime.replies import (
     raise_reply_error,
     request_timeout,
 )
-from fedloom.runtime.sitedata import DataSource
-from fedloom.runtime.workerops import WorkerOp, instruction_from_json, op_of, request
+from fedloom.simulation.workerops import WorkerOp, instruction_from_json, op_of, request
 from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
@@ -275,7 +275,7 @@ def serve(conn: Connection) -> None:
 
 class ProcessWorker:
     """A :class:`SiteWorker` in a fresh Python process (``python -m
-    fedloom.runtime.workerproc``), linked by a socket pair: nothing is inherited, nothing
+    fedloom.simulation.workerproc``), linked by a socket pair: nothing is inherited, nothing
     pickled, and the caller's ``__main__`` is never re-imported.
 
     A request that gets no answer within ``call_timeout`` seconds (a hung task) fails
@@ -312,7 +312,7 @@ class ProcessWorker:
             [
                 sys.executable,
                 "-m",
-                "fedloom.runtime.workerproc",
+                "fedloom.simulation.workerproc",
                 str(theirs.fileno()),
                 str(os.getpid()),
             ],
@@ -416,7 +416,7 @@ class LocalWorker:
 
 class Worker(Protocol):
     """Where sites do their local work: :class:`ProcessWorker`, :class:`LocalWorker`, or
-    ``RayWorker`` (``fedloom.runtime.ray_backend``). One request at a time; a worker that
+    ``RayWorker`` (``fedloom.simulation.ray_backend``). One request at a time; a worker that
     dies, or gives no answer within its timeout, fails that request with
     :class:`WorkerDied` and is replaced."""
 

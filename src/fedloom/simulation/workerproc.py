@@ -1,5 +1,5 @@
 """Entry point of a simulation worker process:
-``python -m fedloom.runtime.workerproc FD PARENT_PID``.
+``python -m fedloom.simulation.workerproc FD PARENT_PID``.
 
 ``FD`` is the worker's end of a socket pair made by its parent. The worker also ends
 the moment its parent does (through a pidfd on Linux), even if it is busy in a task or
@@ -29,6 +29,6 @@ if __name__ == "__main__":
 
     from multiprocessing.connection import Connection
 
-    from fedloom.runtime.worker import serve
+    from fedloom.simulation.worker import serve
 
     serve(Connection(int(sys.argv[1])))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedloom.runtime.ray_backend import RayBackend
+from fedloom.simulation.ray_backend import RayBackend
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 from fedloom.plan import Plan
-from fedloom.runtime.ray_backend import start_ray_workers
-from fedloom.runtime.simoptions import SimulationOptions
-from fedloom.runtime.worker import LocalWorker, Placement, ProcessWorker, Worker
+from fedloom.simulation.options import SimulationOptions
+from fedloom.simulation.ray_backend import start_ray_workers
+from fedloom.simulation.worker import LocalWorker, Placement, ProcessWorker, Worker
 
 
 def worker_processes(plan: Plan, options: SimulationOptions) -> int:

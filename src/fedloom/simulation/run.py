@@ -35,14 +35,14 @@ from fedloom.plan import Plan, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.site import site_privacy
 from fedloom.results import SimulationResult, SiteFailed
-from fedloom.runtime.attack_setup import make_attack
-from fedloom.runtime.dispatch import Dispatcher, batch_size
 from fedloom.runtime.federation import federation_config
-from fedloom.runtime.pool import start_workers
-from fedloom.runtime.replies import raise_reply_error
-from fedloom.runtime.simoptions import SimulationOptions
-from fedloom.runtime.worker import LocalWorker, attack_to_json
-from fedloom.runtime.workerops import WorkerOp, request
+from fedloom.simulation.attack_setup import make_attack
+from fedloom.simulation.dispatch import Dispatcher, batch_size
+from fedloom.simulation.options import SimulationOptions
+from fedloom.simulation.pool import start_workers
+from fedloom.simulation.replies import raise_reply_error
+from fedloom.simulation.worker import LocalWorker, attack_to_json
+from fedloom.simulation.workerops import WorkerOp, request
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
@@ -176,7 +176,7 @@ def _simulate(
             privacy=aggregator_privacy(plan),
         )
         transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
-        # Sites wait for the workers in batches (see runtime/dispatch.py); enough site
+        # Sites wait for the workers in batches (see simulation/dispatch.py); enough site
         # threads that a batch fills while the previous one's updates are folded.
         # Secure aggregation's key exchange waits for every site of the round, so each
         # needs its own thread then.

@@ -15,8 +15,8 @@ from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import StateError
 from fedloom.core.events import Resume
 from fedloom.core.records import CloseReason, InstructionKind
+from fedloom.deployment.finished import complete_results
 from fedloom.plan import Plan, plan_hash
-from fedloom.runtime.finished import complete_results
 from fedloom.store.database import ENDED
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import RunInfo, RunStore
@@ -70,7 +70,7 @@ def open_run(
     is reported in ``notes``, never used. A run that finished (its final evaluation
     closed) but whose process died before its results were written has them written
     now, from its state, as the finished process would have (``test_set`` as in
-    :class:`~fedloom.runtime.server.ServeOptions`)."""
+    :class:`~fedloom.deployment.server.ServeOptions`)."""
     ws = Path(workspace).resolve()
     state_dir = state_dir_of(ws)
     lock = lock_state(state_dir)
