@@ -72,7 +72,8 @@ class Noop:
     def train(self, weights, data, settings, context):
         return TrainOutput(weights, len(data.y_train), {{}})
 
-    def evaluate(self, weights, x, y):
+    def evaluate(self, weights, data, context):
+        x, y = data
         return EvalOutput(len(y), {{}})
 
 
