@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from fedloom.pki import provision
 from fedloom.deployment.launcher import start_aggregator, start_collaborator
+from fedloom.pki import provision
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from fedloom import create_workspace
-from fedloom.pki import provision
 from fedloom.deployment import launcher
+from fedloom.pki import provision
 
 HOSTILE = Path(__file__).resolve().parents[1] / "tests" / "hostile_site.py"
 SITES = ("site-01", "site-02", "site-03")
