@@ -162,9 +162,18 @@ def test_chunk_made_from_a_memoryview_roundtrips_as_its_bytes() -> None:
 
 
 @PROPERTY
-@given(round=U64, accepted=st.booleans(), reason=st.text(max_size=40), received=U64)
-def test_receipt_roundtrips(round: int, accepted: bool, reason: str, received: int) -> None:
-    receipt = UploadReceipt(round, accepted, reason, received)
+@given(
+    round=U64,
+    accepted=st.booleans(),
+    reason=st.text(max_size=40),
+    received=U64,
+    signature=st.binary(max_size=80),
+    resend=st.booleans(),
+)
+def test_receipt_roundtrips(
+    round: int, accepted: bool, reason: str, received: int, signature: bytes, resend: bool
+) -> None:
+    receipt = UploadReceipt(round, accepted, reason, received, signature, resend)
     assert roundtrip(receipt) == receipt
 
 

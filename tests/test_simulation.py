@@ -98,6 +98,36 @@ def test_a_site_whose_task_fails_is_recorded_and_the_round_goes_on(tmp_path: Pat
     assert result.test_metrics["accuracy"] > 0.85
 
 
+def test_an_upload_the_aggregator_breaks_fails_the_site_at_once_not_at_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """In a simulation no stream breaks on its way: an upload that broke off met the
+    aggregator's own error. The site fails the round then and there (every site settled,
+    quorum met), instead of the round waiting for its deadline (600 s) for a resend."""
+    from fedloom.core.clock import FaultPoints
+    from fedloom.core.errors import FaultInjected
+
+    ws = make_workspace(tmp_path, "breast-cancer")
+    plan = load_plan(ws, ["rounds=2", "deadline.min_fraction=0.5"])
+    faults, broken = FaultPoints(), []
+
+    def breaks(name: str, context: dict) -> None:
+        if context["site"] == "site-03" and context["round"] == 1:
+            broken.append(context["site"])
+            raise FaultInjected("the aggregator failed while it read the upload")
+
+    faults.arm("upload.receiving", breaks)
+    seen: list = []
+    result = simulate(ws, plan, SimulationOptions(workers=0), faults=faults, on_failure=seen.append)
+    first = result.history[0]
+    assert broken == ["site-03"] and first.close_reason is CloseReason.QUORUM
+    [failure] = first.failures
+    assert failure.site == "site-03" and failure.kind is FailureKind.ERROR
+    assert "upload broke off" in failure.reason and "failed while it read" in failure.reason
+    assert [(f.site, f.round) for f in seen] == [("site-03", 1)]
+    assert result.history[1].close_reason is CloseReason.ALL_ANSWERED
+
+
 def test_a_hung_site_fails_at_the_deadline_and_the_run_completes(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
     write_training_twist(ws, "if context.site == 'site-03': threading.Event().wait()")

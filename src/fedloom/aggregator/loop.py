@@ -296,7 +296,7 @@ class Aggregator(SiteCalls):
             secagg.abandon("the round closed without its quorum")
         return record, opened
 
-    def task_open(self, attempt_id: str) -> bool:
+    def attempt_open(self, attempt_id: str) -> bool:
         """Whether the attempt ``attempt_id`` is open and takes answers (a simulation drops
         the work it queued for an attempt that has closed)."""
         with self.board.cond:

@@ -135,7 +135,8 @@ class SiteCalls:
             with board.cond:
                 opened.broke[site] = why
             board.emit(UploadBroke(opened.round, site, reason))
-            return UploadReceipt(header.round, False, f"{reason}; the update may be sent again")
+            again = f"{reason}; the update may be sent again"
+            return UploadReceipt(header.round, False, again, resend=True)
         finally:  # after the site is settled, so no second upload slips in between
             with board.cond:
                 opened.uploading.pop(site, None)

@@ -184,7 +184,7 @@ def _simulate(
         if not options.baseline:
             initial = {}  # the strategy holds its own copy: a model's size less to keep
         here = isinstance(workers[0], LocalWorker)  # --workers 0: tasks in this thread
-        dispatcher = Dispatcher(workers, batch, aggregator.task_open, in_caller=here)
+        dispatcher = Dispatcher(workers, batch, aggregator.attempt_open, in_caller=here)
         # one site ahead of each worker; with batches, a second batch per worker
         ahead = 2 * batch * len(workers) if batch > 1 else len(workers) + 1
         threads = per_round if plan.privacy.secure_aggregation else min(per_round, ahead)
@@ -216,7 +216,7 @@ def _simulate(
             try:
                 return work(site, instruction, weights)
             except Exception as err:
-                if aggregator.task_open(instruction.attempt_id):  # else nobody hears of it
+                if aggregator.attempt_open(instruction.attempt_id):  # else nobody hears of it
                     _failed(site, instruction, err, on_failure)
                 raise
 
@@ -228,13 +228,22 @@ def _simulate(
                 compression=compression,
             )
             try:
-                collaborator.step(timeout=0)
+                outcome = collaborator.step(timeout=0)
             except Exception as err:  # never lose a driver: the site fails, not the run
                 if collaborator.current is not None:
                     reason = f"{type(err).__name__}: {err}"
                     current = collaborator.current
                     report = FailureReport(current.round, reason, current.attempt_id)
                     collaborator.connection.report_failure(report)
+                return
+            receipt, done = outcome.receipt, outcome.instruction
+            if receipt is not None and receipt.resend and done is not None:
+                # An upload in this process cannot break on its way: the aggregator's own
+                # error broke it, and sending it again would meet that again. The site
+                # fails the round now, instead of the round waiting for its deadline.
+                _failed(site, done, TaskError(receipt.reason), on_failure)
+                report = FailureReport(done.round, receipt.reason, done.attempt_id)
+                collaborator.connection.report_failure(report)
 
         started = time.perf_counter()
         pool = ThreadPoolExecutor(threads, thread_name_prefix="fedloom-site")

@@ -72,6 +72,9 @@ class UploadReceipt:
     reason: str = ""
     bytes_received: int = 0
     signature: bytes = b""
+    # the upload broke off and was rolled back: the site is still asked for the round and
+    # may send its update again (a collaborator asks for work again and does)
+    resend: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -177,11 +177,12 @@ def receipt_to_proto(r: UploadReceipt) -> pb.UploadReceipt:
         reason=r.reason,
         bytes_received=r.bytes_received,
         signature=r.signature,
+        resend=r.resend,
     )
 
 
 def receipt_from_proto(m: pb.UploadReceipt) -> UploadReceipt:
-    return UploadReceipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature)
+    return UploadReceipt(m.round, m.accepted, m.reason, m.bytes_received, m.signature, m.resend)
 
 
 def failure_to_proto(f: FailureReport) -> pb.FailureReport:

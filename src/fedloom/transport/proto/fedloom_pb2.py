@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8e\x01\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x10\n\x08\x65valuate\x18\x07 \x01(\x08\"\xef\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x16\n\x0e\x65xchange_steps\x18\x05 \x03(\t\x12\x12\n\nattempt_id\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_json\x18\x07 \x01(\t\x12\"\n\x06\x65nding\x18\x08 \x01(\x0e\x32\x12.fedloom.v1.Ending\"l\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x12\n\nattempt_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"Y\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"\xeb\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x12\n\nattempt_id\x18\x05 \x01(\t\x12\x12\n\naudit_hash\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"k\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"U\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nattempt_id\x18\x03 \x01(\t\x12\x11\n\twithdrawn\x18\x04 \x01(\x08\"?\n\x0f\x45xchangeMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"B\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"w\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"*\n\x12InstructionRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"@\n\x10InstructionReply\x12,\n\x0binstruction\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.Instruction\" \n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"h\n\x0f\x44ownloadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.ModelHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x01\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x1a\n\tHeartbeat\x12\r\n\x05round\x18\x01 \x01(\x04\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x05\n\x03\x41\x63k*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03*`\n\x06\x45nding\x12\x16\n\x12\x45NDING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NDING_COMPLETED\x10\x01\x12\x12\n\x0e\x45NDING_STOPPED\x10\x02\x12\x14\n\x10\x45NDING_CANCELLED\x10\x03\x32\xda\x03\n\nAggregator\x12/\n\x05Hello\x12\x11.fedloom.v1.Hello\x1a\x13.fedloom.v1.Welcome\x12N\n\x0eGetInstruction\x12\x1e.fedloom.v1.InstructionRequest\x1a\x1c.fedloom.v1.InstructionReply\x12\x46\n\x08\x44ownload\x12\x1b.fedloom.v1.DownloadRequest\x1a\x1b.fedloom.v1.DownloadMessage0\x01\x12@\n\x06Upload\x12\x19.fedloom.v1.UploadMessage\x1a\x19.fedloom.v1.UploadReceipt(\x01\x12;\n\rReportFailure\x12\x19.fedloom.v1.FailureReport\x1a\x0f.fedloom.v1.Ack\x12\x44\n\x08\x45xchange\x12\x1b.fedloom.v1.ExchangeMessage\x1a\x1b.fedloom.v1.ExchangeMessage\x12>\n\tHeartbeat\x12\x15.fedloom.v1.Heartbeat\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%fedloom/transport/proto/fedloom.proto\x12\nfedloom.v1\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x8e\x01\n\rTrainSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\x12\n\n\x02lr\x18\x03 \x01(\x01\x12\x10\n\x08momentum\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\x12\x13\n\x0bproximal_mu\x18\x06 \x01(\x01\x12\x10\n\x08\x65valuate\x18\x07 \x01(\x08\"\xef\x01\n\x0bInstruction\x12\r\n\x05round\x18\x01 \x01(\x04\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.fedloom.v1.InstructionKind\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fedloom.v1.TrainSettings\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x16\n\x0e\x65xchange_steps\x18\x05 \x03(\t\x12\x12\n\nattempt_id\x18\x06 \x01(\t\x12\x14\n\x0cprivacy_json\x18\x07 \x01(\t\x12\"\n\x06\x65nding\x18\x08 \x01(\x0e\x32\x12.fedloom.v1.Ending\"l\n\x0bModelHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x12\n\nattempt_id\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"Y\n\x05\x43hunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_checksum\"\xeb\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.fedloom.v1.UpdateHeader.MetricsEntry\x12\'\n\x07tensors\x18\x04 \x03(\x0b\x32\x16.fedloom.v1.TensorSpec\x12\x12\n\nattempt_id\x18\x05 \x01(\t\x12\x12\n\naudit_hash\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"{\n\rUploadReceipt\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x0e\n\x06resend\x18\x06 \x01(\x08\"U\n\rFailureReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nattempt_id\x18\x03 \x01(\t\x12\x11\n\twithdrawn\x18\x04 \x01(\x08\"?\n\x0f\x45xchangeMessage\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"B\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\"w\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nfederation\x18\x02 \x01(\t\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"*\n\x12InstructionRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"@\n\x10InstructionReply\x12,\n\x0binstruction\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.Instruction\" \n\x0f\x44ownloadRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"h\n\x0f\x44ownloadMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedloom.v1.ModelHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x01\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedloom.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedloom.v1.ChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedloom.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"\x1b\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\"\x1a\n\tHeartbeat\x12\r\n\x05round\x18\x01 \x01(\x04\"6\n\x0eHeartbeatReply\x12\x12\n\nopen_round\x18\x01 \x01(\x04\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\"\x05\n\x03\x41\x63k*\x8d\x01\n\x0fInstructionKind\x12 \n\x1cINSTRUCTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16INSTRUCTION_KIND_TRAIN\x10\x01\x12\x1d\n\x19INSTRUCTION_KIND_EVALUATE\x10\x02\x12\x1d\n\x19INSTRUCTION_KIND_FINISHED\x10\x03*`\n\x06\x45nding\x12\x16\n\x12\x45NDING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NDING_COMPLETED\x10\x01\x12\x12\n\x0e\x45NDING_STOPPED\x10\x02\x12\x14\n\x10\x45NDING_CANCELLED\x10\x03\x32\xda\x03\n\nAggregator\x12/\n\x05Hello\x12\x11.fedloom.v1.Hello\x1a\x13.fedloom.v1.Welcome\x12N\n\x0eGetInstruction\x12\x1e.fedloom.v1.InstructionRequest\x1a\x1c.fedloom.v1.InstructionReply\x12\x46\n\x08\x44ownload\x12\x1b.fedloom.v1.DownloadRequest\x1a\x1b.fedloom.v1.DownloadMessage0\x01\x12@\n\x06Upload\x12\x19.fedloom.v1.UploadMessage\x1a\x19.fedloom.v1.UploadReceipt(\x01\x12;\n\rReportFailure\x12\x19.fedloom.v1.FailureReport\x1a\x0f.fedloom.v1.Ack\x12\x44\n\x08\x45xchange\x12\x1b.fedloom.v1.ExchangeMessage\x1a\x1b.fedloom.v1.ExchangeMessage\x12>\n\tHeartbeat\x12\x15.fedloom.v1.Heartbeat\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_INSTRUCTIONKIND']._serialized_start=1902
-  _globals['_INSTRUCTIONKIND']._serialized_end=2043
-  _globals['_ENDING']._serialized_start=2045
-  _globals['_ENDING']._serialized_end=2141
+  _globals['_INSTRUCTIONKIND']._serialized_start=1918
+  _globals['_INSTRUCTIONKIND']._serialized_end=2059
+  _globals['_ENDING']._serialized_start=2061
+  _globals['_ENDING']._serialized_end=2157
   _globals['_TENSORSPEC']._serialized_start=53
   _globals['_TENSORSPEC']._serialized_end=109
   _globals['_TRAINSETTINGS']._serialized_start=112
@@ -52,33 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=889
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=935
   _globals['_UPLOADRECEIPT']._serialized_start=937
-  _globals['_UPLOADRECEIPT']._serialized_end=1044
-  _globals['_FAILUREREPORT']._serialized_start=1046
-  _globals['_FAILUREREPORT']._serialized_end=1131
-  _globals['_EXCHANGEMESSAGE']._serialized_start=1133
-  _globals['_EXCHANGEMESSAGE']._serialized_end=1196
-  _globals['_HELLO']._serialized_start=1198
-  _globals['_HELLO']._serialized_end=1264
-  _globals['_WELCOME']._serialized_start=1266
-  _globals['_WELCOME']._serialized_end=1385
-  _globals['_INSTRUCTIONREQUEST']._serialized_start=1387
-  _globals['_INSTRUCTIONREQUEST']._serialized_end=1429
-  _globals['_INSTRUCTIONREPLY']._serialized_start=1431
-  _globals['_INSTRUCTIONREPLY']._serialized_end=1495
-  _globals['_DOWNLOADREQUEST']._serialized_start=1497
-  _globals['_DOWNLOADREQUEST']._serialized_end=1529
-  _globals['_DOWNLOADMESSAGE']._serialized_start=1531
-  _globals['_DOWNLOADMESSAGE']._serialized_end=1635
-  _globals['_UPLOADMESSAGE']._serialized_start=1638
-  _globals['_UPLOADMESSAGE']._serialized_end=1779
-  _globals['_STREAMEND']._serialized_start=1781
-  _globals['_STREAMEND']._serialized_end=1808
-  _globals['_HEARTBEAT']._serialized_start=1810
-  _globals['_HEARTBEAT']._serialized_end=1836
-  _globals['_HEARTBEATREPLY']._serialized_start=1838
-  _globals['_HEARTBEATREPLY']._serialized_end=1892
-  _globals['_ACK']._serialized_start=1894
-  _globals['_ACK']._serialized_end=1899
-  _globals['_AGGREGATOR']._serialized_start=2144
-  _globals['_AGGREGATOR']._serialized_end=2618
+  _globals['_UPLOADRECEIPT']._serialized_end=1060
+  _globals['_FAILUREREPORT']._serialized_start=1062
+  _globals['_FAILUREREPORT']._serialized_end=1147
+  _globals['_EXCHANGEMESSAGE']._serialized_start=1149
+  _globals['_EXCHANGEMESSAGE']._serialized_end=1212
+  _globals['_HELLO']._serialized_start=1214
+  _globals['_HELLO']._serialized_end=1280
+  _globals['_WELCOME']._serialized_start=1282
+  _globals['_WELCOME']._serialized_end=1401
+  _globals['_INSTRUCTIONREQUEST']._serialized_start=1403
+  _globals['_INSTRUCTIONREQUEST']._serialized_end=1445
+  _globals['_INSTRUCTIONREPLY']._serialized_start=1447
+  _globals['_INSTRUCTIONREPLY']._serialized_end=1511
+  _globals['_DOWNLOADREQUEST']._serialized_start=1513
+  _globals['_DOWNLOADREQUEST']._serialized_end=1545
+  _globals['_DOWNLOADMESSAGE']._serialized_start=1547
+  _globals['_DOWNLOADMESSAGE']._serialized_end=1651
+  _globals['_UPLOADMESSAGE']._serialized_start=1654
+  _globals['_UPLOADMESSAGE']._serialized_end=1795
+  _globals['_STREAMEND']._serialized_start=1797
+  _globals['_STREAMEND']._serialized_end=1824
+  _globals['_HEARTBEAT']._serialized_start=1826
+  _globals['_HEARTBEAT']._serialized_end=1852
+  _globals['_HEARTBEATREPLY']._serialized_start=1854
+  _globals['_HEARTBEATREPLY']._serialized_end=1908
+  _globals['_ACK']._serialized_start=1910
+  _globals['_ACK']._serialized_end=1915
+  _globals['_AGGREGATOR']._serialized_start=2160
+  _globals['_AGGREGATOR']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

@@ -125,18 +125,20 @@ class UpdateHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., attempt_id: _Optional[str] = ..., audit_hash: _Optional[str] = ...) -> None: ...
 
 class UploadReceipt(_message.Message):
-    __slots__ = ("round", "accepted", "reason", "bytes_received", "signature")
+    __slots__ = ("round", "accepted", "reason", "bytes_received", "signature", "resend")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RESEND_FIELD_NUMBER: _ClassVar[int]
     round: int
     accepted: bool
     reason: str
     bytes_received: int
     signature: bytes
-    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    resend: bool
+    def __init__(self, round: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., bytes_received: _Optional[int] = ..., signature: _Optional[bytes] = ..., resend: _Optional[bool] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("round", "reason", "attempt_id", "withdrawn")
