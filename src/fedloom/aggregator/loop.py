@@ -125,7 +125,7 @@ class Aggregator(SiteCalls):
 
     def run(self) -> list[RoundRecord]:
         """Run every round, then the final evaluation; return the history."""
-        completed = cancelled = False
+        ending = Ending.STOPPED  # unless it completes, or is cancelled
         try:
             for rnd in range(self._next_round, self.config.rounds + 1):
                 if self._privacy is not None:
@@ -135,27 +135,21 @@ class Aggregator(SiteCalls):
                 self._train_round(rnd)
             if self.config.final_evaluation:
                 self._evaluation_round(self.config.rounds + 1)
-            completed = True
+            ending = Ending.COMPLETED
         except Cancelled:
-            cancelled = True
+            ending = Ending.CANCELLED
             raise
         finally:
             running = self.board.running
             if running is not None and running.secagg is not None:
                 running.secagg.abandon("the aggregator stopped")  # release waiting sites
-            if not completed:
+            if ending is not Ending.COMPLETED:
                 self._record_stop()
             with self.board.cond:
                 # Sites are told the aggregator is done, and whether the federation
                 # completed: after a failure or a stop it did not, and the run resumes
                 # when the aggregator is started again, unless it was cancelled.
-                self.board.ending = (
-                    Ending.COMPLETED
-                    if completed
-                    else Ending.CANCELLED
-                    if cancelled
-                    else Ending.STOPPED
-                )
+                self.board.ending = ending
                 self.board.open = None
                 self.board.cond.notify_all()
         return self.history

@@ -27,7 +27,7 @@ class StrategyState:
         return replace(self, **changes)
 
 
-Ledger = Mapping[str, Any]
+PrivacyLedger = Mapping[str, Any]
 """The privacy ledger (JSON): the clipping bound, the noise each round really had, the
 epsilon spent (:mod:`fedloom.privacy.aggregator` keeps it)."""
 
@@ -39,7 +39,7 @@ class FederationState:
     privacy). A strategy sees only its own part."""
 
     strategy: StrategyState
-    ledger: Ledger | None = None
+    ledger: PrivacyLedger | None = None
 
     @property
     def weights(self) -> Weights:

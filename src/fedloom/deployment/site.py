@@ -145,7 +145,7 @@ def _participate(
     task_state.mkdir(mode=0o700, exist_ok=True)
     try:
         env = site_env(plan, device=options.device, data_path=options.data, state_dir=task_state)
-        data, index, _ = load_site_data(ws, plan, task, options.name, options.data, env)
+        data, index = load_site_data(ws, plan, task, options.name, options.data, env)
     except (DataError, DeviceError) as err:
         # Refused alone: the aggregator hears why and stops waiting for this site.
         told = tell_withdrawal(credentials, settings, err, state_dir, stop)

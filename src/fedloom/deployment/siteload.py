@@ -37,10 +37,10 @@ log = logging.getLogger("fedloom.collaborator")
 
 def load_site_data(
     ws: Path, plan: Plan, task: Task, name: str, data_path: Path | None, env: SiteEnv
-) -> tuple[AnySiteData, int, int]:
+) -> tuple[AnySiteData, int]:
     """The data of site ``name`` (``data_path``: what ``--data`` names; None: its
-    share of the plan's built-in dataset), its index in the roster (-1 if not in it)
-    and the class count, checked (:func:`check_site_data`) before the site joins."""
+    share of the plan's built-in dataset) and its index in the roster (-1 if not in
+    it), checked (:func:`check_site_data`) before the site joins."""
     index = plan.roster.index(name) if name in plan.roster else -1
     source = DataSource(plan, ws, task)
     if data_path is not None:
@@ -76,7 +76,7 @@ def load_site_data(
         else:
             data = load_site_file(data_path, plan, name)
         check_site_data(data, source, str(data_path), env)
-        return data, index, source.num_classes
+        return data, index
     if index < 0:
         raise PlanError(
             [f"site {name!r} is not one of the plan's sites: {', '.join(plan.roster)}"],
@@ -85,7 +85,7 @@ def load_site_data(
     data = source.site_data(name)
     if plan.data.dataset == "custom":  # the built-in shares are known to be good
         check_site_data(data, source, "the data the task's load_data returned", env)
-    return data, index, source.num_classes
+    return data, index
 
 
 DATA_HINT = (

@@ -66,11 +66,11 @@ def record_answers(outcome: StepOutcome, progress: SiteProgress, report: Reporte
     """After one step of the collaborator: the round it did not answer (a refused
     model, the policy, the budget), and the aggregator's receipt for the current
     round, each counted in ``progress`` and reported once."""
-    refused = outcome.instruction.round if outcome.instruction is not None else 0
-    if outcome.failure is not None and refused not in progress.failed:
+    refused = outcome.instruction if outcome.failure is not None else None
+    if refused is not None and refused.round not in progress.failed:
         # reported to the aggregator already: a refused model, the policy, the budget
-        progress.failed.add(refused)
-        report(f"round {refused}: not answered: {outcome.failure}", failed=True)
+        progress.failed.add(refused.round)
+        report(f"round {refused.round}: not answered: {outcome.failure}", failed=True)
     receipt = outcome.receipt
     if receipt is None or receipt.round != progress.current:
         return

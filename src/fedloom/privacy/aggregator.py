@@ -21,7 +21,7 @@ from cryptography import x509
 
 from fedloom.core.clock import Clock
 from fedloom.core.records import MeanSummary
-from fedloom.core.state import Ledger
+from fedloom.core.state import PrivacyLedger
 from fedloom.core.weights import TensorSpec, Weights
 from fedloom.privacy import dp as dpmath
 from fedloom.privacy.accounting import label
@@ -113,7 +113,7 @@ class AggregatorPrivacy:
 
     # ----------------------------------------------------------- before a round
 
-    def ledger(self, kept: Ledger | None) -> dict[str, Any]:
+    def ledger(self, kept: PrivacyLedger | None) -> dict[str, Any]:
         """The ledger ``kept`` (clip bound, noise per round, epsilon), or the one before
         round 1."""
         if kept is not None:
@@ -121,7 +121,7 @@ class AggregatorPrivacy:
         dp = self.plan.dp
         return {"clip": dp.clip if dp else None, "noise": [], "epsilon": 0.0}
 
-    def stop_reason(self, kept: Ledger | None) -> str | None:
+    def stop_reason(self, kept: PrivacyLedger | None) -> str | None:
         """Why the next round must not run: it would spend more than the budget."""
         dp = self.plan.dp
         if dp is None or dp.epsilon_budget is None:
@@ -138,7 +138,7 @@ class AggregatorPrivacy:
             f"after {len(spent)} round(s)"
         )
 
-    def spent(self, kept: Ledger | None) -> dict[str, Any] | None:
+    def spent(self, kept: PrivacyLedger | None) -> dict[str, Any] | None:
         """The epsilon spent so far (at the plan's delta) and the next clipping bound,
         for ``fedloom status``; None without DP."""
         dp = self.plan.dp
@@ -163,7 +163,7 @@ class AggregatorPrivacy:
             return dp.noise_multiplier
         return dp.noise_multiplier * math.sqrt(self.min_sites / self.per_round)
 
-    def instruction(self, kept: Ledger | None) -> dict[str, Any]:
+    def instruction(self, kept: PrivacyLedger | None) -> dict[str, Any]:
         """What every site needs this round beyond its plan: the clipping bound now."""
         if self.plan.dp is None:
             return {}
@@ -238,7 +238,7 @@ class AggregatorPrivacy:
         return MeanSummary(round, mean, total, results)
 
     def finish(
-        self, summary: MeanSummary, kept: Ledger | None
+        self, summary: MeanSummary, kept: PrivacyLedger | None
     ) -> tuple[MeanSummary, dict[str, Any] | None]:
         """The summary the strategy may see (noised, extras removed), and the privacy
         ledger after this round (None when DP is off)."""
@@ -300,7 +300,9 @@ def spent_after(
     return out
 
 
-def spent_by_round(kept: Ledger | None, privacy: AggregatorPrivacy) -> list[dict[str, float | str]]:
+def spent_by_round(
+    kept: PrivacyLedger | None, privacy: AggregatorPrivacy
+) -> list[dict[str, float | str]]:
     """What each finished training round had spent once aggregated, in order, as
     :func:`spent_after` said it then: recomputed from the ledger."""
     dp = privacy.plan.dp

@@ -41,8 +41,8 @@ from fedloom.simulation.dispatch import Dispatcher, batch_size
 from fedloom.simulation.options import SimulationOptions
 from fedloom.simulation.pool import start_workers
 from fedloom.simulation.replies import raise_reply_error
-from fedloom.simulation.worker import LocalWorker, attack_to_json
-from fedloom.simulation.workerops import WorkerOp, request
+from fedloom.simulation.worker import LocalWorker
+from fedloom.simulation.workerops import WorkerOp, attack_to_json, request
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics

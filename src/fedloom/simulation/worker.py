@@ -22,7 +22,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedloom.attacks import Attack, AttackKind
 from fedloom.core.errors import (
     TaskError,
     WorkspaceError,
@@ -44,7 +43,13 @@ from fedloom.simulation.replies import (
     raise_reply_error,
     request_timeout,
 )
-from fedloom.simulation.workerops import WorkerOp, instruction_from_json, op_of, request
+from fedloom.simulation.workerops import (
+    WorkerOp,
+    attack_from_json,
+    instruction_from_json,
+    op_of,
+    request,
+)
 from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
@@ -61,18 +66,6 @@ class Placement:
     device: str | None = None
     memory_fraction: float | None = None
     state_root: str | None = None
-
-
-def attack_to_json(a: Attack | None) -> dict[str, Any] | None:
-    if a is None:
-        return None
-    return {"kind": a.kind.value, "factor": a.factor, "attackers": sorted(a.attackers)}
-
-
-def attack_from_json(d: dict[str, Any] | None) -> Attack | None:
-    if d is None:
-        return None
-    return Attack(AttackKind(d["kind"]), float(d["factor"]), frozenset(d["attackers"]))
 
 
 class SiteWorker:

@@ -12,6 +12,7 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+from fedloom.attacks import Attack, AttackKind
 from fedloom.core.errors import TaskError
 from fedloom.core.records import Ending, Instruction, InstructionKind, TrainSettings
 
@@ -40,28 +41,48 @@ def op_of(header: Mapping[str, Any]) -> WorkerOp:
         raise TaskError(f"unknown worker request {header.get('op')!r}") from None
 
 
+def _plain(value: Any) -> Any:
+    """A field's value as JSON holds it: an enum by its value, settings as an object."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, TrainSettings):  # numbers and flags only: no deep copy needed
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return list(value)
+    return dict(value) if isinstance(value, Mapping) else value
+
+
 def instruction_to_json(instruction: Instruction) -> dict[str, Any]:
-    return {
-        "round": instruction.round,
-        "kind": instruction.kind.value,
-        "settings": dataclasses.asdict(instruction.settings),
-        "config": dict(instruction.config),
-        "exchange_steps": list(instruction.exchange_steps),
-        "attempt_id": instruction.attempt_id,
-        "privacy": dict(instruction.privacy),
-        "ending": None if instruction.ending is None else instruction.ending.value,
-    }
+    """Every field of ``instruction``, by its name."""
+    return {f.name: _plain(getattr(instruction, f.name)) for f in dataclasses.fields(Instruction)}
 
 
 def instruction_from_json(obj: Mapping[str, Any]) -> Instruction:
+    """What :func:`instruction_to_json` wrote; the typed fields typed again."""
     ending = obj["ending"]
     return Instruction(
-        round=int(obj["round"]),
-        kind=InstructionKind(obj["kind"]),
-        settings=TrainSettings(**obj["settings"]),
-        config=dict(obj["config"]),
-        exchange_steps=tuple(obj["exchange_steps"]),
-        attempt_id=str(obj["attempt_id"]),
-        privacy=dict(obj["privacy"]),
-        ending=None if ending is None else Ending(ending),
+        **{
+            **obj,
+            "kind": InstructionKind(obj["kind"]),
+            "settings": TrainSettings(**obj["settings"]),
+            "exchange_steps": tuple(obj["exchange_steps"]),
+            "ending": None if ending is None else Ending(ending),
+        }
     )
+
+
+def attack_to_json(attack: Attack | None) -> dict[str, Any] | None:
+    """The simulated attack every worker gets when it starts (None: no attack)."""
+    if attack is None:
+        return None
+    return {
+        "kind": attack.kind.value,
+        "factor": attack.factor,
+        "attackers": sorted(attack.attackers),
+    }
+
+
+def attack_from_json(d: dict[str, Any] | None) -> Attack | None:
+    if d is None:
+        return None
+    return Attack(AttackKind(d["kind"]), float(d["factor"]), frozenset(d["attackers"]))
