@@ -81,11 +81,22 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "seconds_per_round": result.wall_seconds / max(1, finished),
         "bytes_sent": result.bytes_sent,
         "bytes_received": result.bytes_received,
+        **_model_size_fields(result),
         "attackers": list(result.attackers),
         "failures": sum(len(r.failures) for r in result.history),
         "close_reasons": {str(r.round): r.close_reason.value for r in result.history},
         **_privacy_fields(result),
     }
+
+
+def _model_size_fields(result: SimulationResult) -> dict[str, Any]:
+    """What travels of the model against the whole of it, when the task knows the whole
+    (``federated_bytes``: the federated tensors, sent to and from each site a round;
+    ``model_bytes``: the whole model, a frozen base included)."""
+    if result.model_bytes is None:
+        return {}
+    federated = sum(int(a.nbytes) for a in result.final_weights.values())
+    return {"federated_bytes": federated, "model_bytes": result.model_bytes}
 
 
 def metric_fields(result: SimulationResult) -> dict[str, Any]:

@@ -29,6 +29,9 @@ class SimulationResult:
     # the name of the strategy that aggregated when it is not the plan's (simulate's
     # ``strategy`` argument); None: the plan's
     strategy: str | None = None
+    # the whole model's bytes, a pretrained base included, when the task says (a LoRA
+    # adapter travels, not the model): the summary shows the federated bytes against it
+    model_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ def plan_show(
     console.print(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False).rstrip())
     console.print(f"\n[bold]sites[/]: {', '.join(plan.roster)}")
     console.print(f"[bold]plan hash[/]: {plan_hash(plan, workspace)}")
+    if plan.model.base is not None:
+        from fedloom.workspace import base_model_digest, base_model_folder
+
+        folder = base_model_folder(Path(workspace).resolve(), plan.model.base)
+        console.print(f"[bold]base model[/]: {folder}  digest {base_model_digest(folder)}")
     _warn(attack_warnings(plan, attackers))
 
 

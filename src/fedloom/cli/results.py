@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from rich.table import Column, Table
 from rich.text import Text
 
-from fedloom.cli.common import console, errors
+from fedloom.cli.common import console, errors, human_bytes
 from fedloom.core.errors import FedloomError, TaskFailed, WorkspaceError
 from fedloom.figures import metric_names, worst_first
 from fedloom.report import final_site_metrics
@@ -206,6 +206,13 @@ def _print_summary(s: dict[str, object]) -> None:
     counts = ["wall_seconds", "seconds_per_round", "bytes_sent", "bytes_received", "failures"]
     for key in [*_figure_keys(s), *counts]:
         table.add_row(Text(key), fmt(s.get(key)))
+    federated, whole = s.get("federated_bytes"), s.get("model_bytes")
+    if isinstance(federated, int) and isinstance(whole, int) and whole:
+        table.add_row(
+            "federated tensors",
+            f"{human_bytes(federated)} of the model's {human_bytes(whole)} "
+            f"({100 * federated / whole:.2f} %), each way per site and round",
+        )
     if s.get("epsilon") is not None:
         by = f" ({str(s['accountant']).upper()} accountant)" if s.get("accountant") else ""
         table.add_row("epsilon", f"{fmt(s.get('epsilon'))} at delta {s.get('delta'):g}{by}")

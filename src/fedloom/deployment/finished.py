@@ -98,7 +98,7 @@ def complete_results(
         )
     metrics = None  # the task's declared metrics: from the code the run approved alone
     try:
-        task = load_task(code, plan.task) if same_code else None
+        task = load_task(code, plan.task, plan.model_source(code.root)) if same_code else None
         metrics = metrics_of(task) if task is not None else None
         result = final(task=task if test_set else None, metrics=metrics)
     except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set

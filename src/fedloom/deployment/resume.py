@@ -99,7 +99,7 @@ def open_run(
                     hint="leave out --run-name to resume it, or pass --new-run",
                 )
             strategy = build_strategy(plan.strategy.name, plan.strategy_params)
-            task = load_task(code, plan.task)
+            task = load_task(code, plan.task, plan.model_source(code.root))
             resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
             if not _evaluated(resume, plan):
                 return OpenedRun(store, latest, resume, store.notes, lock)

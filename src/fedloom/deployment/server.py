@@ -26,7 +26,7 @@ from fedloom.deployment.finished import final_result
 from fedloom.deployment.resume import OpenedRun, state_dir_of
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
-from fedloom.plan import Plan, plan_hash
+from fedloom.plan import Plan, plan_covers, plan_hash
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
@@ -134,7 +134,7 @@ def _serve(
             f"the code of {ws} changed after the run was opened (plan hash {digest[:16]}…)",
             hint="start the aggregator again once the workspace holds the approved code",
         )
-    task = load_task(code, plan.task)
+    task = load_task(code, plan.task, plan.model_source(code.root))
     check_task_supports(task, plan.privacy.dp_sgd is not None)
     if on_metrics is not None:
         on_metrics(metrics_of(task))
@@ -187,6 +187,7 @@ def _serve(
     settings = ServerSettings(
         address=address_of(options.host, options.port),
         plan_hash=digest,
+        plan_covers=plan_covers(plan, code),
         federation=plan.name,
         rounds=plan.rounds,
         roster=frozenset(plan.roster),

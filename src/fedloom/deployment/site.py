@@ -129,7 +129,7 @@ def _participate(
     policy = enforce_policy(plan, digest, policy_files)
     credentials = site_credentials(state_dir)
     check_own_certificate(state_dir, credentials)  # not blamed on the aggregator later
-    task = load_task(code, plan.task)
+    task = load_task(code, plan.task, plan.model_source(code.root))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
     settings = ClientSettings(

@@ -30,7 +30,7 @@ from fedloom.plan.schema import (
     device_problem,
 )
 from fedloom.privacy.settings import privacy_problems
-from fedloom.workspace import WorkspaceCode
+from fedloom.workspace import WorkspaceCode, base_model_digest, base_model_folder
 
 if TYPE_CHECKING:
     from fedloom.strategies.base import Strategy
@@ -242,7 +242,8 @@ def attack_warnings(plan: Plan, attackers: int) -> tuple[str, ...]:
 
 
 def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
-    """sha256 over the canonical JSON of ``plan`` and every ``.py`` file of the workspace.
+    """sha256 over the canonical JSON of ``plan``, every ``.py`` file of the workspace
+    and, when the plan names a base model (``model.base``), every file of its folder.
 
     Pass the :class:`WorkspaceCode` the task is loaded from to hash exactly the bytes
     that run; a folder is read afresh."""
@@ -251,7 +252,22 @@ def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
     h.update(b"fedloom-plan-v1\0")
     h.update(plan.canonical_json().encode())
     code.update(h)
+    if plan.model.base is not None:
+        folder = base_model_folder(code.root, plan.model.base)
+        h.update(b"\0base\0" + base_model_digest(folder).encode())
     return h.hexdigest()
+
+
+def plan_covers(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
+    """What the plan hash covers, in words: the plan, the workspace's code and, when the
+    plan names one, the base model with the start of its digest (for a refusal that says
+    where two sides may differ)."""
+    what = "federation.yaml, the workspace's .py files"
+    if plan.model.base is None:
+        return what
+    code = workspace if isinstance(workspace, WorkspaceCode) else WorkspaceCode.read(workspace)
+    digest = base_model_digest(base_model_folder(code.root, plan.model.base))
+    return f"{what} and the base model {plan.model.base} (its files' digest {digest[:16]}…)"
 
 
 __all__ = [
@@ -265,6 +281,7 @@ __all__ = [
     "device_problem",
     "load_plan",
     "parse_overrides",
+    "plan_covers",
     "plan_hash",
     "read_plan_file",
     "validate_plan",

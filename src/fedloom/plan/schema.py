@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +18,7 @@ from fedloom.core.validation import shown
 from fedloom.data.datasets import REGRESSION_DATASETS
 from fedloom.data.partition import parse_partition
 from fedloom.privacy.settings import PrivacyPlan
+from fedloom.tasks.base import ModelSource
 
 if TYPE_CHECKING:
     pass
@@ -132,6 +133,45 @@ class TrainingPlan(Frozen):
         return value
 
 
+FEDERATED_CHOICES = ("all", "trainable")
+
+
+class ModelPlan(Frozen):
+    """The model a task loads from disk rather than builds from code: a pretrained base
+    (a folder ``save_pretrained`` wrote) and which of its tensors the federation trains
+    together. The plan hash covers the base's configuration and a digest of its weights,
+    so every site provably starts from the same base."""
+
+    # the base model's folder: relative to the workspace, or absolute
+    base: str | None = None
+    # which tensors travel and are aggregated: all of them, the trainable ones (a LoRA
+    # adapter's), or those whose names match fnmatch patterns; the rest stay at the site
+    federated: str | tuple[str, ...] = "all"
+
+    @field_validator("base")
+    @classmethod
+    def _base_is_a_folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\0" in value):
+            raise ValueError(f"must name the base model's folder (got {value!r})")
+        return value
+
+    @field_validator("federated")
+    @classmethod
+    def _federated_choice(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, str):
+            if value not in FEDERATED_CHOICES:
+                raise ValueError(
+                    f"must be all, trainable or a list of tensor-name patterns (got {value!r})"
+                )
+            return value
+        if not value or not all(isinstance(p, str) and p.strip() for p in value):
+            raise ValueError(
+                f"a list of tensor-name patterns must name at least one, none empty "
+                f"(got {list(value)!r})"
+            )
+        return value
+
+
 class EvaluationPlan(Frozen):
     final: bool = True  # evaluate the final global model at every site
     # in each training round, evaluate the received global model and the locally trained
@@ -160,6 +200,7 @@ class Plan(Frozen):
     deadline: DeadlinePlan = DeadlinePlan()
     privacy: PrivacyPlan = PrivacyPlan()
     compression: CompressionPlan = CompressionPlan()
+    model: ModelPlan = ModelPlan()
 
     @field_validator("task")
     @classmethod
@@ -259,6 +300,15 @@ class Plan(Frozen):
         """How many sites take part in a round: ``sites_per_round``, else every site."""
         return self.sites_per_round or len(self.roster)
 
+    def model_source(self, root: Path) -> ModelSource:
+        """The plan's model section as the task loader hands it to a task, the base
+        model's folder resolved against the workspace ``root``."""
+        from fedloom.workspace import base_model_folder
+
+        base = self.model.base
+        folder = base_model_folder(root, base) if base is not None else None
+        return ModelSource(folder, self.model.federated)
+
     def train_settings(self) -> TrainSettings:
         """The plan's local training settings, as sites receive them."""
         return TrainSettings(
@@ -280,6 +330,8 @@ class Plan(Frozen):
             for key, default in defaults.items():
                 if data[section].get(key) == default:
                     del data[section][key]
+        if self.model == ModelPlan():  # a section added later: absent while at its default
+            del data["model"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 

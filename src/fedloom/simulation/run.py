@@ -290,6 +290,7 @@ def _simulate(
             attackers=tuple(sorted(attack.attackers)) if attack else (),
             stopped_early=aggregator.stopped_early,
             metrics=metrics,
+            model_bytes=_model_bytes(init_header),
         )
     finally:
         for w in workers:
@@ -339,6 +340,12 @@ def _rounds(aggregator: Aggregator, dispatcher: Dispatcher) -> list[RoundRecord]
         raise box["error"]
     history: list[RoundRecord] = box["history"]
     return history
+
+
+def _model_bytes(init_header: dict[str, Any]) -> int | None:
+    """The whole model's bytes, when the task told its worker (a LoRA adapter's base)."""
+    size = init_header.get("model_bytes")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _metrics(reply: tuple[dict[str, Any], Any], doing: str) -> dict[str, float]:

@@ -50,7 +50,7 @@ from fedloom.simulation.workerops import (
     op_of,
     request,
 )
-from fedloom.tasks.base import ChecksData, SiteContext, metrics_of
+from fedloom.tasks.base import ChecksData, DescribesModel, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.workspace import WorkspaceCode
@@ -91,7 +91,7 @@ class SiteWorker:
                 f"{expected_hash[:16]}… there and {self.plan_hash[:16]}… in this worker",
                 hint="run it again once the workspace's files stay put",
             )
-        self.task = load_task(self.code, plan.task)
+        self.task = load_task(self.code, plan.task, plan.model_source(self.code.root))
         check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
@@ -108,7 +108,13 @@ class SiteWorker:
         op = op_of(header)
         if op is WorkerOp.INIT:
             declared = metrics_to_json(metrics_of(self.task))  # for the run's figures
-            reply = {"ok": True, "plan_hash": self.plan_hash, "metrics": declared}
+            size = self.task.model_bytes() if isinstance(self.task, DescribesModel) else None
+            reply = {
+                "ok": True,
+                "plan_hash": self.plan_hash,
+                "metrics": declared,
+                "model_bytes": size,
+            }
             return reply, self.task.init_weights(self.plan.seed)
         if weights is None and self._cached is not None and self._cached[0] == header["key"]:
             weights = self._cached[1]

@@ -1,4 +1,4 @@
-"""Task adapters. ``TorchTask`` and ``TorchLoop`` are loaded lazily so that fedloom
+"""Task adapters. ``TorchTask``, ``TorchLoop`` and ``HFTask`` are loaded lazily so that fedloom
 never needs torch unless a workspace uses it."""
 
 from typing import Any
@@ -8,8 +8,10 @@ from fedloom.tasks.base import (
     Classifier,
     DeclaresMetrics,
     LoadsData,
+    LoadsModel,
     LoadsTestData,
     Metrics,
+    ModelSource,
     SiteContext,
     SiteData,
     SiteDatasets,
@@ -22,9 +24,12 @@ __all__ = [
     "ChecksData",
     "Classifier",
     "DeclaresMetrics",
+    "HFTask",
     "LoadsData",
+    "LoadsModel",
     "LoadsTestData",
     "Metrics",
+    "ModelSource",
     "NumpyTask",
     "SiteContext",
     "SiteData",
@@ -38,6 +43,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "HFTask":
+        from fedloom.tasks.hf_task import HFTask
+
+        return HFTask
     if name == "TorchTask":
         from fedloom.tasks.torch_task import TorchTask
 

@@ -269,3 +269,31 @@ class ChecksData(Protocol):
     :class:`~fedloom.core.errors.TaskError` naming the mismatch and the fix."""
 
     def check_data(self, weights: Weights, data: Any, context: SiteContext) -> None: ...
+
+
+@runtime_checkable
+class DescribesModel(Protocol):
+    """A task that knows its whole model's size, base included, when only some of its
+    tensors travel (a LoRA adapter on a pretrained base): the run's summary shows the
+    bytes that travel against it."""
+
+    def model_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The plan's ``model`` section as a task uses it: the base model's folder (None
+    when the plan names none) and which tensors are federated: ``"all"``,
+    ``"trainable"`` or fnmatch patterns of tensor names."""
+
+    base: Path | None = None
+    federated: str | tuple[str, ...] = "all"
+
+
+@runtime_checkable
+class LoadsModel(Protocol):
+    """A task that loads its model from a folder on disk (a pretrained base, as
+    :class:`~fedloom.tasks.hf_task.HFTask` does) and federates only some of its
+    tensors. The task loader hands it the plan's ``model`` section before any call."""
+
+    def use_model(self, source: ModelSource) -> None: ...

@@ -28,7 +28,7 @@ from types import ModuleType
 
 from fedloom.core.errors import WorkspaceError
 from fedloom.docpages import doc_ref
-from fedloom.tasks.base import Task
+from fedloom.tasks.base import LoadsModel, ModelSource, Task
 from fedloom.workspace import SKIPPED_DIRS, WorkspaceCode
 
 _INSTALLED = {"site-packages", "dist-packages"}  # an environment's libraries
@@ -180,11 +180,17 @@ def _install(finder: WorkspaceFinder) -> None:
     sys.meta_path.insert(at, finder)
 
 
-def load_task(workspace: str | Path | WorkspaceCode, module: str = "task.py") -> Task:
+def load_task(
+    workspace: str | Path | WorkspaceCode,
+    module: str = "task.py",
+    model: ModelSource | None = None,
+) -> Task:
     """Import ``workspace/module`` from its source and return its ``task`` object.
 
     Pass the :class:`WorkspaceCode` that the plan hash was computed from, so the code
-    that runs is exactly the code that was hashed; a folder is read afresh.
+    that runs is exactly the code that was hashed; a folder is read afresh. ``model``
+    is the plan's model section (:meth:`fedloom.plan.Plan.model_source`), handed to a
+    task that loads its model from disk (:class:`LoadsModel`).
     """
     code = workspace if isinstance(workspace, WorkspaceCode) else WorkspaceCode.read(workspace)
     root = code.root
@@ -250,6 +256,17 @@ def load_task(workspace: str | Path | WorkspaceCode, module: str = "task.py") ->
         raise WorkspaceError(
             f"{path}: `task` has methods of the older task interface: " + "; ".join(outdated),
             hint=f"see {doc_ref('tasks', 'migrating-from-the-older-interface')}",
+        )
+    model = model or ModelSource()
+    if isinstance(task, LoadsModel):
+        task.use_model(model)
+    elif model != ModelSource():
+        raise WorkspaceError(
+            f"the plan's model section (base: {model.base}, federated: {model.federated}) "
+            f"is for a task that loads its model from disk, but {path}'s task is a "
+            f"{type(task).__name__}",
+            hint="use HFTask (fedloom.tasks.hf_task) for a pretrained base model, or remove "
+            "the plan's model section (training.local keeps tensors at the sites)",
         )
     return task  # type: ignore[no-any-return]
 

@@ -38,6 +38,7 @@ TEMPLATES = (
     "regression",
     "images-folder",
     "segmentation",
+    "llm-lora",
 )
 
 

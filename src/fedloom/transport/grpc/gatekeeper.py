@@ -32,6 +32,8 @@ log = logging.getLogger("fedloom.aggregator")
 class ServerSettings:
     address: str  # host:port to listen on; port 0 picks a free one
     plan_hash: str
+    # what the hash covers, in words (a refused site is told where the sides may differ)
+    plan_covers: str = "federation.yaml and the workspace's .py files"
     federation: str
     rounds: int
     roster: frozenset[str]

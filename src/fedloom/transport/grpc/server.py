@@ -115,8 +115,8 @@ class Handlers:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"plan hash of {site!r} is {printable(hello.plan_hash[:16])}…, the aggregator's is "
                 f"{s.plan_hash[:16]}…",
-                hint="federation.yaml or a .py file of the workspace differs; compare "
-                "`fedloom plan show` on both sides",
+                hint=f"the hash covers {s.plan_covers}: one of them differs between the "
+                "two sides; compare `fedloom plan show` on both",
             )
         self.gate.welcome(context, site, serial)
         log.info("site %s joined (certificate serial %x) from %s", site, serial, context.peer())
