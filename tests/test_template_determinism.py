@@ -25,6 +25,8 @@ OVERRIDES: dict[str, list[str]] = {
     "mnist": ["rounds=1", "sites=4"],  # a CNN on 5,000 images: one round of four sites
     # a 3D U-Net: the two smallest hospitals (22 training cases)
     "segmentation": ["sites=[hospital-c, hospital-d]"],
+    # a small causal LM with a LoRA adapter: two hospitals, one round
+    "llm-lora": ["sites=[cardiology, oncology]", "rounds=1"],
 }
 
 
