@@ -1,6 +1,7 @@
-"""A model of GIB gibibytes (float32) through one FedAvg round over gRPC with mutual TLS.
+"""A model of GIB gibibytes through one FedAvg round over gRPC with mutual TLS.
 
     python bench/grpc_large_model.py [--gib 1.0] [--tensors 16] [--sites 2]
+                                     [--dtype float32|bfloat16] [--compare]
 
 Starts a real aggregator and SITES collaborators as OS processes on loopback (the
 workspace's PKI made by fedloom's own code), runs one training round with no
@@ -12,9 +13,11 @@ evaluation, and reports:
 - the round's transfer throughput: bytes moved (model down to every site, updates up)
   over the round's wall time, in MB/s.
 
-The task is a NumPy model of TENSORS float32 tensors whose training adds a constant,
-so the time measured is fedloom's: transport, checksums, streaming aggregation.
-Results go to bench/results/grpc_large_model.json. Linux only (reads /proc).
+The task is a NumPy model of TENSORS tensors of DTYPE whose training adds a small
+number that differs by site and element, so the time measured is fedloom's: transport,
+checksums, streaming aggregation. With ``--compare`` the same round also runs in process
+(``fedloom simulate``) and the two final models are compared byte for byte.
+Results go to bench/results/grpc_large_model[-DTYPE].json. Linux only (reads /proc).
 """
 
 from __future__ import annotations
@@ -35,20 +38,28 @@ from fedloom.pki import provision
 ROOT = Path(__file__).resolve().parents[1]
 
 TASK = """
+import ml_dtypes
 import numpy as np
 from fedloom import EvalOutput, TrainOutput, SiteData
 
 SIZES = {sizes!r}
+DTYPE = np.dtype({dtype!r}) if {dtype!r} != "bfloat16" else np.dtype(ml_dtypes.bfloat16)
 
 
 class Large:
     def init_weights(self, seed):
-        return {{f"layer{{i:02d}}": np.zeros(n, np.float32) for i, n in enumerate(SIZES)}}
+        return {{f"layer{{i:02d}}": np.zeros(n, DTYPE) for i, n in enumerate(SIZES)}}
 
     def train(self, weights, data, settings, context):
-        return TrainOutput({{k: v + np.float32(1e-3) for k, v in weights.items()}}, 100, {{}})
+        # a step of 1e-3 times a pattern of 1..16 that differs by site: the mean is
+        # not any one site's update
+        trained = {{}}
+        for k, v in weights.items():
+            step = (np.arange(v.size, dtype=np.float32) % 16 + 1 + context.index) * 1e-3
+            trained[k] = (v.astype(np.float32) + step).astype(DTYPE)
+        return TrainOutput(trained, 100 + 50 * context.index, {{}})
 
-    def evaluate(self, weights, x, y):
+    def evaluate(self, weights, data, context):
         return EvalOutput(1, {{"accuracy": 1.0}})
 
     def load_data(self, context):
@@ -113,19 +124,22 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--tensors", type=int, default=16)
     parser.add_argument("--sites", type=int, default=2)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench" / "results" / "grpc_large_model.json"
-    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compare", action="store_true", help="also run it in process")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    out = args.out or ROOT / "bench" / "results" / f"grpc_large_model{suffix}.json"
 
-    total = int(args.gib * 2**30) // 4
+    itemsize = 4 if args.dtype == "float32" else 2
+    total = int(args.gib * 2**30) // itemsize
     sizes = [total // args.tensors] * args.tensors
     sizes[-1] += total - sum(sizes)
-    model_bytes = 4 * total
+    model_bytes = itemsize * total
     work = Path(tempfile.mkdtemp(prefix="fedloom-large-"))
     ws = work / "ws"
     ws.mkdir()
-    (ws / "task.py").write_text(TASK.format(sizes=sizes))
+    (ws / "task.py").write_text(TASK.format(sizes=sizes, dtype=args.dtype))
     (ws / "federation.yaml").write_text(PLAN.format(sites=args.sites))
     names = [f"site-{i:02d}" for i in range(1, args.sites + 1)]
     provision(ws, names)
@@ -150,6 +164,7 @@ def main() -> None:
         if code != 0:
             raise SystemExit(f"aggregator exited with {code}")
         summary = json.loads((ws / "runs" / "large" / "summary.json").read_text())
+        identical = _same_as_in_process(ws) if args.compare else None
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -170,10 +185,46 @@ def main() -> None:
         "throughput_mb_per_s": moved / round_seconds / 1e6,
         "process_wall_seconds": wall,
         "failures": summary["failures"],
+        "dtype": args.dtype,
+        "final_model_identical_to_in_process": identical,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _same_as_in_process(ws: Path) -> bool:
+    """Whether ``fedloom simulate`` of the same plan ends with the same final model file
+    bytes as the gRPC run."""
+    import sys
+
+    done = subprocess.run(  # noqa: S603 - our own command
+        [
+            sys.executable,
+            "-m",
+            "fedloom.cli",
+            "simulate",
+            str(ws),
+            "--run-name",
+            "inprocess",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        env={**os.environ, "NO_COLOR": "1"},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the in-process run failed (exit {done.returncode})")
+    runs = ws / "runs"
+    from fedloom.store import load_weights
+
+    grpc_final = load_weights(runs / "large" / "final.safetensors")
+    local = load_weights(runs / "inprocess" / "final.safetensors")
+    return list(grpc_final) == list(local) and all(
+        grpc_final[k].dtype == local[k].dtype and grpc_final[k].tobytes() == local[k].tobytes()
+        for k in local
+    )
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class MaskedSumAccumulator(FoldedSites):
         self._admit = admit
         self.spool_dir = spool_dir  # where a rollback's spool files go
         self._sums = [np.zeros(s.size, dtype=s.dtype) for s in specs]
+        self.deferred = (False,) * len(specs)  # every tensor is added as it streams in
         super().__init__()  # the sites' bookkeeping; the masked values are already weighted
         self._read = False
 

@@ -19,6 +19,7 @@ never both held whole: it consumes the accumulator.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +33,13 @@ from fedloom.accumulate.contribution import (
     check_weight,
     stream_arrays,
 )
+from fedloom.accumulate.deferred import (
+    DEFERRED_DTYPES,
+    KeptUpdate,
+    close_spools,
+    deferred_mean,
+    deferred_sums,
+)
 from fedloom.accumulate.limbs import (
     check_range,
     count_limbs,
@@ -42,9 +50,12 @@ from fedloom.accumulate.limbs import (
 from fedloom.accumulate.spool import Spool
 from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.records import MeanSummary, SiteResult
-from fedloom.core.weights import TensorSpec, Weights, check_compatible
+from fedloom.core.weights import LazyWeights, TensorSpec, Weights, check_compatible
 
 _SPOOL_BYTES = 64 * 1024 * 1024  # a rollback spool moves from memory to disk beyond this
+# the spool of an update kept until the round closes (a narrow-float model's) holds
+# less in memory: every site's stays until then
+_KEPT_SPOOL_BYTES = 4 * 1024 * 1024
 
 
 _NARROW_FLOATS = frozenset({"float32", "float16", "bfloat16"})
@@ -70,10 +81,15 @@ class MeanAccumulator(FoldedSites):
         self._max_sites = max(1, max_sites)
         self.spool_dir = spool_dir  # where a rollback's spool files go
         self._layout = tuple(count_limbs(s) for s in specs)
+        # bfloat16 and float16 tensors: summed from the kept spools when the round closes
+        self.deferred = tuple(s.dtype in DEFERRED_DTYPES for s in specs)
         self._limbs = [
-            tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
-            for s, n in zip(specs, self._layout, strict=True)
+            () if later else tuple(np.zeros(s.size, dtype=np.int64) for _ in range(n))
+            for s, n, later in zip(specs, self._layout, self.deferred, strict=True)
         ]
+        self._kept: list[KeptUpdate] = []  # committed updates with deferred tensors
+        # their spools close when the accumulator goes, unless a summary took them
+        weakref.finalize(self, close_spools, self._kept)
         super().__init__()
         self._summarised: int | None = None  # the round summary() was read for
 
@@ -126,6 +142,8 @@ class MeanAccumulator(FoldedSites):
             weight = float(self.total_weight)
             mean: Weights = {}
             for index, spec in enumerate(self.specs):
+                if self.deferred[index]:
+                    continue  # computed when read: the LazyWeights below
                 limbs, self._limbs[index] = self._limbs[index], ()
                 value = decode_limbs(spec, limbs) if weight else np.zeros(spec.size)
                 del limbs  # the last reference: this tensor's sums are freed here
@@ -134,17 +152,36 @@ class MeanAccumulator(FoldedSites):
                 if spec.dtype in _NARROW_FLOATS:  # the model's precision, half the bytes
                     value = value.astype(np.float32)
                 mean[spec.name] = value.reshape(spec.shape)
-            return MeanSummary(round, mean, weight, results)
+            if not any(self.deferred):
+                return MeanSummary(round, mean, weight, results)
+            kept = sorted(self._kept, key=lambda k: k.site)
+            self._kept.clear()
+            index_of = {s.name: i for i, s in enumerate(self.specs)}
+            max_sites, specs = self._max_sites, self.specs
+
+            def compute(name: str) -> np.ndarray:
+                i = index_of[name]
+                return deferred_mean(specs[i], i, kept, max_sites, weight)
+
+            lazy = LazyWeights(specs, mean, compute)
+            weakref.finalize(lazy, close_spools, kept)  # the spools close when the mean goes
+            return MeanSummary(round, lazy, weight, results)
 
     def fixed_point_sums(self) -> dict[str, tuple[np.ndarray, ...]]:
         """Copies of the int64 limb sums of each tensor (flat): one limb, or two for
-        float64 tensors. Sums of streams still in flight are included. Not after
+        float64 tensors. Sums of streams still in flight are included, but for bfloat16
+        and float16 tensors (summed from the committed updates' spools). Not after
         :meth:`summary`, which released them (:class:`AggregationError`)."""
         with self._lock:
             self._check_readable()
+            kept = sorted(self._kept, key=lambda k: k.site)
             return {
-                s.name: tuple(limb.copy() for limb in limbs)
-                for s, limbs in zip(self.specs, self._limbs, strict=True)
+                s.name: (
+                    (deferred_sums(s, i, kept, self._max_sites, 0, s.size),)
+                    if self.deferred[i]
+                    else tuple(limb.copy() for limb in self._limbs[i])
+                )
+                for i, s in enumerate(self.specs)
             }
 
     def _check_readable(self) -> None:
@@ -154,6 +191,10 @@ class MeanAccumulator(FoldedSites):
                 "read: summary() consumes the accumulator",
                 hint="keep the MeanSummary that the first summary() call returned",
             )
+
+    def _keep(self, update: KeptUpdate) -> None:
+        with self._lock:
+            self._kept.append(update)
 
     def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
         """Refuse non-finite or out-of-range values of ``weight * values``; folds nothing."""
@@ -167,6 +208,8 @@ class MeanAccumulator(FoldedSites):
         """Add (``sign`` +1) or remove (-1) ``weight * values`` at element ``start`` of
         ``tensor``'s sums; the values passed :meth:`_check_range`."""
         spec, count = self.specs[tensor], self._layout[tensor]
+        if self.deferred[tensor]:
+            return  # summed from the spool when the round closes
         with self._lock:
             sums = self._limbs[tensor]
             if count == 1 and values.dtype == np.float32:
@@ -187,7 +230,9 @@ class MeanContribution(Contribution):
     def __init__(self, accumulator: MeanAccumulator, site: str, weight: int) -> None:
         super().__init__(accumulator.specs, site, weight)
         self._accumulator = accumulator
-        self._spool = Spool(_SPOOL_BYTES, accumulator.spool_dir)
+        self._keeps = any(accumulator.deferred)
+        limit = _KEPT_SPOOL_BYTES if self._keeps else _SPOOL_BYTES
+        self._spool = Spool(limit, accumulator.spool_dir)
         self._segments: list[tuple[int, int, int]] = []  # tensor, element, spool piece
 
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
@@ -201,11 +246,18 @@ class MeanContribution(Contribution):
 
     def _commit(self) -> None:
         self._accumulator._commit(self.site, self.sample_weight)
+        if self._keeps:  # the deferred tensors are summed from it when the round closes
+            self._accumulator._keep(
+                KeptUpdate(self.site, self.sample_weight, self._spool, self._segments)
+            )
+            return
         self._spool.close()
 
     def _undo(self) -> None:
         try:
             for tensor, start, piece in reversed(self._segments):
+                if self._accumulator.deferred[tensor]:
+                    continue  # nothing was added: the spool was all
                 dtype = self._dtypes[tensor]
                 for at, data in self._spool.read(piece, PIECE_BYTES):
                     values = np.frombuffer(data, dtype=dtype)

@@ -60,6 +60,21 @@ class Spool:
             self._file.seek(position + at)
             yield at, self._file.read(min(step, length - at))
 
+    def length(self, piece: int) -> int:
+        """``piece``'s size in bytes."""
+        kept = self._pieces[piece]
+        return len(kept) if isinstance(kept, memoryview) else kept[1]
+
+    def read_range(self, piece: int, start: int, stop: int) -> memoryview | bytes:
+        """Bytes ``[start, stop)`` of ``piece``."""
+        kept = self._pieces[piece]
+        if isinstance(kept, memoryview):
+            return kept[start:stop]
+        position, _ = kept
+        assert self._file is not None  # noqa: S101 - a piece was written to it
+        self._file.seek(position + start)
+        return self._file.read(stop - start)
+
     def close(self) -> None:
         self._pieces.clear()
         self._in_memory = 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # numpy stays unimported for `fedloom status`, which reads records
+    import numpy as np
+
     from fedloom.core.weights import Weights
 
 Metrics = Mapping[str, float]
@@ -179,7 +181,8 @@ class MeanSummary:
     for float32, float16 and bfloat16 tensors, float64 for the others)."""
 
     round: int
-    mean_delta: Weights
+    # a plain dict, or for bfloat16/float16 tensors a LazyWeights computing each when read
+    mean_delta: Mapping[str, np.ndarray]
     total_weight: float
     results: tuple[SiteResult, ...]  # sorted by site name
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -101,12 +101,29 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
     """
     out: Weights = {}
     for name, b in base.items():
-        total = np.array(b, dtype=np.float64)  # the one float64 temporary of this tensor
-        total += np.asarray(delta[name])
-        if not is_float(b.dtype):
-            np.rint(total, out=total)
-        out[name] = np.asarray(total.astype(b.dtype))
+        d = np.asarray(delta[name])
+        if b.size <= _APPLY_BLOCK:
+            total = np.array(b, dtype=np.float64)  # the one float64 temporary of this tensor
+            total += d
+            if not is_float(b.dtype):
+                np.rint(total, out=total)
+            out[name] = np.asarray(total.astype(b.dtype))
+            continue
+        # a large tensor in blocks: the same operations element by element, so the same
+        # bits, with a float64 temporary of one block instead of the whole tensor
+        flat_b, flat_d = b.reshape(-1), np.broadcast_to(d, b.shape).reshape(-1)
+        new = np.empty(b.size, dtype=b.dtype)
+        for start in range(0, b.size, _APPLY_BLOCK):
+            part = np.array(flat_b[start : start + _APPLY_BLOCK], dtype=np.float64)
+            part += flat_d[start : start + _APPLY_BLOCK]
+            if not is_float(b.dtype):
+                np.rint(part, out=part)
+            new[start : start + part.size] = part.astype(b.dtype)
+        out[name] = new.reshape(b.shape)
     return out
+
+
+_APPLY_BLOCK = 1 << 22  # elements: a 32 MiB float64 temporary
 
 
 def check_compatible(weights: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
@@ -171,3 +188,44 @@ def weights_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> b
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
         for k in a
     )
+
+
+class LazyWeights(Mapping[str, np.ndarray]):
+    """Named tensors of known specs, some held, the others computed each time they are
+    read (and not kept): a round's mean of a large narrow-float model, whose tensors a
+    strategy reads one at a time, so that the whole mean is never in memory at once.
+
+    ``held`` maps names to arrays; ``compute(name)`` makes any other tensor of
+    ``specs``. Read a computed tensor once where you can: each read computes it again
+    (the same bits each time)."""
+
+    def __init__(
+        self,
+        specs: tuple[TensorSpec, ...],
+        held: Mapping[str, np.ndarray],
+        compute: Callable[[str], np.ndarray],
+    ) -> None:
+        self.specs = specs
+        self._held = dict(held)
+        self._compute = compute
+        self._names = {s.name for s in specs}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._held:
+            return self._held[name]
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (s.name for s in self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def shapes_of(weights: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, without computing a :class:`LazyWeights` tensor."""
+    if isinstance(weights, LazyWeights):
+        return {s.name: tuple(s.shape) for s in weights.specs}
+    return {name: tuple(np.shape(a)) for name, a in weights.items()}

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedloom.core.errors import AggregationError
-from fedloom.core.weights import Weights
+from fedloom.core.weights import Weights, shapes_of
 
 
 def check_same_layout(
@@ -26,10 +26,11 @@ def check_same_layout(
             f"an update holds tensors {list(update)}, expected {list(reference)}",
             hint="every update must hold the global model's tensors, in the same order",
         )
+    shapes = shapes_of(update)  # no lazily computed tensor is computed for this
     for name, ref in reference.items():
-        if np.shape(update[name]) != np.shape(ref):
+        if shapes[name] != np.shape(ref):
             raise AggregationError(
-                f"tensor {name!r} has shape {np.shape(update[name])}, expected {np.shape(ref)}"
+                f"tensor {name!r} has shape {shapes[name]}, expected {np.shape(ref)}"
             )
 
 

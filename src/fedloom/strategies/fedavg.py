@@ -8,10 +8,11 @@ move along it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from fedloom.core.errors import AggregationError, StateError
@@ -24,7 +25,7 @@ from fedloom.strategies.optimizers import PLAIN, ServerOptimizer, momentum
 
 def mean_delta_of(
     strategy: str, round: int, state: StrategyState, summary: Summary
-) -> Weights | None:
+) -> Mapping[str, np.ndarray] | None:
     """The round's mean update, checked against the global model; None if no site answered.
 
     Raises :class:`AggregationError` when ``summary`` is not a :class:`MeanSummary` or
@@ -63,7 +64,9 @@ def next_step(state: StrategyState) -> dict[str, Any]:
     return {**state.scalars, "step": int(state.scalars.get("step", 0)) + 1}
 
 
-def moved(state: StrategyState, step: Weights, **groups: Weights) -> tuple[StrategyState, Weights]:
+def moved(
+    state: StrategyState, step: Mapping[str, np.ndarray], **groups: Weights
+) -> tuple[StrategyState, Weights]:
     """The state with the model moved by ``step``, the step count increased and the array
     groups in ``groups`` replaced, and the new model."""
     weights = apply_delta(state.weights, step)
@@ -110,7 +113,9 @@ class BaseStrategy:
         groups, step = optimizer.apply(kept, delta)
         return moved(state, step, **groups)
 
-    def _delta(self, round: int, state: StrategyState, summary: Summary) -> Weights | None:
+    def _delta(
+        self, round: int, state: StrategyState, summary: Summary
+    ) -> Mapping[str, np.ndarray] | None:
         """The round's update, checked; None if no site answered: the sample-weighted
         mean of the updates (a :class:`MeanSummary`), unless a robust strategy says
         otherwise."""

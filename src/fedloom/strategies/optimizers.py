@@ -20,6 +20,9 @@ from fedloom.core.weights import Weights
 from fedloom.strategies.aggregate import adaptive_step, fedavgm_step, initial_moments
 
 Groups = dict[str, Weights]
+Update = Mapping[str, np.ndarray]
+"""A round's aggregated update, as the strategy read it (a dict, or a mean whose
+narrow-float tensors are computed when read: read each once)."""
 Moments = Callable[[Weights, Weights, Weights], tuple[Weights, Weights]]
 """``(m, v, update) -> (m', v')``: an adaptive optimiser's moments after one round."""
 
@@ -30,7 +33,7 @@ class ServerOptimizer:
 
     groups: tuple[str, ...]  # the array groups it keeps in the strategy state
     init: Callable[[Weights], Groups]
-    apply: Callable[[Mapping[str, Weights], Weights], tuple[Groups, Weights]]
+    apply: Callable[[Mapping[str, Weights], Update], tuple[Groups, Update]]
 
 
 PLAIN = ServerOptimizer((), lambda model: {}, lambda groups, update: ({}, update))
@@ -44,8 +47,9 @@ def momentum(*, server_lr: float, coef: float) -> ServerOptimizer:
     def init(model: Weights) -> Groups:
         return {"momentum": {n: np.zeros(np.shape(a), dtype=np.float64) for n, a in model.items()}}
 
-    def apply(groups: Mapping[str, Weights], update: Weights) -> tuple[Groups, Weights]:
-        m, step = fedavgm_step(groups["momentum"], update, momentum_coef=coef, server_lr=server_lr)
+    def apply(groups: Mapping[str, Weights], update: Update) -> tuple[Groups, Update]:
+        delta = dict(update)  # each tensor read once
+        m, step = fedavgm_step(groups["momentum"], delta, momentum_coef=coef, server_lr=server_lr)
         return {"momentum": m}, step
 
     return ServerOptimizer(("momentum",), init, apply)
@@ -59,8 +63,8 @@ def adaptive(moments: Moments, *, server_lr: float, tau: float) -> ServerOptimiz
         m, v = initial_moments(model, tau)
         return {"m": m, "v": v}
 
-    def apply(groups: Mapping[str, Weights], update: Weights) -> tuple[Groups, Weights]:
-        m, v = moments(groups["m"], groups["v"], update)
+    def apply(groups: Mapping[str, Weights], update: Update) -> tuple[Groups, Update]:
+        m, v = moments(groups["m"], groups["v"], dict(update))  # each tensor read once
         return {"m": m, "v": v}, adaptive_step(m, v, server_lr, tau)
 
     return ServerOptimizer(("m", "v"), init, apply)
