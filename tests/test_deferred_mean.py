@@ -81,6 +81,17 @@ def test_the_deferred_mean_is_the_exact_fixed_point_mean_in_any_order_and_chunki
             assert got.dtype == np.float32 and got.shape == updates[0][1][name].shape
             assert got.tobytes() == naive_mean(updates, name).tobytes()
             assert mean[name].tobytes() == got.tobytes()  # read again: the same bits
+        # the model moves block by block from the lazy mean to the same bits as from
+        # the whole mean
+        base = update(rng, 1.0)
+        assert all(
+            a.tobytes() == b.tobytes()
+            for a, b in zip(
+                apply_delta(base, mean).values(),
+                apply_delta(base, dict(mean)).values(),
+                strict=True,
+            )
+        )
     finally:
         deferred_module.BLOCK = old_block
     in_order = MeanAccumulator(SPECS, max_sites=8)

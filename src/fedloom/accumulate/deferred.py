@@ -20,6 +20,7 @@ dropped.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from fedloom.core.weights import TensorSpec, dtype_from_name
 
 DEFERRED_DTYPES = frozenset({"bfloat16", "float16"})
 """Tensors of these dtypes are summed when the round closes, from the spools."""
-BLOCK = 1 << 22  # elements summed at once: 32 MiB of int64 and 32 MiB of float64
+BLOCK = 1 << 20  # elements summed at once: 8 MiB of int64 and 8 MiB of float64
 
 
 @dataclass
@@ -50,23 +51,37 @@ def close_spools(kept: list[KeptUpdate]) -> None:
         update.spool.close()
 
 
+class KeptIndex:
+    """The kept updates' segments, tensor by tensor, each update's sorted by their first
+    element: the segments overlapping a block are found by bisection."""
+
+    def __init__(self, kept: list[KeptUpdate], tensors: int) -> None:
+        self.by_tensor: list[list[tuple[KeptUpdate, list[int], list[int]]]] = [
+            [] for _ in range(tensors)
+        ]
+        for update in sorted(kept, key=lambda k: k.site):
+            per: dict[int, list[tuple[int, int]]] = {}
+            for tensor, first, piece in update.segments:
+                per.setdefault(tensor, []).append((first, piece))
+            for tensor, segments in per.items():
+                segments.sort()
+                firsts, pieces = [f for f, _ in segments], [p for _, p in segments]
+                self.by_tensor[tensor].append((update, firsts, pieces))
+
+
 def deferred_sums(
-    spec: TensorSpec,
-    tensor: int,
-    kept: list[KeptUpdate],
-    max_sites: int,
-    start: int,
-    stop: int,
+    spec: TensorSpec, tensor: int, index: KeptIndex, max_sites: int, start: int, stop: int
 ) -> np.ndarray:
     """The int64 sums of ``weight * value`` over every kept update, for elements
     ``[start, stop)`` of tensor number ``tensor``."""
     dtype = dtype_from_name(spec.dtype)
     size = dtype.itemsize
     sums = np.zeros(stop - start, dtype=np.int64)
-    for update in kept:
-        for index, first, piece in update.segments:
-            if index != tensor:
-                continue
+    for update, firsts, pieces in index.by_tensor[tensor]:
+        i = max(0, bisect.bisect_right(firsts, start) - 1)
+        while i < len(firsts) and firsts[i] < stop:
+            first, piece = firsts[i], pieces[i]
+            i += 1
             low = max(start, first)
             high = min(stop, first + update.spool.length(piece) // size)
             if low >= high:
@@ -79,20 +94,27 @@ def deferred_sums(
 
 
 def deferred_mean(
-    spec: TensorSpec, tensor: int, kept: list[KeptUpdate], max_sites: int, weight: float
+    spec: TensorSpec,
+    tensor: int,
+    index: KeptIndex,
+    max_sites: int,
+    weight: float,
+    start: int,
+    stop: int,
 ) -> np.ndarray:
-    """The float32 weighted mean of tensor number ``tensor`` over the kept updates, block
-    by block: the operations of :meth:`MeanAccumulator.summary` on the eager sums,
-    element by element, so the same bits."""
-    out = np.empty(spec.size, dtype=np.float32)
-    for start in range(0, spec.size, BLOCK):
-        stop = min(spec.size, start + BLOCK)
+    """Elements ``[start, stop)`` of the float32 weighted mean of tensor number
+    ``tensor`` over the kept updates (flat), computed a :data:`BLOCK` at a time: the
+    operations of :meth:`MeanAccumulator.summary` on the eager sums, element by element,
+    so the same bits whichever range is asked for."""
+    out = np.empty(stop - start, dtype=np.float32)
+    for low in range(start, stop, BLOCK):
+        high = min(stop, low + BLOCK)
         if weight:
-            sums = deferred_sums(spec, tensor, kept, max_sites, start, stop)
+            sums = deferred_sums(spec, tensor, index, max_sites, low, high)
             value = decode_limbs(spec, (sums,))
             del sums
             value /= weight
         else:
-            value = np.zeros(stop - start)
-        out[start:stop] = value.astype(np.float32)
-    return out.reshape(spec.shape)
+            value = np.zeros(high - low)
+        out[low - start : high - start] = value.astype(np.float32)
+    return out

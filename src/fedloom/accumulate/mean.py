@@ -35,6 +35,7 @@ from fedloom.accumulate.contribution import (
 )
 from fedloom.accumulate.deferred import (
     DEFERRED_DTYPES,
+    KeptIndex,
     KeptUpdate,
     close_spools,
     deferred_mean,
@@ -154,16 +155,17 @@ class MeanAccumulator(FoldedSites):
                 mean[spec.name] = value.reshape(spec.shape)
             if not any(self.deferred):
                 return MeanSummary(round, mean, weight, results)
-            kept = sorted(self._kept, key=lambda k: k.site)
+            kept = list(self._kept)
             self._kept.clear()
+            segments = KeptIndex(kept, len(self.specs))
             index_of = {s.name: i for i, s in enumerate(self.specs)}
             max_sites, specs = self._max_sites, self.specs
 
-            def compute(name: str) -> np.ndarray:
+            def compute_block(name: str, start: int, stop: int) -> np.ndarray:
                 i = index_of[name]
-                return deferred_mean(specs[i], i, kept, max_sites, weight)
+                return deferred_mean(specs[i], i, segments, max_sites, weight, start, stop)
 
-            lazy = LazyWeights(specs, mean, compute)
+            lazy = LazyWeights(specs, mean, compute_block)
             weakref.finalize(lazy, close_spools, kept)  # the spools close when the mean goes
             return MeanSummary(round, lazy, weight, results)
 
@@ -174,10 +176,10 @@ class MeanAccumulator(FoldedSites):
         :meth:`summary`, which released them (:class:`AggregationError`)."""
         with self._lock:
             self._check_readable()
-            kept = sorted(self._kept, key=lambda k: k.site)
+            index = KeptIndex(self._kept, len(self.specs))
             return {
                 s.name: (
-                    (deferred_sums(s, i, kept, self._max_sites, 0, s.size),)
+                    (deferred_sums(s, i, index, self._max_sites, 0, s.size),)
                     if self.deferred[i]
                     else tuple(limb.copy() for limb in self._limbs[i])
                 )

@@ -101,6 +101,9 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
     """
     out: Weights = {}
     for name, b in base.items():
+        if isinstance(delta, LazyWeights) and delta.is_computed(name):
+            out[name] = _apply_in_blocks(b, functools.partial(delta.block, name))
+            continue
         d = np.asarray(delta[name])
         if b.size <= _APPLY_BLOCK:
             total = np.array(b, dtype=np.float64)  # the one float64 temporary of this tensor
@@ -111,19 +114,31 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
             continue
         # a large tensor in blocks: the same operations element by element, so the same
         # bits, with a float64 temporary of one block instead of the whole tensor
-        flat_b, flat_d = b.reshape(-1), np.broadcast_to(d, b.shape).reshape(-1)
-        new = np.empty(b.size, dtype=b.dtype)
-        for start in range(0, b.size, _APPLY_BLOCK):
-            part = np.array(flat_b[start : start + _APPLY_BLOCK], dtype=np.float64)
-            part += flat_d[start : start + _APPLY_BLOCK]
-            if not is_float(b.dtype):
-                np.rint(part, out=part)
-            new[start : start + part.size] = part.astype(b.dtype)
-        out[name] = new.reshape(b.shape)
+        flat_d = np.broadcast_to(d, b.shape).reshape(-1)
+        out[name] = _apply_in_blocks(b, functools.partial(_window, flat_d))
     return out
 
 
-_APPLY_BLOCK = 1 << 22  # elements: a 32 MiB float64 temporary
+_APPLY_BLOCK = 1 << 20  # elements: an 8 MiB float64 temporary
+
+
+def _window(flat: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return flat[start:stop]
+
+
+def _apply_in_blocks(base: np.ndarray, delta_block: Callable[[int, int], np.ndarray]) -> np.ndarray:
+    """``base + delta`` in float64, cast back, block by block (``delta_block(start, stop)``
+    gives the flat delta of elements ``[start, stop)``)."""
+    flat_b = base.reshape(-1)
+    new = np.empty(base.size, dtype=base.dtype)
+    for start in range(0, base.size, _APPLY_BLOCK):
+        stop = min(base.size, start + _APPLY_BLOCK)
+        part = np.array(flat_b[start:stop], dtype=np.float64)
+        part += delta_block(start, stop)
+        if not is_float(base.dtype):
+            np.rint(part, out=part)
+        new[start:stop] = part.astype(base.dtype)
+    return new.reshape(base.shape)
 
 
 def check_compatible(weights: Mapping[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
@@ -195,27 +210,40 @@ class LazyWeights(Mapping[str, np.ndarray]):
     read (and not kept): a round's mean of a large narrow-float model, whose tensors a
     strategy reads one at a time, so that the whole mean is never in memory at once.
 
-    ``held`` maps names to arrays; ``compute(name)`` makes any other tensor of
-    ``specs``. Read a computed tensor once where you can: each read computes it again
-    (the same bits each time)."""
+    ``held`` maps names to arrays; ``compute_block(name, start, stop)`` makes elements
+    ``[start, stop)`` of any other tensor of ``specs`` (flat), the same bits whichever
+    blocks are asked for. Read a computed tensor once where you can: each read computes
+    it again; :func:`apply_delta` reads it block by block, never whole."""
 
     def __init__(
         self,
         specs: tuple[TensorSpec, ...],
         held: Mapping[str, np.ndarray],
-        compute: Callable[[str], np.ndarray],
+        compute_block: Callable[[str, int, int], np.ndarray],
     ) -> None:
         self.specs = specs
         self._held = dict(held)
-        self._compute = compute
-        self._names = {s.name for s in specs}
+        self._compute_block = compute_block
+        self._specs = {s.name: s for s in specs}
+        self._names = set(self._specs)
+
+    def is_computed(self, name: str) -> bool:
+        """Whether ``name`` is computed when read (not held)."""
+        return name in self._names and name not in self._held
+
+    def block(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of tensor ``name``, flat."""
+        if name in self._held:
+            return self._held[name].reshape(-1)[start:stop]
+        return self._compute_block(name, start, stop)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._held:
             return self._held[name]
         if name not in self._names:
             raise KeyError(name)
-        return self._compute(name)
+        spec = self._specs[name]
+        return self._compute_block(name, 0, spec.size).reshape(spec.shape)
 
     def __iter__(self) -> Iterator[str]:
         return (s.name for s in self.specs)
