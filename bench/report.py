@@ -3,8 +3,10 @@
     .venv/bin/python bench/report.py
 
 Reads bench/results/frameworks.json (``bench/run.py``), bench/results/compression.json
-(``bench/compression.py``) and bench/results/ray_backend.json (``bench/ray_backend.py``)
-when present. Every figure in the document is computed here from those files.
+(``bench/compression.py``), bench/results/ray_backend.json (``bench/ray_backend.py``),
+bench/results/grpc_large_model*.json (``bench/grpc_large_model.py``) and
+bench/results/lora_bytes.json (``bench/lora_bytes.py``) when present. Every figure in
+the document is computed here from those files.
 """
 
 from __future__ import annotations
@@ -309,6 +311,87 @@ def ray_section(ray: dict[str, Any], checks: list[tuple[str, bool | None, str]])
     )
 
 
+def large_model_section(checks: list[tuple[str, bool | None, str]]) -> str | None:
+    """``grpc_large_model.py``'s runs (float32 and bfloat16) and ``lora_bytes.py``'s."""
+    lines = []
+    for name in ("grpc_large_model.json", "grpc_large_model-bfloat16.json"):
+        r = load(name)
+        if r is None:
+            continue
+        dtype = r.get("dtype", "float32")
+        identical = r.get("final_model_identical_to_in_process")
+        lines.append(
+            [
+                dtype,
+                gb(r["model_bytes"]),
+                str(r["sites"]),
+                gb(r["aggregator_peak_rss_bytes"]),
+                f"{r['aggregator_peak_over_model']:.2f}x",
+                {True: "yes", False: "**no**", None: "not compared"}[identical],
+                s(r["round_seconds"], 3),
+            ]
+        )
+        if dtype == "bfloat16":
+            ok = r["aggregator_peak_over_model"] <= 2.5 and identical is True
+            checks.append(
+                (
+                    "1 GiB bfloat16 over gRPC, 2 sites: aggregator peak <= 2.5x the model, "
+                    "final model identical to the in-process run",
+                    ok,
+                    f"{r['aggregator_peak_over_model']:.2f}x, identical: {identical}",
+                )
+            )
+    parts = []
+    if lines:
+        parts.append(
+            table(
+                [
+                    "model dtype",
+                    "model",
+                    "sites",
+                    "aggregator peak (VmHWM)",
+                    "peak / model",
+                    "final model = in-process",
+                    "round seconds",
+                ],
+                lines,
+            )
+            + "\n\n`bench/grpc_large_model.py --gib 1 --dtype DTYPE [--compare]`: one FedAvg "
+            "round over gRPC with mutual TLS on loopback, real processes. A float32 model is "
+            "folded into int64 sums as it streams in; a bfloat16 one is summed from the "
+            "updates' spools when the round closes (docs/architecture.md, the fixed-point "
+            "accumulator)."
+        )
+    lora = load("lora_bytes.json")
+    if lora is not None:
+        a, w = lora["runs"]["adapter"], lora["runs"]["whole-model"]
+        workload = lora["workload"][:1].upper() + lora["workload"][1:]
+        parts.append(
+            table(
+                ["what travels", "sent per round", "received per round", "test perplexity"],
+                [
+                    [
+                        f"the adapter ({a['federated_bytes']:,} B a site)",
+                        f"{a['bytes_sent_per_round']:,.0f} B",
+                        f"{a['bytes_received_per_round']:,.0f} B",
+                        s(a["test_perplexity"], 4),
+                    ],
+                    [
+                        f"the whole model ({w['federated_bytes']:,} B a site)",
+                        f"{w['bytes_sent_per_round']:,.0f} B",
+                        f"{w['bytes_received_per_round']:,.0f} B",
+                        s(w["test_perplexity"], 4),
+                    ],
+                ],
+            )
+            + f"\n\n{workload}: the same LoRA training, with `model.federated: "
+            "trainable` (the adapter travels) and `all` (every tensor travels, the frozen "
+            f"base included): {lora['sent_ratio_whole_over_adapter']:.1f}x the bytes for "
+            "the same model (`bench/lora_bytes.py`)."
+        )
+    return "\n\n".join(parts) if parts else None
+
+
 def plot(f: Figures) -> bool:
     try:
         import matplotlib
@@ -384,6 +467,10 @@ def main() -> None:
     if ray is not None:
         parts.append("## Ray backend\n")
         parts.append(ray_section(ray, checks) + "\n")
+    large = large_model_section(checks)
+    if large is not None:
+        parts.append("## Large models and adapters\n")
+        parts.append(large + "\n")
     if checks:
         parts.append("## Targets\n")
         parts.append(
