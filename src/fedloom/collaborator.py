@@ -216,6 +216,7 @@ class Collaborator:
             metrics=metrics,
             attempt_id=instruction.attempt_id,
             audit_hash=audit_hash,
+            local_steps=answer.local_steps or 0,
         )
         return header, self._sending(instruction.round, iter_chunks(delta))
 

@@ -31,6 +31,19 @@ def abort_reason(err: BaseException) -> str:
     return f"upload broke off: {type(err).__name__}: {err}"
 
 
+MAX_LOCAL_STEPS = 10**9  # far beyond any round's optimiser steps
+
+
+def checked_steps(steps: int) -> int:
+    """A site's reported optimiser steps, refused beyond :data:`MAX_LOCAL_STEPS`."""
+    if not 0 <= steps <= MAX_LOCAL_STEPS:
+        raise UpdateRejected(
+            f"local_steps {steps} is out of range (0 to {MAX_LOCAL_STEPS:,})",
+            hint="a site reports the optimiser steps its round of training took",
+        )
+    return int(steps)
+
+
 def spec_mismatch(got: Iterable[Any], expected: Iterable[Any]) -> str:
     got_l, exp_l = list(got), list(expected)
     if len(got_l) != len(exp_l):
@@ -65,7 +78,8 @@ def receive(
         training=training,
     )
     capped, metrics = numbers.num_samples, numbers.metrics
-    result = SiteResult(site, opened.round, capped, numbers.claimed_samples, metrics)
+    steps = checked_steps(header.local_steps)
+    result = SiteResult(site, opened.round, capped, numbers.claimed_samples, metrics, steps)
     if not training:
         if header.tensors:
             raise UpdateRejected("an evaluation answer carries no tensors")

@@ -122,6 +122,9 @@ class TrainOutput:
     weights: Weights
     num_samples: int
     metrics: Metrics = field(default_factory=dict)
+    # the optimiser steps the training took (None: not reported); FedNova normalises
+    # each site's update by them
+    local_steps: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ class SiteAnswer:
     num_samples: int
     metrics: Metrics
     delta: Weights | None  # w_local - w_round; None for an evaluation
+    local_steps: int | None = None  # the task's TrainOutput.local_steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +158,7 @@ class SiteResult:
     num_samples: int
     claimed_samples: int
     metrics: Metrics = field(default_factory=dict)
+    local_steps: int = 0  # the optimiser steps the site reported (0: none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,7 +200,8 @@ def execute(
         save_weights(env.state_dir / LOCAL_TENSORS, {n: out.weights[n] for n in kept})
     # a local tensor's update is zero: its values never leave the site
     trained = {n: (received[n] if n in kept else a) for n, a in out.weights.items()}
-    return SiteAnswer(int(out.num_samples), metrics, subtract(trained, received))
+    steps = None if out.local_steps is None else int(out.local_steps)
+    return SiteAnswer(int(out.num_samples), metrics, subtract(trained, received), steps)
 
 
 def _evaluated(out: object) -> EvalOutput:

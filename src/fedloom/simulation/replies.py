@@ -99,5 +99,13 @@ def answers_from_batch_reply(reply: Reply, count: int) -> list[SiteAnswer | Base
             trace = str(answer.get("traceback", ""))
             out.append(TaskFailed(str(answer.get("error")), traceback=trace))
         else:
-            out.append(SiteAnswer(int(answer["num_samples"]), answer["metrics"], delta or None))
+            steps = answer.get("local_steps")
+            out.append(
+                SiteAnswer(
+                    int(answer["num_samples"]),
+                    answer["metrics"],
+                    delta or None,
+                    None if steps is None else int(steps),
+                )
+            )
     return out

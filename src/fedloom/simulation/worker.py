@@ -147,7 +147,12 @@ class SiteWorker:
                 answers.append(error_reply(err))
                 continue
             answers.append(
-                {"ok": True, "num_samples": answer.num_samples, "metrics": dict(answer.metrics)}
+                {
+                    "ok": True,
+                    "num_samples": answer.num_samples,
+                    "metrics": dict(answer.metrics),
+                    "local_steps": answer.local_steps,
+                }
             )
             if answer.delta is not None:
                 deltas.update({f"{i}/{name}": array for name, array in answer.delta.items()})

@@ -19,6 +19,7 @@ from fedloom.core.state import StrategyState
 from fedloom.core.validation import describe_error, did_you_mean
 from fedloom.strategies.base import Strategy
 from fedloom.strategies.fedavg import FedAvg, FedAvgM, FedProx
+from fedloom.strategies.fednova import FedNova
 from fedloom.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedloom.strategies.robust import (
     FilteredMean,
@@ -36,6 +37,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
+    "fednova": FedNova,
     "median": Median,
     "trimmed-mean": TrimmedMean,
     "krum": Krum,
@@ -96,6 +98,7 @@ def build_strategy(name: str, params: Mapping[str, Any]) -> Strategy:
 __all__ = [
     "FedAdagrad",
     "FedAdam",
+    "FedNova",
     "FedAvg",
     "FedAvgM",
     "FedProx",

@@ -168,7 +168,7 @@ class HFTask:
         )
         accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
         num_batches = len(loader)
-        total, steps = 0.0, 0
+        total, steps, updates = 0.0, 0, 0
         with _on_device(model, context.device):
             model.train()
             for _ in range(settings.epochs):
@@ -187,11 +187,12 @@ class HFTask:
                         if clip > 0:
                             nn.utils.clip_grad_norm_(params, clip)
                         optimizer.step()
+                        updates += 1
             optimizer.zero_grad(set_to_none=True)
             model.train(False)
         built.keep_site_tensors(context)
         metrics = {"train_loss": total / steps} if steps else {}
-        return TrainOutput(built.federated_weights(), n, metrics)
+        return TrainOutput(built.federated_weights(), n, metrics, updates)
 
     def evaluate(self, weights: Weights, data: Any, context: SiteContext) -> EvalOutput:
         dataset = as_dataset(data)

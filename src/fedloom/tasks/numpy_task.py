@@ -120,7 +120,7 @@ class SoftmaxRegression:
                 b -= settings.lr * vb
         local = {"weight": w.astype(np.float32), "bias": b.astype(np.float32)}
         metrics = {"train_loss": float(np.mean(losses))} if losses else {}
-        return TrainOutput(local, n, metrics)
+        return TrainOutput(local, n, metrics, len(losses))  # one step a minibatch
 
     def evaluate(self, weights: Weights, data: Split, context: SiteContext) -> EvalOutput:
         x, y = arrays_of(data, "SoftmaxRegression")

@@ -199,6 +199,7 @@ class TorchTask:
         _seed(context)
         with _on_device(model, context.device):
             x, y = x.to(context.device), y.to(context.device)
+            steps: int | None = None  # DP-SGD's Poisson batches: not counted
             if context.dp_sgd is not None:
                 from fedloom.tasks.torch_dp import train_dp_sgd
 
@@ -213,8 +214,8 @@ class TorchTask:
                     lambda params: make_optimizer(params, settings, context),
                 )
             else:
-                metrics = self._train(model, x, y, settings, context)
-        return TrainOutput(state_to_weights(model), len(y), metrics)
+                metrics, steps = self._train(model, x, y, settings, context)
+        return TrainOutput(state_to_weights(model), len(y), metrics, steps)
 
     def _train(
         self,
@@ -223,7 +224,8 @@ class TorchTask:
         y: torch.Tensor,
         settings: TrainSettings,
         context: SiteContext,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int]:
+        """One round of the built-in loop: its metrics, and the optimiser steps taken."""
         rng = np.random.default_rng(context.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
@@ -233,7 +235,7 @@ class TorchTask:
         n = len(y)
         batch = max(1, settings.batch_size)
         num_batches = math.ceil(n / batch)
-        total, steps = 0.0, 0
+        total, steps, updates = 0.0, 0, 0
         for _ in range(settings.epochs):
             order = torch.from_numpy(rng.permutation(n)).to(x.device)
             for i, start in enumerate(range(0, n, batch)):
@@ -257,8 +259,9 @@ class TorchTask:
                     if clip > 0:
                         nn.utils.clip_grad_norm_(params, clip)
                     optimizer.step()
+                    updates += 1
         optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
-        return {"train_loss": total / steps} if steps else {}
+        return ({"train_loss": total / steps} if steps else {}), updates
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss, with one target per output shaped as the outputs (a model's

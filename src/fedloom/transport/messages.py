@@ -60,6 +60,7 @@ class UpdateHeader:
     metrics: Mapping[str, float] = field(default_factory=dict)
     attempt_id: str = ""  # the instruction's attempt id this update answers
     audit_hash: str = ""  # the hash of the site's audit record of this upload
+    local_steps: int = 0  # the optimiser steps the site's training took (0: not reported)
 
 
 @dataclass(frozen=True, slots=True)

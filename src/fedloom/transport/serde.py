@@ -156,6 +156,7 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
         tensors=[spec_to_proto(s) for s in h.tensors],
         attempt_id=h.attempt_id,
         audit_hash=h.audit_hash,
+        local_steps=h.local_steps,
     )
 
 
@@ -167,6 +168,7 @@ def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
         metrics=dict(m.metrics),
         attempt_id=m.attempt_id,
         audit_hash=m.audit_hash,
+        local_steps=m.local_steps,
     )
 
 

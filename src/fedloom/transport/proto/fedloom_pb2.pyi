@@ -102,7 +102,7 @@ class Chunk(_message.Message):
     def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("round", "num_samples", "metrics", "tensors", "attempt_id", "audit_hash")
+    __slots__ = ("round", "num_samples", "metrics", "tensors", "attempt_id", "audit_hash", "local_steps")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,13 +116,15 @@ class UpdateHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HASH_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_samples: int
     metrics: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     attempt_id: str
     audit_hash: str
-    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., attempt_id: _Optional[str] = ..., audit_hash: _Optional[str] = ...) -> None: ...
+    local_steps: int
+    def __init__(self, round: _Optional[int] = ..., num_samples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., attempt_id: _Optional[str] = ..., audit_hash: _Optional[str] = ..., local_steps: _Optional[int] = ...) -> None: ...
 
 class UploadReceipt(_message.Message):
     __slots__ = ("round", "accepted", "reason", "bytes_received", "signature", "resend")
