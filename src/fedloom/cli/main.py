@@ -152,13 +152,18 @@ def strategies() -> None:
     """List the aggregation strategies and their parameters."""
     from rich.table import Table
 
-    from fedloom.strategies import STRATEGIES, parameter_defaults
+    from fedloom.strategies import STRATEGIES, build_strategy, parameter_defaults
 
     table = Table("name", "kind", "parameters (defaults)")
     for name, cls in STRATEGIES.items():
         defaults = parameter_defaults(name)
         params = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "-"
-        kind = "robust (buffers updates)" if cls.needs_updates else "mean (streaming)"
+        if not cls.needs_updates:
+            kind = "mean (streaming)"
+        elif build_strategy(name, {}).tolerated(11):  # withstands some attacking sites
+            kind = "robust (buffers updates)"
+        else:
+            kind = "normalised mean (buffers updates)"
         table.add_row(name, kind, params)
     console.print(table)
 
