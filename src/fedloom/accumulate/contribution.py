@@ -18,7 +18,7 @@ buffer just drops what it held.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -193,13 +193,17 @@ class FoldedSites:
         with self._lock:
             return dict(self._weights)
 
-    def _commit(self, site: str, weight: int) -> None:
+    def _commit(self, site: str, weight: int, also: Callable[[], None] | None = None) -> None:
+        """Count ``site``'s update as folded; ``also`` runs under the same lock, so that
+        what it records is there exactly when the update counts."""
         with self._lock:
             self._streaming.discard(site)
             if site in self._sites:
                 raise UpdateRejected(f"site {site!r} already sent an update for this round")
             self._sites.add(site)
             self._weights[site] = weight
+            if also is not None:
+                also()
 
     def _release(self, site: str) -> None:
         with self._lock:

@@ -194,10 +194,6 @@ class MeanAccumulator(FoldedSites):
                 hint="keep the MeanSummary that the first summary() call returned",
             )
 
-    def _keep(self, update: KeptUpdate) -> None:
-        with self._lock:
-            self._kept.append(update)
-
     def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
         """Refuse non-finite or out-of-range values of ``weight * values``; folds nothing."""
         spec = self.specs[tensor]
@@ -247,13 +243,16 @@ class MeanContribution(Contribution):
         self._segments.append((tensor, start, piece))
 
     def _commit(self) -> None:
-        self._accumulator._commit(self.site, self.sample_weight)
-        if self._keeps:  # the deferred tensors are summed from it when the round closes
-            self._accumulator._keep(
-                KeptUpdate(self.site, self.sample_weight, self._spool, self._segments)
-            )
+        if not self._keeps:
+            self._accumulator._commit(self.site, self.sample_weight)
+            self._spool.close()
             return
-        self._spool.close()
+        # the deferred tensors are summed from the spool when the round closes: it is kept
+        # in the same step that counts the update
+        kept = KeptUpdate(self.site, self.sample_weight, self._spool, self._segments)
+        self._accumulator._commit(
+            self.site, self.sample_weight, also=lambda: self._accumulator._kept.append(kept)
+        )
 
     def _undo(self) -> None:
         try:

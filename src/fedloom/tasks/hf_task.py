@@ -201,6 +201,7 @@ class HFTask:
             return EvalOutput(0, {})
         built = self.built()
         built.prepare(weights, context)
+        built.model.train(False)  # dropout off, as evaluation needs
         loader = DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
         loss_sum, counted, correct = 0.0, 0, 0
         with _on_device(built.model, context.device), torch.no_grad():

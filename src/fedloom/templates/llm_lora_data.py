@@ -13,6 +13,7 @@ at every ``fedloom init``: everything is drawn from the plan's seed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from fedloom.plan import load_plan
 BASE = "models/tiny-lm"
 NOTES_PER_SITE = 300
 TEST_NOTES_PER_DEPARTMENT = 40
-PRETRAIN_STEPS = 150
+PRETRAIN_STEPS = 60
 
 # A character vocabulary: the printable ASCII characters and the newline (task.py
 # holds the same table).
@@ -176,11 +177,26 @@ def write_base_model(folder: Path, seed: int) -> None:
             f"the llm-lora template needs transformers and peft: {err}",
             hint="pip install 'fedloom[hf]'",
         ) from err
-    from fedloom.tasks.hf_parts import quiet_transformers, save_base_model
+    from fedloom.tasks.hf_parts import quiet_transformers
 
     quiet_transformers()
+    threads = torch.get_num_threads()
+    # one thread: the model is small, and several threads spin against whatever else
+    # runs on the machine (two inits side by side took minutes instead of seconds)
+    torch.set_num_threads(1)
+    try:
+        _pretrain_and_save(torch, LlamaConfig, LlamaForCausalLM, folder, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_and_save(
+    torch: Any, config_cls: Any, model_cls: Any, folder: Path, seed: int
+) -> None:
+    from fedloom.tasks.hf_parts import save_base_model
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=len(ALPHABET),
         hidden_size=128,
         intermediate_size=384,
@@ -190,7 +206,7 @@ def write_base_model(folder: Path, seed: int) -> None:
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    model = model_cls(config)
     text = " ".join(GENERIC)
     ids = torch.tensor([ALPHABET.index(c) for c in text if c in ALPHABET])
     rng = torch.Generator().manual_seed(seed)
