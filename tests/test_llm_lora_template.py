@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import itertools
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_deploy import ENV, kill_leftovers, start_aggregator
+from test_deploy import kill_leftovers, start_aggregator, start_site
 from workspaces import run_cli
 
 from fedloom import SimulationOptions, load_plan, simulate
-from fedloom.deployment import launcher
 from fedloom.pki import provision
 
 pytest.importorskip("transformers")
@@ -100,17 +98,7 @@ def test_a_site_whose_base_model_differs_by_one_byte_is_refused_naming_the_base(
     assert shown.returncode == 0 and "base model" in shown.stdout, shown.stderr
     aggregator, port = start_aggregator(ws, plan, "refused")
     try:
-        site = launcher.start_collaborator(
-            other,
-            plan,
-            "oncology",
-            port,
-            "--give-up-after",
-            "60",
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        site = start_site(other, plan, "oncology", port)  # from its own copy
         screen = site.communicate(timeout=300)[0].decode()
         assert site.returncode != 0, screen
         assert "plan hash" in screen and "the base model models/tiny-lm" in screen, screen

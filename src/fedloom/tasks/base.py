@@ -15,7 +15,7 @@ framework never guesses from attribute names.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sized
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
@@ -213,6 +213,23 @@ class LoadsData(Protocol):
     folder of the site's own), instead of taking a built-in dataset's share."""
 
     def load_data(self, context: SiteContext) -> AnySiteData | tuple[Any, Any]: ...
+
+
+class DataFunctions:
+    """A task's data given as two functions of the context, as :class:`TorchLoop` and
+    :class:`~fedloom.tasks.hf_task.HFTask` take them: ``data(ctx)`` returns the site's
+    ``(train, val)``, ``test_data(ctx)`` the test set; either may be None."""
+
+    data_fn: Callable[[SiteContext], Any] | None = None
+    test_data_fn: Callable[[SiteContext], Any] | None = None
+
+    def load_data(self, context: SiteContext) -> AnySiteData | None:
+        if self.data_fn is None:
+            return None
+        return as_site_data(self.data_fn(context), "the task's data function")
+
+    def load_test_data(self, context: SiteContext) -> Any:
+        return None if self.test_data_fn is None else self.test_data_fn(context)
 
 
 @runtime_checkable

@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader
 from fedloom.core.errors import TaskError, WorkspaceError
 from fedloom.core.records import EvalOutput, TrainOutput, TrainSettings
 from fedloom.core.weights import Weights
-from fedloom.tasks.base import CLASSIFICATION, AnySiteData, Metrics, ModelSource, SiteContext
+from fedloom.tasks.base import (
+    CLASSIFICATION,
+    AnySiteData,
+    DataFunctions,
+    Metrics,
+    ModelSource,
+    SiteContext,
+)
 from fedloom.tasks.hf_model import LoadedModel, load_model
 from fedloom.tasks.hf_parts import IGNORED, collate
 from fedloom.tasks.torch_loop import as_dataset, head
@@ -45,7 +52,7 @@ BUILD_SEED = 0  # heads from_pretrained initialises are the same at every site
 DataFn = Callable[[SiteContext], Any]
 
 
-class HFTask:
+class HFTask(DataFunctions):
     """A :class:`~fedloom.tasks.Task` for a ``transformers`` model loaded from the plan's
     ``model.base`` folder::
 
@@ -125,18 +132,6 @@ class HFTask:
         """The whole model's bytes, the frozen base included: what ``federated: all``
         would send each way, per site and round."""
         return self.built().model_bytes()
-
-    # -- data
-
-    def load_data(self, context: SiteContext) -> AnySiteData | None:
-        from fedloom.tasks.base import as_site_data
-
-        if self.data_fn is None:
-            return None
-        return as_site_data(self.data_fn(context), "the task's data function")
-
-    def load_test_data(self, context: SiteContext) -> Any:
-        return None if self.test_data_fn is None else self.test_data_fn(context)
 
     # -- a round
 

@@ -42,11 +42,11 @@ from fedloom.core.weights import Weights
 from fedloom.tasks.base import (
     CLASSIFICATION,
     AnySiteData,
+    DataFunctions,
     Metrics,
     SiteContext,
     SiteData,
     Split,
-    as_site_data,
 )
 from fedloom.tasks.kept_state import KEPT_FILE, save_kept
 from fedloom.tasks.torch_task import built_model, load_weights_into, state_to_weights
@@ -57,7 +57,7 @@ EvaluateFn = Callable[[nn.Module, Any, SiteContext], Mapping[str, float]]
 DataFn = Callable[[SiteContext], Any]
 
 
-class TorchLoop:
+class TorchLoop(DataFunctions):
     """A :class:`~fedloom.tasks.Task` around the user's own training loop.
 
     ``metrics`` says which metric is primary (default: ``accuracy``, higher is better;
@@ -99,16 +99,6 @@ class TorchLoop:
     def init_weights(self, seed: int) -> Weights:
         torch.manual_seed(seed)
         return state_to_weights(self.model_fn())
-
-    # -- data
-
-    def load_data(self, context: SiteContext) -> AnySiteData | None:
-        if self.data_fn is None:
-            return None
-        return as_site_data(self.data_fn(context), "the task's data function")
-
-    def load_test_data(self, context: SiteContext) -> Any:
-        return None if self.test_data_fn is None else self.test_data_fn(context)
 
     # -- a round
 
