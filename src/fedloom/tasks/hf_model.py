@@ -115,7 +115,7 @@ def _from_pretrained(
         if kind == "causal-lm"
         else transformers.AutoModelForSequenceClassification
     )
-    extra = {"num_labels": num_labels} if num_labels else {}
+    extra: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
     torch.manual_seed(seed)
     try:
         model = auto.from_pretrained(
