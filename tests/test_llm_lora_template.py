@@ -40,7 +40,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_adapter_alone_travels_lowers_the_perplexity_and_takes_secure_aggregation_and_dp(
     workspace: Path,
 ) -> None:
-    plain = simulate(workspace, load_plan(workspace, SMALL), SimulationOptions(workers=1))
+    plain = simulate(workspace, load_plan(workspace, SMALL), SimulationOptions(workers=0))
     per_round = [
         np.mean([r.metrics["global_perplexity"] for r in record.results])
         for record in plain.history
@@ -61,7 +61,7 @@ def test_the_adapter_alone_travels_lowers_the_perplexity_and_takes_secure_aggreg
     secure = simulate(
         workspace,
         load_plan(workspace, [*SMALL, "privacy.secure_aggregation=true"]),
-        SimulationOptions(workers=1),
+        SimulationOptions(workers=0),
     )
     # the default 32-bit ring's fixed point rounds each masked value; over 3 rounds of
     # training moved the test perplexity by 0.45 % in a 3-round run (the 64-bit ring ends
@@ -72,7 +72,7 @@ def test_the_adapter_alone_travels_lowers_the_perplexity_and_takes_secure_aggreg
 
     # DP-FedAvg on the adapter: clipped, noised, accounted; still only the adapter moves
     dp = "privacy.dp={noise_multiplier: 0.3, clip: 0.5, delta: 1.0e-5}"
-    private = simulate(workspace, load_plan(workspace, [*SMALL, dp]), SimulationOptions(workers=1))
+    private = simulate(workspace, load_plan(workspace, [*SMALL, dp]), SimulationOptions(workers=0))
     assert list(private.final_weights) == names
     assert private.bytes_sent == plain.bytes_sent
     spent = [r.privacy.get("epsilon") for r in private.history if r.aggregated]

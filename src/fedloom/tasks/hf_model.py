@@ -118,7 +118,7 @@ def _from_pretrained(
     extra: dict[str, Any] = {"num_labels": num_labels} if num_labels else {}
     torch.manual_seed(seed)
     try:
-        model = auto.from_pretrained(
+        model: Any = auto.from_pretrained(
             str(folder), local_files_only=True, use_safetensors=True, **extra
         )
     except (OSError, ValueError) as err:
@@ -129,7 +129,7 @@ def _from_pretrained(
             "one to find each sequence's last token",
             hint="set model.config.pad_token_id (the tokenizer's pad token) before save_pretrained",
         )
-    return model
+    return model  # type: ignore[no-any-return]
 
 
 def _with_adapter(model: nn.Module, lora: Any, kind: str) -> nn.Module:

@@ -24,7 +24,7 @@ from fedloom.plan import load_plan
 BASE = "models/tiny-lm"
 NOTES_PER_SITE = 300
 TEST_NOTES_PER_DEPARTMENT = 40
-PRETRAIN_STEPS = 60
+PRETRAIN_STEPS = 40
 
 # A character vocabulary: the printable ASCII characters and the newline (task.py
 # holds the same table).
@@ -213,7 +213,7 @@ def _pretrain_and_save(
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(PRETRAIN_STEPS):
-        starts = torch.randint(0, len(ids) - 65, (16,), generator=rng)
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=rng)
         batch = torch.stack([ids[s : s + 64] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
