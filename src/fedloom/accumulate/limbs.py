@@ -92,8 +92,9 @@ _BLOCK = 1 << 15  # elements per step of fold(): its float64 and int64 buffers s
 
 
 def check_range(name: str, values: np.ndarray, weight: int, max_sites: int) -> None:
-    """Refuse what :func:`encode_limbs` would refuse for float32 ``values`` (non-finite, or
-    out of the one-limb range), reading them once; folds nothing.
+    """Refuse what :func:`encode_limbs` would refuse for float32, float16 or bfloat16
+    ``values`` (non-finite, or out of the one-limb range), reading them once; folds
+    nothing.
 
     The largest ``|weight * value|`` is that of the largest ``|value|``: the product by
     a positive weight and its rounding are monotonic, so this is the same test."""

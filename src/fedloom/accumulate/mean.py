@@ -197,7 +197,7 @@ class MeanAccumulator(FoldedSites):
     def _check_range(self, tensor: int, values: np.ndarray, weight: int) -> None:
         """Refuse non-finite or out-of-range values of ``weight * values``; folds nothing."""
         spec = self.specs[tensor]
-        if self._layout[tensor] == 1 and values.dtype == np.float32:
+        if self._layout[tensor] == 1 and spec.dtype in _NARROW_FLOATS:
             check_range(spec.name, values, weight, self._max_sites)
         else:  # the other layouts: the encoding itself checks
             encode_limbs(spec.name, self._layout[tensor], values, weight, self._max_sites)

@@ -104,17 +104,9 @@ def apply_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray])
         if isinstance(delta, LazyWeights) and delta.is_computed(name):
             out[name] = _apply_in_blocks(b, functools.partial(delta.block, name))
             continue
-        d = np.asarray(delta[name])
-        if b.size <= _APPLY_BLOCK:
-            total = np.array(b, dtype=np.float64)  # the one float64 temporary of this tensor
-            total += d
-            if not is_float(b.dtype):
-                np.rint(total, out=total)
-            out[name] = np.asarray(total.astype(b.dtype))
-            continue
-        # a large tensor in blocks: the same operations element by element, so the same
-        # bits, with a float64 temporary of one block instead of the whole tensor
-        flat_d = np.broadcast_to(d, b.shape).reshape(-1)
+        # in blocks: the same operations element by element as on the whole tensor, so
+        # the same bits, with a float64 temporary of one block
+        flat_d = np.broadcast_to(np.asarray(delta[name]), b.shape).reshape(-1)
         out[name] = _apply_in_blocks(b, functools.partial(_window, flat_d))
     return out
 

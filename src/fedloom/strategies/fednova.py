@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedloom.core.errors import AggregationError
-from fedloom.core.records import SiteResult, Summary, UpdateSet
+from fedloom.core.records import Summary, UpdateSet
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 from fedloom.strategies.fedavg import BaseStrategy
@@ -69,7 +69,7 @@ class FedNova(BaseStrategy):
         if not updates:
             return None
         assert isinstance(summary, UpdateSet)  # noqa: S101 - updates_of checked it
-        steps = steps_by_site(summary.results)
+        steps = {r.site: r.local_steps for r in summary.results}
         missing = sorted(u.site for u in updates if steps.get(u.site, 0) <= 0)
         if missing:
             raise AggregationError(
@@ -83,7 +83,3 @@ class FedNova(BaseStrategy):
             [u.num_samples for u in updates],
             [steps[u.site] for u in updates],
         )
-
-
-def steps_by_site(results: Sequence[SiteResult]) -> dict[str, int]:
-    return {r.site: r.local_steps for r in results}

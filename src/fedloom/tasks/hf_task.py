@@ -16,14 +16,13 @@ first built (the ``hf`` extra: ``pip install 'fedloom[hf]'``). Nothing is downlo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sized
+from collections.abc import Callable, Mapping, Sized
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from fedloom.core.errors import TaskError, WorkspaceError
@@ -40,10 +39,7 @@ from fedloom.tasks.base import (
 from fedloom.tasks.hf_model import LoadedModel, load_model
 from fedloom.tasks.hf_parts import IGNORED, collate
 from fedloom.tasks.torch_loop import as_dataset, head
-from fedloom.tasks.torch_task import (
-    autocast,
-    make_optimizer,
-)
+from fedloom.tasks.torch_steps import Tally, accumulated_epoch, autocast, make_optimizer, on_device
 
 KINDS = ("causal-lm", "sequence-classification")
 LANGUAGE_MODEL = Metrics(primary="perplexity", lower_is_better=("loss", "perplexity"))
@@ -125,9 +121,6 @@ class HFTask(DataFunctions):
         drawn from ``seed`` (B starts at zero, so round 1 starts from the base itself)."""
         return self._load(seed).federated_weights()
 
-    def federated_names(self) -> tuple[str, ...]:
-        return self.built().federated
-
     def model_bytes(self) -> int:
         """The whole model's bytes, the frozen base included: what ``federated: all``
         would send each way, per site and round."""
@@ -159,35 +152,27 @@ class HFTask(DataFunctions):
             batch_size=max(1, settings.batch_size),
             shuffle=True,
             generator=context.torch_generator(),
-            collate_fn=self._collate,
+            collate_fn=functools.partial(collate, kind=self.kind),
         )
-        accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
-        num_batches = len(loader)
-        total, steps, updates = 0.0, 0, 0
-        with _on_device(model, context.device):
+        tally = Tally()
+        with on_device(model, context.device):
             model.train()
             for _ in range(settings.epochs):
-                for i, batch in enumerate(loader):
-                    if i % accumulate == 0:
-                        optimizer.zero_grad(set_to_none=True)
-                    with autocast(context):
-                        loss = model(**_to(batch, context.device)).loss
-                    total, steps = total + float(loss.detach()), steps + 1
-                    if anchors:
-                        prox = sum(((p - a) ** 2).sum() for p, a in anchors)
-                        loss = loss + 0.5 * settings.proximal_mu * prox
-                    group = min(accumulate, num_batches - (i // accumulate) * accumulate)
-                    (loss / group if group > 1 else loss).backward()
-                    if (i + 1) % accumulate == 0 or i + 1 == num_batches:
-                        if clip > 0:
-                            nn.utils.clip_grad_norm_(params, clip)
-                        optimizer.step()
-                        updates += 1
+                accumulated_epoch(
+                    loader,
+                    len(loader),
+                    lambda batch: model(**_to(batch, context.device)).loss,
+                    optimizer,
+                    params,
+                    anchors,
+                    settings,
+                    context,
+                    tally,
+                )
             optimizer.zero_grad(set_to_none=True)
             model.train(False)
         built.keep_site_tensors(context)
-        metrics = {"train_loss": total / steps} if steps else {}
-        return TrainOutput(built.federated_weights(), n, metrics, updates)
+        return TrainOutput(built.federated_weights(), n, tally.metrics(), tally.steps)
 
     def evaluate(self, weights: Weights, data: Any, context: SiteContext) -> EvalOutput:
         dataset = as_dataset(data)
@@ -197,9 +182,11 @@ class HFTask(DataFunctions):
         built = self.built()
         built.prepare(weights, context)
         built.model.train(False)  # dropout off, as evaluation needs
-        loader = DataLoader(dataset, batch_size=EVAL_BATCH, collate_fn=self._collate)
+        loader = DataLoader(
+            dataset, batch_size=EVAL_BATCH, collate_fn=functools.partial(collate, kind=self.kind)
+        )
         loss_sum, counted, correct = 0.0, 0, 0
-        with _on_device(built.model, context.device), torch.no_grad():
+        with on_device(built.model, context.device), torch.no_grad():
             for batch in loader:
                 batch = _to(batch, context.device)
                 with autocast(context):
@@ -233,9 +220,6 @@ class HFTask(DataFunctions):
 
     # -- batches
 
-    def _collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return collate(items, self.kind)
-
     def _positions(self, labels: torch.Tensor) -> int:
         """How many predictions a batch's mean loss averages: the next-token positions
         whose label counts (a causal LM), or the batch's rows."""
@@ -250,12 +234,3 @@ MAX_LOG_PERPLEXITY = 50.0  # e^50: a diverged model's perplexity stays a finite 
 
 def _to(batch: Mapping[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device: str) -> Iterator[None]:
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to("cpu")

@@ -28,7 +28,6 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Mapping, Sized
-from contextlib import nullcontext
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,6 +48,7 @@ from fedloom.tasks.base import (
     Split,
 )
 from fedloom.tasks.kept_state import KEPT_FILE, save_kept
+from fedloom.tasks.torch_steps import autocast
 from fedloom.tasks.torch_task import built_model, load_weights_into, state_to_weights
 
 ModelFn = Callable[[], nn.Module]
@@ -112,7 +112,7 @@ class TorchLoop(DataFunctions):
         if n < 1:
             raise TaskError("the site's training data is empty (len(train) is 0)")
         model.train()
-        with _precision(context):
+        with autocast(context):
             metrics = self.train_fn(model, train, context) or {}
         if not isinstance(metrics, Mapping):
             raise TaskError(
@@ -132,7 +132,7 @@ class TorchLoop(DataFunctions):
             return EvalOutput(0, {})
         model = self._prepared(weights, context)
         model.eval()
-        with torch.no_grad(), _precision(context):
+        with torch.no_grad(), autocast(context):
             metrics = self.evaluate_fn(model, dataset, context)
         if not isinstance(metrics, Mapping):
             raise TaskError(
@@ -212,11 +212,3 @@ def deterministic(on: bool) -> None:
     if torch.are_deterministic_algorithms_enabled() != on:
         torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.benchmark = False
-
-
-def _precision(context: SiteContext) -> Any:
-    """bf16 autocast on the site's device when the plan asks for it."""
-    if context.loop.precision != "bf16":
-        return nullcontext()
-    kind = context.device.split(":")[0]
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)

@@ -7,10 +7,9 @@ between calls and goes to the site's device (``context.device``) for each one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import ml_dtypes
@@ -24,7 +23,7 @@ from fedloom.core.weights import Weights
 from fedloom.tasks import metrics as ready
 from fedloom.tasks.base import Metrics, SiteContext, SiteData, Split
 from fedloom.tasks.numpy_task import arrays_of, require_arrays
-from fedloom.tasks.schedules import learning_rate
+from fedloom.tasks.torch_steps import Tally, accumulated_epoch, autocast, make_optimizer, on_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -197,7 +196,7 @@ class TorchTask:
         model = self.model()
         load_weights_into(model, weights)
         _seed(context)
-        with _on_device(model, context.device):
+        with on_device(model, context.device):
             x, y = x.to(context.device), y.to(context.device)
             steps: int | None = None  # DP-SGD's Poisson batches: not counted
             if context.dp_sgd is not None:
@@ -228,40 +227,29 @@ class TorchTask:
         """One round of the built-in loop: its metrics, and the optimiser steps taken."""
         rng = np.random.default_rng(context.seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+        anchors = [(p, p.detach().clone()) for p in params] if settings.proximal_mu > 0 else []
         optimizer = make_optimizer(params, settings, context)
-        accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
         model.train()
         n = len(y)
         batch = max(1, settings.batch_size)
         num_batches = math.ceil(n / batch)
-        total, steps, updates = 0.0, 0, 0
+        tally = Tally()
         for _ in range(settings.epochs):
             order = torch.from_numpy(rng.permutation(n)).to(x.device)
-            for i, start in enumerate(range(0, n, batch)):
-                idx = order[start : start + batch]
-                if i % accumulate == 0:
-                    optimizer.zero_grad(set_to_none=True)
-                with autocast(context):
-                    loss = self._loss(model(x[idx]), y[idx])
-                total += float(loss.detach())
-                steps += 1
-                if anchors:
-                    prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                    loss = loss + 0.5 * settings.proximal_mu * prox
-                # k minibatches to a step: each gives 1/k of the step's gradient (the
-                # last group of an epoch may be smaller: 1/its size)
-                group = min(accumulate, num_batches - (i // accumulate) * accumulate)
-                if group > 1:
-                    loss = loss / group
-                loss.backward()  # type: ignore[no-untyped-call]
-                if (i + 1) % accumulate == 0 or i + 1 == num_batches:
-                    if clip > 0:
-                        nn.utils.clip_grad_norm_(params, clip)
-                    optimizer.step()
-                    updates += 1
+            batches = (order[start : start + batch] for start in range(0, n, batch))
+            accumulated_epoch(
+                batches,
+                num_batches,
+                lambda idx: self._loss(model(x[idx]), y[idx]),
+                optimizer,
+                params,
+                anchors,
+                settings,
+                context,
+                tally,
+            )
         optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
-        return ({"train_loss": total / steps} if steps else {}), updates
+        return tally.metrics(), tally.steps
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss, with one target per output shaped as the outputs (a model's
@@ -285,7 +273,7 @@ class TorchTask:
         load_weights_into(model, weights)
         _deterministic(context)
         model.eval()
-        with _on_device(model, context.device), torch.no_grad():
+        with on_device(model, context.device), torch.no_grad():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
             with autocast(context):
                 outputs = torch.cat(
@@ -323,7 +311,7 @@ class TorchTask:
         load_weights_into(model, weights)
         model.eval()
         try:
-            with _on_device(model, context.device), torch.no_grad(), warnings.catch_warnings():
+            with on_device(model, context.device), torch.no_grad(), warnings.catch_warnings():
                 # a loss that would broadcast outputs against targets of another shape
                 warnings.filterwarnings("error", message="Using a target size")
                 with autocast(context):
@@ -358,33 +346,6 @@ class TorchTask:
 CHECK_ROWS = 8  # training samples the smoke check runs the model on
 
 
-def make_optimizer(
-    params: list[nn.Parameter], settings: TrainSettings, context: SiteContext
-) -> torch.optim.Optimizer:
-    """The plan's optimiser (``training.optimizer``) over ``params``, at this round's
-    learning rate: SGD (with ``momentum`` and ``weight_decay``), Adam (L2
-    ``weight_decay``) or AdamW (decoupled ``weight_decay``); Adam's betas are torch's."""
-    loop = context.loop
-    lr = learning_rate(settings.lr, loop.schedule, context.round, context.total_rounds)
-    if loop.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=settings.weight_decay)
-    if loop.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
-    if loop.optimizer != "sgd":
-        raise TaskError(f"unknown optimizer {loop.optimizer!r}; use sgd, adam or adamw")
-    return torch.optim.SGD(
-        params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-
-
-def autocast(context: SiteContext) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on the site's device when the plan asks for it
-    (``training.precision: bf16``); nothing otherwise."""
-    if context.loop.precision != "bf16":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=context.device.split(":")[0], dtype=torch.bfloat16)
-
-
 def _deterministic(context: SiteContext) -> None:
     """Torch's deterministic mode as the plan says (``training.deterministic``)."""
     from fedloom.tasks.torch_loop import deterministic
@@ -399,17 +360,6 @@ def _seed(context: SiteContext) -> None:
     torch.default_generator.manual_seed(context.seed)  # not torch.manual_seed: no CUDA init
     if context.device.startswith("cuda"):
         torch.cuda.manual_seed_all(context.seed % 2**63)
-
-
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device: str) -> Iterator[None]:
-    """``model`` on ``device`` for the block, back on the CPU afterwards: between calls
-    a worker's GPU holds nothing of it."""
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to("cpu")
 
 
 def _checked_functions(metrics: Mapping[str, MetricFn]) -> dict[str, MetricFn]:

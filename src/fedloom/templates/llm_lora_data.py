@@ -13,7 +13,6 @@ at every ``fedloom init``: everything is drawn from the plan's seed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -171,7 +170,7 @@ def write_base_model(folder: Path, seed: int) -> None:
     (characters), and ``save_pretrained`` it into ``folder``."""
     try:
         import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers  # noqa: F401 - here only to say what is missing
     except ImportError as err:
         raise WorkspaceError(
             f"the llm-lora template needs transformers and peft: {err}",
@@ -185,18 +184,19 @@ def write_base_model(folder: Path, seed: int) -> None:
     # runs on the machine (two inits side by side took minutes instead of seconds)
     torch.set_num_threads(1)
     try:
-        _pretrain_and_save(torch, LlamaConfig, LlamaForCausalLM, folder, seed)
+        _pretrain_and_save(folder, seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain_and_save(
-    torch: Any, config_cls: Any, model_cls: Any, folder: Path, seed: int
-) -> None:
+def _pretrain_and_save(folder: Path, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from fedloom.tasks.hf_parts import save_base_model
 
     torch.manual_seed(seed)
-    config = config_cls(
+    config = LlamaConfig(
         vocab_size=len(ALPHABET),
         hidden_size=128,
         intermediate_size=384,
@@ -206,7 +206,7 @@ def _pretrain_and_save(
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
-    model = model_cls(config)
+    model = LlamaForCausalLM(config)
     text = " ".join(GENERIC)
     ids = torch.tensor([ALPHABET.index(c) for c in text if c in ALPHABET])
     rng = torch.Generator().manual_seed(seed)

@@ -1,0 +1,109 @@
+"""The parts of fedloom's built-in training loop that every torch task shares
+(:class:`~fedloom.tasks.torch_task.TorchTask`'s loop and
+:class:`~fedloom.tasks.hf_task.HFTask`'s): the plan's optimiser, bf16 autocast, one
+epoch of minibatches with gradient accumulation, clipping and FedProx's term, and the
+model on the site's device for one call."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedloom.core.errors import TaskError
+from fedloom.core.records import TrainSettings
+from fedloom.tasks.base import SiteContext
+from fedloom.tasks.schedules import learning_rate
+
+
+@dataclass
+class Tally:
+    """What a round of local training counted: the sum of its minibatch losses, the
+    minibatches, and the optimiser steps."""
+
+    loss: float = 0.0
+    batches: int = 0
+    steps: int = 0
+
+    def metrics(self) -> dict[str, Any]:
+        return {"train_loss": self.loss / self.batches} if self.batches else {}
+
+
+def accumulated_epoch(
+    batches: Iterable[Any],
+    num_batches: int,
+    loss_of: Callable[[Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    anchors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    settings: TrainSettings,
+    context: SiteContext,
+    tally: Tally,
+) -> None:
+    """One epoch of the built-in loop over ``batches`` (``num_batches`` of them):
+    ``loss_of(batch)`` under the plan's autocast, FedProx's ``(mu / 2) * ||p - a||^2``
+    over the ``(parameter, anchor)`` pairs, ``training.grad_accumulation`` minibatches
+    to a step (each giving 1/k of the step's gradient; the epoch's last group 1/its
+    size), the gradient's norm clipped to ``training.grad_clip``. Counts into ``tally``."""
+    accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
+    for i, batch in enumerate(batches):
+        if i % accumulate == 0:
+            optimizer.zero_grad(set_to_none=True)
+        with autocast(context):
+            loss = loss_of(batch)
+        tally.loss += float(loss.detach())
+        tally.batches += 1
+        if anchors:
+            prox = sum(((p - a) ** 2).sum() for p, a in anchors)
+            loss = loss + 0.5 * settings.proximal_mu * prox
+        group = min(accumulate, num_batches - (i // accumulate) * accumulate)
+        if group > 1:
+            loss = loss / group
+        loss.backward()  # type: ignore[no-untyped-call]
+        if (i + 1) % accumulate == 0 or i + 1 == num_batches:
+            if clip > 0:
+                nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            tally.steps += 1
+
+
+def make_optimizer(
+    params: list[nn.Parameter], settings: TrainSettings, context: SiteContext
+) -> torch.optim.Optimizer:
+    """The plan's optimiser (``training.optimizer``) over ``params``, at this round's
+    learning rate: SGD (with ``momentum`` and ``weight_decay``), Adam (L2
+    ``weight_decay``) or AdamW (decoupled ``weight_decay``); Adam's betas are torch's."""
+    loop = context.loop
+    lr = learning_rate(settings.lr, loop.schedule, context.round, context.total_rounds)
+    if loop.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=settings.weight_decay)
+    if loop.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
+    if loop.optimizer != "sgd":
+        raise TaskError(f"unknown optimizer {loop.optimizer!r}; use sgd, adam or adamw")
+    return torch.optim.SGD(
+        params, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+
+
+def autocast(context: SiteContext) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the site's device when the plan asks for it
+    (``training.precision: bf16``); nothing otherwise."""
+    if context.loop.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=context.device.split(":")[0], dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: str) -> Iterator[None]:
+    """``model`` on ``device`` for the block, back on the CPU afterwards: between calls
+    a worker's GPU holds nothing of it."""
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
