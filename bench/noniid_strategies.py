@@ -2,10 +2,15 @@
 
     python bench/noniid_strategies.py [--seeds 0 1 2] [--rounds 20]
 
-Two non-IID tasks, each run with FedAvg and with the strategy the literature says
+Three non-IID tasks, each run with FedAvg and with the strategy the literature says
 helps there, for every seed (the plan's seed: the model's initialisation, the split,
 the batches), in process (``simulate``, one worker):
 
+- **label skew, SCAFFOLD** (Karimireddy et al., 2020): scikit-learn's digits over 10
+  sites holding two classes each (``partition: shards:2``), an MLP trained 5 local
+  epochs of plain SGD a round, so each site's model drifts towards its two classes.
+  SCAFFOLD corrects each local step by ``c - c_i``; FedProx (``mu = 0.1``) runs too,
+  as the other drift correction. Figure: test accuracy of the final model.
 - **feature shift, FedBN** (Li et al., 2021): scikit-learn's digits split evenly over 4
   sites, each site's pixels seen through its own "scanner" (gain, offset and noise of
   its own); an MLP with a batch-norm layer. FedBN keeps the batch-norm layer at each
@@ -124,7 +129,52 @@ evaluation:
   final: true
 """
 
+LABEL_SKEW_TASK = """
+from torch import nn
+
+from fedloom.tasks import TorchTask
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+task = TorchTask(build_model)
+"""
+
+LABEL_SKEW_PLAN = """version: 1
+name: label-skew
+task: task.py
+seed: 0
+rounds: 20
+sites: 10
+data:
+  dataset: digits
+  partition: shards:2
+  val_fraction: 0.2
+  test_fraction: 0.2
+training:
+  epochs: 5
+  batch_size: 16
+  lr: 0.02
+strategy:
+  name: fedavg
+evaluation:
+  each_round: false
+  final: true
+"""
+
 CASES = {
+    "label-skew": {
+        "task": LABEL_SKEW_TASK,
+        "plan": LABEL_SKEW_PLAN,
+        "arms": {
+            "fedavg": [],
+            "fedprox": ["strategy.name=fedprox", "strategy.proximal_mu=0.1"],
+            "scaffold": ["strategy.name=scaffold"],
+        },
+        "figure": "test_accuracy",
+    },
     "feature-shift": {
         "task": FEATURE_SHIFT_TASK,
         "plan": FEATURE_SHIFT_PLAN,

@@ -60,6 +60,7 @@ from fedloom.core.state import FederationState
 from fedloom.core.weights import Weights, specs_of
 from fedloom.privacy.aggregator import AggregatorPrivacy, spent_after, spent_by_round
 from fedloom.strategies.base import Strategy
+from fedloom.strategies.scaffold import model_part
 
 
 class Aggregator(SiteCalls):
@@ -119,7 +120,8 @@ class Aggregator(SiteCalls):
 
     @property
     def weights(self) -> Weights:
-        return self.state.weights
+        """The global model (without what a strategy keeps in it: SCAFFOLD's controls)."""
+        return model_part(self.state.weights)
 
     # ---------------------------------------------------------------- the loop
 
@@ -248,6 +250,8 @@ class Aggregator(SiteCalls):
             instruction, attempt_id=f"{cfg.run_id}/{instruction.round}.{attempt}"
         )
         weights = self.state.weights
+        if instruction.kind is InstructionKind.EVALUATE:  # the model alone: nothing comes back
+            weights = model_part(weights)
         accumulator, secagg, expected = round_sum(
             self.board,
             instruction,

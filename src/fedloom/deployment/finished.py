@@ -21,6 +21,7 @@ from fedloom.runtime.executor import outside_rounds
 from fedloom.runtime.sitedata import DataSource
 from fedloom.store import save_weights
 from fedloom.store.runs import RunInfo, RunStore
+from fedloom.strategies.scaffold import model_part
 from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
 from fedloom.tasks.loader import load_task
 from fedloom.workspace import WorkspaceCode
@@ -61,7 +62,7 @@ def complete_results(
             return  # marked completed without a finished round: nothing to write
     if run.rebuilt or not plan_json or plan_json == "{}":
         # the database was rebuilt from the checkpoints: only the final model survives
-        save_weights(run.run_dir / "final.safetensors", resume.state.weights)
+        save_weights(run.run_dir / "final.safetensors", model_part(resume.state.weights))
         store.notes.append(
             f"run {run.name!r} finished but its results were never written: its final model "
             f"is now in {run.run_dir / 'final.safetensors'} (its per-site records were lost)"
@@ -88,7 +89,7 @@ def complete_results(
         run,
         ws=ws,
         history=history,
-        weights=resume.state.weights,
+        weights=model_part(resume.state.weights),
         stopped_early=stopped_early,
     )
     if not same_code:

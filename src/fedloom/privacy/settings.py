@@ -164,6 +164,13 @@ def privacy_problems(
             f"privacy.dp: strategy {strategy!r} combines individual updates, and DP-FedAvg's "
             "noise is calibrated to a sum; choose a mean-based strategy or remove privacy.dp"
         )
+    if strategy == "scaffold" and (dp is not None or privacy.dp_sgd is not None):
+        key = "dp" if dp is not None else "dp_sgd"
+        problems.append(
+            f"privacy.{key}: scaffold's control variates are computed from each site's "
+            "unclipped, un-noised local steps and sent with its update, which the "
+            f"privacy.{key} guarantee does not cover; use fedavg, fedprox or fednova with DP"
+        )
     if dp is not None and dp.noise is NoisePlacement.DISTRIBUTED and sa is None:
         problems.append(
             "privacy.dp.noise: distributed noise is hidden only by secure aggregation (each "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedloom.core.errors import TaskError
 from fedloom.core.records import (
     DPSGDSettings,
@@ -25,7 +27,9 @@ from fedloom.core.records import (
 )
 from fedloom.core.rng import int_seed, select_sites
 from fedloom.core.weights import Weights, check_compatible, read_only, specs_of, subtract
+from fedloom.runtime.scaffold_site import site_variates
 from fedloom.store.checkpoint import load_weights, save_weights
+from fedloom.strategies.scaffold import controls_of, model_part, with_controls
 from fedloom.tasks.base import AnySiteData, SiteContext, Task
 from fedloom.tasks.dp_sgd import require_no_dp_sgd
 
@@ -149,13 +153,24 @@ def execute(
     rounds_selected: int = 1,
     env: SiteEnv = SiteEnv(),
 ) -> SiteAnswer:
-    received = read_only(weights)  # a task that writes into them fails the same in every mode
+    sent = read_only(weights)  # a task that writes into them fails the same in every mode
+    received, controls = model_part(sent), controls_of(sent)  # SCAFFOLD's c, if any
     weights = with_local_tensors(received, env)
     metrics: dict[str, float] = {}
     training = instruction.kind is not InstructionKind.EVALUATE
     evaluating = not training or instruction.settings.evaluate
     if env.state_dir is not None:  # the task may write its own files there from round 1
         env.state_dir.mkdir(parents=True, exist_ok=True)
+    variates = None
+    if controls and training:
+        variates = site_variates(
+            controls,
+            supported=getattr(task, "supports_scaffold", False),
+            task_name=type(task).__name__,
+            state_dir=env.state_dir,
+            round=instruction.round,
+            local=set(local_names(received, env.local)),
+        )
     context = SiteContext(
         site,
         index,
@@ -169,6 +184,7 @@ def execute(
         device=env.device,
         state_dir=env.state_dir,
         loop=env.loop,
+        correction=variates.correction() if variates is not None else {},
     )
     if evaluating:
         seen = _evaluated(task.evaluate(weights, data.val, context))
@@ -201,7 +217,13 @@ def execute(
     # a local tensor's update is zero: its values never leave the site
     trained = {n: (received[n] if n in kept else a) for n, a in out.weights.items()}
     steps = None if out.local_steps is None else int(out.local_steps)
-    return SiteAnswer(int(out.num_samples), metrics, subtract(trained, received), steps)
+    delta = subtract(trained, received)
+    if variates is not None:
+        moved = variates.step(weights, out.weights, steps, instruction.settings.lr)
+        delta = with_controls(
+            delta, {n: moved.get(n, np.zeros(a.shape, np.float32)) for n, a in controls.items()}
+        )
+    return SiteAnswer(int(out.num_samples), metrics, delta, steps)
 
 
 def _evaluated(out: object) -> EvalOutput:

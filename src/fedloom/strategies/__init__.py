@@ -29,6 +29,7 @@ from fedloom.strategies.robust import (
     MultiKrum,
     TrimmedMean,
 )
+from fedloom.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -38,6 +39,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
     "fednova": FedNova,
+    "scaffold": Scaffold,
     "median": Median,
     "trimmed-mean": TrimmedMean,
     "krum": Krum,
@@ -109,6 +111,7 @@ __all__ = [
     "Median",
     "MultiKrum",
     "RoundConfig",
+    "Scaffold",
     "STRATEGIES",
     "Strategy",
     "StrategyState",

@@ -131,6 +131,9 @@ class SiteContext:
     # the round's training settings (the plan's, as the strategy set them: FedProx's
     # proximal_mu): what TorchLoop hands a user's own train function
     settings: TrainSettings = TrainSettings()
+    # SCAFFOLD's correction c - c_i by tensor name (empty: none): a task that declares
+    # supports_scaffold adds it to the gradient of each of its local steps
+    correction: Mapping[str, np.ndarray] = field(default_factory=dict)
     # metrics the task logged with log_metric(), sent with its answer
     logged: dict[str, float] = field(default_factory=dict)
     # objects whose state the site keeps between rounds (keep()), saved after training

@@ -39,7 +39,14 @@ from fedloom.tasks.base import (
 from fedloom.tasks.hf_model import LoadedModel, load_model
 from fedloom.tasks.hf_parts import IGNORED, collate
 from fedloom.tasks.torch_loop import as_dataset, head
-from fedloom.tasks.torch_steps import Tally, accumulated_epoch, autocast, make_optimizer, on_device
+from fedloom.tasks.torch_steps import (
+    Tally,
+    accumulated_epoch,
+    autocast,
+    make_optimizer,
+    on_device,
+    scaffold_pairs,
+)
 
 KINDS = ("causal-lm", "sequence-classification")
 LANGUAGE_MODEL = Metrics(primary="perplexity", lower_is_better=("loss", "perplexity"))
@@ -74,6 +81,7 @@ class HFTask(DataFunctions):
     """
 
     supports_dp_sgd: ClassVar[bool] = False
+    supports_scaffold: ClassVar[bool] = True  # adds SiteContext.correction to each step
 
     def __init__(
         self,
@@ -147,6 +155,7 @@ class HFTask(DataFunctions):
             else []
         )
         optimizer = make_optimizer(params, settings, context)
+        corrections = scaffold_pairs(named, context)
         loader = DataLoader(
             train,
             batch_size=max(1, settings.batch_size),
@@ -168,6 +177,7 @@ class HFTask(DataFunctions):
                     settings,
                     context,
                     tally,
+                    corrections,
                 )
             optimizer.zero_grad(set_to_none=True)
             model.train(False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -78,8 +79,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class SoftmaxRegression:
     """Multinomial logistic regression in NumPy, trained by minibatch SGD.
 
-    The FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` is part of the step.
+    The FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` is part of the step, and
+    so is SCAFFOLD's correction ``c - c_i`` (``SiteContext.correction``).
     """
+
+    supports_scaffold: ClassVar[bool] = True
 
     num_features: int
     num_classes: int
@@ -103,6 +107,9 @@ class SoftmaxRegression:
         onehot = np.eye(self.num_classes)[data.y_train]
         n = len(x)
         batch = max(1, settings.batch_size)
+        cw, cb = (
+            np.asarray(context.correction.get(k, 0.0), np.float64) for k in ("weight", "bias")
+        )
         losses = []
         for _ in range(settings.epochs):
             order = rng.permutation(n)
@@ -114,6 +121,7 @@ class SoftmaxRegression:
                 err = (p - onehot[idx]) / len(idx)
                 gw = x[idx].T @ err + settings.weight_decay * w + settings.proximal_mu * (w - w0)
                 gb = err.sum(axis=0) + settings.proximal_mu * (b - b0)
+                gw, gb = gw + cw, gb + cb  # SCAFFOLD (0 without it)
                 vw = settings.momentum * vw + gw
                 vb = settings.momentum * vb + gb
                 w -= settings.lr * vw

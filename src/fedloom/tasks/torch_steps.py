@@ -7,10 +7,11 @@ model on the site's device for one call."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,12 +44,14 @@ def accumulated_epoch(
     settings: TrainSettings,
     context: SiteContext,
     tally: Tally,
+    corrections: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> None:
     """One epoch of the built-in loop over ``batches`` (``num_batches`` of them):
     ``loss_of(batch)`` under the plan's autocast, FedProx's ``(mu / 2) * ||p - a||^2``
     over the ``(parameter, anchor)`` pairs, ``training.grad_accumulation`` minibatches
     to a step (each giving 1/k of the step's gradient; the epoch's last group 1/its
-    size), the gradient's norm clipped to ``training.grad_clip``. Counts into ``tally``."""
+    size), the gradient's norm clipped to ``training.grad_clip``, then SCAFFOLD's
+    ``(parameter, c - c_i)`` ``corrections`` added to it. Counts into ``tally``."""
     accumulate, clip = context.loop.grad_accumulation, context.loop.grad_clip
     for i, batch in enumerate(batches):
         if i % accumulate == 0:
@@ -67,8 +70,24 @@ def accumulated_epoch(
         if (i + 1) % accumulate == 0 or i + 1 == num_batches:
             if clip > 0:
                 nn.utils.clip_grad_norm_(params, clip)
+            for p, correction in corrections:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(correction.to(p.device, p.grad.dtype))
             optimizer.step()
             tally.steps += 1
+
+
+def scaffold_pairs(
+    named: Mapping[str, nn.Parameter], context: SiteContext
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, c - c_i)`` for each trainable parameter SCAFFOLD corrects (none
+    without it; a buffer such as batch norm's statistics takes no gradient step)."""
+    return [
+        (p, torch.from_numpy(np.array(correction, np.float32)))
+        for name, correction in context.correction.items()
+        if (p := named.get(name)) is not None and p.requires_grad
+    ]
 
 
 def make_optimizer(

@@ -23,7 +23,14 @@ from fedloom.core.weights import Weights
 from fedloom.tasks import metrics as ready
 from fedloom.tasks.base import Metrics, SiteContext, SiteData, Split
 from fedloom.tasks.numpy_task import arrays_of, require_arrays
-from fedloom.tasks.torch_steps import Tally, accumulated_epoch, autocast, make_optimizer, on_device
+from fedloom.tasks.torch_steps import (
+    Tally,
+    accumulated_epoch,
+    autocast,
+    make_optimizer,
+    on_device,
+    scaffold_pairs,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
@@ -152,6 +159,7 @@ class TorchTask:
 
     # trains with sample-level DP-SGD when the context asks (see dp_sgd.require_no_dp_sgd)
     supports_dp_sgd: ClassVar[bool] = True
+    supports_scaffold: ClassVar[bool] = True  # adds SiteContext.correction to each step
 
     def __init__(
         self,
@@ -229,6 +237,7 @@ class TorchTask:
         params = [p for p in model.parameters() if p.requires_grad]
         anchors = [(p, p.detach().clone()) for p in params] if settings.proximal_mu > 0 else []
         optimizer = make_optimizer(params, settings, context)
+        corrections = scaffold_pairs(dict(model.named_parameters()), context)
         model.train()
         n = len(y)
         batch = max(1, settings.batch_size)
@@ -247,6 +256,7 @@ class TorchTask:
                 settings,
                 context,
                 tally,
+                corrections,
             )
         optimizer.zero_grad(set_to_none=True)  # the gradients (a model's size) until next time
         return tally.metrics(), tally.steps
