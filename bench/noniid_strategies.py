@@ -2,7 +2,7 @@
 
     python bench/noniid_strategies.py [--seeds 0 1 2] [--rounds 20]
 
-Three non-IID tasks, each run with FedAvg and with the strategy the literature says
+Three non-IID tasks (four cases), each run with FedAvg and with the strategy the literature says
 helps there, for every seed (the plan's seed: the model's initialisation, the split,
 the batches), in process (``simulate``, one worker):
 
@@ -11,6 +11,11 @@ the batches), in process (``simulate``, one worker):
   epochs of plain SGD a round, so each site's model drifts towards its two classes.
   SCAFFOLD corrects each local step by ``c - c_i``; FedProx (``mu = 0.1``) runs too,
   as the other drift correction. Figure: test accuracy of the final model.
+- **label skew, Ditto** (Li et al., 2021): the same task and sites; Ditto
+  (``training.personal``, ``lam = 0.1``) trains a personal model at each site beside
+  the global one. Figure: each site's accuracy on its own validation split with the
+  model it would use (its personal model under Ditto, the global model under FedAvg),
+  averaged over the sites.
 - **feature shift, FedBN** (Li et al., 2021): scikit-learn's digits split evenly over 4
   sites, each site's pixels seen through its own "scanner" (gain, offset and noise of
   its own); an MLP with a batch-norm layer. FedBN keeps the batch-norm layer at each
@@ -175,6 +180,12 @@ CASES = {
         },
         "figure": "test_accuracy",
     },
+    "label-skew-personal": {
+        "task": LABEL_SKEW_TASK,
+        "plan": LABEL_SKEW_PLAN,
+        "arms": {"fedavg": [], "ditto": ["training.personal.lam=0.1"]},
+        "figure": "own_model_accuracy",
+    },
     "feature-shift": {
         "task": FEATURE_SHIFT_TASK,
         "plan": FEATURE_SHIFT_PLAN,
@@ -214,15 +225,27 @@ def run_case(work: Path, name: str, case: dict[str, Any], seeds: list[int], roun
                             "test_loss",
                             "mean_site_accuracy",
                             "worst_site_accuracy",
+                            "mean_personal_accuracy",
                         )
                     },
+                    # each site's model on its own validation split: its personal model
+                    # under Ditto, else the global model
+                    "own_model_accuracy": figures.get(
+                        "mean_personal_accuracy", figures.get("mean_site_accuracy")
+                    ),
                 }
             )
             print(name, arm, seed, {k: runs[-1][k] for k in ("test_accuracy", case["figure"])})
     means = {
         arm: {
             key: statistics.mean(r[key] for r in runs if r["arm"] == arm and r[key] is not None)
-            for key in ("test_accuracy", "test_loss", "mean_site_accuracy")
+            for key in (
+                "test_accuracy",
+                "test_loss",
+                "mean_site_accuracy",
+                "mean_personal_accuracy",
+                "own_model_accuracy",
+            )
             if any(r[key] is not None for r in runs if r["arm"] == arm)
         }
         for arm in case["arms"]
@@ -235,17 +258,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="run these cases only; the others keep their results in --out",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "noniid_strategies.json"
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedloom-noniid-"))
     try:
-        results = {
-            name: run_case(work, name, case, args.seeds, args.rounds)
-            for name, case in CASES.items()
+        fresh = {
+            name: run_case(work, name, CASES[name], args.seeds, args.rounds) for name in args.cases
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    kept: dict[str, Any] = {}
+    if set(args.cases) != set(CASES) and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        if (old["seeds"], old["rounds"]) == (args.seeds, args.rounds):
+            kept = old["cases"]
+    results = {n: fresh.get(n, kept.get(n)) for n in CASES if n in fresh or n in kept}
     doc = {"seeds": args.seeds, "rounds": args.rounds, "cases": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

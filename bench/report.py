@@ -397,6 +397,7 @@ def noniid_section(doc: dict[str, Any], checks: list[tuple[str, bool | None, str
     """``noniid_strategies.py``: each case's arms, per seed and their mean."""
     labels = {
         "label-skew": "label skew (digits, 10 sites of 2 classes, 5 local epochs)",
+        "label-skew-personal": "label skew, personal models (the same task and sites)",
         "feature-shift": "feature shift (digits, 4 sites, a scanner each)",
         "unequal-steps": "unequal local steps (Synthetic(0.5, 0.5), 20 sites, 1-5 epochs)",
     }
@@ -429,7 +430,9 @@ def noniid_section(doc: dict[str, Any], checks: list[tuple[str, bool | None, str
         + f"\n\n`bench/noniid_strategies.py`: seeds {', '.join(map(str, doc['seeds']))}, "
         f"{doc['rounds']} rounds, in process. `mean_site_accuracy`: the final global model "
         "on each site's validation split (with the site's own batch norm under FedBN), "
-        "averaged over the sites; `test_accuracy`: the final model on the held-out test set."
+        "averaged over the sites; `own_model_accuracy`: the same with the model each site "
+        "would use (its Ditto personal model; FedAvg's global model); `test_accuracy`: the "
+        "final model on the held-out test set."
     )
 
 

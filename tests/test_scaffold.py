@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import naive_softmax as naive
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,86 +17,28 @@ from hypothesis import strategies as st
 from fedloom import SimulationOptions, load_plan, simulate
 from fedloom.core.errors import PlanError, TaskError
 from fedloom.core.records import Instruction, InstructionKind, TrainSettings
-from fedloom.core.rng import int_seed
 from fedloom.runtime.executor import SiteEnv, execute
 from fedloom.runtime.scaffold_site import VARIATE_FILE, site_variates
 from fedloom.strategies.scaffold import CONTROL, site_control, with_controls
 from fedloom.tasks import SiteData
 
-TASK = '''
-import numpy as np
 
-from fedloom.tasks import SiteData, SoftmaxRegression
-
-SIZES = (40, 25, 60)
-
-
-def site_arrays(index):
-    """Site ``index``'s data: mostly its own two classes of four (label skew)."""
-    rng = np.random.default_rng(100 + index)
-    n = SIZES[index]
-    own = (2 * index + rng.integers(0, 2, n)) % 4
-    y = np.where(rng.random(n) < 0.8, own, rng.integers(0, 4, n))
-    x = rng.normal(0, 1, (n, 5)) + np.eye(4, 5)[y] * 2.0
-    return x.astype(np.float32), y.astype(np.int64)
-
-
-class Skewed(SoftmaxRegression):
-    def load_data(self, ctx):
-        x, y = site_arrays(ctx.index)
-        return SiteData(x, y, x[:5], y[:5])
-
-
-task = Skewed(num_features=5, num_classes=4)
-'''
-
-PLAN = """version: 1
-name: scaffold-reference
-task: task.py
-seed: 3
-rounds: 3
-sites: 3
-data:
-  dataset: custom
-training:
-  epochs: 2
-  batch_size: 8
-  lr: 0.1
-strategy:
-  name: scaffold
-evaluation:
-  each_round: false
-  final: false
-"""
-
-
-def naive_scaffold(site_arrays: Any, sites: list[str], rounds: int, seed: int) -> np.ndarray:
+def naive_scaffold() -> np.ndarray:
     """Algorithm 1 of the paper (option II, every site every round, global step 1),
-    with the server's averages weighted by the sites' samples, on multinomial logistic
-    regression in float64 with SoftmaxRegression's minibatch orders."""
-    x_glob = np.zeros((5 + 1, 4))  # weight rows, then the bias
+    with the server's averages weighted by the sites' samples, on the naive float64
+    SoftmaxRegression."""
+    data = [naive.site_arrays()(i) for i in range(len(naive.SITES))]
+    x_glob = np.zeros((5 + 1, 4))
     c = np.zeros_like(x_glob)
-    c_sites = [np.zeros_like(x_glob) for _ in sites]
-    data = [site_arrays(i) for i in range(len(sites))]
+    c_sites = [np.zeros_like(x_glob) for _ in naive.SITES]
     total = sum(len(y) for _, y in data)
-    for rnd in range(1, rounds + 1):
+    for rnd in range(1, naive.ROUNDS + 1):
         dy_sum, dc_sum, new_c = np.zeros_like(x_glob), np.zeros_like(x_glob), []
-        for i, site in enumerate(sites):
+        for i, site in enumerate(naive.SITES):
             x, y = data[i]
-            rng = np.random.default_rng(int_seed(seed, rnd, site, "train"))
-            ext = np.hstack([x.astype(np.float64), np.ones((len(y), 1))])
-            w, k = x_glob.copy(), 0
-            for _ in range(2):
-                order = rng.permutation(len(y))
-                for start in range(0, len(y), 8):
-                    idx = order[start : start + 8]
-                    logits = ext[idx] @ w
-                    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-                    p /= p.sum(axis=1, keepdims=True)
-                    grad = ext[idx].T @ ((p - np.eye(4)[y[idx]]) / len(idx))
-                    w -= 0.1 * (grad - c_sites[i] + c)
-                    k += 1
-            c_plus = c_sites[i] - c + (x_glob - w) / (k * 0.1)
+            seed = naive.train_seed(rnd, site)
+            w, k = naive.local_sgd(x_glob, x, y, seed, drift=c - c_sites[i])
+            c_plus = c_sites[i] - c + (x_glob - w) / (k * naive.LR)
             share = len(y) / total
             dy_sum += share * (w - x_glob)
             dc_sum += share * (c_plus - c_sites[i])
@@ -120,31 +63,20 @@ def test_the_site_variate_is_option_two(values: list[float], steps: int, lr: flo
     np.testing.assert_allclose(got["w"], [want], rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    (ws / "task.py").write_text(TASK)
-    (ws / "federation.yaml").write_text(PLAN)
-    return ws
-
-
 def test_a_simulated_federation_is_the_naive_algorithm_with_and_without_secure_aggregation(
-    workspace: Path,
+    tmp_path: Path,
 ) -> None:
-    namespace: dict[str, Any] = {}
-    exec(compile(TASK, "task.py", "exec"), namespace)  # noqa: S102 - the test's own task
-    want = naive_scaffold(namespace["site_arrays"], ["site-01", "site-02", "site-03"], 3, 3)
+    workspace = naive.workspace(tmp_path, "scaffold")
+    want = naive_scaffold()
     for extra in ([], ["privacy.secure_aggregation=true"]):
         sites = workspace / f"sites{len(extra)}"
         options = SimulationOptions(workers=0, state_root=sites)
         final = simulate(workspace, load_plan(workspace, extra), options).final_weights
         assert list(final) == ["weight", "bias"]  # the controls never leave the aggregator
-        got = np.vstack([final["weight"], final["bias"][None, :]])
-        np.testing.assert_allclose(got, want, atol=2e-5)
+        np.testing.assert_allclose(naive.as_rows(final), want, atol=2e-5)
         assert (sites / "site-02" / VARIATE_FILE).is_file()
     fedavg = simulate(workspace, load_plan(workspace, ["strategy.name=fedavg"]), options)
-    assert not np.allclose(fedavg.final_weights["weight"], want[:5], atol=1e-3)
+    assert not np.allclose(naive.as_rows(fedavg.final_weights), want, atol=1e-3)
 
 
 class _Once:
@@ -204,6 +136,7 @@ def test_a_task_that_cannot_correct_its_steps_is_refused(tmp_path: Path) -> None
         _train(Plain(), tmp_path, 1, c=0.0)
 
 
-def test_scaffold_with_dp_is_refused_by_the_plan(workspace: Path) -> None:
+def test_scaffold_with_dp_is_refused_by_the_plan(tmp_path: Path) -> None:
+    workspace = naive.workspace(tmp_path, "scaffold")
     with pytest.raises(PlanError, match="scaffold's control variates"):
         load_plan(workspace, ["privacy.dp.noise_multiplier=1.0", "privacy.dp.clip=1.0"])

@@ -21,7 +21,7 @@ from fedloom import (
 from fedloom.core.weights import subtract
 from fedloom.tasks import TorchTask
 from fedloom.tasks.loader import load_task
-from fedloom.tasks.torch_task import numpy_to_tensor, tensor_to_numpy
+from fedloom.tasks.torch_steps import numpy_to_tensor, tensor_to_numpy
 
 
 def _blobs(n: int = 200, seed: int = 0) -> SiteData:

@@ -122,12 +122,23 @@ def metric_fields(result: SimulationResult) -> dict[str, Any]:
     sites = final_site_metrics(result.history)
     values = [m[f"global_{primary}"] for m in sites.values() if f"global_{primary}" in m]
     finite = [v for v in values if math.isfinite(v)]
+    mine = [m[f"personal_{primary}"] for m in sites.values() if f"personal_{primary}" in m]
+    personal = [v for v in mine if math.isfinite(v)]
     return {
         "primary_metric": primary,
         "primary_better": declared.better(primary),
         **{f"test_{k}": _num(result.test_metrics.get(k)) for k in names},
         f"mean_site_{primary}": _num(sum(finite) / len(finite)) if finite else None,
         f"worst_site_{primary}": _num(worst_value(declared, primary, finite)),
+        # Ditto (training.personal): each site's own model on its validation split
+        **(
+            {
+                f"mean_personal_{primary}": _num(sum(personal) / len(personal)),
+                f"worst_personal_{primary}": _num(worst_value(declared, primary, personal)),
+            }
+            if personal
+            else {}
+        ),
         **{
             f"centralized_{k}": _num(central.get(k)) if result.centralized_metrics else None
             for k in names

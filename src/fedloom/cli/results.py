@@ -155,6 +155,7 @@ def _figure_keys(s: dict[str, object]) -> list[str]:
         f"centralized_{primary}",
         f"mean_site_{primary}",
         f"worst_site_{primary}",
+        *(k for k in (f"mean_personal_{primary}", f"worst_personal_{primary}") if k in s),
     ]
 
 
@@ -187,13 +188,20 @@ def _print_sites(
     if len(ordered) > limit:
         title += f" (the {limit} worst of {len(ordered)})"
     # a metric's name is text, never markup (a site may have chosen it)
-    table = Table("site", "val samples", *(Column(Text(n)) for n in names), title=title)
+    # Ditto's personal models (training.personal): their primary metric, by the global's
+    personal = [n for n in names[:1] if any(f"personal_{n}" in m for m in sites.values())]
+    columns = [
+        *(Column(Text(n)) for n in names),
+        *(Column(Text(f"personal {n}")) for n in personal),
+    ]
+    table = Table("site", "val samples", *columns, title=title)
     for site in sorted(shown):
         m = sites[site]
         table.add_row(
             site,
             f"{m.get('val_samples', 0):.0f}",
             *(f"{m.get(f'global_{n}', float('nan')):.4f}" for n in names),
+            *(f"{m.get(f'personal_{n}', float('nan')):.4f}" for n in personal),
         )
     console.print(table)
 

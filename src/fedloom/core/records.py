@@ -81,6 +81,14 @@ class LoopSettings:
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 
+@dataclass(frozen=True, slots=True)
+class PersonalSettings:
+    """Ditto's personal model at each site (the plan's ``training.personal``)."""
+
+    lam: float = 0.1  # the weight of (lam / 2) * ||v - w_global||^2 in its loss
+    epochs: int = 1  # its local epochs in each round the site trains
+
+
 class Accountant(enum.Enum):
     """How noise becomes epsilon (the plan's ``privacy.accountant``): Rényi DP, or the
     privacy loss distribution. Every epsilon fedloom reports names the one used."""

@@ -154,6 +154,12 @@ def _spelled_out(plan: Plan, strategy: Strategy, source: str) -> Plan:
         max_samples=plan.training.max_samples,
     )
     problems += compression_problems(plan.compression, plan.privacy)
+    if plan.training.personal is not None and plan.privacy.dp_sgd is not None:
+        problems.append(
+            "training.personal: the personal model trains without DP-SGD's noise, and its "
+            "validation figures leave the site, which privacy.dp_sgd's guarantee does not "
+            "cover; remove one of the two"
+        )
     if problems:
         raise PlanError(problems, source=source)
     if strategy.min_updates() > per_round:

@@ -102,6 +102,16 @@ class StrategyPlan(BaseModel):
     name: str = "fedavg"
 
 
+class PersonalPlan(Frozen):
+    """Ditto (Li et al., 2021): each site also trains a personal model of its own, kept
+    in its state folder, pulled towards the global model by ``lam``."""
+
+    # the weight of (lam / 2) * ||v - w_global||^2 in the personal model's loss
+    lam: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 0.1
+    # local epochs of the personal model in each round the site trains
+    epochs: Annotated[int, Field(gt=0, le=MAX_EPOCHS, strict=True)] = 1
+
+
 class TrainingPlan(Frozen):
     epochs: Annotated[int, Field(gt=0, le=MAX_EPOCHS, strict=True)] = 1
     batch_size: Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE, strict=True)] = 32
@@ -123,6 +133,8 @@ class TrainingPlan(Frozen):
     # tensors (fnmatch patterns of their names) that never leave a site: kept in its state
     # folder, sent as zero updates (batch-norm statistics, as in FedBN: "*running_*")
     local: tuple[str, ...] = ()
+    # Ditto's personal model at each site (None: none)
+    personal: PersonalPlan | None = None
 
     @field_validator("device")
     @classmethod
@@ -348,5 +360,6 @@ _LATER_OPTIONS: dict[str, dict[str, Any]] = {
         "precision": "fp32",
         "deterministic": False,
         "local": [],
+        "personal": None,
     },
 }

@@ -22,11 +22,13 @@ from fedloom.core.records import (
     Instruction,
     InstructionKind,
     LoopSettings,
+    PersonalSettings,
     SiteAnswer,
     TrainOutput,
 )
 from fedloom.core.rng import int_seed, select_sites
 from fedloom.core.weights import Weights, check_compatible, read_only, specs_of, subtract
+from fedloom.runtime.personal import kept_personal, personal_metrics, train_personal
 from fedloom.runtime.scaffold_site import site_variates
 from fedloom.store.checkpoint import load_weights, save_weights
 from fedloom.strategies.scaffold import controls_of, model_part, with_controls
@@ -69,6 +71,7 @@ class SiteEnv:
     state_dir: Path | None = None
     loop: LoopSettings = LoopSettings()
     local: tuple[str, ...] = ()  # fnmatch patterns of tensors that never leave the site
+    personal: PersonalSettings | None = None  # Ditto's personal model (training.personal)
 
 
 LOCAL_TENSORS = "local.safetensors"  # in the site's state folder
@@ -101,6 +104,7 @@ def site_env(
         state_dir=state_dir,
         loop=loop,
         local=tuple(t.local),
+        personal=None if t.personal is None else PersonalSettings(**t.personal.model_dump()),
     )
 
 
@@ -191,6 +195,9 @@ def execute(
         metrics.update({f"global_{k}": float(v) for k, v in seen.metrics.items()})
         metrics["val_samples"] = float(seen.num_samples)
         if not training:
+            mine = kept_personal(env.state_dir, weights) if env.personal else None
+            if mine is not None:  # the final evaluation: the personal model's figures too
+                metrics.update(personal_metrics(task, mine, data.val, context))
             return SiteAnswer(seen.num_samples, metrics, None)
 
     if not getattr(task, "supports_dp_sgd", False):
@@ -210,6 +217,11 @@ def execute(
         metrics.update({f"local_{k}": float(v) for k, v in local.metrics.items()})
     metrics.update({k: float(v) for k, v in out.metrics.items()})
     metrics.update(context.logged)
+    if env.personal is not None:  # Ditto: the site's own model, pulled towards the global
+        settings = instruction.settings
+        mine = train_personal(task, weights, data, settings, context, env.personal, plan_seed)
+        if evaluating:
+            metrics.update(personal_metrics(task, mine, data.val, context))
     kept = local_names(out.weights, env.local)
     if kept and env.state_dir is not None:
         env.state_dir.mkdir(parents=True, exist_ok=True)

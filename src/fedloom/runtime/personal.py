@@ -83,7 +83,9 @@ def train_personal(
     return out.weights
 
 
-def personal_metrics(task: Task, weights: Weights, val: object, context: SiteContext) -> dict:
+def personal_metrics(
+    task: Task, weights: Weights, val: object, context: SiteContext
+) -> dict[str, float]:
     """The personal model's validation metrics, named ``personal_<metric>``."""
     out = task.evaluate(weights, val, context)
     if not isinstance(out, EvalOutput):

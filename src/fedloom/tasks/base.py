@@ -134,6 +134,9 @@ class SiteContext:
     # SCAFFOLD's correction c - c_i by tensor name (empty: none): a task that declares
     # supports_scaffold adds it to the gradient of each of its local steps
     correction: Mapping[str, np.ndarray] = field(default_factory=dict)
+    # where FedProx's term pulls (None: the weights training starts from); Ditto trains a
+    # site's personal model towards the global model with it
+    anchor: Mapping[str, np.ndarray] | None = None
     # metrics the task logged with log_metric(), sent with its answer
     logged: dict[str, float] = field(default_factory=dict)
     # objects whose state the site keeps between rounds (keep()), saved after training

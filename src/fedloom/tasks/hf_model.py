@@ -17,7 +17,7 @@ from fedloom.store.checkpoint import load_weights, save_weights
 from fedloom.tasks.base import ModelSource, SiteContext
 from fedloom.tasks.hf_parts import federated_names, quiet_transformers
 from fedloom.tasks.torch_loop import deterministic
-from fedloom.tasks.torch_task import numpy_to_tensor, tensor_to_numpy
+from fedloom.tasks.torch_steps import numpy_to_tensor, tensor_to_numpy
 
 SITE_TENSORS = "hf-site-tensors.safetensors"  # trainable, not federated: kept at the site
 

@@ -45,6 +45,7 @@ from fedloom.tasks.torch_steps import (
     autocast,
     make_optimizer,
     on_device,
+    prox_pairs,
     scaffold_pairs,
 )
 
@@ -82,6 +83,7 @@ class HFTask(DataFunctions):
 
     supports_dp_sgd: ClassVar[bool] = False
     supports_scaffold: ClassVar[bool] = True  # adds SiteContext.correction to each step
+    supports_ditto: ClassVar[bool] = True  # anchors FedProx's term at SiteContext.anchor
 
     def __init__(
         self,
@@ -149,13 +151,7 @@ class HFTask(DataFunctions):
         model = built.model
         params = [p for p in model.parameters() if p.requires_grad]
         named = dict(model.named_parameters())
-        anchors = (
-            [(named[k], named[k].detach().clone()) for k in built.federated if k in named]
-            if settings.proximal_mu > 0
-            else []
-        )
         optimizer = make_optimizer(params, settings, context)
-        corrections = scaffold_pairs(named, context)
         loader = DataLoader(
             train,
             batch_size=max(1, settings.batch_size),
@@ -165,6 +161,8 @@ class HFTask(DataFunctions):
         )
         tally = Tally()
         with on_device(model, context.device):
+            anchors = prox_pairs(named, built.federated, settings, context)
+            corrections = scaffold_pairs(named, context)
             model.train()
             for _ in range(settings.epochs):
                 accumulated_epoch(
@@ -181,7 +179,8 @@ class HFTask(DataFunctions):
                 )
             optimizer.zero_grad(set_to_none=True)
             model.train(False)
-        built.keep_site_tensors(context)
+        if context.anchor is None:  # not a personal model's round (Ditto): that keeps none
+            built.keep_site_tensors(context)
         return TrainOutput(built.federated_weights(), n, tally.metrics(), tally.steps)
 
     def evaluate(self, weights: Weights, data: Any, context: SiteContext) -> EvalOutput:

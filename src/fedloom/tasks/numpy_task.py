@@ -79,11 +79,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class SoftmaxRegression:
     """Multinomial logistic regression in NumPy, trained by minibatch SGD.
 
-    The FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` is part of the step, and
-    so is SCAFFOLD's correction ``c - c_i`` (``SiteContext.correction``).
+    The FedProx proximal term ``(mu / 2) * ||w - w_global||^2`` is part of the step (its
+    anchor ``SiteContext.anchor`` where given: Ditto's personal model), and so is
+    SCAFFOLD's correction ``c - c_i`` (``SiteContext.correction``).
     """
 
     supports_scaffold: ClassVar[bool] = True
+    supports_ditto: ClassVar[bool] = True  # anchors the proximal term at SiteContext.anchor
 
     num_features: int
     num_classes: int
@@ -99,9 +101,11 @@ class SoftmaxRegression:
     ) -> TrainOutput:
         require_arrays(data, "SoftmaxRegression")
         rng = np.random.default_rng(context.seed)
-        w0 = weights["weight"].astype(np.float64)
-        b0 = weights["bias"].astype(np.float64)
-        w, b = w0.copy(), b0.copy()
+        anchor = context.anchor if context.anchor is not None else weights  # Ditto: global
+        w0 = anchor["weight"].astype(np.float64)
+        b0 = anchor["bias"].astype(np.float64)
+        w = weights["weight"].astype(np.float64)
+        b = weights["bias"].astype(np.float64)
         vw, vb = np.zeros_like(w), np.zeros_like(b)
         x = data.x_train.astype(np.float64)
         onehot = np.eye(self.num_classes)[data.y_train]

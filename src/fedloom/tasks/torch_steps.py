@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
@@ -76,6 +77,46 @@ def accumulated_epoch(
                 p.grad.add_(correction.to(p.device, p.grad.dtype))
             optimizer.step()
             tally.steps += 1
+
+
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of ``t`` in the same dtype (bfloat16 through ml_dtypes)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
+    return t.numpy().copy()
+
+
+def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor holding ``a`` (copied if ``a`` is read-only), dtype kept."""
+    a = np.require(a, requirements=["C", "W"])
+    if a.dtype == np.dtype(ml_dtypes.bfloat16):
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def prox_pairs(
+    named: Mapping[str, nn.Parameter],
+    names: Iterable[str],
+    settings: TrainSettings,
+    context: SiteContext,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FedProx's ``(parameter, anchor)`` pairs for the trainable parameters ``names``
+    (none without ``proximal_mu``): the anchor is the parameter's value now (the model
+    the round started from) or, where the context gives one, ``SiteContext.anchor``'s
+    (Ditto: the global model, while a personal model trains). Call it with the model on
+    its device."""
+    if settings.proximal_mu <= 0:
+        return []
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name in names:
+        p = named.get(name)
+        if p is None or not p.requires_grad:
+            continue
+        given = context.anchor.get(name) if context.anchor is not None else None
+        anchor = p.detach().clone() if given is None else numpy_to_tensor(given)
+        pairs.append((p, anchor.to(p.device, p.dtype)))
+    return pairs
 
 
 def scaffold_pairs(

@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
@@ -28,28 +27,15 @@ from fedloom.tasks.torch_steps import (
     accumulated_epoch,
     autocast,
     make_optimizer,
+    numpy_to_tensor,
     on_device,
+    prox_pairs,
     scaffold_pairs,
+    tensor_to_numpy,
 )
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
-
-
-def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy copy of ``t`` in the same dtype (bfloat16 through ml_dtypes)."""
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().copy().view(ml_dtypes.bfloat16)
-    return t.numpy().copy()
-
-
-def numpy_to_tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor holding ``a`` (copied if ``a`` is read-only), dtype kept."""
-    a = np.require(a, requirements=["C", "W"])
-    if a.dtype == np.dtype(ml_dtypes.bfloat16):
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
 
 
 def state_to_weights(module: nn.Module) -> Weights:
@@ -160,6 +146,7 @@ class TorchTask:
     # trains with sample-level DP-SGD when the context asks (see dp_sgd.require_no_dp_sgd)
     supports_dp_sgd: ClassVar[bool] = True
     supports_scaffold: ClassVar[bool] = True  # adds SiteContext.correction to each step
+    supports_ditto: ClassVar[bool] = True  # anchors FedProx's term at SiteContext.anchor
 
     def __init__(
         self,
@@ -235,9 +222,10 @@ class TorchTask:
         """One round of the built-in loop: its metrics, and the optimiser steps taken."""
         rng = np.random.default_rng(context.seed)
         params = [p for p in model.parameters() if p.requires_grad]
-        anchors = [(p, p.detach().clone()) for p in params] if settings.proximal_mu > 0 else []
+        named = dict(model.named_parameters())
+        anchors = prox_pairs(named, named, settings, context)
         optimizer = make_optimizer(params, settings, context)
-        corrections = scaffold_pairs(dict(model.named_parameters()), context)
+        corrections = scaffold_pairs(named, context)
         model.train()
         n = len(y)
         batch = max(1, settings.batch_size)
