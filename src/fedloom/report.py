@@ -30,6 +30,7 @@ from fedloom.plan import Plan
 from fedloom.results import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as
+from fedloom.strategies.scaffold import zero_controls
 
 
 def record_rows(
@@ -92,10 +93,13 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
 def _model_size_fields(result: SimulationResult) -> dict[str, Any]:
     """What travels of the model against the whole of it, when the task knows the whole
     (``federated_bytes``: the federated tensors, sent to and from each site a round;
-    ``model_bytes``: the whole model, a frozen base included)."""
+    ``model_bytes``: the whole model, a frozen base included; under SCAFFOLD a float32
+    control variate travels with each float tensor)."""
     if result.model_bytes is None:
         return {}
     federated = sum(int(a.nbytes) for a in result.final_weights.values())
+    if result.plan.strategy.name == "scaffold":
+        federated += sum(int(a.nbytes) for a in zero_controls(result.final_weights).values())
     return {"federated_bytes": federated, "model_bytes": result.model_bytes}
 
 
