@@ -6,7 +6,8 @@ Reads bench/results/frameworks.json (``bench/run.py``), bench/results/compressio
 (``bench/compression.py``), bench/results/ray_backend.json (``bench/ray_backend.py``),
 bench/results/grpc_large_model*.json (``bench/grpc_large_model.py``),
 bench/results/lora_bytes.json (``bench/lora_bytes.py``) and
-bench/results/noniid_strategies.json (``bench/noniid_strategies.py``) when present. Every figure in
+bench/results/noniid_strategies.json (``bench/noniid_strategies.py``),
+bench/results/contributions.json (``bench/contributions.py``) when present. Every figure in
 the document is computed here from those files.
 """
 
@@ -436,6 +437,55 @@ def noniid_section(doc: dict[str, Any], checks: list[tuple[str, bool | None, str
     )
 
 
+def contributions_section(doc: dict[str, Any], checks: list[tuple[str, bool | None, str]]) -> str:
+    """``contributions.py``: each seed's scores of the two noisy sites and the ranking."""
+    noisy = doc["noisy"]
+    lines = []
+    for run in doc["runs"]:
+        for method in run["methods"]:
+            by_site = {s: v[method] for s, v in run["sites"].items()}
+            order = sorted(by_site, key=lambda s: (-by_site[s], s))
+            clean = [v for s, v in by_site.items() if s not in noisy]
+            lines.append(
+                [
+                    str(run["seed"]),
+                    method,
+                    f"{run['full']:.4f}",
+                    ", ".join(f"{by_site[s]:+.4f}" for s in noisy),
+                    f"{min(clean):+.4f} .. {max(clean):+.4f}",
+                    " ".join(s.removeprefix("site-") for s in order),
+                    "yes" if run["noisy_last"][method] else "no",
+                ]
+            )
+    for method, ok in doc["noisy_last"].items():
+        checks.append(
+            (
+                f"contributions ({method}): the {len(noisy)} noisy sites ranked last, every seed",
+                ok,
+                f"{sum(r['noisy_last'][method] for r in doc['runs'])} of {len(doc['runs'])} seeds",
+            )
+        )
+    return (
+        table(
+            [
+                "seed",
+                "method",
+                "test accuracy",
+                f"scores of {', '.join(noisy)}",
+                "other sites' scores",
+                "ranking (site numbers)",
+                "noisy last",
+            ],
+            lines,
+        )
+        + f"\n\n`bench/contributions.py`: digits over {doc['sites']} sites, "
+        f"{', '.join(noisy)} holding pure label noise; {doc['rounds']} rounds, "
+        f"Monte-Carlo Shapley with {doc['permutations']} orderings; seeds "
+        f"{', '.join(map(str, doc['seeds']))}. A score is the change in the final model's "
+        "test accuracy the site brings (docs/contributions.md)."
+    )
+
+
 def plot(f: Figures) -> bool:
     try:
         import matplotlib
@@ -515,6 +565,10 @@ def main() -> None:
     if noniid is not None:
         parts.append("## Strategies on non-IID data\n")
         parts.append(noniid_section(noniid, checks) + "\n")
+    scores = load("contributions.json")
+    if scores is not None:
+        parts.append("## Contribution scores\n")
+        parts.append(contributions_section(scores, checks) + "\n")
     large = large_model_section(checks)
     if large is not None:
         parts.append("## Large models and adapters\n")

@@ -65,3 +65,29 @@ def plot_primary(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_contributions(scores: dict[str, dict[str, float]], path: Path, metric: str) -> None:
+    """A bar per site and method (``scores``: method -> site -> score), the sites in
+    the order of the first method's ``ranking`` (most valuable first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(scores)
+    lead = scores["shapley"] if "shapley" in scores else scores[methods[0]]
+    sites = sorted(lead, key=lambda s: (-lead[s], s))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(sites) + 2), 4.5), dpi=100)
+    for i, method in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(sites))]
+        ax.bar(xs, [scores[method][s] for s in sites], width, label=method)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(sites)), sites, rotation=45, ha="right")
+    ax.set_ylabel(f"contribution to test {metric}")
+    ax.set_title("Each site's contribution (most valuable first)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -32,6 +32,8 @@ class SimulationResult:
     # the whole model's bytes, a pretrained base included, when the task says (a LoRA
     # adapter travels, not the model): the summary shows the federated bytes against it
     model_bytes: int | None = None
+    # the initial model's test metrics (SimulationOptions.test_initial), else None
+    initial_test_metrics: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from fedloom.cli.common import (
     errors,
     friendly,
 )
+from fedloom.cli.contributions import contributions
 from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
@@ -431,6 +432,7 @@ def _workers_text(options: SimulationOptions) -> str:
     return f"worker processes: {many}{on}"
 
 
+app.command("contributions")(contributions)
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
 app.command("docs")(docs)
 

@@ -21,3 +21,8 @@ class SimulationOptions:
     # the folder of the simulated sites' state folders (the run's sites/); None: a
     # temporary folder, removed after the run
     state_root: Path | None = None
+    # the sites that take part (None: every site of the plan): the others keep their data
+    # and are never selected. A coalition, for contribution scores
+    sites: tuple[str, ...] | None = None
+    # also evaluate the initial model on the test set (SimulationResult.initial_test_metrics)
+    test_initial: bool = False

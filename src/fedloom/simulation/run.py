@@ -134,7 +134,18 @@ def _simulate(
     faults: FaultPoints | None,
     on_metrics: MetricsSink | None,
 ) -> SimulationResult:
-    per_round = plan.per_round
+    config = federation_config(plan)
+    if options.sites is not None:  # a coalition of the plan's sites
+        unknown = sorted(set(options.sites) - set(plan.roster))
+        if unknown or not options.sites:
+            raise WorkspaceError(
+                f"the sites taking part must be some of the plan's {list(plan.roster)}; "
+                f"got {list(options.sites)}"
+            )
+        coalition = tuple(s for s in plan.roster if s in options.sites)
+        sites_per_round = min(config.sites_per_round, len(coalition))
+        config = dataclasses.replace(config, roster=coalition, sites_per_round=sites_per_round)
+    per_round = config.sites_per_round
     workers = start_workers(str(ws), plan_json, attack_json, options, plan, digest)
     try:
         init_header, initial = workers[0].call(request(WorkerOp.INIT))
@@ -152,6 +163,10 @@ def _simulate(
             on_metrics(metrics)
         check_header, _ = workers[0].call(request(WorkerOp.CHECK, site=plan.roster[0]), initial)
         raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
+        before = None
+        if options.test_initial:
+            reply = workers[0].call(request(WorkerOp.TEST, key="init"), initial)
+            before = _metrics(reply, "evaluating the initial model on the test set")
         sites: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
         def sink(event: Event) -> None:  # events come only from aggregator.run(), below
@@ -163,7 +178,6 @@ def _simulate(
 
         # Simulated sites queue for the workers; each one gets the plan's round_seconds
         # once it is running, so the round as a whole gets that many turns.
-        config = federation_config(plan)
         turns = math.ceil(per_round / len(workers))
         config = dataclasses.replace(config, round_deadline=config.round_deadline * turns)
         aggregator = Aggregator(
@@ -283,6 +297,7 @@ def _simulate(
             history=tuple(history),
             final_weights=final,
             test_metrics=test,
+            initial_test_metrics=before,
             centralized_metrics=central,
             wall_seconds=wall,
             bytes_sent=transport.traffic.sent,
