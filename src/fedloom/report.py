@@ -14,7 +14,7 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fedloom.core.errors import DiskError, WorkspaceError, disk_error, naming
 from fedloom.core.events import Event, RoundClosed
@@ -31,6 +31,9 @@ from fedloom.results import SimulationResult, SiteFailed
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as
 from fedloom.strategies.scaffold import zero_controls
+
+if TYPE_CHECKING:
+    from fedloom.tracking import TrackerSet
 
 
 def record_rows(
@@ -189,6 +192,7 @@ class RunRecorder:
         self.finished: dict[str, Any] | None = None
         self._tracebacks: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
+        self.tracker: TrackerSet | None = None  # set by the command that tracks
 
     @classmethod
     def reopen(
@@ -220,6 +224,7 @@ class RunRecorder:
         recorder.finished = None
         recorder._tracebacks = {}
         recorder._lock = threading.Lock()
+        recorder.tracker = None
         return recorder
 
     def site_failed(self, failure: SiteFailed) -> None:
@@ -243,6 +248,8 @@ class RunRecorder:
                     self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
                 self._metrics.flush()
             self.history.append(event.record)
+            if self.tracker is not None:
+                self.tracker.round_closed(event.record)
 
     def finish(self, result: SimulationResult, *, plot: bool = True) -> dict[str, Any]:
         """Write the final model, the plan, the plot and the summary; return the summary.
@@ -264,6 +271,8 @@ class RunRecorder:
             plot_metrics(self.run_dir, result, data)
         _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
         self.finished = data
+        if self.tracker is not None:
+            self.tracker.finished(data, self.run_dir)
         return data
 
     def discard(self) -> None:
@@ -294,6 +303,8 @@ class RunRecorder:
             self._fail(plan, plan_hash, error, self.history if history is None else history)
         except OSError:
             pass  # the error being handled is the one to report
+        if self.tracker is not None:
+            self.tracker.failed(ended_as(error), self.run_dir)
 
     def _fail(
         self, plan: Plan, plan_hash: str, error: BaseException, history: Iterable[RoundRecord]

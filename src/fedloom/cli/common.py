@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,6 +15,13 @@ from rich.markup import escape
 
 from fedloom.core.errors import FedloomError, disk_error
 from fedloom.core.site_name import site_name_problem
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from fedloom.plan import Plan
+    from fedloom.report import RunRecorder
+    from fedloom.tracking import TrackSpec
 
 UNWRAPPED = 10_000
 """The width of a console that is not a terminal, where COLUMNS does not say one."""
@@ -107,3 +114,36 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+TrackOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--track",
+        help="Track the run: mlflow (the store MLFLOW_TRACKING_URI names, else "
+        "runs/mlflow.db), mlflow=URI, tensorboard (runs/<run>/tensorboard) or "
+        "tensorboard=DIR; repeat for both.",
+    ),
+]
+
+
+def start_tracking(
+    recorder: RunRecorder, specs: Sequence[TrackSpec], plan: Plan, digest: str, workspace: Path
+) -> None:
+    """Give ``recorder`` (a :class:`~fedloom.report.RunRecorder`) the trackers the
+    checked ``--track`` values name, and say where each writes. A tracker that cannot
+    start raises, before any round."""
+    if not specs:
+        return
+    from fedloom.tracking import open_trackers
+
+    recorder.tracker = open_trackers(specs, plan, digest, recorder.run_dir, Path(workspace))
+    for tracker in recorder.tracker.trackers:  # each names where it writes
+        where = getattr(tracker, "uri", None) or getattr(tracker, "logdir", "")
+        console.print(f"tracking: {tracker.name} at {escape(str(where))}", highlight=False)
+
+
+def warn_dropped_trackers(recorder: RunRecorder) -> None:
+    """Say which trackers failed during the run (the run itself went on)."""
+    for line in recorder.tracker.dropped if recorder.tracker is not None else ():
+        warn(f"tracking stopped: {line}")

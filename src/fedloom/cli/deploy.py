@@ -28,12 +28,15 @@ from fedloom.cli.common import (
     QuietOption,
     RunNameOption,
     RunsDirOption,
+    TrackOption,
     WorkspaceArg,
     console,
     count,
     errors,
     friendly,
+    start_tracking,
     warn,
+    warn_dropped_trackers,
 )
 
 if TYPE_CHECKING:
@@ -169,6 +172,7 @@ def aggregator_start(
     log: LogOption = None,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
+    track: TrackOption = None,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -190,9 +194,11 @@ def aggregator_start(
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
+    from fedloom.tracking import parse_track
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
+    tracking = parse_track(track or [])
     # a missing or damaged PKI is said before anything is written
     credentials = server_credentials(pki_dir_of(workspace))
     RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
@@ -269,6 +275,7 @@ def aggregator_start(
                 )
 
         try:
+            start_tracking(recorder, tracking, plan, digest, workspace)
             with showing_run(recorder, plan.rounds, quiet=quiet, done=done, also=say) as hooks:
                 result = serve(
                     workspace,
@@ -295,6 +302,7 @@ def aggregator_start(
                 raise typer.Exit(130) from None
             raise
         print_results(recorder, result)
+        warn_dropped_trackers(recorder)
 
 
 def show_policy(files: PolicyFiles, site: str) -> None:

@@ -23,17 +23,21 @@ from fedloom.cli.common import (
     QuietOption,
     RunNameOption,
     RunsDirOption,
+    TrackOption,
     WorkspaceArg,
     console,
     count,
     errors,
     friendly,
+    start_tracking,
+    warn_dropped_trackers,
 )
 from fedloom.cli.contributions import contributions
 from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
+from fedloom.cli.run_text import attack_line, data_text, starting_line, workers_text
 from fedloom.cli.status import status
 from fedloom.core.errors import PlanError
 from fedloom.templates import TEMPLATES, check_target, create_workspace
@@ -42,9 +46,7 @@ from fedloom.templates import TEMPLATES, check_target, create_workspace
 # rest (pydantic's plan, numpy, cryptography, grpc, torch ...) when it runs, so that
 # `fedloom --help` and `fedloom status` start at once (tests/test_cli.py checks).
 if TYPE_CHECKING:
-    from fedloom.attacks import Attack
-    from fedloom.plan import Plan
-    from fedloom.simulation.options import SimulationOptions
+    pass
 
 app = typer.Typer(
     name="fedloom",
@@ -241,6 +243,7 @@ def simulate(
     ] = 0,
     run_name: RunNameOption = None,
     runs_dir: RunsDirOption = None,
+    track: TrackOption = None,
     quiet: QuietOption = False,
     verbose: Annotated[
         bool,
@@ -269,6 +272,7 @@ def simulate(
     from fedloom.simulation.attack_setup import make_attack
     from fedloom.simulation.options import SimulationOptions
     from fedloom.simulation.run import simulate as run_simulation
+    from fedloom.tracking import parse_track
 
     flags = {
         "sites": sites,
@@ -300,8 +304,14 @@ def simulate(
                 [f"{used}: only with --transport inprocess (every site is its own process)"],
                 source="command line",
             )
+        parse_track(track or [])  # checked here, used by the aggregator
         code = run_local_grpc(
-            workspace, all_overrides, run_name=run_name, runs_dir=runs_dir, quiet=quiet
+            workspace,
+            all_overrides,
+            run_name=run_name,
+            runs_dir=runs_dir,
+            quiet=quiet,
+            track=track or [],
         )
         raise typer.Exit(code)
     ray = None
@@ -313,6 +323,7 @@ def simulate(
         require_ray(ray, workers)
     plan = load_plan(workspace, all_overrides)
     digest = plan_hash(plan, workspace)
+    tracking = parse_track(track or [])
     if gpus:
         from fedloom.runtime.devices import check_gpus
 
@@ -320,7 +331,7 @@ def simulate(
     console.print(
         f"[bold]{plan.name}[/]: {count(len(plan.roster), 'site')}, "
         f"{count(plan.rounds, 'round')}, "
-        f"strategy {plan.strategy.name}, data {_data_text(plan)}"
+        f"strategy {plan.strategy.name}, data {data_text(plan)}"
     )
     console.print(f"plan hash [cyan]{digest}[/]")
     if ray is not None:
@@ -346,21 +357,22 @@ def simulate(
     )
     attacking = make_attack(plan, options)  # a bad one is refused before anything is written
     if attacking is not None:
-        console.print(_attack_line(attacking, len(plan.roster)), highlight=False, markup=False)
+        console.print(attack_line(attacking, len(plan.roster)), highlight=False, markup=False)
     _warn(attack_warnings(plan, attackers))
-    starting = _starting_line(plan, options)
+    starting = starting_line(plan, options)
     recorder = RunRecorder(fresh_run_dir(workspace, run_name, runs_dir), plan=plan)
     run_dir = recorder.run_dir
     # each simulated site's state folder lives in the run: runs/<run-name>/sites/<site>
     options = dataclasses.replace(options, state_root=run_dir / "sites")
     with run_log(run_dir / RUN_LOG, verbose=verbose):
         logging.getLogger("fedloom.simulation").info(
-            "simulating %s (plan hash %s) with %s", plan.name, digest, _workers_text(options)
+            "simulating %s (plan hash %s) with %s", plan.name, digest, workers_text(options)
         )
         failures = FailureLines(run_dir / RUN_LOG, verbose=verbose)
         if starting:  # the bar appears once they are up (RoundProgress)
             console.print(starting, highlight=False)
         try:
+            start_tracking(recorder, tracking, plan, digest, workspace)
             with showing_run(recorder, plan.rounds, quiet=quiet) as hooks:
 
                 def on_failure(failure: SiteFailed) -> None:
@@ -381,55 +393,7 @@ def simulate(
             errors.print(f"what the run did is in {run_dir}", highlight=False)
             raise
         print_results(recorder, result)
-
-
-def _data_text(plan: Plan) -> str:
-    """The plan's data for the run header: a partition only where one is made (a
-    custom task's data and the synthetic sites are each site's own)."""
-    data = plan.data
-    if data.dataset == "custom":
-        return f"the task's own ({data.path}/<site>)" if data.path else "the task's own"
-    if data.dataset == "synthetic":
-        return "synthetic (each site its own)"
-    return f"{data.dataset} ({data.partition})"
-
-
-SHOWN_ATTACKERS = 10  # the most attacking sites the header names (summary.json has all)
-
-
-def _attack_line(attack: Attack, sites: int) -> str:
-    """The run header's line naming the attack and the sites that run it."""
-    from fedloom.attacks import attack_text
-
-    names = sorted(attack.attackers)
-    shown = ", ".join(names[:SHOWN_ATTACKERS])
-    if len(names) > SHOWN_ATTACKERS:
-        shown += f" and {len(names) - SHOWN_ATTACKERS} more (summary.json lists them all)"
-    return f"attack {attack_text(attack)}, by {len(names)} of {count(sites, 'site')}: {shown}"
-
-
-def _starting_line(plan: Plan, options: SimulationOptions) -> str | None:
-    """The line said while the workers start (each loads the task, which can take
-    seconds): None where the tasks run in this process."""
-    from fedloom.simulation.pool import worker_processes
-
-    if options.backend is not None:
-        return "starting Ray workers for the sites' local work"
-    n = worker_processes(plan, options)
-    if n == 0:
-        return None
-    return f"starting {n} worker process{'' if n == 1 else 'es'} for the sites' local work"
-
-
-def _workers_text(options: SimulationOptions) -> str:
-    """Where the sites' tasks run, for the run's log."""
-    if options.backend is not None:
-        return "Ray actors"
-    if options.workers == 0:
-        return "every task in this process's main thread (--workers 0)"
-    many = "one per core" if options.workers is None else str(options.workers)
-    on = f" on {count(options.gpus, 'GPU')}" if options.gpus else ""
-    return f"worker processes: {many}{on}"
+        warn_dropped_trackers(recorder)
 
 
 app.command("contributions")(contributions)

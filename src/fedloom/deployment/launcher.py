@@ -94,6 +94,7 @@ def run_local_grpc(
     run_name: str | None = None,
     runs_dir: Path | None = None,
     quiet: bool = False,
+    track: Sequence[str] = (),
     give_up_after: float = 120.0,
 ) -> int:
     """Run the federation as real processes on loopback; the aggregator's exit code."""
@@ -104,6 +105,7 @@ def run_local_grpc(
     extra = ["--new-run", *(["--run-name", run_name] if run_name else [])]
     extra += [*(["--runs-dir", str(runs_dir)] if runs_dir else [])]
     extra += ["--quiet"] if quiet else []
+    extra += [arg for value in track for arg in ("--track", value)]  # the aggregator tracks
     aggregator, port = start_aggregator(ws, overrides, *extra)
     sites: dict[str, subprocess.Popen[bytes]] = {}
     try:
