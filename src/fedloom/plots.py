@@ -91,3 +91,29 @@ def plot_contributions(scores: dict[str, dict[str, float]], path: Path, metric: 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    """One small panel per metric (``curves``: name -> [(round, value)]), round on x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(curves)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), dpi=90, squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        points = curves[name]
+        ax.plot([r for r, _ in points], [v for _, v in points], marker="o", markersize=3)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -37,6 +37,7 @@ from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
+from fedloom.cli.report import report
 from fedloom.cli.run_text import attack_line, data_text, starting_line, workers_text
 from fedloom.cli.status import status
 from fedloom.core.errors import PlanError
@@ -397,6 +398,7 @@ def simulate(
 
 
 app.command("contributions")(contributions)
+app.command("report")(report)
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
 app.command("docs")(docs)
 
