@@ -87,12 +87,14 @@ class Aggregator(SiteCalls):
         resume: Resume | None = None,
         privacy: AggregatorPrivacy | None = None,
         signer: Signer | None = None,
+        evaluate_only: bool = False,
     ) -> None:
         self.strategy = strategy
         if resume is None:
             self.state = FederationState(strategy.init(initial_weights))
             self.history: list[RoundRecord] = []
-            self._next_round = 1
+            # evaluating a given model: no training round, only the final evaluation
+            self._next_round = config.rounds + 1 if evaluate_only else 1
             self._attempts: dict[int, int] = {}
         else:
             self.state = resume.state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import sys
@@ -147,3 +148,11 @@ def warn_dropped_trackers(recorder: RunRecorder) -> None:
     """Say which trackers failed during the run (the run itself went on)."""
     for line in recorder.tracker.dropped if recorder.tracker is not None else ():
         warn(f"tracking stopped: {line}")
+
+
+class Transport(enum.Enum):
+    """How a simulated federation's parties talk: in this process, or as real OS
+    processes over gRPC with mutual TLS on loopback."""
+
+    INPROCESS = "inprocess"
+    GRPC = "grpc"

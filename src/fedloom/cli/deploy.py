@@ -173,6 +173,13 @@ def aggregator_start(
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
     track: TrackOption = None,
+    evaluate: Annotated[
+        Path | None,
+        typer.Option(
+            help="Evaluate this model (a safetensors file, a run folder or a checkpoint) at "
+            "every site instead of training: a new run, never resumed.",
+        ),
+    ] = None,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -183,6 +190,7 @@ def aggregator_start(
     `fedloom pki init`. Logs to WORKSPACE/aggregator/aggregator.log; writes
     runs/<run-name>/ like `fedloom simulate`.
     """
+    from fedloom.cli.evaluate import record_evaluation
     from fedloom.cli.results import fresh_run_dir, print_results, showing_run
     from fedloom.core.clock import kill_fault
     from fedloom.core.errors import Cancelled
@@ -194,11 +202,14 @@ def aggregator_start(
     from fedloom.pki.common import CRL_FILE, pki_dir_of
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
+    from fedloom.store.model_file import load_model
     from fedloom.tracking import parse_track
 
     plan = load_plan(workspace, list(overrides or []))
     digest = plan_hash(plan, workspace)
     tracking = parse_track(track or [])
+    model = load_model(evaluate) if evaluate is not None else None
+    new_run = new_run or model is not None  # an evaluation is a run of its own
     # a missing or damaged PKI is said before anything is written
     credentials = server_credentials(pki_dir_of(workspace))
     RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
@@ -244,7 +255,7 @@ def aggregator_start(
         )
         console.print(f"plan hash [cyan]{digest}[/]")
         options = ServeOptions(
-            host=host, port=port, heartbeat_seconds=heartbeat, dead_after=dead_after
+            host=host, port=port, heartbeat_seconds=heartbeat, dead_after=dead_after, model=model
         )
         names = server_hosts(pki_dir_of(workspace))
 
@@ -302,6 +313,8 @@ def aggregator_start(
                 raise typer.Exit(130) from None
             raise
         print_results(recorder, result)
+        if evaluate is not None:
+            record_evaluation(recorder, result, evaluate)
         warn_dropped_trackers(recorder)
 
 

@@ -24,6 +24,7 @@ from fedloom.cli.common import (
     RunNameOption,
     RunsDirOption,
     TrackOption,
+    Transport,
     WorkspaceArg,
     console,
     count,
@@ -35,6 +36,7 @@ from fedloom.cli.common import (
 from fedloom.cli.contributions import contributions
 from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
+from fedloom.cli.evaluate import evaluate
 from fedloom.cli.pki import pki_app
 from fedloom.cli.policy import policy_app
 from fedloom.cli.report import report
@@ -63,11 +65,6 @@ app.add_typer(collaborator_app, name="collaborator")
 app.add_typer(pki_app, name="pki")
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
-
-
-class Transport(enum.Enum):
-    INPROCESS = "inprocess"
-    GRPC = "grpc"
 
 
 class Backend(enum.Enum):
@@ -397,6 +394,7 @@ def simulate(
         warn_dropped_trackers(recorder)
 
 
+app.command("evaluate")(evaluate)
 app.command("contributions")(contributions)
 app.command("report")(report)
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order

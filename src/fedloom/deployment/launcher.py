@@ -95,6 +95,7 @@ def run_local_grpc(
     runs_dir: Path | None = None,
     quiet: bool = False,
     track: Sequence[str] = (),
+    evaluate: Path | None = None,
     give_up_after: float = 120.0,
 ) -> int:
     """Run the federation as real processes on loopback; the aggregator's exit code."""
@@ -106,6 +107,7 @@ def run_local_grpc(
     extra += [*(["--runs-dir", str(runs_dir)] if runs_dir else [])]
     extra += ["--quiet"] if quiet else []
     extra += [arg for value in track for arg in ("--track", value)]  # the aggregator tracks
+    extra += ["--evaluate", str(evaluate.resolve())] if evaluate is not None else []
     aggregator, port = start_aggregator(ws, overrides, *extra)
     sites: dict[str, subprocess.Popen[bytes]] = {}
     try:

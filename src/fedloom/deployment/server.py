@@ -14,14 +14,17 @@ import dataclasses
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fedloom.aggregator import Aggregator
 from fedloom.core.clock import FaultPoints
 from fedloom.core.errors import Cancelled, WorkspaceError
 from fedloom.core.events import Event, RoundClosed
+from fedloom.core.weights import Weights
 from fedloom.deployment.finished import final_result
 from fedloom.deployment.resume import OpenedRun, state_dir_of
 from fedloom.pki import RevocationList, server_credentials
@@ -31,9 +34,10 @@ from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
 from fedloom.runtime.federation import federation_config
+from fedloom.store.model_file import given_model
 from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
-from fedloom.tasks.base import Metrics, metrics_of
+from fedloom.tasks.base import Metrics, Task, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
 from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
@@ -52,6 +56,9 @@ class ServeOptions:
     linger_seconds: float = 10.0  # after the last round, time for sites to hear "finished"
     test_set: bool = True  # evaluate the final model on a built-in dataset's test set
     live_seconds: float = 1.0  # how often the live state for `fedloom status` is written
+    # evaluate this model at every site, no training (`fedloom evaluate`); such a run is
+    # never resumed: one that ends early is recorded as cancelled
+    model: Mapping[str, np.ndarray] | None = None
 
     @property
     def silence_limit(self) -> float:
@@ -106,7 +113,7 @@ def serve(
             if opened.store.forget_unopened(opened.run):
                 opened.forgotten = True
             elif opened.store.reload(opened.run).status != "completed":  # never undo a finish
-                status = ended_as(err)
+                status = ended_as(err) if options.model is None else "cancelled"
                 opened.store.mark(opened.run, status, str(err) or type(err).__name__)
         except Exception as also:  # noqa: BLE001 - a full disk refuses this too: err says why
             log.warning("could not record how the run ended: %s", also)
@@ -175,7 +182,7 @@ def _serve(
         config,
         build_strategy(plan.strategy.name, plan.strategy_params),
         # the strategy keeps its own copy of the initial model: no second one here
-        resume.state.weights if resume is not None else task.init_weights(plan.seed),
+        resume.state.weights if resume is not None else initial_model(task, plan, options),
         on_event=sink,
         spool_dir=state_dir_of(ws),
         journal=journal,
@@ -183,6 +190,7 @@ def _serve(
         faults=faults,
         privacy=aggregator_privacy(plan, load_cert(credentials.ca_pem, "CA certificate")),
         signer=signer_from_pem(credentials.key_pem),
+        evaluate_only=options.model is not None,
     )
     settings = ServerSettings(
         address=address_of(options.host, options.port),
@@ -242,6 +250,12 @@ def _serve(
         finally:
             server.stop(grace=1.0)
     return result
+
+
+def initial_model(task: Task, plan: Plan, options: ServeOptions) -> Weights:
+    """The task's initial model, or the model given to evaluate (checked against it)."""
+    initial = task.init_weights(plan.seed)
+    return initial if options.model is None else given_model(initial, options.model)
 
 
 class _LiveState:

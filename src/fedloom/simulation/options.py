@@ -3,8 +3,11 @@ attack to stage, the centralised baseline (the command line's options, as one va
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fedloom.simulation.ray_backend import RayBackend
 
@@ -26,3 +29,6 @@ class SimulationOptions:
     sites: tuple[str, ...] | None = None
     # also evaluate the initial model on the test set (SimulationResult.initial_test_metrics)
     test_initial: bool = False
+    # evaluate this model at every site (and on the test set), with no training round
+    # (`fedloom evaluate`); it must have the task's tensors
+    model: Mapping[str, np.ndarray] | None = None

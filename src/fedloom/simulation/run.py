@@ -43,6 +43,7 @@ from fedloom.simulation.pool import start_workers
 from fedloom.simulation.replies import raise_reply_error
 from fedloom.simulation.worker import LocalWorker
 from fedloom.simulation.workerops import WorkerOp, attack_to_json, request
+from fedloom.store.model_file import given_model
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
@@ -163,6 +164,8 @@ def _simulate(
             on_metrics(metrics)
         check_header, _ = workers[0].call(request(WorkerOp.CHECK, site=plan.roster[0]), initial)
         raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
+        if options.model is not None:  # evaluated as it is: it replaces the initial model
+            initial = given_model(initial, options.model)
         before = None
         if options.test_initial:
             reply = workers[0].call(request(WorkerOp.TEST, key="init"), initial)
@@ -188,6 +191,7 @@ def _simulate(
             faults=faults,
             on_event=sink,
             privacy=aggregator_privacy(plan),
+            evaluate_only=options.model is not None,
         )
         transport = InProcessTransport(aggregator, roundtrip=options.roundtrip)
         # Sites wait for the workers in batches (see simulation/dispatch.py); enough site

@@ -254,3 +254,8 @@ def _load_state(path: Path) -> tuple[StrategyState, dict[str, str]]:
         raise StateError(f"{path} is not a fedloom strategy state ({err})") from err
     weights = groups.pop(_WEIGHTS_GROUP)
     return StrategyState(weights=weights, arrays=groups, scalars=scalars), meta
+
+
+def is_state_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a strategy state (an aggregator's checkpoint), not weights."""
+    return _SCALARS_KEY in read_metadata(path)

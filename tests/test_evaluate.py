@@ -1,0 +1,95 @@
+"""``fedloom evaluate``: a given model evaluated at every site with no training, in
+simulation and over gRPC with real collaborators; the figures are the model's own (the
+same as the run that trained it found), whatever way the model is named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from workspaces import make_workspace, run_cli
+
+from fedloom import load_plan, simulate
+from fedloom.core.errors import TaskError
+from fedloom.core.records import InstructionKind
+from fedloom.core.state import FederationState, StrategyState
+from fedloom.simulation.options import SimulationOptions
+from fedloom.store import save_weights
+from fedloom.store.checkpoint import save_federation_state
+from fedloom.store.model_file import load_model
+
+
+@pytest.fixture
+def trained(tmp_path: Path) -> tuple[Path, Path, object]:
+    """A breast-cancer workspace of 3 sites, and a model it trained for 3 rounds."""
+    ws = make_workspace(tmp_path, "breast-cancer", "ws")
+    plan = load_plan(ws, ["rounds=3", "sites=3"])
+    result = simulate(ws, plan, SimulationOptions(workers=0))
+    model = tmp_path / "model.safetensors"
+    save_weights(model, result.final_weights)
+    return ws, model, result
+
+
+def test_a_given_model_is_evaluated_as_the_run_that_trained_it_found_it(
+    trained: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    ws, model, result = trained
+    plan = load_plan(ws, ["rounds=3", "sites=3"])
+    evaluated = simulate(ws, plan, SimulationOptions(workers=0, model=load_model(model)))
+    assert [r.kind for r in evaluated.history] == [InstructionKind.EVALUATE]  # no training
+    assert evaluated.test_metrics == result.test_metrics  # type: ignore[attr-defined]
+    final = result.history[-1]  # type: ignore[attr-defined]
+    assert {r.site: r.metrics for r in evaluated.history[-1].results} == {
+        r.site: r.metrics for r in final.results
+    }
+    for name, array in result.final_weights.items():  # type: ignore[attr-defined]
+        assert np.array_equal(evaluated.final_weights[name], array)
+
+    # an aggregator's checkpoint names the same model (its strategy state's weights)
+    checkpoint = tmp_path / "round-0003.safetensors"
+    state = StrategyState(weights=load_model(model), scalars={"step": 3})
+    save_federation_state(checkpoint, FederationState(state))
+    again = simulate(ws, plan, SimulationOptions(workers=0, model=load_model(checkpoint)))
+    assert again.test_metrics == evaluated.test_metrics
+
+
+def test_a_model_of_another_task_is_refused_with_the_tensor_named(
+    trained: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    ws, model, _ = trained
+    weights = dict(load_model(model))
+    name = next(iter(weights))
+    weights[name] = np.zeros((3, 3), np.float32)
+    wrong = tmp_path / "wrong.safetensors"
+    save_weights(wrong, weights)
+    plan = load_plan(ws, ["rounds=3", "sites=3"])
+    with pytest.raises(TaskError, match=rf"tensor '{name}' is float32\[3, 3\], the task's"):
+        simulate(ws, plan, SimulationOptions(workers=0, model=load_model(wrong)))
+
+
+@pytest.mark.process
+def test_over_grpc_each_real_site_reports_and_the_mean_is_sample_weighted(
+    trained: tuple[Path, Path, object],
+) -> None:
+    ws, model, result = trained
+    done = run_cli(
+        "evaluate", str(ws), "--model", str(model), "--transport", "grpc",
+        "--run-name", "grpc", "--quiet", "rounds=3", "sites=3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = json.loads((ws / "runs" / "grpc" / "summary.json").read_text())["evaluation"]
+    sites = figures["sites"]
+    assert sorted(sites) == ["site-01", "site-02", "site-03"]
+    samples = sum(s["num_samples"] for s in sites.values())
+    mean = sum(s["num_samples"] * s["global_accuracy"] for s in sites.values()) / samples
+    assert figures["weighted_mean"]["global_accuracy"] == pytest.approx(mean, rel=1e-12)
+    # the same figures as in simulation, site by site
+    final = result.history[-1]  # type: ignore[attr-defined]
+    for r in final.results:
+        assert sites[r.site]["global_accuracy"] == r.metrics["global_accuracy"]
+    for site in sites:
+        assert site in done.stdout
+    assert "weighted mean" in done.stdout and f"{mean:.4f}" in done.stdout
+    assert figures["test"] == result.test_metrics  # type: ignore[attr-defined]
