@@ -93,3 +93,39 @@ def test_over_grpc_each_real_site_reports_and_the_mean_is_sample_weighted(
         assert site in done.stdout
     assert "weighted mean" in done.stdout and f"{mean:.4f}" in done.stdout
     assert figures["test"] == result.test_metrics  # type: ignore[attr-defined]
+
+
+PERSONAL = ["rounds=3", "sites=4", "data.partition=shards:1", "training.personal.lam=0.1"]
+
+
+@pytest.mark.process
+def test_the_matrix_puts_each_sites_local_model_at_every_site(tmp_path: Path) -> None:
+    """Label skew (each site one class): each site's personal model does best at home."""
+    ws = make_workspace(tmp_path, "breast-cancer", "ws")
+    trained = run_cli("simulate", str(ws), *PERSONAL, "--workers", "0", "--run-name", "d")
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    run = ws / "runs" / "d"
+    done = run_cli("evaluate", str(ws), *PERSONAL, "--matrix", str(run), "--workers", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = json.loads((run / "summary.json").read_text())["cross_site"]
+    sites, values = found["sites"], found["values"]
+    assert sites == ["site-01", "site-02", "site-03", "site-04"] and found["models"] == "personal"
+    n = len(sites)
+    diagonal = sum(values[i][i] for i in range(n)) / n
+    off = sum(values[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    assert found["diagonal_mean"] == pytest.approx(diagonal)
+    assert found["off_diagonal_mean"] == pytest.approx(off)
+    assert diagonal > off
+    assert (run / "cross_site.png").stat().st_size > 0
+    assert f"diagonal (each model at its own site) {diagonal:.4f}" in done.stdout
+    # a row is that site's model evaluated as `--model` would: the same figures
+    plan = load_plan(ws, PERSONAL)
+    mine = load_model(run / "sites" / "site-03" / "personal.safetensors")
+    alone = simulate(ws, plan, SimulationOptions(workers=0, model=mine))
+    by_site = {r.site: r.metrics["global_accuracy"] for r in alone.history[-1].results}
+    assert values[2] == [by_site[s] for s in sites]
+
+    other = run_cli("evaluate", str(ws), "rounds=3", "--matrix", str(run), "--workers", "0")
+    assert other.returncode == 3 and "ran another plan" in other.stderr
+    grpc = run_cli("evaluate", str(ws), *PERSONAL, "--matrix", str(run), "--transport", "grpc")
+    assert grpc.returncode == 2 and "--matrix: only in simulation" in grpc.stderr

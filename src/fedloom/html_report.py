@@ -162,7 +162,7 @@ def render(run_dir: Path) -> str:
         parts += ["<h2>Curves</h2>", "<p>Sample-weighted mean over the sites, by round.</p>"]
         parts.append(_curves_image(curves))
     for png in sorted(run_dir.glob("*.png")):
-        if png.name != "contributions.png":
+        if png.name not in ("contributions.png", "cross_site.png"):
             parts.append(_image(png, png.stem))
     label, final = final_site_rows(rows)
     if final:
@@ -177,6 +177,7 @@ def render(run_dir: Path) -> str:
                 ),
             )
         )
+    parts += _cross_site(summary, run_dir)
     parts += _contributions(summary, run_dir)
     parts += _privacy(summary)
     parts += _failures(rows)
@@ -211,6 +212,25 @@ def _contributions(summary: Mapping[str, Any], run_dir: Path) -> list[str]:
     chart = run_dir / "contributions.png"
     if chart.exists():
         out.append(_image(chart, "contributions"))
+    return out
+
+
+def _cross_site(summary: Mapping[str, Any], run_dir: Path) -> list[str]:
+    found = summary.get("cross_site")
+    if not isinstance(found, Mapping):
+        return []
+    sites = list(found.get("sites", []))
+    body = [[s, *row] for s, row in zip(sites, found.get("values", []), strict=False)]
+    out = [
+        "<h2>Cross-site evaluation</h2>",
+        f"<p>Each site's local model (row) at every site (column), "
+        f"{_e(found.get('metric', '?'))}: diagonal mean {_e(_fmt(found.get('diagonal_mean')))}, "
+        f"off-diagonal mean {_e(_fmt(found.get('off_diagonal_mean')))}.</p>",
+        _table(["model of", *sites], body),
+    ]
+    chart = run_dir / "cross_site.png"
+    if chart.exists():
+        out.append(_image(chart, "cross-site evaluation"))
     return out
 
 

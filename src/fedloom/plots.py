@@ -117,3 +117,33 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_matrix(values: list[list[float]], sites: list[str], path: Path, metric: str) -> None:
+    """A heat map: row = whose model, column = the site that evaluated it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(sites)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 3), max(4, 0.6 * n + 2)), dpi=100)
+    image = ax.imshow(values, cmap="viridis")
+    ax.set_xticks(range(n), sites, rotation=45, ha="right")
+    ax.set_yticks(range(n), sites)
+    ax.set_xlabel("evaluated at")
+    ax.set_ylabel("model of")
+    if n <= 12:
+        low, high = image.get_clim()
+        for i in range(n):
+            for j in range(n):
+                light = (values[i][j] - low) > 0.6 * (high - low)  # viridis is light on top
+                ax.text(
+                    j, i, f"{values[i][j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="black" if light else "white",
+                )  # fmt: skip
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title("Cross-site evaluation")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

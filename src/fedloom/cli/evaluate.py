@@ -27,11 +27,21 @@ if TYPE_CHECKING:
     from fedloom.results import SimulationResult
 
 ModelOption = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--model",
         help="The model to evaluate: a safetensors file, a run folder (its "
         "final.safetensors) or an aggregator checkpoint (round-NNNN.safetensors).",
+        show_default=False,
+    ),
+]
+MatrixOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--matrix",
+        help="Instead of --model: a simulated run's folder whose sites kept a personal "
+        "model (training.personal); each is evaluated at every site (site x site table, "
+        "heat map, in that run's folder).",
         show_default=False,
     ),
 ]
@@ -40,8 +50,9 @@ ModelOption = Annotated[
 @friendly
 def evaluate(
     workspace: WorkspaceArg,
-    model: ModelOption,
     overrides: Overrides = None,
+    model: ModelOption = None,
+    matrix: MatrixOption = None,
     transport: Annotated[
         Transport,
         typer.Option(
@@ -73,6 +84,20 @@ def evaluate(
     from fedloom.simulation.run import simulate
     from fedloom.store.model_file import load_model
 
+    if (model is None) == (matrix is None):
+        raise PlanError(["give --model FILE or --matrix RUN (one of them)"], source="command line")
+    if matrix is not None:
+        if transport is Transport.GRPC:
+            raise PlanError(
+                [
+                    "--matrix: only in simulation (over gRPC it would send one site's "
+                    "locally trained model to the other sites)"
+                ],
+                source="command line",
+            )
+        cross_site_matrix(workspace, list(overrides or []), matrix, workers, quiet)
+        return
+    assert model is not None  # noqa: S101 - one of the two, checked above
     weights = load_model(model)  # a missing or unreadable file is said before anything runs
     if transport is Transport.GRPC:
         if workers is not None:
@@ -155,3 +180,63 @@ def record_evaluation(recorder: RunRecorder, result: SimulationResult, model: Pa
     console.print(table)
     if figures["failed"]:
         console.print(f"not evaluated (the site failed): {', '.join(figures['failed'])}")
+
+
+def cross_site_matrix(
+    workspace: Path, overrides: list[str], run_dir: Path, workers: int | None, quiet: bool
+) -> None:
+    """Evaluate each site's personal model of ``run_dir`` at every site; write the
+    matrix into that run's summary.json ("cross_site") and cross_site.png, print it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fedloom.core.errors import WorkspaceError
+    from fedloom.core.files import write_atomic
+    from fedloom.plan import load_plan, plan_hash
+    from fedloom.plots import plot_matrix
+    from fedloom.simulation.crosseval import cross_site
+    from fedloom.simulation.options import SimulationOptions
+
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise WorkspaceError(f"{run_dir} is not a run folder: it has no summary.json")
+    plan = load_plan(workspace, overrides)
+    ran = json.loads(summary_file.read_text()).get("plan_hash")
+    if ran != plan_hash(plan, workspace):
+        raise WorkspaceError(
+            f"{run_dir} ran another plan (hash {str(ran)[:16]}…) than this workspace's "
+            "with these overrides: its sites' models would meet other data",
+            hint="give the overrides that run was given (its plan.json has its plan)",
+        )
+    console.print(
+        f"[bold]{plan.name}[/]: the local model of each of {count(len(plan.roster), 'site')} "
+        f"from {run_dir}, evaluated at every site"
+    )
+    with Progress(
+        TextColumn("models"), BarColumn(), MofNCompleteColumn(), console=console, disable=quiet
+    ) as bar:
+        job = bar.add_task("", total=len(plan.roster))
+        found = cross_site(
+            workspace,
+            plan,
+            run_dir,
+            SimulationOptions(workers=workers),
+            on_row=lambda site: bar.update(job, advance=1),
+        )
+    data = found.to_json()
+    summary = json.loads(summary_file.read_text())
+    summary["cross_site"] = data
+    write_atomic(summary_file, (json.dumps(summary, indent=2) + "\n").encode())
+    plot_matrix(data["values"], data["sites"], run_dir / "cross_site.png", found.metric)
+    table = Table("model of", *found.sites, title=f"Cross-site {found.metric}")
+    for site, row in zip(found.sites, found.values, strict=True):
+        cells = [
+            f"[bold]{v:.4f}[/]" if s == site else f"{v:.4f}"
+            for s, v in zip(found.sites, row, strict=True)
+        ]
+        table.add_row(site, *cells)
+    console.print(table)
+    console.print(
+        f"diagonal (each model at its own site) {found.diagonal_mean:.4f}, off-diagonal "
+        f"{found.off_diagonal_mean:.4f}; in {summary_file} and {run_dir / 'cross_site.png'}",
+        highlight=False,
+    )
