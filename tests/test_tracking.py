@@ -1,7 +1,8 @@
 """Experiment tracking: a deployed run (a real aggregator process and its collaborators
-over gRPC) leaves an MLflow store that MLflow's own client reads back, with every round's metrics, the plan and its hash, and the final model; the
-TensorBoard event files are read back with TensorBoard's reader; a tracker that fails
-mid-run is switched off and the run goes on."""
+over gRPC) leaves an MLflow store that MLflow's own client reads back, with every
+round's metrics, the plan and its hash, and the final model, and TensorBoard event
+files that TensorBoard's reader reads back; a tracker that fails mid-run is switched
+off and the run goes on; a store that cannot be used stops the run before round 1."""
 
 from __future__ import annotations
 
