@@ -200,7 +200,8 @@ def cross_site_matrix(
     if not summary_file.is_file():
         raise WorkspaceError(f"{run_dir} is not a run folder: it has no summary.json")
     plan = load_plan(workspace, overrides)
-    ran = json.loads(summary_file.read_text()).get("plan_hash")
+    summary = json.loads(summary_file.read_text())
+    ran = summary.get("plan_hash")
     if ran != plan_hash(plan, workspace):
         raise WorkspaceError(
             f"{run_dir} ran another plan (hash {str(ran)[:16]}…) than this workspace's "
@@ -223,7 +224,6 @@ def cross_site_matrix(
             on_row=lambda site: bar.update(job, advance=1),
         )
     data = found.to_json()
-    summary = json.loads(summary_file.read_text())
     summary["cross_site"] = data
     write_atomic(summary_file, (json.dumps(summary, indent=2) + "\n").encode())
     plot_matrix(data["values"], data["sites"], run_dir / "cross_site.png", found.metric)

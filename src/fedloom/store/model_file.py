@@ -13,8 +13,7 @@ import numpy as np
 from fedloom.core.errors import TaskError, WorkspaceError
 from fedloom.core.weights import Weights, specs_of
 from fedloom.store.checkpoint import is_state_file, load_federation_state, load_weights
-
-CONTROL_PREFIX = "fedloom."  # what a strategy keeps inside the model (SCAFFOLD's controls)
+from fedloom.strategies.scaffold import model_part
 
 
 def load_model(path: Path) -> Weights:
@@ -32,7 +31,7 @@ def load_model(path: Path) -> Weights:
         weights = load_federation_state(path).strategy.weights
     else:
         weights = load_weights(path)
-    return {n: a for n, a in weights.items() if not n.startswith(CONTROL_PREFIX)}
+    return model_part(weights)  # without what SCAFFOLD keeps inside the model
 
 
 def model_problems(
