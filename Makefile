@@ -11,7 +11,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test test-fast test-gpu lint typecheck pytest proto clean bench
+.PHONY: demo browser test test-fast test-gpu lint typecheck pytest proto clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,16 @@ demo: $(VENV)/.demo
 		--baseline --run-name demo
 	@echo "summary: demo/runs/demo/summary.json   plot: demo/runs/demo/accuracy.png"
 
-test: $(VENV)/.dev lint typecheck pytest
+test: $(VENV)/.dev browser lint typecheck pytest
+
+# tests/test_dashboard.py drives a real headless Chromium: installed from the system's
+# packages where it is missing and this is root with apt-get (CI: a fresh Debian 12);
+# anywhere else the dashboard's browser test is skipped, with a line saying why.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "no chromium (and not root with apt-get): the dashboard's browser test is skipped"; fi
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench

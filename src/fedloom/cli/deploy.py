@@ -180,6 +180,14 @@ def aggregator_start(
             "every site instead of training: a new run, never resumed.",
         ),
     ] = None,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve the read-only dashboard on [HOST:]PORT (HOST: 127.0.0.1; "
+            "another needs a token in FEDLOOM_DASHBOARD_TOKEN).",
+            show_default=False,
+        ),
+    ] = None,
     announce_fd: Annotated[int | None, typer.Option(hidden=True)] = None,
     fault: Annotated[str | None, typer.Option(hidden=True)] = None,
 ) -> None:
@@ -213,6 +221,10 @@ def aggregator_start(
     # a missing or damaged PKI is said before anything is written
     credentials = server_credentials(pki_dir_of(workspace))
     RevocationList(pki_dir_of(workspace) / CRL_FILE, credentials.ca_pem)
+    if dashboard is not None:  # a daemon thread: it ends with this process
+        from fedloom.cli.dashboard import start_beside
+
+        start_beside(workspace, dashboard)
     start_logging(log or state_dir_of(workspace) / "aggregator.log", verbose=verbose)
     signal.signal(CANCEL_SIGNAL, _cancel)  # `fedloom aggregator stop --cancel`
     made: list[RunRecorder] = []

@@ -34,6 +34,7 @@ from fedloom.cli.common import (
     warn_dropped_trackers,
 )
 from fedloom.cli.contributions import contributions
+from fedloom.cli.dashboard import dashboard
 from fedloom.cli.deploy import aggregator_app, run_log
 from fedloom.cli.docs import docs
 from fedloom.cli.evaluate import evaluate
@@ -398,6 +399,7 @@ app.command("evaluate")(evaluate)
 app.command("contributions")(contributions)
 app.command("report")(report)
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
+app.command("dashboard")(dashboard)
 app.command("docs")(docs)
 
 
