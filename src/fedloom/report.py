@@ -80,7 +80,7 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         **_plan_fields(result.plan, result.plan_hash),
         **({"strategy": result.strategy} if result.strategy else {}),
         "rounds_finished": finished,
-        **metric_fields(result),
+        **({} if result.plan.analysis is not None else metric_fields(result)),
         "wall_seconds": result.wall_seconds,
         "seconds_per_round": result.wall_seconds / max(1, finished),
         "bytes_sent": result.bytes_sent,
@@ -90,7 +90,27 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "failures": sum(len(r.failures) for r in result.history),
         "close_reasons": {str(r.round): r.close_reason.value for r in result.history},
         **_privacy_fields(result),
+        **_analysis_fields(result),
     }
+
+
+def _analysis_fields(result: SimulationResult) -> dict[str, Any]:
+    """An analysis plan's statistics (``analysis``), from the sites' summed blocks."""
+    query = result.plan.analysis
+    done = [r for r in result.history if r.aggregated]
+    if query is None or not done:
+        return {}
+    from fedloom.analysis import analysis_results, totals
+    from fedloom.privacy.accounting import gaussian_epsilon
+
+    sites = len(done[-1].results)
+    dp = query.dp
+    epsilon = None
+    if dp is not None:
+        accountant = result.plan.privacy.accountant
+        epsilon = gaussian_epsilon([dp.noise_multiplier], dp.delta, accountant)
+    summed = totals(result.final_weights, sites)
+    return {"analysis": analysis_results(query, summed, sites, epsilon)}
 
 
 def _model_size_fields(result: SimulationResult) -> dict[str, Any]:
@@ -267,7 +287,7 @@ class RunRecorder:
             self.run_dir / "plan.json",
             json.dumps(result.plan.model_dump(mode="json"), indent=2) + "\n",
         )
-        if plot:
+        if plot and result.plan.analysis is None:  # an analysis has no metric to plot
             plot_metrics(self.run_dir, result, data)
         _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
         self.finished = data

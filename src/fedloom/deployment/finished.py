@@ -15,6 +15,7 @@ from fedloom.core.records import RoundRecord
 from fedloom.core.state import StrategyState
 from fedloom.core.weights import Weights
 from fedloom.plan import Plan, plan_hash, validate_plan
+from fedloom.plan.tasks import plan_task
 from fedloom.privacy.aggregator import aggregator_privacy, spent_by_round
 from fedloom.results import SimulationResult
 from fedloom.runtime.executor import outside_rounds
@@ -23,7 +24,6 @@ from fedloom.store import save_weights
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies.scaffold import model_part
 from fedloom.tasks.base import Metrics, SiteContext, Task, metrics_of
-from fedloom.tasks.loader import load_task
 from fedloom.workspace import WorkspaceCode
 
 
@@ -99,7 +99,7 @@ def complete_results(
         )
     metrics = None  # the task's declared metrics: from the code the run approved alone
     try:
-        task = load_task(code, plan.task, plan.model_source(code.root)) if same_code else None
+        task = plan_task(code, plan) if same_code else None
         metrics = metrics_of(task) if task is not None else None
         result = final(task=task if test_set else None, metrics=metrics)
     except (TaskError, ValueError, KeyError, TypeError) as err:  # the task's code, on the test set

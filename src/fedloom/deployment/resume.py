@@ -17,11 +17,11 @@ from fedloom.core.events import Resume
 from fedloom.core.records import CloseReason, InstructionKind
 from fedloom.deployment.finished import complete_results
 from fedloom.plan import Plan, plan_hash
+from fedloom.plan.tasks import plan_task
 from fedloom.store.database import ENDED
 from fedloom.store.locks import lock_state
 from fedloom.store.runs import RunInfo, RunStore
 from fedloom.strategies import build_strategy
-from fedloom.tasks.loader import load_task
 from fedloom.workspace import WorkspaceCode
 
 log = logging.getLogger("fedloom.aggregator")
@@ -99,7 +99,7 @@ def open_run(
                     hint="leave out --run-name to resume it, or pass --new-run",
                 )
             strategy = build_strategy(plan.strategy.name, plan.strategy_params)
-            task = load_task(code, plan.task, plan.model_source(code.root))
+            task = plan_task(code, plan)
             resume = store.resume(latest, lambda: strategy.init(task.init_weights(plan.seed)))
             if not _evaluated(resume, plan):
                 return OpenedRun(store, latest, resume, store.notes, lock)

@@ -30,6 +30,7 @@ from fedloom.deployment.resume import OpenedRun, state_dir_of
 from fedloom.pki import RevocationList, server_credentials
 from fedloom.pki.common import CRL_FILE, load_cert, pki_dir_of
 from fedloom.plan import Plan, plan_covers, plan_hash
+from fedloom.plan.tasks import plan_task
 from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
@@ -39,7 +40,6 @@ from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
 from fedloom.tasks.base import Metrics, Task, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
-from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import GrpcServer, ServerSettings
 from fedloom.transport.traffic import TrafficCounter
 from fedloom.workspace import WorkspaceCode
@@ -141,7 +141,7 @@ def _serve(
             f"the code of {ws} changed after the run was opened (plan hash {digest[:16]}…)",
             hint="start the aggregator again once the workspace holds the approved code",
         )
-    task = load_task(code, plan.task, plan.model_source(code.root))
+    task = plan_task(code, plan)
     check_task_supports(task, plan.privacy.dp_sgd is not None)
     if on_metrics is not None:
         on_metrics(metrics_of(task))

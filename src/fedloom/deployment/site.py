@@ -43,6 +43,7 @@ from fedloom.pki import site_credentials
 from fedloom.pki.common import check_name, site_state_dir
 from fedloom.pki.site import check_own_certificate
 from fedloom.plan import Plan, plan_hash
+from fedloom.plan.tasks import plan_task
 from fedloom.privacy.audit import AuditLog
 from fedloom.privacy.audit_records import AUDIT_LOG
 from fedloom.privacy.final_model import keep_final_model
@@ -53,7 +54,6 @@ from fedloom.privacy.site import site_privacy
 from fedloom.runtime.executor import dp_sgd_of, execute, site_env
 from fedloom.runtime.tracebacks import one_line, task_traceback
 from fedloom.store.locks import LockBusy, hold_lock
-from fedloom.tasks.loader import load_task
 from fedloom.transport.grpc import ClientSettings, GrpcConnection
 from fedloom.transport.messages import ModelHeader
 from fedloom.workspace import WorkspaceCode
@@ -129,7 +129,7 @@ def _participate(
     policy = enforce_policy(plan, digest, policy_files)
     credentials = site_credentials(state_dir)
     check_own_certificate(state_dir, credentials)  # not blamed on the aggregator later
-    task = load_task(code, plan.task, plan.model_source(code.root))
+    task = plan_task(code, plan)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(options.threads)
     settings = ClientSettings(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedloom.analysis.query import AnalysisPlan
 from fedloom.compression.settings import CompressionPlan
 from fedloom.core.frozen import Frozen
 from fedloom.core.records import Accountant, TrainSettings
@@ -213,6 +214,42 @@ class Plan(Frozen):
     privacy: PrivacyPlan = PrivacyPlan()
     compression: CompressionPlan = CompressionPlan()
     model: ModelPlan = ModelPlan()
+    analysis: AnalysisPlan | None = None  # a federated analysis instead of training
+
+    @model_validator(mode="before")
+    @classmethod
+    def _analysis_defaults(cls, raw: Any) -> Any:
+        """An analysis is one round with no evaluation, each site of weight 1."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("analysis"), dict):
+            return raw
+        training = raw.get("training")
+        return {
+            "rounds": 1,
+            "evaluation": {"final": False, "each_round": False},
+            **raw,
+            "training": {"max_samples": 1, **(training if isinstance(training, dict) else {})},
+        }
+
+    @model_validator(mode="after")
+    def _analysis_is_one_plain_round(self) -> Plan:
+        if self.analysis is None:
+            return self
+        problems = [
+            "rounds: 1" if self.rounds != 1 else "",
+            "strategy: fedavg" if self.strategy.name != "fedavg" else "",
+            "no privacy.dp (analysis.dp noises the statistics)" if self.privacy.dp else "",
+            "no privacy.dp_sgd" if self.privacy.dp_sgd else "",
+        ]
+        sa = self.privacy.secure_aggregation
+        if sa is not None and sa.clip_range is None:
+            problems.append(
+                "privacy.secure_aggregation.clip_range above any count or sum a site can "
+                "hold (e.g. 1e9, with bits: 64)"
+            )
+        wanted = [p for p in problems if p]
+        if wanted:
+            raise ValueError(f"analysis: an analysis needs {'; '.join(wanted)}")
+        return self
 
     @field_validator("task")
     @classmethod
@@ -344,6 +381,8 @@ class Plan(Frozen):
                     del data[section][key]
         if self.model == ModelPlan():  # a section added later: absent while at its default
             del data["model"]
+        if data["analysis"] is None:  # likewise
+            del data["analysis"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 

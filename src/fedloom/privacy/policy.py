@@ -27,6 +27,7 @@ from fedloom.core.frozen import Frozen
 from fedloom.core.strict_yaml import StrictLoader
 from fedloom.core.validation import describe_error
 from fedloom.docpages import doc_ref
+from fedloom.privacy.analysis_rules import AnalysisRules, analysis_violations
 from fedloom.privacy.settings import NoisePlacement
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Policy(Frozen):
     dp_sgd: DPSGDRules | None = None
     secure_aggregation: SecureAggregationRules | None = None
     metrics: MetricsRules | None = None
+    analysis: AnalysisRules | None = None  # None: no federated analysis may run here
 
 
 _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
@@ -108,6 +110,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     ("dp_sgd",): DPSGDRules,
     ("secure_aggregation",): SecureAggregationRules,
     ("metrics",): MetricsRules,
+    ("analysis",): AnalysisRules,
 }
 
 
@@ -188,9 +191,12 @@ def check_policy(policy: Policy, plan: Plan, plan_hash: str) -> list[Violation]:
         found.append(_not_approved(plan_hash, len(policy.approved_plans)))
     if policy.max_rounds is not None and plan.rounds > policy.max_rounds:
         found.append(_above("max_rounds", "rounds", plan.rounds, policy.max_rounds))
-    if policy.dp is not None:
+    if plan.analysis is not None:  # its own noise; dp's rules apply to it
+        broken = analysis_violations(policy.analysis, policy.dp, plan)
+        found += [Violation(b.rule, b.message) for b in broken]
+    elif policy.dp is not None:
         found += _dp_violations(policy.dp, plan)
-    if policy.dp_sgd is not None:
+    if policy.dp_sgd is not None and plan.analysis is None:
         found += _dp_sgd_violations(policy.dp_sgd, plan)
     if policy.secure_aggregation is not None:
         found += _secure_aggregation_violations(policy.secure_aggregation, plan)

@@ -30,6 +30,7 @@ from fedloom.core.records import DPSGDSettings, EvalOutput, Instruction, SiteAns
 from fedloom.core.weights import Weights, copy_weights, read_only
 from fedloom.figures import metrics_to_json
 from fedloom.plan import plan_hash, validate_plan
+from fedloom.plan.tasks import plan_task
 from fedloom.runtime.devices import limit_memory, release_memory, resolve_device
 from fedloom.runtime.executor import SiteEnv, dp_sgd_of, execute, outside_rounds, site_env
 from fedloom.runtime.sitedata import DataSource
@@ -52,7 +53,6 @@ from fedloom.simulation.workerops import (
 )
 from fedloom.tasks.base import ChecksData, DescribesModel, SiteContext, metrics_of
 from fedloom.tasks.dp_sgd import check_task_supports
-from fedloom.tasks.loader import load_task
 from fedloom.workspace import WorkspaceCode
 
 
@@ -91,7 +91,7 @@ class SiteWorker:
                 f"{expected_hash[:16]}… there and {self.plan_hash[:16]}… in this worker",
                 hint="run it again once the workspace's files stay put",
             )
-        self.task = load_task(self.code, plan.task, plan.model_source(self.code.root))
+        self.task = plan_task(self.code, plan, self.plan_hash)
         check_task_supports(self.task, plan.privacy.dp_sgd is not None)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(1)
