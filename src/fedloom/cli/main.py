@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from fedloom.cli.analyze import analyze
 from fedloom.cli.audit import audit_app
 from fedloom.cli.collaborator import collaborator_app
 from fedloom.cli.common import (
@@ -397,6 +398,7 @@ def simulate(
 
 app.command("evaluate")(evaluate)
 app.command("contributions")(contributions)
+app.command("analyze")(analyze)
 app.command("report")(report)
 app.command("status")(status)  # after simulate: `fedloom --help` lists commands in this order
 app.command("dashboard")(dashboard)
