@@ -244,7 +244,7 @@ class Plan(Frozen):
         if sa is not None and sa.clip_range is None:
             problems.append(
                 "privacy.secure_aggregation.clip_range above any count or sum a site can "
-                "hold (e.g. 1e9, with bits: 64)"
+                "hold (at most 1e6, with bits: 64)"
             )
         wanted = [p for p in problems if p]
         if wanted:
