@@ -161,8 +161,8 @@ function renderCurves(curves) {
       const t = svg("text", {x: L - 4, y: y + 4, "font-size": 10, "text-anchor": "end",
         fill: "#667"}); t.textContent = v.toPrecision(3); g.append(t);
     }
-    for (const [v, x] of [[x0, L], [x1, W - R]]) {
-      const t = svg("text", {x: x, y: H - 8, "font-size": 10, "text-anchor": "middle",
+    for (const [v, x, anchor] of [[x0, L, "start"], [x1, W - R, "end"]]) {
+      const t = svg("text", {x: x, y: H - 8, "font-size": 10, "text-anchor": anchor,
         fill: "#667"}); t.textContent = "round " + v; g.append(t);
     }
     g.append(svg("polyline", {points: pts.map(p => X(p[0]) + "," + Y(p[1])).join(" "),
