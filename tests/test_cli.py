@@ -17,9 +17,11 @@ pytestmark = pytest.mark.process
 def test_init_writes_a_workspace_whose_plan_validates(tmp_path: Path, template: str) -> None:
     proc = run_cli("init", str(tmp_path / template), "--template", template)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / template / "task.py").is_file()
     plan = load_plan(tmp_path / template)
     assert plan.task == "task.py" and plan.rounds > 0
+    # an analysis runs fedloom's own statistics task: its template has no task module
+    assert (tmp_path / template / "task.py").is_file() == (plan.analysis is None)
+    assert f"Next: fedloom {'simulate' if plan.analysis is None else 'analyze'}" in proc.stdout
 
 
 def test_init_refuses_a_folder_that_is_not_empty_and_an_unknown_template(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ OVERRIDES: dict[str, list[str]] = {
     "segmentation": ["sites=[hospital-c, hospital-d]"],
     # a small causal LM with a LoRA adapter: two hospitals, one round
     "llm-lora": ["sites=[cardiology, oncology]", "rounds=1"],
+    "cohort": ["rounds=1"],  # an analysis is one round
 }
 
 

@@ -92,7 +92,8 @@ def init(
     wrote = prepare_template(template.replace("_", "-"), directory)  # its data, if any
     if wrote:
         console.print(escape(wrote))
-    console.print(f"Next: [cyan]fedloom simulate {directory}[/]")
+    command = "simulate" if (directory / "task.py").exists() else "analyze"  # cohort: none
+    console.print(f"Next: [cyan]fedloom {command} {directory}[/]")
 
 
 def _version(value: bool) -> None:

@@ -39,6 +39,7 @@ TEMPLATES = (
     "images-folder",
     "segmentation",
     "llm-lora",
+    "cohort",
 )
 
 
