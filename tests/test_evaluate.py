@@ -129,3 +129,35 @@ def test_the_matrix_puts_each_sites_local_model_at_every_site(tmp_path: Path) ->
     assert other.returncode == 3 and "ran another plan" in other.stderr
     grpc = run_cli("evaluate", str(ws), *PERSONAL, "--matrix", str(run), "--transport", "grpc")
     assert grpc.returncode == 2 and "--matrix: only in simulation" in grpc.stderr
+
+
+def test_a_plan_naming_an_initial_model_starts_from_it_and_its_hash_covers_the_file(
+    trained: tuple[Path, Path, object], tmp_path: Path
+) -> None:
+    """model.initial: the first round's global model is the file's (the sites find the
+    figures the run that trained it found at its end); the plan hash covers the bytes; a
+    file of another model is refused before any round, naming the tensors."""
+    from fedloom.plan import plan_hash
+
+    ws, model, result = trained
+    (ws / "pretrained").mkdir()
+    (ws / "pretrained" / "model.safetensors").write_bytes(model.read_bytes())
+    plan = load_plan(ws, ["rounds=1", "sites=3", "model.initial=pretrained/model.safetensors"])
+    started = simulate(ws, plan, SimulationOptions(workers=0))
+    first = started.history[0]
+    assert first.kind is InstructionKind.TRAIN
+    final = result.history[-1]  # type: ignore[attr-defined]
+    assert {r.site: r.metrics["global_accuracy"] for r in first.results} == {
+        r.site: r.metrics["global_accuracy"] for r in final.results
+    }
+    fresh = load_plan(ws, ["rounds=1", "sites=3"])
+    assert plan_hash(plan, ws) != plan_hash(fresh, ws)
+    before = plan_hash(plan, ws)
+    weights = load_model(model)
+    save_weights(ws / "pretrained" / "model.safetensors", {k: v * 2 for k, v in weights.items()})
+    assert plan_hash(plan, ws) != before  # other bytes, another plan
+
+    other = {"w": np.zeros((3, 3), np.float32)}
+    save_weights(ws / "pretrained" / "model.safetensors", other)
+    with pytest.raises(TaskError, match=r"model.initial .* is not this task's model: tensor"):
+        simulate(ws, plan, SimulationOptions(workers=0))

@@ -35,7 +35,7 @@ from fedloom.privacy.aggregator import aggregator_privacy
 from fedloom.privacy.published import signer_from_pem
 from fedloom.results import SimulationResult
 from fedloom.runtime.federation import federation_config
-from fedloom.store.model_file import given_model
+from fedloom.store.model_file import given_model, plan_initial
 from fedloom.store.runs import EventRow, RunInfo, RunStore, ended_as, event_row
 from fedloom.strategies import build_strategy
 from fedloom.tasks.base import Metrics, Task, metrics_of
@@ -182,7 +182,7 @@ def _serve(
         config,
         build_strategy(plan.strategy.name, plan.strategy_params),
         # the strategy keeps its own copy of the initial model: no second one here
-        resume.state.weights if resume is not None else initial_model(task, plan, options),
+        resume.state.weights if resume is not None else initial_model(task, plan, options, ws),
         on_event=sink,
         spool_dir=state_dir_of(ws),
         journal=journal,
@@ -252,10 +252,13 @@ def _serve(
     return result
 
 
-def initial_model(task: Task, plan: Plan, options: ServeOptions) -> Weights:
-    """The task's initial model, or the model given to evaluate (checked against it)."""
+def initial_model(task: Task, plan: Plan, options: ServeOptions, ws: Path) -> Weights:
+    """The task's initial model, the plan's ``model.initial`` or the model given to
+    evaluate (either checked against the task's)."""
     initial = task.init_weights(plan.seed)
-    return initial if options.model is None else given_model(initial, options.model)
+    if options.model is not None:
+        return given_model(initial, options.model)
+    return plan_initial(initial, plan, ws)
 
 
 class _LiveState:

@@ -30,6 +30,7 @@ from fedloom.plan.schema import (
     device_problem,
 )
 from fedloom.privacy.settings import privacy_problems
+from fedloom.store.model_file import model_file_digest
 from fedloom.workspace import WorkspaceCode, base_model_digest, base_model_folder
 
 if TYPE_CHECKING:
@@ -261,6 +262,9 @@ def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
     if plan.model.base is not None:
         folder = base_model_folder(code.root, plan.model.base)
         h.update(b"\0base\0" + base_model_digest(folder).encode())
+    initial = plan.initial_model_path(code.root)
+    if initial is not None:
+        h.update(b"\0initial\0" + model_file_digest(initial).encode())
     return h.hexdigest()
 
 

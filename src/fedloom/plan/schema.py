@@ -160,12 +160,16 @@ class ModelPlan(Frozen):
     # which tensors travel and are aggregated: all of them, the trainable ones (a LoRA
     # adapter's), or those whose names match fnmatch patterns; the rest stay at the site
     federated: str | tuple[str, ...] = "all"
+    # a model file the federation starts from instead of the task's init_weights: a
+    # safetensors file, a run folder or an aggregator checkpoint (relative to the
+    # workspace, or absolute); the plan hash covers its bytes
+    initial: str | None = None
 
-    @field_validator("base")
+    @field_validator("base", "initial")
     @classmethod
     def _base_is_a_folder_name(cls, value: str | None) -> str | None:
         if value is not None and (not value.strip() or "\0" in value):
-            raise ValueError(f"must name the base model's folder (got {value!r})")
+            raise ValueError(f"must name a file or folder (got {value!r})")
         return value
 
     @field_validator("federated")
@@ -349,6 +353,13 @@ class Plan(Frozen):
         """How many sites take part in a round: ``sites_per_round``, else every site."""
         return self.sites_per_round or len(self.roster)
 
+    def initial_model_path(self, root: Path) -> Path | None:
+        """The plan's ``model.initial`` resolved against the workspace ``root``."""
+        if self.model.initial is None:
+            return None
+        path = Path(self.model.initial).expanduser()
+        return path if path.is_absolute() else root / path
+
     def model_source(self, root: Path) -> ModelSource:
         """The plan's model section as the task loader hands it to a task, the base
         model's folder resolved against the workspace ``root``."""
@@ -381,6 +392,8 @@ class Plan(Frozen):
                     del data[section][key]
         if self.model == ModelPlan():  # a section added later: absent while at its default
             del data["model"]
+        elif data["model"]["initial"] is None:  # added later still
+            del data["model"]["initial"]
         if data["analysis"] is None:  # likewise
             del data["analysis"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))

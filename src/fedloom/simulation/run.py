@@ -43,7 +43,7 @@ from fedloom.simulation.pool import start_workers
 from fedloom.simulation.replies import raise_reply_error
 from fedloom.simulation.worker import LocalWorker
 from fedloom.simulation.workerops import WorkerOp, attack_to_json, request
-from fedloom.store.model_file import given_model
+from fedloom.store.model_file import given_model, plan_initial
 from fedloom.strategies import build_strategy, check_strategy
 from fedloom.strategies.base import Strategy
 from fedloom.tasks.base import Metrics
@@ -166,6 +166,8 @@ def _simulate(
         raise_reply_error(check_header, f"{plan.roster[0]}'s data does not fit the task")
         if options.model is not None:  # evaluated as it is: it replaces the initial model
             initial = given_model(initial, options.model)
+        else:
+            initial = plan_initial(initial, plan, ws)
         before = None
         if options.test_initial:
             reply = workers[0].call(request(WorkerOp.TEST, key="init"), initial)

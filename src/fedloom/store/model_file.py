@@ -1,12 +1,15 @@
-"""A model given by file, for ``fedloom evaluate --model``: a safetensors file of
-weights, a run folder (its ``final.safetensors``) or an aggregator checkpoint
-(``round-NNNN.safetensors``, whose global model is read); checked against the task's
+"""A model given by file, for ``fedloom evaluate --model`` and the plan's
+``model.initial``: a safetensors file of weights, a run folder (its
+``final.safetensors``) or an aggregator checkpoint (``round-NNNN.safetensors``, whose
+global model is read); checked against the task's
 own model before anything is sent."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +19,8 @@ from fedloom.store.checkpoint import is_state_file, load_federation_state, load_
 from fedloom.strategies.scaffold import model_part
 
 
-def load_model(path: Path) -> Weights:
-    """The model at ``path`` (a file, or a run folder holding ``final.safetensors``)."""
+def model_file(path: Path) -> Path:
+    """The file of the model at ``path``: itself, or a run folder's final model."""
     if path.is_dir():
         if not (path / "final.safetensors").is_file():
             raise WorkspaceError(
@@ -27,6 +30,22 @@ def load_model(path: Path) -> Weights:
         path = path / "final.safetensors"
     if not path.is_file():
         raise WorkspaceError(f"no model file at {path}")
+    return path
+
+
+def model_file_digest(path: Path) -> str:
+    """sha256 of the model file at ``path``'s bytes (what the plan hash covers of
+    ``model.initial``)."""
+    digest = hashlib.sha256()
+    with model_file(path).open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: Path) -> Weights:
+    """The model at ``path`` (a file, or a run folder holding ``final.safetensors``)."""
+    path = model_file(path)
     if is_state_file(path):  # an aggregator's checkpoint: its global model
         weights = load_federation_state(path).strategy.weights
     else:
@@ -52,12 +71,25 @@ def model_problems(
     return problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
 
 
-def given_model(expected: Mapping[str, np.ndarray], given: Mapping[str, np.ndarray]) -> Weights:
+def given_model(
+    expected: Mapping[str, np.ndarray],
+    given: Mapping[str, np.ndarray],
+    what: str = "the model to evaluate",
+) -> Weights:
     """``given``, in the task's tensor order, once it fits the task's model ``expected``."""
     problems = model_problems(expected, given)
     if problems:
         raise TaskError(
-            "the model to evaluate is not this task's model: " + "; ".join(problems),
+            f"{what} is not this task's model: " + "; ".join(problems),
             hint="give a model trained with this workspace's task (a run's final.safetensors)",
         )
     return {name: np.asarray(given[name]) for name in expected}
+
+
+def plan_initial(initial: Weights, plan: Any, root: Path) -> Weights:
+    """The model a run starts from: the plan's ``model.initial`` (resolved against the
+    workspace ``root``) checked against the task's ``initial``, else ``initial``."""
+    path = plan.initial_model_path(root)
+    if path is None:
+        return initial
+    return given_model(initial, load_model(path), f"the plan's model.initial {path}")
