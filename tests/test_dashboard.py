@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.process, pytest.mark.server]
 SITES = ("site-01", "site-02", "site-03")
 # what the page shows: the round counter and every site's row (its data-status)
 SEEN = (
-    "JSON.stringify({round: document.getElementById('round').textContent, sites: "
+    "document.getElementById('round') && JSON.stringify({round: "
+    "document.getElementById('round').textContent, sites: "
     "Object.fromEntries([...document.querySelectorAll('tr[data-site]')]"
     ".map(r => [r.dataset.site, r.dataset.status]))})"
 )
@@ -139,7 +140,11 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
             assert not re.search(rb"site-0|live|round|breast", body), body
         assert get(board + "api/state", "x" * len(token))[0] == 401
         browser.open(board)
-        shown = browser.wait_for("document.body && document.body.innerText", 30)
+        shown = browser.wait_for(
+            f"location.port === '{board_port}' && document.body.innerText.includes('token') "
+            "&& document.body.innerText",
+            30,
+        )
         assert "needs its token" in shown and "site-0" not in shown
         # with it: the data, and the page follows the federation round by round
         code, body = get(board + "api/state", token)
@@ -149,7 +154,10 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
         statuses: dict[str, list[str]] = {site: [] for site in SITES}
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            seen = json.loads(browser.evaluate(SEEN) or "{}")
+            try:
+                seen = json.loads(browser.evaluate(SEEN) or "{}")
+            except RuntimeError:  # the page is loading
+                seen = {}
             number = re.match(r"round (\d+) of 8", seen.get("round", ""))
             if number and (not rounds or rounds[-1] != int(number.group(1))):
                 rounds.append(int(number.group(1)))
@@ -169,7 +177,10 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
         assert data["rounds"]["finished"] == 8 and set(data["curves"]) >= {"train_loss"}
         assert [s["site"] for s in data["sites"]] == list(SITES)
         browser.open(open_url)
-        browser.wait_for("document.getElementById('round').textContent === 'round 8 of 8'")
+        browser.wait_for(
+            f"location.port === '{open_port}' && "
+            "document.getElementById('round').textContent === 'round 8 of 8'"
+        )
         assert browser.evaluate("document.getElementById('error').style.display") == "none"
         assert browser.evaluate("document.querySelectorAll('svg[data-metric]').length") >= 3
     finally:
@@ -198,6 +209,20 @@ def test_it_is_read_only_and_a_token_guards_every_request(tmp_path: Path) -> Non
     finally:
         board.close()
     assert not (tmp_path / "aggregator").exists()  # it wrote nothing
+    # without a token: only a request addressed to this machine (no DNS rebinding)
+    board = Dashboard(tmp_path / "aggregator", port=0)
+    board.start()
+    try:
+        for host, code in (("evil.example:80", 403), ("localhost:9", 200), ("[::1]", 200)):
+            request = urllib.request.Request(board.url + "api/state", headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as r:
+                    assert (r.status, host) == (code, host)
+            except urllib.error.HTTPError as err:
+                assert (err.code, host) == (code, host)
+                assert b"no aggregator state" not in err.read()
+    finally:
+        board.close()
     with pytest.raises(ValueError, match="needs a token"):
         Dashboard(tmp_path, host="0.0.0.0")  # noqa: S104
     with pytest.raises(ValueError, match="too short"):

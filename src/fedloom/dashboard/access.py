@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 TOKEN_ENV = "FEDLOOM_DASHBOARD_TOKEN"
 """The environment variable a token may come from (``--token-file`` wins)."""
@@ -63,6 +63,17 @@ def presented_token(authorization: str | None, query: str) -> str | None:
             return value.strip()
     values = parse_qs(query).get("token")
     return values[0] if values else None
+
+
+def addressed_locally(host_header: str | None) -> bool:
+    """Whether a request's ``Host`` names this machine (``127.0.0.1``, ``localhost``,
+    ``[::1]``, any port). Without a token the dashboard answers only those: a web page
+    elsewhere whose own name is made to point at 127.0.0.1 (DNS rebinding) gets nothing."""
+    try:
+        name = urlsplit(f"//{host_header or ''}").hostname
+    except ValueError:
+        return False
+    return name is not None and is_loopback(name)
 
 
 def allowed(token: str | None, presented: str | None) -> bool:

@@ -21,7 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedloom.core.errors import TransportError
-from fedloom.dashboard.access import allowed, exposure_problem, presented_token
+from fedloom.dashboard.access import (
+    addressed_locally,
+    allowed,
+    exposure_problem,
+    presented_token,
+)
 from fedloom.dashboard.page import PAGE
 from fedloom.dashboard.view import dashboard_view
 
@@ -112,7 +117,14 @@ class DashboardHandler(BaseHTTPRequestHandler):
     def _answer(self, *, body: bool) -> None:
         url = urlsplit(self.path)
         shown = presented_token(self.headers.get("Authorization"), url.query)
-        if not allowed(self.server.token, shown):
+        if self.server.token is None and not addressed_locally(self.headers.get("Host")):
+            self._send(
+                HTTPStatus.FORBIDDEN,
+                b"403: without a token the dashboard answers only 127.0.0.1 or localhost\n",
+                "text/plain; charset=utf-8",
+                body=body,
+            )
+        elif not allowed(self.server.token, shown):
             self._send(
                 HTTPStatus.UNAUTHORIZED,
                 _UNAUTHORIZED.encode(),
