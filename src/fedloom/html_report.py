@@ -162,7 +162,7 @@ def render(run_dir: Path) -> str:
         parts += ["<h2>Curves</h2>", "<p>Sample-weighted mean over the sites, by round.</p>"]
         parts.append(_curves_image(curves))
     for png in sorted(run_dir.glob("*.png")):
-        if png.name not in ("contributions.png", "cross_site.png"):
+        if png.name not in ("contributions.png", "cross_site.png", "contribution_proxy.png"):
             parts.append(_image(png, png.stem))
     label, final = final_site_rows(rows)
     if final:
@@ -179,6 +179,7 @@ def render(run_dir: Path) -> str:
         )
     parts += _cross_site(summary, run_dir)
     parts += _contributions(summary, run_dir)
+    parts += _proxy(summary, run_dir)
     parts += _privacy(summary)
     parts += _failures(rows)
     parts += ["<h2>Plan</h2>", f"<pre>{_e(json.dumps(plan, indent=2))}</pre>"]
@@ -212,6 +213,28 @@ def _contributions(summary: Mapping[str, Any], run_dir: Path) -> list[str]:
     chart = run_dir / "contributions.png"
     if chart.exists():
         out.append(_image(chart, "contributions"))
+    return out
+
+
+def _proxy(summary: Mapping[str, Any], run_dir: Path) -> list[str]:
+    proxy = summary.get("contribution_proxy")
+    if not isinstance(proxy, Mapping):
+        return []
+    sites = proxy.get("sites", {})
+    body = [
+        [rank, site, _fmt(sites[site]["mean_cosine"]), sites[site]["rounds"]]
+        for rank, site in enumerate(proxy.get("ranking", []), start=1)
+        if isinstance(sites.get(site), Mapping)
+    ]
+    out = [
+        "<h2>Contribution proxy</h2>",
+        "<p>Each site's update against the federation's last step, by the aggregator "
+        "(mean cosine over the rounds; evaluation.contributions).</p>",
+        _table(["rank", "site", "mean cosine", "rounds"], body),
+    ]
+    chart = run_dir / "contribution_proxy.png"
+    if chart.exists():
+        out.append(_image(chart, "contribution proxy"))
     return out
 
 

@@ -67,7 +67,9 @@ def plot_primary(
     plt.close(fig)
 
 
-def plot_contributions(scores: dict[str, dict[str, float]], path: Path, metric: str) -> None:
+def plot_contributions(
+    scores: dict[str, dict[str, float]], path: Path, metric: str, ylabel: str | None = None
+) -> None:
     """A bar per site and method (``scores``: method -> site -> score), the sites in
     the order of the first method's ``ranking`` (most valuable first)."""
     import matplotlib
@@ -85,7 +87,7 @@ def plot_contributions(scores: dict[str, dict[str, float]], path: Path, metric: 
         ax.bar(xs, [scores[method][s] for s in sites], width, label=method)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(sites)), sites, rotation=45, ha="right")
-    ax.set_ylabel(f"contribution to test {metric}")
+    ax.set_ylabel(ylabel or f"contribution to test {metric}")
     ax.set_title("Each site's contribution (most valuable first)")
     ax.legend()
     fig.tight_layout()

@@ -27,7 +27,7 @@ from fedloom.core.records import (
 )
 from fedloom.figures import metric_names, plot_file, worst_value
 from fedloom.plan import Plan
-from fedloom.results import SimulationResult, SiteFailed
+from fedloom.results import SimulationResult, SiteFailed, contribution_proxy
 from fedloom.store import save_weights
 from fedloom.store.runs import ended_as
 from fedloom.strategies.scaffold import zero_controls
@@ -91,7 +91,13 @@ def summary(result: SimulationResult, run_name: str) -> dict[str, Any]:
         "close_reasons": {str(r.round): r.close_reason.value for r in result.history},
         **_privacy_fields(result),
         **_analysis_fields(result),
+        **_proxy_fields(result),
     }
+
+
+def _proxy_fields(result: SimulationResult) -> dict[str, Any]:
+    proxy = contribution_proxy(result.history)
+    return {} if proxy is None else {"contribution_proxy": proxy}
 
 
 def _analysis_fields(result: SimulationResult) -> dict[str, Any]:
@@ -289,6 +295,8 @@ class RunRecorder:
         )
         if plot and result.plan.analysis is None:  # an analysis has no metric to plot
             plot_metrics(self.run_dir, result, data)
+        if plot and "contribution_proxy" in data:
+            plot_proxy(self.run_dir / "contribution_proxy.png", data["contribution_proxy"])
         _write_text(self.run_dir / "summary.json", json.dumps(data, indent=2) + "\n")
         self.finished = data
         if self.tracker is not None:
@@ -341,6 +349,15 @@ class RunRecorder:
         (self.run_dir / "plan.json").write_text(
             json.dumps(plan.model_dump(mode="json"), indent=2) + "\n"
         )
+
+
+def plot_proxy(path: Path, proxy: Mapping[str, Any]) -> None:
+    """A bar per site: its mean update cosine with the federation's last step."""
+    from fedloom.plots import plot_contributions
+
+    scores = {"update_cosine": {s: v["mean_cosine"] for s, v in proxy["sites"].items()}}
+    with naming(path):
+        plot_contributions(scores, path, "", ylabel="mean cosine with the last step")
 
 
 def plot_metrics(run_dir: Path, result: SimulationResult, data: Mapping[str, Any]) -> None:

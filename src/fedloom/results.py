@@ -3,7 +3,9 @@ the final model and its metrics; and what a simulated site's failure says."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from fedloom.core.records import RoundRecord
 from fedloom.core.weights import Weights
@@ -46,3 +48,31 @@ class SiteFailed:
     attempt_id: str
     reason: str
     traceback: str = ""
+
+
+def contribution_proxy(history: Iterable[RoundRecord]) -> dict[str, Any] | None:
+    """The aggregator's per-round contribution proxy over a run (``evaluation.contributions``,
+    aggregator/probe.py): each site's mean ``update_cosine`` over the rounds that had one,
+    their number and its mean ``update_norm``, the sites ranked by the mean cosine
+    (highest first); None when no round had one."""
+    cosines: dict[str, list[float]] = {}
+    norms: dict[str, list[float]] = {}
+    for record in history:
+        if not record.aggregated:
+            continue
+        for result in record.results:
+            if "update_cosine" in result.metrics:
+                cosines.setdefault(result.site, []).append(result.metrics["update_cosine"])
+                norms.setdefault(result.site, []).append(result.metrics.get("update_norm", 0.0))
+    if not cosines:
+        return None
+    sites = {
+        site: {
+            "mean_cosine": sum(values) / len(values),
+            "mean_norm": sum(norms[site]) / len(norms[site]),
+            "rounds": len(values),
+        }
+        for site, values in sorted(cosines.items())
+    }
+    ranking = sorted(sites, key=lambda s: (-sites[s]["mean_cosine"], s))
+    return {"metric": "update_cosine", "sites": sites, "ranking": ranking}

@@ -38,3 +38,5 @@ class FederationConfig:
     dead_after: float | None = None
     # how updates and the global model travel (the plan's compression section)
     compression: Compression = field(default_factory=Compression)
+    # each site's update compared with the last step (aggregator/probe.py)
+    contribution_proxy: bool = False

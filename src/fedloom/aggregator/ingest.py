@@ -3,6 +3,7 @@ committed with the site's result, or rolled back; and the reasons it can be refu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ from fedloom.accumulate import Contribution
 from fedloom.aggregator.attempt import Attempt
 from fedloom.aggregator.board import Board
 from fedloom.aggregator.config import FederationConfig
+from fedloom.aggregator.probe import ProbingContribution
 from fedloom.compression.codecs import Codec, Compression
 from fedloom.compression.stream import UpdateDecoder
 from fedloom.core.errors import UpdateRejected
@@ -95,15 +97,17 @@ def receive(
         if board.open is not opened:
             raise UpdateRejected(closed_while_streaming(opened.round))
         contribution = opened.accumulator.begin(site, weight)
+        probe = None
+        if opened.reference is not None:  # the contribution proxy sees the decoded update
+            contribution = probe = ProbingContribution(contribution, opened.reference)
         if decoder is not None:  # the accumulator takes the update decoded
             contribution = decoder.wrap(contribution)
         opened.uploading[site] = contribution  # the round's close aborts it
     try:
-        fold_stream(board, opened, result, contribution, chunks)
+        return fold_stream(board, opened, result, contribution, chunks, probe)
     except BaseException as err:
         contribution.abort(abort_reason(err))  # outside the lock: may re-read a spool
         raise
-    return result
 
 
 def update_decoder(
@@ -125,9 +129,11 @@ def fold_stream(
     result: SiteResult,
     contribution: Contribution,
     chunks: Iterable[Chunk],
-) -> None:
+    probe: ProbingContribution | None = None,
+) -> SiteResult:
     """Fold each chunk as it arrives; at the end, commit the update and record the
-    site's result together, while the round is still open.
+    site's result together, while the round is still open (with the contribution
+    proxy's figures, when ``probe`` folded them); return the result recorded.
 
     An incomplete update is refused before the lock is taken: its rollback (which
     may re-read a spool of GiBs) must not hold up every other site's calls."""
@@ -150,4 +156,8 @@ def fold_stream(
         if site not in opened.pending:  # settled meanwhile (the site reported a failure)
             raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
         contribution.finish()
+        if probe is not None:
+            figures = probe.metrics(opened.reference_norm)
+            result = dataclasses.replace(result, metrics={**result.metrics, **figures})
         board.record(opened, site, result=result)
+    return result

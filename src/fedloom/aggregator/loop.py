@@ -26,6 +26,7 @@ from fedloom.aggregator.attempt import (
 from fedloom.aggregator.board import Board, round_sum
 from fedloom.aggregator.config import FederationConfig, Signer, StepHandler
 from fedloom.aggregator.ingest import closed_while_streaming
+from fedloom.aggregator.probe import Reference, last_step, norm_of
 from fedloom.aggregator.service import SiteCalls
 from fedloom.aggregator.status import snapshot
 from fedloom.compression.codecs import (
@@ -115,6 +116,8 @@ class Aggregator(SiteCalls):
         super().__init__(board, config, privacy, signer, exchange_steps or {})
         self._spool_dir = spool_dir
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
+        self._probing = config.contribution_proxy and privacy is None  # never masked/noised
+        self._step: Reference | None = None  # the last round's step, while probing
         if config.compression.active:
             problem = reserved_name_problem(specs_of(self.state.weights))
             if problem is not None:
@@ -211,6 +214,7 @@ class Aggregator(SiteCalls):
             record = dataclasses.replace(record, privacy=spent_after(ledger, self._privacy))
         self.board.faults.hit("round.aggregated", round=rnd)
         self._closed(record, state)  # durable before the next round can open
+        self._step = last_step(self.state.weights, state.weights) if self._probing else None
         self.state = state
         return record
 
@@ -278,6 +282,8 @@ class Aggregator(SiteCalls):
                 secagg=secagg,
                 steps={} if secagg is None else secagg.steps,
             )
+            if self._step is not None and instruction.kind is InstructionKind.TRAIN:
+                opened.reference, opened.reference_norm = self._step, norm_of(self._step)
             withdrawn = self.board.settle_withdrawn(opened)
             self.board.open = self.board.running = opened
             self.board.cond.notify_all()

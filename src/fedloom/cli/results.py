@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Column, Table
 from rich.text import Text
@@ -136,7 +136,23 @@ def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
     summary = recorder.finish(result)
     _print_sites(final_site_metrics(result.history), result.metrics)
     _print_summary(summary)
+    _print_proxy(summary.get("contribution_proxy"))
     console.print(f"Results in [bold]{recorder.run_dir}[/]")
+
+
+def _print_proxy(proxy: dict[str, Any] | None) -> None:
+    """The aggregator's contribution proxy (evaluation.contributions), sites ranked."""
+    if not proxy:
+        return
+    table = Table("rank", "site", "mean cosine", "mean norm", "rounds")
+    table.title = "Each update against the federation's last step (contribution proxy)"
+    for rank, site in enumerate(proxy["ranking"], start=1):
+        row = proxy["sites"][site]
+        table.add_row(
+            str(rank), site, f"{row['mean_cosine']:+.4f}", f"{row['mean_norm']:.4g}",
+            str(row["rounds"]),
+        )  # fmt: skip
+    console.print(table)
 
 
 def _figure_keys(s: dict[str, object]) -> list[str]:

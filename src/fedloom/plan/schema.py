@@ -191,6 +191,9 @@ class ModelPlan(Frozen):
 
 class EvaluationPlan(Frozen):
     final: bool = True  # evaluate the final global model at every site
+    # the aggregator's per-round contribution proxy: each update's cosine with the last
+    # step (aggregator/probe.py); impossible under secure aggregation or DP
+    contributions: bool = False
     # in each training round, evaluate the received global model and the locally trained
     # one on the site's validation split (false: train only; benchmarks, large runs)
     each_round: bool = True
@@ -233,6 +236,16 @@ class Plan(Frozen):
             **raw,
             "training": {"max_samples": 1, **(training if isinstance(training, dict) else {})},
         }
+
+    @model_validator(mode="after")
+    def _proxy_sees_each_update(self) -> Plan:
+        if self.evaluation.contributions and (self.privacy.dp or self.privacy.secure_aggregation):
+            raise ValueError(
+                "evaluation.contributions: the contribution proxy compares each site's own "
+                "update with the federation's step, which secure aggregation hides from the "
+                "aggregator and DP forbids releasing; turn one of them off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _analysis_is_one_plain_round(self) -> Plan:
@@ -403,6 +416,7 @@ TRAIN_SETTINGS_ON_THE_WIRE = ("epochs", "batch_size", "lr", "momentum", "weight_
 # options added after plans were approved: left out of the hash while at their default
 _LATER_OPTIONS: dict[str, dict[str, Any]] = {
     "data": {"path": None},
+    "evaluation": {"contributions": False},
     "training": {
         "optimizer": "sgd",
         "schedule": "constant",

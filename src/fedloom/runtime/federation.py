@@ -22,4 +22,5 @@ def federation_config(plan: Plan) -> FederationConfig:
         settings=plan.train_settings(),
         final_evaluation=plan.evaluation.final,
         compression=plan.compression.settings(),
+        contribution_proxy=plan.evaluation.contributions,
     )
