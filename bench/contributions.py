@@ -7,7 +7,9 @@ scikit-learn's digits over 8 sites (disjoint samples, 150 training examples each
 random). A softmax regression is trained for ``--rounds`` rounds, then each site's
 contribution to the final model's test accuracy is scored by leave-one-out and by the
 Monte-Carlo Shapley estimate (``--permutations`` orderings, no truncation), the way
-``fedloom contributions`` does, for every seed (the plan's seed: the initialisation,
+``fedloom contributions`` does, and by the aggregator's per-round proxy of the whole run
+(``evaluation.contributions``: each update's mean cosine with the last step), for every
+seed (the plan's seed: the initialisation,
 the batches and the sampled orderings).
 
 Writes bench/results/contributions.json: per seed, each site's scores, the ranking, the
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from fedloom import SimulationOptions, load_plan, simulate
+from fedloom.results import contribution_proxy
 from fedloom.simulation.valuation import site_contributions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +79,7 @@ training:
 evaluation:
   each_round: false
   final: false
+  contributions: true
 """
 
 
@@ -92,7 +96,12 @@ def run_seed(work: Path, seed: int, rounds: int, permutations: int) -> dict:
     )
     seconds = time.perf_counter() - started
     doc = scores.to_json()
-    last = {}
+    proxy = contribution_proxy(whole.history)  # the aggregator's, from the whole run
+    assert proxy is not None
+    doc["methods"] = [*doc["methods"], "proxy"]
+    for site, row in doc["sites"].items():
+        row["proxy"] = proxy["sites"][site]["mean_cosine"]
+    last = {"proxy": set(proxy["ranking"][-len(NOISY) :]) == set(NOISY)}
     for method, by_site in scores.by_method.items():
         order = sorted(by_site, key=lambda s: (-by_site[s], s))
         last[method] = set(order[-len(NOISY) :]) == set(NOISY)

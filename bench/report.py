@@ -482,7 +482,9 @@ def contributions_section(doc: dict[str, Any], checks: list[tuple[str, bool | No
         f"{', '.join(noisy)} holding pure label noise; {doc['rounds']} rounds, "
         f"Monte-Carlo Shapley with {doc['permutations']} orderings; seeds "
         f"{', '.join(map(str, doc['seeds']))}. A score is the change in the final model's "
-        "test accuracy the site brings (docs/contributions.md)."
+        "test accuracy the site brings (docs/contributions.md); `proxy` is instead the "
+        "aggregator's per-round contribution proxy of the whole run (each update's mean "
+        "cosine with the federation's last step, rounds 2 to 5), which needs no coalition."
     )
 
 
