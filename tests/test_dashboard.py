@@ -82,8 +82,17 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
     tmp_path: Path,
 ) -> None:
     ws = make_workspace(tmp_path, "breast-cancer")
-    # sites answer one after another, so the page can catch a round half answered
-    write_training_twist(ws, "__import__('time').sleep(0.3 * (context.index + 1))")
+    # sites answer one after another, so the page can catch a round half answered; from
+    # round 3 they wait while the gate file exists, so however slow the browser is to
+    # start, the federation cannot end before the page has shown a round
+    gate = tmp_path / "gate"
+    gate.touch()
+    write_training_twist(
+        ws,
+        "(__import__('time').sleep(0.3 * (context.index + 1)), [__import__('time').sleep(0.05) "
+        "for _ in iter(lambda: context.round >= 3 and __import__('os').path.exists("
+        f"{str(gate)!r}), False)])",
+    )
     plan = ["sites=3", "rounds=8"]
     states = provision(ws, list(SITES))
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
@@ -164,6 +173,8 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
             for site, status in seen.get("sites", {}).items():
                 if not statuses[site] or statuses[site][-1] != status:
                     statuses[site].append(status)
+            if rounds:  # the page has shown a round: the federation may go on
+                gate.unlink(missing_ok=True)
             if len(rounds) >= 2 and any(len(s) >= 2 for s in statuses.values()):
                 break
             assert aggregator.poll() is None, "the federation ended before the page showed it"
@@ -184,6 +195,7 @@ def test_the_page_follows_a_live_federation_and_shows_nothing_without_the_token(
         assert browser.evaluate("document.getElementById('error').style.display") == "none"
         assert browser.evaluate("document.querySelectorAll('svg[data-metric]').length") >= 3
     finally:
+        gate.unlink(missing_ok=True)
         if browser is not None:
             browser.close()
         stop(*procs)
