@@ -156,9 +156,12 @@ def test_a_column_or_statistic_the_policy_does_not_allow_is_refused_at_the_site(
 ) -> None:
     ws = workspace(tmp_path, min_count=5)
     policy = ws / "sites" / "site-01" / "policy.yaml"
-    policy.parent.mkdir(parents=True)
-    policy.write_text(POLICY)
     site = ("--name", "site-01")
+    # `policy init` mirrors the plan's analysis: the data owner starts from what it asks
+    assert run_cli("policy", "init", str(ws), *site).returncode == 0
+    assert "analysis:\n  columns: [age, bmi]" in policy.read_text()
+    assert run_cli("policy", "check", str(ws), *site).returncode == 0
+    policy.write_text(POLICY)
     check = run_cli("policy", "check", str(ws), *site)
     assert check.returncode == 12, check.stdout + check.stderr
     assert "breaks 2 rules" in check.stderr

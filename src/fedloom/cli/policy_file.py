@@ -98,6 +98,26 @@ def starting_policy(plan: Plan, digest: str, workspace: Path) -> str:
             ],
         )
     )
+    query = plan.analysis
+    parts.append(
+        _section(
+            "analysis",
+            "A federated analysis (the plan's analysis:, `fedloom analyze`): the columns and "
+            "kinds of statistic that may leave this site, and the least min_count. Without "
+            "this section no analysis runs here.",
+            active=query is not None,
+            entries=[
+                ("columns", list(query.columns) if query else ["age"], "whose statistics leave"),
+                (
+                    "statistics",
+                    sorted({s.stat for s in query.statistics}) if query else ["count", "mean"],
+                    "the kinds that may leave",
+                ),
+                ("min_count", query.min_count if query else 10, "analysis.min_count >= this"),
+            ],
+            dormant="to allow one",
+        )
+    )
     parts.append(_METRICS)
     return "".join(parts)
 
@@ -129,11 +149,16 @@ _METRICS = """
 
 
 def _section(
-    name: str, about: str, *, active: bool, entries: list[tuple[str, Any, str | None]]
+    name: str,
+    about: str,
+    *,
+    active: bool,
+    entries: list[tuple[str, Any, str | None]],
+    dormant: str = "to require it",
 ) -> str:
     """A policy section, commented out unless ``active``. An entry whose value is a
     :class:`_Off` is written commented out, with the value as an example."""
-    intro = about if active else f"{about} The plan has none; to require it, uncomment:"
+    intro = about if active else f"{about} The plan has none; {dormant}, uncomment:"
     lines = [f"{name}:"]
     for key, value, note in entries:
         if isinstance(value, _Off):
