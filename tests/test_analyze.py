@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from observed import Observed
 from scipy import stats
 from workspaces import run_cli
 
@@ -33,7 +34,6 @@ from fedloom.privacy.site import SitePrivacy
 from fedloom.runtime.executor import execute
 from fedloom.tasks.base import SiteContext
 from fedloom.transport import InProcessTransport
-from fedloom.transport.messages import Chunk, UpdateHeader, UploadReceipt
 
 SITES = ("site-01", "site-02", "site-03", "site-04")
 ROWS = {"site-01": 150, "site-02": 90, "site-03": 240, "site-04": 60}
@@ -187,27 +187,6 @@ def test_a_column_or_statistic_the_policy_does_not_allow_is_refused_at_the_site(
     )
 
 
-class Observed:
-    """Every byte of every upload as it reaches the aggregator, per site."""
-
-    def __init__(self, aggregator: Any) -> None:
-        self._aggregator = aggregator
-        self.uploads: dict[str, list[bytes]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._aggregator, name)
-
-    def upload(self, site: str, header: UpdateHeader, chunks: Any) -> UploadReceipt:
-        seen = self.uploads.setdefault(site, [])
-
-        def watched() -> Any:
-            for chunk in chunks:
-                seen.append(bytes(chunk.data))
-                yield Chunk(chunk.tensor, chunk.offset, chunk.data, chunk.checksum)
-
-        return self._aggregator.upload(site, header, watched())
-
-
 def test_under_secure_aggregation_the_aggregator_sees_masked_blocks_and_the_pooled_sum(
     tmp_path: Path, make_federation: Any
 ) -> None:
@@ -255,7 +234,7 @@ def test_under_secure_aggregation_the_aggregator_sees_masked_blocks_and_the_pool
 
     frac = plan.fractional_bits(len(SITES), 1)
     for site in SITES:
-        seen = np.frombuffer(b"".join(observed[0].uploads[site]), dtype=np.uint64)
+        seen = np.frombuffer(b"".join(observed[0].uploads[(site, 1)]), dtype=np.uint64)
         clear = np.concatenate(
             [
                 encode(a, weight=1, clip_range=1e6, frac=frac, bits=64)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import wait_until
+from observed import Observed
 from scipy import stats
 
 from fedloom.core.errors import FaultInjected, QuorumError, UpdateRejected
@@ -24,7 +25,7 @@ from fedloom.privacy.secagg import KEYS, REVEAL, UNMASK, dumps
 from fedloom.privacy.settings import PrivacyPlan, SecureAggregationPlan
 from fedloom.privacy.site import SitePrivacy
 from fedloom.transport import InProcessTransport
-from fedloom.transport.messages import Chunk, ExchangeMessage, UpdateHeader, UploadReceipt
+from fedloom.transport.messages import ExchangeMessage
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 SAMPLES = {"site-a": 30, "site-b": 50, "site-c": 20, "site-d": 40, "site-e": 60}
@@ -55,28 +56,6 @@ class Runner:
         if instruction.round == self.fail_in:
             raise RuntimeError("the site's machine went down before it sent its update")
         return SiteAnswer(SAMPLES[self.site], {"loss": 1.0}, delta_of(self.site, instruction.round))
-
-
-class Observed:
-    """The aggregator's side of the transport, seen from outside: every byte of every
-    upload as it reaches the aggregator, per site and round."""
-
-    def __init__(self, aggregator: Any) -> None:
-        self._aggregator = aggregator
-        self.uploads: dict[tuple[str, int], list[bytes]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._aggregator, name)
-
-    def upload(self, site: str, header: UpdateHeader, chunks: Any) -> UploadReceipt:
-        seen = self.uploads.setdefault((site, header.round), [])
-
-        def watched() -> Any:
-            for chunk in chunks:
-                seen.append(bytes(chunk.data))
-                yield Chunk(chunk.tensor, chunk.offset, chunk.data, chunk.checksum)
-
-        return self._aggregator.upload(site, header, watched())
 
 
 def run_federation(

@@ -17,6 +17,7 @@ from fedloom.cli.common import (
     RunNameOption,
     RunsDirOption,
     Transport,
+    TransportOption,
     WorkspaceArg,
     console,
     count,
@@ -28,13 +29,7 @@ from fedloom.cli.common import (
 def analyze(
     workspace: WorkspaceArg,
     overrides: Overrides = None,
-    transport: Annotated[
-        Transport,
-        typer.Option(
-            help="inprocess: simulated sites; grpc: an aggregator and a collaborator per "
-            "site as real processes with mutual TLS on loopback."
-        ),
-    ] = Transport.INPROCESS,
+    transport: TransportOption = Transport.INPROCESS,
     run_name: RunNameOption = None,
     runs_dir: RunsDirOption = None,
     as_json: Annotated[
@@ -96,25 +91,16 @@ def analyze(
 def _simulate(
     workspace: Path, overrides: list[str], name: str, runs_dir: Path | None, quiet: bool
 ) -> None:
-    from fedloom.cli.results import fresh_run_dir, showing_run
+    from fedloom.cli.results import fresh_run_dir, simulate_recorded
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.simulation.options import SimulationOptions
-    from fedloom.simulation.run import simulate
 
     plan = load_plan(workspace, overrides)
-    digest = plan_hash(plan, workspace)
     recorder = RunRecorder(fresh_run_dir(workspace, name, runs_dir), plan=plan)
     options = SimulationOptions(state_root=recorder.run_dir / "sites")
-    try:
-        with showing_run(recorder, plan.rounds, quiet=quiet) as hooks:
-            result = simulate(
-                workspace, plan, options, on_event=hooks.on_event, on_metrics=hooks.on_metrics
-            )
-    except BaseException as err:
-        recorder.fail(plan, digest, err)
-        raise
-    recorder.finish(result)
+    digest = plan_hash(plan, workspace)
+    recorder.finish(simulate_recorded(workspace, plan, digest, options, recorder, quiet=quiet))
 
 
 def print_analysis(figures: dict[str, Any]) -> None:

@@ -156,3 +156,12 @@ class Transport(enum.Enum):
 
     INPROCESS = "inprocess"
     GRPC = "grpc"
+
+
+TransportOption = Annotated[
+    Transport,
+    typer.Option(
+        help="inprocess: simulated sites; grpc: an aggregator and a collaborator per "
+        "site as real processes with mutual TLS on loopback."
+    ),
+]

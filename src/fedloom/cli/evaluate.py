@@ -16,6 +16,7 @@ from fedloom.cli.common import (
     RunNameOption,
     RunsDirOption,
     Transport,
+    TransportOption,
     WorkspaceArg,
     console,
     count,
@@ -53,13 +54,7 @@ def evaluate(
     overrides: Overrides = None,
     model: ModelOption = None,
     matrix: MatrixOption = None,
-    transport: Annotated[
-        Transport,
-        typer.Option(
-            help="inprocess: simulated sites; grpc: an aggregator and a collaborator per "
-            "site as real processes with mutual TLS on loopback."
-        ),
-    ] = Transport.INPROCESS,
+    transport: TransportOption = Transport.INPROCESS,
     workers: Annotated[
         int | None,
         typer.Option(min=0, help="Workers for the sites' evaluation (0: in process)."),
@@ -76,12 +71,11 @@ def evaluate(
     summary.json. A deployed aggregator does the same with `fedloom aggregator start
     --evaluate FILE`.
     """
-    from fedloom.cli.results import fresh_run_dir, print_results, showing_run
+    from fedloom.cli.results import fresh_run_dir, print_results, simulate_recorded
     from fedloom.core.errors import PlanError
     from fedloom.plan import load_plan, plan_hash
     from fedloom.report import RunRecorder
     from fedloom.simulation.options import SimulationOptions
-    from fedloom.simulation.run import simulate
     from fedloom.store.model_file import load_model
 
     if (model is None) == (matrix is None):
@@ -124,14 +118,9 @@ def evaluate(
     options = SimulationOptions(
         workers=workers, model=weights, state_root=recorder.run_dir / "sites"
     )
-    try:
-        with showing_run(recorder, plan.rounds, quiet=quiet, done=plan.rounds) as hooks:
-            result = simulate(
-                workspace, plan, options, on_event=hooks.on_event, on_metrics=hooks.on_metrics
-            )
-    except BaseException as err:
-        recorder.fail(plan, digest, err)
-        raise
+    result = simulate_recorded(
+        workspace, plan, digest, options, recorder, quiet=quiet, done=plan.rounds
+    )
     print_results(recorder, result)
     record_evaluation(recorder, result, model)
 

@@ -25,8 +25,10 @@ MAX_COLUMNS = 6
 
 if TYPE_CHECKING:
     from fedloom.core.events import Event
+    from fedloom.plan import Plan
     from fedloom.report import RunRecorder
     from fedloom.results import SimulationResult, SiteFailed
+    from fedloom.simulation.options import SimulationOptions
     from fedloom.transport.traffic import TrafficCounter
 
 RUN_LOG = "run.log"  # a simulation's log, in its run folder
@@ -129,6 +131,30 @@ def showing_run(
                 also(event)
 
         yield RunHooks(on_event, progress.declared)
+
+
+def simulate_recorded(
+    workspace: Path,
+    plan: Plan,
+    digest: str,
+    options: SimulationOptions,
+    recorder: RunRecorder,
+    *,
+    quiet: bool,
+    done: int = 0,
+) -> SimulationResult:
+    """Simulate ``plan`` (of hash ``digest``) into ``recorder``'s run folder behind the
+    progress bar; a run that fails is recorded as failed before it raises."""
+    from fedloom.simulation.run import simulate
+
+    try:
+        with showing_run(recorder, plan.rounds, quiet=quiet, done=done) as hooks:
+            return simulate(
+                workspace, plan, options, on_event=hooks.on_event, on_metrics=hooks.on_metrics
+            )
+    except BaseException as err:
+        recorder.fail(plan, digest, err)
+        raise
 
 
 def print_results(recorder: RunRecorder, result: SimulationResult) -> None:
