@@ -68,19 +68,19 @@ def open_dashboard(
 ) -> Dashboard:
     """The dashboard of ``workspace``, listening (not serving yet), its address printed;
     a token from ``token_file`` or FEDLOOM_DASHBOARD_TOKEN."""
+    from fedloom.core.errors import PlanError
     from fedloom.dashboard import Dashboard, exposure_problem, token_from
 
     try:
         token = token_from(token_file, os.environ)
     except OSError as err:
-        raise typer.BadParameter(
-            f"cannot read {token_file}: {err.strerror or err}", param_hint="--token-file"
-        ) from err
+        unread = f"--token-file: cannot read {token_file}: {err.strerror or err}"
+        raise PlanError([unread], source="command line") from err
     if token_file is not None and not token:
-        raise typer.BadParameter(f"{token_file} is empty", param_hint="--token-file")
+        raise PlanError([f"--token-file: {token_file} is empty"], source="command line")
     problem = exposure_problem(host, token)
     if problem is not None:
-        raise typer.BadParameter(problem, param_hint="--host")
+        raise PlanError([f"--host {host}: {problem}"], source="command line")
     board = Dashboard(
         Path(workspace) / "aggregator", host=host, port=port, run_name=run_name, token=token
     )
@@ -98,9 +98,10 @@ def start_beside(workspace: Path, where: str) -> Dashboard:
     this process (a token from FEDLOOM_DASHBOARD_TOKEN)."""
     host, _, port = where.rpartition(":")
     if not port.isdigit():
-        raise typer.BadParameter(
-            f"give a port, or HOST:PORT (got {where!r})", param_hint="--dashboard"
-        )
+        from fedloom.core.errors import PlanError
+
+        problem = f"--dashboard: give a port, or HOST:PORT (got {where!r})"
+        raise PlanError([problem], source="command line")
     board = open_dashboard(workspace, host.strip("[]") or DEFAULT_HOST, int(port), None, None)
     board.start()
     return board
