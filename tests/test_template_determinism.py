@@ -18,9 +18,10 @@ from fedloom.templates import TEMPLATES
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 
-# Each run is kept tiny: two rounds, one epoch. A template too slow even so gets its own
+# Each run is kept tiny: two rounds, one epoch, no evaluation (the sites' figures never
+# feed the weights). A template too slow even so gets its own
 # overrides here (plan keys, as on the command line).
-SHRINK = ["rounds=2", "training.epochs=1"]
+SHRINK = ["rounds=2", "training.epochs=1", "evaluation.each_round=false"]
 OVERRIDES: dict[str, list[str]] = {
     "mnist": ["rounds=1", "sites=4"],  # a CNN on 5,000 images: one round of four sites
     # a 3D U-Net: the two smallest hospitals (22 training cases)
