@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run the digits federation (8 sites)
-#   make test   set up (with dev tools) and run ruff, mypy and the whole test suite
+#   make test   set up (with dev tools) and run ruff, mypy (as a test) and the whole test suite
 #   make test-fast  units and the contract suite only (no process or server tests), for the
 #                   edit-test loop; make test still runs everything
 #   make test-gpu  the GPU tests alone (marked gpu; skipped by make test without CUDA)
@@ -31,7 +31,8 @@ demo: $(VENV)/.demo
 		--baseline --run-name demo
 	@echo "summary: demo/runs/demo/summary.json   plot: demo/runs/demo/accuracy.png"
 
-test: $(VENV)/.dev browser lint typecheck pytest
+# mypy runs inside the suite (tests/test_types.py), on one worker beside the other tests
+test: $(VENV)/.dev browser lint pytest
 
 # tests/test_dashboard.py drives a real headless Chromium: installed from the system's
 # packages where it is missing and this is root with apt-get (CI: a fresh Debian 12);
@@ -49,10 +50,10 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy src
 
-# Three workers on a 2-core machine: much of the suite's time is spent waiting on real
-# processes and sockets (on 2 cores: 690 s of pytest with 3 workers, 733 s with 2). A
-# file's tests stay on one worker (--dist loadfile). PYTEST_WORKERS=0 runs it serially.
-PYTEST_WORKERS ?= 3
+# Two workers: most of the suite's time is spent waiting on real processes and sockets
+# (three measured no faster on 2 cores). A file's tests stay on one worker (--dist
+# loadfile). PYTEST_WORKERS=0 runs it serially.
+PYTEST_WORKERS ?= 2
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
