@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run the digits federation (8 sites)
-#   make test   set up (with dev tools) and run ruff, mypy (as a test) and the whole test suite
+#   make test   set up (with dev tools) and run ruff, mypy and the whole test suite
 #   make test-fast  units and the contract suite only (no process or server tests), for the
 #                   edit-test loop; make test still runs everything
 #   make test-gpu  the GPU tests alone (marked gpu; skipped by make test without CUDA)
@@ -31,8 +31,7 @@ demo: $(VENV)/.demo
 		--baseline --run-name demo
 	@echo "summary: demo/runs/demo/summary.json   plot: demo/runs/demo/accuracy.png"
 
-# mypy runs inside the suite (tests/test_types.py), on one worker beside the other tests
-test: $(VENV)/.dev browser lint pytest
+test: $(VENV)/.dev browser lint typecheck pytest
 
 # tests/test_dashboard.py drives a real headless Chromium: installed from the system's
 # packages where it is missing and this is root with apt-get (CI: a fresh Debian 12);
@@ -50,9 +49,9 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy src
 
-# Two workers: most of the suite's time is spent waiting on real processes and sockets
-# (three measured no faster on 2 cores). A file's tests stay on one worker (--dist
-# loadfile). PYTEST_WORKERS=0 runs it serially.
+# Two workers, one a core: three measured no faster on 2 cores (761 s of pytest against
+# 733 s). A file's tests stay on one worker (--dist loadfile). PYTEST_WORKERS=0 runs it
+# serially.
 PYTEST_WORKERS ?= 2
 
 pytest: $(VENV)/.dev
