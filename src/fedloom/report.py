@@ -107,14 +107,9 @@ def _analysis_fields(result: SimulationResult) -> dict[str, Any]:
     if query is None or not done:
         return {}
     from fedloom.analysis import analysis_results, totals
-    from fedloom.privacy.accounting import gaussian_epsilon
 
     sites = len(done[-1].results)
-    dp = query.dp
-    epsilon = None
-    if dp is not None:
-        accountant = result.plan.privacy.accountant
-        epsilon = gaussian_epsilon([dp.noise_multiplier], dp.delta, accountant)
+    epsilon = None if query.dp is None else query.dp.epsilon(result.plan.privacy.accountant)
     summed = totals(result.final_weights, sites)
     return {"analysis": analysis_results(query, summed, sites, epsilon)}
 

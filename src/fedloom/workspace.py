@@ -122,6 +122,16 @@ def base_model_digest(folder: Path) -> str:
     return _digests[key]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 hex of a file's bytes (what the plan hash covers of ``model.initial``).
+    Cached per process while its size and modification time stay."""
+    st = path.stat()
+    key = ("file", str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = _file_sha256(path).hex()
+    return _digests[key]
+
+
 def _file_sha256(path: Path) -> bytes:
     h = hashlib.sha256()
     with path.open("rb") as f:

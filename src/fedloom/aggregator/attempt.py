@@ -9,11 +9,10 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from fedloom.accumulate import Accumulator, Contribution
 from fedloom.accumulate.limbs import EXPLODED
 from fedloom.accumulate.masked import MaskedSumAccumulator
+from fedloom.aggregator.probe import Step
 from fedloom.core.clock import Clock
 from fedloom.core.errors import AggregationError, UpdateRejected
 from fedloom.core.records import (
@@ -57,9 +56,8 @@ class Attempt:
     signature: bytes | None = None  # the published model's, made on first download
     published: Weights | None = None  # the model as it travels, under a model codec
     sign_lock: threading.Lock = field(default_factory=threading.Lock)
-    # the last step, for the contribution proxy (evaluation.contributions), and its norm
-    reference: Mapping[int, np.ndarray] | None = None
-    reference_norm: float = 0.0
+    # the last step, for the contribution proxy (evaluation.contributions)
+    reference: Step | None = None
 
     @property
     def round(self) -> int:

@@ -157,7 +157,7 @@ def fold_stream(
             raise UpdateRejected(f"site {site!r} already answered round {opened.round}")
         contribution.finish()
         if probe is not None:
-            figures = probe.metrics(opened.reference_norm)
+            figures = probe.metrics()
             result = dataclasses.replace(result, metrics={**result.metrics, **figures})
         board.record(opened, site, result=result)
     return result

@@ -26,7 +26,7 @@ from fedloom.aggregator.attempt import (
 from fedloom.aggregator.board import Board, round_sum
 from fedloom.aggregator.config import FederationConfig, Signer, StepHandler
 from fedloom.aggregator.ingest import closed_while_streaming
-from fedloom.aggregator.probe import Reference, last_step, norm_of
+from fedloom.aggregator.probe import Step, last_step
 from fedloom.aggregator.service import SiteCalls
 from fedloom.aggregator.status import snapshot
 from fedloom.compression.codecs import (
@@ -117,7 +117,7 @@ class Aggregator(SiteCalls):
         self._spool_dir = spool_dir
         self.stopped_early: str | None = None  # why training ended before the plan's rounds
         self._probing = config.contribution_proxy and privacy is None  # never masked/noised
-        self._step: Reference | None = None  # the last round's step, while probing
+        self._step: Step | None = None  # the last round's step, while probing
         if config.compression.active:
             problem = reserved_name_problem(specs_of(self.state.weights))
             if problem is not None:
@@ -283,7 +283,7 @@ class Aggregator(SiteCalls):
                 steps={} if secagg is None else secagg.steps,
             )
             if self._step is not None and instruction.kind is InstructionKind.TRAIN:
-                opened.reference, opened.reference_norm = self._step, norm_of(self._step)
+                opened.reference = self._step
             withdrawn = self.board.settle_withdrawn(opened)
             self.board.open = self.board.running = opened
             self.board.cond.notify_all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,10 +26,16 @@ from fedloom.accumulate import Contribution
 from fedloom.core.weights import Weights, is_float
 from fedloom.strategies.scaffold import model_part
 
-Reference = Mapping[int, np.ndarray]  # tensor number -> the last step's values, flat
+
+@dataclass(frozen=True)
+class Step:
+    """The federation's last step: tensor number -> its values, flat; and its norm."""
+
+    values: Mapping[int, np.ndarray]
+    norm: float
 
 
-def last_step(before: Weights, after: Weights) -> Reference:
+def last_step(before: Weights, after: Weights) -> Step:
     """The step between two global models, tensor number by number (float tensors
     only, flat, in their own dtype; what SCAFFOLD keeps inside the model left out)."""
     before, after = model_part(before), model_part(after)
@@ -38,18 +45,15 @@ def last_step(before: Weights, after: Weights) -> Reference:
         if new is None or not is_float(old.dtype) or new.shape != old.shape:
             continue
         out[index] = (np.asarray(new) - np.asarray(old)).reshape(-1)
-    return out
-
-
-def norm_of(reference: Reference) -> float:
-    return math.sqrt(sum(float(np.dot(a, a.astype(np.float64))) for a in reference.values()))
+    norm = math.sqrt(sum(float(np.dot(a, a.astype(np.float64))) for a in out.values()))
+    return Step(out, norm)
 
 
 class ProbingContribution(Contribution):
     """Passes every chunk to ``inner`` (the accumulator's contribution) and folds its
     dot product with the reference and its squared norm."""
 
-    def __init__(self, inner: Contribution, reference: Reference) -> None:
+    def __init__(self, inner: Contribution, reference: Step) -> None:
         super().__init__(inner.specs, inner.site, inner.sample_weight)
         self._inner = inner
         self._reference = reference
@@ -58,11 +62,12 @@ class ProbingContribution(Contribution):
 
     def _take(self, tensor: int, offset: int, raw: memoryview, values: np.ndarray) -> None:
         self._inner.add(tensor, offset, raw)
-        if tensor not in self._reference:
+        step = self._reference.values.get(tensor)
+        if step is None:
             return
         x = values.astype(np.float64)
         start = offset // values.itemsize
-        self.dot += float(np.dot(x, self._reference[tensor][start : start + len(x)]))
+        self.dot += float(np.dot(x, step[start : start + len(x)]))
         self.squares += float(np.dot(x, x))
 
     def _commit(self) -> None:
@@ -71,10 +76,10 @@ class ProbingContribution(Contribution):
     def _undo(self) -> None:
         self._inner.abort(self._ended or "the update was abandoned")
 
-    def metrics(self, reference_norm: float) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """``update_cosine`` and ``update_norm`` of the whole update."""
-        norm = math.sqrt(self.squares)
+        norm, step = math.sqrt(self.squares), self._reference.norm
         out = {"update_norm": norm}
-        if norm > 0 and reference_norm > 0:
-            out["update_cosine"] = max(-1.0, min(1.0, self.dot / (norm * reference_norm)))
+        if norm > 0 and step > 0:
+            out["update_cosine"] = max(-1.0, min(1.0, self.dot / (norm * step)))
         return out

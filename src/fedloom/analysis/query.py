@@ -11,19 +11,20 @@ approximate to within one sketch bin, and never one record's exact value.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import Field, model_validator
 
 from fedloom.core.frozen import Frozen
+from fedloom.core.records import Accountant
+from fedloom.privacy.analysis_rules import StatKind
+from fedloom.privacy.dp import epsilon as dp_epsilon
 
 MAX_STATISTICS = 100
 MAX_BINS = 10_000
 MAX_VALUE = 1e15  # a bound, a bin edge: beyond any column a site holds
 
-StatKind = Literal["count", "sum", "mean", "variance", "histogram", "quantiles", "min", "max"]
-STAT_KINDS: tuple[str, ...] = StatKind.__args__  # type: ignore[attr-defined]
-COLUMN_STATS = frozenset(STAT_KINDS) - {"count"}
+COLUMN_STATS = frozenset(StatKind.__args__) - {"count"}  # type: ignore[attr-defined]
 SKETCHED = frozenset({"quantiles", "min", "max"})  # read from a fine histogram
 MOMENTS = {"sum": 2, "mean": 2, "variance": 3}  # how many sums each needs: n, s1[, s2]
 Edge = Annotated[float, Field(ge=-MAX_VALUE, le=MAX_VALUE, allow_inf_nan=False)]
@@ -107,6 +108,10 @@ class AnalysisDP(Frozen):
     noise_multiplier: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]
     delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-5
     epsilon_budget: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+
+    def epsilon(self, accountant: Accountant) -> float:
+        """What one release costs: one Gaussian mechanism of ``noise_multiplier``."""
+        return dp_epsilon([self.noise_multiplier], self.delta, accountant)
 
 
 class AnalysisPlan(Frozen):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedloom.analysis.query import AnalysisPlan
-from fedloom.analysis.sums import empty_release, largest, noised, site_release
+from fedloom.analysis.sums import empty_release, largest, noised, rows_of, site_release
 from fedloom.analysis.table import Table, read_table, table_of_arrays
 from fedloom.core.errors import TaskError
 from fedloom.core.records import Accountant, EvalOutput, TrainOutput, TrainSettings
@@ -79,10 +79,8 @@ class StatisticsTask:
         return the epsilon spent with it."""
         dp = self.plan.dp
         assert dp is not None  # noqa: S101 - called only under dp
-        from fedloom.privacy import dp as dpmath
-
         if context.state_dir is None or dp.epsilon_budget is None:
-            return dpmath.epsilon([dp.noise_multiplier], dp.delta, self.accountant)
+            return dp.epsilon(self.accountant)
         budget = SiteBudget(
             Path(context.state_dir) / SPENT_FILE,
             plan_hash=self.plan_hash,
@@ -101,7 +99,7 @@ class TableData:
         self.table = table
 
     def __len__(self) -> int:
-        return len(next(iter(self.table.values()))) if self.table else 0
+        return rows_of(self.table)
 
 
 def table_of(data: Any) -> Table:

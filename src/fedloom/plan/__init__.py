@@ -30,8 +30,8 @@ from fedloom.plan.schema import (
     device_problem,
 )
 from fedloom.privacy.settings import privacy_problems
-from fedloom.store.model_file import model_file_digest
-from fedloom.workspace import WorkspaceCode, base_model_digest, base_model_folder
+from fedloom.store.model_file import model_file
+from fedloom.workspace import WorkspaceCode, base_model_digest, base_model_folder, file_digest
 
 if TYPE_CHECKING:
     from fedloom.strategies.base import Strategy
@@ -264,7 +264,7 @@ def plan_hash(plan: Plan, workspace: str | Path | WorkspaceCode) -> str:
         h.update(b"\0base\0" + base_model_digest(folder).encode())
     initial = plan.initial_model_path(code.root)
     if initial is not None:
-        h.update(b"\0initial\0" + model_file_digest(initial).encode())
+        h.update(b"\0initial\0" + file_digest(model_file(initial)).encode())
     return h.hexdigest()
 
 

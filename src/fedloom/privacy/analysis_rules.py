@@ -22,14 +22,15 @@ if TYPE_CHECKING:
     from fedloom.plan import Plan
     from fedloom.privacy.policy import DPRules
 
-StatName = Literal["count", "sum", "mean", "variance", "histogram", "quantiles", "min", "max"]
+# the kinds of statistic, as a plan asks for them and a policy allows them
+StatKind = Literal["count", "sum", "mean", "variance", "histogram", "quantiles", "min", "max"]
 
 
 class AnalysisRules(Frozen):
     """What of a federated analysis may leave this site."""
 
     columns: tuple[str, ...] = ()  # the columns whose statistics may leave
-    statistics: tuple[StatName, ...] = ("count",)  # the kinds of statistic that may
+    statistics: tuple[StatKind, ...] = ("count",)  # the kinds of statistic that may
     # the least analysis.min_count the plan may set: no smaller cell leaves
     min_count: Annotated[int, Field(ge=1, le=1_000_000, strict=True)] = 10
 

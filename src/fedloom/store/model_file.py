@@ -6,7 +6,6 @@ own model before anything is sent."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,6 @@ def model_file(path: Path) -> Path:
     if not path.is_file():
         raise WorkspaceError(f"no model file at {path}")
     return path
-
-
-def model_file_digest(path: Path) -> str:
-    """sha256 of the model file at ``path``'s bytes (what the plan hash covers of
-    ``model.initial``)."""
-    digest = hashlib.sha256()
-    with model_file(path).open("rb") as data:
-        for block in iter(lambda: data.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(path: Path) -> Weights:
